@@ -1,0 +1,136 @@
+"""Artifact folders: staged in a temporary sibling folder, published whole by rename, or not at all.
+
+An artifact folder holds the files a production service loads plus `manifest.json`, which
+describes them (hashes, I/O, parity, accuracy, toolchain, machine). Readers can rely on the
+folder being complete: it only ever appears at its final path through `os.replace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from enginekit.errors import InputError
+
+MANIFEST_SCHEMA = "enginekit.manifest/1"
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+@contextmanager
+def staged_artifact(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `final` whole, on error it vanishes.
+
+    The staging folder is a sibling of `final` so the publishing rename never crosses file systems.
+    An existing artifact at `final` stays intact until the new one is complete.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise InputError("output path exists and is not a folder", final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; artifacts get the usual permissions
+    try:
+        yield staging
+        _fsync_tree(staging)
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move `staging` to `final`; an older `final` is moved aside first and removed after."""
+    retired = None
+    if final.exists():
+        retired = final.parent / f".{final.name}.retired-{uuid.uuid4().hex[:8]}"
+        os.replace(final, retired)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if retired is not None:
+            os.replace(retired, final)
+        raise
+    fsync_dir(final.parent)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def file_entries(folder: Path) -> list[dict[str, Any]]:
+    """List every file in an artifact folder (except the manifest) with its size and sha256."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        entries.append({"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill in `schema` and `files`, then write `manifest.json` into an artifact folder."""
+    full = {"schema": MANIFEST_SCHEMA, **manifest, "files": file_entries(folder)}
+    (folder / MANIFEST_NAME).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+    return full
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"not an enginekit artifact (no {MANIFEST_NAME})", folder)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("manifest is not valid JSON", path) from None
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise InputError(f"manifest schema {manifest.get('schema')!r} is not {MANIFEST_SCHEMA!r}", path)
+    return manifest
+
+
+def verify_files(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists is present with the recorded hash."""
+    folder = Path(folder)
+    for entry in manifest.get("files", []):
+        path = folder / entry["path"]
+        if not path.is_file():
+            raise InputError(f"artifact file '{entry['path']}' is missing", folder)
+        if sha256_file(path) != entry["sha256"]:
+            raise InputError(f"artifact file '{entry['path']}' does not match its manifest hash", folder)

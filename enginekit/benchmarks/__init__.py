@@ -1,0 +1,1 @@
+"""Measurement: latency statistics now; the full harness (throughput sweeps, reports) builds on it."""

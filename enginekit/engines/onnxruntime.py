@@ -1,0 +1,43 @@
+"""ONNX Runtime target: runs an ONNX file (FP32 or Q/DQ INT8) on the CPU execution provider."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from enginekit.models.spec import Feeds, TensorSpec
+
+
+class OrtRunner:
+    """A CPU InferenceSession with explicit thread count; feeds and outputs are numpy arrays."""
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, optimized_model_path: str | Path | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = str(optimized_model_path)
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.threads = threads
+        self.inputs = [_spec(v) for v in self.session.get_inputs()]
+        self.outputs = [_spec(v) for v in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def infer(self, feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(self._output_names, feeds)
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def _spec(node) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or "?") for d in node.shape)
+    return TensorSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))

@@ -1,0 +1,215 @@
+"""Resolve what the user passed as --model into a source enginekit can export.
+
+A source is a zoo name (`efficientnet_lite0`), a Python factory (`pkg.module:build`, weights
+from --weights), or an existing `.onnx` file. Each resolves to a network plus the I/O specs and
+representative inputs that the parity check runs on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginekit.errors import InputError
+from enginekit.models.spec import Dim, Feeds, TensorSpec
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+DEFAULT_PARITY_DIMS: tuple[Mapping[str, int], ...] = ({"batch": 1}, {"batch": 4})
+
+
+@dataclass
+class Source:
+    """What export needs from any source: a name, I/O specs, and inputs for a given set of dims."""
+
+    name: str
+    kind: str  # "zoo" | "factory" | "onnx"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dataset: Any = None  # a models.spec.Dataset, or None when the source brings no data
+    parity_dims: tuple[Mapping[str, int], ...] = DEFAULT_PARITY_DIMS
+    dim_max: Mapping[str, int] = field(default_factory=dict)
+    module: Any = None  # the torch.nn.Module of zoo and factory sources
+    onnx_model: Any = None  # the parsed onnx.ModelProto of ONNX sources
+    onnx_path: Path | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    def sample(self, dims: Mapping[str, int]) -> tuple[Feeds, str]:
+        """Inputs of the current specs at `dims`, from the evaluation data when it fits, with a
+        description of where they came from."""
+        shapes = {s.name: s.concrete_shape(dims) for s in self.inputs}
+        if self.dataset is not None:
+            count = next(iter(shapes.values()))[0]
+            feeds = self.dataset.samples("evaluation", count, dims)
+            if all(feeds[name].shape == shape for name, shape in shapes.items()):
+                return feeds, f"{self.name} evaluation split"
+            return random_feeds(self.inputs, dims), "seeded random inputs (the input shape differs from the dataset's)"
+        return random_feeds(self.inputs, dims), f"seeded random inputs (a {self.kind} source brings no data)"
+
+
+def looks_like_factory(model: str) -> bool:
+    return bool(_FACTORY.match(model)) and not Path(model).exists()
+
+
+def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str]) -> Source:
+    from enginekit.models import get_spec
+
+    overrides = parse_input_shapes(input_shapes)
+    if looks_like_factory(model):
+        return _factory_source(model, weights, overrides)
+    path = Path(model)
+    if path.suffix.lower() == ".onnx" or path.exists() or "/" in model or "\\" in model:
+        if weights:
+            raise InputError("--weights applies to zoo and factory models, not to an ONNX file", model)
+        return _onnx_source(path, overrides)
+    return _zoo_source(get_spec(model), weights, overrides)  # an unknown name raises with suggestions
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str | None, tuple[Dim, ...]]:
+    """`NAME=1x3x224x224` (or just `1x3x224x224` for a single-input model); symbols such as
+    `batch` or `sequence` keep a dim dynamic."""
+    shapes: dict[str | None, tuple[Dim, ...]] = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        parts = [p.strip() for p in re.split(r"[x,]", dims) if p.strip()]
+        if not parts:
+            raise InputError(f"--input-shape '{value}' has no dims (expected e.g. image=1x3x224x224)")
+        parsed: list[Dim] = []
+        for part in parts:
+            if part.isdigit() and int(part) > 0:
+                parsed.append(int(part))
+            elif re.fullmatch(r"[A-Za-z_]\w*", part):
+                parsed.append(part)
+            else:
+                raise InputError(f"--input-shape '{value}': '{part}' is neither a positive size nor a dim name")
+        shapes[name or None] = tuple(parsed)
+    return shapes
+
+
+def apply_shapes(inputs: tuple[TensorSpec, ...], overrides: Mapping[str | None, tuple[Dim, ...]], origin: str) -> tuple[TensorSpec, ...]:
+    if not overrides:
+        return inputs
+    names = {spec.name for spec in inputs}
+    if None in overrides:
+        if len(inputs) != 1:
+            raise InputError(f"the model has inputs {sorted(names)}; name the one --input-shape applies to (NAME=dims)", origin)
+        overrides = {inputs[0].name: overrides[None]}
+    unknown = set(overrides) - names
+    if unknown:
+        raise InputError(f"--input-shape names {sorted(unknown)}, but the model's inputs are {sorted(names)}", origin)
+    return tuple(replace(spec, shape=overrides.get(spec.name, spec.shape)) for spec in inputs)
+
+
+def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> Feeds:
+    """Seeded N(0,1) floats / small integers, for sources that bring no data of their own."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = spec.concrete_shape(dims)
+        if np.issubdtype(np.dtype(spec.dtype), np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
+    return feeds
+
+
+# --------------------------------------------------------------------------------------- zoo
+
+
+def _zoo_source(spec, weights: str | None, overrides) -> Source:
+    module = spec.architecture()
+    if weights:
+        load_weights_strict(module, weights)
+        origin = {"zoo": spec.name, "weights": str(weights)}
+    else:
+        spec.load_weights(module)
+        origin = {"zoo": spec.name, "weights": spec.weights_source}
+    module.eval()
+    inputs = apply_shapes(spec.inputs, overrides, spec.name)
+    return Source(spec.name, "zoo", inputs, spec.outputs, spec.dataset(), spec.parity_dims, spec.dim_max, module, origin=origin)
+
+
+# ----------------------------------------------------------------------------------- factory
+
+
+def _factory_source(target: str, weights: str | None, overrides) -> Source:
+    import torch
+
+    module_name, _, attr = target.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        py_module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a bad --model
+        raise InputError(f"cannot import module '{module_name}' ({type(exc).__name__}: {exc})", target) from None
+    factory = getattr(py_module, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"module '{module_name}' has no callable '{attr}'", target)
+    try:
+        net = factory()
+    except Exception as exc:
+        raise InputError(f"factory raised {type(exc).__name__}: {exc}", target) from None
+    if not isinstance(net, torch.nn.Module):
+        raise InputError(f"factory returned {type(net).__name__}, not a torch.nn.Module", target)
+    if weights:
+        load_weights_strict(net, weights)
+    net.eval()
+    if not overrides:
+        raise InputError("a factory model needs --input-shape NAME=dims (e.g. input=batchx3x224x224)", target)
+    names = _forward_arg_names(net)
+    if None in overrides:
+        overrides = {(names[0] if names else "input"): overrides[None]}
+    inputs = tuple(TensorSpec(name, shape) for name, shape in overrides.items())
+    origin = {"factory": target, "weights": str(weights) if weights else None}
+    return Source(module_name.rsplit(".", 1)[-1] + "_" + attr, "factory", inputs, (), module=net, origin=origin)
+
+
+def _forward_arg_names(net) -> list[str]:
+    import inspect
+
+    params = inspect.signature(net.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def load_weights_strict(module, weights: str) -> None:
+    """Load a state_dict with strict key matching; a mismatch names the keys involved."""
+    from enginekit.loaders import load_state_dict
+
+    state = load_state_dict(weights)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(exc).split("\n\t")[1:2]) or str(exc).splitlines()[0]
+        raise InputError(f"weights do not match the architecture: {detail.strip()[:300]}", weights) from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {', '.join(result.missing_keys[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise InputError(f"weights do not match the architecture: keys {'; '.join(parts)}", weights)
+
+
+# -------------------------------------------------------------------------------------- onnx
+
+
+def _onnx_source(path: Path, overrides) -> Source:
+    from enginekit.export.onnx_graph import graph_inputs, tensor_specs
+    from enginekit.loaders import load_onnx
+
+    model = load_onnx(path)
+    inputs = tuple(tensor_specs(graph_inputs(model)))
+    outputs = tuple(tensor_specs(model.graph.output))
+    if any(d == "?" for spec in inputs for d in spec.shape) and not overrides:
+        unnamed = [s.name for s in inputs if "?" in s.shape]
+        raise InputError(f"inputs {unnamed} have unnamed dynamic dims; give their shapes with --input-shape", path)
+    inputs = apply_shapes(inputs, overrides, str(path))
+    return Source(path.stem, "onnx", inputs, outputs, onnx_model=model, onnx_path=path, origin={"onnx": str(path)})

@@ -1,0 +1,248 @@
+"""The one place that opens untrusted model, weight and data files.
+
+Every loader here refuses to execute code from a file: ONNX external data must stay inside the
+model's folder, PyTorch checkpoints go through the weights-only unpickler (never a silent retry
+without it), safetensors headers are bounds-checked before any tensor is read, and numpy files
+are read with `allow_pickle=False`. Other modules call these functions, never the raw loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from enginekit.errors import InputError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+_PT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def require_file(path: str | Path) -> Path:
+    """Return `path` as a Path if it names an existing regular file, else raise InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path)
+    if not path.is_file():
+        raise InputError("not a regular file", path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- ONNX
+
+
+def load_onnx(path: str | Path) -> "onnx.ModelProto":
+    """Parse an ONNX file, checking every external-data reference before reading it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
+
+    path = require_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a valid ONNX model (protobuf parse failed: {_first_line(exc)})", path) from None
+    if model.ir_version == 0 or not model.graph.output:
+        raise InputError("not an ONNX model (no IR version or no graph outputs; truncated or another format?)", path)
+    external = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        info = ExternalDataInfo(tensor)
+        check_external_data_location(path.parent, info.location, info.offset, info.length, tensor.name, path)
+    if external:
+        load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def check_external_data_location(
+    folder: Path, location: str, offset: int | None, length: int | None, tensor: str, model_path: Path
+) -> Path:
+    """Refuse external data that escapes the model folder, is a link, or lies past its file's end."""
+    where = f"external data of tensor '{tensor}'"
+    if not location:
+        raise InputError(f"{where} has no location", model_path)
+    rel = Path(location)
+    if rel.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise InputError(f"{where} uses an absolute path '{location}'; only files inside the model folder are read", model_path)
+    if ".." in rel.parts:
+        raise InputError(f"{where} points outside the model folder ('{location}')", model_path)
+    folder_resolved = folder.resolve()
+    current = folder
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            raise InputError(f"{where} goes through a symbolic link ('{location}'); links are refused", model_path)
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(folder_resolved):
+        raise InputError(f"{where} resolves outside the model folder ('{location}')", model_path)
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        raise InputError(f"{where} names a missing file '{location}'", model_path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{where} is not a regular file ('{location}')", model_path)
+    if info.st_nlink != 1:
+        raise InputError(f"{where} is a file with {info.st_nlink} hard links ('{location}'); refused", model_path)
+    start = offset or 0
+    if start < 0 or start > info.st_size or (length is not None and start + length > info.st_size):
+        raise InputError(
+            f"{where} reads bytes {start}..{start + (length or 0)} beyond the end of '{location}' ({info.st_size} bytes)",
+            model_path,
+        )
+    return target
+
+
+def _all_tensors(model: "onnx.ModelProto"):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+# -------------------------------------------------------------------------------------- PyTorch
+
+
+def load_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
+    """Load a weights file (safetensors preferred; .pt/.pth through the weights-only unpickler)."""
+    path = require_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _load_safetensors(path)
+    if suffix in _PT_SUFFIXES:
+        return _load_torch_weights_only(path)
+    raise InputError(
+        f"unknown weights format '{suffix or '(no suffix)'}'; use .safetensors (preferred) or a state_dict saved as .pt/.pth",
+        path,
+    )
+
+
+def _load_torch_weights_only(path: Path) -> dict[str, "torch.Tensor"]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise InputError(
+            "is a full pickle checkpoint (it stores Python objects, and unpickling them can run arbitrary code); "
+            "save only the weights: torch.save(model.state_dict(), 'weights.pt') "
+            "or safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')",
+            path,
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"not a readable PyTorch checkpoint ({_first_line(exc)})", path) from None
+    return _as_tensor_dict(obj, path)
+
+
+def _as_tensor_dict(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = [v for k, v in obj.items() if k in ("state_dict", "model", "model_state_dict") and isinstance(v, Mapping)]
+        if len(nested) == 1:
+            obj = nested[0]
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise InputError("does not hold a state_dict (a mapping of parameter names to tensors)", path)
+    return dict(obj)
+
+
+def _load_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
+    from safetensors.torch import load_file
+
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError type
+        raise InputError(f"not a readable safetensors file ({_first_line(exc)})", path) from None
+
+
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Validate a safetensors header: size, dtypes, offsets in bounds, no overlap, sizes that add up."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InputError("not a safetensors file (shorter than its 8-byte header length)", path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise InputError(f"safetensors header length {header_len} exceeds the file ({size} bytes)", path)
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError("safetensors header is not valid JSON", path) from None
+    if not isinstance(header, dict):
+        raise InputError("safetensors header is not a JSON object", path)
+    data_len = size - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"safetensors entry '{name}' lacks dtype/shape/data_offsets", path) from None
+        if dtype not in _SAFETENSORS_DTYPE_BYTES:
+            raise InputError(f"safetensors entry '{name}' has unknown dtype {dtype!r}", path)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+            raise InputError(f"safetensors entry '{name}' has offsets {begin}..{end} outside the data ({data_len} bytes)", path)
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise InputError(f"safetensors entry '{name}' has an invalid shape {shape}", path)
+        if math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[dtype] != end - begin:
+            raise InputError(f"safetensors entry '{name}': {dtype} x {shape} does not match its {end - begin} bytes", path)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise InputError(f"safetensors entries '{name_a}' and '{name_b}' overlap", path)
+    return header
+
+
+# ---------------------------------------------------------------------------------------- numpy
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a .npy (one array, keyed by the file stem) or .npz file without unpickling anything."""
+    path = require_file(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise InputError(f"unknown array format '{suffix}'; use .npy or .npz", path)
+    try:
+        loaded = np.load(str(path), allow_pickle=False)
+        if suffix == ".npy":
+            arrays = {path.stem: loaded}
+        else:
+            with loaded:
+                arrays = {name: loaded[name] for name in loaded.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InputError("holds pickled Python objects, which enginekit refuses to load", path) from None
+        raise InputError(f"not a readable numpy file ({_first_line(exc)})", path) from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"not a readable numpy file ({_first_line(exc)})", path) from None
+    for name, array in arrays.items():
+        if array.dtype.hasobject:
+            raise InputError(f"array '{name}' has an object dtype; refused", path)
+    if not arrays:
+        raise InputError("holds no arrays", path)
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,91 @@
+"""ModelSpec: everything enginekit needs to know about a model besides its weights.
+
+A spec says how to build the network, what goes in and out (with symbolic dims such as "batch"),
+where representative data comes from (calibration and evaluation splits) and which metric
+decides whether a quantized build is still good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: a name, a shape whose symbolic dims are strings, a numpy dtype."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+    @property
+    def symbolic_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.shape if isinstance(d, str))
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """Substitute sizes for symbolic dims; a symbol without a size is an error."""
+        try:
+            return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
+        except KeyError as exc:
+            raise KeyError(f"no size given for dim {exc.args[0]!r} of {self.name}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+Feeds = dict[str, np.ndarray]
+
+
+class Dataset(Protocol):
+    """Representative data of a model: named splits of ready-to-feed (preprocessed) inputs."""
+
+    description: str
+
+    def size(self, split: str) -> int: ...
+
+    def samples(self, split: str, count: int, dims: Mapping[str, int] | None = None) -> Feeds:
+        """The first `count` samples of a split, stacked along the batch axis."""
+        ...
+
+    def labels(self, split: str, count: int) -> np.ndarray | None:
+        """Ground-truth labels of the same samples, or None when the data has none."""
+        ...
+
+
+SPLITS = ("calibration", "evaluation")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    summary: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    architecture: Callable[[], "torch.nn.Module"]
+    load_weights: Callable[["torch.nn.Module"], None]
+    dataset: Callable[[], Dataset]
+    preprocessing: str
+    metric: str
+    weights_source: str
+    # Shapes the export parity check runs at: one dict of symbolic-dim sizes per case.
+    parity_dims: tuple[Mapping[str, int], ...] = field(default=({"batch": 1}, {"batch": 4}))
+    # Largest size a symbolic dim may take (e.g. the position table bounds a transformer's sequence).
+    dim_max: Mapping[str, int] = field(default_factory=dict)
+
+    def build(self) -> "torch.nn.Module":
+        """The network with its real weights, in eval mode."""
+        module = self.architecture()
+        self.load_weights(module)
+        return module.eval()
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.architecture().parameters())

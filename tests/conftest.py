@@ -1,0 +1,64 @@
+"""Shared fixtures: the CLI run in-process (real exit codes and stderr), and zoo exports made once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from enginekit.cli import main
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_line(self) -> str:
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected one line on stderr, got: {self.err!r}"
+        return lines[0]
+
+
+@pytest.fixture
+def run_cli(capsys):
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Export a zoo model once per session; returns (folder, manifest)."""
+    from enginekit.export.pipeline import export_model
+
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"export-{name}") / "onnx"
+            export_model(name, folder)
+            cache[name] = (folder, json.loads((folder / "manifest.json").read_text()))
+        return cache[name]
+
+    return get
+
+
+def assert_nothing_written(folder: Path) -> None:
+    """No artifact at the final path and no staging leftovers beside it."""
+    assert not folder.exists(), f"{folder} was written"
+    if folder.parent.exists():
+        leftovers = [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
+        assert not leftovers, f"staging leftovers: {leftovers}"

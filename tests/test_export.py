@@ -1,0 +1,208 @@
+"""`enginekit export`: zoo, factory and ONNX sources; the parity gate; the manifest."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from enginekit.artifacts import read_manifest, verify_files
+from enginekit.engines.onnxruntime import OrtRunner
+from tests.conftest import assert_nothing_written
+
+
+def test_efficientnet_export_has_dynamic_batch_and_tight_parity(exported):
+    folder, manifest = exported("efficientnet_lite0")
+    assert (folder / "model.onnx").is_file()
+    assert manifest["parity"]["cosine"] >= 0.99999
+    assert manifest["parity"]["max_abs"] <= 1e-3
+    assert [c["dims"]["batch"] for c in manifest["parity"]["cases"]] == [1, 4]
+    assert manifest["inputs"] == [{"name": "image", "shape": ["batch", 3, 224, 224], "dtype": "float32"}]
+    model = onnx.load(str(folder / "model.onnx"))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert manifest["opset"] == 20
+    runner = OrtRunner(folder / "model.onnx")
+    for batch in (1, 3):
+        assert runner.infer({"image": np.zeros((batch, 3, 224, 224), np.float32)})[0].shape == (batch, 1000)
+
+
+def test_manifest_follows_the_schema_and_hashes_match(exported):
+    folder, manifest = exported("efficientnet_lite0")
+    assert read_manifest(folder) == manifest
+    for key in ("schema", "model", "target", "precision", "files", "inputs", "outputs", "parity", "toolchain", "machine"):
+        assert key in manifest
+    assert manifest["target"] == "onnx" and manifest["precision"] == "fp32"
+    assert [f["path"] for f in manifest["files"]] == ["model.onnx"]
+    verify_files(folder, manifest)
+    assert manifest["toolchain"]["torch"].startswith("2.") and manifest["machine"]["cores"] >= 1
+
+
+def test_minilm_parity_at_batch_1_and_4_sequence_8_and_128(exported):
+    _, manifest = exported("minilm_l6")
+    cases = {(c["dims"]["batch"], c["dims"]["sequence"]) for c in manifest["parity"]["cases"]}
+    assert cases == {(1, 8), (4, 8), (1, 128), (4, 128)}
+    assert manifest["parity"]["passed"] and manifest["parity"]["cosine"] >= 0.99999
+    assert manifest["parity"]["data"] == "minilm_l6 evaluation split"
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "sequence"], ["batch", "sequence"]]
+
+
+def test_export_cli_writes_the_artifact(run_cli, tmp_path):
+    out = tmp_path / "digits"
+    result = run_cli("export", "--model", "digits_cnn", "-o", out)
+    assert result.code == 0, result.err
+    assert "parity vs torch" in result.out and (out / "model.onnx").is_file()
+    assert oct((out).stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_static_batch_fixes_the_batch_dim(run_cli, tmp_path):
+    out = tmp_path / "static"
+    assert run_cli("export", "--model", "digits_cnn", "--static-batch", "-o", out).code == 0
+    manifest = read_manifest(out)
+    assert manifest["inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert [c["dims"] for c in manifest["parity"]["cases"]] == [{}]
+
+
+def test_parity_gate_failure_exits_1_and_publishes_nothing(run_cli, tmp_path):
+    out = tmp_path / "gated"
+    result = run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", out)
+    assert result.code == 1
+    assert "parity failed" in result.error_line and "max_abs" in result.error_line
+    assert_nothing_written(out)
+
+
+def test_failed_reexport_leaves_the_previous_artifact_intact(run_cli, tmp_path):
+    out = tmp_path / "digits"
+    assert run_cli("export", "--model", "digits_cnn", "-o", out).code == 0
+    before = (out / "manifest.json").read_text()
+    assert run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", out).code == 1
+    assert (out / "manifest.json").read_text() == before
+    verify_files(out, json.loads(before))
+
+
+def _write_user_package(root: Path) -> None:
+    package = root / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, padding=1)
+                self.head = nn.Linear(8, 5)
+
+            def forward(self, x):
+                return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+        def build():
+            return Net()
+    """))
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    _write_user_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("userpkg")]:
+        del sys.modules[name]
+
+
+def _trained_state(root: Path):
+    import importlib
+
+    torch.manual_seed(3)
+    return importlib.import_module("userpkg.nets").build().state_dict()
+
+
+def test_factory_with_safetensors_weights(run_cli, user_package):
+    from safetensors.torch import save_file
+
+    state = _trained_state(user_package)
+    save_file(state, str(user_package / "w.safetensors"))
+    out = user_package / "out"
+    result = run_cli("export", "--model", "userpkg.nets:build", "--weights", "w.safetensors", "--input-shape", "x=batchx3x16x16", "-o", out)
+    assert result.code == 0, result.err
+    manifest = read_manifest(out)
+    assert manifest["source"]["kind"] == "factory" and manifest["parity"]["passed"]
+    assert manifest["inputs"][0] == {"name": "x", "shape": ["batch", 3, 16, 16], "dtype": "float32"}
+    # the exported graph carries the given weights, not the factory's random init
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    module = __import__("userpkg.nets", fromlist=["build"]).build()
+    module.load_state_dict(state)
+    with torch.no_grad():
+        expected = module.eval()(torch.from_numpy(feeds["x"])).numpy()
+    np.testing.assert_allclose(OrtRunner(out / "model.onnx").infer(feeds)[0], expected, atol=1e-5)
+
+
+def test_factory_with_state_dict_pt(run_cli, user_package):
+    torch.save(_trained_state(user_package), user_package / "w.pt")
+    result = run_cli("export", "--model", "userpkg.nets:build", "--weights", "w.pt", "--input-shape", "1x3x16x16", "-o", user_package / "out")
+    assert result.code == 0, result.err
+
+
+def test_factory_without_input_shape_is_refused(run_cli, user_package):
+    result = run_cli("export", "--model", "userpkg.nets:build", "-o", user_package / "out")
+    assert result.code == 2 and "--input-shape" in result.error_line
+    assert_nothing_written(user_package / "out")
+
+
+def _fixed_batch_onnx(path: Path) -> Path:
+    """A batch-1 Conv -> Relu -> GlobalAveragePool -> Flatten graph (it would run at any batch)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_existing_onnx_is_normalized_and_batch_made_dynamic(run_cli, tmp_path):
+    source = _fixed_batch_onnx(tmp_path / "fixed.onnx")
+    out = tmp_path / "normalized"
+    result = run_cli("export", "--model", source, "-o", out)
+    assert result.code == 0, result.err
+    manifest = read_manifest(out)
+    assert manifest["source"]["kind"] == "onnx" and manifest["opset"] == 17
+    assert manifest["inputs"][0]["shape"] == ["batch", 3, 8, 8]
+    assert manifest["parity"]["reference"].startswith("onnxruntime") and manifest["parity"]["passed"]
+    assert [c["dims"] for c in manifest["parity"]["cases"]] == [{"batch": 1}, {"batch": 4}]
+    assert any("made dynamic" in note for note in manifest["notes"])
+
+
+def test_existing_onnx_that_cannot_change_batch_keeps_it(run_cli, tmp_path):
+    fixed = tmp_path / "src"
+    assert run_cli("export", "--model", "digits_cnn", "--static-batch", "-o", fixed).code == 0
+    out = tmp_path / "normalized"
+    assert run_cli("export", "--model", fixed / "model.onnx", "-o", out).code == 0
+    manifest = read_manifest(out)
+    assert manifest["inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert any("stays fixed" in note for note in manifest["notes"])
+
+
+def test_existing_onnx_opset_conversion(run_cli, tmp_path):
+    source = _fixed_batch_onnx(tmp_path / "fixed.onnx")
+    out = tmp_path / "opset20"
+    result = run_cli("export", "--model", source, "--opset", "20", "-o", out)
+    assert result.code == 0, result.err
+    assert read_manifest(out)["opset"] == 20
+
+
+def test_opset_older_than_the_torch_exporter_is_refused(run_cli, tmp_path):
+    result = run_cli("export", "--model", "digits_cnn", "--opset", "17", "-o", tmp_path / "out")
+    assert result.code == 2 and "opset 18 or newer" in result.error_line
