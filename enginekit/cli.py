@@ -49,6 +49,79 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
     click.echo(f"parity vs {parity['reference']}: max_abs {parity['max_abs']:.3g}, cosine {parity['cosine']:.8f} over {len(parity['cases'])} case(s) - passed")
 
 
+@cli.command()
+@click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name (exported on first use).")
+@click.option("--data", "-d", default=None, help="npy | npz | image folder | 'zoo' (default for zoo models: its calibration split).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile", "mse", "all"]), default="entropy", show_default=True)
+@click.option("--percentile", "pct", type=click.FloatRange(50, 100), default=99.99, show_default=True, help="Percentile of |x| for --method percentile.")
+@click.option("--num-samples", "-n", type=int, default=256, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--skip-nonfinite", is_flag=True, help="Drop samples with NaN/Inf (counted) instead of failing.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="ranges.json", show_default=True, help="Table path; with several methods, <stem>.<method>.json each.")
+@click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
+def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads) -> None:
+    """Collect activation ranges in one streaming pass; every method from the same histograms."""
+    from enginekit.calibrate.pipeline import calibrate as run_calibration
+    from enginekit.calibrate.pipeline import side_by_side, write_tables
+
+    methods = ["minmax", "percentile", "entropy", "mse"] if method == "all" else [method]
+    run = run_calibration(model, data, methods, pct, num_samples, batch_size, skip_nonfinite, threads)
+    for note in run.warnings:
+        click.echo(f"warning: {note}", err=True)
+    written = write_tables(run, Path(output), Path(trt_cache) if trt_cache else None)
+    table = next(iter(run.tables.values()))
+    click.echo(f"{run.model.name}: {len(run.histograms)} tensors, {table.num_samples} samples, data sha256 {table.data_sha256[:12]}")
+    click.echo(side_by_side(run))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="The FP32 model the table was made for (artifact folder, .onnx, zoo name).")
+@click.option("--table", "-t", "table_path", required=True, type=click.Path(dir_okay=False), help="CalibrationTable from `enginekit calibrate`.")
+@click.option("--target", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True, help="Chooses the integer encoding the target runs fastest.")
+@click.option("--encoding", type=click.Choice(["uint8", "int8", "mixed"]), default=None, help="Override: uint8 (ORT CPU), int8 (TensorRT), mixed (OpenVINO).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Sequential bias correction on the calibration data.")
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
+@click.option("--exclude-node", multiple=True, help="Keep this node in float (repeatable).")
+@click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable).")
+@click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (zoo default for minilm_l6: Gelu).")
+@click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
+@click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
+@click.option("--eval-data", default=None, help="Held-out data for the accuracy check (default: the zoo's evaluation split).")
+@click.option("--eval-samples", type=int, default=None, help="Held-out samples to score (default: a labelled split whole, else 256).")
+@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'cosine>=0.99,accuracy>=0.97'.")
+@click.option("--report", is_flag=True, help="Per-layer report: range, clipped share and SQNR per tensor, worst first.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Artifact folder to write.")
+@click.option("--threads", type=int, default=None)
+def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
+             keep_first_last_float, data, eval_data, eval_samples, min_accuracy, report, output, threads) -> None:
+    """Write the Q/DQ INT8 ONNX from a CalibrationTable, check its accuracy against FP32."""
+    import json
+
+    from enginekit.quantize.pipeline import QuantizeOptions
+    from enginekit.quantize.pipeline import quantize as run_quantize
+    from enginekit.quantize.report import format_layer_report
+
+    options = QuantizeOptions(
+        target=target, encoding=encoding, bias_correction=bias_correction, per_channel=not per_tensor,
+        exclude_nodes=exclude_node, exclude_ops=exclude_op, exclude_after=exclude_after or None,
+        keep_first_last_float=keep_first_last_float, data=data, eval_data=eval_data, eval_samples=eval_samples,
+        min_accuracy=min_accuracy, layer_report=report, threads=threads,
+    )
+    manifest = run_quantize(model, table_path, Path(output), options)
+    metrics = manifest["accuracy"]["metrics"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
+    click.echo(f"wrote {Path(output) / 'model.int8.onnx'} ({manifest['encoding']} encoding, {manifest['calibration']['method']} ranges)")
+    click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
+    if "integer_ops" in manifest:
+        ops = manifest["integer_ops"]
+        click.echo(f"ONNX Runtime runs {ops['integer_compute_ops']}/{ops['compute_ops']} compute ops as integer kernels")
+    if report:
+        click.echo(format_layer_report(json.loads((Path(output) / "layers.json").read_text())))
+
+
 @cli.group()
 def zoo() -> None:
     """The reference model zoo."""

@@ -41,3 +41,28 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 def _spec(node) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else (d or "?") for d in node.shape)
     return TensorSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))
+
+
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
+               "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
+               "DynamicQuantizeMatMul"}
+FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
+
+
+def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
+    """Which kernels ONNX Runtime actually runs: the op types of its optimized graph, and how many
+    of the FP32 graph's compute ops became integer ops (QLinearConv, QGemm, MatMulInteger...)."""
+    import tempfile
+    from collections import Counter
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        OrtRunner(path, optimized_model_path=optimized)
+        ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
+    integer = sum(count for op, count in ops.items() if op in INTEGER_OPS and op not in ("QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat"))
+    floating = sum(count for op, count in ops.items() if op in FLOAT_COMPUTE_OPS)
+    return {"compute_ops": compute, "integer_compute_ops": integer, "float_compute_ops": floating,
+            "integer_share": integer / compute if compute else 0.0, "optimized_op_types": dict(sorted(ops.items()))}

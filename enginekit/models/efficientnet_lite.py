@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enginekit.models.images import random_resized_crops, resize_center_crop
+from enginekit.models.images import iter_random_resized_crops, random_resized_crops, resize_center_crop
 from enginekit.models.spec import Feeds, ModelSpec, TensorSpec
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as in EfficientNet-B0.
@@ -137,6 +137,13 @@ class NaturalCropsDataset:
 
     def labels(self, split: str, count: int) -> None:
         return None
+
+    def batches(self, split: str, count: int, batch_size: int, dims: Mapping[str, int] | None = None) -> Iterator[Feeds]:
+        """Crops generated batch by batch, so memory does not grow with the sample count."""
+        stream = iter_random_resized_crops(self._SEEDS[split], IMAGE_SIZE)
+        for start in range(0, count, batch_size):
+            n = min(batch_size, count - start)
+            yield {"image": preprocess(np.stack([next(stream) for _ in range(n)]))}
 
 
 @functools.lru_cache(maxsize=4)

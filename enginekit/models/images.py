@@ -8,6 +8,7 @@ they are disjoint samples of real photographs, never noise.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,12 +41,12 @@ def resize_center_crop(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
     return np.asarray(pil.crop((left, top, left + crop, top + crop)))
 
 
-def random_resized_crops(count: int, seed: int, size: int, scale: tuple[float, float] = (0.2, 1.0)) -> np.ndarray:
-    """`count` crops (N x size x size x 3 uint8) of random area and aspect, half of them flipped."""
+def iter_random_resized_crops(seed: int, size: int, scale: tuple[float, float] = (0.2, 1.0)) -> Iterator[np.ndarray]:
+    """An endless, seeded stream of size x size x 3 uint8 crops of random area and aspect, half
+    of them flipped; the n-th crop depends only on the seed and n."""
     rng = np.random.default_rng(seed)
     images = natural_images()
-    crops = np.empty((count, size, size, 3), np.uint8)
-    for i in range(count):
+    while True:
         image = images[rng.integers(len(images))]
         height, width = image.shape[:2]
         area = height * width * rng.uniform(*scale)
@@ -54,7 +55,13 @@ def random_resized_crops(count: int, seed: int, size: int, scale: tuple[float, f
         crop_h = int(min(height, round(np.sqrt(area / aspect))))
         top = rng.integers(height - crop_h + 1)
         left = rng.integers(width - crop_w + 1)
-        patch = Image.fromarray(image[top : top + crop_h, left : left + crop_w]).resize((size, size), Image.BILINEAR)
-        patch = np.asarray(patch)
-        crops[i] = patch[:, ::-1] if rng.random() < 0.5 else patch
+        patch = np.asarray(Image.fromarray(image[top : top + crop_h, left : left + crop_w]).resize((size, size), Image.BILINEAR))
+        yield patch[:, ::-1] if rng.random() < 0.5 else patch
+
+
+def random_resized_crops(count: int, seed: int, size: int) -> np.ndarray:
+    """The first `count` crops of the stream, as one N x size x size x 3 array."""
+    crops = np.empty((count, size, size, 3), np.uint8)
+    for i, crop in zip(range(count), iter_random_resized_crops(seed, size)):
+        crops[i] = crop
     return crops

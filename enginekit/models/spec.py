@@ -7,7 +7,7 @@ decides whether a quantized build is still good.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +61,18 @@ class Dataset(Protocol):
         ...
 
 
+def iter_batches(dataset: Dataset, split: str, count: int, batch_size: int, dims: Mapping[str, int] | None = None) -> Iterator[Feeds]:
+    """Stream a split in batches; datasets that can generate lazily provide `batches` themselves."""
+    own = getattr(dataset, "batches", None)
+    if own is not None:
+        yield from own(split, count, batch_size, dims)
+        return
+    feeds = dataset.samples(split, count, dims)
+    total = len(next(iter(feeds.values())))
+    for start in range(0, total, batch_size):
+        yield {name: array[start : start + batch_size] for name, array in feeds.items()}
+
+
 SPLITS = ("calibration", "evaluation")
 
 
@@ -80,6 +92,8 @@ class ModelSpec:
     parity_dims: tuple[Mapping[str, int], ...] = field(default=({"batch": 1}, {"batch": 4}))
     # Largest size a symbolic dim may take (e.g. the position table bounds a transformer's sequence).
     dim_max: Mapping[str, int] = field(default_factory=dict)
+    # Compute ops reading the output of these op types stay float unless the user says otherwise.
+    keep_float_after: tuple[str, ...] = ()
 
     def build(self) -> "torch.nn.Module":
         """The network with its real weights, in eval mode."""

@@ -1,0 +1,84 @@
+"""Bounded-memory statistics of one activation tensor, updated batch by batch.
+
+A histogram of |x| with a fixed number of bins over [0, edge). When a batch exceeds the edge,
+the edge grows by an integer factor k and every k old bins merge into one new bin, so re-binning
+is exact (no re-interpolation) and memory stays one array of `bins` counts however many
+samples stream through. Exact zeros are counted apart: they are exactly representable on every
+zero-point-0 grid, and their spike (after ReLU) must not steer the range methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_BINS = 2048
+
+
+@dataclass
+class TensorHistogram:
+    bins: int = DEFAULT_BINS
+    counts: np.ndarray = field(default=None)  # type: ignore[assignment]
+    edge: float = 0.0
+    zeros: int = 0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = np.zeros(self.bins, np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum()) + self.zeros
+
+    @property
+    def abs_max(self) -> float:
+        return max(abs(self.minimum), abs(self.maximum)) if self.total else 0.0
+
+    @property
+    def signed(self) -> bool:
+        return self.minimum < 0.0
+
+    @property
+    def bin_width(self) -> float:
+        return self.edge / self.bins
+
+    def update(self, values: np.ndarray) -> None:
+        flat = np.abs(np.asarray(values, dtype=np.float32).ravel())
+        if flat.size == 0:
+            return
+        self.minimum = min(self.minimum, float(np.min(values)))
+        self.maximum = max(self.maximum, float(np.max(values)))
+        nonzero = flat[flat > 0]
+        self.zeros += flat.size - nonzero.size
+        if nonzero.size == 0:
+            return
+        peak = float(nonzero.max())
+        if self.edge == 0.0:
+            self.edge = peak * (1.0 + 1e-6)
+        elif peak >= self.edge:
+            self._grow(math.floor(peak / self.edge) + 1)
+        index = np.minimum((nonzero * (self.bins / self.edge)).astype(np.int64), self.bins - 1)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def _grow(self, factor: int) -> None:
+        """Widen the range by an integer factor, merging each `factor` old bins into one."""
+        padded = np.zeros(math.ceil(self.bins / factor) * factor, np.int64)
+        padded[: self.bins] = self.counts
+        merged = padded.reshape(-1, factor).sum(axis=1)
+        self.counts = np.zeros(self.bins, np.int64)
+        self.counts[: merged.size] = merged
+        self.edge *= factor
+
+    def fraction_above(self, threshold: float) -> float:
+        """Share of all values with |x| > threshold (clipped by a range of that amax)."""
+        if self.total == 0 or threshold >= self.abs_max:
+            return 0.0
+        start = int(threshold / self.bin_width) + 1  # the bin holding the threshold counts as kept
+        return float(self.counts[start:].sum()) / self.total
+
+    def to_json(self) -> dict:
+        return {"bins": self.bins, "edge": self.edge, "zeros": self.zeros, "minimum": self.minimum, "maximum": self.maximum}

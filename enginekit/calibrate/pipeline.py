@@ -1,0 +1,108 @@
+"""`enginekit calibrate`: one streaming pass, every requested method, CalibrationTables on disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from enginekit.calibrate.collect import collect_histograms
+from enginekit.calibrate.data import open_data, stream
+from enginekit.calibrate.histogram import TensorHistogram
+from enginekit.calibrate.methods import DEFAULT_PERCENTILE, compute_amax
+from enginekit.calibrate.table import CalibrationTable, TensorRange
+from enginekit.console import markdown_table
+from enginekit.errors import InputError
+from enginekit.export.reference import Fp32Model, load_fp32
+from enginekit.quantize.placement import plan_quantization
+
+DEFAULT_SAMPLES = 256
+DEFAULT_BATCH = 16
+
+
+@dataclass
+class CalibrationRun:
+    model: Fp32Model
+    tables: dict[str, CalibrationTable]
+    histograms: dict[str, TensorHistogram]
+    warnings: list[str]
+
+
+def calibrate(
+    model: str | Path, data: str | None, methods: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
+    num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
+    threads: int | None = None, progress: bool = True,
+) -> CalibrationRun:
+    if num_samples < 1:
+        raise InputError("--num-samples must be at least 1")
+    fp32 = load_fp32(model)
+    plan = plan_quantization(fp32.proto)
+    if not plan.activations:
+        raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.path)
+    source = open_data(data, fp32.inputs, fp32.spec, "calibration")
+    fixed_batch = fp32.inputs[0].shape[0] if fp32.inputs and isinstance(fp32.inputs[0].shape[0], int) else None
+    batches, stats = stream(source, fp32.inputs, num_samples, fixed_batch or batch_size, skip_nonfinite)
+    histograms = collect_histograms(fp32.proto, plan.activations, batches, threads, progress=progress, total=min(num_samples, source.count()))
+    parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": fixed_batch or batch_size}
+    tables = {}
+    for method in methods:
+        table = CalibrationTable(
+            method, {"percentile": percentile} if method == "percentile" else {}, stats.used, source.description,
+            stats.sha256, fp32.sha256, model=fp32.name,
+        )
+        table.parameters.update({k: v for k, v in parameters.items() if k != "percentile"})
+        for name, hist in histograms.items():
+            amax = compute_amax(hist, method, percentile)
+            table.tensors[name] = TensorRange(hist.minimum, hist.maximum, amax, hist.signed, hist.fraction_above(amax))
+        tables[method] = table
+    notes = list(stats.warnings)
+    if stats.skipped_nonfinite:
+        notes.append(f"skipped {stats.skipped_nonfinite} sample(s) with NaN or Inf")
+    return CalibrationRun(fp32, tables, histograms, notes)
+
+
+def write_tables(run: CalibrationRun, output: Path, trt_cache: Path | None = None) -> list[Path]:
+    """ranges.json for one method; ranges.<method>.json for several. Each write is atomic."""
+    written = []
+    for method, table in run.tables.items():
+        path = output if len(run.tables) == 1 else output.with_name(f"{output.stem}.{method}{output.suffix or '.json'}")
+        _atomic_write(path, lambda p, t=table: t.save(p))
+        written.append(path)
+    if trt_cache is not None:
+        first = next(iter(run.tables.values()))
+        _atomic_write(trt_cache, lambda p: p.write_text(first.tensorrt_cache()))
+        written.append(trt_cache)
+    return written
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def side_by_side(run: CalibrationRun, rows: int = 12) -> str:
+    """The tensors where the methods disagree most, each method's amax and clipped share."""
+    methods = list(run.tables)
+    names = list(run.histograms)
+    if len(methods) > 1:
+        def spread(name: str) -> float:
+            values = [run.tables[m].tensors[name].amax for m in methods]
+            return max(values) / max(min(values), 1e-12)
+        names.sort(key=spread, reverse=True)
+    headers = ["tensor", "min", "max"] + [f"{m} amax" for m in methods] + [f"{m} clipped %" for m in methods]
+    table_rows = []
+    for name in names[:rows]:
+        hist = run.histograms[name]
+        row = [name[-40:], hist.minimum, hist.maximum]
+        row += [run.tables[m].tensors[name].amax for m in methods]
+        row += [100 * run.tables[m].tensors[name].clipped for m in methods]
+        table_rows.append(row)
+    return markdown_table(headers, table_rows)

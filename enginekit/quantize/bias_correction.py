@@ -1,0 +1,66 @@
+"""Sequential bias correction: quantization shifts the mean of every layer's output; subtract
+that shift from the layer's bias, one layer at a time in topological order, each measured on a
+graph whose earlier layers are already corrected.
+
+Measured on EfficientNet-Lite0 (FINDINGS): top-1 agreement with FP32 from 82 % to 96 %, while
+correcting every layer from one pass over-corrects and diverges (45 %). Each layer runs only
+the prefix of the quantized graph that produces it, in ONNX Runtime's integer kernels, so the
+cost is about half a pass per layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from enginekit.calibrate.collect import with_outputs
+from enginekit.models.spec import Feeds
+from enginekit.quantize.qdq import QdqGraph, biased_nodes, ensure_bias
+
+
+def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feeds], threads: int | None) -> dict[str, np.ndarray]:
+    """Mean of each tensor over every axis but 1 (channels), accumulated over the batches."""
+    from enginekit.engines.onnxruntime import OrtRunner
+
+    runner = OrtRunner(with_outputs(model, tensors).SerializeToString(), threads=threads)
+    position = {o.name: i for i, o in enumerate(runner.outputs)}
+    sums: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    for feeds in batches:
+        outputs = runner.infer(feeds)
+        for name in tensors:
+            value = outputs[position[name]].astype(np.float64)
+            axes = tuple(i for i in range(value.ndim) if i != 1)
+            sums[name] = sums.get(name, 0.0) + value.sum(axis=axes)
+            count[name] = count.get(name, 0) + value.size // value.shape[1]
+    return {name: sums[name] / count[name] for name in tensors}
+
+
+def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds], threads: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Correct the float biases of `qdq.model` in place; returns the size of each correction."""
+    layers = biased_nodes(qdq.model)
+    outputs = [node.output[0] for node in layers]
+    reference = channel_means(fp32, outputs, batches, threads)
+    initializers = {t.name: t for t in qdq.model.graph.initializer}
+    inputs = [v.name for v in qdq.model.graph.input if v.name not in initializers]
+    corrections: dict[str, float] = {}
+    progress = progress and sys.stderr.isatty()
+    for index, node in enumerate(layers):
+        prefix = onnx.utils.Extractor(qdq.model).extract_model(inputs, [node.output[0]])
+        measured = channel_means(prefix, [node.output[0]], batches, threads)[node.output[0]]
+        shift = measured - reference[node.output[0]]
+        bias_name = ensure_bias(qdq.model, node, shift.size)
+        initializers = {t.name: t for t in qdq.model.graph.initializer}
+        bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift
+        initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+        corrections[node.name] = float(np.abs(shift).max())
+        if progress:
+            sys.stderr.write(f"\rbias correction {index + 1}/{len(layers)} layers")
+            sys.stderr.flush()
+    if progress:
+        sys.stderr.write("\n")
+    return corrections

@@ -1,0 +1,125 @@
+"""Where Q/DQ pairs go in an FP32 graph.
+
+Quantized nodes are the compute ops targets run in integer (Conv, Gemm, MatMul), pooling ops
+whose integer kernels fuse with them, and residual Adds that sit inside an integer region (their
+output feeds a compute op). A tensor gets one Q/DQ pair when any quantized node reads it as an
+activation; weights (initializers of Conv/Gemm/MatMul) are quantized per output channel. Ops
+that only move data (MaxPool, Reshape, Flatten, Transpose...) reuse their input's scale so
+targets can run them on integers without requantizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx
+
+COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
+POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"}
+SAME_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    tensor: str  # initializer name
+    node: str
+    axis: int  # output-channel axis of the weight
+
+
+@dataclass
+class QuantPlan:
+    nodes: list[str] = field(default_factory=list)  # names of quantized nodes, topological order
+    activations: list[str] = field(default_factory=list)  # tensors that get a Q/DQ pair
+    weights: list[WeightSpec] = field(default_factory=list)
+    same_scale: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose scale it reuses
+    consumers: dict[str, list[str]] = field(default_factory=dict)  # tensor -> quantized nodes reading it
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (exclusions and reports refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+
+
+def plan_quantization(
+    model: onnx.ModelProto,
+    exclude_nodes: Iterable[str] = (),
+    exclude_ops: Iterable[str] = (),
+    keep_first_last_float: bool = False,
+    exclude_after: Iterable[str] = (),
+) -> QuantPlan:
+    """`exclude_after` keeps in float every compute op that reads the output of one of these op
+    types (e.g. "Gelu": the FFN down-projection of a transformer, whose input has outliers)."""
+    ensure_node_names(model)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = set(initializers) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    excluded_names, excluded_ops = set(exclude_nodes), set(exclude_ops)
+    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS]
+    if keep_first_last_float and compute:
+        excluded_names |= {compute[0].name, compute[-1].name}
+    after = set(exclude_after)
+    if after:
+        producers_of = {o: n.op_type for n in graph.node for o in n.output}
+        excluded_names |= {n.name for n in compute if producers_of.get(n.input[0]) in after}
+
+    def allowed(node: onnx.NodeProto) -> bool:
+        return node.name not in excluded_names and node.op_type not in excluded_ops
+
+    def feeds_compute(tensor: str, depth: int = 0) -> bool:
+        """True if `tensor` reaches a quantized compute op, directly or through data movement."""
+        for reader in readers.get(tensor, []):
+            if reader.op_type in COMPUTE_OPS and allowed(reader):
+                return True
+            if depth < 4 and reader.op_type in SAME_SCALE_OPS | POOL_OPS | {"Add"} and feeds_compute(reader.output[0], depth + 1):
+                return True
+        return False
+
+    plan = QuantPlan()
+    for node in graph.node:
+        if not allowed(node):
+            continue
+        activation_inputs = [i for i in node.input[:2] if i and i not in constants]
+        if node.op_type in COMPUTE_OPS:
+            weights = [i for i in node.input[:2] if i in initializers]
+            if not activation_inputs:
+                continue
+            for weight in weights:
+                plan.weights.append(WeightSpec(weight, node.name, _channel_axis(node, weight, initializers[weight])))
+        elif node.op_type in POOL_OPS:
+            if not feeds_compute(node.output[0]):
+                continue
+        elif node.op_type == "Add":
+            if len(activation_inputs) != 2 or not feeds_compute(node.output[0]):
+                continue
+        else:
+            continue
+        plan.nodes.append(node.name)
+        for tensor in activation_inputs:
+            plan.consumers.setdefault(tensor, []).append(node.name)
+            if tensor not in plan.activations:
+                plan.activations.append(tensor)
+    producers = {o: n for n in graph.node for o in n.output}
+    for tensor in plan.activations:
+        producer = producers.get(tensor)
+        if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.input[0] in plan.activations:
+            plan.same_scale[tensor] = producer.input[0]
+    return plan
+
+
+def _channel_axis(node: onnx.NodeProto, weight: str, tensor: onnx.TensorProto) -> int:
+    """Output-channel axis: 0 for Conv (OIHW) and Gemm with transB=1, last for MatMul/Gemm (K x N)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return len(tensor.dims) - 1 if weight == node.input[1] else 0
