@@ -36,7 +36,7 @@ def collect_histograms(
 ) -> dict[str, TensorHistogram]:
     from enginekit.engines.onnxruntime import OrtRunner
 
-    runner = OrtRunner(with_outputs(model, tensors).SerializeToString(), threads=threads)
+    runner = OrtRunner(with_outputs(model, tensors).SerializeToString(), threads=threads, memory_arena=False)
     positions = {o.name: i for i, o in enumerate(runner.outputs)}
     histograms = {name: TensorHistogram(bins) for name in tensors}
     progress = progress and sys.stderr.isatty()

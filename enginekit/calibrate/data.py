@@ -9,7 +9,6 @@ NaN/Inf; the bytes that pass are hashed so tables record exactly which data made
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,18 +134,23 @@ def open_data(data: str | None, inputs: Sequence[TensorSpec], spec: ModelSpec | 
     return ArrayFileData(path, inputs)
 
 
+def batch_size_for(inputs: Sequence[TensorSpec], wanted: int) -> int:
+    """A model with a fixed batch dim can only take batches of exactly that size."""
+    first = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    return first if isinstance(first, int) else wanted
+
+
 def stream(
     source: DataSource, inputs: Sequence[TensorSpec], count: int, batch_size: int, skip_nonfinite: bool = False,
 ) -> tuple[Iterator[Feeds], DataStats]:
     """Validated batches of at most `count` samples; `stats` is complete once the iterator ends."""
+    batch_size = batch_size_for(inputs, batch_size)
     available = source.count()
     if available == 0:
         raise InputError("the data set is empty", source.origin)
     stats = DataStats(requested=count)
     if available < count:
-        message = f"asked for {count} samples but {source.origin} has {available}; using {available}"
-        warnings.warn(message, stacklevel=2)
-        stats.warnings.append(message)
+        stats.warnings.append(f"asked for {count} samples but {source.origin} has {available}; using {available}")
         count = available
     expected = {spec.name: spec for spec in inputs}
 

@@ -12,11 +12,13 @@ from enginekit.models.spec import Feeds, TensorSpec
 class OrtRunner:
     """A CPU InferenceSession with explicit thread count; feeds and outputs are numpy arrays."""
 
-    def __init__(self, model: str | Path | bytes, threads: int | None = None, optimized_model_path: str | Path | None = None):
+    def __init__(self, model: str | Path | bytes, threads: int | None = None, optimized_model_path: str | Path | None = None,
+                 memory_arena: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = memory_arena  # off where many large outputs would pin arena memory
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

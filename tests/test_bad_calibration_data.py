@@ -1,0 +1,118 @@
+"""Bad calibration data: one line naming the file and the problem, exit 2, no table written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def calibrate_cli(run_cli, tmp_path):
+    def run(data, *extra):
+        out = tmp_path / "ranges.json"
+        result = run_cli("calibrate", "-m", "digits_cnn", "--data", data, "-o", out, *extra)
+        return result, out
+
+    return run
+
+
+def _digits(n: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+
+
+def _refused(result, out, needle: str, names: str | None = None) -> None:
+    assert result.code == 2, (result.code, result.err)
+    assert needle in result.error_line, result.error_line
+    if names:
+        assert names in result.error_line
+    assert not out.exists()
+
+
+def test_wrong_input_name(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, pixels=_digits())
+    _refused(*calibrate_cli(data), "data has inputs ['pixels'] but the model expects ['image']", str(data))
+
+
+def test_wrong_shape(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((4, 1, 16, 16), np.float32))
+    _refused(*calibrate_cli(data), "sample shape [1, 16, 16]", str(data))
+
+
+def test_wrong_dtype(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((4, 1, 8, 8), np.int32))
+    _refused(*calibrate_cli(data), "dtype int32", str(data))
+
+
+def test_empty_set(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((0, 1, 8, 8), np.float32))
+    _refused(*calibrate_cli(data), "empty", str(data))
+
+
+def test_nan_names_the_sample(calibrate_cli, tmp_path):
+    values = _digits()
+    values[5, 0, 3, 3] = np.nan
+    data = tmp_path / "d.npz"
+    np.savez(data, image=values)
+    _refused(*calibrate_cli(data), "sample 5 of input 'image' contains NaN or Inf", str(data))
+
+
+def test_skip_nonfinite_drops_and_counts(calibrate_cli, tmp_path):
+    values = _digits()
+    values[[2, 7], 0, 0, 0] = np.inf
+    data = tmp_path / "d.npy"
+    np.save(data, values)
+    result, out = calibrate_cli(data, "--skip-nonfinite")
+    assert result.code == 0, result.err
+    assert "skipped 2 sample(s)" in result.err
+    assert __import__("json").loads(out.read_text())["num_samples"] == 30
+
+
+def test_fewer_samples_than_asked_warns_and_uses_them(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, _digits(20))
+    result, out = calibrate_cli(data, "-n", "100")
+    assert result.code == 0, result.err
+    assert "asked for 100 samples" in result.err
+    assert __import__("json").loads(out.read_text())["num_samples"] == 20
+
+
+def test_pickled_npy_is_refused(calibrate_cli, tmp_path):
+    data = tmp_path / "d.npy"
+    np.save(data, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    _refused(*calibrate_cli(data), "pickled Python objects", str(data))
+
+
+def test_missing_data_path(calibrate_cli, tmp_path):
+    _refused(*calibrate_cli(tmp_path / "nope.npz"), "data not found")
+
+
+def test_a_non_zoo_model_needs_data(run_cli, exported, tmp_path):
+    folder, _ = exported("efficientnet_lite0")
+    out = tmp_path / "r.json"
+    result = run_cli("calibrate", "-m", folder / "model.onnx", "-o", out)
+    assert result.code == 2 and "--data is required" in result.error_line and not out.exists()
+
+
+def test_image_folder_with_a_truncated_image(run_cli, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes((folder / "a.jpg").read_bytes()[:40])
+    out = tmp_path / "r.json"
+    result = run_cli("calibrate", "-m", "efficientnet_lite0", "--data", folder, "-o", out)
+    assert result.code == 2 and "b.jpg" in result.error_line and "truncated" in result.error_line
+    assert not out.exists()
+
+
+def test_empty_image_folder(run_cli, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    out = tmp_path / "r.json"
+    result = run_cli("calibrate", "-m", "efficientnet_lite0", "--data", folder, "-o", out)
+    assert result.code == 2 and "no images" in result.error_line and not out.exists()

@@ -1,0 +1,93 @@
+"""Range methods against hand-made distributions with known answers, and the histogram's
+exact re-binning and bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enginekit.calibrate import methods
+from enginekit.calibrate.histogram import TensorHistogram
+from enginekit.calibrate.table import CalibrationTable, TensorRange
+
+
+def _hist(values: np.ndarray, chunks: int = 10, bins: int = 2048) -> TensorHistogram:
+    hist = TensorHistogram(bins)
+    for chunk in np.array_split(values.astype(np.float32), chunks):
+        hist.update(chunk)
+    return hist
+
+
+@pytest.fixture(scope="module")
+def gaussian_with_outlier() -> TensorHistogram:
+    values = np.random.default_rng(0).standard_normal(200_000)
+    return _hist(np.append(values, 50.0))
+
+
+def test_minmax_takes_the_outlier(gaussian_with_outlier):
+    assert methods.minmax(gaussian_with_outlier) == pytest.approx(50.0)
+
+
+def test_percentile_ignores_the_outlier_and_matches_numpy(gaussian_with_outlier):
+    values = np.append(np.random.default_rng(0).standard_normal(200_000), 50.0)
+    for pct in (99.0, 99.9, 99.99):
+        expected = np.percentile(np.abs(values), pct)
+        assert methods.percentile(gaussian_with_outlier, pct) == pytest.approx(expected, rel=0.02)
+    assert methods.percentile(gaussian_with_outlier, 99.99) < 5.0
+
+
+def test_entropy_clips_the_outlier_near_tensorrt_thresholds(gaussian_with_outlier):
+    amax = methods.entropy(gaussian_with_outlier)
+    assert 2.5 < amax < 6.0  # a few sigma, far below the outlier at 50
+
+
+def test_mse_finds_the_uniform_edge():
+    values = np.random.default_rng(1).uniform(-3.0, 3.0, 100_000)
+    assert methods.mse(_hist(values)) == pytest.approx(3.0, rel=0.02)
+
+
+def test_entropy_is_not_dragged_down_by_a_zero_spike():
+    """A post-ReLU6 tensor: 70 % exact zeros, a long tail, a spike at the clip value 6."""
+    rng = np.random.default_rng(2)
+    values = np.concatenate([np.zeros(70_000), np.minimum(np.abs(rng.standard_normal(30_000)) * 2.0, 6.0)])
+    hist = _hist(values)
+    assert hist.zeros == 70_000 and not hist.signed
+    assert methods.entropy(hist) > 4.0
+
+
+def test_methods_differ_on_a_heavy_tail():
+    values = np.random.default_rng(3).standard_t(3, 200_000)
+    hist = _hist(values)
+    amaxes = {m: methods.compute_amax(hist, m) for m in methods.METHODS}
+    assert amaxes["minmax"] > amaxes["percentile"] and amaxes["minmax"] > amaxes["entropy"]
+    assert len({round(v, 3) for v in amaxes.values()}) == 4
+
+
+def test_rebinning_is_exact_and_memory_is_bounded():
+    hist = TensorHistogram(bins=8)
+    hist.update(np.array([0.5, 1.0], np.float32))
+    hist.update(np.array([3.0], np.float32))  # grows the range by an integer factor
+    assert hist.total == 3 and hist.counts.size == 8
+    assert hist.counts.sum() == 3
+    big = TensorHistogram()
+    rng = np.random.default_rng(4)
+    for scale in (1, 10, 100, 1000):
+        big.update(rng.standard_normal(10_000) * scale)
+    assert big.counts.size == 2048 and big.total == 40_000
+    assert big.abs_max == pytest.approx(np.abs(big.minimum) if abs(big.minimum) > big.maximum else big.maximum)
+
+
+def test_clipped_fraction(gaussian_with_outlier):
+    assert gaussian_with_outlier.fraction_above(50.0) == 0.0
+    assert gaussian_with_outlier.fraction_above(3.0) == pytest.approx(0.0027, abs=0.0008)
+
+
+def test_tensorrt_cache_lines_hold_the_int8_scale(tmp_path):
+    import struct
+
+    table = CalibrationTable("entropy", {}, 4, "d", "0" * 64, "1" * 64, {"x": TensorRange(-1.0, 2.54, 2.54, True)})
+    lines = table.tensorrt_cache().splitlines()
+    assert lines[0].startswith("TRT-") and lines[1].startswith("x: ")
+    assert struct.unpack(">f", bytes.fromhex(lines[1].split(": ")[1]))[0] == pytest.approx(2.54 / 127)
+    table.save(tmp_path / "t.json")
+    assert CalibrationTable.load(tmp_path / "t.json").tensors["x"].amax == 2.54

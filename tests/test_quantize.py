@@ -1,0 +1,125 @@
+"""Calibrate + quantize on the zoo: accuracy against FP32, the integer kernels ONNX Runtime
+runs, encodings, determinism, and the accuracy gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from enginekit.artifacts import read_manifest
+from enginekit.calibrate.pipeline import calibrate, write_tables
+from enginekit.quantize.pipeline import QuantizeOptions, quantize
+from tests.conftest import assert_nothing_written
+
+
+@pytest.fixture(scope="module")
+def digits_tables(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits-cal")
+    run = calibrate("digits_cnn", None, ["minmax", "percentile", "entropy", "mse"], progress=False)
+    paths = write_tables(run, folder / "ranges.json")
+    return {path.stem.split(".")[-1]: path for path in paths}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_digits_int8_accuracy_within_one_point_for_every_method(digits_tables, tmp_path, method):
+    manifest = quantize("digits_cnn", digits_tables[method], tmp_path / "q", QuantizeOptions(progress=False))
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["samples"] == 540  # the whole labelled test split
+    assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
+    assert manifest["integer_ops"]["integer_share"] == 1.0
+
+
+def test_tables_are_byte_identical_for_the_same_inputs(digits_tables, tmp_path):
+    run = calibrate("digits_cnn", None, ["entropy"], progress=False)
+    again = write_tables(run, tmp_path / "ranges.json")[0]
+    assert again.read_bytes() == digits_tables["entropy"].read_bytes()
+
+
+def test_a_table_from_another_model_is_refused(run_cli, digits_tables, exported, tmp_path):
+    folder, _ = exported("efficientnet_lite0")
+    result = run_cli("quantize", "-m", folder, "-t", digits_tables["minmax"], "-o", tmp_path / "q")
+    assert result.code == 2 and "made for another model" in result.error_line
+    assert_nothing_written(tmp_path / "q")
+
+
+def _quant_params(model: onnx.ModelProto):
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            yield inits[node.input[1]], inits[node.input[2]]
+
+
+def test_tensorrt_encoding_is_symmetric_int8_with_per_channel_weights(digits_tables, tmp_path):
+    manifest = quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q", QuantizeOptions(target="tensorrt", progress=False))
+    assert manifest["encoding"] == "int8"
+    model = onnx.load(str(tmp_path / "q" / "model.int8.onnx"))
+    for scale, zero_point in _quant_params(model):
+        assert zero_point.dtype == np.int8 and zero_point == 0 and scale > 0
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == TensorProto.INT8]
+    assert weight_dq and all(next(a.i for a in n.attribute if a.name == "axis") in (0, 1) for n in weight_dq)
+    assert not any(inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == TensorProto.INT32 for n in model.graph.node if n.op_type == "DequantizeLinear")
+
+
+def test_onnxruntime_encoding_uses_uint8_activations(digits_tables, tmp_path):
+    quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q", QuantizeOptions(progress=False))
+    model = onnx.load(str(tmp_path / "q" / "model.int8.onnx"))
+    assert all(zp.dtype == np.uint8 for _, zp in _quant_params(model))
+
+
+def test_accuracy_gate_failure_exits_1_and_publishes_nothing(run_cli, digits_tables, tmp_path):
+    out = tmp_path / "gated"
+    result = run_cli("quantize", "-m", "digits_cnn", "-t", digits_tables["minmax"], "--min-accuracy", "cosine>=1.5", "-o", out)
+    assert result.code == 1
+    assert "accuracy gate failed" in result.error_line and "cosine=" in result.error_line
+    assert_nothing_written(out)
+
+
+def test_unknown_gate_metric_is_an_input_error(run_cli, digits_tables, tmp_path):
+    result = run_cli("quantize", "-m", "digits_cnn", "-t", digits_tables["minmax"], "--min-accuracy", "bleu>=3", "-o", tmp_path / "q")
+    assert result.code == 2 and "bleu" in result.error_line
+
+
+def test_calibrate_cli_all_methods_side_by_side(run_cli, tmp_path):
+    result = run_cli("calibrate", "-m", "digits_cnn", "--method", "all", "-n", "64", "-o", tmp_path / "r.json", "--trt-cache", tmp_path / "cache.txt")
+    assert result.code == 0, result.err
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert f"{method} amax" in result.out and (tmp_path / f"r.{method}.json").is_file()
+    assert (tmp_path / "cache.txt").read_text().startswith("TRT-")
+
+
+def test_quantize_cli_report_lists_worst_layers_first(run_cli, digits_tables, tmp_path):
+    result = run_cli("quantize", "-m", "digits_cnn", "-t", digits_tables["entropy"], "--report", "-o", tmp_path / "q")
+    assert result.code == 0, result.err
+    rows = __import__("json").loads((tmp_path / "q" / "layers.json").read_text())
+    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
+    assert "SQNR dB" in result.out and "integer kernels" in result.out
+
+
+@pytest.mark.slow
+def test_efficientnet_int8_beats_nncf_and_runs_integer_kernels(tmp_path):
+    run = calibrate("efficientnet_lite0", None, ["minmax"], num_samples=256, progress=False)
+    table = write_tables(run, tmp_path / "ranges.json")[0]
+    manifest = quantize("efficientnet_lite0", table, tmp_path / "q", QuantizeOptions(progress=False))
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["samples"] == 256
+    assert metrics["top1_agreement"] >= 0.90 and metrics["top5_overlap"] >= 0.90
+    ops = manifest["integer_ops"]
+    assert ops["compute_ops"] == 50 and ops["integer_compute_ops"] == 50 and ops["float_compute_ops"] == 0
+    assert ops["optimized_op_types"]["QLinearConv"] == 49
+    assert read_manifest(tmp_path / "q")["quantization"]["bias_correction"]["layers"] == 50
+
+
+@pytest.mark.slow
+def test_minilm_int8_embeddings_keep_cosine_099(tmp_path):
+    run = calibrate("minilm_l6", None, ["minmax", "percentile"], num_samples=160, progress=False)
+    tables = write_tables(run, tmp_path / "ranges.json")
+    minmax = next(p for p in tables if "minmax" in p.name)
+    manifest = quantize("minilm_l6", minmax, tmp_path / "q", QuantizeOptions(progress=False))
+    assert manifest["accuracy"]["metrics"]["cosine"] >= 0.99
+    assert manifest["quantization"]["exclude_after"] == ["Gelu"]
+    assert manifest["integer_ops"]["integer_compute_ops"] >= 30
+    differs = [n for n, r in run.tables["minmax"].tensors.items() if r.amax > 1.2 * run.tables["percentile"].tensors[n].amax]
+    assert differs, "percentile should clip some transformer activations that min-max keeps"
