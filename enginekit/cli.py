@@ -122,6 +122,36 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
         click.echo(format_layer_report(json.loads((Path(output) / "layers.json").read_text())))
 
 
+@cli.command()
+@click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
+@click.option("--target", type=click.Choice(["onnxruntime", "openvino"]), required=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True)
+@click.option("--calib-data", default=None, help="Calibration data (default: the zoo's).")
+@click.option("--num-samples", "-n", type=int, default=256, show_default=True)
+@click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split).")
+@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90'.")
+@click.option("--threads", type=int, default=None)
+@click.option("--output", "-o", type=click.Path(file_okay=False), required=True)
+def build(model, target, precision, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, threads, output) -> None:
+    """Build one target x precision artifact (calibrating once for INT8) and gate its accuracy."""
+    from enginekit.build import BuildOptions
+    from enginekit.build import build as run_build
+    from enginekit.quantize.pipeline import QuantizeOptions
+
+    options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
+                           quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy, threads=threads)
+    manifest = run_build(model, target, precision, Path(output), options)
+    metrics = manifest["accuracy"]["metrics"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
+    click.echo(f"wrote {output} ({target} {precision})")
+    click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
+    executed = manifest.get("openvino", {}).get("executed")
+    if executed:
+        click.echo(f"OpenVINO executes {executed['compute_layers']} compute layers as {executed['by_precision']}")
+
+
 @cli.group()
 def zoo() -> None:
     """The reference model zoo."""

@@ -1,0 +1,113 @@
+"""`enginekit build`: one target x precision artifact from a model, calibrating once for INT8.
+
+The FP32 ONNX and (for INT8) the CalibrationTable are the shared inputs; each target is a small
+adapter that turns them into its own files and a Runner. Every artifact is scored against the
+FP32 ONNX on held-out data and gated before it is published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from enginekit.artifacts import staged_artifact, write_manifest
+from enginekit.calibrate.pipeline import calibrate, write_tables
+from enginekit.calibrate.table import CalibrationTable
+from enginekit.engines.onnxruntime import OrtRunner, integer_op_report
+from enginekit.errors import InputError
+from enginekit.export.onnx_graph import graph_inputs, tensor_specs
+from enginekit.export.reference import Fp32Model, load_fp32
+from enginekit.machine import machine_info, toolchain
+from enginekit.quantize import accuracy
+from enginekit.quantize.pipeline import QuantizeOptions, build_qdq, evaluation_batches
+
+TARGET_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "fp16", "int8")}
+TABLE_FILE = "calibration.json"
+
+
+@dataclass
+class BuildOptions:
+    table: str | None = None  # an existing CalibrationTable; else calibrate here
+    calib_method: str = "minmax"
+    calib_data: str | None = None
+    num_samples: int = 256
+    quantize: QuantizeOptions = field(default_factory=lambda: QuantizeOptions(progress=False))
+    min_accuracy: str | None = None
+    threads: int | None = None
+
+
+def build(model: str | Path, target: str, precision: str, out: str | Path, options: BuildOptions | None = None) -> dict[str, Any]:
+    options = options or BuildOptions()
+    if target not in TARGET_PRECISIONS:
+        raise InputError(f"unknown target '{target}' (known: {', '.join(TARGET_PRECISIONS)})")
+    if precision not in TARGET_PRECISIONS[target]:
+        raise InputError(f"target {target} builds {', '.join(TARGET_PRECISIONS[target])}, not '{precision}'")
+    if target == "openvino":
+        from enginekit.engines import openvino
+
+        openvino.check_precision_supported(precision)
+    conditions = accuracy.parse_conditions(options.min_accuracy)
+    fp32 = load_fp32(model)
+    quant_options = replace(options.quantize, target=target, data=options.calib_data, threads=options.threads)
+    eval_batches, labels, eval_description = evaluation_batches(fp32, quant_options)
+    with staged_artifact(out) as stage:
+        extra: dict[str, Any] = {}
+        source = fp32.path
+        if precision == "int8":
+            table = _table(fp32, options, stage)
+            qdq, details = build_qdq(fp32, table, quant_options)
+            source = stage / "model.int8.onnx"
+            onnx.save(qdq.model, str(source))
+            extra["calibration"] = {"method": table.method, "num_samples": table.num_samples, "data": table.data,
+                                    "data_sha256": table.data_sha256, "table": TABLE_FILE}
+            extra["quantization"] = {"encoding": quant_options.resolved_encoding, **details}
+        runner, files_extra = _target_files(target, precision, fp32, source, stage, options.threads)
+        extra.update(files_extra)
+        reference = OrtRunner(fp32.path, threads=options.threads)
+        metrics = accuracy.evaluate(reference.infer, runner.infer, eval_batches, labels)
+        verdict = accuracy.gate(metrics, conditions, f"{fp32.name} {target} {precision}")
+        manifest = write_manifest(stage, {
+            "model": fp32.name, "target": target, "precision": precision,
+            "source": {"fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
+            "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
+            "outputs": [s.to_json() for s in tensor_specs(fp32.proto.graph.output)],
+            **extra,
+            "accuracy": {"reference": "fp32-onnx", "data": eval_description, "metrics": metrics, **verdict},
+            "toolchain": toolchain("onnx", "onnxruntime", "openvino", "numpy"),
+            "machine": machine_info(),
+        })
+    return manifest
+
+
+def _table(fp32: Fp32Model, options: BuildOptions, stage: Path) -> CalibrationTable:
+    """The CalibrationTable every INT8 target consumes: the given one, or one calibration here."""
+    if options.table:
+        table = CalibrationTable.load(options.table)
+        table.check_model(fp32.sha256, options.table)
+        table.save(stage / TABLE_FILE)
+        return table
+    run = calibrate(fp32.path if fp32.spec is None else fp32.name, options.calib_data, [options.calib_method],
+                    num_samples=options.num_samples, threads=options.threads, progress=False)
+    write_tables(run, stage / TABLE_FILE)
+    return run.tables[options.calib_method]
+
+
+def _target_files(target: str, precision: str, fp32: Fp32Model, source: Path, stage: Path, threads: int | None):
+    """Write the target's files into the staging folder; return its runner and manifest fields."""
+    if target == "onnxruntime":
+        if precision == "fp32":
+            target_path = stage / "model.onnx"
+            target_path.write_bytes(fp32.path.read_bytes())
+            return OrtRunner(target_path, threads=threads), {}
+        return OrtRunner(source, threads=threads), {"integer_ops": integer_op_report(source, fp32.proto)}
+    from enginekit.engines import openvino
+
+    openvino.convert(source, precision, stage)
+    if source.parent == stage:
+        source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
+    runner = openvino.OpenVinoRunner(stage, precision, threads=threads)
+    return runner, {"openvino": {**openvino.device_info(), "compile_config": runner.config,
+                                 "executed": openvino.executed_precisions(runner.compiled)}}

@@ -1,0 +1,110 @@
+"""OpenVINO target: the executed precision is proven from the compiled runtime graph, FP32 never
+silently runs in bf16, and broken inputs fail with one clear line."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+from enginekit.artifacts import read_manifest  # noqa: E402
+from enginekit.build import build  # noqa: E402
+from enginekit.engines import openvino as ov_target  # noqa: E402
+from tests.conftest import assert_nothing_written  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ov-digits")
+    return {p: (root / p, build("digits_cnn", "openvino", p, root / p)) for p in ("fp32", "int8")}
+
+
+def test_digits_int8_ir_runs_integer_kernels(digits_builds):
+    _, manifest = digits_builds["int8"]
+    executed = manifest["openvino"]["executed"]
+    assert executed["compute_layers"] == 5 and executed["integer_share"] > 0.9
+    assert manifest["quantization"]["encoding"] == "mixed"
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
+
+
+def test_fp32_ir_runs_in_f32_never_bf16(digits_builds):
+    folder, manifest = digits_builds["fp32"]
+    executed = manifest["openvino"]["executed"]
+    assert executed["bf16_share"] == 0.0 and executed["f32_share"] == 1.0
+    assert manifest["openvino"]["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert {f["path"] for f in manifest["files"]} == {"model.xml", "model.bin"}
+
+
+def test_without_the_f32_hint_this_cpu_would_run_bf16(digits_builds):
+    """The trap the f32 hint avoids: a plain compile of the same "fp32" IR executes in bf16."""
+    if "BF16" not in ov_target.device_info()["capabilities"]:
+        pytest.skip("this CPU has no bf16, so the trap does not exist here")
+    folder, _ = digits_builds["fp32"]
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU")
+    assert ov_target.executed_precisions(compiled)["bf16_share"] > 0.0
+
+
+def test_manifest_records_device_and_isa(digits_builds):
+    info = digits_builds["int8"][1]["openvino"]
+    assert info["openvino"] == ov.__version__ and info["full_name"] and "FP32" in info["capabilities"]
+
+
+def test_runner_latency_and_throughput_modes(digits_builds):
+    folder, _ = digits_builds["int8"]
+    feeds = {"image": np.zeros((1, 1, 8, 8), np.float32)}
+    runner = ov_target.OpenVinoRunner(folder, "int8", hint="THROUGHPUT", streams=2, threads=2)
+    assert runner.infer(feeds)[0].shape == (1, 10)
+    assert runner.config["NUM_STREAMS"] == "2" and runner.throughput(feeds, seconds=0.2) > 0
+
+
+@pytest.mark.slow
+def test_efficientnet_int8_ir_is_integer_and_accurate(tmp_path):
+    manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov")
+    assert manifest["openvino"]["executed"]["integer_share"] > 0.9
+    assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.90
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setattr(ov_target, "device_info", lambda: {"full_name": "Old CPU", "capabilities": ["FP32", "INT8"], "openvino": "x"})
+    out = tmp_path / "bf16"
+    result = run_cli("build", "-m", "digits_cnn", "--target", "openvino", "--precision", "bf16", "-o", out)
+    assert result.code == 2 and "no bf16 support" in result.error_line and "Old CPU" in result.error_line
+    assert_nothing_written(out)
+
+
+def test_unconvertible_op_names_op_and_node(tmp_path):
+    graph = helper.make_graph([helper.make_node("MysteryOp", ["x"], ["y"], name="strange_node", domain="com.example")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "mystery.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.example", 1)]), str(path))
+    with pytest.raises(Exception) as info:
+        ov_target.convert(path, "fp32", tmp_path)
+    assert "MysteryOp" in str(info.value) and "strange_node" in str(info.value) and str(path) in str(info.value)
+
+
+def test_xml_without_bin_is_a_clear_error(digits_builds, tmp_path):
+    folder, _ = digits_builds["fp32"]
+    (tmp_path / "model.xml").write_bytes((folder / "model.xml").read_bytes())
+    with pytest.raises(Exception) as info:
+        ov_target.OpenVinoRunner(tmp_path)
+    assert "model.bin is missing" in str(info.value)
+
+
+def test_corrupt_bin_is_a_clear_error(digits_builds, tmp_path):
+    folder, _ = digits_builds["fp32"]
+    (tmp_path / "model.xml").write_bytes((folder / "model.xml").read_bytes())
+    (tmp_path / "model.bin").write_bytes((folder / "model.bin").read_bytes()[:100])
+    with pytest.raises(Exception) as info:
+        ov_target.OpenVinoRunner(tmp_path)
+    assert "cannot load this IR" in str(info.value)
+
+
+def test_read_back_manifest(digits_builds):
+    folder, manifest = digits_builds["int8"]
+    assert read_manifest(folder) == manifest and manifest["target"] == "openvino"
