@@ -124,28 +124,54 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
-@click.option("--target", type=click.Choice(["onnxruntime", "openvino"]), required=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--targets", "--target", "targets", required=True, help="Comma-separated: onnxruntime, openvino, tensorrt.")
+@click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once.")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True)
 @click.option("--calib-data", default=None, help="Calibration data (default: the zoo's).")
 @click.option("--num-samples", "-n", type=int, default=256, show_default=True)
 @click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split).")
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90'.")
+@click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
+@click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--threads", type=int, default=None)
-@click.option("--output", "-o", type=click.Path(file_okay=False), required=True)
-def build(model, target, precision, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, threads, output) -> None:
-    """Build one target x precision artifact (calibrating once for INT8) and gate its accuracy."""
-    from enginekit.build import BuildOptions
-    from enginekit.build import build as run_build
+@click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
+def build(model, targets, precisions, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb, threads, output) -> None:
+    """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
+
+    A target whose library or hardware is absent is listed as skipped with the reason when
+    several are asked for; asked for alone, it is an error (exit 2).
+    """
+    from enginekit.build import BuildOptions, build_many
+    from enginekit.build import build as build_one
+    from enginekit.console import markdown_table
+    from enginekit.engines.tensorrt.builder import parse_dim_ranges
     from enginekit.quantize.pipeline import QuantizeOptions
 
+    target_list = [t.strip() for t in targets.split(",") if t.strip()]
+    precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
-                           quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy, threads=threads)
-    manifest = run_build(model, target, precision, Path(output), options)
+                           quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy,
+                           threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb)
+    if len(target_list) == 1 and len(precision_list) == 1:
+        manifest = build_one(model, target_list[0], precision_list[0], Path(output), options)
+        _echo_build(Path(output), manifest)
+        return
+    rows = []
+    for outcome in build_many(model, target_list, precision_list, Path(output), options):
+        if outcome.skipped:
+            rows.append([outcome.target, outcome.precision, "skipped", outcome.skipped])
+            continue
+        metrics = outcome.manifest["accuracy"]["metrics"]
+        key = "top1_agreement" if "top1_agreement" in metrics else "cosine"
+        rows.append([outcome.target, outcome.precision, str(outcome.folder), f"{key} {metrics[key]:.4f}"])
+    click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
+
+
+def _echo_build(output: Path, manifest: dict) -> None:
     metrics = manifest["accuracy"]["metrics"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
-    click.echo(f"wrote {output} ({target} {precision})")
+    click.echo(f"wrote {output} ({manifest['target']} {manifest['precision']})")
     click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
     executed = manifest.get("openvino", {}).get("executed")
     if executed:

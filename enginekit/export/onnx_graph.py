@@ -139,3 +139,23 @@ def make_batch_dynamic(model: onnx.ModelProto, name: str = "batch") -> bool:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:300] if text else type(exc).__name__
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder graph nodes so every input is produced before it is read (some converters append
+    nodes, such as input Casts, at the end; ONNX requires topological order)."""
+    graph = model.graph
+    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progress = [n for n in pending if all(i in available for i in n.input)]
+        if not progress:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for node in progress:
+            ordered.append(node)
+            available.update(node.output)
+        chosen = {id(n) for n in progress}
+        pending = [n for n in pending if id(n) not in chosen]
+    del graph.node[:]
+    graph.node.extend(ordered)
