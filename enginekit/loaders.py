@@ -213,6 +213,123 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+# ---------------------------------------------------------------------------------------- Keras
+
+KERAS_UNSAFE_LAYERS = {"Lambda", "TFSMLayer"}
+
+
+def keras_config(path: str | Path) -> dict[str, Any]:
+    """The model config of a .keras archive (config.json) or an .h5 file (model_config attribute),
+    read as data: nothing is deserialized or built."""
+    import zipfile
+
+    path = require_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                return json.loads(archive.read("config.json"))
+        if suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                raw = handle.attrs.get("model_config")
+                if raw is None:
+                    raise InputError("is an HDF5 file without a Keras model_config (weights only?)", path)
+                return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a readable Keras model ({_first_line(exc)})", path) from None
+    raise InputError(f"unknown Keras format '{suffix}'; use .keras or .h5", path)
+
+
+def keras_config_problems(config: Any) -> list[str]:
+    """Layers that would run code from the file: Lambda and TFSMLayer, and any class whose
+    module lies outside Keras (a custom object the file asks Python to import)."""
+    problems = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            class_name, module = node.get("class_name"), node.get("module")
+            name = (node.get("config") or {}).get("name") if isinstance(node.get("config"), dict) else None
+            if class_name in KERAS_UNSAFE_LAYERS:
+                problems.append(f"{class_name} layer '{name}'")
+            elif isinstance(module, str) and module and not module.split(".")[0] in ("keras", "tf_keras"):
+                problems.append(f"class {class_name} from module '{module}'")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return problems
+
+
+def load_keras(path: str | Path, allow_unsafe: bool = False) -> Any:
+    """Inspect the config first, refuse code-carrying layers unless the user opted in, then load
+    with Keras' safe_mode (which stays on even then, except for what was explicitly allowed)."""
+    path = require_file(path)
+    problems = keras_config_problems(keras_config(path))
+    if problems and not allow_unsafe:
+        raise InputError(
+            f"contains {', '.join(problems[:3])}, which would run Python code from the file; "
+            "rewrite it with built-in layers, or pass --unsafe-allow-lambda if you trust the file", path)
+    import keras
+
+    try:
+        return keras.saving.load_model(str(path), safe_mode=not allow_unsafe, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad file
+        raise InputError(f"Keras could not load the model ({_first_line(exc)})", path) from None
+
+
+# --------------------------------------------------------------------------------------- TFLite
+
+TFLITE_CHECK_SECONDS = 60
+TFLITE_CHECK_MEMORY = 4 << 30
+
+
+def check_tflite(path: str | Path) -> None:
+    """Open and allocate a user-supplied .tflite in a subprocess with memory and time limits, so
+    a malformed flatbuffer that crashes the interpreter cannot take enginekit down with it."""
+    import signal
+    import subprocess
+    import sys
+
+    path = require_file(path)
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({TFLITE_CHECK_MEMORY}, {TFLITE_CHECK_MEMORY}))\n"
+        "from ai_edge_litert.interpreter import Interpreter\n"
+        "Interpreter(model_path=sys.argv[1]).allocate_tensors()\n"
+    )
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=TFLITE_CHECK_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"TFLite model did not load within {TFLITE_CHECK_SECONDS} s; refused", path) from None
+    if result.returncode < 0:
+        raise InputError(f"malformed TFLite model: the checking process died with {signal.Signals(-result.returncode).name}", path)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        raise InputError(f"not a loadable TFLite model ({lines[-1][:200] if lines else 'unknown error'})", path)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as an H x W x 3 uint8 RGB array; truncated or bogus files are refused
+    (PIL's decompression-bomb limit stays on)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = require_file(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"unreadable or truncated image ({exc})", path) from None
+
+
 # ---------------------------------------------------------------------------------------- numpy
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.errors import InputError
+from enginekit.loaders import load_image
 from enginekit.models.spec import Feeds, ModelSpec, TensorSpec, iter_batches
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -101,24 +102,13 @@ class ImageFolderData(DataSource):
 
     def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
         for start in range(0, count, batch_size):
-            yield {self.input_name: np.concatenate([self.preprocess(_read_image(p)) for p in self.files[start : start + batch_size]])}
+            yield {self.input_name: np.concatenate([self.preprocess(load_image(p)) for p in self.files[start : start + batch_size]])}
 
 
 def _spec_module(spec: ModelSpec):
     import importlib
 
     return importlib.import_module(spec.architecture.__module__)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputError(f"unreadable or truncated image ({exc})", path) from None
 
 
 def open_data(data: str | None, inputs: Sequence[TensorSpec], spec: ModelSpec | None, split: str = "calibration") -> DataSource:

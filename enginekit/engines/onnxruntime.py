@@ -24,7 +24,11 @@ class OrtRunner:
             options.inter_op_num_threads = 1
         if optimized_model_path is not None:
             options.optimized_model_filepath = str(optimized_model_path)
-        source = model if isinstance(model, bytes) else str(model)
+        if not isinstance(model, bytes):
+            from enginekit.loaders import load_onnx
+
+            model = load_onnx(model).SerializeToString()  # external data checked, never read by ORT itself
+        source = model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.threads = threads
         self.inputs = [_spec(v) for v in self.session.get_inputs()]
@@ -57,12 +61,12 @@ def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
     import tempfile
     from collections import Counter
 
-    import onnx
+    from enginekit.loaders import load_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         OrtRunner(path, optimized_model_path=optimized)
-        ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+        ops = Counter(node.op_type for node in load_onnx(optimized).graph.node)
     compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
     integer = sum(count for op, count in ops.items() if op in INTEGER_OPS and op not in ("QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat"))
     floating = sum(count for op, count in ops.items() if op in FLOAT_COMPUTE_OPS)

@@ -30,6 +30,15 @@ def _cudart():
     return cudart
 
 
+def _native_handle(handle: Any) -> int:
+    """The integer behind a cuda-python stream/event handle (int() is deprecated from 12.9.1)."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(handle)
+    return get_cuda_native_handle(handle)
+
+
 def _check(result: Any) -> Any:
     """cuda-python returns (error, value...) tuples; raise on error, return the value(s)."""
     error, *values = result if isinstance(result, tuple) else (result,)
@@ -42,6 +51,14 @@ def _host_array(pointer: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.nda
     """A numpy view of pinned host memory at `pointer` (no copy)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return np.frombuffer((ctypes.c_byte * nbytes).from_address(pointer), dtype=dtype).reshape(shape)
+
+
+def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
+    """trt.nptype raises TypeError for bf16/fp8/int4/fp4 I/O, which enginekit graphs never expose."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        raise InputError(f"engine I/O type {dtype} has no numpy equivalent; enginekit engines keep float32/int I/O") from None
 
 
 def check_compatible(built: dict[str, Any], trt_version: str, gpu: dict[str, Any] | None, folder: Path) -> None:
@@ -82,7 +99,7 @@ class TensorRTRunner:
 
     def _spec(self, name: str) -> TensorSpec:
         shape = tuple(d if d >= 0 else "?" for d in self.engine.get_tensor_shape(name))
-        return TensorSpec(name, shape, np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).name)
+        return TensorSpec(name, shape, _numpy_dtype(self.trt, self.engine.get_tensor_dtype(name)).name)
 
     def _buffer(self, pool: dict, name: str, nbytes: int, pinned: bool) -> int:
         pointer, size = pool.get(name, (0, 0))
@@ -96,7 +113,7 @@ class TensorRTRunner:
     def infer(self, feeds: Feeds) -> list[np.ndarray]:
         cudart, kinds = self.cudart, self.cudart.cudaMemcpyKind
         for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name], dtype=np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))))
+            array = np.ascontiguousarray(feeds[name], dtype=_numpy_dtype(self.trt, self.engine.get_tensor_dtype(name)))
             self.context.set_input_shape(name, array.shape)
             host = self._buffer(self._host, name, array.nbytes, pinned=True)
             _host_array(host, array.dtype, array.shape)[...] = array
@@ -106,12 +123,15 @@ class TensorRTRunner:
         shapes = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            dtype = _numpy_dtype(self.trt, self.engine.get_tensor_dtype(name))
             nbytes = int(np.prod(shape)) * dtype.itemsize
             self.context.set_tensor_address(name, self._buffer(self._device, name, nbytes, pinned=False))
             shapes[name] = (shape, dtype, nbytes)
         _check(cudart.cudaEventRecord(self.start_event, self.stream))
-        if not self.context.execute_async_v3(self.stream):
+        missing = self.context.infer_shapes()
+        if missing:
+            raise InputError(f"inputs {missing} have no shape set (the feeds lack them?)")
+        if not self.context.execute_async_v3(_native_handle(self.stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         _check(cudart.cudaEventRecord(self.end_event, self.stream))
         outputs = []
