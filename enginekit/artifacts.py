@@ -7,9 +7,13 @@ folder being complete: it only ever appears at its final path through `os.replac
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import signal
 import shutil
 import tempfile
 import uuid
@@ -80,20 +84,68 @@ def _umask() -> int:
 
 
 def _publish(staging: Path, final: Path) -> None:
-    """Move `staging` to `final`; an older `final` is moved aside first and removed after."""
-    retired = None
-    if final.exists():
-        retired = final.parent / f".{final.name}.retired-{uuid.uuid4().hex[:8]}"
-        os.replace(final, retired)
+    """Put `staging` at `final` so that `final` always holds a complete artifact: a plain rename
+    when nothing is there, else an atomic exchange (renameat2 RENAME_EXCHANGE) with the old one,
+    which is then removed. SIGINT/SIGTERM are held back for the few system calls this takes."""
+    with _signals_deferred():
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                raise
+            if not _exchange(staging, final):
+                _replace_in_two_steps(staging, final)
+        fsync_dir(final.parent)
+    if staging.exists():  # the exchange left the previous artifact here
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux >= 3.15); False where the system cannot."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None) if libc else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+def _replace_in_two_steps(staging: Path, final: Path) -> None:
+    retired = final.parent / f".{final.name}.retired-{uuid.uuid4().hex[:8]}"
+    os.replace(final, retired)
     try:
         os.replace(staging, final)
     except BaseException:
-        if retired is not None:
-            os.replace(retired, final)
+        os.replace(retired, final)
         raise
-    fsync_dir(final.parent)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Block SIGINT and SIGTERM (delivered right after) where the platform allows it."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:

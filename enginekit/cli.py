@@ -212,12 +212,27 @@ def demo(output, threads) -> None:
     click.echo(run_demo(Path(output), threads))
 
 
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _safe_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).stem if model) or "model"
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so staging folders are removed and nothing partial is left."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map errors to one line plus an exit code."""
+    import signal
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="enginekit", standalone_mode=False)
     except EnginekitError as exc:

@@ -206,3 +206,13 @@ def test_existing_onnx_opset_conversion(run_cli, tmp_path):
 def test_opset_older_than_the_torch_exporter_is_refused(run_cli, tmp_path):
     result = run_cli("export", "--model", "digits_cnn", "--opset", "17", "-o", tmp_path / "out")
     assert result.code == 2 and "opset 18 or newer" in result.error_line
+
+
+def test_reexport_replaces_the_artifact_whole(run_cli, tmp_path):
+    out = tmp_path / "digits"
+    assert run_cli("export", "--model", "digits_cnn", "-o", out).code == 0
+    assert run_cli("export", "--model", "digits_cnn", "--static-batch", "-o", out).code == 0
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest["inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert [p.name for p in tmp_path.iterdir()] == ["digits"]

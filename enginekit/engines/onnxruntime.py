@@ -28,8 +28,12 @@ class OrtRunner:
             from enginekit.loaders import load_onnx
 
             model = load_onnx(model).SerializeToString()  # external data checked, never read by ORT itself
-        source = model
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            from enginekit.errors import InputError
+
+            raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}") from None
         self.threads = threads
         self.inputs = [_spec(v) for v in self.session.get_inputs()]
         self.outputs = [_spec(v) for v in self.session.get_outputs()]

@@ -15,7 +15,11 @@ DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONN
 
 
 def check(model: onnx.ModelProto, origin: str) -> None:
-    """onnx.checker with full_check (which includes strict shape inference)."""
+    """onnx.checker with full_check (which includes strict shape inference), after refusing an
+    opset newer than the installed ONNX knows (the runtimes could not promise to run it)."""
+    newest = onnx.defs.onnx_opset_version()
+    if opset_of(model) > newest:
+        raise InputError(f"uses opset {opset_of(model)}, newer than this ONNX release supports ({newest}); export it with opset <= {newest}", origin)
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

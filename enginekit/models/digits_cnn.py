@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +75,19 @@ def load_weights(module: nn.Module) -> None:
 
     from enginekit.loaders import load_state_dict
 
+    from enginekit.errors import InputError
+
     path = _weights_path()
-    if not path.is_file():
-        train(module)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-    module.load_state_dict(load_state_dict(path), strict=True)
+    if path.is_file():
+        try:
+            module.load_state_dict(load_state_dict(path), strict=True)
+            return
+        except (InputError, RuntimeError) as exc:
+            warnings.warn(f"cached digits_cnn weights are unusable ({exc}); training again", stacklevel=2)
+    train(module)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def test_accuracy(module: nn.Module) -> float:
