@@ -19,10 +19,16 @@ def cli() -> None:
 
     \b
     Typical flow:
-      enginekit zoo list                          # the reference models
-      enginekit export --model efficientnet_lite0 -o out/onnx
-      enginekit export --model mypkg.nets:build --weights w.safetensors --input-shape input=batchx3x224x224
-      enginekit export --model model.onnx -o out/onnx   # validate + normalize an existing file
+      enginekit zoo list                                   # the reference models
+      enginekit export -m efficientnet_lite0 -o out/onnx   # checked ONNX + parity
+      enginekit export -m pkg.nets:build -w w.safetensors --input-shape x=batchx3x224x224
+      enginekit export -m model.onnx -o out/onnx           # validate + normalize a file
+      enginekit calibrate -m efficientnet_lite0 --method all -o ranges.json
+      enginekit quantize -m efficientnet_lite0 -t ranges.minmax.json -o out/int8 --report
+      enginekit build -m efficientnet_lite0 --targets onnxruntime,openvino,tensorrt \\
+          --precisions fp32,int8 -o out/all
+
+    Exit codes: 0 ok, 1 a quality gate failed (parity, accuracy), 2 unusable input.
     """
 
 
@@ -111,10 +117,8 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
         min_accuracy=min_accuracy, layer_report=report, threads=threads,
     )
     manifest = run_quantize(model, table_path, Path(output), options)
-    metrics = manifest["accuracy"]["metrics"]
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
     click.echo(f"wrote {Path(output) / 'model.int8.onnx'} ({manifest['encoding']} encoding, {manifest['calibration']['method']} ranges)")
-    click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
+    _echo_accuracy(manifest)
     if "integer_ops" in manifest:
         ops = manifest["integer_ops"]
         click.echo(f"ONNX Runtime runs {ops['integer_compute_ops']}/{ops['compute_ops']} compute ops as integer kernels")
@@ -168,11 +172,15 @@ def build(model, targets, precisions, table, calib_method, calib_data, num_sampl
     click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
 
 
-def _echo_build(output: Path, manifest: dict) -> None:
+def _echo_accuracy(manifest: dict) -> None:
     metrics = manifest["accuracy"]["metrics"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
-    click.echo(f"wrote {output} ({manifest['target']} {manifest['precision']})")
     click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
+
+
+def _echo_build(output: Path, manifest: dict) -> None:
+    click.echo(f"wrote {output} ({manifest['target']} {manifest['precision']})")
+    _echo_accuracy(manifest)
     executed = manifest.get("openvino", {}).get("executed")
     if executed:
         click.echo(f"OpenVINO executes {executed['compute_layers']} compute layers as {executed['by_precision']}")
