@@ -39,6 +39,7 @@ class BuildOptions:
     threads: int | None = None
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # TensorRT profile overrides
     workspace_mb: int = 4096
+    tensorrt_builder: str = "api"  # or "trtexec": the same engine built by NVIDIA's CLI, with its timings
 
 
 def build(model: str | Path, target: str, precision: str, out: str | Path, options: BuildOptions | None = None) -> dict[str, Any]:
@@ -125,12 +126,21 @@ def _target_files(target: str, precision: str, fp32: Fp32Model, source: Path, st
     """Write the target's files into the staging folder; return its runner and manifest fields."""
     threads = options.threads
     if target == "tensorrt":
-        from enginekit.engines.tensorrt.builder import BuildSettings, build_plan, profile_shapes
+        from enginekit.engines.tensorrt.builder import BuildSettings, build_plan, describe_build, profile_shapes
         from enginekit.engines.tensorrt.runner import PLAN_FILE, TensorRTRunner
 
         dim_max = fp32.spec.dim_max if fp32.spec else {}
-        settings = BuildSettings(profile=profile_shapes(fp32.inputs, options.dim_ranges, dim_max), workspace_mb=options.workspace_mb)
-        info = build_plan(source, settings, stage / PLAN_FILE)
+        from enginekit.engines.tensorrt import require_tensorrt
+        from enginekit.engines.tensorrt.builder import default_timing_cache
+
+        settings = BuildSettings(profile=profile_shapes(fp32.inputs, options.dim_ranges, dim_max), workspace_mb=options.workspace_mb,
+                                 timing_cache=default_timing_cache(require_tensorrt().__version__))
+        if options.tensorrt_builder == "trtexec":
+            from enginekit.engines.tensorrt.trtexec import build_with_trtexec
+
+            info = {**describe_build(settings), **build_with_trtexec(source, settings, stage / PLAN_FILE, stage)}
+        else:
+            info = build_plan(source, settings, stage / PLAN_FILE)
         return TensorRTRunner(stage, built=info), {"tensorrt": info}
     if target == "onnxruntime":
         if precision == "fp32":

@@ -138,9 +138,11 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90'.")
 @click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
+@click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
 @click.option("--threads", type=int, default=None)
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
-def build(model, targets, precisions, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb, threads, output) -> None:
+def build(model, targets, precisions, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
+          tensorrt_builder, threads, output) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -156,7 +158,8 @@ def build(model, targets, precisions, table, calib_method, calib_data, num_sampl
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
                            quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy,
-                           threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb)
+                           threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb,
+                           tensorrt_builder=tensorrt_builder)
     if len(target_list) == 1 and len(precision_list) == 1:
         manifest = build_one(model, target_list[0], precision_list[0], Path(output), options)
         _echo_build(Path(output), manifest)
@@ -230,7 +233,7 @@ def _safe_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).stem if model) or "model"
 
 
-def _terminate(signum, frame) -> None:
+def _terminate(_signum, _frame) -> None:
     """SIGTERM unwinds like Ctrl-C, so staging folders are removed and nothing partial is left."""
     raise KeyboardInterrupt
 

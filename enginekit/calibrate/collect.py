@@ -7,7 +7,6 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import onnx
 
 from enginekit.calibrate.histogram import DEFAULT_BINS, TensorHistogram
@@ -62,11 +61,3 @@ def _progress(done: int, total: int | None, seconds: float) -> None:
     else:
         sys.stderr.write(f"\rcalibrating {done} samples, {rate:.1f} samples/s")
     sys.stderr.flush()
-
-
-def concat_feeds(batches: Iterable[Feeds]) -> Feeds:
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        for name, array in batch.items():
-            parts.setdefault(name, []).append(array)
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}

@@ -114,7 +114,7 @@ class OpenVinoRunner:
         ov = require_openvino()
         path = Path(path)
         xml = path / XML if path.is_dir() else path
-        bin_path = xml.with_suffix(".bin")
+        bin_path = xml.with_name(BIN) if xml.name == XML else xml.with_suffix(".bin")
         if not xml.is_file():
             raise InputError("OpenVINO IR not found (no .xml)", xml)
         if not bin_path.is_file():

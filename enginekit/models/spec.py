@@ -73,9 +73,6 @@ def iter_batches(dataset: Dataset, split: str, count: int, batch_size: int, dims
         yield {name: array[start : start + batch_size] for name, array in feeds.items()}
 
 
-SPLITS = ("calibration", "evaluation")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str

@@ -113,15 +113,22 @@ def build_plan(onnx_path: Path, settings: BuildSettings, plan_path: Path) -> dic
         raise EnginekitError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
     plan_path.write_bytes(bytes(serialized))
     _save_timing_cache(cache_path, bytes(config.get_timing_cache().serialize()))
+    return {**describe_build(settings), "timing_cache": str(cache_path)}
+
+
+def describe_build(settings: BuildSettings) -> dict[str, Any]:
+    """What the manifest records of a TensorRT build: version, GPU, profile, workspace."""
+    from enginekit.engines.tensorrt import require_tensorrt
+
     gpu = gpu_info() or {}
     return {
-        "version": trt.__version__,
+        "version": require_tensorrt().__version__,
         "gpu": gpu.get("name"),
         "compute_capability": gpu.get("compute_capability"),
         "strongly_typed": True,
         "profile": {name: [list(s) for s in shapes] for name, shapes in settings.profile.items()},
         "workspace_mb": settings.workspace_mb,
-        "timing_cache": str(cache_path),
+        "timing_cache": str(settings.timing_cache) if settings.timing_cache else None,
     }
 
 
