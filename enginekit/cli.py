@@ -189,6 +189,48 @@ def _echo_build(output: Path, manifest: dict) -> None:
         click.echo(f"OpenVINO executes {executed['compute_layers']} compute layers as {executed['by_precision']}")
 
 
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="report.json", show_default=True, help="Report JSON (a .md rendering is written beside it).")
+@click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores); recorded.")
+@click.option("--batch-sizes", default="1,4,16", show_default=True, help="Throughput sweep (dynamic-batch artifacts).")
+@click.option("--min-iterations", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(0), default=1.0, show_default=True)
+def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds) -> None:
+    """Benchmark artifact folders the same way and write one report (JSON + Markdown)."""
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifact
+    from enginekit.benchmarks.report import make_report, markdown, write_report
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{batch_sizes}' is not a comma-separated list of integers", param_hint="--batch-sizes") from None
+    settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds)
+    report = make_report([bench_artifact(folder, settings) for folder in artifacts], settings)
+    json_path, md_path = write_report(report, output)
+    click.echo(markdown(report))
+    click.echo(f"\nwrote {json_path} and {md_path}")
+
+
+@cli.command()
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--max-regression", type=click.FloatRange(0), default=0.10, show_default=True, help="Fail when a significant latency increase exceeds this fraction.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), default=0.01, show_default=True, help="Fail when an accuracy metric drops by more than this.")
+@click.option("--min-effect", type=click.FloatRange(0), default=0.02, show_default=True, help="Smallest relative change called faster/slower.")
+def compare(old, new, max_regression, max_accuracy_drop, min_effect) -> None:
+    """Compare two reports per artifact and metric; exit 1 on a regression beyond the limits."""
+    import sys
+
+    from enginekit.benchmarks.compare import compare_reports
+    from enginekit.benchmarks.report import load_report
+
+    result = compare_reports(load_report(old), load_report(new), max_regression, max_accuracy_drop, min_effect)
+    click.echo(result.render())
+    if result.failures:
+        sys.exit(1)
+
+
 @cli.group()
 def zoo() -> None:
     """The reference model zoo."""

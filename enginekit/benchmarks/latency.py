@@ -43,8 +43,10 @@ def measure_latency(
     min_iterations: int = 50,
     min_seconds: float = 1.0,
     max_seconds: float = 60.0,
+    record: list[int] | None = None,
 ) -> LatencyStats:
-    """Time `run()` call by call with perf_counter_ns until both minimums are met (or max_seconds)."""
+    """Time `run()` call by call with perf_counter_ns until both minimums are met (or max_seconds);
+    `record`, if given, receives the raw samples in nanoseconds."""
     for _ in range(warmup):
         run()
     samples: list[int] = []
@@ -58,4 +60,6 @@ def measure_latency(
         samples.append(t1 - t0)
         if (len(samples) >= min_iterations and t1 >= deadline_min) or t1 >= deadline_max:
             break
+    if record is not None:
+        record.extend(samples)
     return LatencyStats.from_samples(np.array(samples))

@@ -1,0 +1,112 @@
+"""`enginekit bench` measures artifacts into a versioned report; `enginekit compare` judges
+changes against the spread of the runs and gates CI with its exit code."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from enginekit.benchmarks.compare import compare_reports, latency_verdict
+from enginekit.benchmarks.report import REPORT_SCHEMA, markdown
+
+
+@pytest.fixture(scope="module")
+def digits_report(tmp_path_factory):
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifact
+    from enginekit.benchmarks.report import make_report
+    from enginekit.build import build_many, BuildOptions
+
+    root = tmp_path_factory.mktemp("bench")
+    outcomes = build_many("digits_cnn", ["onnxruntime"], ["fp32", "int8"], root, BuildOptions(num_samples=64))
+    settings = BenchSettings(batch_sizes=(1, 8), min_iterations=20, min_seconds=0.2)
+    return make_report([bench_artifact(o.folder, settings) for o in outcomes], settings)
+
+
+def test_report_holds_the_measurements(digits_report):
+    assert digits_report["schema"] == REPORT_SCHEMA and digits_report["machine"]["cores"] >= 1
+    fp32, int8 = digits_report["artifacts"]
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    for entry in (fp32, int8):
+        latency = entry["latency_ms"]
+        assert latency["iterations"] >= 20 and latency["min_ms"] <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+        assert [s["batch"] for s in entry["throughput"]] == [1, 8] and entry["best_throughput_per_s"] > 0
+        assert entry["size_mb"] > 0 and entry["load_s"] > 0 and entry["first_inference_ms"] > 0
+        assert len(entry["latency_samples_ms"]) >= 20
+    assert int8["accuracy"]["accuracy"] > 0.9
+    table = markdown(digits_report)
+    assert "speed-up vs FP32" in table and "1.00x" in table
+
+
+def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
+    from enginekit.build import build
+
+    build("digits_cnn", "onnxruntime", "fp32", tmp_path / "a")
+    result = run_cli("bench", tmp_path / "a", "-o", tmp_path / "r.json", "--min-seconds", "0.1", "--min-iterations", "10", "--batch-sizes", "1")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "r.json").read_text())["schema"] == REPORT_SCHEMA
+    assert "| digits_cnn" in (tmp_path / "r.md").read_text()
+
+
+def _report(samples_by_key: dict[str, np.ndarray], accuracy: float = 0.98) -> dict:
+    artifacts = []
+    for key, samples in samples_by_key.items():
+        model, target, precision = key.split("/")
+        artifacts.append({"model": model, "target": target, "precision": precision, "latency_samples_ms": samples.tolist(),
+                          "latency_ms": {"p50_ms": float(np.median(samples)), "p99_ms": float(np.percentile(samples, 99))},
+                          "accuracy": {"accuracy": accuracy}, "size_mb": 1.0, "best_throughput_per_s": 1.0})
+    return {"schema": REPORT_SCHEMA, "artifacts": artifacts, "machine": {"cpu": "x", "cores": 2}, "created": "now"}
+
+
+def _noisy(center: float, seed: int, n: int = 300) -> np.ndarray:
+    return center * (1 + 0.05 * np.random.default_rng(seed).standard_normal(n))
+
+
+def test_a_clear_regression_fails(tmp_path):
+    old = _report({"m/onnxruntime/int8": _noisy(2.0, 0)})
+    new = _report({"m/onnxruntime/int8": _noisy(2.6, 1)})
+    result = compare_reports(old, new, max_regression=0.10)
+    assert result.rows[0][-1] == "slower" and result.failures
+
+
+def test_a_change_inside_the_noise_is_no_change():
+    old = _report({"m/onnxruntime/int8": _noisy(2.0, 0, n=40) * (1 + 0.3 * np.random.default_rng(5).random(40))})
+    new = _report({"m/onnxruntime/int8": _noisy(2.04, 1, n=40) * (1 + 0.3 * np.random.default_rng(6).random(40))})
+    result = compare_reports(old, new)
+    assert result.rows[0][-1] == "no change" and not result.failures
+
+
+def test_a_small_but_real_speedup_is_called_faster():
+    verdict, ratio, low, high = latency_verdict(_noisy(2.0, 0, 2000).tolist(), _noisy(1.8, 1, 2000).tolist())
+    assert verdict == "faster" and high < 0.98 and 0.85 < ratio < 0.95
+
+
+def test_an_accuracy_drop_fails():
+    old = _report({"m/openvino/int8": _noisy(2.0, 0)}, accuracy=0.98)
+    new = _report({"m/openvino/int8": _noisy(2.0, 1)}, accuracy=0.95)
+    result = compare_reports(old, new, max_accuracy_drop=0.01)
+    assert any(row[-1] == "less accurate" for row in result.rows)
+    assert any("dropped" in f for f in result.failures)
+
+
+def test_missing_artifacts_are_listed(run_cli, tmp_path):
+    old = _report({"m/onnxruntime/fp32": _noisy(2.0, 0), "m/openvino/int8": _noisy(1.0, 1)})
+    new = _report({"m/onnxruntime/fp32": _noisy(2.0, 2), "m/tensorrt/fp16": _noisy(0.5, 3)})
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    result = run_cli("compare", tmp_path / "old.json", tmp_path / "new.json")
+    assert result.code == 0, result.err
+    assert "only in the old report: m/openvino/int8" in result.out and "only in the new report: m/tensorrt/fp16" in result.out
+
+
+def test_compare_cli_exit_codes(run_cli, tmp_path):
+    old = _report({"m/onnxruntime/int8": _noisy(2.0, 0)})
+    slow = copy.deepcopy(_report({"m/onnxruntime/int8": _noisy(3.0, 1)}))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    assert run_cli("compare", tmp_path / "old.json", tmp_path / "slow.json").code == 1
+    assert run_cli("compare", tmp_path / "old.json", tmp_path / "slow.json", "--max-regression", "0.9").code == 0
+    bad = run_cli("compare", tmp_path / "old.json", tmp_path / "missing.json")
+    assert bad.code == 2 and "report not found" in bad.error_line
