@@ -197,7 +197,7 @@ def _echo_build(output: Path, manifest: dict) -> None:
 @click.option("--min-iterations", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--min-seconds", type=click.FloatRange(0), default=1.0, show_default=True)
 def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds) -> None:
-    """Benchmark artifact folders the same way and write one report (JSON + Markdown)."""
+    """Benchmark artifact folders the same way and write one report (JSON, Markdown, HTML)."""
     from enginekit.benchmarks.harness import BenchSettings, bench_artifact
     from enginekit.benchmarks.report import make_report, markdown, write_report
 
@@ -207,9 +207,9 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds) 
         raise click.BadParameter(f"'{batch_sizes}' is not a comma-separated list of integers", param_hint="--batch-sizes") from None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds)
     report = make_report([bench_artifact(folder, settings) for folder in artifacts], settings)
-    json_path, md_path = write_report(report, output)
+    json_path, md_path, html_path = write_report(report, output)
     click.echo(markdown(report))
-    click.echo(f"\nwrote {json_path} and {md_path}")
+    click.echo(f"\nwrote {json_path}, {md_path} and {html_path}")
 
 
 @cli.command()

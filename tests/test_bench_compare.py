@@ -48,6 +48,8 @@ def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "r.json").read_text())["schema"] == REPORT_SCHEMA
     assert "| digits_cnn" in (tmp_path / "r.md").read_text()
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<svg") == 3 and "<script" not in page and "http" not in page
 
 
 def _report(samples_by_key: dict[str, np.ndarray], accuracy: float = 0.98) -> dict:

@@ -80,15 +80,17 @@ def markdown(report: dict[str, Any]) -> str:
     return header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms", "throughput /s", "speed-up vs FP32"], rows)
 
 
-def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
-    """report.json and report.md side by side (each written atomically)."""
+def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path, Path]:
+    """report.json, report.md and report.html side by side (each written atomically)."""
     import os
+
+    from enginekit.benchmarks.html import render_html
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    md_path = path.with_suffix(".md")
-    for target, text in ((path, json.dumps(report, indent=1) + "\n"), (md_path, markdown(report) + "\n")):
+    md_path, html_path = path.with_suffix(".md"), path.with_suffix(".html")
+    for target, text in ((path, json.dumps(report, indent=1) + "\n"), (md_path, markdown(report) + "\n"), (html_path, render_html(report))):
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, target)
-    return path, md_path
+    return path, md_path, html_path
