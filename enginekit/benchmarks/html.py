@@ -64,17 +64,23 @@ def accuracy_plot(entries: list[dict[str, Any]]) -> str:
     x_high = max(p[0] for p in points) * 1.15
     y_low = min(min(p[1] for p in points) - 0.01, 0.98)
     parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="accuracy vs latency">']
+    right = width - 230  # room for the labels of the rightmost points
     for tick in _axis_ticks(0, x_high):
-        x = _scale(tick, 0, x_high, pad, width - 20)
+        x = _scale(tick, 0, x_high, pad, right)
         parts.append(f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{height - pad}" stroke="#eee"/><text x="{x:.1f}" y="{height - pad + 16}" font-size="11" text-anchor="middle">{tick:.2f}</text>')
     for tick in _axis_ticks(y_low, 1.0):
         y = _scale(tick, y_low, 1.0, height - pad, 20)
-        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - 20}" y2="{y:.1f}" stroke="#eee"/><text x="{pad - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:.3f}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 20}" font-size="12" text-anchor="middle">batch-1 p50 latency (ms)</text>')
+        parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/><text x="{pad - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:.3f}</text>')
+    parts.append(f'<text x="{right / 2}" y="{height - 20}" font-size="12" text-anchor="middle">batch-1 p50 latency (ms)</text>')
     parts.append(f'<text x="14" y="{height / 2}" font-size="12" transform="rotate(-90 14 {height / 2})" text-anchor="middle">agreement with FP32</text>')
+    placed: list[tuple[float, float]] = []
     for latency, value, index, entry in points:
-        x, y = _scale(latency, 0, x_high, pad, width - 20), _scale(value, y_low, 1.0, height - pad, 20)
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{_color(index)}"/><text x="{x + 9:.1f}" y="{y + 4:.1f}" font-size="11">{html.escape(artifact_key(entry))}</text>')
+        x, y = _scale(latency, 0, x_high, pad, right), _scale(value, y_low, 1.0, height - pad, 20)
+        label_y = y + 4
+        while any(abs(label_y - py) < 13 and abs(x - px) < 150 for px, py in placed):
+            label_y += 13  # stack labels of points that fall on each other
+        placed.append((x, label_y))
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{_color(index)}"/><text x="{x + 9:.1f}" y="{label_y:.1f}" font-size="11">{html.escape(artifact_key(entry))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
