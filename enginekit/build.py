@@ -7,13 +7,15 @@ FP32 ONNX on held-out data and gated before it is published.
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from enginekit.artifacts import staged_artifact, write_manifest
+from enginekit.artifacts import read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
 from enginekit.calibrate.pipeline import calibrate, write_tables
 from enginekit.calibrate.table import CalibrationTable
 from enginekit.engines.onnxruntime import OrtRunner, integer_op_report
@@ -40,6 +42,67 @@ class BuildOptions:
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # TensorRT profile overrides
     workspace_mb: int = 4096
     tensorrt_builder: str = "api"  # or "trtexec": the same engine built by NVIDIA's CLI, with its timings
+    table_from_settings: bool = False  # the table was made here from the calib_* settings (keys use those)
+
+
+def data_identity(data: str | None, fp32: Fp32Model) -> str:
+    """What calibration/evaluation data is, for cache keys: a file's hash, or the zoo code that
+    generates the split."""
+    import hashlib
+    import importlib
+
+    if data not in (None, "zoo"):
+        path = Path(data)
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for item in sorted(p for p in path.iterdir() if p.is_file()):
+                digest.update(item.name.encode() + sha256_file(item).encode())
+            return f"folder:{digest.hexdigest()}"
+        return f"file:{sha256_file(path)}" if path.is_file() else f"missing:{data}"
+    if fp32.spec is None:
+        return "none"
+    module = importlib.import_module(fp32.spec.architecture.__module__)
+    sources = [Path(module.__file__)] + sorted(Path(__file__).parent.joinpath("models").glob("*.py"))
+    return "zoo:" + hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+
+
+def build_key(fp32: Fp32Model, target: str, precision: str, options: BuildOptions) -> str:
+    """Content address of an artifact: everything that changes what `build` would produce."""
+    import hashlib
+
+    quant = options.quantize
+    material = {
+        "fp32": fp32.sha256, "target": target, "precision": precision,
+        "toolchain": toolchain("onnx", "onnxruntime", "openvino", "tensorrt", "numpy"),
+        "min_accuracy": options.min_accuracy, "eval": data_identity(quant.eval_data, fp32), "eval_samples": quant.eval_samples,
+    }
+    if precision == "int8":
+        material["calibration"] = (
+            {"table": sha256_file(options.table)} if options.table and not options.table_from_settings and Path(options.table).is_file()
+            else {"method": options.calib_method, "samples": options.num_samples, "data": data_identity(options.calib_data, fp32)})
+        material["quantize"] = {"encoding": quant.encoding, "bias_correction": quant.bias_correction, "per_channel": quant.per_channel,
+                                "exclude_nodes": list(quant.exclude_nodes), "exclude_ops": list(quant.exclude_ops),
+                                "exclude_after": None if quant.exclude_after is None else list(quant.exclude_after),
+                                "keep_first_last_float": quant.keep_first_last_float}
+    if target == "tensorrt":
+        material["tensorrt"] = {"dims": {k: list(v) for k, v in sorted(options.dim_ranges.items())}, "workspace_mb": options.workspace_mb,
+                                "builder": options.tensorrt_builder}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_artifact(out: Path, key: str) -> dict[str, Any] | None:
+    """The manifest at `out` if it was built from the same inputs and its files are intact."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("build_key") != key:
+            return None
+        verify_files(out, manifest)
+    except InputError as exc:
+        warnings.warn(f"artifact at {out} is unusable ({exc}); rebuilding", stacklevel=2)
+        return None
+    return manifest
 
 
 def build(model: str | Path, target: str, precision: str, out: str | Path, options: BuildOptions | None = None) -> dict[str, Any]:
@@ -47,6 +110,10 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     check_target(target, precision)
     conditions = accuracy.parse_conditions(options.min_accuracy)
     fp32 = load_fp32(model)
+    key = build_key(fp32, target, precision, options)
+    cached = cached_artifact(Path(out), key)
+    if cached is not None:
+        return {**cached, "cache_hit": True}
     quant_options = replace(options.quantize, target=target, data=options.calib_data, threads=options.threads)
     eval_batches, labels, eval_description = evaluation_batches(fp32, quant_options)
     with staged_artifact(out) as stage:
@@ -73,7 +140,7 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
         metrics = accuracy.evaluate(reference.infer, runner.infer, eval_batches, labels)
         verdict = accuracy.gate(metrics, conditions, f"{fp32.name} {target} {precision}")
         manifest = write_manifest(stage, {
-            "model": fp32.name, "target": target, "precision": precision,
+            "model": fp32.name, "target": target, "precision": precision, "build_key": key,
             "source": {"fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
             "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
             "outputs": [s.to_json() for s in tensor_specs(fp32.proto.graph.output)],
@@ -187,11 +254,15 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
                 outcomes.append(Outcome(target, precision, skipped=str(exc)))
                 continue
             runnable.append(Outcome(target, precision))
-    if any(o.precision == "int8" for o in runnable) and not options.table:
-        fp32 = load_fp32(model)
+    fp32 = load_fp32(model) if runnable else None
+    stale_int8 = [o for o in runnable if o.precision == "int8"
+                  and cached_artifact(out / f"{o.target}-{o.precision}", build_key(fp32, o.target, o.precision, options)) is None]
+    if stale_int8 and not options.table:
         run = calibrate(fp32.path if fp32.spec is None else fp32.name, options.calib_data, [options.calib_method],
                         num_samples=options.num_samples, threads=options.threads, progress=False)
-        options = replace(options, table=str(write_tables(run, out / "calibration.json")[0]))
+        table_path = write_tables(run, out / "calibration.json")[0]
+        # the key of an artifact names the calibration settings, not this file, so later runs hit the cache
+        options = replace(options, table=str(table_path), table_from_settings=True)
     for outcome in runnable:
         outcome.folder = out / f"{outcome.target}-{outcome.precision}"
         outcome.manifest = build(model, outcome.target, outcome.precision, outcome.folder, options)

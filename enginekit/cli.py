@@ -126,6 +126,35 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
         click.echo(format_layer_report(json.loads((Path(output) / "layers.json").read_text())))
 
 
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Options from a YAML file become defaults, so flags on the command line still win."""
+    if not value:
+        return
+    import yaml
+
+    from enginekit.errors import InputError
+
+    try:
+        config = yaml.safe_load(Path(value).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({' '.join(str(exc).split())[:200]})", value) from None
+    if not isinstance(config, dict):
+        raise InputError("a build config must be a mapping of option names to values", value)
+    known = {p.name for p in ctx.command.params if p.name}
+    config = {str(k).replace("-", "_"): v for k, v in config.items()}
+    aliases = {"target": "targets", "precision": "precisions", "profile": "profiles", "builder": "tensorrt_builder"}
+    config = {aliases.get(k, k): v for k, v in config.items()}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'config'}))}", value)
+    for key in ("targets", "precisions"):
+        if isinstance(config.get(key), list):
+            config[key] = ",".join(str(v) for v in config[key])
+    if isinstance(config.get("profiles"), dict):
+        config["profiles"] = [f"{k}={','.join(str(x) for x in v)}" for k, v in config["profiles"].items()]
+    ctx.default_map = {**(ctx.default_map or {}), **config}
+
+
 @cli.command()
 @click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated: onnxruntime, openvino, tensorrt.")
@@ -140,9 +169,12 @@ def quantize(model, table_path, target, encoding, bias_correction, per_tensor, e
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
 @click.option("--threads", type=int, default=None)
+@click.option("--bench/--no-bench", default=True, show_default=True, help="With several artifacts: benchmark them into one report (JSON, Markdown, HTML).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
+@click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+              help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
 def build(model, targets, precisions, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
-          tensorrt_builder, threads, output) -> None:
+          tensorrt_builder, threads, bench, output) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -165,14 +197,27 @@ def build(model, targets, precisions, table, calib_method, calib_data, num_sampl
         _echo_build(Path(output), manifest)
         return
     rows = []
-    for outcome in build_many(model, target_list, precision_list, Path(output), options):
+    outcomes = build_many(model, target_list, precision_list, Path(output), options)
+    for outcome in outcomes:
         if outcome.skipped:
             rows.append([outcome.target, outcome.precision, "skipped", outcome.skipped])
             continue
         metrics = outcome.manifest["accuracy"]["metrics"]
         key = "top1_agreement" if "top1_agreement" in metrics else "cosine"
-        rows.append([outcome.target, outcome.precision, str(outcome.folder), f"{key} {metrics[key]:.4f}"])
+        cached = " (cache hit)" if outcome.manifest.get("cache_hit") else ""
+        rows.append([outcome.target, outcome.precision, f"{outcome.folder}{cached}", f"{key} {metrics[key]:.4f}"])
     click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
+    built = [o.folder for o in outcomes if o.folder is not None]
+    if bench and built:
+        from enginekit.benchmarks.harness import BenchSettings, bench_artifact
+        from enginekit.benchmarks.report import make_report, markdown, write_report
+
+        settings = BenchSettings(threads=threads)
+        report = make_report([bench_artifact(folder, settings) for folder in built], settings)
+        report["skipped"] = [{"target": o.target, "precision": o.precision, "reason": o.skipped} for o in outcomes if o.skipped]
+        paths = write_report(report, Path(output) / "report.json")
+        click.echo("\n" + markdown(report))
+        click.echo(f"\nreport: {paths[0]} (HTML: {paths[2]})")
 
 
 def _echo_accuracy(manifest: dict) -> None:

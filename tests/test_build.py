@@ -1,0 +1,64 @@
+"""`enginekit build`: several targets at once, a YAML config, and the content-addressed cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from enginekit.artifacts import read_manifest
+from enginekit.build import BuildOptions, build
+
+
+def test_config_file_builds_and_reports(run_cli, tmp_path):
+    config = tmp_path / "build.yaml"
+    config.write_text(f"""
+model: digits_cnn
+targets: [onnxruntime]
+precisions: [fp32, int8]
+num_samples: 64
+min_accuracy: "accuracy>=0.9"
+output: {tmp_path / 'out'}
+""")
+    result = run_cli("build", "-c", config)
+    assert result.code == 0, result.err
+    for folder in ("onnxruntime-fp32", "onnxruntime-int8"):
+        assert read_manifest(tmp_path / "out" / folder)["accuracy"]["passed"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "int8"]
+    assert (tmp_path / "out" / "report.html").is_file() and "speed-up vs FP32" in result.out
+
+
+def test_command_line_flags_override_the_config(run_cli, tmp_path):
+    config = tmp_path / "build.yaml"
+    config.write_text(f"model: digits_cnn\ntargets: onnxruntime\nprecisions: int8\noutput: {tmp_path / 'out'}\n")
+    result = run_cli("build", "-c", config, "--precisions", "fp32", "--no-bench")
+    assert result.code == 0, result.err
+    assert read_manifest(tmp_path / "out")["precision"] == "fp32"
+
+
+def test_unknown_config_key_is_refused(run_cli, tmp_path):
+    config = tmp_path / "build.yaml"
+    config.write_text("model: digits_cnn\ntargets: onnxruntime\ncolour: blue\n")
+    result = run_cli("build", "-c", config, "-o", tmp_path / "out")
+    assert result.code == 2 and "unknown option(s) colour" in result.error_line
+
+
+def test_unchanged_inputs_reuse_the_artifact_and_changes_rebuild(tmp_path):
+    out = tmp_path / "int8"
+    options = BuildOptions(num_samples=64)
+    first = build("digits_cnn", "onnxruntime", "int8", out, options)
+    again = build("digits_cnn", "onnxruntime", "int8", out, options)
+    assert again.get("cache_hit") and again["build_key"] == first["build_key"]
+    assert read_manifest(out) == first
+    changed = build("digits_cnn", "onnxruntime", "int8", out, BuildOptions(num_samples=32))
+    assert not changed.get("cache_hit") and changed["build_key"] != first["build_key"]
+
+
+def test_a_corrupted_cached_artifact_is_rebuilt(tmp_path):
+    out = tmp_path / "fp32"
+    build("digits_cnn", "onnxruntime", "fp32", out)
+    (out / "model.onnx").write_bytes(b"tampered")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = build("digits_cnn", "onnxruntime", "fp32", out)
+    assert not rebuilt.get("cache_hit") and (out / "model.onnx").stat().st_size > 1000
