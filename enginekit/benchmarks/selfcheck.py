@@ -1,0 +1,118 @@
+"""Harness self-check: does `enginekit bench` measure what the runtimes' own tools measure?
+
+    python -m enginekit.benchmarks.selfcheck [--seconds 10] [--json out.json]
+
+On efficientnet_lite0 FP32, batch 1, 2 threads, in one run:
+- ONNX Runtime: our runner timed by the harness vs a bare `InferenceSession.run` loop timed with
+  time.perf_counter_ns (goal: medians within 5 %);
+- OpenVINO: our runner (LATENCY hint = one stream, 2 threads, f32) vs OpenVINO's own
+  `benchmark_app` on the same IR (one stream, 2 threads, f32; goal: medians within 10 %).
+Rounds are interleaved so both sides see the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODEL = "efficientnet_lite0"
+THREADS = 2
+
+
+def _bare_ort_p50(path: Path, feeds: dict, seconds: float) -> float:
+    import onnxruntime as ort
+
+    from enginekit.loaders import load_onnx
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    session = ort.InferenceSession(load_onnx(path).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(10):
+        session.run(None, feeds)
+    samples, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter_ns()
+        session.run(None, feeds)
+        samples.append(time.perf_counter_ns() - start)
+    del session
+    return float(np.median(samples)) / 1e6
+
+
+def _benchmark_app_median(xml: Path, seconds: float) -> float:
+    executable = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
+    # benchmark_app accepts -nthreads only with -hint none; one stream and 2 threads is what the
+    # LATENCY hint with INFERENCE_NUM_THREADS=2 configures on our side
+    command = [executable, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1", "-nthreads", str(THREADS), "-infer_precision", "f32",
+               "-api", "sync", "-t", str(int(seconds)), "-shape", "[1,3,224,224]"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Median:\s+([0-9.]+)\s*ms", output)
+    if not match:
+        raise RuntimeError("benchmark_app printed no median latency")
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--root", default="artifacts/selfcheck")
+    parser.add_argument("--json", default="artifacts/benchmarks/selfcheck.json")
+    args = parser.parse_args()
+
+    from enginekit.benchmarks.harness import bench_feeds
+    from enginekit.benchmarks.latency import measure_latency
+    from enginekit.build import build
+    from enginekit.console import markdown_table
+    from enginekit.engines.registry import load_runner
+
+    root = Path(args.root)
+    folders = {}
+    for target in ("onnxruntime", "openvino"):
+        folders[target] = root / f"{target}-fp32"
+        build(MODEL, target, "fp32", folders[target])  # reused when unchanged (build cache)
+    ours: dict[str, list[float]] = {"onnxruntime": [], "openvino": []}
+    theirs: dict[str, list[float]] = {"onnxruntime": [], "openvino": []}
+    feeds = bench_feeds(load_runner(folders["onnxruntime"], threads=THREADS)[1], 1, 128)
+
+    def ours_p50(target: str) -> float:
+        # one runtime alive at a time: an idle ORT pool or OpenVINO executor spins on the same cores
+        runner, _ = load_runner(folders[target], threads=THREADS)
+        p50 = measure_latency(lambda: runner.infer(feeds), warmup=200, min_seconds=args.seconds).p50_ms
+        del runner
+        gc.collect()
+        return p50
+
+    for round_index in range(args.rounds):
+        print(f"round {round_index + 1}/{args.rounds}...", file=sys.stderr)
+        ours["onnxruntime"].append(ours_p50("onnxruntime"))
+        theirs["onnxruntime"].append(_bare_ort_p50(folders["onnxruntime"] / "model.onnx", feeds, args.seconds))
+        gc.collect()
+        ours["openvino"].append(ours_p50("openvino"))
+        theirs["openvino"].append(_benchmark_app_median(folders["openvino"] / "model.xml", args.seconds))
+    goals = {"onnxruntime": 0.05, "openvino": 0.10}
+    reference = {"onnxruntime": "bare session.run loop", "openvino": "benchmark_app"}
+    rows, results = [], {}
+    for target in ("onnxruntime", "openvino"):
+        mine, other = float(np.median(ours[target])), float(np.median(theirs[target]))
+        gap = mine / other - 1
+        results[target] = {"enginekit_p50_ms": mine, "reference_p50_ms": other, "reference": reference[target], "gap": gap,
+                           "goal": goals[target], "within_goal": abs(gap) <= goals[target]}
+        rows.append([target, reference[target], mine, other, f"{gap * 100:+.1f}%", f"±{goals[target] * 100:.0f}%", "yes" if abs(gap) <= goals[target] else "NO"])
+    print(f"\n{MODEL} FP32, batch 1, {THREADS} threads, medians of {args.rounds} interleaved rounds of {args.seconds:g} s\n")
+    print(markdown_table(["runtime", "reference", "enginekit p50 ms", "reference p50 ms", "gap", "goal", "within"], rows))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
