@@ -7,13 +7,13 @@ On efficientnet_lite0 FP32, batch 1, 2 threads, in one run:
   time.perf_counter_ns (goal: medians within 5 %);
 - OpenVINO: our runner (LATENCY hint = one stream, 2 threads, f32) vs OpenVINO's own
   `benchmark_app` on the same IR (one stream, 2 threads, f32; goal: medians within 10 %).
-Rounds are interleaved so both sides see the same machine state.
+Every measurement runs in a process of its own (runtimes' thread pools interfere when they share
+one), and rounds are interleaved so both sides see the same machine state.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import shutil
@@ -47,6 +47,15 @@ def _bare_ort_p50(path: Path, feeds: dict, seconds: float) -> float:
     return float(np.median(samples)) / 1e6
 
 
+def _bare_ort_in_process(path: Path, feeds_path: Path, seconds: float) -> float:
+    """The bare loop in a fresh process of its own, like benchmark_app and `enginekit bench`."""
+    code = ("import sys, numpy as np; from enginekit.benchmarks.selfcheck import _bare_ort_p50; "
+            "from enginekit.loaders import load_arrays; "
+            "print(_bare_ort_p50(__import__('pathlib').Path(sys.argv[1]), load_arrays(sys.argv[2]), float(sys.argv[3])))")
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(feeds_path), str(seconds)], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def _benchmark_app_median(xml: Path, seconds: float) -> float:
     executable = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
     # benchmark_app accepts -nthreads only with -hint none; one stream and 2 threads is what the
@@ -69,7 +78,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from enginekit.benchmarks.harness import bench_feeds
-    from enginekit.benchmarks.latency import measure_latency
     from enginekit.build import build
     from enginekit.console import markdown_table
     from enginekit.engines.registry import load_runner
@@ -82,20 +90,20 @@ def main() -> None:
     ours: dict[str, list[float]] = {"onnxruntime": [], "openvino": []}
     theirs: dict[str, list[float]] = {"onnxruntime": [], "openvino": []}
     feeds = bench_feeds(load_runner(folders["onnxruntime"], threads=THREADS)[1], 1, 128)
+    bare_feeds = root / "feeds.npz"
+    np.savez(bare_feeds, **feeds)
 
     def ours_p50(target: str) -> float:
-        # one runtime alive at a time: an idle ORT pool or OpenVINO executor spins on the same cores
-        runner, _ = load_runner(folders[target], threads=THREADS)
-        p50 = measure_latency(lambda: runner.infer(feeds), warmup=200, min_seconds=args.seconds).p50_ms
-        del runner
-        gc.collect()
-        return p50
+        """`enginekit bench` on the artifact, in its own process like the references."""
+        out = root / f"selfcheck-{target}.json"
+        subprocess.run([sys.executable, "-m", "enginekit", "bench", str(folders[target]), "-o", str(out), "--threads", str(THREADS),
+                        "--batch-sizes", "1", "--min-seconds", str(args.seconds)], check=True, capture_output=True)
+        return json.loads(out.read_text())["artifacts"][0]["latency_ms"]["p50_ms"]
 
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}...", file=sys.stderr)
         ours["onnxruntime"].append(ours_p50("onnxruntime"))
-        theirs["onnxruntime"].append(_bare_ort_p50(folders["onnxruntime"] / "model.onnx", feeds, args.seconds))
-        gc.collect()
+        theirs["onnxruntime"].append(_bare_ort_in_process(folders["onnxruntime"] / "model.onnx", bare_feeds, args.seconds))
         ours["openvino"].append(ours_p50("openvino"))
         theirs["openvino"].append(_benchmark_app_median(folders["openvino"] / "model.xml", args.seconds))
     goals = {"onnxruntime": 0.05, "openvino": 0.10}
