@@ -164,17 +164,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    from enginekit.loaders import load_json_document
+
     folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
+    if not (folder / MANIFEST_NAME).is_file():
         raise InputError(f"not an enginekit artifact (no {MANIFEST_NAME})", folder)
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError("manifest is not valid JSON", path) from None
-    if manifest.get("schema") != MANIFEST_SCHEMA:
-        raise InputError(f"manifest schema {manifest.get('schema')!r} is not {MANIFEST_SCHEMA!r}", path)
-    return manifest
+    return load_json_document(folder / MANIFEST_NAME, MANIFEST_SCHEMA, "manifest")
 
 
 def verify_files(folder: str | Path, manifest: dict[str, Any]) -> None:

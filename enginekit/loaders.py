@@ -330,6 +330,24 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError(f"unreadable or truncated image ({exc})", path) from None
 
 
+# ------------------------------------------------------------------------------ JSON documents
+
+
+def load_json_document(path: str | Path, schema: str, what: str) -> dict[str, Any]:
+    """A JSON file enginekit wrote (manifest, calibration table, report), checked for its schema."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        raise InputError(f"{what} is not valid JSON", path) from None
+    if not isinstance(document, dict) or document.get("schema") != schema:
+        found = document.get("schema") if isinstance(document, dict) else None
+        raise InputError(f"not an enginekit {what} (schema {found!r}, expected {schema!r})", path)
+    return document
+
+
 # ---------------------------------------------------------------------------------------- numpy
 
 

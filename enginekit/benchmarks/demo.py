@@ -8,7 +8,7 @@ from pathlib import Path
 from enginekit.benchmarks.latency import measure_latency
 from enginekit.console import markdown_table
 from enginekit.engines.onnxruntime import OrtRunner
-from enginekit.export.pipeline import export_model, parity_cases
+from enginekit.export.pipeline import export_model
 from enginekit.models import get_spec, zoo_names
 
 

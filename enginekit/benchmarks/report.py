@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.console import markdown_table
-from enginekit.errors import InputError
 
 REPORT_SCHEMA = "enginekit.report/1"
 ACCURACY_KEYS = ("accuracy", "top1_agreement", "cosine")
@@ -37,16 +36,9 @@ def make_report(entries: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("report not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError("report is not valid JSON", path) from None
-    if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
-        raise InputError(f"not an enginekit report (schema {report.get('schema') if isinstance(report, dict) else None!r})", path)
-    return report
+    from enginekit.loaders import load_json_document
+
+    return load_json_document(path, REPORT_SCHEMA, "report")
 
 
 def artifact_key(entry: dict[str, Any]) -> str:

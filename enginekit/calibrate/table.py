@@ -60,15 +60,9 @@ class CalibrationTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationTable":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError("calibration table not found", path) from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError("calibration table is not valid JSON", path) from None
-        if not isinstance(raw, dict) or raw.get("schema") != TABLE_SCHEMA:
-            raise InputError(f"not an enginekit calibration table (schema {raw.get('schema') if isinstance(raw, dict) else None!r})", path)
+        from enginekit.loaders import load_json_document
+
+        raw = load_json_document(path, TABLE_SCHEMA, "calibration table")
         try:
             tensors = {name: TensorRange(**entry) for name, entry in raw["tensors"].items()}
             return cls(raw["method"], raw["parameters"], raw["num_samples"], raw["data"], raw["data_sha256"],

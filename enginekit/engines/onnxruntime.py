@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from enginekit.models.spec import Feeds, TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class OrtRunner:

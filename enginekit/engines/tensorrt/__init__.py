@@ -16,9 +16,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def unavailable_reason() -> str | None:
     """Why TensorRT cannot build here, or None when it can."""
+    import importlib
+
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+        importlib.import_module("tensorrt")
+    except ImportError:  # absent, or a stub/broken install that cannot import
         return "TensorRT is not installed (pip install 'enginekit[tensorrt]' on a machine with an NVIDIA GPU)"
     if gpu_info() is None:
         return "no NVIDIA GPU found (nvidia-smi)"
