@@ -74,15 +74,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path, Path]:
     """report.json, report.md and report.html side by side (each written atomically)."""
-    import os
-
+    from enginekit.artifacts import atomic_write
     from enginekit.benchmarks.html import render_html
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     md_path, html_path = path.with_suffix(".md"), path.with_suffix(".html")
     for target, text in ((path, json.dumps(report, indent=1) + "\n"), (md_path, markdown(report) + "\n"), (html_path, render_html(report))):
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic_write(target, lambda p, t=text: p.write_text(t))
     return path, md_path, html_path

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from enginekit.artifacts import atomic_write
 from enginekit.calibrate.collect import collect_histograms
 from enginekit.calibrate.data import batch_size_for, open_data, stream
 from enginekit.calibrate.histogram import TensorHistogram
@@ -67,25 +67,13 @@ def write_tables(run: CalibrationRun, output: Path, trt_cache: Path | None = Non
     written = []
     for method, table in run.tables.items():
         path = output if len(run.tables) == 1 else output.with_name(f"{output.stem}.{method}{output.suffix or '.json'}")
-        _atomic_write(path, lambda p, t=table: t.save(p))
+        atomic_write(path, lambda p, t=table: t.save(p))
         written.append(path)
     if trt_cache is not None:
         first = next(iter(run.tables.values()))
-        _atomic_write(trt_cache, lambda p: p.write_text(first.tensorrt_cache()))
+        atomic_write(trt_cache, lambda p: p.write_text(first.tensorrt_cache()))
         written.append(trt_cache)
     return written
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def side_by_side(run: CalibrationRun, rows: int = 12) -> str:

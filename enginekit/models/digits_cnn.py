@@ -7,7 +7,6 @@ of this file's source and the torch version, so a change to the architecture or 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -75,6 +74,7 @@ def load_weights(module: nn.Module) -> None:
 
     from enginekit.loaders import load_state_dict
 
+    from enginekit.artifacts import atomic_write
     from enginekit.errors import InputError
 
     path = _weights_path()
@@ -85,9 +85,8 @@ def load_weights(module: nn.Module) -> None:
         except (InputError, RuntimeError) as exc:
             warnings.warn(f"cached digits_cnn weights are unusable ({exc}); training again", stacklevel=2)
     train(module)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda p: save_file(state, str(p)))
 
 
 def test_accuracy(module: nn.Module) -> float:

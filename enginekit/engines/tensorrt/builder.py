@@ -8,7 +8,6 @@ limit; a timing cache file reused across builds.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enginekit.artifacts import atomic_write
 from enginekit.errors import EnginekitError, InputError
 from enginekit.machine import gpu_info
 from enginekit.models.spec import TensorSpec
@@ -112,7 +112,8 @@ def build_plan(onnx_path: Path, settings: BuildSettings, plan_path: Path) -> dic
     if serialized is None:
         raise EnginekitError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
     plan_path.write_bytes(bytes(serialized))
-    _save_timing_cache(cache_path, bytes(config.get_timing_cache().serialize()))
+    cache_bytes = bytes(config.get_timing_cache().serialize())
+    atomic_write(cache_path, lambda p: p.write_bytes(cache_bytes))
     return {**describe_build(settings), "timing_cache": str(cache_path)}
 
 
@@ -143,9 +144,3 @@ def _load_timing_cache(config: Any, path: Path) -> Any:
     except Exception as exc:  # TensorRT raises its own error types for a bad cache
         warnings.warn(f"timing cache {path} is unusable ({exc}); starting a new one", stacklevel=2)
         return config.create_timing_cache(b"")
-
-
-def _save_timing_cache(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
