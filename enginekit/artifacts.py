@@ -41,7 +41,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     temporary file beside `path`, which is fsynced and renamed over it (removed on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix, which some writers check
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:

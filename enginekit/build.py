@@ -26,7 +26,8 @@ from enginekit.machine import machine_info, toolchain
 from enginekit.quantize import accuracy
 from enginekit.quantize.pipeline import QuantizeOptions, build_qdq, evaluation_batches
 
-TARGET_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "fp16", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
+TARGET_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "fp16", "int8"),
+                     "tflite": ("fp32", "fp16", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
 TABLE_FILE = "calibration.json"
 
 
@@ -42,6 +43,8 @@ class BuildOptions:
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # TensorRT profile overrides
     workspace_mb: int = 4096
     tensorrt_builder: str = "api"  # or "trtexec": the same engine built by NVIDIA's CLI, with its timings
+    tflite_io: str = "int8"  # int8 .tflite input/output type: "int8" or "uint8"
+    allow_unsafe_keras: bool = False  # a Keras file with Lambda/custom layers may run its code
     table_from_settings: bool = False  # the table was made here from the calib_* settings (keys use those)
 
 
@@ -84,6 +87,9 @@ def build_key(fp32: Fp32Model, target: str, precision: str, options: BuildOption
                                 "exclude_nodes": list(quant.exclude_nodes), "exclude_ops": list(quant.exclude_ops),
                                 "exclude_after": None if quant.exclude_after is None else list(quant.exclude_after),
                                 "keep_first_last_float": quant.keep_first_last_float}
+    if target == "tflite":
+        material["tflite"] = {"io": options.tflite_io, "toolchain": toolchain("tensorflow", "keras", "ai-edge-litert", "ai-edge-quantizer"),
+                              "keras": fp32.is_keras}
     if target == "tensorrt":
         material["tensorrt"] = {"dims": {k: list(v) for k, v in sorted(options.dim_ranges.items())}, "workspace_mb": options.workspace_mb,
                                 "builder": options.tensorrt_builder}
@@ -109,7 +115,7 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     options = options or BuildOptions()
     check_target(target, precision)
     conditions = accuracy.parse_conditions(options.min_accuracy)
-    fp32 = load_fp32(model)
+    fp32 = load_fp32(model, options.allow_unsafe_keras)
     key = build_key(fp32, target, precision, options)
     cached = cached_artifact(Path(out), key)
     if cached is not None:
@@ -121,6 +127,8 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
         source = fp32.path
         if precision == "int8":
             table = _table(fp32, options, stage)
+            if target == "tflite" and fp32.is_keras:  # converted from Keras itself: only the ranges are used
+                quant_options = replace(quant_options, bias_correction=False)
             qdq, details = build_qdq(fp32, table, quant_options)
             source = stage / "model.int8.onnx"
             onnx.save(qdq.model, str(source))
@@ -129,12 +137,18 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
             extra["quantization"] = {"encoding": quant_options.resolved_encoding, **details}
             if target == "tensorrt":
                 _require_tensorrt_rules(qdq.model, source)
+            if target == "tflite":
+                source.unlink()  # the flatbuffer is the artifact; its ranges come from the table
         elif precision == "fp16" and target == "tensorrt":
             from enginekit.engines.tensorrt.graphs import to_fp16
 
             source = stage / "model.fp16.onnx"
             onnx.save(to_fp16(fp32.proto), str(source))
-        runner, files_extra = _target_files(target, precision, fp32, source, stage, options)
+        if target == "tflite":
+            runner, files_extra = _tflite_files(precision, fp32, stage, options, table if precision == "int8" else None,
+                                                qdq if precision == "int8" else None)
+        else:
+            runner, files_extra = _target_files(target, precision, fp32, source, stage, options)
         extra.update(files_extra)
         reference = OrtRunner(fp32.path, threads=options.threads)
         metrics = accuracy.evaluate(reference.infer, runner.infer, eval_batches, labels)
@@ -179,6 +193,12 @@ def check_target(target: str, precision: str) -> None:
         from enginekit.engines.tensorrt import require_tensorrt
 
         require_tensorrt()
+    elif target == "tflite":
+        from enginekit.engines.tflite.convert import require_tensorflow
+        from enginekit.engines.tflite.runner import require_litert
+
+        require_tensorflow()
+        require_litert()
 
 
 def _require_tensorrt_rules(model: onnx.ModelProto, path: Path) -> None:
@@ -187,6 +207,49 @@ def _require_tensorrt_rules(model: onnx.ModelProto, path: Path) -> None:
     problems = tensorrt_qdq_problems(model)
     if problems:
         raise InputError(f"the Q/DQ graph breaks TensorRT's rules: {'; '.join(problems[:3])}", path)
+
+
+def _tflite_files(precision: str, fp32: Fp32Model, stage: Path, options: BuildOptions, table: CalibrationTable | None, qdq):
+    """The .tflite: Keras sources traced directly, others lowered from the (bias-corrected) ONNX."""
+    from enginekit.engines import tflite
+    from enginekit.engines.tflite.lowering import to_tf_function
+
+    reference = fp32.proto
+    notes: list[str] = []
+    keras_model = fp32.keras_model() if fp32.is_keras else None
+    if precision == "int8":
+        if keras_model is None and qdq is not None and options.quantize.bias_correction:
+            from enginekit.quantize.bias_correction import corrected_float_model
+
+            reference = corrected_float_model(fp32.proto, qdq)
+        elif keras_model is not None:
+            notes.append("Keras source converted directly: the ranges are the table's, bias correction is not carried over")
+        if keras_model is None:
+            reference = onnx.ModelProto.FromString(reference.SerializeToString())
+            changed = tflite.keep_biases_representable(reference, table)
+            if changed:
+                notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
+                             + (" ..." if len(changed) > 5 else ""))
+    if keras_model is not None:
+        from enginekit.export.keras_export import tf_function
+
+        function, route, owner = tf_function(keras_model), "keras (traced by TensorFlow)", keras_model.owner
+    else:
+        function, route, owner = to_tf_function(reference, str(fp32.path)), "onnx lowered to TensorFlow ops", None
+    feeds = _calibration_feeds(fp32, options) if precision == "int8" else None
+    model, info = tflite.build_flatbuffer(precision, function, str(fp32.path), table=table, reference=reference, feeds=feeds,
+                                          io_type=options.tflite_io, owner=owner)
+    runner = tflite.write_artifact(model, stage, options.threads)
+    return runner, {"tflite": {"route": route, **info, "notes": notes}}
+
+
+def _calibration_feeds(fp32: Fp32Model, options: BuildOptions, count: int = 2):
+    """A few calibration samples: what TFLite tensors are matched to ONNX tensors on."""
+    from enginekit.calibrate.data import open_data, stream
+
+    source = open_data(options.calib_data, fp32.inputs, fp32.spec, "calibration")
+    batches, _ = stream(source, fp32.inputs, count, count)
+    return next(iter(batches))
 
 
 def _target_files(target: str, precision: str, fp32: Fp32Model, source: Path, stage: Path, options: BuildOptions):
@@ -254,7 +317,7 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
                 outcomes.append(Outcome(target, precision, skipped=str(exc)))
                 continue
             runnable.append(Outcome(target, precision))
-    fp32 = load_fp32(model) if runnable else None
+    fp32 = load_fp32(model, options.allow_unsafe_keras) if runnable else None
     stale_int8 = [o for o in runnable if o.precision == "int8"
                   and cached_artifact(out / f"{o.target}-{o.precision}", build_key(fp32, o.target, o.precision, options)) is None]
     if stale_int8 and not options.table:

@@ -33,7 +33,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="Zoo name, 'package.module:factory', or a path to a .onnx file.")
+@click.option("--model", "-m", required=True, help="Zoo name, 'package.module:factory' (PyTorch or Keras), a .onnx file, a .keras/.h5 file or a SavedModel folder.")
 @click.option("--weights", "-w", type=click.Path(dir_okay=False), help="state_dict for the model: .safetensors (preferred) or .pt/.pth (weights only).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Artifact folder to write (default: artifacts/<model>/onnx).")
 @click.option("--opset", type=click.IntRange(13, 25), help="ONNX opset (default 20 for PyTorch sources: the newest ONNX Runtime, OpenVINO and TensorRT 10 all read; an ONNX file keeps its own).")
@@ -41,14 +41,15 @@ def cli() -> None:
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Input shape, e.g. image=1x3x256x256 or input_ids=batchxsequence (repeatable). Required for factories.")
 @click.option("--atol", type=float, default=None, help="Parity gate: largest allowed |onnx - source| (default 1e-3).")
 @click.option("--min-cosine", type=float, default=None, help="Parity gate: smallest allowed cosine similarity (default 0.99999).")
-def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min_cosine) -> None:
+@click.option("--unsafe-allow-lambda", is_flag=True, help="Load a Keras file whose Lambda/custom layers run Python code from the file (only for files you trust).")
+def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min_cosine, unsafe_allow_lambda) -> None:
     """Export a model to ONNX, check it, and prove parity with its source."""
     from enginekit.export.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
     from enginekit.export.pipeline import ExportOptions, export_model
 
     options = ExportOptions(opset, dynamic_batch, DEFAULT_MAX_ABS if atol is None else atol, DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
     out = Path(output) if output else Path("artifacts") / _safe_name(model) / "onnx"
-    manifest = export_model(model, out, weights, input_shapes, options)
+    manifest = export_model(model, out, weights, input_shapes, options, allow_unsafe_keras=unsafe_allow_lambda)
     parity = manifest["parity"]
     io = ", ".join(f"{i['name']}{list(i['shape'])}" for i in manifest["inputs"])
     click.echo(f"wrote {out / 'model.onnx'} (opset {manifest['opset']}; inputs {io})")
@@ -157,8 +158,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
-@click.option("--targets", "--target", "targets", required=True, help="Comma-separated: onnxruntime, openvino, tensorrt.")
+@click.option("--targets", "--target", "targets", required=True, help="Comma-separated: onnxruntime, openvino, tflite, tensorrt.")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
+@click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
+@click.option("--unsafe-allow-lambda", is_flag=True, help="Keras file with Lambda/custom layers: allow running its code (only for files you trust).")
 @click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once.")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True)
 @click.option("--calib-data", default=None, help="Calibration data (default: the zoo's).")
@@ -173,7 +176,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
-def build(model, targets, precisions, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
+def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
           tensorrt_builder, threads, bench, output) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -191,7 +194,7 @@ def build(model, targets, precisions, table, calib_method, calib_data, num_sampl
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
                            quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy,
                            threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb,
-                           tensorrt_builder=tensorrt_builder)
+                           tensorrt_builder=tensorrt_builder, tflite_io=tflite_io, allow_unsafe_keras=unsafe_allow_lambda)
     if len(target_list) == 1 and len(precision_list) == 1:
         manifest = build_one(model, target_list[0], precision_list[0], Path(output), options)
         _echo_build(Path(output), manifest)

@@ -274,12 +274,34 @@ def load_keras(path: str | Path, allow_unsafe: bool = False) -> Any:
         raise InputError(
             f"contains {', '.join(problems[:3])}, which would run Python code from the file; "
             "rewrite it with built-in layers, or pass --unsafe-allow-lambda if you trust the file", path)
-    import keras
+    from enginekit.export.keras_export import require_keras
+
+    keras = require_keras()
 
     try:
         return keras.saving.load_model(str(path), safe_mode=not allow_unsafe, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
         raise InputError(f"Keras could not load the model ({_first_line(exc)})", path) from None
+
+
+def load_saved_model(path: str | Path) -> Any:
+    """A TensorFlow SavedModel folder (as `model.export()` writes it): graph functions and
+    variables only, no pickled Python. Its `serve` endpoint is what enginekit converts."""
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file():
+        raise InputError("is a folder without saved_model.pb (not a TensorFlow SavedModel)", path)
+    from enginekit.engines.tflite.convert import require_tensorflow
+
+    tf = require_tensorflow()
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:  # TF raises OSError, ValueError, DecodeError... for a bad SavedModel
+        raise InputError(f"TensorFlow could not load the SavedModel ({_first_line(exc)})", path) from None
+    if not hasattr(loaded, "serve"):
+        raise InputError(f"SavedModel has no 'serve' endpoint (has: {', '.join(sorted(loaded.signatures)) or 'none'}); "
+                         "export it with keras model.export()", path)
+    return loaded
 
 
 # --------------------------------------------------------------------------------------- TFLite
@@ -288,9 +310,10 @@ TFLITE_CHECK_SECONDS = 60
 TFLITE_CHECK_MEMORY = 4 << 30
 
 
-def check_tflite(path: str | Path) -> None:
+def check_tflite(path: str | Path) -> bytes:
     """Open and allocate a user-supplied .tflite in a subprocess with memory and time limits, so
-    a malformed flatbuffer that crashes the interpreter cannot take enginekit down with it."""
+    a malformed flatbuffer that crashes the interpreter cannot take enginekit down with it; the
+    bytes that passed are returned (the file is read once)."""
     import signal
     import subprocess
     import sys
@@ -300,17 +323,19 @@ def check_tflite(path: str | Path) -> None:
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_AS, ({TFLITE_CHECK_MEMORY}, {TFLITE_CHECK_MEMORY}))\n"
         "from ai_edge_litert.interpreter import Interpreter\n"
-        "Interpreter(model_path=sys.argv[1]).allocate_tensors()\n"
+        "Interpreter(model_content=sys.stdin.buffer.read()).allocate_tensors()\n"
     )
+    data = path.read_bytes()
     try:
-        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=TFLITE_CHECK_SECONDS)
+        result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=TFLITE_CHECK_SECONDS)
     except subprocess.TimeoutExpired:
         raise InputError(f"TFLite model did not load within {TFLITE_CHECK_SECONDS} s; refused", path) from None
     if result.returncode < 0:
         raise InputError(f"malformed TFLite model: the checking process died with {signal.Signals(-result.returncode).name}", path)
     if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        lines = [line for line in result.stderr.decode(errors="replace").strip().splitlines() if line.strip()]
         raise InputError(f"not a loadable TFLite model ({lines[-1][:200] if lines else 'unknown error'})", path)
+    return data
 
 
 # ---------------------------------------------------------------------------------------- images

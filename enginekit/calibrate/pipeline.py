@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from enginekit.artifacts import atomic_write
 from enginekit.calibrate.collect import collect_histograms
 from enginekit.calibrate.data import batch_size_for, open_data, stream
@@ -43,7 +45,7 @@ def calibrate(
     source = open_data(data, fp32.inputs, fp32.spec, "calibration")
     batch_size = batch_size_for(fp32.inputs, batch_size)
     batches, stats = stream(source, fp32.inputs, num_samples, batch_size, skip_nonfinite)
-    histograms = collect_histograms(fp32.proto, plan.activations, batches, threads, progress=progress, total=min(num_samples, source.count()))
+    histograms = collect_histograms(fp32.proto, calibration_tensors(fp32.proto, plan.activations), batches, threads, progress=progress, total=min(num_samples, source.count()))
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
     tables = {}
     for method in methods:
@@ -60,6 +62,28 @@ def calibrate(
     if stats.skipped_nonfinite:
         notes.append(f"skipped {stats.skipped_nonfinite} sample(s) with NaN or Inf")
     return CalibrationRun(fp32, tables, histograms, notes)
+
+
+def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> list[str]:
+    """What the table covers: the tensors the Q/DQ graph quantizes, then every other float
+    activation (op outputs and graph outputs). Full-integer targets (TFLite) quantize every op
+    output, and they must get the user's method for those too, not a converter's own min-max."""
+    from onnx import TensorProto
+
+    constants = {t.name for t in model.graph.initializer}
+    float_values = {v.name for v in [*model.graph.value_info, *model.graph.output]
+                    if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    tensors = list(quantized)
+    seen = set(tensors)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+            continue
+        for name in node.output:
+            if name in float_values and name not in seen:
+                tensors.append(name)
+                seen.add(name)
+    return tensors
 
 
 def write_tables(run: CalibrationRun, output: Path, trt_cache: Path | None = None) -> list[Path]:

@@ -29,6 +29,10 @@ def load_runner(folder: str | Path, threads: int | None = None, hint: str = "LAT
         from enginekit.engines.openvino import OpenVinoRunner
 
         return OpenVinoRunner(folder, manifest["precision"], hint=hint, streams=streams, threads=threads), manifest
+    if target == "tflite":
+        from enginekit.engines.tflite.runner import MODEL_FILE, TfliteRunner
+
+        return TfliteRunner(folder / MODEL_FILE, threads=threads, io=manifest.get("tflite", {}).get("io")), manifest
     if target == "tensorrt":
         from enginekit.engines.tensorrt.runner import TensorRTRunner
 

@@ -32,10 +32,10 @@ class ExportOptions:
 
 def export_model(
     model: str, out_dir: str | Path, weights: str | None = None, input_shapes: Sequence[str] = (),
-    options: ExportOptions = ExportOptions(),
+    options: ExportOptions = ExportOptions(), allow_unsafe_keras: bool = False,
 ) -> dict[str, Any]:
     """Export `model` into the artifact folder `out_dir`; returns the manifest written there."""
-    source = resolve_source(model, weights, input_shapes)
+    source = resolve_source(model, weights, input_shapes, allow_unsafe_keras)
     if not options.dynamic_batch:
         source = _fix_batch(source)
     notes: list[str] = []
@@ -43,6 +43,10 @@ def export_model(
         path = stage / MODEL_FILE
         if source.onnx_model is not None:
             proto = _normalize_onnx(source, options, notes)
+        elif source.keras is not None:
+            from enginekit.export.keras_export import export_keras
+
+            proto = onnx_graph.finalize(export_keras(source.keras, options.opset, source.name), source.name)
         else:
             from enginekit.export.torch_export import MIN_OPSET, export_torch
 
@@ -63,7 +67,8 @@ def export_model(
             "outputs": [s.to_json() for s in onnx_graph.tensor_specs(proto.graph.output)],
             "parity": parity.to_json(),
             "notes": notes,
-            "toolchain": toolchain("torch", "onnx", "onnxruntime", "onnxscript", "numpy"),
+            "toolchain": toolchain(*(("tensorflow", "keras", "tf2onnx") if source.keras is not None else ("torch",)),
+                                   "onnx", "onnxruntime", "onnxscript", "numpy"),
             "machine": machine_info(),
         })
     return manifest
@@ -73,7 +78,8 @@ def _fix_batch(source: Source) -> Source:
     """--static-batch: the 'batch' dim becomes 1 everywhere, and parity runs at batch 1 only."""
     fixed = tuple(replace(s, shape=tuple(1 if d == "batch" else d for d in s.shape)) for s in source.inputs)
     outputs = tuple(replace(s, shape=tuple(1 if d == "batch" else d for d in s.shape)) for s in source.outputs)
-    return replace(source, inputs=fixed, outputs=outputs)
+    keras = replace(source.keras, inputs=fixed) if source.keras is not None else None
+    return replace(source, inputs=fixed, outputs=outputs, keras=keras)
 
 
 def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) -> onnx.ModelProto:
@@ -149,6 +155,8 @@ def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportO
         descriptions.add(description)
     if source.module is not None:
         reference, name = _torch_reference(source), "torch"
+    elif source.keras is not None:
+        reference, name = source.keras.run, "keras"
     else:
         reference, name = _onnx_reference(source), "onnxruntime (source ONNX file)"
     return check_parity(reference, exported.infer, cases, name, "; ".join(sorted(descriptions)), options.max_abs, options.min_cosine)

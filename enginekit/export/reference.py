@@ -25,19 +25,45 @@ class Fp32Model:
     sha256: str
     spec: ModelSpec | None
     inputs: list[TensorSpec]
+    keras_file: dict | None = None  # {"keras": path, "unsafe_allow_lambda": bool} when exported from a Keras file
+
+    @property
+    def is_keras(self) -> bool:
+        return self.keras_file is not None or (self.spec is not None and self.spec.framework == "keras")
+
+    def keras_model(self):
+        """The Keras source (KerasModel) this ONNX was exported from, with the ONNX's input shapes;
+        None when it is not a Keras model or the file is gone."""
+        from enginekit.export.keras_export import from_keras_model, load_keras_source, with_shapes
+
+        if self.spec is not None and self.spec.framework == "keras":
+            source = from_keras_model(self.spec.build())
+        elif self.keras_file is not None and Path(self.keras_file["keras"]).exists():
+            source = load_keras_source(Path(self.keras_file["keras"]), bool(self.keras_file.get("unsafe_allow_lambda")))
+        else:
+            return None
+        shapes = {s.name: s for s in self.inputs}
+        return with_shapes(source, tuple(shapes.get(s.name, s) for s in source.inputs), str(self.path))
 
 
-def load_fp32(model: str | Path) -> Fp32Model:
+def load_fp32(model: str | Path, allow_unsafe_keras: bool = False) -> Fp32Model:
+    from enginekit.export.keras_export import is_keras_path
     from enginekit.models import get_spec
 
     path = Path(model)
+    if is_keras_path(path):
+        return _cached_keras_export(path, allow_unsafe_keras)
     if path.is_dir():
         manifest = read_manifest(path)
         onnx_path = path / "model.onnx"
         if not onnx_path.is_file():
             raise InputError("export artifact has no model.onnx", path)
-        zoo = manifest.get("source", {}).get("zoo")
-        return _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
+        source = manifest.get("source", {})
+        zoo = source.get("zoo")
+        fp32 = _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
+        if source.get("kind") == "keras" and source.get("keras"):
+            fp32.keras_file = {"keras": source["keras"], "unsafe_allow_lambda": bool(source.get("unsafe_allow_lambda"))}
+        return fp32
     if path.suffix.lower() == ".onnx" or path.exists() or "/" in str(model):
         return _load(path, path.stem, None)
     spec = get_spec(str(model))
@@ -53,7 +79,7 @@ def export_cache_key(name: str) -> str:
     from enginekit.machine import toolchain
 
     module = importlib.import_module(get_spec_module(name))
-    material = json.dumps(toolchain("torch", "onnx", "onnxscript", "onnxruntime"), sort_keys=True).encode()
+    material = json.dumps(toolchain("torch", "tensorflow", "keras", "tf2onnx", "onnx", "onnxscript", "onnxruntime"), sort_keys=True).encode()
     material += Path(module.__file__).read_bytes()
     return hashlib.sha256(material).hexdigest()[:16]
 
@@ -79,6 +105,32 @@ def _cached_export(name: str) -> Path:
             warnings.warn(f"cached export is unusable ({exc}); exporting again", stacklevel=2)
     export_model(name, folder)
     return folder / "model.onnx"
+
+
+def _cached_keras_export(path: Path, allow_unsafe: bool) -> Fp32Model:
+    """A Keras file or SavedModel folder given straight to calibrate/build: exported once into
+    the cache (keyed by its bytes and the exporter stack) and reused."""
+    import hashlib
+
+    from enginekit.export.pipeline import export_model
+    from enginekit.loaders import require_file
+    from enginekit.machine import toolchain
+    from enginekit.models.cache import cache_dir
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [require_file(path)]
+    digest = hashlib.sha256(json.dumps(toolchain("tensorflow", "keras", "tf2onnx", "onnx", "onnxscript"), sort_keys=True).encode())
+    for item in files:
+        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode() + sha256_file(item).encode())
+    folder = cache_dir() / "exports" / f"{path.stem or path.name}-keras-{digest.hexdigest()[:16]}"
+    if folder.exists():
+        try:
+            verify_files(folder, read_manifest(folder))
+        except InputError as exc:
+            warnings.warn(f"cached export is unusable ({exc}); exporting again", stacklevel=2)
+            export_model(str(path), folder, allow_unsafe_keras=allow_unsafe)
+    else:
+        export_model(str(path), folder, allow_unsafe_keras=allow_unsafe)
+    return load_fp32(folder)
 
 
 def _load(path: Path, name: str, spec: ModelSpec | None) -> Fp32Model:

@@ -29,13 +29,14 @@ class Source:
     """What export needs from any source: a name, I/O specs, and inputs for a given set of dims."""
 
     name: str
-    kind: str  # "zoo" | "factory" | "onnx"
+    kind: str  # "zoo" | "factory" | "onnx" | "keras"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dataset: Any = None  # a models.spec.Dataset, or None when the source brings no data
     parity_dims: tuple[Mapping[str, int], ...] = DEFAULT_PARITY_DIMS
     dim_max: Mapping[str, int] = field(default_factory=dict)
     module: Any = None  # the torch.nn.Module of zoo and factory sources
+    keras: Any = None  # the export.keras_export.KerasModel of Keras sources
     onnx_model: Any = None  # the parsed onnx.ModelProto of ONNX sources
     onnx_path: Path | None = None
     origin: dict[str, Any] = field(default_factory=dict)
@@ -57,13 +58,18 @@ def looks_like_factory(model: str) -> bool:
     return bool(_FACTORY.match(model)) and not Path(model).exists()
 
 
-def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str]) -> Source:
+def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str], allow_unsafe_keras: bool = False) -> Source:
+    from enginekit.export.keras_export import is_keras_path
     from enginekit.models import get_spec
 
     overrides = parse_input_shapes(input_shapes)
     if looks_like_factory(model):
         return _factory_source(model, weights, overrides)
     path = Path(model)
+    if is_keras_path(path):
+        if weights:
+            raise InputError("--weights applies to PyTorch zoo and factory models; a Keras file carries its weights", model)
+        return _keras_file_source(path, overrides, allow_unsafe_keras)
     if path.suffix.lower() == ".onnx" or path.exists() or "/" in model or "\\" in model:
         if weights:
             raise InputError("--weights applies to zoo and factory models, not to an ONNX file", model)
@@ -125,6 +131,15 @@ def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: in
 
 
 def _zoo_source(spec, weights: str | None, overrides) -> Source:
+    if spec.framework == "keras":
+        from enginekit.export.keras_export import from_keras_model
+
+        if weights:
+            raise InputError("--weights applies to PyTorch models", spec.name)
+        keras_model = from_keras_model(spec.build())
+        inputs = apply_shapes(spec.inputs, overrides, spec.name)
+        return Source(spec.name, "zoo", inputs, spec.outputs, spec.dataset(), spec.parity_dims, spec.dim_max,
+                      keras=keras_model, origin={"zoo": spec.name, "weights": spec.weights_source, "framework": "keras"})
     module = spec.architecture()
     if weights:
         load_weights_strict(module, weights)
@@ -158,7 +173,9 @@ def _factory_source(target: str, weights: str | None, overrides) -> Source:
     except Exception as exc:
         raise InputError(f"factory raised {type(exc).__name__}: {exc}", target) from None
     if not isinstance(net, torch.nn.Module):
-        raise InputError(f"factory returned {type(net).__name__}, not a torch.nn.Module", target)
+        if type(net).__module__.split(".")[0] == "keras":
+            return _keras_factory_source(net, target, weights, overrides)
+        raise InputError(f"factory returned {type(net).__name__}, not a torch.nn.Module or keras.Model", target)
     if weights:
         load_weights_strict(net, weights)
     net.eval()
@@ -196,6 +213,40 @@ def load_weights_strict(module, weights: str) -> None:
         if result.unexpected_keys:
             parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
         raise InputError(f"weights do not match the architecture: keys {'; '.join(parts)}", weights)
+
+
+# ------------------------------------------------------------------------------------- keras
+
+
+def _keras_source(keras_model, name: str, overrides, origin: dict[str, Any], where: str) -> Source:
+    from enginekit.export.keras_export import with_shapes
+
+    inputs = apply_shapes(keras_model.inputs, overrides, where)
+    keras_model = with_shapes(keras_model, inputs, where)
+    return Source(name, "keras", inputs, (), keras=keras_model, origin=origin)
+
+
+def _keras_file_source(path: Path, overrides, allow_unsafe: bool) -> Source:
+    from enginekit.export.keras_export import load_keras_source
+    from enginekit.loaders import require_file
+
+    if not path.is_dir():
+        require_file(path)
+    elif not path.exists():
+        raise InputError("no such file or folder", path)
+    keras_model = load_keras_source(path, allow_unsafe)
+    origin = {"keras": str(path.resolve()), "unsafe_allow_lambda": allow_unsafe}
+    return _keras_source(keras_model, path.stem or path.name, overrides, origin, str(path))
+
+
+def _keras_factory_source(net, target: str, weights: str | None, overrides) -> Source:
+    from enginekit.export.keras_export import from_keras_model
+
+    if weights:
+        raise InputError("--weights applies to PyTorch factories; build the Keras model with its weights", target)
+    module_name, _, attr = target.partition(":")
+    return _keras_source(from_keras_model(net), module_name.rsplit(".", 1)[-1] + "_" + attr, overrides,
+                         {"factory": target, "framework": "keras"}, target)
 
 
 # -------------------------------------------------------------------------------------- onnx

@@ -10,6 +10,7 @@ from enginekit.models.spec import ModelSpec, TensorSpec
 
 _ZOO_MODULES = {
     "digits_cnn": "enginekit.models.digits_cnn",
+    "digits_keras": "enginekit.models.digits_keras",
     "efficientnet_lite0": "enginekit.models.efficientnet_lite",
     "minilm_l6": "enginekit.models.minilm",
 }

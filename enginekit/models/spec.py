@@ -91,12 +91,16 @@ class ModelSpec:
     dim_max: Mapping[str, int] = field(default_factory=dict)
     # Compute ops reading the output of these op types stay float unless the user says otherwise.
     keep_float_after: tuple[str, ...] = ()
+    framework: str = "torch"  # or "keras": architecture() returns a keras.Model
 
-    def build(self) -> "torch.nn.Module":
-        """The network with its real weights, in eval mode."""
+    def build(self) -> Any:
+        """The network with its real weights (a torch module in eval mode, or a Keras model)."""
         module = self.architecture()
         self.load_weights(module)
-        return module.eval()
+        return module.eval() if self.framework == "torch" else module
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.architecture().parameters())
+        network = self.architecture()
+        if self.framework == "keras":
+            return int(network.count_params())
+        return sum(p.numel() for p in network.parameters())

@@ -64,3 +64,31 @@ def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds
     if progress:
         sys.stderr.write("\n")
     return corrections
+
+
+def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelProto:
+    """The FP32 graph with the bias-corrected Conv/Gemm biases of `qdq` (float or int32 + DQ),
+    for targets that quantize a float graph themselves (TFLite) yet should get the same
+    correction."""
+    initializers = {t.name: numpy_helper.to_array(t) for t in qdq.model.graph.initializer}
+    dequantized = {}
+    for node in qdq.model.graph.node:
+        if (node.op_type == "DequantizeLinear" and all(name in initializers for name in node.input[:2])
+                and initializers[node.input[0]].dtype == np.int32):  # int32 biases (1-D, scale per channel)
+            zero_point = initializers[node.input[2]] if len(node.input) > 2 and node.input[2] else 0
+            dequantized[node.output[0]] = (initializers[node.input[0]].astype(np.float64) - zero_point) * initializers[node.input[1]]
+    biases = {}
+    for node in qdq.model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+            value = initializers.get(node.input[2], dequantized.get(node.input[2]))
+            if value is not None:
+                biases[node.name] = np.asarray(value, np.float32)
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    for node in model.graph.node:
+        if node.name in biases:
+            channels = biases[node.name].size
+            name = ensure_bias(model, node, channels)
+            target = next(t for t in model.graph.initializer if t.name == name)
+            target.CopyFrom(numpy_helper.from_array(biases[node.name], name))
+    return model

@@ -21,7 +21,7 @@ from onnx import TensorProto
 from enginekit.calibrate.table import TensorRange
 
 ENCODINGS = ("int8", "uint8", "mixed")
-TARGET_ENCODING = {"tensorrt": "int8", "onnxruntime": "uint8", "openvino": "mixed"}
+TARGET_ENCODING = {"tensorrt": "int8", "onnxruntime": "uint8", "openvino": "mixed", "tflite": "mixed"}
 _TINY = 1e-12
 
 
