@@ -326,8 +326,15 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
         table_path = write_tables(run, out / "calibration.json")[0]
         # the key of an artifact names the calibration settings, not this file, so later runs hit the cache
         options = replace(options, table=str(table_path), table_from_settings=True)
-    for outcome in runnable:
+    import sys
+    import time
+
+    started = time.perf_counter()
+    for index, outcome in enumerate(runnable, 1):
         outcome.folder = out / f"{outcome.target}-{outcome.precision}"
+        if sys.stderr.isatty():  # progress for whole builds; logs and pipes get only the results
+            sys.stderr.write(f"[{index}/{len(runnable)}] building {outcome.target} {outcome.precision} "
+                             f"({time.perf_counter() - started:.0f} s so far)...\n")
         outcome.manifest = build(model, outcome.target, outcome.precision, outcome.folder, options)
         outcomes.append(outcome)
     order = {(t, p): i for i, (t, p) in enumerate((t, p) for t in targets for p in precisions)}

@@ -110,7 +110,14 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
     try:
         with warnings.catch_warnings():  # it opens interpreters with preserve_all_tensors, which warns
             warnings.simplefilter("ignore")
-            result = quantizer.Quantizer(float_model, recipe.static_wi8_ai8()).quantize(qsv, enable_progress_report=False)
+            engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
+            if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
+                from ai_edge_quantizer import qtyping
+                from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+                for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+                    engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
+            result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
         raise InputError(f"ai-edge-quantizer refused the ranges: {' '.join(str(exc).split())[:300]}") from None
     model = bytes(result.quantized_model)
@@ -120,7 +127,8 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
 
 
 def _uint8_io(model: bytes) -> bytes:
-    """uint8 input and output (a QUANTIZE op at each end re-centres zero points by 128)."""
+    """uint8 input and output: TF's rewriter makes the float-I/O model's first QUANTIZE read uint8
+    and its last DEQUANTIZE a uint8 QUANTIZE (each re-centres the zero point by 128)."""
     require_tensorflow()
     import tensorflow as tf
     from tensorflow.lite.python import util

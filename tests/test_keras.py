@@ -1,0 +1,123 @@
+"""Keras sources: .keras / .h5 / SavedModel / factory -> ONNX with parity, the digits_keras zoo
+entry, and the refusals (Lambda layers, unreadable files, dynamic shapes)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import assert_nothing_written
+
+keras = pytest.importorskip("keras", reason="the keras extra is not installed")
+pytest.importorskip("tf2onnx", reason="the keras extra (tf2onnx) is not installed")
+
+
+def _small_model(lambda_layer: bool = False, spatial=(8, 8)):
+    from keras import layers
+
+    image = keras.Input((*spatial, 1), name="image")
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(image)
+    if lambda_layer:
+        x = layers.Lambda(lambda t: t * 2.0)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(image, layers.Dense(3, name="scores")(x))
+
+
+def test_digits_keras_trains_to_97_percent():
+    from enginekit.models import get_spec
+    from enginekit.models.digits_keras import test_accuracy
+
+    assert test_accuracy(get_spec("digits_keras").build()) >= 0.97
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5", "savedmodel"])
+def test_keras_files_export_with_parity(run_cli, tmp_path, suffix):
+    model = _small_model()
+    path = tmp_path / ("model_sm" if suffix == "savedmodel" else f"model{suffix}")
+    if suffix == "savedmodel":
+        model.export(str(path), verbose=False)
+    else:
+        model.save(str(path))
+    out = tmp_path / "onnx"
+    result = run_cli("export", "--model", path, "-o", out)
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["parity"]["reference"] == "keras"
+    assert manifest["source"]["kind"] == "keras"
+    assert manifest["inputs"][0]["shape"] == ["batch", 8, 8, 1]
+
+
+def test_keras_factory_exports(run_cli, tmp_path, monkeypatch):
+    (tmp_path / "kfactory.py").write_text(textwrap.dedent("""
+        import keras
+        def build():
+            image = keras.Input((8, 8, 1), name="image")
+            return keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(image)))
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run_cli("export", "--model", "kfactory:build", "-o", tmp_path / "onnx")
+    assert result.code == 0, result.err
+    assert "parity vs keras" in result.out
+
+
+def test_lambda_layer_is_refused_unless_allowed(run_cli, tmp_path):
+    path = tmp_path / "lambda.keras"
+    _small_model(lambda_layer=True).save(str(path))
+    out = tmp_path / "onnx"
+    result = run_cli("export", "--model", path, "-o", out)
+    assert result.code == 2
+    assert "Lambda layer" in result.error_line and "--unsafe-allow-lambda" in result.error_line
+    assert_nothing_written(out)
+    allowed = run_cli("export", "--model", path, "-o", out, "--unsafe-allow-lambda")
+    assert allowed.code == 0, allowed.err
+    assert json.loads((out / "manifest.json").read_text())["source"]["unsafe_allow_lambda"] is True
+
+
+@pytest.mark.parametrize("content", [b"not a zip at all", b"PK\x03\x04truncated"])
+def test_unreadable_keras_file(run_cli, tmp_path, content):
+    path = tmp_path / "broken.keras"
+    path.write_bytes(content)
+    result = run_cli("export", "--model", path, "-o", tmp_path / "onnx")
+    assert result.code == 2
+    assert "broken.keras" in result.error_line and "Keras" in result.error_line
+    assert_nothing_written(tmp_path / "onnx")
+
+
+def test_h5_that_is_not_hdf5(run_cli, tmp_path):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"\x00" * 64)
+    result = run_cli("export", "--model", path, "-o", tmp_path / "onnx")
+    assert result.code == 2 and "weights.h5" in result.error_line
+
+
+def test_dynamic_spatial_dims_ask_for_input_shape(run_cli, tmp_path):
+    path = tmp_path / "dynamic.keras"
+    _small_model(spatial=(None, None)).save(str(path))
+    out = tmp_path / "onnx"
+    result = run_cli("export", "--model", path, "-o", out)
+    assert result.code == 2 and "--input-shape" in result.error_line
+    assert_nothing_written(out)
+    fixed = run_cli("export", "--model", path, "-o", out, "--input-shape", "image=batchx16x16x1")
+    assert fixed.code == 0, fixed.err
+
+
+def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    from enginekit.build import BuildOptions, build
+    from enginekit.export.pipeline import export_model
+
+    path = tmp_path / "model.keras"
+    _small_model().save(str(path))
+    export_model(str(path), tmp_path / "onnx")
+    data = tmp_path / "data.npy"
+    import numpy as np
+
+    np.save(data, np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
+    options = BuildOptions(calib_data=str(data), num_samples=16)
+    options.quantize.eval_data = str(data)
+    manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options)
+    assert manifest["tflite"]["route"].startswith("keras")
+    assert manifest["accuracy"]["metrics"]["cosine"] > 0.99

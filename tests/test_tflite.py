@@ -1,0 +1,175 @@
+"""TFLite target: full-integer int8 flatbuffers that carry the CalibrationTable's ranges, float
+builds, the LiteRT runner, and the converter's error messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("tensorflow", reason="the tflite extra (tensorflow-cpu) is not installed")
+pytest.importorskip("ai_edge_litert", reason="the tflite extra (ai-edge-litert) is not installed")
+pytest.importorskip("ai_edge_quantizer", reason="the tflite extra (ai-edge-quantizer) is not installed")
+
+from enginekit.build import BuildOptions, build  # noqa: E402
+from enginekit.engines.tflite.convert import convert_function, op_types, quantize_int8  # noqa: E402
+from enginekit.engines.tflite.lowering import to_tf_function  # noqa: E402
+from enginekit.engines.tflite.ranges import map_ranges, tflite_range  # noqa: E402
+from enginekit.engines.tflite.runner import MODEL_FILE, TfliteRunner  # noqa: E402
+from enginekit.errors import InputError  # noqa: E402
+
+# Ops allowed to touch float32 in an int8 flatbuffer, and why: Keras' Flatten reads the dynamic
+# batch size with SHAPE, and ai-edge-quantizer hands SHAPE a DEQUANTIZE'd copy of the tensor.
+# Only the shape (int32) leaves that branch; no arithmetic happens in float.
+SHAPE_ONLY_FLOAT_OPS = {"DEQUANTIZE", "SHAPE"}
+
+
+@pytest.fixture(scope="module")
+def int8_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tflite")
+    cache: dict[str, tuple] = {}
+
+    def get(model: str, **options):
+        key = model + json.dumps(options, sort_keys=True)
+        if key not in cache:
+            folder = root / f"{model}-{len(cache)}"
+            manifest = build(model, "tflite", options.pop("precision", "int8"), folder, BuildOptions(**options))
+            cache[key] = (folder, manifest)
+        return cache[key]
+
+    return get
+
+
+def _float_ops(model: bytes) -> list[str]:
+    return [op["op"] for op in op_types(model) if "float32" in op["inputs"] + op["outputs"]]
+
+
+@pytest.mark.parametrize("model", ["digits_cnn", "digits_keras", "efficientnet_lite0"])
+def test_int8_flatbuffer_is_full_integer(int8_builds, model):
+    folder, manifest = int8_builds(model)
+    flatbuffer = (folder / MODEL_FILE).read_bytes()
+    ops = op_types(flatbuffer)
+    compute = [op for op in ops if op["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN")]
+    assert compute, "no compute ops found"
+    for op in compute:
+        assert op["inputs"][0] == "int8" and op["outputs"] == ["int8"], op
+        if len(op["inputs"]) > 2 and op["op"] != "ADD":
+            assert op["inputs"][1:] == ["int8", "int32"], op  # int8 weights, int32 bias
+    float_ops = _float_ops(flatbuffer)
+    if model == "digits_keras":
+        assert set(float_ops) <= SHAPE_ONLY_FLOAT_OPS, float_ops
+    else:
+        assert float_ops == [], float_ops
+    io = manifest["tflite"]["io"]
+    assert {p["dtype"] for p in io.values()} == {"int8"}
+    assert all(p["scale"] > 0 and -128 <= p["zero_point"] <= 127 for p in io.values())
+    assert manifest["tflite"]["types"]["float32_compute_ops"] == []
+
+
+@pytest.mark.parametrize("model", ["digits_cnn", "digits_keras"])
+def test_digits_int8_within_one_point_of_fp32(int8_builds, model):
+    _, manifest = int8_builds(model)
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["samples"] == 540
+    assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01, metrics
+
+
+def test_efficientnet_int8_top1_agreement(int8_builds):
+    _, manifest = int8_builds("efficientnet_lite0")
+    assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.90, manifest["accuracy"]
+    assert manifest["tflite"]["route"].startswith("onnx lowered")
+    assert manifest["tflite"]["ranges"]["matched_by_value"] > 50
+
+
+def test_float_builds_match_fp32(int8_builds):
+    for precision in ("fp32", "fp16"):
+        _, manifest = int8_builds("digits_cnn", precision=precision)
+        metrics = manifest["accuracy"]["metrics"]
+        assert metrics["cosine"] > (0.99999 if precision == "fp32" else 0.999), metrics
+        assert manifest["tflite"]["types"]["tensor_types"].get("int8", 0) == 0
+
+
+def test_uint8_io_option(int8_builds):
+    _, manifest = int8_builds("digits_cnn", tflite_io="uint8")
+    assert {p["dtype"] for p in manifest["tflite"]["io"].values()} == {"uint8"}
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
+
+
+def test_percentile_and_minmax_give_their_own_scales():
+    """An early activation: the two methods' TFLite scales differ, and each equals the scale its
+    CalibrationTable implies for an asymmetric int8 tensor within 1 %."""
+    from enginekit.calibrate.pipeline import calibrate
+    from enginekit.export.reference import load_fp32
+    from enginekit.engines.tflite.runner import require_litert
+
+    fp32 = load_fp32("digits_cnn")
+    run = calibrate("digits_cnn", None, ["minmax", "percentile"], percentile=99.0, num_samples=256, progress=False)
+    float_model = convert_function(to_tf_function(fp32.proto, "digits_cnn"), "digits_cnn")
+    feeds = fp32.spec.dataset().samples("calibration", 2)
+    first_conv = next(n for n in fp32.proto.graph.node if n.op_type == "Relu").output[0]
+    scales = {}
+    for method, table in run.tables.items():
+        ranges = map_ranges(float_model, fp32.proto, table, feeds)
+        tflite_name = next(name for name, onnx_name in ranges.matched.items() if onnx_name == first_conv)
+        quantized = quantize_int8(float_model, ranges.ranges)
+        interpreter = require_litert().Interpreter(model_content=quantized)
+        detail = next(t for t in interpreter.get_tensor_details() if t["name"] == tflite_name)
+        low, high = tflite_range(table.tensors[first_conv])
+        expected = (high - low) / 255
+        scales[method] = detail["quantization"][0]
+        assert scales[method] == pytest.approx(expected, rel=0.01), (method, scales[method], expected)
+    assert abs(scales["minmax"] / scales["percentile"] - 1) > 0.05, scales
+
+
+def test_runner_uses_manifest_io_parameters(int8_builds, tmp_path):
+    folder, manifest = int8_builds("digits_cnn")
+    io = json.loads(json.dumps(manifest["tflite"]["io"]))
+    runner = TfliteRunner((folder / MODEL_FILE).read_bytes(), threads=1, io=io)
+    feeds = {"image": np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)}
+    (logits,) = runner.infer(feeds)
+    assert logits.dtype == np.float32 and logits.shape == (3, 10)
+    io["image"]["scale"] *= 2
+    with pytest.raises(InputError, match="differs from the flatbuffer"):
+        TfliteRunner((folder / MODEL_FILE).read_bytes(), io=io)
+
+
+def _tiny_onnx(op: str) -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], name=f"my_{op.lower()}")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_op_the_lowering_lacks_is_named_with_its_node():
+    with pytest.raises(InputError, match=r"cannot lower op Erf \(node my_erf\)"):
+        to_tf_function(_tiny_onnx("Erf"), "tiny.onnx")
+
+
+def test_lowering_matches_onnxruntime_on_a_small_graph():
+    from enginekit.engines.onnxruntime import OrtRunner
+
+    model = _tiny_onnx("Sigmoid")
+    x = np.linspace(-4, 4, 8, dtype=np.float32).reshape(2, 4)
+    runner = TfliteRunner(convert_function(to_tf_function(model, "tiny.onnx"), "tiny.onnx"))
+    np.testing.assert_allclose(runner.infer({"x": x})[0], OrtRunner(model.SerializeToString()).infer({"x": x})[0], atol=1e-6)
+
+
+def test_converter_error_names_the_tf_op():
+    from enginekit.engines.tflite.convert import _converter_problem
+
+    text = "loc(...): error: 'tf.Erfinv' op is neither a custom op nor a flex op\nerror: failed while converting"
+    assert _converter_problem(text) == "no TFLite builtin for op tf.Erfinv"
+
+
+def test_tflite_artifact_benches_through_the_registry(int8_builds):
+    from enginekit.engines.registry import load_runner
+
+    folder, _ = int8_builds("digits_cnn")
+    runner, manifest = load_runner(folder, threads=1)
+    assert manifest["target"] == "tflite"
+    (logits,) = runner.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})
+    assert logits.shape == (1, 10)
