@@ -105,6 +105,8 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
     if io_type not in IO_TYPES:
         raise InputError(f"tflite input/output type '{io_type}' is not one of {', '.join(IO_TYPES)}")
     qsv = {name: {"min": np.array(low, np.float32), "max": np.array(high, np.float32)} for name, (low, high) in ranges.items()}
+    import contextlib
+    import io
     import warnings
 
     try:
@@ -117,7 +119,8 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
 
                 for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
                     engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
-            result = engine.quantize(qsv, enable_progress_report=False)
+            with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar ignores enable_progress_report
+                result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
         raise InputError(f"ai-edge-quantizer refused the ranges: {' '.join(str(exc).split())[:300]}") from None
     model = bytes(result.quantized_model)
