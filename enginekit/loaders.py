@@ -274,7 +274,7 @@ def load_keras(path: str | Path, allow_unsafe: bool = False) -> Any:
         raise InputError(
             f"contains {', '.join(problems[:3])}, which would run Python code from the file; "
             "rewrite it with built-in layers, or pass --unsafe-allow-lambda if you trust the file", path)
-    from enginekit.export.keras_export import require_keras
+    from enginekit.tf_support import require_keras
 
     keras = require_keras()
 
@@ -290,7 +290,7 @@ def load_saved_model(path: str | Path) -> Any:
     path = Path(path)
     if not (path / "saved_model.pb").is_file():
         raise InputError("is a folder without saved_model.pb (not a TensorFlow SavedModel)", path)
-    from enginekit.engines.tflite.convert import require_tensorflow
+    from enginekit.tf_support import require_tensorflow
 
     tf = require_tensorflow()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from enginekit.errors import InputError, MissingDependencyError
 from enginekit.models.spec import Feeds, TensorSpec
+from enginekit.tf_support import input_signature, require_keras, require_tensorflow
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 MAX_TF2ONNX_OPSET = 18  # tf2onnx 1.17 writes opsets up to 18
@@ -37,18 +38,6 @@ class KerasModel:
         outputs = self.call(*(feeds[s.name] for s in self.inputs))
         outputs = _as_list(outputs)
         return [np.asarray(o) for o in outputs]
-
-
-def require_keras():
-    from enginekit.quiet import quiet_stderr
-
-    try:
-        with quiet_stderr():
-            import tensorflow  # noqa: F401  (the TF backend is what enginekit converts)
-            import keras
-    except ImportError:
-        raise MissingDependencyError("Keras models need the 'keras' extra (pip install 'enginekit[keras]')") from None
-    return keras
 
 
 def is_keras_path(path: Path) -> bool:
@@ -111,19 +100,16 @@ def with_shapes(model: KerasModel, inputs: tuple[TensorSpec, ...], origin: str) 
     if unknown:
         raise InputError(f"inputs {unknown} have dynamic dims besides the batch, which the int8 paths cannot calibrate; "
                          "give their shapes with --input-shape NAME=batchxHxWxC", origin)
-    return KerasModel(model.call, inputs, model.output_names, model.owner)
+    return replace(model, inputs=inputs)
 
 
 def tf_function(model: KerasModel):
     """One tf.function (input signature by name, outputs as a dict by name): what tf2onnx and the
     TFLite converter both trace."""
-    import tensorflow as tf
-
-    signature = [tf.TensorSpec([d if isinstance(d, int) else None for d in s.shape], tf.as_dtype(s.dtype), name=s.name)
-                 for s in model.inputs]
+    tf = require_tensorflow()
     names = model.output_names
 
-    @tf.function(input_signature=signature, autograph=False)
+    @tf.function(input_signature=input_signature(model.inputs), autograph=False)
     def function(*tensors):
         outputs = _as_list(model.call(*tensors))
         return {name: tf.identity(out) for name, out in zip(names, outputs)}
@@ -133,8 +119,6 @@ def tf_function(model: KerasModel):
 
 def export_keras(model: KerasModel, opset: int | None, origin: str):
     """ONNX via tf2onnx; the batch dim is named 'batch' like the PyTorch exports."""
-    import onnx
-
     opset = opset or KERAS_OPSET
     if opset > MAX_TF2ONNX_OPSET:
         raise InputError(f"--opset {opset}: Keras models are exported with tf2onnx, which writes opset {MAX_TF2ONNX_OPSET} at most")
@@ -156,5 +140,5 @@ def export_keras(model: KerasModel, opset: int | None, origin: str):
             for dim, size in zip(shape, dims[value.name]):
                 if isinstance(size, int) and not dim.HasField("dim_value"):
                     dim.dim_value = size
-    del proto.graph.value_info[:]
-    return onnx.ModelProto.FromString(proto.SerializeToString())
+    del proto.graph.value_info[:]  # finalize() infers shapes again, with the dims fixed above
+    return proto

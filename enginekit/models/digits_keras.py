@@ -9,13 +9,12 @@ model code is ever loaded from the cache.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from enginekit.models.cache import cache_dir
+from enginekit.models.cache import cache_dir, load_or_train
 from enginekit.models.digits import DigitsDataset, digits_splits
 from enginekit.models.spec import ModelSpec, TensorSpec
 
@@ -25,7 +24,7 @@ SEED = 0
 
 def architecture() -> Any:
     """Conv(16)-Conv(32)-pool-Conv(64)-pool-Dense(64)-Dense(10), the same shape as digits_cnn."""
-    from enginekit.export.keras_export import require_keras
+    from enginekit.tf_support import require_keras
 
     keras = require_keras()
     from keras import layers
@@ -66,17 +65,9 @@ def train(model: Any) -> None:
 
 def load_weights(model: Any) -> None:
     """Load cached weights, training (and caching) them first if absent or unreadable."""
-    from enginekit.artifacts import atomic_write
-
-    path = _weights_path()
-    if path.is_file():
-        try:
-            model.load_weights(str(path))
-            return
-        except Exception as exc:  # h5py/Keras raise OSError, ValueError... for a damaged file
-            warnings.warn(f"cached digits_keras weights are unusable ({exc}); training again", stacklevel=2)
-    train(model)
-    atomic_write(path, lambda p: model.save_weights(str(p)))
+    # h5py/Keras raise OSError, ValueError... for a damaged file
+    load_or_train(_weights_path(), lambda p: model.load_weights(str(p)), lambda: train(model),
+                  lambda p: model.save_weights(str(p)), (Exception,), "digits_keras")
 
 
 def test_accuracy(model: Any) -> float:

@@ -16,25 +16,14 @@ from typing import Any
 import numpy as np
 
 from enginekit.errors import InputError, MissingDependencyError
+from enginekit.quiet import quiet_stderr
+from enginekit.tf_support import require_tensorflow
 
-FLOAT_PRECISIONS = ("fp32", "fp16")
-PRECISIONS = ("fp32", "fp16", "int8")
 IO_TYPES = ("int8", "uint8")
 # Ops that move or select data: they may stay float-free by construction, so they are not
 # counted as compute when listing what runs in float.
 DATA_MOVEMENT_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "GATHER",
                      "STRIDED_SLICE", "SLICE", "QUANTIZE", "DEQUANTIZE", "SHAPE", "PACK", "UNPACK", "DELEGATE"}
-
-
-def require_tensorflow():
-    from enginekit.quiet import quiet_stderr
-
-    try:
-        with quiet_stderr():
-            import tensorflow as tf
-    except ImportError:
-        raise MissingDependencyError("building .tflite files needs the 'tflite' extra (pip install 'enginekit[tflite]')") from None
-    return tf
 
 
 def convert_function(function, origin: str, precision: str = "fp32", owner: Any = None) -> bytes:
@@ -63,8 +52,6 @@ def convert_function(function, origin: str, precision: str = "fp32", owner: Any 
         elif precision != "fp32":
             raise ValueError(f"convert_function makes float flatbuffers, not {precision}")
         try:
-            from enginekit.quiet import quiet_stderr
-
             with quiet_stderr():
                 return bytes(converter.convert())
         except Exception as exc:  # ConverterError and friends; their text names the failing TF ops
@@ -74,8 +61,7 @@ def convert_function(function, origin: str, precision: str = "fp32", owner: Any 
 def _save_with_owner(owner: Any, holder: Any, function, folder: str) -> None:
     """SavedModel with `function` as serving_default and the owner's variables. A Keras 3 model
     is not a TF trackable, so Keras' own ExportArchive tracks it (what model.export() uses)."""
-    import tensorflow as tf
-
+    tf = require_tensorflow()
     if type(owner).__module__.split(".")[0] == "keras" or hasattr(owner, "_keras_api_names"):
         import keras
 
@@ -132,8 +118,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
 def _uint8_io(model: bytes) -> bytes:
     """uint8 input and output: TF's rewriter makes the float-I/O model's first QUANTIZE read uint8
     and its last DEQUANTIZE a uint8 QUANTIZE (each re-centres the zero point by 128)."""
-    require_tensorflow()
-    import tensorflow as tf
+    tf = require_tensorflow()
     from tensorflow.lite.python import util
 
     return bytes(util.modify_model_io_type(model, inference_input_type=tf.uint8, inference_output_type=tf.uint8))

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from enginekit.errors import InputError
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # where an NCHW axis lives in the channel-last tensor
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Value:
 
 
 def _tf():
-    from enginekit.engines.tflite.convert import require_tensorflow
+    from enginekit.tf_support import require_tensorflow
 
     return require_tensorflow()
 
@@ -74,49 +75,41 @@ def _constant(value: Value, node: onnx.NodeProto, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- windows, pads
 
 
-def _padding(node: onnx.NodeProto, attrs: dict[str, Any], spatial: tuple[int, int], kernel: tuple[int, int],
-             strides: tuple[int, int], dilations: tuple[int, int]) -> tuple[str, list[int] | None]:
-    """TF padding for an ONNX window op: "VALID", "SAME", or "VALID" after an explicit pad
-    [top, bottom, left, right] (ONNX puts odd padding where TF's SAME does not)."""
+def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF's SAME padding of one spatial dim: (before, after), the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window_args(node: onnx.NodeProto, attrs: dict[str, Any], x: Any, kernel: tuple[int, ...]) -> tuple[str, tuple, tuple, list[int] | None]:
+    """(TF padding, strides, dilations, explicit pad) of an ONNX window op on NHWC `x`. The
+    padding is "VALID", "SAME", or "VALID" after an explicit pad [top, bottom, left, right]
+    (ONNX may put the odd pixel where TF's SAME does not)."""
+    if len(kernel) != 2:
+        raise InputError(f"node {node.name} ({node.op_type}): only 2-D windows are supported by the tflite target")
+    if attrs.get("ceil_mode", 0):
+        raise InputError(f"node {node.name} ({node.op_type}): ceil_mode=1 is not supported by the tflite target")
+    strides = tuple(attrs.get("strides", (1, 1)))
+    dilations = tuple(attrs.get("dilations", (1, 1)))
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad == "VALID":
-        return "VALID", None
+        return "VALID", strides, dilations, None
+    spatial = (x.shape[1], x.shape[2])
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
+        pads = [_same_pads(*dim) for dim in zip(spatial, kernel, strides, dilations)]
+        pads = pads if auto_pad == "SAME_UPPER" else [(after, before) for before, after in pads]
         pads_onnx = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
     else:
         pads_onnx = list(attrs.get("pads", [0, 0, 0, 0]))
-    if attrs.get("ceil_mode", 0):
-        raise InputError(f"node {node.name} ({node.op_type}): ceil_mode=1 is not supported by the tflite target")
-    top, left, bottom, right = pads_onnx
     if not any(pads_onnx):
-        return "VALID", None
-    same = []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
-        if size is None:
-            same = None
-            break
-        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        same.append((total // 2, total - total // 2))
-    if same is not None and [same[0][0], same[1][0], same[0][1], same[1][1]] == pads_onnx:
-        return "SAME", None
-    return "VALID", [top, bottom, left, right]
-
-
-def _window_args(node: onnx.NodeProto, x: Any, kernel: tuple[int, int]) -> tuple[Any, str, tuple, tuple, list[int] | None]:
-    attrs = _attrs(node)
-    strides = tuple(attrs.get("strides", (1, 1)))
-    dilations = tuple(attrs.get("dilations", (1, 1)))
-    if len(kernel) != 2:
-        raise InputError(f"node {node.name} ({node.op_type}): only 2-D windows are supported by the tflite target")
-    spatial = (x.shape[1], x.shape[2])
-    padding, explicit = _padding(node, attrs, spatial, kernel, strides, dilations)
-    return attrs, padding, strides, dilations, explicit
+        return "VALID", strides, dilations, None
+    if None not in spatial:
+        same = [_same_pads(*dim) for dim in zip(spatial, kernel, strides, dilations)]
+        if [same[0][0], same[1][0], same[0][1], same[1][1]] == pads_onnx:
+            return "SAME", strides, dilations, None
+    top, left, bottom, right = pads_onnx
+    return "VALID", strides, dilations, [top, bottom, left, right]
 
 
 def _pad(x: Any, explicit: list[int] | None, value: float = 0.0) -> Any:
@@ -135,7 +128,7 @@ def _conv(node, args, attrs):
     weight = _constant(args[1], node, "the weight")
     if weight.ndim != 4:
         raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
-    _, padding, strides, dilations, explicit = _window_args(node, x, tuple(weight.shape[2:]))
+    padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
     group = attrs.get("group", 1)
     x = _pad(x, explicit)
     out_channels, in_per_group = weight.shape[:2]
@@ -156,7 +149,7 @@ def _pool(node, args, attrs):
     tf = _tf()
     x = nhwc(args[0])
     kernel = tuple(attrs["kernel_shape"])
-    _, padding, strides, dilations, explicit = _window_args(node, x, kernel)
+    padding, strides, dilations, explicit = _window_args(node, attrs, x, kernel)
     if any(d != 1 for d in dilations):
         raise InputError(f"node {node.name} ({node.op_type}): dilated pooling is not supported by the tflite target")
     if node.op_type == "MaxPool":
@@ -187,8 +180,7 @@ def _reduce(node, args, attrs):
     rank = x.rank
     axes = sorted(a % rank for a in axes) if axes is not None else list(range(rank))
     if x.nhwc and keepdims:
-        to_nhwc_axis = {0: 0, 1: 3, 2: 1, 3: 2}
-        return [Value(reduce(x.data, axis=[to_nhwc_axis[a] for a in axes], keepdims=True), nhwc=True)]
+        return [Value(reduce(x.data, axis=[NHWC_AXIS[a] for a in axes], keepdims=True), nhwc=True)]
     if x.nhwc and axes == [2, 3]:  # global pooling that drops H and W: [N,H,W,C] -> [N,C]
         return [Value(reduce(x.data, axis=[1, 2], keepdims=False))]
     return [Value(reduce(nchw(x), axis=axes, keepdims=keepdims))]
@@ -325,8 +317,7 @@ def _concat(node, args, attrs):
     tf = _tf()
     axis = attrs["axis"]
     if all(a.rank == 4 for a in args) and any(a.nhwc for a in args):
-        to_nhwc_axis = {0: 0, 1: 3, 2: 1, 3: 2}
-        return [Value(tf.concat([nhwc(a) for a in args], to_nhwc_axis[axis % 4]), nhwc=True)]
+        return [Value(tf.concat([nhwc(a) for a in args], NHWC_AXIS[axis % 4]), nhwc=True)]
     return [Value(tf.concat([nchw(a) for a in args], axis))]
 
 
@@ -343,6 +334,10 @@ def _identity(node, args, attrs):
     return [args[0]]
 
 
+def _constant_node(node, args, attrs):
+    return [Value(numpy_helper.to_array(attrs["value"]))]
+
+
 LOWERINGS: dict[str, Callable] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
@@ -354,7 +349,7 @@ LOWERINGS: dict[str, Callable] = {
     "HardSwish": _unary(_hard_swish), "HardSigmoid": _unary(_hard_sigmoid),
     "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape, "Flatten": _flatten,
     "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "BatchNormalization": _batch_norm,
-    "Identity": _identity, "Dropout": _identity,
+    "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
 }
 
 
@@ -379,9 +374,6 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, Any]:
     for name, tensor in feeds.items():
         values[name] = Value(tensor)
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = Value(numpy_helper.to_array(_attrs(node)["value"]))
-            continue
         args = [values[name] if name else None for name in node.input]
         outputs = LOWERINGS[node.op_type](node, args, _attrs(node))
         for name, value in zip(node.output, outputs):
@@ -393,13 +385,12 @@ def to_tf_function(model: onnx.ModelProto, origin: str):
     """A tf.function with the ONNX inputs (symbolic dims become None) returning the outputs by name."""
     tf = _tf()
     from enginekit.export.onnx_graph import graph_inputs, tensor_specs
+    from enginekit.tf_support import input_signature
 
     check_lowerable(model, origin)
     specs = tensor_specs(graph_inputs(model))
-    signature = [tf.TensorSpec([d if isinstance(d, int) else None for d in s.shape], tf.as_dtype(s.dtype), name=s.name)
-                 for s in specs]
 
-    @tf.function(input_signature=signature)
+    @tf.function(input_signature=input_signature(specs))
     def function(*tensors):
         return run_graph(model, {s.name: t for s, t in zip(specs, tensors)})
 

@@ -117,14 +117,13 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
             result.matched[name] = best
             result.ranges[name] = tflite_range(table.tensors[best])
     index_name = {d["index"]: d["name"] for d in tensors}
+    name_index = {name: index for index, name in index_name.items()}
     producer = {out: op for op in ops for out in op["outputs"]}
     for name in values:
         if name in result.ranges:
             continue
-        current = next(i for i, n in index_name.items() if n == name)
-        chain = []
+        current = name_index[name]
         while current in producer and producer[current]["op_name"] in _SAME_RANGE_OPS:
-            chain.append(current)
             current = producer[current]["inputs"][0]
             if index_name.get(current) in result.ranges:
                 result.ranges[name] = result.ranges[index_name[current]]

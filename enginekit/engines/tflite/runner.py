@@ -43,11 +43,15 @@ def io_parameters(model: bytes) -> dict[str, dict[str, Any]]:
     runner = interpreter.get_signature_runner()
     params = {}
     for kind, details in (("input", runner.get_input_details()), ("output", runner.get_output_details())):
-        details = dict(details)
         for name, detail in details.items():
             scale, zero_point = detail["quantization"]
             params[name] = {"role": kind, "dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero_point)}
     return params
+
+
+def _spec(name: str, detail: dict[str, Any]) -> TensorSpec:
+    """A signature tensor as a TensorSpec; LiteRT's -1 (the dynamic batch) becomes 'batch'."""
+    return TensorSpec(name, tuple(int(d) if d >= 0 else "batch" for d in detail["shape_signature"]), np.dtype(detail["dtype"]).name)
 
 
 class TfliteRunner:
@@ -77,10 +81,8 @@ class TfliteRunner:
             actual = detail["quantization"]
             if recorded and recorded.get("scale") and not np.isclose(recorded["scale"], actual[0], rtol=1e-6):
                 raise InputError(f"manifest scale of '{name}' ({recorded['scale']}) differs from the flatbuffer's ({actual[0]})")
-        self.inputs = [TensorSpec(name, tuple(int(d) if d >= 0 else "batch" for d in detail["shape_signature"]), np.dtype(detail["dtype"]).name)
-                       for name, detail in self._inputs.items()]
-        self.outputs = [TensorSpec(name, tuple(int(d) if d >= 0 else "batch" for d in detail["shape_signature"]), np.dtype(detail["dtype"]).name)
-                        for name, detail in self._outputs.items()]
+        self.inputs = [_spec(name, detail) for name, detail in self._inputs.items()]
+        self.outputs = [_spec(name, detail) for name, detail in self._outputs.items()]
         self.output_names = list(self._outputs)
         self._shapes: dict[str, tuple[int, ...]] = {}
         with quiet_stderr():
