@@ -125,28 +125,27 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     with staged_artifact(out) as stage:
         extra: dict[str, Any] = {}
         source = fp32.path
+        table = qdq = None
         if precision == "int8":
             table = _table(fp32, options, stage)
             if target == "tflite" and fp32.is_keras:  # converted from Keras itself: only the ranges are used
                 quant_options = replace(quant_options, bias_correction=False)
             qdq, details = build_qdq(fp32, table, quant_options)
-            source = stage / "model.int8.onnx"
-            onnx.save(qdq.model, str(source))
+            if target != "tflite":  # TFLite's artifact is the flatbuffer; it takes ranges and biases, not this file
+                source = stage / "model.int8.onnx"
+                onnx.save(qdq.model, str(source))
             extra["calibration"] = {"method": table.method, "num_samples": table.num_samples, "data": table.data,
                                     "data_sha256": table.data_sha256, "table": TABLE_FILE}
             extra["quantization"] = {"encoding": quant_options.resolved_encoding, **details}
             if target == "tensorrt":
                 _require_tensorrt_rules(qdq.model, source)
-            if target == "tflite":
-                source.unlink()  # the flatbuffer is the artifact; its ranges come from the table
         elif precision == "fp16" and target == "tensorrt":
             from enginekit.engines.tensorrt.graphs import to_fp16
 
             source = stage / "model.fp16.onnx"
             onnx.save(to_fp16(fp32.proto), str(source))
         if target == "tflite":
-            runner, files_extra = _tflite_files(precision, fp32, stage, options, table if precision == "int8" else None,
-                                                qdq if precision == "int8" else None)
+            runner, files_extra = _tflite_files(precision, fp32, stage, options, table, qdq)
         else:
             runner, files_extra = _target_files(target, precision, fp32, source, stage, options)
         extra.update(files_extra)
@@ -194,8 +193,8 @@ def check_target(target: str, precision: str) -> None:
 
         require_tensorrt()
     elif target == "tflite":
-        from enginekit.engines.tflite.convert import require_tensorflow
         from enginekit.engines.tflite.runner import require_litert
+        from enginekit.tf_support import require_tensorflow
 
         require_tensorflow()
         require_litert()
@@ -212,29 +211,29 @@ def _require_tensorrt_rules(model: onnx.ModelProto, path: Path) -> None:
 def _tflite_files(precision: str, fp32: Fp32Model, stage: Path, options: BuildOptions, table: CalibrationTable | None, qdq):
     """The .tflite: Keras sources traced directly, others lowered from the (bias-corrected) ONNX."""
     from enginekit.engines import tflite
-    from enginekit.engines.tflite.lowering import to_tf_function
 
-    reference = fp32.proto
-    notes: list[str] = []
+    reference, notes = fp32.proto, []
     keras_model = fp32.keras_model() if fp32.is_keras else None
-    if precision == "int8":
-        if keras_model is None and qdq is not None and options.quantize.bias_correction:
-            from enginekit.quantize.bias_correction import corrected_float_model
-
-            reference = corrected_float_model(fp32.proto, qdq)
-        elif keras_model is not None:
-            notes.append("Keras source converted directly: the ranges are the table's, bias correction is not carried over")
-        if keras_model is None:
-            reference = onnx.ModelProto.FromString(reference.SerializeToString())
-            changed = tflite.keep_biases_representable(reference, table)
-            if changed:
-                notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
-                             + (" ..." if len(changed) > 5 else ""))
     if keras_model is not None:
         from enginekit.export.keras_export import tf_function
 
         function, route, owner = tf_function(keras_model), "keras (traced by TensorFlow)", keras_model.owner
+        if precision == "int8":
+            notes.append("Keras source converted directly: the ranges are the table's, bias correction is not carried over")
     else:
+        from enginekit.engines.tflite.lowering import to_tf_function
+
+        if precision == "int8":  # a copy either way: the bias fix below rewrites weights in place
+            if options.quantize.bias_correction:
+                from enginekit.quantize.bias_correction import corrected_float_model
+
+                reference = corrected_float_model(fp32.proto, qdq)
+            else:
+                reference = onnx.ModelProto.FromString(fp32.proto.SerializeToString())
+            changed = tflite.keep_biases_representable(reference, table)
+            if changed:
+                notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
+                             + (" ..." if len(changed) > 5 else ""))
         function, route, owner = to_tf_function(reference, str(fp32.path)), "onnx lowered to TensorFlow ops", None
     feeds = _calibration_feeds(fp32, options) if precision == "int8" else None
     model, info = tflite.build_flatbuffer(precision, function, str(fp32.path), table=table, reference=reference, feeds=feeds,
