@@ -7,14 +7,13 @@ of this file's source and the torch version, so a change to the architecture or 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from enginekit.models.cache import cache_dir
+from enginekit.models.cache import cache_dir, load_or_train
 from enginekit.models.digits import DigitsDataset, digits_splits
 from enginekit.models.spec import ModelSpec, TensorSpec
 
@@ -74,19 +73,13 @@ def load_weights(module: nn.Module) -> None:
 
     from enginekit.loaders import load_state_dict
 
-    from enginekit.artifacts import atomic_write
     from enginekit.errors import InputError
 
-    path = _weights_path()
-    if path.is_file():
-        try:
-            module.load_state_dict(load_state_dict(path), strict=True)
-            return
-        except (InputError, RuntimeError) as exc:
-            warnings.warn(f"cached digits_cnn weights are unusable ({exc}); training again", stacklevel=2)
-    train(module)
-    state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda p: save_file(state, str(p)))
+    def save(path: Path) -> None:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+    load_or_train(_weights_path(), lambda p: module.load_state_dict(load_state_dict(p), strict=True), lambda: train(module),
+                  save, (InputError, RuntimeError), "digits_cnn")
 
 
 def test_accuracy(module: nn.Module) -> float:
