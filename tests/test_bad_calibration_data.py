@@ -34,22 +34,15 @@ def test_wrong_input_name(calibrate_cli, tmp_path):
     _refused(*calibrate_cli(data), "data has inputs ['pixels'] but the model expects ['image']", str(data))
 
 
-def test_wrong_shape(calibrate_cli, tmp_path):
+@pytest.mark.parametrize(("array", "needle"), [
+    (np.zeros((4, 1, 16, 16), np.float32), "sample shape [1, 16, 16]"),
+    (np.zeros((4, 1, 8, 8), np.int32), "dtype int32"),
+    (np.zeros((0, 1, 8, 8), np.float32), "empty"),
+], ids=["wrong_shape", "wrong_dtype", "empty_set"])
+def test_unusable_array(calibrate_cli, tmp_path, array, needle):
     data = tmp_path / "d.npy"
-    np.save(data, np.zeros((4, 1, 16, 16), np.float32))
-    _refused(*calibrate_cli(data), "sample shape [1, 16, 16]", str(data))
-
-
-def test_wrong_dtype(calibrate_cli, tmp_path):
-    data = tmp_path / "d.npy"
-    np.save(data, np.zeros((4, 1, 8, 8), np.int32))
-    _refused(*calibrate_cli(data), "dtype int32", str(data))
-
-
-def test_empty_set(calibrate_cli, tmp_path):
-    data = tmp_path / "d.npy"
-    np.save(data, np.zeros((0, 1, 8, 8), np.float32))
-    _refused(*calibrate_cli(data), "empty", str(data))
+    np.save(data, array)
+    _refused(*calibrate_cli(data), needle, str(data))
 
 
 def test_nan_names_the_sample(calibrate_cli, tmp_path):
