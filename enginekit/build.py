@@ -7,9 +7,11 @@ FP32 ONNX on held-out data and gated before it is published.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +132,7 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
             table = _table(fp32, options, stage)
             if target == "tflite" and fp32.is_keras:  # converted from Keras itself: only the ranges are used
                 quant_options = replace(quant_options, bias_correction=False)
-            qdq, details = build_qdq(fp32, table, quant_options)
+            qdq, details = _shared_qdq(fp32, table, quant_options)
             if target != "tflite":  # TFLite's artifact is the flatbuffer; it takes ranges and biases, not this file
                 source = stage / "model.int8.onnx"
                 onnx.save(qdq.model, str(source))
@@ -173,7 +175,7 @@ def _table(fp32: Fp32Model, options: BuildOptions, stage: Path) -> CalibrationTa
         table.save(stage / TABLE_FILE)
         return table
     run = calibrate(fp32.path if fp32.spec is None else fp32.name, options.calib_data, [options.calib_method],
-                    num_samples=options.num_samples, threads=options.threads, progress=False)
+                    num_samples=options.num_samples, threads=options.threads, progress=options.quantize.progress)
     write_tables(run, stage / TABLE_FILE)
     return run.tables[options.calib_method]
 
@@ -206,6 +208,22 @@ def _require_tensorrt_rules(model: onnx.ModelProto, path: Path) -> None:
     problems = tensorrt_qdq_problems(model)
     if problems:
         raise InputError(f"the Q/DQ graph breaks TensorRT's rules: {'; '.join(problems[:3])}", path)
+
+
+_QDQ_MEMO: dict[str, tuple[Any, dict[str, Any]]] = {}  # the last Q/DQ graph built in this process
+_QDQ_IRRELEVANT = ("target", "progress", "notes", "eval_data", "eval_samples", "min_accuracy", "layer_report")
+
+
+def _shared_qdq(fp32: Fp32Model, table: CalibrationTable, options: QuantizeOptions):
+    """`build_qdq`, once per encoding: OpenVINO and TFLite both take the "mixed" graph, and its bias
+    correction (about a minute for efficientnet_lite0) need not run twice in one build."""
+    settings = {k: v for k, v in asdict(options).items() if k not in _QDQ_IRRELEVANT}
+    key = hashlib.sha256(json.dumps([fp32.sha256, table.to_json(), options.resolved_encoding, settings],
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    if key not in _QDQ_MEMO:
+        _QDQ_MEMO.clear()  # one entry: a build_many over targets builds each encoding in turn
+        _QDQ_MEMO[key] = build_qdq(fp32, table, options)
+    return copy.deepcopy(_QDQ_MEMO[key])  # callers may rewrite the graph (e.g. save it, fold biases)
 
 
 def _tflite_files(precision: str, fp32: Fp32Model, stage: Path, options: BuildOptions, table: CalibrationTable | None, qdq):
@@ -321,7 +339,7 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
                   and cached_artifact(out / f"{o.target}-{o.precision}", build_key(fp32, o.target, o.precision, options)) is None]
     if stale_int8 and not options.table:
         run = calibrate(fp32.path if fp32.spec is None else fp32.name, options.calib_data, [options.calib_method],
-                        num_samples=options.num_samples, threads=options.threads, progress=False)
+                        num_samples=options.num_samples, threads=options.threads, progress=options.quantize.progress)
         table_path = write_tables(run, out / "calibration.json")[0]
         # the key of an artifact names the calibration settings, not this file, so later runs hit the cache
         options = replace(options, table=str(table_path), table_from_settings=True)

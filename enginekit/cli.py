@@ -192,7 +192,7 @@ def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, cal
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
-                           quantize=QuantizeOptions(progress=False, eval_data=eval_data), min_accuracy=min_accuracy,
+                           quantize=QuantizeOptions(progress=True, eval_data=eval_data), min_accuracy=min_accuracy,
                            threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb,
                            tensorrt_builder=tensorrt_builder, tflite_io=tflite_io, allow_unsafe_keras=unsafe_allow_lambda)
     if len(target_list) == 1 and len(precision_list) == 1:
@@ -212,11 +212,11 @@ def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, cal
     click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
     built = [o.folder for o in outcomes if o.folder is not None]
     if bench and built:
-        from enginekit.benchmarks.harness import BenchSettings, bench_artifact
+        from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
         from enginekit.benchmarks.report import make_report, markdown, write_report
 
         settings = BenchSettings(threads=threads)
-        report = make_report([bench_artifact(folder, settings) for folder in built], settings)
+        report = make_report(bench_artifacts(built, settings), settings)
         report["skipped"] = [{"target": o.target, "precision": o.precision, "reason": o.skipped} for o in outcomes if o.skipped]
         paths = write_report(report, Path(output) / "report.json")
         click.echo("\n" + markdown(report))
@@ -246,7 +246,7 @@ def _echo_build(output: Path, manifest: dict) -> None:
 @click.option("--min-seconds", type=click.FloatRange(0), default=1.0, show_default=True)
 def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds) -> None:
     """Benchmark artifact folders the same way and write one report (JSON, Markdown, HTML)."""
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifact
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
     from enginekit.benchmarks.report import make_report, markdown, write_report
 
     try:
@@ -254,7 +254,7 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds) 
     except ValueError:
         raise click.BadParameter(f"'{batch_sizes}' is not a comma-separated list of integers", param_hint="--batch-sizes") from None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds)
-    report = make_report([bench_artifact(folder, settings) for folder in artifacts], settings)
+    report = make_report(bench_artifacts(artifacts, settings), settings)
     json_path, md_path, html_path = write_report(report, output)
     click.echo(markdown(report))
     click.echo(f"\nwrote {json_path}, {md_path} and {html_path}")

@@ -52,6 +52,14 @@ def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
     assert page.count("<svg") == 3 and "<script" not in page and "http" not in page
 
 
+def test_bench_cli_on_a_folder_that_is_no_artifact_says_so_in_one_line(run_cli, tmp_path):
+    """The per-artifact benchmark process passes its one-line error on; no report is written."""
+    (tmp_path / "empty").mkdir()
+    result = run_cli("bench", tmp_path / "empty", "-o", tmp_path / "r.json")
+    assert result.code == 2 and "empty" in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
 def _report(samples_by_key: dict[str, np.ndarray], accuracy: float = 0.98) -> dict:
     artifacts = []
     for key, samples in samples_by_key.items():

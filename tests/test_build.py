@@ -62,3 +62,22 @@ def test_a_corrupted_cached_artifact_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = build("digits_cnn", "onnxruntime", "fp32", out)
     assert not rebuilt.get("cache_hit") and (out / "model.onnx").stat().st_size > 1000
+
+
+def test_targets_sharing_an_encoding_share_one_bias_corrected_graph(tmp_path, monkeypatch):
+    """OpenVINO and TFLite both take the "mixed" Q/DQ graph: build_many corrects its biases once,
+    and each artifact still gets the corrected graph (the TFLite one folds it into its weights)."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    pytest.importorskip("ai_edge_quantizer", reason="the tflite extra is not installed")
+    import enginekit.build as build_module
+    from enginekit.build import build_many
+
+    calls = []
+    real = build_module.build_qdq
+    monkeypatch.setattr(build_module, "build_qdq", lambda *args: calls.append(args[2].resolved_encoding) or real(*args))
+    outcomes = build_many("digits_cnn", ["onnxruntime", "openvino", "tflite"], ["int8"], tmp_path, BuildOptions(num_samples=64))
+    assert calls == ["uint8", "mixed"]  # onnxruntime's encoding, then one graph for openvino and tflite
+    for outcome in outcomes:
+        details = outcome.manifest["quantization"]
+        assert details["bias_correction"]["layers"] == 5, outcome.target
+        assert outcome.manifest["accuracy"]["metrics"]["accuracy"] >= outcome.manifest["accuracy"]["metrics"]["fp32_accuracy"] - 0.01

@@ -62,6 +62,25 @@ def test_runner_latency_and_throughput_modes(digits_builds):
     assert runner.config["NUM_STREAMS"] == "2" and runner.throughput(feeds, seconds=0.2) > 0
 
 
+def test_runner_specialises_each_batch_shape_and_matches_the_dynamic_model(digits_builds):
+    """Static copies per input shape (faster on the CPU plugin), same outputs, a bounded number."""
+    folder, _ = digits_builds["fp32"]
+    fast = ov_target.OpenVinoRunner(folder, "fp32", threads=2)
+    dynamic = ov_target.OpenVinoRunner(folder, "fp32", threads=2, specialise=False)
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 1):
+        feeds = {"image": rng.random((batch, 1, 8, 8), np.float32) * 16}
+        np.testing.assert_allclose(fast.infer(feeds)[0], dynamic.infer(feeds)[0], rtol=1e-5, atol=1e-5)
+        compiled, _ = fast.compiled_for(feeds)
+        assert compiled is not fast.compiled and compiled.inputs[0].get_partial_shape().is_static
+        assert tuple(compiled.inputs[0].get_shape()) == (batch, 1, 8, 8)
+    assert len(fast._static) == 2 and dynamic.compiled_for(feeds)[0] is dynamic.compiled
+    for batch in range(4, 4 + ov_target.SPECIALISED_SHAPES):
+        fast.infer({"image": np.zeros((batch, 1, 8, 8), np.float32)})
+    assert len(fast._static) == ov_target.SPECIALISED_SHAPES  # the rest ran on the dynamic model
+    assert fast.compiled_for({"image": np.zeros((50, 1, 8, 8), np.float32)})[0] is fast.compiled
+
+
 @pytest.mark.slow
 def test_efficientnet_int8_ir_is_integer_and_accurate(tmp_path):
     manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov")

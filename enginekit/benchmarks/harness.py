@@ -4,20 +4,30 @@ Per artifact: load (or compile) time, first-inference time, batch-1 latency dist
 warm-up for at least a minimum number of iterations AND a minimum duration, throughput over a
 batch-size sweep, artifact size, resident memory, threads; the raw latency samples are kept
 (thinned) so `compare` can judge noise. Machine and toolchain are recorded once per report.
+
+`bench_artifacts` measures each artifact in a fresh interpreter of its own: runtimes' thread pools
+(ONNX Runtime's spinning workers, OpenVINO's TBB arena, XNNPACK's pool, and whatever a build
+loaded before) compete for the same cores when they share a process, which moved latencies by
+7-56 % on this 2-core machine; alone, each matches its runtime's own tool (benchmarks/selfcheck).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from enginekit.benchmarks.latency import measure_latency
+from enginekit.errors import EnginekitError, InputError
 from enginekit.models.spec import Feeds, TensorSpec
 
 MAX_KEPT_SAMPLES = 2000
@@ -98,3 +108,41 @@ def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any
         "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},
         "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
     }
+
+
+def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isolate: bool = True) -> list[dict[str, Any]]:
+    """`bench_artifact` for each folder, each in its own process unless `isolate` is False."""
+    results = []
+    for index, folder in enumerate(folders, 1):
+        if sys.stderr.isatty():
+            sys.stderr.write(f"[{index}/{len(folders)}] benchmarking {folder}\n")
+        results.append(_bench_in_subprocess(Path(folder), settings) if isolate else bench_artifact(folder, settings))
+    return results
+
+
+def _bench_in_subprocess(folder: Path, settings: BenchSettings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="enginekit-bench-") as scratch:
+        out = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", "enginekit.benchmarks.harness", str(folder), json.dumps(asdict(settings)), str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        if done.returncode == InputError.exit_code:  # the worker's own one-line error, passed on
+            raise InputError(last)
+        if done.returncode != 0 or not out.is_file():
+            raise InputError(f"benchmark crashed: {last}", folder)
+        return json.loads(out.read_text())
+
+
+def _worker(argv: list[str]) -> None:
+    """Entry of the per-artifact process: folder, settings JSON, result path."""
+    folder, settings_json, out = argv
+    try:
+        result = bench_artifact(folder, BenchSettings(**json.loads(settings_json)))
+    except EnginekitError as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.exit(exc.exit_code)
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
