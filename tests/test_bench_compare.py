@@ -52,6 +52,22 @@ def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
     assert page.count("<svg") == 3 and "<script" not in page and "http" not in page
 
 
+def test_bench_isolates_each_artifact_and_interleaves_their_latency_slices(tmp_path):
+    """Each artifact in its own process, latency in rounds A B A B ... so machine drift hits both."""
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
+    from enginekit.build import BuildOptions, build_many
+
+    outcomes = build_many("digits_cnn", ["onnxruntime"], ["fp32", "int8"], tmp_path, BuildOptions(num_samples=64))
+    settings = BenchSettings(batch_sizes=(1,), min_iterations=30, min_seconds=0.3, rounds=3)
+    first, second = bench_artifacts([o.folder for o in outcomes], settings)
+    assert (first["precision"], second["precision"]) == ("fp32", "int8")
+    for entry in (first, second):
+        assert entry["latency_ms"]["iterations"] >= 30 and len(entry["latency_slices"]) == 3
+    order = sorted([(start, "A") for start, _ in first["latency_slices"]] + [(start, "B") for start, _ in second["latency_slices"]])
+    assert "".join(label for _, label in order) == "ABABAB"
+    assert first["rss_mb"] is not None and first["load_s"] > 0  # measured in the worker, not here
+
+
 def test_bench_cli_on_a_folder_that_is_no_artifact_says_so_in_one_line(run_cli, tmp_path):
     """The per-artifact benchmark process passes its one-line error on; no report is written."""
     (tmp_path / "empty").mkdir()

@@ -127,3 +127,15 @@ def test_corrupt_bin_is_a_clear_error(digits_builds, tmp_path):
 def test_read_back_manifest(digits_builds):
     folder, manifest = digits_builds["int8"]
     assert read_manifest(folder) == manifest and manifest["target"] == "openvino"
+
+
+def test_bench_sweeps_openvino_streams(digits_builds):
+    """OpenVINO's throughput over 1..threads streams goes into the report entry."""
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifact, stream_counts
+
+    folder, _ = digits_builds["int8"]
+    entry = bench_artifact(folder, BenchSettings(threads=2, batch_sizes=(1, 4), min_iterations=10, min_seconds=0.2, rounds=2))
+    assert [s["streams"] for s in entry["stream_throughput"]] == [1, 2] == stream_counts(2)
+    assert all(s["throughput_per_s"] > 0 and s["requests"] >= s["streams"] for s in entry["stream_throughput"])
+    assert entry["best_throughput_per_s"] == max(s["throughput_per_s"] for s in entry["throughput"] + entry["stream_throughput"])
+    assert stream_counts(6) == [1, 2, 4, 6] and stream_counts(1) == [1]

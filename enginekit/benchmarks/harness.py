@@ -5,15 +5,20 @@ warm-up for at least a minimum number of iterations AND a minimum duration, thro
 batch-size sweep, artifact size, resident memory, threads; the raw latency samples are kept
 (thinned) so `compare` can judge noise. Machine and toolchain are recorded once per report.
 
-`bench_artifacts` measures each artifact in a fresh interpreter of its own: runtimes' thread pools
-(ONNX Runtime's spinning workers, OpenVINO's TBB arena, XNNPACK's pool, and whatever a build
-loaded before) compete for the same cores when they share a process, which moved latencies by
-7-56 % on this 2-core machine; alone, each matches its runtime's own tool (benchmarks/selfcheck).
+Two rules keep the numbers comparable on a shared machine:
+- each artifact runs in a Python process of its own (`bench_artifacts`): runtimes' thread pools
+  (ONNX Runtime's spinning workers, OpenVINO's TBB arena, XNNPACK's pool, and whatever a build
+  loaded before) compete for the cores when they share a process, which moved latencies by
+  7-56 % on this 2-core machine; alone, each matches its runtime's own tool (benchmarks/selfcheck);
+- the latency is measured in `rounds` slices, interleaved across the artifacts (A B C A B C ...),
+  so a machine whose speed drifts over minutes (this VM: tens of percent) slows every artifact
+  alike instead of whichever happened to run during the slow minute; speed-ups stay stable.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.benchmarks.latency import measure_latency
+from enginekit.benchmarks.latency import LatencyStats, measure_latency
 from enginekit.errors import EnginekitError, InputError
 from enginekit.models.spec import Feeds, TensorSpec
 
 MAX_KEPT_SAMPLES = 2000
+SLICE_WARMUP = 3  # unrecorded runs at the start of each slice: caches went cold while others ran
 
 
 @dataclass
@@ -39,7 +45,8 @@ class BenchSettings:
     batch_sizes: Sequence[int] = (1, 4, 16)
     warmup: int = 10
     min_iterations: int = 50
-    min_seconds: float = 1.0
+    min_seconds: float = 2.0
+    rounds: int = 5  # latency slices per artifact, interleaved across artifacts
     sequence: int = 128  # size of a "sequence" dim
 
 
@@ -69,80 +76,171 @@ def bench_feeds(manifest: dict[str, Any], batch: int, sequence: int) -> Feeds:
     return random_feeds(inputs, dims)
 
 
-def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any]:
-    from enginekit.engines.registry import load_runner
+class ArtifactBench:
+    """One artifact's runner and measurements: load, first inference, latency slices, then the rest."""
 
-    folder = Path(folder)
-    rss_before = _rss_mb()
-    start = time.perf_counter()
-    runner, manifest = load_runner(folder, threads=settings.threads)
-    load_s = time.perf_counter() - start
-    one = bench_feeds(manifest, 1, settings.sequence)
-    start = time.perf_counter()
-    runner.infer(one)
-    first_ms = (time.perf_counter() - start) * 1e3
-    samples: list[int] = []
-    stats = measure_latency(lambda: runner.infer(one), settings.warmup, settings.min_iterations, settings.min_seconds, record=samples)
-    batch_dynamic = any(i["shape"] and i["shape"][0] == "batch" for i in manifest["inputs"])
-    sweep = []
-    for batch in (settings.batch_sizes if batch_dynamic else (1,)):
-        feeds = bench_feeds(manifest, batch, settings.sequence)
-        batch_stats = measure_latency(lambda f=feeds: runner.infer(f), 3, max(5, settings.min_iterations // 5), settings.min_seconds / 2)
-        sweep.append({"batch": batch, "mean_ms": batch_stats.mean_ms, "throughput_per_s": batch * 1e3 / batch_stats.mean_ms})
-    thinned = np.array(samples[:: max(1, len(samples) // MAX_KEPT_SAMPLES)], np.float64) / 1e6
-    accuracy = manifest.get("accuracy", {}).get("metrics", {})
-    return {
-        "artifact": str(folder),
-        "model": manifest.get("model"),
-        "target": "onnxruntime" if manifest.get("target") == "onnx" else manifest.get("target"),
-        "precision": manifest.get("precision"),
-        "size_mb": sum(f["bytes"] for f in manifest.get("files", []) if not f["path"].endswith(".json")) / 1e6,
-        "load_s": load_s,
-        "first_inference_ms": first_ms,
-        "latency_ms": stats.to_json(),
-        "latency_samples_ms": [round(float(v), 5) for v in thinned],
-        "throughput": sweep,
-        "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep),
-        "rss_mb": _rss_mb() - rss_before if np.isfinite(rss_before) else None,
-        "threads": settings.threads or os.cpu_count(),
-        "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},
-        "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
-    }
+    def __init__(self, folder: str | Path, settings: BenchSettings):
+        from enginekit.engines.registry import load_runner
+
+        self.folder, self.settings = Path(folder), settings
+        self.rss_before = _rss_mb()
+        start = time.perf_counter()
+        self.runner, self.manifest = load_runner(self.folder, threads=settings.threads)
+        self.load_s = time.perf_counter() - start
+        self.one = bench_feeds(self.manifest, 1, settings.sequence)
+        start = time.perf_counter()
+        self.runner.infer(self.one)
+        self.first_ms = (time.perf_counter() - start) * 1e3
+        for _ in range(settings.warmup):
+            self.runner.infer(self.one)
+        self.samples: list[int] = []
+        self.slices: list[list[float]] = []  # wall-clock [start, end] of each latency slice
+
+    def measure_slice(self) -> None:
+        """One of `rounds` latency slices: together they meet min_iterations AND min_seconds."""
+        rounds = max(1, self.settings.rounds)
+        start = time.time()
+        measure_latency(lambda: self.runner.infer(self.one), SLICE_WARMUP, math.ceil(self.settings.min_iterations / rounds),
+                        self.settings.min_seconds / rounds, record=self.samples)
+        self.slices.append([start, time.time()])
+
+    def finish(self) -> dict[str, Any]:
+        """The batch sweep and the result entry (after all latency slices)."""
+        settings, manifest = self.settings, self.manifest
+        batch_dynamic = any(i["shape"] and i["shape"][0] == "batch" for i in manifest["inputs"])
+        sweep = []
+        for batch in (settings.batch_sizes if batch_dynamic else (1,)):
+            feeds = bench_feeds(manifest, batch, settings.sequence)
+            batch_stats = measure_latency(lambda f=feeds: self.runner.infer(f), 3, max(5, settings.min_iterations // 5), settings.min_seconds / 4)
+            sweep.append({"batch": batch, "mean_ms": batch_stats.mean_ms, "throughput_per_s": batch * 1e3 / batch_stats.mean_ms})
+        streams = []
+        if hasattr(self.runner, "stream_throughput"):  # runtimes with a streams concept (OpenVINO)
+            for count in stream_counts(settings.threads or os.cpu_count() or 1):
+                rate, requests = self.runner.stream_throughput(self.one, count, settings.min_seconds / 4)
+                streams.append({"streams": count, "requests": requests, "throughput_per_s": rate})
+        samples = np.array(self.samples, np.int64)
+        thinned = samples[:: max(1, len(samples) // MAX_KEPT_SAMPLES)].astype(np.float64) / 1e6
+        accuracy = manifest.get("accuracy", {}).get("metrics", {})
+        return {
+            "artifact": str(self.folder),
+            "model": manifest.get("model"),
+            "target": "onnxruntime" if manifest.get("target") == "onnx" else manifest.get("target"),
+            "precision": manifest.get("precision"),
+            "size_mb": sum(f["bytes"] for f in manifest.get("files", []) if not f["path"].endswith(".json")) / 1e6,
+            "load_s": self.load_s,
+            "first_inference_ms": self.first_ms,
+            "latency_ms": LatencyStats.from_samples(samples).to_json(),
+            "latency_samples_ms": [round(float(v), 5) for v in thinned],
+            "latency_slices": self.slices,
+            "throughput": sweep,
+            "stream_throughput": streams,
+            "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep + streams),
+            "rss_mb": _rss_mb() - self.rss_before if np.isfinite(self.rss_before) else None,
+            "threads": settings.threads or os.cpu_count(),
+            "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},
+            "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
+        }
+
+
+def stream_counts(threads: int) -> list[int]:
+    """1, 2, 4, ... up to the thread count, and the thread count itself."""
+    counts = [1 << i for i in range(threads.bit_length()) if 1 << i <= threads]
+    return counts if counts[-1] == threads else counts + [threads]
+
+
+def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any]:
+    """One artifact in this process, its latency slices back to back."""
+    bench = ArtifactBench(folder, settings)
+    for _ in range(max(1, settings.rounds)):
+        bench.measure_slice()
+    return bench.finish()
 
 
 def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isolate: bool = True) -> list[dict[str, Any]]:
-    """`bench_artifact` for each folder, each in its own process unless `isolate` is False."""
-    results = []
-    for index, folder in enumerate(folders, 1):
-        if sys.stderr.isatty():
-            sys.stderr.write(f"[{index}/{len(folders)}] benchmarking {folder}\n")
-        results.append(_bench_in_subprocess(Path(folder), settings) if isolate else bench_artifact(folder, settings))
-    return results
-
-
-def _bench_in_subprocess(folder: Path, settings: BenchSettings) -> dict[str, Any]:
+    """Every folder measured in its own process (unless `isolate` is False), latency slices interleaved."""
+    if not isolate:
+        return [bench_artifact(folder, settings) for folder in folders]
+    tty = sys.stderr.isatty()
     with tempfile.TemporaryDirectory(prefix="enginekit-bench-") as scratch:
-        out = Path(scratch) / "result.json"
-        command = [sys.executable, "-m", "enginekit.benchmarks.harness", str(folder), json.dumps(asdict(settings)), str(out)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        if done.returncode == InputError.exit_code:  # the worker's own one-line error, passed on
+        workers: list[_Worker] = []
+        try:
+            for index, folder in enumerate(folders):  # loaded one at a time: load times are not shared
+                if tty:
+                    sys.stderr.write(f"[{index + 1}/{len(folders)}] loading {folder}\n")
+                workers.append(_Worker(Path(folder), settings, Path(scratch) / str(index)))
+            for round_index in range(max(1, settings.rounds)):
+                if tty:
+                    sys.stderr.write(f"latency round {round_index + 1}/{max(1, settings.rounds)}\n")
+                for worker in workers:
+                    worker.ask("measure")
+            results = []
+            for worker in workers:
+                if tty:
+                    sys.stderr.write(f"batch sweep: {worker.folder}\n")
+                results.append(worker.finish())
+            return results
+        finally:
+            for worker in workers:
+                worker.stop()
+
+
+class _Worker:
+    """A `python -m enginekit.benchmarks.harness` process serving one artifact over stdin/stdout."""
+
+    def __init__(self, folder: Path, settings: BenchSettings, scratch: Path):
+        self.folder, self.result = folder, scratch.with_suffix(".json")
+        self.log = open(scratch.with_suffix(".log"), "w+")
+        command = [sys.executable, "-m", "enginekit.benchmarks.harness", str(folder), json.dumps(asdict(settings))]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._expect("ready")
+
+    def ask(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        self._expect("done")
+
+    def finish(self) -> dict[str, Any]:
+        self.ask(f"finish {self.result}")
+        return json.loads(self.result.read_text())
+
+    def _expect(self, word: str) -> None:
+        if self.process.stdout.readline().strip() == word:
+            return
+        code = self.process.wait()
+        self.log.seek(0)
+        last = (self.log.read().strip().splitlines() or [f"exit code {code}"])[-1]
+        if code == InputError.exit_code:  # the worker's own one-line error, passed on
             raise InputError(last)
-        if done.returncode != 0 or not out.is_file():
-            raise InputError(f"benchmark crashed: {last}", folder)
-        return json.loads(out.read_text())
+        raise InputError(f"benchmark crashed: {last}", self.folder)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
-def _worker(argv: list[str]) -> None:
-    """Entry of the per-artifact process: folder, settings JSON, result path."""
-    folder, settings_json, out = argv
+def _serve(folder: str, settings_json: str) -> None:
+    """Worker side: load, say "ready", then answer "measure" (one latency slice) and "finish PATH"."""
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the runtimes print goes to the log, never into the protocol
+    sys.stdout = sys.stderr
     try:
-        result = bench_artifact(folder, BenchSettings(**json.loads(settings_json)))
+        bench = ArtifactBench(folder, BenchSettings(**json.loads(settings_json)))
     except EnginekitError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(exc.exit_code)
-    Path(out).write_text(json.dumps(result))
+    print("ready", file=protocol, flush=True)
+    for line in sys.stdin:
+        command, _, argument = line.strip().partition(" ")
+        if command == "measure":
+            bench.measure_slice()
+        elif command == "finish":
+            Path(argument).write_text(json.dumps(bench.finish()))
+            print("done", file=protocol, flush=True)
+            return
+        print("done", file=protocol, flush=True)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    _serve(*sys.argv[1:])

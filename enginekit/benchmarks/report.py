@@ -4,8 +4,9 @@ Schema `enginekit.report/1`:
   {"schema", "created", "machine", "toolchain", "settings", "artifacts": [entry, ...]}
 where each entry is what `harness.bench_artifact` returns (model, target, precision, size_mb,
 load_s, first_inference_ms, latency_ms {mean, std, min, p50, p90, p95, p99, max, iterations,
-seconds}, latency_samples_ms, throughput [{batch, mean_ms, throughput_per_s}],
-best_throughput_per_s, rss_mb, threads, accuracy {metric: value}).
+seconds}, latency_samples_ms, latency_slices [[start, end] wall clock], throughput [{batch,
+mean_ms, throughput_per_s}], stream_throughput [{streams, requests, throughput_per_s}] (OpenVINO;
+empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, threads, accuracy).
 """
 
 from __future__ import annotations

@@ -169,18 +169,35 @@ class OpenVinoRunner:
 
     def throughput(self, feeds: Feeds, requests: int = 0, seconds: float = 2.0) -> float:
         """Inferences per second with an AsyncInferQueue of `requests` (0: the plugin's optimal number)."""
-        import time
-
-        ov = require_openvino()
         compiled, _ = self.compiled_for(feeds)
-        queue = ov.AsyncInferQueue(compiled, requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        done = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            queue.start_async(feeds)
-            done += 1
-        queue.wait_all()
-        return done * len(next(iter(feeds.values()))) / (time.perf_counter() - start)
+        return _async_rate(compiled, feeds, requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"), seconds)
+
+    def stream_throughput(self, feeds: Feeds, streams: int, seconds: float = 1.0) -> tuple[float, int]:
+        """Inferences per second with `streams` CPU streams (THROUGHPUT hint, this runner's threads
+        split among them) and the plugin's optimal number of requests in flight; and that number."""
+        model = self.model.clone()
+        if self.specialise:
+            model.reshape({name: list(np.shape(value)) for name, value in feeds.items()})
+        compiled = self.core.compile_model(model, "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)})
+        requests = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        return _async_rate(compiled, feeds, requests, seconds), requests
+
+
+def _async_rate(compiled, feeds: Feeds, requests: int, seconds: float) -> float:
+    """Inferences per second keeping `requests` asynchronous inferences in flight (after one warm-up round)."""
+    import time
+
+    queue = require_openvino().AsyncInferQueue(compiled, requests)
+    for _ in range(requests):
+        queue.start_async(feeds)
+    queue.wait_all()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        queue.start_async(feeds)
+        done += 1
+    queue.wait_all()
+    return done * len(next(iter(feeds.values()))) / (time.perf_counter() - start)
 
 
 def _spec(port) -> TensorSpec:
