@@ -114,14 +114,17 @@ def main() -> None:
     for target in ("onnxruntime", "openvino"):
         ratios = np.array(ours[target]) / np.array(theirs[target])
         gap = float(np.median(ratios)) - 1
+        resampled = np.random.default_rng(0).choice(ratios, (2000, ratios.size))
+        low, high = np.percentile(np.median(resampled, axis=1), [5, 95]) - 1  # how sure the median is
         within = abs(gap) <= goals[target]
         results[target] = {"enginekit_p50_ms": ours[target], "reference_p50_ms": theirs[target], "reference": reference[target],
-                           "round_ratios": ratios.round(4).tolist(), "gap": gap, "goal": goals[target], "within_goal": within}
+                           "round_ratios": ratios.round(4).tolist(), "gap": gap, "gap_90ci": [float(low), float(high)],
+                           "goal": goals[target], "within_goal": within}
         rows.append([target, reference[target], float(np.median(ours[target])), float(np.median(theirs[target])),
                      f"{(ratios.min() - 1) * 100:+.1f}% .. {(ratios.max() - 1) * 100:+.1f}%",
-                     f"{gap * 100:+.1f}%", f"±{goals[target] * 100:.0f}%", "yes" if within else "NO"])
+                     f"{gap * 100:+.1f}%", f"{low * 100:+.1f}% .. {high * 100:+.1f}%", f"±{goals[target] * 100:.0f}%", "yes" if within else "NO"])
     print(f"\n{MODEL} FP32, batch 1, {THREADS} threads, {args.rounds} interleaved rounds of {args.seconds:g} s per side\n")
-    print(markdown_table(["runtime", "reference", "enginekit p50 ms", "reference p50 ms", "per-round gaps", "gap (median ratio)", "goal", "within"], rows))
+    print(markdown_table(["runtime", "reference", "enginekit p50 ms", "reference p50 ms", "per-round gaps", "gap (median ratio)", "90 % interval", "goal", "within"], rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.json}")
