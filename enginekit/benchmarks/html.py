@@ -73,14 +73,18 @@ def accuracy_plot(entries: list[dict[str, Any]]) -> str:
         parts.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/><text x="{pad - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:.3f}</text>')
     parts.append(f'<text x="{right / 2}" y="{height - 20}" font-size="12" text-anchor="middle">batch-1 p50 latency (ms)</text>')
     parts.append(f'<text x="14" y="{height / 2}" font-size="12" transform="rotate(-90 14 {height / 2})" text-anchor="middle">agreement with FP32</text>')
-    placed: list[tuple[float, float]] = []
-    for latency, value, index, entry in points:
-        x, y = _scale(latency, 0, x_high, pad, right), _scale(value, y_low, 1.0, height - pad, 20)
+    dots = [(_scale(latency, 0, x_high, pad, right), _scale(value, y_low, 1.0, height - pad, 20), index, entry) for latency, value, index, entry in points]
+    labels, placed = [], []
+    for x, y, index, entry in sorted(dots, key=lambda d: (d[1], d[0])):
+        # a label starts right of every dot it would run across, and stacks below labels it would hit;
+        # it takes its dot's colour, so the pairing stays readable when dots crowd together
+        label_x = max(dx for dx, dy, _, _ in dots if abs(dy - y) < 13 and 0 <= dx - x < 160) + 9
         label_y = y + 4
-        while any(abs(label_y - py) < 13 and abs(x - px) < 150 for px, py in placed):
-            label_y += 13  # stack labels of points that fall on each other
-        placed.append((x, label_y))
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{_color(index)}"/><text x="{x + 9:.1f}" y="{label_y:.1f}" font-size="11">{html.escape(artifact_key(entry))}</text>')
+        while any(abs(label_y - py) < 13 and abs(label_x - px) < 200 for px, py in placed):
+            label_y += 13
+        placed.append((label_x, label_y))
+        labels.append(f'<text x="{label_x:.1f}" y="{label_y:.1f}" font-size="11" fill="{_color(index)}">{html.escape(artifact_key(entry))}</text>')
+    parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{_color(index)}"/>' for x, y, index, _ in dots] + labels
     parts.append("</svg>")
     return "".join(parts)
 
