@@ -245,7 +245,8 @@ def _echo_build(output: Path, manifest: dict) -> None:
 @click.option("--min-iterations", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--min-seconds", type=click.FloatRange(0), default=2.0, show_default=True, help="Batch-1 latency time per artifact, all rounds together.")
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Latency slices per artifact, interleaved across the artifacts.")
-def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, rounds) -> None:
+@click.option("--cpus", default=None, help="Pin each benchmark process to these cores, e.g. 0,1 (recorded either way).")
+def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, rounds, cpus) -> None:
     """Benchmark artifact folders the same way and write one report (JSON, Markdown, HTML)."""
     from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
     from enginekit.benchmarks.report import make_report, markdown, write_report
@@ -254,7 +255,11 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, 
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise click.BadParameter(f"'{batch_sizes}' is not a comma-separated list of integers", param_hint="--batch-sizes") from None
-    settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds)
+    try:
+        cores = [int(c) for c in cpus.split(",") if c.strip()] if cpus else None
+    except ValueError:
+        raise click.BadParameter(f"'{cpus}' is not a comma-separated list of core numbers", param_hint="--cpus") from None
+    settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds, cpus=cores)
     report = make_report(bench_artifacts(artifacts, settings), settings)
     json_path, md_path, html_path = write_report(report, output)
     click.echo(markdown(report))

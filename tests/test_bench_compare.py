@@ -136,3 +136,22 @@ def test_compare_cli_exit_codes(run_cli, tmp_path):
     assert run_cli("compare", tmp_path / "old.json", tmp_path / "slow.json", "--max-regression", "0.9").code == 0
     bad = run_cli("compare", tmp_path / "old.json", tmp_path / "missing.json")
     assert bad.code == 2 and "report not found" in bad.error_line
+
+
+def test_bench_pins_to_the_given_cores_and_records_them(tmp_path):
+    import os
+
+    from enginekit.benchmarks.harness import BenchSettings, bench_artifact, bench_artifacts
+    from enginekit.build import build
+    from enginekit.errors import InputError
+
+    build("digits_cnn", "onnxruntime", "fp32", tmp_path / "a")
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    settings = BenchSettings(threads=1, batch_sizes=(1,), min_iterations=10, min_seconds=0.1, rounds=1, cpus=[core])
+    assert bench_artifacts([tmp_path / "a"], settings)[0]["cpus"] == [core]  # in the worker process
+    assert bench_artifact(tmp_path / "a", settings)["cpus"] == [core]  # in this one, then undone
+    assert os.sched_getaffinity(0) == before
+    assert bench_artifact(tmp_path / "a", BenchSettings(batch_sizes=(1,), min_iterations=5, min_seconds=0.05, rounds=1))["cpus"] == sorted(before)
+    with pytest.raises(InputError, match="cannot pin to core"):
+        bench_artifacts([tmp_path / "a"], BenchSettings(cpus=[max(before) + 1000]))

@@ -48,6 +48,18 @@ class BenchSettings:
     min_seconds: float = 2.0
     rounds: int = 5  # latency slices per artifact, interleaved across artifacts
     sequence: int = 128  # size of a "sequence" dim
+    cpus: Sequence[int] | None = None  # pin the measuring process (and the runtime's threads) to these cores
+
+
+def pin_cpus(cpus: Sequence[int] | None) -> list[int]:
+    """Restrict this process to `cpus` (threads created afterwards inherit it); the cores in use."""
+    if cpus:
+        available = sorted(os.sched_getaffinity(0))
+        unknown = sorted(set(cpus) - set(available))
+        if unknown:
+            raise InputError(f"cannot pin to core(s) {unknown}: this process may use cores {available}")
+        os.sched_setaffinity(0, set(cpus))
+    return sorted(os.sched_getaffinity(0))
 
 
 def _rss_mb() -> float:
@@ -83,6 +95,7 @@ class ArtifactBench:
         from enginekit.engines.registry import load_runner
 
         self.folder, self.settings = Path(folder), settings
+        self.cpus = pin_cpus(settings.cpus)  # before the runtime creates its thread pool
         self.rss_before = _rss_mb()
         start = time.perf_counter()
         self.runner, self.manifest = load_runner(self.folder, threads=settings.threads)
@@ -137,6 +150,7 @@ class ArtifactBench:
             "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep + streams),
             "rss_mb": _rss_mb() - self.rss_before if np.isfinite(self.rss_before) else None,
             "threads": settings.threads or os.cpu_count(),
+            "cpus": self.cpus,
             "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }
@@ -149,11 +163,15 @@ def stream_counts(threads: int) -> list[int]:
 
 
 def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any]:
-    """One artifact in this process, its latency slices back to back."""
-    bench = ArtifactBench(folder, settings)
-    for _ in range(max(1, settings.rounds)):
-        bench.measure_slice()
-    return bench.finish()
+    """One artifact in this process, its latency slices back to back (the process's cores restored after)."""
+    cores = os.sched_getaffinity(0)
+    try:
+        bench = ArtifactBench(folder, settings)
+        for _ in range(max(1, settings.rounds)):
+            bench.measure_slice()
+        return bench.finish()
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isolate: bool = True) -> list[dict[str, Any]]:
