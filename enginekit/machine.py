@@ -87,3 +87,14 @@ def toolchain(*packages: str) -> dict[str, str]:
         if version is not None:
             versions[name] = version
     return versions
+
+
+def process_memory_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status in MB (VmRSS now, VmHWM = peak); NaN off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

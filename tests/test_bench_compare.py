@@ -66,6 +66,7 @@ def test_bench_isolates_each_artifact_and_interleaves_their_latency_slices(tmp_p
     order = sorted([(start, "A") for start, _ in first["latency_slices"]] + [(start, "B") for start, _ in second["latency_slices"]])
     assert "".join(label for _, label in order) == "ABABAB"
     assert first["rss_mb"] is not None and first["load_s"] > 0  # measured in the worker, not here
+    assert first["peak_rss_mb"] > first["rss_mb"] > 0
 
 
 def test_bench_cli_on_a_folder_that_is_no_artifact_says_so_in_one_line(run_cli, tmp_path):

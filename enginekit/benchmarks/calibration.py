@@ -20,15 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from enginekit.machine import process_memory_mb
+
 MODEL = "efficientnet_lite0"
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-
-
-def _peak_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _worker(kind: str, samples: int, out: str) -> None:
@@ -36,7 +31,7 @@ def _worker(kind: str, samples: int, out: str) -> None:
     from enginekit.export.reference import load_fp32
 
     fp32 = load_fp32(MODEL)
-    baseline = _peak_rss_mb()
+    baseline = process_memory_mb("VmHWM")
     start = time.perf_counter()
     if kind == "ours":
         from enginekit.calibrate.pipeline import calibrate, write_tables
@@ -59,7 +54,7 @@ def _worker(kind: str, samples: int, out: str) -> None:
         quantize_static(str(fp32.path), str(Path(out) / f"ort_{kind}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=getattr(CalibrationMethod, kind))
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": process_memory_mb("VmHWM"), "baseline_rss_mb": baseline}))
 
 
 def _run_worker(kind: str, samples: int, out: Path) -> dict:

@@ -33,6 +33,7 @@ import numpy as np
 
 from enginekit.benchmarks.latency import LatencyStats, measure_latency
 from enginekit.errors import EnginekitError, InputError
+from enginekit.machine import process_memory_mb
 from enginekit.models.spec import Feeds, TensorSpec
 
 MAX_KEPT_SAMPLES = 2000
@@ -62,16 +63,6 @@ def pin_cpus(cpus: Sequence[int] | None) -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def _rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def bench_feeds(manifest: dict[str, Any], batch: int, sequence: int) -> Feeds:
     """Real samples when the artifact's model is in the zoo, seeded random inputs otherwise."""
     from enginekit.export.sources import random_feeds
@@ -96,7 +87,7 @@ class ArtifactBench:
 
         self.folder, self.settings = Path(folder), settings
         self.cpus = pin_cpus(settings.cpus)  # before the runtime creates its thread pool
-        self.rss_before = _rss_mb()
+        self.rss_before = process_memory_mb()
         start = time.perf_counter()
         self.runner, self.manifest = load_runner(self.folder, threads=settings.threads)
         self.load_s = time.perf_counter() - start
@@ -148,7 +139,8 @@ class ArtifactBench:
             "throughput": sweep,
             "stream_throughput": streams,
             "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep + streams),
-            "rss_mb": _rss_mb() - self.rss_before if np.isfinite(self.rss_before) else None,
+            "rss_mb": process_memory_mb() - self.rss_before if np.isfinite(self.rss_before) else None,
+            "peak_rss_mb": process_memory_mb("VmHWM"),  # the whole measuring process, interpreter and imports included
             "threads": settings.threads or os.cpu_count(),
             "cpus": self.cpus,
             "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},

@@ -6,7 +6,7 @@ where each entry is what `harness.bench_artifact` returns (model, target, precis
 load_s, first_inference_ms, latency_ms {mean, std, min, p50, p90, p95, p99, max, iterations,
 seconds}, latency_samples_ms, latency_slices [[start, end] wall clock], throughput [{batch,
 mean_ms, throughput_per_s}], stream_throughput [{streams, requests, throughput_per_s}] (OpenVINO;
-empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, threads, cpus (cores it ran on), accuracy).
+empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, peak_rss_mb, threads, cpus (cores it ran on), accuracy).
 """
 
 from __future__ import annotations
