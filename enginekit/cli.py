@@ -251,19 +251,21 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, 
     from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
     from enginekit.benchmarks.report import make_report, markdown, write_report
 
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
-    except ValueError:
-        raise click.BadParameter(f"'{batch_sizes}' is not a comma-separated list of integers", param_hint="--batch-sizes") from None
-    try:
-        cores = [int(c) for c in cpus.split(",") if c.strip()] if cpus else None
-    except ValueError:
-        raise click.BadParameter(f"'{cpus}' is not a comma-separated list of core numbers", param_hint="--cpus") from None
+    sizes = tuple(_integers(batch_sizes, "--batch-sizes", "integers"))
+    cores = _integers(cpus, "--cpus", "core numbers") if cpus else None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds, cpus=cores)
     report = make_report(bench_artifacts(artifacts, settings), settings)
     json_path, md_path, html_path = write_report(report, output)
     click.echo(markdown(report))
     click.echo(f"\nwrote {json_path}, {md_path} and {html_path}")
+
+
+def _integers(text: str, option: str, what: str) -> list[int]:
+    """A comma-separated option value as integers, or a usage error naming the option."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of {what}", param_hint=option) from None
 
 
 @cli.command()

@@ -51,6 +51,9 @@ class BenchSettings:
     sequence: int = 128  # size of a "sequence" dim
     cpus: Sequence[int] | None = None  # pin the measuring process (and the runtime's threads) to these cores
 
+    def __post_init__(self) -> None:
+        self.rounds = max(1, self.rounds)
+
 
 def pin_cpus(cpus: Sequence[int] | None) -> list[int]:
     """Restrict this process to `cpus` (threads created afterwards inherit it); the cores in use."""
@@ -102,7 +105,7 @@ class ArtifactBench:
 
     def measure_slice(self) -> None:
         """One of `rounds` latency slices: together they meet min_iterations AND min_seconds."""
-        rounds = max(1, self.settings.rounds)
+        rounds = self.settings.rounds
         start = time.time()
         measure_latency(lambda: self.runner.infer(self.one), SLICE_WARMUP, math.ceil(self.settings.min_iterations / rounds),
                         self.settings.min_seconds / rounds, record=self.samples)
@@ -159,7 +162,7 @@ def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any
     cores = os.sched_getaffinity(0)
     try:
         bench = ArtifactBench(folder, settings)
-        for _ in range(max(1, settings.rounds)):
+        for _ in range(settings.rounds):
             bench.measure_slice()
         return bench.finish()
     finally:
@@ -178,9 +181,9 @@ def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isol
                 if tty:
                     sys.stderr.write(f"[{index + 1}/{len(folders)}] loading {folder}\n")
                 workers.append(_Worker(Path(folder), settings, Path(scratch) / str(index)))
-            for round_index in range(max(1, settings.rounds)):
+            for round_index in range(settings.rounds):
                 if tty:
-                    sys.stderr.write(f"latency round {round_index + 1}/{max(1, settings.rounds)}\n")
+                    sys.stderr.write(f"latency round {round_index + 1}/{settings.rounds}\n")
                 for worker in workers:
                     worker.ask("measure")
             results = []

@@ -153,11 +153,17 @@ class OpenVinoRunner:
         if key not in self._static:
             if len(self._static) >= SPECIALISED_SHAPES:
                 return self.compiled, self.request
-            model = self.model.clone()
-            model.reshape({name: list(shape) for name, shape in key})
-            compiled = self.core.compile_model(model, "CPU", self.config)
+            compiled = self.core.compile_model(self._model_for(feeds), "CPU", self.config)
             self._static[key] = (compiled, compiled.create_infer_request())
         return self._static[key]
+
+    def _model_for(self, feeds: Feeds):
+        """The model reshaped to the shapes of `feeds` when specialising, else the dynamic one."""
+        if not self.specialise:
+            return self.model
+        model = self.model.clone()
+        model.reshape({name: list(np.shape(value)) for name, value in feeds.items()})
+        return model
 
     def infer(self, feeds: Feeds) -> list[np.ndarray]:
         compiled, request = self.compiled_for(feeds)
@@ -175,10 +181,7 @@ class OpenVinoRunner:
     def stream_throughput(self, feeds: Feeds, streams: int, seconds: float = 1.0) -> tuple[float, int]:
         """Inferences per second with `streams` CPU streams (THROUGHPUT hint, this runner's threads
         split among them) and the plugin's optimal number of requests in flight; and that number."""
-        model = self.model.clone()
-        if self.specialise:
-            model.reshape({name: list(np.shape(value)) for name, value in feeds.items()})
-        compiled = self.core.compile_model(model, "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)})
+        compiled = self.core.compile_model(self._model_for(feeds), "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)})
         requests = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         return _async_rate(compiled, feeds, requests, seconds), requests
 
