@@ -39,7 +39,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write one file so readers see the old content or the complete new one: `write` fills a
     temporary file beside `path`, which is fsynced and renamed over it (removed on failure)."""
-    path = Path(path)
+    from enginekit.outputs import resolved
+
+    path = resolved(path)  # a link is followed, never replaced by a file
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix, which some writers check
     try:
@@ -77,9 +79,10 @@ def staged_artifact(final: str | Path) -> Iterator[Path]:
     The staging folder is a sibling of `final` so the publishing rename never crosses file systems.
     An existing artifact at `final` stays intact until the new one is complete.
     """
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise InputError("output path exists and is not a folder", final)
+    from enginekit.outputs import ARTIFACT, Output, check_outputs, resolved
+
+    final = resolved(final)  # a link is followed: the artifact lands where it points, judged as that folder
+    check_outputs([Output(final, ARTIFACT)])  # never replace a folder enginekit did not write
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; artifacts get the usual permissions

@@ -25,6 +25,7 @@ from enginekit.errors import InputError
 from enginekit.export.onnx_graph import graph_inputs, tensor_specs
 from enginekit.export.reference import Fp32Model, load_fp32
 from enginekit.machine import machine_info, toolchain
+from enginekit.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
 from enginekit.quantize import accuracy
 from enginekit.quantize.pipeline import QuantizeOptions, build_qdq, evaluation_batches
 
@@ -115,9 +116,11 @@ def cached_artifact(out: Path, key: str) -> dict[str, Any] | None:
 
 def build(model: str | Path, target: str, precision: str, out: str | Path, options: BuildOptions | None = None) -> dict[str, Any]:
     options = options or BuildOptions()
+    check_outputs([Output(Path(out), ARTIFACT)], _inputs(model, options))
     check_target(target, precision)
     conditions = accuracy.parse_conditions(options.min_accuracy)
     fp32 = load_fp32(model, options.allow_unsafe_keras)
+    check_outputs([Output(Path(out), ARTIFACT)], [fp32.path])
     key = build_key(fp32, target, precision, options)
     cached = cached_artifact(Path(out), key)
     if cached is not None:
@@ -165,6 +168,12 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
             "machine": machine_info(),
         })
     return manifest
+
+
+def _inputs(model: str | Path, options: BuildOptions) -> list[str | Path | None]:
+    """Every path a build reads (outputs must not overwrite or contain them)."""
+    table = None if options.table_from_settings else options.table
+    return [model, table, options.calib_data, options.quantize.eval_data]
 
 
 def _table(fp32: Fp32Model, options: BuildOptions, stage: Path) -> CalibrationTable:
@@ -320,6 +329,7 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
     share one CalibrationTable, made once."""
     from enginekit.errors import MissingDependencyError
 
+    check_outputs([Output(Path(out), BUILD_ROOT)], _inputs(model, options))
     outcomes, runnable = [], []
     for target in targets:
         if target not in TARGET_PRECISIONS:

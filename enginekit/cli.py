@@ -70,9 +70,11 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit.calibrate.pipeline import calibrate as run_calibration
-    from enginekit.calibrate.pipeline import side_by_side, write_tables
+    from enginekit.calibrate.pipeline import side_by_side, table_outputs, write_tables
+    from enginekit.outputs import check_outputs
 
     methods = ["minmax", "percentile", "entropy", "mse"] if method == "all" else [method]
+    check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), [model, data])
     run = run_calibration(model, data, methods, pct, num_samples, batch_size, skip_nonfinite, threads)
     for note in run.warnings:
         click.echo(f"warning: {note}", err=True)
@@ -251,6 +253,9 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, 
     from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
     from enginekit.benchmarks.report import make_report, markdown, write_report
 
+    from enginekit.outputs import REPORT, Output, check_outputs, report_paths
+
+    check_outputs([Output(p, REPORT) for p in report_paths(output)], artifacts)
     sizes = tuple(_integers(batch_sizes, "--batch-sizes", "integers"))
     cores = _integers(cpus, "--cpus", "core numbers") if cpus else None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds, cpus=cores)

@@ -78,8 +78,11 @@ def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path, 
     from enginekit.artifacts import atomic_write
     from enginekit.benchmarks.html import render_html
 
+    from enginekit.outputs import REPORT, Output, check_outputs, report_paths
+
     path = Path(path)
     md_path, html_path = path.with_suffix(".md"), path.with_suffix(".html")
+    check_outputs([Output(p, REPORT) for p in report_paths(path)])
     for target, text in ((path, json.dumps(report, indent=1) + "\n"), (md_path, markdown(report) + "\n"), (html_path, render_html(report))):
         atomic_write(target, lambda p, t=text: p.write_text(t))
     return path, md_path, html_path

@@ -16,6 +16,7 @@ from enginekit.calibrate.methods import DEFAULT_PERCENTILE, compute_amax
 from enginekit.calibrate.table import CalibrationTable, TensorRange
 from enginekit.console import markdown_table
 from enginekit.errors import InputError
+from enginekit.outputs import TABLE, TRT_CACHE, Output, check_outputs
 from enginekit.export.reference import Fp32Model, load_fp32
 from enginekit.quantize.placement import plan_quantization
 
@@ -86,11 +87,25 @@ def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> lis
     return tensors
 
 
+def table_path(output: Path, method: str, methods: Sequence[str]) -> Path:
+    """ranges.json for one method; ranges.<method>.json each for several."""
+    return output if len(methods) == 1 else output.with_name(f"{output.stem}.{method}{output.suffix or '.json'}")
+
+
+def table_outputs(output: Path, methods: Sequence[str], trt_cache: Path | None = None) -> list[Output]:
+    """Every file `write_tables` would write, for checking before any work starts."""
+    outputs = [Output(table_path(output, m, methods), TABLE) for m in methods]
+    return outputs + ([Output(trt_cache, TRT_CACHE)] if trt_cache is not None else [])
+
+
 def write_tables(run: CalibrationRun, output: Path, trt_cache: Path | None = None) -> list[Path]:
-    """ranges.json for one method; ranges.<method>.json for several. Each write is atomic."""
+    """ranges.json for one method; ranges.<method>.json for several. Each write is atomic, and
+    none replaces a file enginekit did not write."""
+    methods = list(run.tables)
+    check_outputs(table_outputs(output, methods, trt_cache), [run.model.path])
     written = []
     for method, table in run.tables.items():
-        path = output if len(run.tables) == 1 else output.with_name(f"{output.stem}.{method}{output.suffix or '.json'}")
+        path = table_path(output, method, methods)
         atomic_write(path, lambda p, t=table: t.save(p))
         written.append(path)
     if trt_cache is not None:

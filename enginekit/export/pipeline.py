@@ -16,6 +16,7 @@ from enginekit.export import onnx_graph
 from enginekit.export.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, ParityResult, check_parity
 from enginekit.export.sources import Source, resolve_source
 from enginekit.machine import machine_info, toolchain
+from enginekit.outputs import ARTIFACT, Output, check_outputs
 from enginekit.models.spec import Feeds
 
 MODEL_FILE = "model.onnx"
@@ -35,6 +36,7 @@ def export_model(
     options: ExportOptions = ExportOptions(), allow_unsafe_keras: bool = False,
 ) -> dict[str, Any]:
     """Export `model` into the artifact folder `out_dir`; returns the manifest written there."""
+    check_outputs([Output(Path(out_dir), ARTIFACT)], [model, weights])
     source = resolve_source(model, weights, input_shapes, allow_unsafe_keras)
     if not options.dynamic_batch:
         source = _fix_batch(source)

@@ -18,6 +18,7 @@ from enginekit.errors import InputError
 from enginekit.export.onnx_graph import graph_inputs, tensor_specs
 from enginekit.export.reference import Fp32Model, load_fp32
 from enginekit.machine import machine_info, toolchain
+from enginekit.outputs import ARTIFACT, Output, check_outputs
 from enginekit.quantize import accuracy
 from enginekit.quantize.bias_correction import correct_biases
 from enginekit.quantize.encoding import TARGET_ENCODING
@@ -93,7 +94,9 @@ def evaluation_batches(fp32: Fp32Model, options: QuantizeOptions):
 
 
 def quantize(model: str | Path, table_path: str | Path, out: str | Path, options: QuantizeOptions) -> dict[str, Any]:
+    check_outputs([Output(Path(out), ARTIFACT)], [model, table_path, options.data, options.eval_data])
     fp32 = load_fp32(model)
+    check_outputs([Output(Path(out), ARTIFACT)], [fp32.path])
     table = CalibrationTable.load(table_path)
     conditions = accuracy.parse_conditions(options.min_accuracy)
     qdq, details = build_qdq(fp32, table, options)
