@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.enginekit-installed
-EXTRAS := openvino,tflite,keras,dev,bench
+EXTRAS := zoo,openvino,tflite,keras,dev,bench
 
 .PHONY: demo test install clean
 

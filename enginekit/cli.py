@@ -1,15 +1,26 @@
-"""The `enginekit` command line. Every user-facing failure ends as one line on stderr:
-exit 2 for unusable input, exit 1 for a failed quality gate."""
+"""The `enginekit` command line: a thin layer that parses flags into calls of the public API
+(enginekit.api) and prints their results. Every user-facing failure ends as one line on stderr:
+exit 2 for unusable input, 1 for a failed quality gate, 130 when interrupted."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from enginekit import __version__
-from enginekit.errors import EnginekitError
+from enginekit.core.errors import EnginekitError
+
+# The flag that fixes an error about a setting, per command where the flags differ.
+_FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "evaluation_data": "--eval-data",
+          "targets": "--targets", "precisions": "--precisions", "encoding": "--encoding", "method": "--method",
+          "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
+          "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--profile",
+          "builder": "--builder"}
+_COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -20,6 +31,7 @@ def cli() -> None:
     \b
     Typical flow:
       enginekit zoo list                                   # the reference models
+      enginekit targets                                    # targets, precisions, availability here
       enginekit export -m efficientnet_lite0 -o out/onnx   # checked ONNX + parity
       enginekit export -m pkg.nets:build -w w.safetensors --input-shape x=batchx3x224x224
       enginekit export -m model.onnx -o out/onnx           # validate + normalize a file
@@ -28,7 +40,8 @@ def cli() -> None:
       enginekit build -m efficientnet_lite0 --targets onnxruntime,openvino,tensorrt \\
           --precisions fp32,int8 -o out/all
 
-    Exit codes: 0 ok, 1 a quality gate failed (parity, accuracy), 2 unusable input.
+    Exit codes: 0 ok, 1 a quality gate failed (parity, accuracy), 2 unusable input, 130 interrupted.
+    --debug (anywhere on the line) shows the traceback of an unexpected error.
     """
 
 
@@ -44,12 +57,13 @@ def cli() -> None:
 @click.option("--unsafe-allow-lambda", is_flag=True, help="Load a Keras file whose Lambda/custom layers run Python code from the file (only for files you trust).")
 def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min_cosine, unsafe_allow_lambda) -> None:
     """Export a model to ONNX, check it, and prove parity with its source."""
-    from enginekit.export.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
-    from enginekit.export.pipeline import ExportOptions, export_model
+    from enginekit import api
+    from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
 
-    options = ExportOptions(opset, dynamic_batch, DEFAULT_MAX_ABS if atol is None else atol, DEFAULT_MIN_COSINE if min_cosine is None else min_cosine)
     out = Path(output) if output else Path("artifacts") / _safe_name(model) / "onnx"
-    manifest = export_model(model, out, weights, input_shapes, options, allow_unsafe_keras=unsafe_allow_lambda)
+    manifest = api.export(model, out, weights=weights, input_shapes=input_shapes, opset=opset, dynamic_batch=dynamic_batch,
+                          max_abs=DEFAULT_MAX_ABS if atol is None else atol, min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                          allow_unsafe_keras=unsafe_allow_lambda)
     parity = manifest["parity"]
     io = ", ".join(f"{i['name']}{list(i['shape'])}" for i in manifest["inputs"])
     click.echo(f"wrote {out / 'model.onnx'} (opset {manifest['opset']}; inputs {io})")
@@ -69,28 +83,33 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
-    from enginekit.calibrate.pipeline import calibrate as run_calibration
-    from enginekit.calibrate.pipeline import side_by_side, table_outputs, write_tables
-    from enginekit.outputs import check_outputs
+    from enginekit import api
+    from enginekit.calibration.pipeline import side_by_side
 
-    methods = ["minmax", "percentile", "entropy", "mse"] if method == "all" else [method]
-    check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), [model, data])
-    run = run_calibration(model, data, methods, pct, num_samples, batch_size, skip_nonfinite, threads)
-    for note in run.warnings:
+    result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
+                           skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache)
+    for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
-    written = write_tables(run, Path(output), Path(trt_cache) if trt_cache else None)
-    table = next(iter(run.tables.values()))
-    click.echo(f"{run.model.name}: {len(run.histograms)} tensors, {table.num_samples} samples, data sha256 {table.data_sha256[:12]}")
-    click.echo(side_by_side(run))
-    for path in written:
+    table = next(iter(result.tables.values()))
+    click.echo(f"{result.model}: {len(result.histograms)} tensors, {table.num_samples} samples, data sha256 {table.data_sha256[:12]}")
+    click.echo(side_by_side(result.tables, result.histograms))
+    for path in result.written:
         click.echo(f"wrote {path}")
+
+
+def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report):
+    from enginekit.quantization.pipeline import QuantizeSettings
+
+    return QuantizeSettings(encoding=encoding, bias_correction=bias_correction, per_channel=not per_tensor,
+                            exclude_nodes=tuple(exclude_node), exclude_ops=tuple(exclude_op), exclude_after=tuple(exclude_after) or None,
+                            keep_first_last_float=keep_first_last_float, layer_report=report)
 
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="The FP32 model the table was made for (artifact folder, .onnx, zoo name).")
 @click.option("--table", "-t", "table_path", required=True, type=click.Path(dir_okay=False), help="CalibrationTable from `enginekit calibrate`.")
-@click.option("--target", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True, help="Chooses the integer encoding the target runs fastest.")
-@click.option("--encoding", type=click.Choice(["uint8", "int8", "mixed"]), default=None, help="Override: uint8 (ORT CPU), int8 (TensorRT), mixed (OpenVINO).")
+@click.option("--target", default="onnxruntime", show_default=True, help="The target to build (see `enginekit targets`); it chooses the integer encoding it runs fastest.")
+@click.option("--encoding", type=click.Choice(["uint8", "int8", "mixed"]), default=None, help="Override: uint8 (ORT CPU), int8 (TensorRT), mixed (OpenVINO), where the target accepts it.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Sequential bias correction on the calibration data.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
 @click.option("--exclude-node", multiple=True, help="Keep this node in float (repeatable).")
@@ -106,49 +125,32 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
 @click.option("--threads", type=int, default=None)
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
              keep_first_last_float, data, eval_data, eval_samples, min_accuracy, report, output, threads) -> None:
-    """Write the Q/DQ INT8 ONNX from a CalibrationTable, check its accuracy against FP32."""
-    import json
+    """Build the INT8 artifact of a target from a CalibrationTable (a build with a given table)."""
+    from enginekit import api
+    from enginekit.builder import BuildOptions
 
-    from enginekit.quantize.pipeline import QuantizeOptions
-    from enginekit.quantize.pipeline import quantize as run_quantize
-    from enginekit.quantize.report import format_layer_report
-
-    options = QuantizeOptions(
-        target=target, encoding=encoding, bias_correction=bias_correction, per_channel=not per_tensor,
-        exclude_nodes=exclude_node, exclude_ops=exclude_op, exclude_after=exclude_after or None,
-        keep_first_last_float=keep_first_last_float, data=data, eval_data=eval_data, eval_samples=eval_samples,
-        min_accuracy=min_accuracy, layer_report=report, threads=threads,
-    )
-    manifest = run_quantize(model, table_path, Path(output), options)
-    click.echo(f"wrote {Path(output) / 'model.int8.onnx'} ({manifest['encoding']} encoding, {manifest['calibration']['method']} ranges)")
-    _echo_accuracy(manifest)
-    if "integer_ops" in manifest:
-        ops = manifest["integer_ops"]
-        click.echo(f"ONNX Runtime runs {ops['integer_compute_ops']}/{ops['compute_ops']} compute ops as integer kernels")
-    if report:
-        click.echo(format_layer_report(json.loads((Path(output) / "layers.json").read_text())))
+    settings = _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report)
+    options = BuildOptions(calib_data=data, eval_data=eval_data, eval_samples=eval_samples, min_accuracy=min_accuracy,
+                           quantize=settings, threads=threads)
+    result = api.quantize(model, table_path, output, target, options)
+    _echo_build(result)
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     """Options from a YAML file become defaults, so flags on the command line still win."""
     if not value:
         return
-    import yaml
+    from enginekit.core.loaders import load_yaml_mapping
 
-    from enginekit.errors import InputError
-
-    try:
-        config = yaml.safe_load(Path(value).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML ({' '.join(str(exc).split())[:200]})", value) from None
-    if not isinstance(config, dict):
-        raise InputError("a build config must be a mapping of option names to values", value)
+    config = load_yaml_mapping(value)
     known = {p.name for p in ctx.command.params if p.name}
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
     aliases = {"target": "targets", "precision": "precisions", "profile": "profiles", "builder": "tensorrt_builder"}
     config = {aliases.get(k, k): v for k, v in config.items()}
     unknown = sorted(set(config) - known)
     if unknown:
+        from enginekit.core.errors import InputError
+
         raise InputError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'config'}))}", value)
     for key in ("targets", "precisions"):
         if isinstance(config.get(key), list):
@@ -160,7 +162,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 @cli.command()
 @click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
-@click.option("--targets", "--target", "targets", required=True, help="Comma-separated: onnxruntime, openvino, tflite, tensorrt.")
+@click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
 @click.option("--unsafe-allow-lambda", is_flag=True, help="Keras file with Lambda/custom layers: allow running its code (only for files you trust).")
@@ -185,58 +187,71 @@ def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, cal
     A target whose library or hardware is absent is listed as skipped with the reason when
     several are asked for; asked for alone, it is an error (exit 2).
     """
-    from enginekit.build import BuildOptions, build_many
-    from enginekit.build import build as build_one
-    from enginekit.console import markdown_table
-    from enginekit.engines.tensorrt.builder import parse_dim_ranges
-    from enginekit.quantize.pipeline import QuantizeOptions
+    from enginekit import api
+    from enginekit.builder import BuildOptions
+    from enginekit.core.console import markdown_table
+    from enginekit.targets.tensorrt.builder import parse_dim_ranges
 
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
-    options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples,
-                           quantize=QuantizeOptions(progress=True, eval_data=eval_data), min_accuracy=min_accuracy,
-                           threads=threads, dim_ranges=parse_dim_ranges(profiles), workspace_mb=workspace_mb,
-                           tensorrt_builder=tensorrt_builder, tflite_io=tflite_io, allow_unsafe_keras=unsafe_allow_lambda)
+    target_options = {"tensorrt": {"profile": parse_dim_ranges(profiles), "workspace_mb": workspace_mb, "builder": tensorrt_builder},
+                      "tflite": {"io": tflite_io}}
+    options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
+                           min_accuracy=min_accuracy, threads=threads, target_options=target_options, allow_unsafe_keras=unsafe_allow_lambda)
     if len(target_list) == 1 and len(precision_list) == 1:
-        manifest = build_one(model, target_list[0], precision_list[0], Path(output), options)
-        _echo_build(Path(output), manifest)
+        _echo_build(api.build(model, target_list[0], precision_list[0], output, options))
         return
+    cells = api.build_many(model, target_list, precision_list, output, options)
     rows = []
-    outcomes = build_many(model, target_list, precision_list, Path(output), options)
-    for outcome in outcomes:
-        if outcome.skipped:
-            rows.append([outcome.target, outcome.precision, "skipped", outcome.skipped])
+    for cell in cells:
+        if cell.skipped:
+            rows.append([cell.target, cell.precision, "skipped", cell.skipped])
             continue
-        metrics = outcome.manifest["accuracy"]["metrics"]
-        key = "top1_agreement" if "top1_agreement" in metrics else "cosine"
-        cached = " (cache hit)" if outcome.manifest.get("cache_hit") else ""
-        rows.append([outcome.target, outcome.precision, f"{outcome.folder}{cached}", f"{key} {metrics[key]:.4f}"])
+        cached = " (cache hit)" if cell.result.cache_hit else ""
+        rows.append([cell.target, cell.precision, f"{cell.folder}{cached}", _accuracy_cell(cell.manifest)])
     click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
-    built = [o.folder for o in outcomes if o.folder is not None]
+    built = [c.folder for c in cells if c.result is not None]
     if bench and built:
-        from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
-        from enginekit.benchmarks.report import make_report, markdown, write_report
+        from enginekit.benchmark.harness import BenchSettings
+        from enginekit.benchmark.report import markdown
 
-        settings = BenchSettings(threads=threads)
-        report = make_report(bench_artifacts(built, settings), settings)
-        report["skipped"] = [{"target": o.target, "precision": o.precision, "reason": o.skipped} for o in outcomes if o.skipped]
+        report = api.bench(built, settings=BenchSettings(threads=threads))
+        report["skipped"] = [{"target": c.target, "precision": c.precision, "reason": c.skipped} for c in cells if c.skipped]
+        from enginekit.benchmark.files import write_report
+
         paths = write_report(report, Path(output) / "report.json")
         click.echo("\n" + markdown(report))
         click.echo(f"\nreport: {paths[0]} (HTML: {paths[2]})")
 
 
-def _echo_accuracy(manifest: dict) -> None:
+def _accuracy_cell(manifest: dict[str, Any]) -> str:
+    metrics = manifest["accuracy"]["metrics"]
+    key = "top1_agreement" if "top1_agreement" in metrics else "cosine"
+    return f"{key} {metrics[key]:.4f}" if key in metrics else "-"
+
+
+def _echo_build(result) -> None:
+    manifest = result.manifest
+    cached = " (cache hit)" if result.cache_hit else ""
+    click.echo(f"wrote {result.folder} ({manifest['target']} {manifest['precision']}){cached}")
     metrics = manifest["accuracy"]["metrics"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
     click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
-
-
-def _echo_build(output: Path, manifest: dict) -> None:
-    click.echo(f"wrote {output} ({manifest['target']} {manifest['precision']})")
-    _echo_accuracy(manifest)
+    if "quantization" in manifest:
+        calibration = manifest.get("calibration", {})
+        click.echo(f"INT8 from the {manifest['quantization'].get('encoding')} encoding, {calibration.get('method')} ranges")
+    if "integer_ops" in manifest:
+        ops = manifest["integer_ops"]
+        click.echo(f"ONNX Runtime runs {ops['integer_compute_ops']}/{ops['compute_ops']} compute ops as integer kernels")
     executed = manifest.get("openvino", {}).get("executed")
     if executed:
         click.echo(f"OpenVINO executes {executed['compute_layers']} compute layers as {executed['by_precision']}")
+    if "layer_report" in manifest:
+        import json
+
+        from enginekit.quantization.report import format_layer_report
+
+        click.echo(format_layer_report(json.loads((Path(result.folder) / manifest["layer_report"]).read_text())))
 
 
 @cli.command()
@@ -250,17 +265,16 @@ def _echo_build(output: Path, manifest: dict) -> None:
 @click.option("--cpus", default=None, help="Pin each benchmark process to these cores, e.g. 0,1 (recorded either way).")
 def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, rounds, cpus) -> None:
     """Benchmark artifact folders the same way and write one report (JSON, Markdown, HTML)."""
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
-    from enginekit.benchmarks.report import make_report, markdown, write_report
+    from enginekit import api
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.benchmark.report import markdown
+    from enginekit.core.outputs import report_paths
 
-    from enginekit.outputs import REPORT, Output, check_outputs, report_paths
-
-    check_outputs([Output(p, REPORT) for p in report_paths(output)], artifacts)
     sizes = tuple(_integers(batch_sizes, "--batch-sizes", "integers"))
     cores = _integers(cpus, "--cpus", "core numbers") if cpus else None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds, cpus=cores)
-    report = make_report(bench_artifacts(artifacts, settings), settings)
-    json_path, md_path, html_path = write_report(report, output)
+    report = api.bench(artifacts, output, settings)
+    json_path, md_path, html_path = report_paths(output)
     click.echo(markdown(report))
     click.echo(f"\nwrote {json_path}, {md_path} and {html_path}")
 
@@ -281,15 +295,28 @@ def _integers(text: str, option: str, what: str) -> list[int]:
 @click.option("--min-effect", type=click.FloatRange(0), default=0.02, show_default=True, help="Smallest relative change called faster/slower.")
 def compare(old, new, max_regression, max_accuracy_drop, min_effect) -> None:
     """Compare two reports per artifact and metric; exit 1 on a regression beyond the limits."""
-    import sys
+    from enginekit import api
 
-    from enginekit.benchmarks.compare import compare_reports
-    from enginekit.benchmarks.report import load_report
-
-    result = compare_reports(load_report(old), load_report(new), max_regression, max_accuracy_drop, min_effect)
+    result = api.compare(old, new, max_regression, max_accuracy_drop, min_effect)
     click.echo(result.render())
     if result.failures:
         sys.exit(1)
+
+
+@cli.command()
+def targets() -> None:
+    """Every registered target: its precisions, INT8 encoding, and whether it can build here."""
+    from enginekit.core.console import markdown_table
+    from enginekit.targets.registry import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        target = get_target(name)
+        reasons = {p: target.unavailable(p) for p in target.precisions}
+        here = [p for p, reason in reasons.items() if reason is None]
+        missing = next((r for r in reasons.values() if r), "")
+        rows.append([name, ", ".join(target.precisions), target.encoding, ", ".join(here) or "none", missing])
+    click.echo(markdown_table(["target", "precisions", "int8 encoding", "buildable here", "why not"], rows))
 
 
 @cli.group()
@@ -321,15 +348,9 @@ def zoo_list() -> None:
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 def demo(output, threads) -> None:
     """Export every zoo model and print parity and ONNX Runtime FP32 batch-1 latency."""
-    from enginekit.benchmarks.demo import run_demo
+    from enginekit.benchmark.demo import run_demo
 
     click.echo(run_demo(Path(output), threads))
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _safe_name(model: str) -> str:
@@ -341,16 +362,33 @@ def _terminate(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def _message(exc: EnginekitError, argv: list[str]) -> str:
+    """The error's own line, plus the flag that fixes it where the error names a setting."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    flag = {**_FLAGS, **_COMMAND_FLAGS.get(command, {})}.get(exc.option or "")
+    return f"{exc} (see {flag})" if flag and flag not in str(exc) else str(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map errors to one line plus an exit code."""
     import signal
+    import threading
 
-    if threading_main():
+    from enginekit.core.progress import reporting
+    from enginekit.core.console import ProgressPrinter
+
+    # TensorFlow's C++ start-up chatter would bury enginekit's one-line messages
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("ENGINEKIT_DEBUG"))
+    args = [a for a in args if a != "--debug"]
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        cli.main(args=argv, prog_name="enginekit", standalone_mode=False)
+        with reporting(ProgressPrinter(sys.stderr)):
+            cli.main(args=args, prog_name="enginekit", standalone_mode=False)
     except EnginekitError as exc:
-        click.echo(f"enginekit: error: {exc}", err=True)
+        click.echo(f"enginekit: error: {_message(exc, args)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("enginekit: interrupted", err=True)
@@ -361,3 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("enginekit: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen library failure: one line, the traceback on request
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300] or "(no message)"
+        click.echo(f"enginekit: error: unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", err=True)
+        sys.exit(2)

@@ -13,4 +13,4 @@ nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
 for model in digits_cnn efficientnet_lite0 minilm_l6; do
   "$PY" -m enginekit build -m "$model" --targets tensorrt --precisions fp32,fp16,int8 -o "artifacts/verify-tensorrt/$model"
 done
-"$PY" -m enginekit.benchmarks.tensorrt --root artifacts/verify-tensorrt
+"$PY" -m studies.tensorrt --root artifacts/verify-tensorrt

@@ -42,7 +42,7 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """Export a zoo model once per session; returns (folder, manifest)."""
-    from enginekit.export.pipeline import export_model
+    from enginekit.exporter.pipeline import export_model
 
     cache: dict[str, tuple[Path, dict]] = {}
 

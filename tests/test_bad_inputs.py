@@ -132,7 +132,7 @@ def test_unknown_zoo_name_suggests_close_names(run_cli, tmp_path):
 
 def test_input_shape_for_an_unknown_input(run_cli, tmp_path):
     _expect_refusal(run_cli, tmp_path / "out", "--model", "digits_cnn", "--input-shape", "pixels=1x1x8x8",
-                    needle="--input-shape names ['pixels']")
+                    needle="input shapes name ['pixels']", names="--input-shape")
 
 
 def test_factory_returning_something_else(run_cli, tmp_path, monkeypatch):

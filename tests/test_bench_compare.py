@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from enginekit.benchmarks.compare import compare_reports, latency_verdict
-from enginekit.benchmarks.report import REPORT_SCHEMA, markdown
+from enginekit.benchmark.compare import compare_reports, latency_verdict
+from enginekit.benchmark.report import REPORT_SCHEMA, markdown
 
 
 @pytest.fixture(scope="module")
 def digits_report(tmp_path_factory):
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifact
-    from enginekit.benchmarks.report import make_report
-    from enginekit.build import build_many, BuildOptions
+    from enginekit.benchmark.harness import BenchSettings, bench_artifact
+    from enginekit.benchmark.report import make_report
+    from enginekit.builder import build_many, BuildOptions
 
     root = tmp_path_factory.mktemp("bench")
     outcomes = build_many("digits_cnn", ["onnxruntime"], ["fp32", "int8"], root, BuildOptions(num_samples=64))
@@ -41,7 +41,7 @@ def test_report_holds_the_measurements(digits_report):
 
 
 def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
-    from enginekit.build import build
+    from enginekit.builder import build
 
     build("digits_cnn", "onnxruntime", "fp32", tmp_path / "a")
     result = run_cli("bench", tmp_path / "a", "-o", tmp_path / "r.json", "--min-seconds", "0.1", "--min-iterations", "10", "--batch-sizes", "1")
@@ -54,8 +54,8 @@ def test_bench_cli_writes_json_and_markdown(run_cli, tmp_path):
 
 def test_bench_isolates_each_artifact_and_interleaves_their_latency_slices(tmp_path):
     """Each artifact in its own process, latency in rounds A B A B ... so machine drift hits both."""
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifacts
-    from enginekit.build import BuildOptions, build_many
+    from enginekit.benchmark.harness import BenchSettings, bench_artifacts
+    from enginekit.builder import BuildOptions, build_many
 
     outcomes = build_many("digits_cnn", ["onnxruntime"], ["fp32", "int8"], tmp_path, BuildOptions(num_samples=64))
     settings = BenchSettings(batch_sizes=(1,), min_iterations=30, min_seconds=0.3, rounds=3)
@@ -142,9 +142,9 @@ def test_compare_cli_exit_codes(run_cli, tmp_path):
 def test_bench_pins_to_the_given_cores_and_records_them(tmp_path):
     import os
 
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifact, bench_artifacts
-    from enginekit.build import build
-    from enginekit.errors import InputError
+    from enginekit.benchmark.harness import BenchSettings, bench_artifact, bench_artifacts
+    from enginekit.builder import build
+    from enginekit.core.errors import InputError
 
     build("digits_cnn", "onnxruntime", "fp32", tmp_path / "a")
     before = os.sched_getaffinity(0)

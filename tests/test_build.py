@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from enginekit.artifacts import read_manifest
-from enginekit.build import BuildOptions, build
+from enginekit.core.artifacts import read_manifest
+from enginekit.builder import BuildOptions, build
 
 
 def test_config_file_builds_and_reports(run_cli, tmp_path):
@@ -49,10 +49,10 @@ def test_unchanged_inputs_reuse_the_artifact_and_changes_rebuild(tmp_path):
     options = BuildOptions(num_samples=64)
     first = build("digits_cnn", "onnxruntime", "int8", out, options)
     again = build("digits_cnn", "onnxruntime", "int8", out, options)
-    assert again.get("cache_hit") and again["build_key"] == first["build_key"]
-    assert read_manifest(out) == first
+    assert again.cache_hit and again.manifest["build_key"] == first.manifest["build_key"]
+    assert read_manifest(out) == first.manifest and "cache_hit" not in first.manifest
     changed = build("digits_cnn", "onnxruntime", "int8", out, BuildOptions(num_samples=32))
-    assert not changed.get("cache_hit") and changed["build_key"] != first["build_key"]
+    assert not changed.cache_hit and changed.manifest["build_key"] != first.manifest["build_key"]
 
 
 def test_a_corrupted_cached_artifact_is_rebuilt(tmp_path):
@@ -61,7 +61,7 @@ def test_a_corrupted_cached_artifact_is_rebuilt(tmp_path):
     (out / "model.onnx").write_bytes(b"tampered")
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt = build("digits_cnn", "onnxruntime", "fp32", out)
-    assert not rebuilt.get("cache_hit") and (out / "model.onnx").stat().st_size > 1000
+    assert not rebuilt.cache_hit and (out / "model.onnx").stat().st_size > 1000
 
 
 def test_targets_sharing_an_encoding_share_one_bias_corrected_graph(tmp_path, monkeypatch):
@@ -69,12 +69,12 @@ def test_targets_sharing_an_encoding_share_one_bias_corrected_graph(tmp_path, mo
     and each artifact still gets the corrected graph (the TFLite one folds it into its weights)."""
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     pytest.importorskip("ai_edge_quantizer", reason="the tflite extra is not installed")
-    import enginekit.build as build_module
-    from enginekit.build import build_many
+    import enginekit.builder.session as session_module
+    from enginekit.builder import build_many
 
     calls = []
-    real = build_module.build_qdq
-    monkeypatch.setattr(build_module, "build_qdq", lambda *args: calls.append(args[2].resolved_encoding) or real(*args))
+    real = session_module.build_qdq
+    monkeypatch.setattr(session_module, "build_qdq", lambda *args: calls.append(args[3]) or real(*args))
     outcomes = build_many("digits_cnn", ["onnxruntime", "openvino", "tflite"], ["int8"], tmp_path, BuildOptions(num_samples=64))
     assert calls == ["uint8", "mixed"]  # onnxruntime's encoding, then one graph for openvino and tflite
     for outcome in outcomes:

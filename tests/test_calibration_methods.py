@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enginekit.calibrate import methods
-from enginekit.calibrate.histogram import TensorHistogram
-from enginekit.calibrate.table import CalibrationTable, TensorRange
+from enginekit.calibration import methods
+from enginekit.calibration.histogram import TensorHistogram
+from enginekit.calibration.table import CalibrationTable, TensorRange
 
 
 def _hist(values: np.ndarray, chunks: int = 10, bins: int = 2048) -> TensorHistogram:

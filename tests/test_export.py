@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
-from enginekit.artifacts import read_manifest, verify_files
-from enginekit.engines.onnxruntime import OrtRunner
+from enginekit.core.artifacts import read_manifest, verify_files
+from enginekit.targets.onnxruntime import OrtRunner
 from tests.conftest import assert_nothing_written
 
 
@@ -28,7 +28,7 @@ def test_efficientnet_export_has_dynamic_batch_and_tight_parity(exported):
     assert manifest["opset"] == 20
     runner = OrtRunner(folder / "model.onnx")
     for batch in (1, 3):
-        assert runner.infer({"image": np.zeros((batch, 3, 224, 224), np.float32)})[0].shape == (batch, 1000)
+        assert runner.infer({"image": np.zeros((batch, 3, 224, 224), np.float32)})["logits"].shape == (batch, 1000)
 
 
 def test_manifest_follows_the_schema_and_hashes_match(exported):
@@ -142,7 +142,7 @@ def test_factory_with_safetensors_weights(run_cli, user_package):
     module.load_state_dict(state)
     with torch.no_grad():
         expected = module.eval()(torch.from_numpy(feeds["x"])).numpy()
-    np.testing.assert_allclose(OrtRunner(out / "model.onnx").infer(feeds)[0], expected, atol=1e-5)
+    np.testing.assert_allclose(next(iter(OrtRunner(out / "model.onnx").infer(feeds).values())), expected, atol=1e-5)
 
 
 def test_factory_with_state_dict_pt(run_cli, user_package):

@@ -106,8 +106,8 @@ def test_dynamic_spatial_dims_ask_for_input_shape(run_cli, tmp_path):
 
 def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
     pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
-    from enginekit.build import BuildOptions, build
-    from enginekit.export.pipeline import export_model
+    from enginekit.builder import BuildOptions, build
+    from enginekit.exporter.pipeline import export_model
 
     path = tmp_path / "model.keras"
     _small_model().save(str(path))
@@ -116,8 +116,7 @@ def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
     import numpy as np
 
     np.save(data, np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
-    options = BuildOptions(calib_data=str(data), num_samples=16)
-    options.quantize.eval_data = str(data)
-    manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options)
+    options = BuildOptions(calib_data=str(data), num_samples=16, eval_data=str(data))
+    manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options).manifest
     assert manifest["tflite"]["route"].startswith("keras")
     assert manifest["accuracy"]["metrics"]["cosine"] > 0.99

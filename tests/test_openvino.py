@@ -10,16 +10,16 @@ from onnx import TensorProto, helper
 
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
-from enginekit.artifacts import read_manifest  # noqa: E402
-from enginekit.build import build  # noqa: E402
-from enginekit.engines import openvino as ov_target  # noqa: E402
+from enginekit.core.artifacts import read_manifest  # noqa: E402
+from enginekit.builder import build  # noqa: E402
+from enginekit.targets import openvino as ov_target  # noqa: E402
 from tests.conftest import assert_nothing_written  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def digits_builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("ov-digits")
-    return {p: (root / p, build("digits_cnn", "openvino", p, root / p)) for p in ("fp32", "int8")}
+    return {p: (root / p, build("digits_cnn", "openvino", p, root / p).manifest) for p in ("fp32", "int8")}
 
 
 def test_digits_int8_ir_runs_integer_kernels(digits_builds):
@@ -58,7 +58,7 @@ def test_runner_latency_and_throughput_modes(digits_builds):
     folder, _ = digits_builds["int8"]
     feeds = {"image": np.zeros((1, 1, 8, 8), np.float32)}
     runner = ov_target.OpenVinoRunner(folder, "int8", hint="THROUGHPUT", streams=2, threads=2)
-    assert runner.infer(feeds)[0].shape == (1, 10)
+    assert runner.infer(feeds)["logits"].shape == (1, 10)
     assert runner.config["NUM_STREAMS"] == "2" and runner.throughput(feeds, seconds=0.2) > 0
 
 
@@ -70,7 +70,7 @@ def test_runner_specialises_each_batch_shape_and_matches_the_dynamic_model(digit
     rng = np.random.default_rng(0)
     for batch in (1, 3, 1):
         feeds = {"image": rng.random((batch, 1, 8, 8), np.float32) * 16}
-        np.testing.assert_allclose(fast.infer(feeds)[0], dynamic.infer(feeds)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fast.infer(feeds)["logits"], dynamic.infer(feeds)["logits"], rtol=1e-5, atol=1e-5)
         compiled, _ = fast.compiled_for(feeds)
         assert compiled is not fast.compiled and compiled.inputs[0].get_partial_shape().is_static
         assert tuple(compiled.inputs[0].get_shape()) == (batch, 1, 8, 8)
@@ -83,7 +83,7 @@ def test_runner_specialises_each_batch_shape_and_matches_the_dynamic_model(digit
 
 @pytest.mark.slow
 def test_efficientnet_int8_ir_is_integer_and_accurate(tmp_path):
-    manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov")
+    manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov").manifest
     assert manifest["openvino"]["executed"]["integer_share"] > 0.9
     assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.90
 
@@ -131,7 +131,7 @@ def test_read_back_manifest(digits_builds):
 
 def test_bench_sweeps_openvino_streams(digits_builds):
     """OpenVINO's throughput over 1..threads streams goes into the report entry."""
-    from enginekit.benchmarks.harness import BenchSettings, bench_artifact, stream_counts
+    from enginekit.benchmark.harness import BenchSettings, bench_artifact, stream_counts
 
     folder, _ = digits_builds["int8"]
     entry = bench_artifact(folder, BenchSettings(threads=2, batch_sizes=(1, 4), min_iterations=10, min_seconds=0.2, rounds=2))

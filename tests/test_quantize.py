@@ -8,23 +8,24 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from enginekit.artifacts import read_manifest
-from enginekit.calibrate.pipeline import calibrate, write_tables
-from enginekit.quantize.pipeline import QuantizeOptions, quantize
+from enginekit.core.artifacts import read_manifest
+import enginekit as ek
+from enginekit.builder import BuildOptions
+from enginekit.calibration.pipeline import write_tables
+from enginekit.quantization.pipeline import QuantizeSettings
 from tests.conftest import assert_nothing_written
 
 
 @pytest.fixture(scope="module")
 def digits_tables(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits-cal")
-    run = calibrate("digits_cnn", None, ["minmax", "percentile", "entropy", "mse"], progress=False)
-    paths = write_tables(run, folder / "ranges.json")
+    paths = ek.calibrate("digits_cnn", None, methods=["minmax", "percentile", "entropy", "mse"], output=folder / "ranges.json").written
     return {path.stem.split(".")[-1]: path for path in paths}
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_digits_int8_accuracy_within_one_point_for_every_method(digits_tables, tmp_path, method):
-    manifest = quantize("digits_cnn", digits_tables[method], tmp_path / "q", QuantizeOptions(progress=False))
+    manifest = ek.quantize("digits_cnn", digits_tables[method], tmp_path / "q").manifest
     metrics = manifest["accuracy"]["metrics"]
     assert metrics["samples"] == 540  # the whole labelled test split
     assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
@@ -32,8 +33,8 @@ def test_digits_int8_accuracy_within_one_point_for_every_method(digits_tables, t
 
 
 def test_tables_are_byte_identical_for_the_same_inputs(digits_tables, tmp_path):
-    run = calibrate("digits_cnn", None, ["entropy"], progress=False)
-    again = write_tables(run, tmp_path / "ranges.json")[0]
+    run = ek.calibrate("digits_cnn", None, methods=["entropy"])
+    again = write_tables(run.tables, tmp_path / "ranges.json")[0]
     assert again.read_bytes() == digits_tables["entropy"].read_bytes()
 
 
@@ -52,8 +53,9 @@ def _quant_params(model: onnx.ModelProto):
 
 
 def test_tensorrt_encoding_is_symmetric_int8_with_per_channel_weights(digits_tables, tmp_path):
-    manifest = quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q", QuantizeOptions(target="tensorrt", progress=False))
-    assert manifest["encoding"] == "int8"
+    options = BuildOptions(quantize=QuantizeSettings(encoding="int8"))  # TensorRT's encoding, run by ONNX Runtime here
+    manifest = ek.quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q", options=options).manifest
+    assert manifest["quantization"]["encoding"] == "int8"
     model = onnx.load(str(tmp_path / "q" / "model.int8.onnx"))
     for scale, zero_point in _quant_params(model):
         assert zero_point.dtype == np.int8 and zero_point == 0 and scale > 0
@@ -64,7 +66,7 @@ def test_tensorrt_encoding_is_symmetric_int8_with_per_channel_weights(digits_tab
 
 
 def test_onnxruntime_encoding_uses_uint8_activations(digits_tables, tmp_path):
-    quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q", QuantizeOptions(progress=False))
+    ek.quantize("digits_cnn", digits_tables["entropy"], tmp_path / "q")
     model = onnx.load(str(tmp_path / "q" / "model.int8.onnx"))
     assert all(zp.dtype == np.uint8 for _, zp in _quant_params(model))
 
@@ -100,9 +102,8 @@ def test_quantize_cli_report_lists_worst_layers_first(run_cli, digits_tables, tm
 
 @pytest.mark.slow
 def test_efficientnet_int8_beats_nncf_and_runs_integer_kernels(tmp_path):
-    run = calibrate("efficientnet_lite0", None, ["minmax"], num_samples=256, progress=False)
-    table = write_tables(run, tmp_path / "ranges.json")[0]
-    manifest = quantize("efficientnet_lite0", table, tmp_path / "q", QuantizeOptions(progress=False))
+    table = ek.calibrate("efficientnet_lite0", None, methods=["minmax"], num_samples=256, output=tmp_path / "ranges.json").written[0]
+    manifest = ek.quantize("efficientnet_lite0", table, tmp_path / "q").manifest
     metrics = manifest["accuracy"]["metrics"]
     assert metrics["samples"] == 256
     assert metrics["top1_agreement"] >= 0.90 and metrics["top5_overlap"] >= 0.90
@@ -114,10 +115,9 @@ def test_efficientnet_int8_beats_nncf_and_runs_integer_kernels(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_int8_embeddings_keep_cosine_099(tmp_path):
-    run = calibrate("minilm_l6", None, ["minmax", "percentile"], num_samples=160, progress=False)
-    tables = write_tables(run, tmp_path / "ranges.json")
-    minmax = next(p for p in tables if "minmax" in p.name)
-    manifest = quantize("minilm_l6", minmax, tmp_path / "q", QuantizeOptions(progress=False))
+    run = ek.calibrate("minilm_l6", None, methods=["minmax", "percentile"], num_samples=160, output=tmp_path / "ranges.json")
+    minmax = next(p for p in run.written if "minmax" in p.name)
+    manifest = ek.quantize("minilm_l6", minmax, tmp_path / "q").manifest
     assert manifest["accuracy"]["metrics"]["cosine"] >= 0.99
     assert manifest["quantization"]["exclude_after"] == ["Gelu"]
     assert manifest["integer_ops"]["integer_compute_ops"] >= 30

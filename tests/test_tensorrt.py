@@ -13,15 +13,15 @@ import numpy as np
 import onnx
 import pytest
 
-from enginekit.engines.onnxruntime import OrtRunner
-from enginekit.engines.tensorrt import unavailable_reason
-from enginekit.engines.tensorrt import builder as trt_builder
-from enginekit.engines.tensorrt.graphs import tensorrt_qdq_problems, to_fp16
-from enginekit.engines.tensorrt.runner import check_compatible
-from enginekit.engines.tensorrt.trtexec import summarize_times, trtexec_command
+from enginekit.targets.onnxruntime import OrtRunner
+from enginekit.targets.tensorrt import unavailable_reason
+from enginekit.targets.tensorrt import builder as trt_builder
+from enginekit.targets.tensorrt.graphs import tensorrt_qdq_problems, to_fp16
+from enginekit.targets.tensorrt.runner import check_compatible
+from enginekit.targets.tensorrt.trtexec import summarize_times, trtexec_command
 from enginekit.models import get_spec
-from enginekit.models.spec import TensorSpec
-from enginekit.quantize.accuracy import output_metrics
+from enginekit.core.tensors import TensorSpec
+from enginekit.accuracy import output_metrics
 from tests.conftest import assert_nothing_written
 
 TRT_REASON = unavailable_reason()
@@ -37,8 +37,8 @@ def test_fp16_onnx_keeps_cosine_0999_in_onnxruntime(exported, name):
     assert onnx.TensorProto.FLOAT16 in types_used
     assert all(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for v in [*fp16.graph.input, *fp16.graph.output])
     feeds = get_spec(name).dataset().samples("evaluation", 32)
-    ref = OrtRunner(folder / "model.onnx").infer(feeds)[0]
-    got = OrtRunner(fp16.SerializeToString()).infer(feeds)[0]
+    ref = next(iter(OrtRunner(folder / "model.onnx").infer(feeds).values()))
+    got = next(iter(OrtRunner(fp16.SerializeToString()).infer(feeds).values()))
     assert output_metrics(ref, got)["cosine"] >= 0.999
 
 
@@ -54,18 +54,17 @@ def test_fp16_keeps_sensitive_ops_in_float32(exported):
 
 @pytest.fixture(scope="module")
 def digits_table(tmp_path_factory):
-    from enginekit.calibrate.pipeline import calibrate, write_tables
+    import enginekit as ek
 
-    run = calibrate("digits_cnn", None, ["entropy"], num_samples=128, progress=False)
-    return write_tables(run, tmp_path_factory.mktemp("trt-cal") / "ranges.json")[0]
+    return ek.calibrate("digits_cnn", methods=["entropy"], num_samples=128, output=tmp_path_factory.mktemp("trt-cal") / "ranges.json").written[0]
 
 
 def _qdq(table: Path, encoding: str) -> onnx.ModelProto:
-    from enginekit.export.reference import load_fp32
-    from enginekit.calibrate.table import CalibrationTable
-    from enginekit.quantize.pipeline import QuantizeOptions, build_qdq
+    from enginekit.exporter.reference import load_fp32
+    from enginekit.calibration.table import CalibrationTable
+    from enginekit.quantization.pipeline import QuantizeSettings, build_qdq
 
-    qdq, _ = build_qdq(load_fp32("digits_cnn"), CalibrationTable.load(table), QuantizeOptions(encoding=encoding, bias_correction=False, progress=False))
+    qdq, _ = build_qdq(load_fp32("digits_cnn"), CalibrationTable.load(table), QuantizeSettings(bias_correction=False), encoding)
     return qdq.model
 
 
@@ -193,7 +192,7 @@ class _Recorder:
 def fake_trt(monkeypatch):
     def install(parse_ok: bool = True) -> _Recorder:
         recorder = _Recorder(parse_ok)
-        monkeypatch.setattr("enginekit.engines.tensorrt.require_tensorrt", lambda: recorder.module)
+        monkeypatch.setattr("enginekit.targets.tensorrt.support.require_tensorrt", lambda: recorder.module)
         monkeypatch.setattr(trt_builder, "gpu_info", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
         return recorder
 
@@ -289,9 +288,9 @@ def test_several_targets_list_tensorrt_as_skipped(run_cli, tmp_path):
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_engine_builds_runs_and_agrees(tmp_path, precision):
-    from enginekit.build import build
+    from enginekit.builder import build
 
-    manifest = build("digits_cnn", "tensorrt", precision, tmp_path / precision)
+    manifest = build("digits_cnn", "tensorrt", precision, tmp_path / precision).manifest
     assert manifest["tensorrt"]["strongly_typed"] and (tmp_path / precision / "model.plan").is_file()
     metrics = manifest["accuracy"]["metrics"]
     assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
@@ -303,7 +302,7 @@ def test_pinned_buffer_views_round_trip():
     """The runner reads and writes pinned host memory through numpy views at raw pointers."""
     import ctypes
 
-    from enginekit.engines.tensorrt.runner import _host_array
+    from enginekit.targets.tensorrt.runner import _host_array
 
     memory = (ctypes.c_byte * 64)()
     values = np.arange(16, dtype=np.float32).reshape(2, 8)

@@ -14,12 +14,12 @@ pytest.importorskip("tensorflow", reason="the tflite extra (tensorflow-cpu) is n
 pytest.importorskip("ai_edge_litert", reason="the tflite extra (ai-edge-litert) is not installed")
 pytest.importorskip("ai_edge_quantizer", reason="the tflite extra (ai-edge-quantizer) is not installed")
 
-from enginekit.build import BuildOptions, build  # noqa: E402
-from enginekit.engines.tflite.convert import convert_function, op_types, quantize_int8  # noqa: E402
-from enginekit.engines.tflite.lowering import to_tf_function  # noqa: E402
-from enginekit.engines.tflite.ranges import map_ranges, tflite_range  # noqa: E402
-from enginekit.engines.tflite.runner import MODEL_FILE, TfliteRunner  # noqa: E402
-from enginekit.errors import InputError  # noqa: E402
+from enginekit.builder import BuildOptions, build  # noqa: E402
+from enginekit.targets.tflite.convert import convert_function, op_types, quantize_int8  # noqa: E402
+from enginekit.targets.tflite.lowering import to_tf_function  # noqa: E402
+from enginekit.targets.tflite.ranges import map_ranges, tflite_range  # noqa: E402
+from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner  # noqa: E402
+from enginekit.core.errors import InputError  # noqa: E402
 
 # Ops allowed to touch float32 in an int8 flatbuffer, and why: Keras' Flatten reads the dynamic
 # batch size with SHAPE, and ai-edge-quantizer hands SHAPE a DEQUANTIZE'd copy of the tensor.
@@ -36,7 +36,11 @@ def int8_builds(tmp_path_factory):
         key = model + json.dumps(options, sort_keys=True)
         if key not in cache:
             folder = root / f"{model}-{len(cache)}"
-            manifest = build(model, "tflite", options.pop("precision", "int8"), folder, BuildOptions(**options))
+            precision = options.pop("precision", "int8")
+            io = options.pop("tflite_io", None)
+            if io:
+                options["target_options"] = {"tflite": {"io": io}}
+            manifest = build(model, "tflite", precision, folder, BuildOptions(**options)).manifest
             cache[key] = (folder, manifest)
         return cache[key]
 
@@ -102,12 +106,12 @@ def test_uint8_io_option(int8_builds):
 def test_percentile_and_minmax_give_their_own_scales():
     """An early activation: the two methods' TFLite scales differ, and each equals the scale its
     CalibrationTable implies for an asymmetric int8 tensor within 1 %."""
-    from enginekit.calibrate.pipeline import calibrate
-    from enginekit.export.reference import load_fp32
-    from enginekit.engines.tflite.runner import require_litert
+    import enginekit as ek
+    from enginekit.exporter.reference import load_fp32
+    from enginekit.targets.tflite.runner import require_litert
 
     fp32 = load_fp32("digits_cnn")
-    run = calibrate("digits_cnn", None, ["minmax", "percentile"], percentile=99.0, num_samples=256, progress=False)
+    run = ek.calibrate("digits_cnn", None, methods=["minmax", "percentile"], percentile=99.0, num_samples=256)
     float_model = convert_function(to_tf_function(fp32.proto, "digits_cnn"), "digits_cnn")
     feeds = fp32.spec.dataset().samples("calibration", 2)
     first_conv = next(n for n in fp32.proto.graph.node if n.op_type == "Relu").output[0]
@@ -130,7 +134,7 @@ def test_runner_uses_manifest_io_parameters(int8_builds, tmp_path):
     io = json.loads(json.dumps(manifest["tflite"]["io"]))
     runner = TfliteRunner((folder / MODEL_FILE).read_bytes(), threads=1, io=io)
     feeds = {"image": np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)}
-    (logits,) = runner.infer(feeds)
+    (logits,) = runner.infer(feeds).values()
     assert logits.dtype == np.float32 and logits.shape == (3, 10)
     io["image"]["scale"] *= 2
     with pytest.raises(InputError, match="differs from the flatbuffer"):
@@ -150,26 +154,26 @@ def test_an_op_the_lowering_lacks_is_named_with_its_node():
 
 
 def test_lowering_matches_onnxruntime_on_a_small_graph():
-    from enginekit.engines.onnxruntime import OrtRunner
+    from enginekit.targets.onnxruntime import OrtRunner
 
     model = _tiny_onnx("Sigmoid")
     x = np.linspace(-4, 4, 8, dtype=np.float32).reshape(2, 4)
     runner = TfliteRunner(convert_function(to_tf_function(model, "tiny.onnx"), "tiny.onnx"))
-    np.testing.assert_allclose(runner.infer({"x": x})[0], OrtRunner(model.SerializeToString()).infer({"x": x})[0], atol=1e-6)
+    np.testing.assert_allclose(next(iter(runner.infer({"x": x}).values())), next(iter(OrtRunner(model.SerializeToString()).infer({"x": x}).values())), atol=1e-6)
 
 
 def test_converter_error_names_the_tf_op():
-    from enginekit.engines.tflite.convert import _converter_problem
+    from enginekit.targets.tflite.convert import _converter_problem
 
     text = "loc(...): error: 'tf.Erfinv' op is neither a custom op nor a flex op\nerror: failed while converting"
     assert _converter_problem(text) == "no TFLite builtin for op tf.Erfinv"
 
 
 def test_tflite_artifact_benches_through_the_registry(int8_builds):
-    from enginekit.engines.registry import load_runner
+    from enginekit.targets.registry import open_artifact
 
     folder, _ = int8_builds("digits_cnn")
-    runner, manifest = load_runner(folder, threads=1)
+    runner, manifest = open_artifact(folder, threads=1)
     assert manifest["target"] == "tflite"
-    (logits,) = runner.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})
+    (logits,) = runner.infer({"image": np.zeros((1, 1, 8, 8), np.float32)}).values()
     assert logits.shape == (1, 10)

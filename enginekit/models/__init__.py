@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from enginekit.errors import InputError
-from enginekit.models.spec import ModelSpec, TensorSpec
+from enginekit.core.errors import InputError
+from enginekit.core.optional import missing
+from enginekit.models.spec import ModelSpec
 
 _ZOO_MODULES = {
     "digits_cnn": "enginekit.models.digits_cnn",
@@ -26,7 +27,10 @@ def get_spec(name: str) -> ModelSpec:
         close = difflib.get_close_matches(name, _ZOO_MODULES, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(_ZOO_MODULES)}"
         raise InputError(f"unknown zoo model '{name}' ({hint})")
-    return importlib.import_module(_ZOO_MODULES[name]).SPEC
+    try:
+        return importlib.import_module(_ZOO_MODULES[name]).SPEC
+    except ImportError:
+        raise missing("zoo", f"the zoo model '{name}'") from None
 
 
-__all__ = ["ModelSpec", "TensorSpec", "get_spec", "zoo_names"]
+__all__ = ["ModelSpec", "get_spec", "zoo_names"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from enginekit.models.spec import Feeds
+from enginekit.core.tensors import Feeds
 
 TEST_FRACTION = 0.3
 SPLIT_SEED = 42

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from enginekit.models.cache import cache_dir, load_or_train
+from enginekit.core.cache import cache_dir, load_or_train
 from enginekit.models.digits import DigitsDataset, digits_splits
-from enginekit.models.spec import ModelSpec, TensorSpec
+from enginekit.models.spec import ModelSpec
+from enginekit.core.tensors import TensorSpec
 
 EPOCHS = 40
 SEED = 0
@@ -71,9 +72,9 @@ def load_weights(module: nn.Module) -> None:
     """Load cached weights, training (and caching) them first if absent."""
     from safetensors.torch import save_file
 
-    from enginekit.loaders import load_state_dict
+    from enginekit.core.loaders import load_state_dict
 
-    from enginekit.errors import InputError
+    from enginekit.core.errors import InputError
 
     def save(path: Path) -> None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))

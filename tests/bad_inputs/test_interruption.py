@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from enginekit.artifacts import read_manifest, verify_files
+from enginekit.core.artifacts import read_manifest, verify_files
 
 ROOT = Path(__file__).parents[2]
 

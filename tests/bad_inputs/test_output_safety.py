@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from enginekit.errors import InputError
-from enginekit.outputs import ARTIFACT, BUILD_ROOT, TABLE, Output, check_outputs
+from enginekit.core.errors import InputError
+from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, TABLE, Output, check_outputs
 
 
 @pytest.fixture

@@ -1,0 +1,139 @@
+"""The public Python API: what the `enginekit` command line calls, and what a service or a
+pipeline imports (`import enginekit as ek`).
+
+    ek.export(model, output)                       -> Manifest of the checked FP32 ONNX
+    ek.calibrate(model, data, methods=[...])       -> Calibration (tables, histograms, warnings)
+    ek.build(model, target, precision, output)     -> BuildResult (folder, manifest, cache_hit)
+    ek.build_many(model, targets, precisions, out) -> [Cell] (built, reused or skipped, with reason)
+    ek.quantize(model, table, output, target)      -> BuildResult: an INT8 build from a given table
+    ek.bench(artifacts, output)                    -> report (dict, schema enginekit.report/1)
+    ek.compare(old, new)                           -> Comparison (rows, failures)
+    ek.load(folder)                                -> Runner: infer({name: array}) -> {name: array}
+
+Data (`data`, `calib_data`, `eval_data`) is a path (npy, npz, image folder), "zoo", or any
+iterable of feed dicts ({input name: batch array}). Errors are `enginekit.EnginekitError`s whose
+message describes the problem; progress goes to `enginekit.progress.reporting(callback)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from enginekit.builder import BuildOptions, BuildResult, Cell
+from enginekit.calibration.data import DataArg
+from enginekit.calibration.histogram import TensorHistogram
+from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS
+from enginekit.calibration.table import CalibrationTable
+from enginekit.core.artifacts import Manifest
+from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
+from enginekit.targets.base import Runner
+
+
+def export(model: str, output: str | Path, *, weights: str | Path | None = None, input_shapes: Sequence[str] = (),
+           opset: int | None = None, dynamic_batch: bool = True, max_abs: float = DEFAULT_MAX_ABS,
+           min_cosine: float = DEFAULT_MIN_COSINE, allow_unsafe_keras: bool = False) -> Manifest:
+    """`model` (zoo name, `module:factory`, .onnx, Keras file or SavedModel) -> checked ONNX in the
+    artifact folder `output`, published only when its parity with the source passes."""
+    from enginekit.exporter.pipeline import ExportOptions, export_model
+
+    options = ExportOptions(opset, dynamic_batch, max_abs, min_cosine)
+    return Manifest(export_model(model, Path(output), str(weights) if weights else None, input_shapes, options,
+                                 allow_unsafe_keras=allow_unsafe_keras))
+
+
+@dataclass
+class Calibration:
+    """One calibration pass: a CalibrationTable per method, the histograms they came from, the
+    warnings (fewer samples than asked, ...) and the files written."""
+
+    model: str
+    tables: dict[str, CalibrationTable]
+    histograms: dict[str, TensorHistogram]
+    warnings: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+
+def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str] = ("minmax",), percentile: float = DEFAULT_PERCENTILE,
+              num_samples: int = 256, batch_size: int = 4, skip_nonfinite: bool = False, threads: int | None = None,
+              output: str | Path | None = None, trt_cache: str | Path | None = None) -> Calibration:
+    """Activation ranges of `model` from one streaming pass over `data`, every method from the
+    same histograms. With `output`, the tables are written (ranges.json, or ranges.<method>.json)."""
+    from enginekit.builder.calibration import calibrate_model
+    from enginekit.calibration.pipeline import table_outputs, write_tables
+    from enginekit.core.outputs import check_outputs
+    from enginekit.exporter.reference import load_fp32
+
+    methods = list(METHODS) if list(methods) == ["all"] else list(methods)
+    sources = [model, *([data] if isinstance(data, (str, Path)) else [])]
+    if output is not None:
+        check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), sources)
+    fp32 = load_fp32(model)
+    run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads)
+    result = Calibration(fp32.name, run.tables, run.histograms, list(run.warnings))
+    if output is not None:
+        result.written = write_tables(run.tables, Path(output), Path(trt_cache) if trt_cache else None, inputs=[fp32.path])
+    return result
+
+
+def build(model: str | Path, target: str, precision: str, output: str | Path, options: BuildOptions | None = None) -> BuildResult:
+    """One artifact (`target` x `precision`) in the folder `output`, gated on accuracy."""
+    from enginekit.builder import build as build_one
+
+    return build_one(model, target, precision, output, options)
+
+
+def build_many(model: str | Path, targets: Sequence[str], precisions: Sequence[str], output: str | Path,
+               options: BuildOptions | None = None) -> list[Cell]:
+    """Every target x precision into `output/<target>-<precision>`; cells this machine cannot build
+    are returned as skipped with the reason."""
+    from enginekit.builder import build_many as build_cells
+
+    return build_cells(model, list(targets), list(precisions), output, options or BuildOptions())
+
+
+def quantize(model: str | Path, table: str | Path, output: str | Path, target: str = "onnxruntime",
+             options: BuildOptions | None = None) -> BuildResult:
+    """The INT8 artifact of `target` from a CalibrationTable made earlier: a build with that table."""
+    return build(model, target, "int8", output, replace(options or BuildOptions(), table=table))
+
+
+def bench(artifacts: Iterable[str | Path], output: str | Path | None = None, settings: Any = None) -> dict[str, Any]:
+    """Measure artifact folders the same way (each in its own process, latency interleaved) into
+    one report; with `output`, write report.json, .md and .html."""
+    from enginekit.benchmark.files import write_report
+    from enginekit.benchmark.harness import BenchSettings, bench_artifacts
+    from enginekit.benchmark.report import make_report
+    from enginekit.core.outputs import REPORT, Output, check_outputs, report_paths
+
+    folders = [Path(a) for a in artifacts]
+    if output is not None:
+        check_outputs([Output(p, REPORT) for p in report_paths(output)], folders)
+    settings = settings or BenchSettings()
+    report = make_report(bench_artifacts(folders, settings), settings)
+    if output is not None:
+        write_report(report, output)
+    return report
+
+
+def compare(old: str | Path | dict[str, Any], new: str | Path | dict[str, Any], max_regression: float = 0.10,
+            max_accuracy_drop: float = 0.01, min_effect: float = 0.02):
+    """Per artifact and metric, what got faster, slower or less accurate; `.failures` lists what
+    breaks the limits."""
+    from enginekit.benchmark.compare import compare_reports
+    from enginekit.benchmark.report import load_report
+
+    old_report = old if isinstance(old, dict) else load_report(old)
+    new_report = new if isinstance(new, dict) else load_report(new)
+    return compare_reports(old_report, new_report, max_regression, max_accuracy_drop, min_effect)
+
+
+def load(folder: str | Path, threads: int | None = None, **runtime: Any) -> Runner:
+    """An artifact folder (its files verified against the manifest's hashes) as a Runner:
+    `runner.infer({input: array}) -> {output: array}`, float in and out on every target."""
+    from enginekit.targets.registry import open_artifact
+
+    runner, _ = open_artifact(folder, threads=threads, **runtime)
+    return runner

@@ -1,0 +1,30 @@
+"""What a build is asked to do: the calibration (or a given table), the evaluation and its gate,
+how the Q/DQ graph is made, and each target's own options."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enginekit.accuracy import Condition
+from enginekit.calibration.data import DataArg
+from enginekit.quantization.pipeline import QuantizeSettings
+
+DEFAULT_EVAL_SAMPLES = 256  # unlabelled data; a labelled evaluation split is used whole
+
+
+@dataclass
+class BuildOptions:
+    table: str | Path | None = None  # a CalibrationTable to use; else one calibration here
+    calib_method: str = "minmax"
+    calib_data: DataArg = None  # a path, "zoo", or an iterable of feed dicts (default: the zoo's split)
+    num_samples: int = 256
+    eval_data: DataArg = None  # held-out data for the accuracy gate (default: the zoo's split)
+    eval_samples: int | None = None  # default: a labelled split whole, else DEFAULT_EVAL_SAMPLES
+    min_accuracy: str | Sequence[Condition | str] | None = None  # e.g. "top1_agreement>=0.90"
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    target_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"tensorrt": {"workspace_mb": 2048}}
+    threads: int | None = None
+    allow_unsafe_keras: bool = False  # a Keras file with Lambda/custom layers may run its code

@@ -1,0 +1,202 @@
+"""`build`: target x precision artifacts from one model, calibrating once for INT8.
+
+The FP32 ONNX, the CalibrationTable and the Q/DQ graph per encoding are the shared inputs (one
+ModelSession per model); each target turns them into its own files and a Runner. Every artifact
+is scored against the FP32 reference on held-out data and gated before it is published. An
+artifact whose build key (content address of everything that changes it) matches the one
+already at its path is reused after its files are verified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enginekit.accuracy import Condition, collect_outputs, compare_outputs, gate, parse_conditions
+from enginekit.builder.key import build_key
+from enginekit.builder.options import BuildOptions
+from enginekit.builder.session import CellInputs, ModelSession
+from enginekit.calibration.pipeline import write_tables
+from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
+from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.machine import machine_info, toolchain
+from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
+from enginekit.core.progress import report
+from enginekit.exporter.reference import Fp32Model, load_fp32
+from enginekit.onnx.graph import graph_inputs, tensor_specs
+from enginekit.quantization.report import layer_report
+from enginekit.targets.base import Target
+from enginekit.targets.registry import get_target
+
+TABLE_FILE = "calibration.json"
+LAYER_REPORT_FILE = "layers.json"
+
+
+@dataclass
+class BuildResult:
+    """One built (or reused) artifact: its folder, its manifest, and whether the cache served it."""
+
+    folder: Path
+    manifest: Manifest
+    cache_hit: bool = False
+
+
+@dataclass
+class Cell:
+    """One target x precision of a multi-target build: built, reused, or skipped with the reason."""
+
+    target: str
+    precision: str
+    folder: Path | None = None
+    result: BuildResult | None = None
+    skipped: str | None = None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.result.manifest if self.result else None
+
+
+def _inputs(model: str | Path, options: BuildOptions) -> list[Any]:
+    """Every path a build reads (outputs must not overwrite or contain them)."""
+    return [model if isinstance(model, (str, Path)) else None, options.table,
+            *(d for d in (options.calib_data, options.eval_data) if isinstance(d, (str, Path)))]
+
+
+def check_cell(target: Target, precision: str) -> None:
+    """Refuse a precision the target does not offer (InputError), or one this machine cannot
+    build (MissingDependencyError), before any work."""
+    if precision not in target.precisions:
+        raise InputError(f"target {target.name} builds {', '.join(target.precisions)}, not '{precision}'", option="precisions")
+    reason = target.unavailable(precision)
+    if reason:
+        raise MissingDependencyError(f"the {target.name} target cannot run here: {reason}" if "target" not in reason else reason)
+
+
+def build(model: str | Path, target: str, precision: str, out: str | Path, options: BuildOptions | None = None) -> BuildResult:
+    """One artifact of `model` for `target` at `precision` in the folder `out`."""
+    options = options or BuildOptions()
+    out = Path(out)
+    check_outputs([Output(out, ARTIFACT)], _inputs(model, options))
+    chosen = get_target(target)
+    check_cell(chosen, precision)
+    conditions = parse_conditions(options.min_accuracy)
+    session = ModelSession(_load(model, options, out, ARTIFACT), options)
+    return build_cell(session, chosen, precision, out, conditions)
+
+
+def _load(model: str | Path, options: BuildOptions, out: Path, kind: str) -> Fp32Model:
+    fp32 = load_fp32(model, options.allow_unsafe_keras)
+    check_outputs([Output(out, kind)], [fp32.path.parent if fp32.path.name == "model.onnx" else fp32.path])
+    return fp32
+
+
+def cached_artifact(out: Path, key: str) -> Manifest | None:
+    """The manifest at `out` if it was built from the same inputs and its files are intact."""
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("build_key") != key:
+            return None
+        verify_files(out, manifest)
+    except InputError as exc:
+        warnings.warn(f"artifact at {out} is unusable ({exc}); rebuilding", stacklevel=2)
+        return None
+    return manifest
+
+
+def build_cell(session: ModelSession, target: Target, precision: str, out: Path, conditions: list[Condition]) -> BuildResult:
+    options, fp32 = session.options, session.fp32
+    target_options = target.options(options.target_options.get(target.name))
+    encoding = target.resolve_encoding(options.quantize.encoding)
+    table_sha256 = sha256_file(options.table) if options.table else None
+    key = build_key(fp32, target, precision, options, target_options, encoding, table_sha256)
+    cached = cached_artifact(out, key)
+    if cached is not None:
+        return BuildResult(out, cached, cache_hit=True)
+    evaluation = session.evaluation()
+    with staged_artifact(out) as stage:
+        inputs = CellInputs(session, precision, encoding, stage, target_options)
+        built = target.build(inputs)
+        fields: dict[str, Any] = {}
+        if precision == "int8":
+            table = session.table()
+            table.save(stage / TABLE_FILE)
+            fields["calibration"] = {"method": table.method, "parameters": table.parameters, "num_samples": table.num_samples,
+                                     "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
+            fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
+            if options.quantize.layer_report:
+                graph, _ = session.qdq(encoding)
+                layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
+                fields["layer_report"] = LAYER_REPORT_FILE
+        try:
+            candidate = collect_outputs(built.runner.infer, evaluation.batches)
+        finally:
+            built.runner.close()
+        metrics = compare_outputs(session.reference_outputs(), candidate, evaluation.labels)
+        verdict = gate(metrics, conditions, f"{fp32.name} {target.name} {precision}")
+        manifest = write_manifest(stage, {
+            "model": fp32.name, "target": target.name, "precision": precision, "build_key": key,
+            "source": {"fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
+            "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
+            "outputs": [s.to_json() for s in tensor_specs(fp32.proto.graph.output)],
+            **fields, **built.manifest,
+            "accuracy": {"reference": "fp32-onnx", "data": evaluation.description, "metrics": metrics, **verdict},
+            "notes": session.notes + inputs.notes,
+            "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
+            "machine": machine_info(),
+        })
+    return BuildResult(out, manifest)
+
+
+@dataclass
+class BuildPlan:
+    runnable: list[Cell] = field(default_factory=list)
+    skipped: list[Cell] = field(default_factory=list)
+
+
+def plan_cells(targets: list[str], precisions: list[str]) -> BuildPlan:
+    """Every target x precision: runnable, or skipped with the reason (a precision the target does
+    not offer, a library or device this machine lacks). An unknown target is an error."""
+    plan = BuildPlan()
+    if not targets or not precisions:
+        raise InputError("name at least one target and one precision", option="targets")
+    for name in targets:
+        target = get_target(name)
+        for precision in precisions:
+            try:
+                check_cell(target, precision)
+            except MissingDependencyError as exc:
+                plan.skipped.append(Cell(target.name, precision, skipped=str(exc)))
+                continue
+            except InputError:
+                plan.skipped.append(Cell(target.name, precision, skipped=f"{target.name} does not offer {precision}"))
+                continue
+            plan.runnable.append(Cell(target.name, precision))
+    if not plan.runnable:
+        reasons = "; ".join(f"{c.target} {c.precision}: {c.skipped}" for c in plan.skipped[:4])
+        raise InputError(f"nothing to build: {reasons}", option="targets")
+    return plan
+
+
+def build_many(model: str | Path, targets: list[str], precisions: list[str], out: str | Path, options: BuildOptions) -> list[Cell]:
+    """Every target x precision this machine can build, each in `out/<target>-<precision>`; the
+    rest are listed as skipped with the reason. INT8 cells share one CalibrationTable (also
+    written to `out/calibration.json`) and one Q/DQ graph per encoding."""
+    out = Path(out)
+    check_outputs([Output(out, BUILD_ROOT)], _inputs(model, options))
+    plan = plan_cells(targets, precisions)
+    conditions = parse_conditions(options.min_accuracy)
+    session = ModelSession(_load(model, options, out, BUILD_ROOT), options)
+    for index, cell in enumerate(plan.runnable, 1):
+        target = get_target(cell.target)
+        cell.folder = out / f"{cell.target}-{cell.precision}"
+        report("building", index - 1, len(plan.runnable), "artifacts", f"{cell.target} {cell.precision}")
+        cell.result = build_cell(session, target, cell.precision, cell.folder, conditions)
+    if session.calibrated_here:  # the table every INT8 cell of this build used, for reuse with --table
+        write_tables({options.calib_method: session.table()}, out / TABLE_FILE, inputs=[session.fp32.path])
+    report("building", len(plan.runnable), len(plan.runnable), "artifacts")
+    order = {(t, p): i for i, (t, p) in enumerate((get_target(t).name, p) for t in targets for p in precisions)}
+    return sorted(plan.runnable + plan.skipped, key=lambda c: order[(c.target, c.precision)])

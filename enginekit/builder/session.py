@@ -1,0 +1,137 @@
+"""The shared inputs of every artifact built from one model, each computed at most once per
+build: the FP32 model (loaded and hashed once), the CalibrationTable, the calibration batches,
+the bias-corrected Q/DQ graph per encoding, the evaluation data and the FP32 reference outputs
+every cell's gate compares against."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginekit.accuracy import collect_outputs
+from enginekit.builder.calibration import calibrate_model
+from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
+from enginekit.calibration.data import open_data, stream
+from enginekit.calibration.table import CalibrationTable
+from enginekit.core.tensors import Feeds
+from enginekit.exporter.reference import Fp32Model
+from enginekit.onnx.session import Session
+from enginekit.quantization.pipeline import build_qdq
+from enginekit.quantization.qdq import QdqGraph
+
+EVAL_BATCH = 32
+BIAS_CORRECTION_BATCH = 32
+
+
+@dataclass
+class Evaluation:
+    batches: list[Feeds]
+    labels: np.ndarray | None
+    description: str
+
+
+class ModelSession:
+    def __init__(self, fp32: Fp32Model, options: BuildOptions):
+        self.fp32, self.options = fp32, options
+        self.notes: list[str] = []  # for every manifest of this build
+        self.warnings: list[str] = []  # for the user (calibration data shorter than asked, ...)
+        self._table: CalibrationTable | None = None
+        self.calibrated_here = False  # the table was made by this build (not given)
+        self._calibration: list[Feeds] | None = None
+        self._calibration_sha256 = ""
+        self._qdq: dict[str, tuple[QdqGraph, dict[str, Any]]] = {}
+        self._evaluation: Evaluation | None = None
+        self._reference: dict[str, np.ndarray] | None = None
+
+    def table(self) -> CalibrationTable:
+        """The given table (checked against this model), else one calibration pass here."""
+        if self._table is None:
+            options = self.options
+            if options.table:
+                self._table = CalibrationTable.load(options.table)
+                self._table.check_model(self.fp32.sha256, options.table)
+            else:
+                run = calibrate_model(self.fp32, options.calib_data, [options.calib_method], num_samples=options.num_samples,
+                                      threads=options.threads)
+                self.warnings += run.warnings
+                self._table = run.tables[options.calib_method]
+                self.calibrated_here = True
+        return self._table
+
+    def calibration_batches(self) -> list[Feeds]:
+        """The calibration samples (as many as the table was made from) that bias correction runs on."""
+        if self._calibration is None:
+            table = self.table()
+            source = open_data(self.options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
+            batches, stats = stream(source, self.fp32.inputs, table.num_samples, BIAS_CORRECTION_BATCH)
+            self._calibration = list(batches)
+            if stats.sha256 != table.data_sha256:
+                self.notes.append("bias correction ran on data that differs from the table's calibration data")
+        return self._calibration
+
+    def calibration_feeds(self, count: int) -> Feeds:
+        """The first `count` calibration samples as one batch."""
+        source = open_data(self.options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
+        return next(iter(stream(source, self.fp32.inputs, count, count)[0]))
+
+    def qdq(self, encoding: str) -> tuple[QdqGraph, dict[str, Any]]:
+        """The Q/DQ graph in `encoding` (bias-corrected once per encoding), as a private copy."""
+        settings = self.options.quantize
+        key = json.dumps([encoding, settings.key()], sort_keys=True)
+        if key not in self._qdq:
+            batches = self.calibration_batches() if settings.bias_correction else ()
+            self._qdq[key] = build_qdq(self.fp32, self.table(), settings, encoding, batches, self.options.threads)
+        graph, details = self._qdq[key]
+        return copy.deepcopy(graph), copy.deepcopy(details)
+
+    def evaluation(self) -> Evaluation:
+        """Held-out data (the zoo's evaluation split, or the given eval data) and its labels."""
+        if self._evaluation is None:
+            fp32, options = self.fp32, self.options
+            source = open_data(options.eval_data, fp32.inputs, fp32.spec, "evaluation")
+            zoo = options.eval_data is None and fp32.spec is not None
+            has_labels = zoo and fp32.spec.dataset().labels("evaluation", 1) is not None
+            available = source.count()
+            count = options.eval_samples or (available if has_labels and available else DEFAULT_EVAL_SAMPLES)
+            if available is not None:
+                count = min(count, available)
+            batches, _ = stream(source, fp32.inputs, count, EVAL_BATCH)
+            batches = list(batches)
+            used = sum(len(next(iter(b.values()))) for b in batches)
+            labels = fp32.spec.dataset().labels("evaluation", used) if has_labels else None
+            self._evaluation = Evaluation(batches, labels, source.description)
+        return self._evaluation
+
+    def reference_outputs(self) -> dict[str, np.ndarray]:
+        """The FP32 model's outputs on the evaluation data (reference executor), computed once."""
+        if self._reference is None:
+            session = Session(self.fp32.proto, threads=self.options.threads, spinning=False)
+            self._reference = collect_outputs(session.run, self.evaluation().batches)
+        return self._reference
+
+
+class CellInputs:
+    """What one target's build sees (the BuildInputs contract) for one precision."""
+
+    def __init__(self, session: ModelSession, precision: str, encoding: str, stage: Path, options: dict[str, Any]):
+        self.session, self.fp32 = session, session.fp32
+        self.precision, self.encoding, self.stage, self.options = precision, encoding, stage, options
+        self.threads = session.options.threads
+        self.bias_correction = session.options.quantize.bias_correction
+        self.notes: list[str] = []
+        self.qdq_details: dict[str, Any] | None = None  # set once the target asked for the Q/DQ graph
+
+    def table(self) -> CalibrationTable:
+        return self.session.table()
+
+    def qdq(self, encoding: str) -> QdqGraph:
+        graph, self.qdq_details = self.session.qdq(encoding)
+        return graph
+
+    def calibration_feeds(self, count: int) -> Feeds:
+        return self.session.calibration_feeds(count)

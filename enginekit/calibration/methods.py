@@ -1,0 +1,114 @@
+"""Range methods: each turns a TensorHistogram into the amax (symmetric clipping threshold) of
+one tensor. All read the same histogram, so computing every method costs one data pass.
+
+- minmax: the largest |x| seen.
+- percentile: the given percentile of |x| (zeros included in the count).
+- entropy: TensorRT's KL-divergence calibration: candidate thresholds from `levels` bins up;
+  the clipped distribution P (outliers folded into its last bin) is quantized to `levels` levels
+  and expanded back to Q; the threshold of least KL(P || Q) wins. Exact zeros are left out of P
+  (they quantize exactly), which keeps the ReLU spike at 0 from dragging the threshold down.
+  Levels: 128 for signed tensors (int8 grid), 256 for non-negative ones (uint8 grid).
+- mse: the threshold minimising the expected squared error of clipping plus rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from enginekit.calibration.histogram import TensorHistogram
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+DEFAULT_PERCENTILE = 99.99
+SIGNED_LEVELS = 128
+UNSIGNED_LEVELS = 256
+
+
+def levels_for(hist: TensorHistogram) -> int:
+    return SIGNED_LEVELS if hist.signed else UNSIGNED_LEVELS
+
+
+def minmax(hist: TensorHistogram) -> float:
+    return hist.abs_max
+
+
+def percentile(hist: TensorHistogram, pct: float = DEFAULT_PERCENTILE) -> float:
+    if hist.total == 0 or hist.edge == 0.0:
+        return hist.abs_max
+    target = pct / 100.0 * hist.total
+    if target <= hist.zeros:
+        return min(hist.bin_width, hist.abs_max)
+    cumulative = np.cumsum(hist.counts) + hist.zeros
+    index = int(np.searchsorted(cumulative, target))
+    if index >= hist.bins:
+        return hist.abs_max
+    below = cumulative[index - 1] if index else hist.zeros
+    inside = hist.counts[index]
+    fraction = (target - below) / inside if inside else 1.0
+    return min(float((index + fraction) * hist.bin_width), hist.abs_max)
+
+
+def entropy(hist: TensorHistogram, levels: int | None = None) -> float:
+    levels = levels or levels_for(hist)
+    counts = hist.counts.astype(np.float64)
+    nonzero_bins = np.flatnonzero(counts)
+    if nonzero_bins.size == 0:
+        return hist.abs_max
+    last = int(nonzero_bins[-1]) + 1  # bins past the largest value cannot be better thresholds
+    if last <= levels:
+        return hist.abs_max
+    suffix = np.cumsum(counts[::-1])[::-1]  # suffix[i] = mass of bins i..end
+    best_i, best_kl = last, np.inf
+    for i in range(levels, last + 1):
+        p = counts[:i].copy()
+        if i < hist.bins:
+            p[i - 1] += suffix[i]
+        kl = _kl_after_quantization(p, counts[:i], levels)
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return min(float(best_i * hist.bin_width), hist.abs_max)
+
+
+def _kl_after_quantization(p: np.ndarray, reference: np.ndarray, levels: int) -> float:
+    """KL(P || Q) where Q spreads each of `levels` merged chunks evenly over its non-empty bins."""
+    edges = np.linspace(0, p.size, levels + 1).astype(np.int64)
+    edges = np.unique(edges)
+    starts = edges[:-1]
+    present = reference > 0
+    chunk_mass = np.add.reduceat(reference, starts)
+    chunk_bins = np.add.reduceat(present.astype(np.float64), starts)
+    per_bin = np.divide(chunk_mass, chunk_bins, out=np.zeros_like(chunk_mass), where=chunk_bins > 0)
+    q = np.repeat(per_bin, np.diff(edges)) * present
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum == 0 or q_sum == 0:
+        return np.inf
+    p = p / p_sum
+    q = q / q_sum
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        return np.inf
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def mse(hist: TensorHistogram, levels: int | None = None, candidates: int = 200) -> float:
+    levels = levels or levels_for(hist)
+    if hist.total == 0 or hist.edge == 0.0:
+        return hist.abs_max
+    centers = (np.arange(hist.bins) + 0.5) * hist.bin_width
+    thresholds = np.linspace(hist.abs_max / candidates, hist.abs_max, candidates)
+    steps = thresholds / (levels - 1)
+    clipped = np.maximum(centers[None, :] - thresholds[:, None], 0.0) ** 2
+    rounding = np.where(centers[None, :] <= thresholds[:, None], (steps[:, None] ** 2) / 12.0, 0.0)
+    errors = ((clipped + rounding) * hist.counts[None, :]).sum(axis=1)
+    return float(thresholds[int(np.argmin(errors))])
+
+
+def compute_amax(hist: TensorHistogram, method: str, pct: float = DEFAULT_PERCENTILE) -> float:
+    if method == "minmax":
+        return minmax(hist)
+    if method == "percentile":
+        return percentile(hist, pct)
+    if method == "entropy":
+        return entropy(hist)
+    if method == "mse":
+        return mse(hist)
+    raise ValueError(f"unknown calibration method {method!r}")

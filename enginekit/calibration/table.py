@@ -1,0 +1,87 @@
+"""CalibrationTable: the ranges one method chose for every activation tensor, saved as JSON.
+
+The table is what every target consumes: it names the FP32 model it belongs to (by hash) and
+the data it came from (by hash), so rebuilding a target reuses it without another pass, and a
+table from another model is refused. Written deterministically (sorted keys, repr floats):
+the same model, data and options give a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enginekit.core.errors import InputError
+
+TABLE_SCHEMA = "enginekit.calibration/1"
+
+
+@dataclass
+class TensorRange:
+    min: float
+    max: float
+    amax: float
+    signed: bool
+    clipped: float = 0.0  # fraction of values with |x| > amax
+
+    def to_json(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "amax": self.amax, "signed": self.signed, "clipped": self.clipped}
+
+
+@dataclass
+class CalibrationTable:
+    method: str
+    parameters: dict[str, Any]
+    num_samples: int
+    data: str
+    data_sha256: str
+    model_sha256: str
+    tensors: dict[str, TensorRange] = field(default_factory=dict)
+    model: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": TABLE_SCHEMA,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "method": self.method,
+            "parameters": self.parameters,
+            "num_samples": self.num_samples,
+            "data": self.data,
+            "data_sha256": self.data_sha256,
+            "tensors": {name: r.to_json() for name, r in sorted(self.tensors.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationTable":
+        from enginekit.core.loaders import load_json_document
+
+        raw = load_json_document(path, TABLE_SCHEMA, "calibration table")
+        try:
+            tensors = {name: TensorRange(**entry) for name, entry in raw["tensors"].items()}
+            return cls(raw["method"], raw["parameters"], raw["num_samples"], raw["data"], raw["data_sha256"],
+                       raw["model_sha256"], tensors, raw.get("model", ""))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"calibration table is missing or has a malformed field ({exc})", path) from None
+
+    def check_model(self, model_sha256: str, origin: str | Path) -> None:
+        if self.model_sha256 != model_sha256:
+            raise InputError(
+                f"calibration table was made for another model (sha256 {self.model_sha256[:12]}..., "
+                f"this model is {model_sha256[:12]}...); calibrate this model again", origin)
+
+    def tensorrt_cache(self, version: str = "TRT-10000-EntropyCalibration2") -> str:
+        """TensorRT's calibration cache text: one line per tensor, the int8 scale (amax/127)
+        as the hex of its big-endian float32 bits. For TensorRT < 11 implicit-quantization
+        workflows; enginekit's own TensorRT path uses the Q/DQ graph instead."""
+        lines = [version]
+        for name, r in sorted(self.tensors.items()):
+            scale = max(r.amax, 1e-12) / 127.0
+            lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Plain-text tables for the terminal (and Markdown, which is the same thing with pipes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table padded so it also reads well as plain text."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in rows) and rows for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if numeric[i] else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ProgressPrinter:
+    """Draws progress events (core.progress) for a person: on a terminal, one line redrawn in
+    place per task; into a log file or pipe, at most one line every `interval` seconds, the first
+    after `interval` seconds of silence, so a long build piped to a log is never silent while a
+    short command's output stays its result (or its one-line error) alone."""
+
+    def __init__(self, stream, interval: float = 10.0):
+        import time
+
+        self.stream, self.interval = stream, interval
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self._task: str | None = None
+        self._last = time.monotonic()
+        self._open = False  # a terminal line is being redrawn
+
+    def __call__(self, event) -> None:
+        import time
+
+        now = time.monotonic()
+        finished = event.total is not None and event.done >= event.total
+        new_task = event.task != self._task
+        if self.tty:
+            if new_task and self._open:
+                self.stream.write("\n")
+            self.stream.write("\r" + event.describe()[:160].ljust(60))
+            self._open = not finished
+            if finished:
+                self.stream.write("\n")
+        elif now - self._last >= self.interval:
+            self.stream.write(event.describe() + "\n")
+            self._last = now
+        self._task = None if finished else event.task
+        self.stream.flush()

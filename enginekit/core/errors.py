@@ -1,0 +1,34 @@
+"""Errors the CLI turns into one line on stderr and an exit code.
+
+Exit codes: 2 = the input is unusable (bad file, bad option, missing library); 1 = the input was
+fine but a quality gate (parity, accuracy) failed. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EnginekitError(Exception):
+    """An error the user can act on; its message is printed as one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None, option: str | None = None):
+        self.path = None if path is None else str(path)
+        self.option = option  # the setting that fixes it (the CLI names its flag)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(EnginekitError):
+    """A file, name or option that enginekit cannot use."""
+
+
+class MissingDependencyError(EnginekitError):
+    """A target or source needs a library (or hardware) that is absent here."""
+
+
+class GateError(EnginekitError):
+    """A produced artifact failed a quality gate (parity or accuracy); nothing was published."""
+
+    exit_code = 1

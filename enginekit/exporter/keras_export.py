@@ -1,0 +1,144 @@
+"""Keras sources: a `.keras`/`.h5` file, a SavedModel folder, a `module:factory` returning a Keras
+model, or a Keras zoo entry; exported to ONNX with tf2onnx and traced for TFLite directly.
+
+Both conversions start from one tf.function with a named input signature and a dict of named
+outputs, so the ONNX model and the .tflite have the same input and output names, and feeds made
+for one run on the other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.tensors import Feeds, TensorSpec
+from enginekit.core.tf_support import input_signature, require_keras, require_tensorflow
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+MAX_TF2ONNX_OPSET = 18  # tf2onnx 1.17 writes opsets up to 18
+KERAS_OPSET = 17  # measured: opset 18 leaves a Transpose before ReduceMean that 17 folds into GlobalAveragePool
+
+
+@dataclass
+class KerasModel:
+    """A callable Keras (or SavedModel) network with named, shaped inputs and named outputs."""
+
+    call: Callable[..., Any]
+    inputs: tuple[TensorSpec, ...]
+    output_names: tuple[str, ...]
+    owner: Any  # the Keras model or loaded SavedModel (owns the variables)
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        outputs = self.call(*(feeds[s.name] for s in self.inputs))
+        outputs = _as_list(outputs)
+        return [np.asarray(o) for o in outputs]
+
+
+def is_keras_path(path: Path) -> bool:
+    return path.suffix.lower() in KERAS_SUFFIXES or (path.is_dir() and (path / "saved_model.pb").is_file())
+
+
+def _as_list(outputs: Any) -> list[Any]:
+    if isinstance(outputs, dict):
+        return list(outputs.values())
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _tf_name(name: str, fallback: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.\-/]", "_", name.split(":")[0]) or fallback
+    return cleaned if re.match(r"[A-Za-z0-9.]", cleaned) else f"x{cleaned}"
+
+
+def _shape(dims: Sequence[Any]) -> tuple[int | str, ...]:
+    return tuple("batch" if i == 0 and d is None else (d if d is not None else "?") for i, d in enumerate(dims))
+
+
+def from_keras_model(model: Any) -> KerasModel:
+    keras = require_keras()
+    if not isinstance(model, keras.Model):
+        raise InputError(f"expected a keras.Model, got {type(model).__name__}")
+    inputs = tuple(TensorSpec(_tf_name(t.name, f"input_{i}"), _shape(t.shape), str(np.dtype(t.dtype)))
+                   for i, t in enumerate(model.inputs))
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(model.outputs):
+        names = [f"output_{i}" for i in range(len(model.outputs))]
+    outputs = tuple(_tf_name(n, f"output_{i}") for i, n in enumerate(names))
+    return KerasModel(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), inputs, outputs, model)
+
+
+def from_saved_model(loaded: Any) -> KerasModel:
+    concrete = loaded.serve.get_concrete_function() if hasattr(loaded.serve, "get_concrete_function") else None
+    signature = loaded.serve.input_signature if concrete is None else concrete.structured_input_signature[0]
+    inputs = tuple(TensorSpec(_tf_name(s.name or f"input_{i}", f"input_{i}"), _shape(s.shape.as_list()), s.dtype.name)
+                   for i, s in enumerate(signature))
+    structured = concrete.structured_outputs if concrete is not None else None
+    if isinstance(structured, dict):
+        outputs = tuple(_tf_name(k, f"output_{i}") for i, k in enumerate(structured))
+    else:
+        outputs = tuple(f"output_{i}" for i in range(len(_as_list(structured)) if structured is not None else 1))
+    return KerasModel(loaded.serve, inputs, outputs, loaded)
+
+
+def load_keras_source(path: Path, allow_unsafe: bool) -> KerasModel:
+    from enginekit.core.loaders import load_keras, load_saved_model
+
+    require_keras()
+    if path.is_dir():
+        return from_saved_model(load_saved_model(path))
+    return from_keras_model(load_keras(path, allow_unsafe=allow_unsafe))
+
+
+def with_shapes(model: KerasModel, inputs: tuple[TensorSpec, ...], origin: str) -> KerasModel:
+    """Inputs after --input-shape; a dim still unknown (not the batch) is a request for it."""
+    unknown = [s.name for s in inputs if "?" in s.shape]
+    if unknown:
+        raise InputError(f"inputs {unknown} have dynamic dims besides the batch, which the int8 paths cannot calibrate; "
+                         "give their shapes, NAME=batchxHxWxC", origin, option="input_shapes")
+    return replace(model, inputs=inputs)
+
+
+def tf_function(model: KerasModel):
+    """One tf.function (input signature by name, outputs as a dict by name): what tf2onnx and the
+    TFLite converter both trace."""
+    tf = require_tensorflow()
+    names = model.output_names
+
+    @tf.function(input_signature=input_signature(model.inputs), autograph=False)
+    def function(*tensors):
+        outputs = _as_list(model.call(*tensors))
+        return {name: tf.identity(out) for name, out in zip(names, outputs)}
+
+    return function
+
+
+def export_keras(model: KerasModel, opset: int | None, origin: str):
+    """ONNX via tf2onnx; the batch dim is named 'batch' like the PyTorch exports."""
+    opset = opset or KERAS_OPSET
+    if opset > MAX_TF2ONNX_OPSET:
+        raise InputError(f"opset {opset}: Keras models are exported with tf2onnx, which writes opset {MAX_TF2ONNX_OPSET} at most", option="opset")
+    try:
+        import tf2onnx
+    except ImportError:
+        raise MissingDependencyError("exporting Keras models needs the 'keras' extra (pip install 'enginekit[keras]')") from None
+    function = tf_function(model)
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature, opset=opset)
+    except Exception as exc:  # tf2onnx raises ValueError/KeyError/RuntimeError for unsupported graphs
+        raise InputError(f"tf2onnx could not export the Keras model ({' '.join(str(exc).split())[:300]})", origin) from None
+    dims = {s.name: s.shape for s in model.inputs}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        shape = value.type.tensor_type.shape.dim
+        if shape and not shape[0].HasField("dim_value"):
+            shape[0].dim_param = "batch"
+        if value.name in dims:
+            for dim, size in zip(shape, dims[value.name]):
+                if isinstance(size, int) and not dim.HasField("dim_value"):
+                    dim.dim_value = size
+    del proto.graph.value_info[:]  # finalize() infers shapes again, with the dims fixed above
+    return proto

@@ -1,0 +1,191 @@
+"""`enginekit export`: source model -> checked, simplified ONNX with a parity-gated manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from enginekit.core.artifacts import staged_artifact, write_manifest
+from enginekit.core.errors import GateError, InputError
+from enginekit.onnx import graph as onnx_graph
+from enginekit.onnx.session import Session
+from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, ParityResult, check_parity
+from enginekit.exporter.sources import Source, resolve_source
+from enginekit.core.machine import machine_info, toolchain
+from enginekit.core.outputs import ARTIFACT, Output, check_outputs
+from enginekit.core.tensors import Feeds
+
+MODEL_FILE = "model.onnx"
+_UNNAMED_DIM_SIZE = 32  # size used for a symbolic dim the parity cases do not name
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int | None = None  # None: DEFAULT_OPSET for PyTorch sources, the file's own for ONNX sources
+    dynamic_batch: bool = True
+    max_abs: float = DEFAULT_MAX_ABS
+    min_cosine: float = DEFAULT_MIN_COSINE
+
+
+def export_model(
+    model: str, out_dir: str | Path, weights: str | None = None, input_shapes: Sequence[str] = (),
+    options: ExportOptions = ExportOptions(), allow_unsafe_keras: bool = False,
+) -> dict[str, Any]:
+    """Export `model` into the artifact folder `out_dir`; returns the manifest written there."""
+    check_outputs([Output(Path(out_dir), ARTIFACT)], [model, weights])
+    source = resolve_source(model, weights, input_shapes, allow_unsafe_keras)
+    if not options.dynamic_batch:
+        source = _fix_batch(source)
+    notes: list[str] = []
+    with staged_artifact(out_dir) as stage:
+        path = stage / MODEL_FILE
+        if source.onnx_model is not None:
+            proto = _normalize_onnx(source, options, notes)
+        elif source.keras is not None:
+            from enginekit.exporter.keras_export import export_keras
+
+            proto = onnx_graph.finalize(export_keras(source.keras, options.opset, source.name), source.name)
+        else:
+            from enginekit.exporter.torch_export import MIN_OPSET, export_torch
+
+            if options.opset is not None and options.opset < MIN_OPSET:
+                raise InputError(f"opset {options.opset}: the PyTorch exporter writes opset {MIN_OPSET} or newer", option="opset")
+            proto = onnx_graph.finalize(export_torch(source, options.opset or onnx_graph.DEFAULT_OPSET), source.name)
+        onnx.save(proto, str(path))
+        parity = _parity(source, path, proto, options)
+        if not parity.passed:
+            raise GateError(f"export parity failed: {parity.summary()}", source.name)
+        manifest = write_manifest(stage, {
+            "model": source.name,
+            "target": "onnx",
+            "precision": "fp32",
+            "source": {"kind": source.kind, **source.origin},
+            "opset": onnx_graph.opset_of(proto),
+            "inputs": [s.to_json() for s in onnx_graph.tensor_specs(onnx_graph.graph_inputs(proto))],
+            "outputs": [s.to_json() for s in onnx_graph.tensor_specs(proto.graph.output)],
+            "parity": parity.to_json(),
+            "notes": notes,
+            "toolchain": toolchain(*(("tensorflow", "keras", "tf2onnx") if source.keras is not None else ("torch",)),
+                                   "onnx", "onnxruntime", "onnxscript", "numpy"),
+            "machine": machine_info(),
+        })
+    return manifest
+
+
+def _fix_batch(source: Source) -> Source:
+    """--static-batch: the 'batch' dim becomes 1 everywhere, and parity runs at batch 1 only."""
+    fixed = tuple(replace(s, shape=tuple(1 if d == "batch" else d for d in s.shape)) for s in source.inputs)
+    outputs = tuple(replace(s, shape=tuple(1 if d == "batch" else d for d in s.shape)) for s in source.outputs)
+    keras = replace(source.keras, inputs=fixed) if source.keras is not None else None
+    return replace(source, inputs=fixed, outputs=outputs, keras=keras)
+
+
+def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) -> onnx.ModelProto:
+    """Validate an existing ONNX file, optionally convert its opset, make its batch dynamic, simplify."""
+    origin = str(source.onnx_path)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(source.onnx_model)
+    onnx_graph.check(proto, origin)
+    if options.opset:
+        proto = onnx_graph.convert_opset(proto, options.opset, origin)
+    _apply_input_specs(proto, source)
+    if options.dynamic_batch and not _batch_is_dynamic(source):
+        if onnx_graph.make_batch_dynamic(proto):
+            fixed_inputs = source.inputs
+            source.inputs = tuple(replace(s, shape=("batch", *s.shape[1:])) for s in fixed_inputs)
+            candidate = onnx_graph.finalize(proto, origin)
+            if _runs_at_batch(candidate, source, 2):
+                notes.append("the fixed batch dim of the source was made dynamic ('batch'); parity checked at batch 1 and 4")
+                return candidate
+            source.inputs = fixed_inputs
+            notes.append("the batch dim stays fixed: the graph does not run with another batch size")
+            proto = onnx.ModelProto()
+            proto.CopyFrom(source.onnx_model)
+            _apply_input_specs(proto, source)
+        else:
+            notes.append("the batch dim stays fixed: inputs and outputs do not share one leading dim")
+    return onnx_graph.finalize(proto, origin)
+
+
+def _apply_input_specs(proto: onnx.ModelProto, source: Source) -> None:
+    onnx_graph.set_symbolic_dims(proto, {s.name: s for s in source.inputs})
+
+
+def _batch_is_dynamic(source: Source) -> bool:
+    return all(s.shape and isinstance(s.shape[0], str) for s in source.inputs)
+
+
+def _runs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> bool:
+    try:
+        dims = _fill_dims(source, {"batch": batch})
+        feeds, _ = source.sample(dims)
+        outputs = list(Session(proto).run(feeds).values())
+    except Exception:  # any failure means "not batch-polymorphic"
+        return False
+    return all(o.shape[:1] == (batch,) for o in outputs)
+
+
+def _fill_dims(source: Source, dims: Mapping[str, int]) -> dict[str, int]:
+    symbols = {d for s in source.inputs for d in s.symbolic_dims}
+    return {s: int(dims.get(s, _UNNAMED_DIM_SIZE)) for s in symbols}
+
+
+def parity_cases(source: Source) -> list[dict[str, int]]:
+    """The distinct dims the parity check runs at, restricted to the symbols the inputs still have."""
+    cases: list[dict[str, int]] = []
+    for dims in source.parity_dims:
+        case = _fill_dims(source, dims)
+        if case not in cases:
+            cases.append(case)
+    return cases
+
+
+def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportOptions) -> ParityResult:
+    exported = Session(path)
+    cases, descriptions = [], set()
+    for dims in parity_cases(source):
+        feeds, description = source.sample(dims)
+        cases.append((dims, feeds))
+        descriptions.add(description)
+    if source.module is not None:
+        reference, name = _torch_reference(source), "torch"
+    elif source.keras is not None:
+        reference, name = source.keras.run, "keras"
+    else:
+        reference, name = _onnx_reference(source), "onnxruntime (source ONNX file)"
+    return check_parity(reference, lambda feeds: list(exported.run(feeds).values()), cases, name, "; ".join(sorted(descriptions)), options.max_abs, options.min_cosine)
+
+
+def _torch_reference(source: Source):
+    import torch
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = source.module(*(torch.from_numpy(feeds[s.name]) for s in source.inputs))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.detach().numpy() for o in outs]
+
+    return run
+
+
+def _onnx_reference(source: Source):
+    """The original file in ONNX Runtime; a fixed-batch original runs chunk by chunk."""
+    original = Session(source.onnx_model)
+    fixed = original.inputs[0].shape[0] if original.inputs and original.inputs[0].shape else None
+
+    def infer(feeds: Feeds) -> list[np.ndarray]:
+        return list(original.run(feeds).values())
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        batch = next(iter(feeds.values())).shape[0]
+        if not isinstance(fixed, int) or fixed == batch:
+            return infer(feeds)
+        chunks = [infer({k: v[i : i + fixed] for k, v in feeds.items()}) for i in range(0, batch, fixed)]
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    return run

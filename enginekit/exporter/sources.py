@@ -1,0 +1,251 @@
+"""Resolve what the user passed as --model into a source enginekit can export.
+
+A source is a zoo name (`efficientnet_lite0`), a Python factory (`pkg.module:build`, weights
+from --weights), or an existing `.onnx` file. Each resolves to a network plus the I/O specs and
+representative inputs that the parity check runs on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+from enginekit.core.errors import InputError
+from enginekit.core.optional import require_torch
+from enginekit.core.tensors import Dim, Feeds, TensorSpec, random_feeds
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+DEFAULT_PARITY_DIMS: tuple[Mapping[str, int], ...] = ({"batch": 1}, {"batch": 4})
+
+
+@dataclass
+class Source:
+    """What export needs from any source: a name, I/O specs, and inputs for a given set of dims."""
+
+    name: str
+    kind: str  # "zoo" | "factory" | "onnx" | "keras"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dataset: Any = None  # a models.spec.Dataset, or None when the source brings no data
+    parity_dims: tuple[Mapping[str, int], ...] = DEFAULT_PARITY_DIMS
+    dim_max: Mapping[str, int] = field(default_factory=dict)
+    module: Any = None  # the torch.nn.Module of zoo and factory sources
+    keras: Any = None  # the export.keras_export.KerasModel of Keras sources
+    onnx_model: Any = None  # the parsed onnx.ModelProto of ONNX sources
+    onnx_path: Path | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    def sample(self, dims: Mapping[str, int]) -> tuple[Feeds, str]:
+        """Inputs of the current specs at `dims`, from the evaluation data when it fits, with a
+        description of where they came from."""
+        shapes = {s.name: s.concrete_shape(dims) for s in self.inputs}
+        if self.dataset is not None:
+            count = next(iter(shapes.values()))[0]
+            feeds = self.dataset.samples("evaluation", count, dims)
+            if all(feeds[name].shape == shape for name, shape in shapes.items()):
+                return feeds, f"{self.name} evaluation split"
+            return random_feeds(self.inputs, dims), "seeded random inputs (the input shape differs from the dataset's)"
+        return random_feeds(self.inputs, dims), f"seeded random inputs (a {self.kind} source brings no data)"
+
+
+def looks_like_factory(model: str) -> bool:
+    return bool(_FACTORY.match(model)) and not Path(model).exists()
+
+
+def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str], allow_unsafe_keras: bool = False) -> Source:
+    from enginekit.exporter.keras_export import is_keras_path
+    from enginekit.models import get_spec
+
+    overrides = parse_input_shapes(input_shapes)
+    if looks_like_factory(model):
+        return _factory_source(model, weights, overrides)
+    path = Path(model)
+    if is_keras_path(path):
+        if weights:
+            raise InputError("weights apply to PyTorch zoo and factory models; a Keras file carries its own", model, option="weights")
+        return _keras_file_source(path, overrides, allow_unsafe_keras)
+    if path.suffix.lower() == ".onnx" or path.exists() or "/" in model or "\\" in model:
+        if weights:
+            raise InputError("weights apply to zoo and factory models, not to an ONNX file", model, option="weights")
+        return _onnx_source(path, overrides)
+    return _zoo_source(get_spec(model), weights, overrides)  # an unknown name raises with suggestions
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str | None, tuple[Dim, ...]]:
+    """`NAME=1x3x224x224` (or just `1x3x224x224` for a single-input model); symbols such as
+    `batch` or `sequence` keep a dim dynamic."""
+    shapes: dict[str | None, tuple[Dim, ...]] = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        parts = [p.strip() for p in re.split(r"[x,]", dims) if p.strip()]
+        if not parts:
+            raise InputError(f"input shape '{value}' has no dims (expected e.g. image=1x3x224x224)", option="input_shapes")
+        parsed: list[Dim] = []
+        for part in parts:
+            if part.isdigit() and int(part) > 0:
+                parsed.append(int(part))
+            elif re.fullmatch(r"[A-Za-z_]\w*", part):
+                parsed.append(part)
+            else:
+                raise InputError(f"input shape '{value}': '{part}' is neither a positive size nor a dim name", option="input_shapes")
+        shapes[name or None] = tuple(parsed)
+    return shapes
+
+
+def apply_shapes(inputs: tuple[TensorSpec, ...], overrides: Mapping[str | None, tuple[Dim, ...]], origin: str) -> tuple[TensorSpec, ...]:
+    if not overrides:
+        return inputs
+    names = {spec.name for spec in inputs}
+    if None in overrides:
+        if len(inputs) != 1:
+            raise InputError(f"the model has inputs {sorted(names)}; name the one an input shape applies to (NAME=dims)", origin, option="input_shapes")
+        overrides = {inputs[0].name: overrides[None]}
+    unknown = set(overrides) - names
+    if unknown:
+        raise InputError(f"input shapes name {sorted(unknown)}, but the model's inputs are {sorted(names)}", origin, option="input_shapes")
+    return tuple(replace(spec, shape=overrides.get(spec.name, spec.shape)) for spec in inputs)
+
+
+# --------------------------------------------------------------------------------------- zoo
+
+
+def _zoo_source(spec, weights: str | None, overrides) -> Source:
+    if spec.framework == "keras":
+        from enginekit.exporter.keras_export import from_keras_model
+
+        if weights:
+            raise InputError("weights apply to PyTorch models", spec.name, option="weights")
+        keras_model = from_keras_model(spec.build())
+        inputs = apply_shapes(spec.inputs, overrides, spec.name)
+        return Source(spec.name, "zoo", inputs, spec.outputs, spec.dataset(), spec.parity_dims, spec.dim_max,
+                      keras=keras_model, origin={"zoo": spec.name, "weights": spec.weights_source, "framework": "keras"})
+    module = spec.architecture()
+    if weights:
+        load_weights_strict(module, weights)
+        origin = {"zoo": spec.name, "weights": str(weights)}
+    else:
+        spec.load_weights(module)
+        origin = {"zoo": spec.name, "weights": spec.weights_source}
+    module.eval()
+    inputs = apply_shapes(spec.inputs, overrides, spec.name)
+    return Source(spec.name, "zoo", inputs, spec.outputs, spec.dataset(), spec.parity_dims, spec.dim_max, module, origin=origin)
+
+
+# ----------------------------------------------------------------------------------- factory
+
+
+def _factory_source(target: str, weights: str | None, overrides) -> Source:
+    torch = require_torch("PyTorch factories")
+
+    module_name, _, attr = target.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        py_module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a bad --model
+        raise InputError(f"cannot import module '{module_name}' ({type(exc).__name__}: {exc})", target) from None
+    factory = getattr(py_module, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"module '{module_name}' has no callable '{attr}'", target)
+    try:
+        net = factory()
+    except Exception as exc:
+        raise InputError(f"factory raised {type(exc).__name__}: {exc}", target) from None
+    if not isinstance(net, torch.nn.Module):
+        if type(net).__module__.split(".")[0] == "keras":
+            return _keras_factory_source(net, target, weights, overrides)
+        raise InputError(f"factory returned {type(net).__name__}, not a torch.nn.Module or keras.Model", target)
+    if weights:
+        load_weights_strict(net, weights)
+    net.eval()
+    if not overrides:
+        raise InputError("a factory model needs its input shapes, NAME=dims (e.g. input=batchx3x224x224)", target, option="input_shapes")
+    names = _forward_arg_names(net)
+    if None in overrides:
+        overrides = {(names[0] if names else "input"): overrides[None]}
+    inputs = tuple(TensorSpec(name, shape) for name, shape in overrides.items())
+    origin = {"factory": target, "weights": str(weights) if weights else None}
+    return Source(module_name.rsplit(".", 1)[-1] + "_" + attr, "factory", inputs, (), module=net, origin=origin)
+
+
+def _forward_arg_names(net) -> list[str]:
+    import inspect
+
+    params = inspect.signature(net.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def load_weights_strict(module, weights: str) -> None:
+    """Load a state_dict with strict key matching; a mismatch names the keys involved."""
+    from enginekit.core.loaders import load_state_dict
+
+    state = load_state_dict(weights)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(exc).split("\n\t")[1:2]) or str(exc).splitlines()[0]
+        raise InputError(f"weights do not match the architecture: {detail.strip()[:300]}", weights) from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {', '.join(result.missing_keys[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise InputError(f"weights do not match the architecture: keys {'; '.join(parts)}", weights)
+
+
+# ------------------------------------------------------------------------------------- keras
+
+
+def _keras_source(keras_model, name: str, overrides, origin: dict[str, Any], where: str) -> Source:
+    from enginekit.exporter.keras_export import with_shapes
+
+    inputs = apply_shapes(keras_model.inputs, overrides, where)
+    keras_model = with_shapes(keras_model, inputs, where)
+    return Source(name, "keras", inputs, (), keras=keras_model, origin=origin)
+
+
+def _keras_file_source(path: Path, overrides, allow_unsafe: bool) -> Source:
+    from enginekit.exporter.keras_export import load_keras_source
+    from enginekit.core.loaders import require_file
+
+    if not path.is_dir():
+        require_file(path)
+    elif not path.exists():
+        raise InputError("no such file or folder", path)
+    keras_model = load_keras_source(path, allow_unsafe)
+    origin = {"keras": str(path.resolve()), "unsafe_allow_lambda": allow_unsafe}
+    return _keras_source(keras_model, path.stem or path.name, overrides, origin, str(path))
+
+
+def _keras_factory_source(net, target: str, weights: str | None, overrides) -> Source:
+    from enginekit.exporter.keras_export import from_keras_model
+
+    if weights:
+        raise InputError("weights apply to PyTorch factories; build the Keras model with its weights", target, option="weights")
+    module_name, _, attr = target.partition(":")
+    return _keras_source(from_keras_model(net), module_name.rsplit(".", 1)[-1] + "_" + attr, overrides,
+                         {"factory": target, "framework": "keras"}, target)
+
+
+# -------------------------------------------------------------------------------------- onnx
+
+
+def _onnx_source(path: Path, overrides) -> Source:
+    from enginekit.onnx.graph import graph_inputs, tensor_specs
+    from enginekit.core.loaders import load_onnx
+
+    model = load_onnx(path)
+    inputs = tuple(tensor_specs(graph_inputs(model)))
+    outputs = tuple(tensor_specs(model.graph.output))
+    if any(d == "?" for spec in inputs for d in spec.shape) and not overrides:
+        unnamed = [s.name for s in inputs if "?" in s.shape]
+        raise InputError(f"inputs {unnamed} have unnamed dynamic dims; give their shapes", path, option="input_shapes")
+    inputs = apply_shapes(inputs, overrides, str(path))
+    return Source(path.stem, "onnx", inputs, outputs, onnx_model=model, onnx_path=path, origin={"onnx": str(path)})

@@ -1,0 +1,168 @@
+"""Graph-level chores on ONNX models: checking, shape inference, simplification, naming, I/O specs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from enginekit.core.errors import InputError
+from enginekit.core.tensors import TensorSpec
+
+DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
+
+
+def check(model: onnx.ModelProto, origin: str) -> None:
+    """onnx.checker with full_check (which includes strict shape inference), after refusing an
+    opset newer than the installed ONNX knows (the runtimes could not promise to run it)."""
+    newest = onnx.defs.onnx_opset_version()
+    if opset_of(model) > newest:
+        raise InputError(f"uses opset {opset_of(model)}, newer than this ONNX release supports ({newest}); export it with opset <= {newest}", origin)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InputError(f"fails the ONNX checker: {_one_line(exc)}", origin) from None
+
+
+def infer_shapes(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        raise InputError(f"shape inference failed: {_one_line(exc)}", origin) from None
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-code removal with onnxscript's optimizer (pure graph rewrites);
+    without onnxscript (a core install handed an ONNX file), the graph is kept as it is."""
+    try:
+        import onnxscript.optimizer
+    except ImportError:
+        return model
+    return onnxscript.optimizer.optimize(model)
+
+
+def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
+    """Simplify, infer shapes and run the full checker: every exported graph goes through this."""
+    model = simplify(model)
+    model = infer_shapes(model, origin)
+    check(model, origin)
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def convert_opset(model: onnx.ModelProto, opset: int, origin: str) -> onnx.ModelProto:
+    if opset_of(model) == opset:
+        return model
+    source_opset = opset_of(model)
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        raise InputError(f"cannot convert from opset {source_opset} to {opset}: {_one_line(exc)}", origin) from None
+    return converted
+
+
+def rename_values(model: onnx.ModelProto, mapping: Mapping[str, str]) -> None:
+    """Rename values (graph inputs/outputs included) in place; a value already holding a target
+    name is renamed out of the way first, so names stay unique."""
+    mapping = {old: new for old, new in mapping.items() if old != new}
+    if not mapping:
+        return
+    taken = _value_names(model.graph)
+    for new in mapping.values():
+        if new in taken and new not in mapping:
+            suffix = 1
+            while f"{new}_{suffix}" in taken:
+                suffix += 1
+            _rename(model.graph, {new: f"{new}_{suffix}"})
+            taken.add(f"{new}_{suffix}")
+    _rename(model.graph, mapping)
+
+
+def _value_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _rename(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
+    for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        value.name = mapping.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+
+
+def set_symbolic_dims(model: onnx.ModelProto, specs: Mapping[str, TensorSpec]) -> None:
+    """Give graph inputs/outputs the dim names of their specs (exporters invent names like s0)."""
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, wanted in zip(dims, spec.shape):
+            if isinstance(wanted, str):
+                dim.dim_param = wanted
+            else:
+                dim.dim_value = wanted
+
+
+def tensor_specs(values: Any) -> list[TensorSpec]:
+    """TensorSpecs of ONNX ValueInfos (graph inputs or outputs); unknown dims become '?'."""
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor_type.shape.dim)
+        specs.append(TensorSpec(value.name, shape, dtype))
+    return specs
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers (older exporters list weights as inputs)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def make_batch_dynamic(model: onnx.ModelProto, name: str = "batch") -> bool:
+    """Turn a fixed leading dim shared by every input and output into a symbol; False if not uniform."""
+    values = [*graph_inputs(model), *model.graph.output]
+    leading = {v.type.tensor_type.shape.dim[0].dim_value if v.type.tensor_type.shape.dim else None for v in values}
+    if len(leading) != 1 or None in leading or 0 in leading:
+        return False
+    for value in values:
+        value.type.tensor_type.shape.dim[0].dim_param = name
+    del model.graph.value_info[:]
+    return True
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder graph nodes so every input is produced before it is read (some converters append
+    nodes, such as input Casts, at the end; ONNX requires topological order)."""
+    graph = model.graph
+    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progress = [n for n in pending if all(i in available for i in n.input)]
+        if not progress:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for node in progress:
+            ordered.append(node)
+            available.update(node.output)
+        chosen = {id(n) for n in progress}
+        pending = [n for n in pending if id(n) not in chosen]
+    del graph.node[:]
+    graph.node.extend(ordered)

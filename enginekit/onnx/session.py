@@ -1,0 +1,80 @@
+"""The reference executor: ONNX Runtime on the CPU, the FP32 truth every stage measures against
+(parity, calibration, bias correction, the layer report, TFLite range matching, accuracy gates).
+
+Sessions are created only from checked bytes: a path is parsed by the loaders module (external
+data confined to the model's folder) and never opened by ONNX Runtime itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from enginekit.core.errors import InputError
+from enginekit.core.tensors import TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def model_bytes(model: "str | Path | bytes | onnx.ModelProto") -> bytes:
+    """Serialized model bytes; a path is read and checked by the loaders module first."""
+    if isinstance(model, bytes):
+        return model
+    if hasattr(model, "SerializeToString"):
+        return model.SerializeToString()
+    from enginekit.core.loaders import load_onnx
+
+    return load_onnx(model).SerializeToString()
+
+
+class Session:
+    """One CPU InferenceSession with an explicit thread count; feeds and outputs are numpy arrays.
+
+    `spinning=False` stops idle intra-op threads from spinning: two sessions that take turns in
+    one process (reference and candidate of an accuracy check) then do not slow each other."""
+
+    def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None,
+                 optimized_model_path: str | Path | None = None, memory_arena: bool = True, spinning: bool = True):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.enable_cpu_mem_arena = memory_arena  # off where many large outputs would pin arena memory
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = str(optimized_model_path)
+        data = model_bytes(model)
+        try:
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}") from None
+        self.threads = threads
+        self.inputs = [_spec(v) for v in self.session.get_inputs()]
+        self.outputs = [_spec(v) for v in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name (all of them, or `names`)."""
+        names = list(names) if names is not None else self.output_names
+        try:
+            values = self.session.run(names, dict(feeds))
+        except Exception as exc:  # ORT's Fail/InvalidArgument/RuntimeException at inference time
+            raise InputError(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from None
+        return dict(zip(names, values))
+
+
+def _spec(node) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or "?") for d in node.shape)
+    return TensorSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))

@@ -1,0 +1,69 @@
+"""FP32 ONNX + CalibrationTable -> the Q/DQ graph of one encoding, bias-corrected on the
+calibration data: the hub every INT8 target is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from enginekit.calibration.table import CalibrationTable
+from enginekit.core.errors import InputError
+from enginekit.core.tensors import Feeds
+from enginekit.exporter.reference import Fp32Model
+from enginekit.quantization.bias_correction import correct_biases
+from enginekit.quantization.placement import QuantPlan, plan_quantization
+from enginekit.quantization.qdq import QdqGraph, insert_qdq, integerize_biases
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How the Q/DQ graph is made (the encoding comes from the target unless overridden)."""
+
+    encoding: str | None = None  # None: the target's own
+    bias_correction: bool = True
+    per_channel: bool = True
+    exclude_nodes: Sequence[str] = ()
+    exclude_ops: Sequence[str] = ()
+    exclude_after: Sequence[str] | None = None  # None: the zoo spec's keep_float_after
+    keep_first_last_float: bool = False
+    layer_report: bool = False  # write layers.json (range, clipped share, SQNR per tensor) into INT8 artifacts
+
+    def key(self) -> dict[str, Any]:
+        """What changes the graph (for build keys and caches)."""
+        return {"bias_correction": self.bias_correction, "per_channel": self.per_channel,
+                "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
+                "exclude_after": None if self.exclude_after is None else list(self.exclude_after),
+                "keep_first_last_float": self.keep_first_last_float}
+
+
+def plan_for(fp32: Fp32Model, settings: QuantizeSettings) -> tuple[QuantPlan, list[str]]:
+    """Where Q/DQ pairs go under `settings`, and the op types after which compute stays float."""
+    after = settings.exclude_after
+    if after is None:
+        after = fp32.spec.keep_float_after if fp32.spec else ()
+    plan = plan_quantization(fp32.proto, settings.exclude_nodes, settings.exclude_ops, settings.keep_first_last_float, after)
+    if not plan.nodes:
+        raise InputError("nothing is left to quantize after the exclusions", fp32.path)
+    return plan, list(after)
+
+
+def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
+              batches: Sequence[Feeds] = (), threads: int | None = None) -> tuple[QdqGraph, dict[str, Any]]:
+    """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
+    calibration data). Returns the graph and what the manifest records of it."""
+    table.check_model(fp32.sha256, fp32.path)
+    plan, after = plan_for(fp32, settings)
+    qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel)
+    details: dict[str, Any] = {"encoding": encoding, "per_channel_weights": settings.per_channel,
+                               "quantized_nodes": len(plan.nodes), "quantized_tensors": len(plan.activations),
+                               "quantized_weights": len(plan.weights), "exclude_nodes": list(settings.exclude_nodes),
+                               "exclude_ops": list(settings.exclude_ops), "exclude_after": after,
+                               "keep_first_last_float": settings.keep_first_last_float}
+    if settings.bias_correction:
+        corrections = correct_biases(fp32.proto, qdq, batches, threads)
+        details["bias_correction"] = {"layers": len(corrections), "samples": sum(len(next(iter(b.values()))) for b in batches),
+                                      "largest_shift": max(corrections.values(), default=0.0)}
+    if encoding != "int8":
+        integerize_biases(qdq)
+    return qdq, details

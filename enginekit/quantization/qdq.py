@@ -1,0 +1,150 @@
+"""Rewrite an FP32 ONNX graph into an explicit Q/DQ graph from a plan, a table and an encoding.
+
+Activations: QuantizeLinear -> DequantizeLinear right after the producer; quantized consumers
+read the DQ output, float consumers keep the original tensor. Weights: int8 initializers with a
+per-channel DequantizeLinear. Biases stay float here (bias correction edits them); for targets
+that want them, `integerize_biases` turns them into int32 with scale = input scale x weight scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from enginekit.calibration.table import CalibrationTable
+from enginekit.core.errors import InputError
+from enginekit.quantization.encoding import QParams, activation_qparams, quantize_weight
+from enginekit.quantization.placement import QuantPlan
+
+DQ_SUFFIX = "__dq"
+
+
+@dataclass
+class QdqGraph:
+    model: onnx.ModelProto
+    activations: dict[str, QParams] = field(default_factory=dict)
+    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> per-channel scales
+
+
+def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, encoding: str, per_channel: bool = True) -> QdqGraph:
+    missing = [t for t in plan.activations if plan.same_scale.get(t, t) not in table.tensors]
+    if missing:
+        raise InputError(f"the calibration table has no range for {len(missing)} tensor(s) this graph quantizes (e.g. {missing[:3]}); calibrate this model again")
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    graph = model.graph
+    result = QdqGraph(model)
+    for tensor in plan.activations:
+        source = plan.same_scale.get(tensor, tensor)
+        result.activations[tensor] = activation_qparams(tensor, table.tensors[source], encoding)
+
+    initializers = {t.name: t for t in graph.initializer}
+    new_initializers: list[onnx.TensorProto] = []
+    weight_nodes: dict[str, list[onnx.NodeProto]] = {}
+    for spec in plan.weights:
+        if spec.tensor in result.weight_scales:
+            continue
+        values, scales = quantize_weight(numpy_helper.to_array(initializers[spec.tensor]), spec.axis if per_channel else None)
+        result.weight_scales[spec.tensor] = scales
+        q_name = f"{spec.tensor}__int8"
+        new_initializers += [
+            numpy_helper.from_array(values, q_name),
+            numpy_helper.from_array(scales, f"{spec.tensor}__scale"),
+            numpy_helper.from_array(np.zeros_like(scales, np.int8), f"{spec.tensor}__zp"),
+        ]
+        attributes = {"axis": spec.axis} if per_channel else {}
+        weight_nodes.setdefault(spec.node, []).append(helper.make_node(
+            "DequantizeLinear", [q_name, f"{spec.tensor}__scale", f"{spec.tensor}__zp"], [spec.tensor + DQ_SUFFIX],
+            name=f"{spec.tensor}_DequantizeLinear", **attributes))
+
+    def qdq_nodes(tensor: str) -> list[onnx.NodeProto]:
+        qp = result.activations[tensor]
+        new_initializers.extend([
+            numpy_helper.from_array(np.array(qp.scale, np.float32), f"{tensor}__scale"),
+            numpy_helper.from_array(np.array(qp.zero_point, qp.numpy_type), f"{tensor}__zp"),
+        ])
+        inputs = [f"{tensor}__scale", f"{tensor}__zp"]
+        return [
+            helper.make_node("QuantizeLinear", [tensor, *inputs], [f"{tensor}__q"], name=f"{tensor}_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{tensor}__q", *inputs], [tensor + DQ_SUFFIX], name=f"{tensor}_DequantizeLinear"),
+        ]
+
+    quantized_nodes = set(plan.nodes)
+    rewired = {spec.tensor for spec in plan.weights} | set(plan.activations)
+    nodes: list[onnx.NodeProto] = []
+    for value in graph.input:
+        if value.name in result.activations:
+            nodes += qdq_nodes(value.name)
+    for node in graph.node:
+        nodes += weight_nodes.get(node.name, [])
+        if node.name in quantized_nodes:
+            node.input[:] = [name + DQ_SUFFIX if name in rewired and _reads_quantized(node, name, plan) else name for name in node.input]
+        nodes.append(node)
+        for output in node.output:
+            if output in result.activations:
+                nodes += qdq_nodes(output)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_initializers)
+    return result
+
+
+def _reads_quantized(node: onnx.NodeProto, name: str, plan: QuantPlan) -> bool:
+    return node.name in plan.consumers.get(name, ()) or any(w.tensor == name and w.node == node.name for w in plan.weights)
+
+
+def biased_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Conv and Gemm nodes whose weights are quantized: the layers bias correction adjusts."""
+    return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(DQ_SUFFIX)]
+
+
+def ensure_bias(model: onnx.ModelProto, node: onnx.NodeProto, channels: int) -> str:
+    """Name of the node's float bias initializer, creating a zero bias if it has none."""
+    if len(node.input) > 2 and node.input[2]:
+        return node.input[2]
+    name = f"{node.name}__bias"
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(channels, np.float32), name))
+    while len(node.input) < 2:
+        node.input.append("")
+    node.input.append(name)
+    return name
+
+
+def integerize_biases(qdq: QdqGraph) -> None:
+    """Replace float Conv/Gemm biases by int32 + DequantizeLinear (scale = input x weight scale),
+    the form ONNX Runtime fuses into QLinearConv / QGemm."""
+    model = qdq.model
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in initializers:
+            activation = node.input[0].removesuffix(DQ_SUFFIX)
+            weight = node.input[1].removesuffix(DQ_SUFFIX)
+            if node.input[0].endswith(DQ_SUFFIX) and activation in qdq.activations and weight in qdq.weight_scales:
+                bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+                scale = (qdq.activations[activation].scale * qdq.weight_scales[weight].astype(np.float64)).astype(np.float32)
+                scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+                values = np.round(bias / scale.astype(np.float64)).clip(-(2**31), 2**31 - 1).astype(np.int32)
+                base = node.input[2]
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(values, f"{base}__int32"),
+                    numpy_helper.from_array(scale, f"{base}__int32_scale"),
+                    numpy_helper.from_array(np.zeros_like(values), f"{base}__int32_zp"),
+                ])
+                nodes.append(helper.make_node("DequantizeLinear", [f"{base}__int32", f"{base}__int32_scale", f"{base}__int32_zp"],
+                                              [f"{base}{DQ_SUFFIX}"], name=f"{base}_DequantizeLinear", axis=0))
+                node.input[2] = f"{base}{DQ_SUFFIX}"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+

@@ -1,0 +1,158 @@
+"""The two contracts every target implements.
+
+- `Runner`: an opened artifact. Named inputs and outputs (`infer(feeds) -> {name: array}`), feeds
+  checked against the input specs in one place, float in and float out whatever the artifact's
+  I/O types (integer I/O is scaled by the runner), `close()` and a context manager, and declared
+  capabilities instead of attribute probing. The harness, the accuracy gate and user services
+  only ever talk to runners.
+- `Target`: how one runtime turns the shared build inputs (the FP32 ONNX, the CalibrationTable,
+  the Q/DQ graph of its encoding) into an artifact folder, what it adds to the build key, why it
+  cannot build here (if so), and how it opens an artifact as a Runner.
+
+A new target is one module (or package) that subclasses Target and is registered
+(`enginekit.targets.registry.register`); nothing else in enginekit knows target names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+
+from enginekit.core.errors import InputError
+from enginekit.core.tensors import Feeds, TensorSpec
+
+if TYPE_CHECKING:
+    from enginekit.calibration.table import CalibrationTable
+    from enginekit.exporter.reference import Fp32Model
+    from enginekit.quantization.qdq import QdqGraph
+
+STREAMS = "streams"  # the runner sweeps runtime streams (stream_throughput)
+GPU_TIMING = "gpu_timing"  # the runner reports the device time of its last call (last_gpu_ms)
+
+
+class Runner:
+    """An artifact opened for inference. Subclasses set `inputs`/`outputs` and implement `run`."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Outputs by name for float (or integer id) feeds by input name."""
+        values = self.run(self.check_feeds(feeds))
+        return dict(zip(self.output_names, values))
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        """The runtime call on checked feeds: one array per output, in `outputs` order."""
+        raise NotImplementedError
+
+    def check_feeds(self, feeds: Mapping[str, Any]) -> Feeds:
+        """Names, dtype kinds and fixed dims against the input specs; a float64 array becomes
+        float32 and an int32 one int64 (same kind), anything else is an InputError."""
+        expected = {spec.name: spec for spec in self.inputs}
+        if set(feeds) != set(expected):
+            missing, unknown = sorted(set(expected) - set(feeds)), sorted(set(feeds) - set(expected))
+            parts = ([f"lack input(s) {missing}"] if missing else []) + ([f"have unknown input(s) {unknown}"] if unknown else [])
+            raise InputError(f"feeds {' and '.join(parts)}; the model's inputs are {sorted(expected)}")
+        checked: Feeds = {}
+        for name, value in feeds.items():
+            spec = expected[name]
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            want = np.dtype(spec.dtype)
+            if array.dtype != want:
+                if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
+                    raise InputError(f"input '{name}' has dtype {array.dtype}, the model expects {want}")
+                array = array.astype(want)
+            if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, array.shape)):
+                raise InputError(f"input '{name}' has shape {list(array.shape)}, the model expects {list(spec.shape)}")
+            checked[name] = array
+        return checked
+
+    def close(self) -> None:
+        """Release what the runtime holds (device memory, threads); the runner is unusable after."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Built:
+    """What a target's build hands back: the runner of the staged files, and its manifest fields."""
+
+    runner: Runner
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+class BuildInputs(Protocol):
+    """The shared inputs of one build, provided by the build stage; everything is computed at most
+    once per model and handed out as private copies."""
+
+    fp32: "Fp32Model"
+    precision: str
+    encoding: str  # the Q/DQ encoding of INT8 builds (the target's own, or the user's resolved choice)
+    stage: Path  # the staging folder: write the artifact's files here
+    threads: int | None
+    options: Mapping[str, Any]  # this target's own options, defaults filled in
+    bias_correction: bool
+    notes: list[str]  # lines for the manifest's notes
+
+    def table(self) -> "CalibrationTable": ...
+
+    def qdq(self, encoding: str) -> "QdqGraph":
+        """The (bias-corrected) Q/DQ graph in `encoding`, a copy the target may change."""
+        ...
+
+    def calibration_feeds(self, count: int) -> Feeds: ...
+
+
+class Target:
+    """One runtime. Subclasses set the class attributes and implement `build` and `open`."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+    encoding: ClassVar[str] = "int8"  # the Q/DQ encoding its INT8 artifacts are made from
+    encodings: ClassVar[tuple[str, ...]] = ()  # encodings a user may ask for instead (default: only `encoding`)
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names artifacts of this target carry in manifests
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def unavailable(self, precision: str) -> str | None:
+        """Why this machine cannot build or run `precision` (missing library or hardware), or None."""
+        return None
+
+    def resolve_encoding(self, requested: str | None) -> str:
+        if requested is None or requested == self.encoding:
+            return self.encoding
+        if requested not in self.encodings:
+            raise InputError(f"the {self.name} target builds INT8 from the '{self.encoding}' encoding, not '{requested}'",
+                             option="encoding")
+        return requested
+
+    def options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """This target's options: its defaults overridden by what the user gave."""
+        unknown = sorted(set(given or {}) - set(self.option_defaults))
+        if unknown:
+            raise InputError(f"the {self.name} target has no option(s) {', '.join(unknown)} "
+                             f"(it has {', '.join(sorted(self.option_defaults)) or 'none'})")
+        return {**self.option_defaults, **(given or {})}
+
+    def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """What besides the shared inputs changes this target's artifact (versions, options)."""
+        return {"options": dict(options)}
+
+    def build(self, inputs: BuildInputs) -> Built:
+        raise NotImplementedError
+
+    def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
+        """The artifact in `folder` (files already verified against `manifest`) as a Runner."""
+        raise NotImplementedError

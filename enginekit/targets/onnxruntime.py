@@ -1,0 +1,91 @@
+"""ONNX Runtime target: the FP32 ONNX, or the Q/DQ INT8 ONNX (uint8 encoding: ORT's fast u8 x s8
+kernels), run on the CPU execution provider. Which kernels really run is read from ORT's own
+optimized graph (`integer_op_report`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from enginekit.core.errors import InputError
+from enginekit.core.machine import toolchain
+from enginekit.core.tensors import Feeds
+from enginekit.onnx.session import Session
+from enginekit.targets.base import Built, BuildInputs, Runner, Target
+
+if TYPE_CHECKING:
+    import onnx
+
+ONNX_FILES = ("model.int8.onnx", "model.onnx")
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
+               "DynamicQuantizeMatMul"}
+FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
+
+
+class OrtRunner(Runner):
+    """A CPU InferenceSession (from checked bytes) behind the Runner contract."""
+
+    def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None, **session: Any):
+        self.session = Session(model, threads=threads, **session)
+        self.threads = threads
+        self.inputs, self.outputs = self.session.inputs, self.session.outputs
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        values = self.session.run(feeds)
+        return [values[name] for name in self.output_names]
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
+    """Which kernels ONNX Runtime actually runs: the op types of its optimized graph, and how many
+    of the FP32 graph's compute ops became integer ops (QLinearConv, QGemm, MatMulInteger...)."""
+    import tempfile
+    from collections import Counter
+
+    from enginekit.core.loaders import load_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        Session(path, optimized_model_path=optimized)
+        ops = Counter(node.op_type for node in load_onnx(optimized).graph.node)
+    compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
+    integer = sum(count for op, count in ops.items() if op in INTEGER_OPS)
+    floating = sum(count for op, count in ops.items() if op in FLOAT_COMPUTE_OPS)
+    return {"compute_ops": compute, "integer_compute_ops": integer, "float_compute_ops": floating,
+            "integer_share": integer / compute if compute else 0.0, "optimized_op_types": dict(sorted(ops.items()))}
+
+
+class OnnxRuntimeTarget(Target):
+    name = "onnxruntime"
+    precisions = ("fp32", "int8")
+    encoding = "uint8"
+    encodings = ("uint8", "int8", "mixed")  # ORT runs every encoding; uint8 is its fastest on x86
+    aliases = ("onnx",)  # export artifacts are plain ONNX, opened the same way
+
+    def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"toolchain": toolchain("onnxruntime")}
+
+    def build(self, inputs: BuildInputs) -> Built:
+        if inputs.precision == "fp32":
+            path = inputs.stage / "model.onnx"
+            path.write_bytes(inputs.fp32.path.read_bytes())
+            return Built(OrtRunner(path, threads=inputs.threads))
+        import onnx
+
+        path = inputs.stage / "model.int8.onnx"
+        onnx.save(inputs.qdq(inputs.encoding).model, str(path))
+        return Built(OrtRunner(path, threads=inputs.threads), {"integer_ops": integer_op_report(path, inputs.fp32.proto)})
+
+    def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
+        path = next((folder / name for name in ONNX_FILES if (folder / name).is_file()), None)
+        if path is None:
+            raise InputError("artifact has no ONNX model", folder)
+        return OrtRunner(path, threads=threads)
+
+
+TARGET = OnnxRuntimeTarget()

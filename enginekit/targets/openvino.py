@@ -1,0 +1,253 @@
+"""OpenVINO target: IR (.xml/.bin) for Intel CPUs in FP32, BF16, FP16 (compressed weights) and
+INT8 (from the Q/DQ ONNX in the "mixed" encoding), with the executed precision proven.
+
+Precision is never taken on trust: after compiling, the runtime graph says which kernels run
+(`runtimePrecision` of every Convolution/MatMul/FullyConnected), and that share goes into the
+manifest. FP32 is compiled with INFERENCE_PRECISION_HINT=f32, because without it OpenVINO runs
+an "fp32" IR in bf16 on CPUs that have bf16; BF16 is refused on CPUs without it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.machine import toolchain
+from enginekit.core.tensors import Feeds, TensorSpec
+from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Target
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+XML, BIN = "model.xml", "model.bin"
+_COMPUTE_LAYERS = ("Convolution", "MatMul", "FullyConnected")
+_INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
+
+
+def require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise MissingDependencyError("the openvino target needs the 'openvino' extra (pip install 'enginekit[openvino]')") from None
+    return openvino
+
+
+def device_info() -> dict[str, Any]:
+    ov = require_openvino()
+    core = ov.Core()
+    return {"device": "CPU", "full_name": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")), "openvino": ov.__version__}
+
+
+def unavailable_reason(precision: str) -> str | None:
+    """Why OpenVINO cannot build `precision` here: the library is absent, or bf16 on a CPU without it."""
+    try:
+        require_openvino()
+    except MissingDependencyError as exc:
+        return str(exc)
+    if precision == "bf16":
+        info = device_info()
+        if "BF16" not in info["capabilities"]:
+            return (f"this CPU ({info['full_name']}) has no bf16 support (OPTIMIZATION_CAPABILITIES: {', '.join(info['capabilities'])}); "
+                    "OpenVINO would emulate or fall back, so bf16 is refused")
+    return None
+
+
+def convert(onnx_path: Path, precision: str, folder: Path) -> None:
+    """ONNX -> IR in `folder` (model.xml + model.bin); FP16 compresses the weights."""
+    ov = require_openvino()
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as exc:  # OpenVINO raises its own OpConversionFailure / GeneralFailure types
+        raise InputError(f"OpenVINO cannot convert the model: {_conversion_problem(str(exc), onnx_path)}", onnx_path) from None
+    ov.save_model(model, str(folder / XML), compress_to_fp16=precision == "fp16")
+
+
+def _conversion_problem(text: str, onnx_path: Path) -> str:
+    """Name the unsupported op types and the ONNX nodes that use them (OpenVINO names only types)."""
+    flat = " ".join(text.split())
+    match = re.search(r"No conversion rule found for operations?: ([^\n]+?)(?: --|$)", flat)
+    if not match:
+        return flat[:300]
+    from enginekit.core.loaders import load_onnx
+
+    op_names = [o.strip() for o in match.group(1).split(",") if o.strip()]
+    nodes = []
+    for node in load_onnx(onnx_path).graph.node:
+        qualified = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        if qualified in op_names or node.op_type in op_names:
+            nodes.append(node.name or "(unnamed)")
+    where = f" (node{'s' if len(nodes) > 1 else ''} {', '.join(nodes[:5])})" if nodes else ""
+    return f"no conversion rule for op {', '.join(op_names)}{where}"
+
+
+def compile_config(precision: str, hint: str = "LATENCY", streams: int | None = None, threads: int | None = None) -> dict[str, str]:
+    config = {"INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": hint}
+    if streams:
+        config["NUM_STREAMS"] = str(streams)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return config
+
+
+def executed_precisions(compiled) -> dict[str, Any]:
+    """Share of compute layers (Convolution/MatMul/FullyConnected) per executed precision."""
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in _COMPUTE_LAYERS:
+            counts[info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"] += 1
+    total = sum(counts.values())
+    share = {p: n / total for p, n in counts.items()} if total else {}
+    return {
+        "compute_layers": total,
+        "by_precision": dict(sorted(counts.items())),
+        "integer_share": sum(v for p, v in share.items() if p in ("i8", "u8")),
+        "bf16_share": share.get("bf16", 0.0),
+        "f32_share": share.get("f32", 0.0),
+        "f16_share": share.get("f16", 0.0),
+    }
+
+
+SPECIALISED_SHAPES = 4  # static copies kept per runner (each holds its own compiled kernels)
+
+
+class OpenVinoRunner(Runner):
+    """Loads an IR artifact folder (or an .xml path) and runs it synchronously or asynchronously.
+
+    IRs keep a dynamic batch so one artifact serves every batch size, but OpenVINO's CPU plugin
+    runs a dynamic-shape model ~8 % slower than the same model reshaped to static shapes (shape
+    inference and buffer planning on every call; measured on efficientnet_lite0). So each input
+    shape seen is compiled once as a static model, as benchmark_app does with `-shape`; after
+    SPECIALISED_SHAPES distinct shapes the dynamic model serves the rest. `specialise=False`
+    keeps the dynamic model only.
+    """
+
+    def __init__(self, path: str | Path, precision: str = "fp32", hint: str = "LATENCY", streams: int | None = None, threads: int | None = None,
+                 specialise: bool = True):
+        ov = require_openvino()
+        path = Path(path)
+        xml = path / XML if path.is_dir() else path
+        bin_path = xml.with_name(BIN) if xml.name == XML else xml.with_suffix(".bin")
+        if not xml.is_file():
+            raise InputError("OpenVINO IR not found (no .xml)", xml)
+        if not bin_path.is_file():
+            raise InputError(f"OpenVINO IR has no weights file ({bin_path.name} is missing beside it)", xml)
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(xml), str(bin_path))
+            self.config = compile_config(precision, hint, streams, threads)
+            self.compiled = self.core.compile_model(self.model, "CPU", self.config)
+        except Exception as exc:
+            raise InputError(f"OpenVINO cannot load this IR (corrupt or mismatched .xml/.bin?): {' '.join(str(exc).split())[:200]}", xml) from None
+        self.precision = precision
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [_spec(p) for p in self.compiled.inputs]
+        self.outputs = [_spec(p) for p in self.compiled.outputs]
+        self.specialise = specialise and not all(p.get_partial_shape().is_static for p in self.compiled.inputs)
+        self._static: dict[tuple, Any] = {}
+
+    def compiled_for(self, feeds: Feeds):
+        """(compiled model, its infer request) that run `feeds` fastest: static for their shapes if allowed."""
+        if not self.specialise:
+            return self.compiled, self.request
+        key = tuple(sorted((name, np.shape(value)) for name, value in feeds.items()))
+        if key not in self._static:
+            if len(self._static) >= SPECIALISED_SHAPES:
+                return self.compiled, self.request
+            compiled = self.core.compile_model(self._model_for(feeds), "CPU", self.config)
+            self._static[key] = (compiled, compiled.create_infer_request())
+        return self._static[key]
+
+    def _model_for(self, feeds: Feeds):
+        """The model reshaped to the shapes of `feeds` when specialising, else the dynamic one."""
+        if not self.specialise:
+            return self.model
+        model = self.model.clone()
+        model.reshape({name: list(np.shape(value)) for name, value in feeds.items()})
+        return model
+
+    capabilities = frozenset({STREAMS})
+
+    def run(self, feeds: Feeds) -> list[np.ndarray]:
+        compiled, request = self.compiled_for(feeds)
+        # share_inputs: the request reads the caller's arrays in place instead of copying them first
+        # (the call is synchronous, so they cannot change underneath it); outputs stay copies, valid
+        # after the next call
+        results = request.infer(feeds, share_inputs=True)
+        return [np.asarray(results[port]) for port in compiled.outputs]
+
+    def close(self) -> None:
+        self._static.clear()
+        self.request = self.compiled = self.model = None
+
+    def throughput(self, feeds: Feeds, requests: int = 0, seconds: float = 2.0) -> float:
+        """Inferences per second with an AsyncInferQueue of `requests` (0: the plugin's optimal number)."""
+        compiled, _ = self.compiled_for(feeds)
+        return _async_rate(compiled, feeds, requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"), seconds)
+
+    def stream_throughput(self, feeds: Feeds, streams: int, seconds: float = 1.0) -> tuple[float, int]:
+        """Inferences per second with `streams` CPU streams (THROUGHPUT hint, this runner's threads
+        split among them) and the plugin's optimal number of requests in flight; and that number."""
+        compiled = self.core.compile_model(self._model_for(feeds), "CPU", {**self.config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)})
+        requests = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        return _async_rate(compiled, feeds, requests, seconds), requests
+
+
+def _async_rate(compiled, feeds: Feeds, requests: int, seconds: float) -> float:
+    """Inferences per second keeping `requests` asynchronous inferences in flight (after one warm-up round)."""
+    import time
+
+    queue = require_openvino().AsyncInferQueue(compiled, requests)
+    for _ in range(requests):
+        queue.start_async(feeds)
+    queue.wait_all()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        queue.start_async(feeds)
+        done += 1
+    queue.wait_all()
+    return done * len(next(iter(feeds.values()))) / (time.perf_counter() - start)
+
+
+def _spec(port) -> TensorSpec:
+    shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
+
+
+class OpenVinoTarget(Target):
+    name = "openvino"
+    precisions = PRECISIONS
+    encoding = "mixed"  # u8 zero-point-0 for non-negative tensors, s8 elsewhere: as fast as NNCF's INT8
+    encodings = ("mixed", "uint8", "int8")
+
+    def unavailable(self, precision: str) -> str | None:
+        return unavailable_reason(precision)
+
+    def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"toolchain": toolchain("openvino")}
+
+    def build(self, inputs: BuildInputs) -> Built:
+        import onnx
+
+        source = inputs.fp32.path
+        if inputs.precision == "int8":
+            source = inputs.stage / "model.int8.onnx"
+            onnx.save(inputs.qdq(inputs.encoding).model, str(source))
+        convert(source, inputs.precision, inputs.stage)
+        if source.parent == inputs.stage:
+            source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
+        runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
+        return Built(runner, {"openvino": {**device_info(), "compile_config": runner.config,
+                                           "executed": executed_precisions(runner.compiled)}})
+
+    def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
+        return OpenVinoRunner(folder, manifest.get("precision", "fp32"), threads=threads, **runtime)
+
+
+TARGET = OpenVinoTarget()

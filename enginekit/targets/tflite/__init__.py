@@ -1,0 +1,148 @@
+"""TFLite target: float32, float16 and full-integer int8 flatbuffers run by LiteRT.
+
+Keras sources convert directly (their own graph, traced by TensorFlow); PyTorch and ONNX
+sources go through our ONNX -> TensorFlow lowering (lowering.py says why). INT8 takes the
+activation ranges from the shared CalibrationTable, mapped onto the TFLite tensors by value
+(ranges.py), and the bias-corrected biases of the Q/DQ hub, so every target gets the same
+calibration and correction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from enginekit.core.machine import toolchain
+from enginekit.targets.base import Built, BuildInputs, Runner, Target
+from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
+
+__all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
+
+
+BIAS_HEADROOM = 2**24  # |int32 bias| bound kept, far inside int32 so accumulation cannot overflow
+
+
+def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
+    """Rewrite, in place, Conv/Gemm output channels whose weights are (nearly) all zero.
+
+    TFLite stores a bias as int32 at scale input_scale x weight_scale. A channel whose weights
+    are ~0 (a dead channel after batch-norm folding: EfficientNet-Lite0 has dozens) gets a ~1e-11
+    weight scale, and its bias overflows int32 into garbage, saturating a channel that should be
+    constant. Such a channel becomes zeros plus one weight delta = 127 |b| / (input_scale x 2^24):
+    its bias then fits in 24 bits, and the output moves by at most delta x max|input|, about
+    0.2 % of the bias."""
+    from enginekit.targets.tflite.ranges import tflite_range
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    changed = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        if node.input[1] not in initializers or node.input[0] not in table.tensors:
+            continue
+        low, high = tflite_range(table.tensors[node.input[0]])
+        input_scale = (high - low) / 255.0
+        axis = 0 if node.op_type == "Conv" or next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+        channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).astype(np.float64)
+        weight_scale = np.maximum(np.abs(channels).max(axis=1), 1e-9) / 127.0
+        bad = np.flatnonzero(np.abs(bias) / (input_scale * weight_scale) >= BIAS_HEADROOM)
+        if bad.size == 0:
+            continue
+        for channel in bad:
+            channels[channel] = 0.0
+            channels[channel, channels.shape[1] // 2] = 127.0 * max(abs(bias[channel]), 1e-6) / (input_scale * BIAS_HEADROOM)
+        shaped = np.moveaxis(channels.reshape(np.moveaxis(weight, axis, 0).shape), 0, axis).astype(weight.dtype)
+        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(shaped, node.input[1]))
+        changed.append(f"{node.name}: {bad.size} channel(s)")
+    return changed
+
+
+def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
+                     feeds=None, io_type: str = "int8", owner: Any = None) -> tuple[bytes, dict[str, Any]]:
+    """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
+    INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds."""
+    from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
+    from enginekit.targets.tflite.ranges import map_ranges
+
+    if precision in ("fp32", "fp16"):
+        model = convert_function(function, origin, precision, owner)
+        return model, {"types": type_summary(model)}
+    float_model = convert_function(function, origin, "fp32", owner)
+    ranges = map_ranges(float_model, reference, table, feeds)
+    model = quantize_int8(float_model, ranges.ranges, io_type)
+    info = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
+    return model, info
+
+
+def unavailable_reason() -> str | None:
+    """Why .tflite files cannot be built here (TensorFlow's converter or LiteRT absent), or None."""
+    from enginekit.core.errors import MissingDependencyError
+    from enginekit.core.tf_support import require_tensorflow
+    from enginekit.targets.tflite.runner import require_litert
+
+    try:
+        require_tensorflow()
+        require_litert()
+    except MissingDependencyError as exc:
+        return str(exc)
+    return None
+
+
+class TfliteTarget(Target):
+    name = "tflite"
+    precisions = ("fp32", "fp16", "int8")
+    encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
+    option_defaults = {"io": "int8"}  # int8 .tflite input/output type: "int8" or "uint8"
+
+    def unavailable(self, precision: str) -> str | None:
+        return unavailable_reason()
+
+    def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"options": dict(options), "toolchain": toolchain("tensorflow", "keras", "ai-edge-litert", "ai-edge-quantizer")}
+
+    def build(self, inputs: BuildInputs) -> Built:
+        """Keras sources are traced by TensorFlow directly; others lowered from the (bias-corrected) ONNX."""
+        precision, fp32 = inputs.precision, inputs.fp32
+        reference, notes = fp32.proto, []
+        keras_model = fp32.keras_model() if fp32.is_keras else None
+        if keras_model is not None:
+            from enginekit.exporter.keras_export import tf_function
+
+            function, route, owner = tf_function(keras_model), "keras (traced by TensorFlow)", keras_model.owner
+            if precision == "int8":
+                notes.append("Keras source converted directly: the ranges are the table's, bias correction is not carried over")
+        else:
+            from enginekit.targets.tflite.lowering import to_tf_function
+
+            if precision == "int8":  # a copy either way: the bias fix below rewrites weights in place
+                if inputs.bias_correction:
+                    from enginekit.quantization.bias_correction import corrected_float_model
+
+                    reference = corrected_float_model(fp32.proto, inputs.qdq(inputs.encoding))
+                else:
+                    reference = onnx.ModelProto.FromString(fp32.proto.SerializeToString())
+                changed = keep_biases_representable(reference, inputs.table())
+                if changed:
+                    notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
+                                 + (" ..." if len(changed) > 5 else ""))
+            function, route, owner = to_tf_function(reference, str(fp32.path)), "onnx lowered to TensorFlow ops", None
+        int8 = precision == "int8"
+        model, info = build_flatbuffer(precision, function, str(fp32.path), table=inputs.table() if int8 else None,
+                                       reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
+                                       io_type=inputs.options["io"], owner=owner)
+        (inputs.stage / MODEL_FILE).write_bytes(model)
+        runner = TfliteRunner(model, threads=inputs.threads)
+        return Built(runner, {"tflite": {"route": route, **info, "notes": notes}})
+
+    def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
+        return TfliteRunner(folder / MODEL_FILE, threads=threads, io=manifest.get("tflite", {}).get("io"))
+
+
+TARGET = TfliteTarget()

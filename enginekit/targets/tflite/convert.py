@@ -1,0 +1,154 @@
+"""TFLite flatbuffers: float32 and float16 from TensorFlow's converter, full-integer int8 from
+ai-edge-quantizer with OUR activation ranges.
+
+Why ai-edge-quantizer for int8: the TFLite converter's own int8 path calibrates with its silent
+min-max; ai-edge-quantizer (Google's maintained LiteRT quantizer, public API) takes a range per
+tensor from the caller, quantizes weights symmetric per channel, biases int32 at input x weight
+scale, and keeps int8 input and output. So the flatbuffer carries exactly the ranges of the
+user's CalibrationTable (matched onto TFLite tensors by value, see ranges.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.quiet import quiet_stderr
+from enginekit.core.tf_support import require_tensorflow
+
+IO_TYPES = ("int8", "uint8")
+# Ops that move or select data: they may stay float-free by construction, so they are not
+# counted as compute when listing what runs in float.
+DATA_MOVEMENT_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "GATHER",
+                     "STRIDED_SLICE", "SLICE", "QUANTIZE", "DEQUANTIZE", "SHAPE", "PACK", "UNPACK", "DELEGATE"}
+
+
+def convert_function(function, origin: str, precision: str = "fp32", owner: Any = None) -> bytes:
+    """A float32 (or float16-weight) flatbuffer of a tf.function with an input signature. Only
+    TFLite builtin ops are allowed: an op without a builtin kernel is named in the error.
+
+    `owner` is the model whose variables the function reads (Keras): the function is then saved
+    as a SavedModel signature beside those variables and converted from there, the converter
+    path that freezes weights into constants (from a concrete function they would stay TFLite
+    resource variables, uninitialised at run time)."""
+    import tempfile
+
+    tf = require_tensorflow()
+    holder = tf.Module()
+    holder.function = function  # a trackable owner gives the flatbuffer a serving_default signature
+    with tempfile.TemporaryDirectory(prefix="enginekit-savedmodel-") as folder:
+        if owner is not None:
+            _save_with_owner(owner, holder, function, folder)
+            converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        else:
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], holder)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if precision == "fp16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif precision != "fp32":
+            raise ValueError(f"convert_function makes float flatbuffers, not {precision}")
+        try:
+            with quiet_stderr():
+                return bytes(converter.convert())
+        except Exception as exc:  # ConverterError and friends; their text names the failing TF ops
+            raise InputError(f"the TFLite converter failed: {_converter_problem(str(exc))}", origin) from None
+
+
+def _save_with_owner(owner: Any, holder: Any, function, folder: str) -> None:
+    """SavedModel with `function` as serving_default and the owner's variables. A Keras 3 model
+    is not a TF trackable, so Keras' own ExportArchive tracks it (what model.export() uses)."""
+    tf = require_tensorflow()
+    if type(owner).__module__.split(".")[0] == "keras" or hasattr(owner, "_keras_api_names"):
+        import keras
+
+        archive = keras.export.ExportArchive()
+        archive.track(owner)
+        archive.add_endpoint("serving_default", function)
+        archive.write_out(folder, verbose=False)
+        return
+    holder.owner = owner  # a loaded SavedModel: already trackable
+    tf.saved_model.save(holder, folder, signatures={"serving_default": function.get_concrete_function()})
+
+
+def _converter_problem(text: str) -> str:
+    ops = sorted(set(re.findall(r"'(tf\.[A-Za-z0-9_]+)' op", text)))
+    if ops:
+        return f"no TFLite builtin for op{'s' if len(ops) > 1 else ''} {', '.join(ops)}"
+    lines = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+    return " ".join((lines[0] if lines else text).split())[:300]
+
+
+def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io_type: str = "int8") -> bytes:
+    """Full-integer int8 flatbuffer: every activation takes the given (low, high)."""
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError:
+        raise MissingDependencyError("int8 .tflite needs ai-edge-quantizer (pip install 'enginekit[tflite]')") from None
+    if io_type not in IO_TYPES:
+        raise InputError(f"tflite input/output type '{io_type}' is not one of {', '.join(IO_TYPES)}")
+    qsv = {name: {"min": np.array(low, np.float32), "max": np.array(high, np.float32)} for name, (low, high) in ranges.items()}
+    import contextlib
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # it opens interpreters with preserve_all_tensors, which warns
+            warnings.simplefilter("ignore")
+            engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
+            if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
+                from ai_edge_quantizer import qtyping
+                from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+                for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+                    engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
+            with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar ignores enable_progress_report
+                result = engine.quantize(qsv, enable_progress_report=False)
+    except ValueError as exc:
+        raise InputError(f"ai-edge-quantizer refused the ranges: {' '.join(str(exc).split())[:300]}") from None
+    model = bytes(result.quantized_model)
+    if io_type == "uint8":
+        model = _uint8_io(model)
+    return model
+
+
+def _uint8_io(model: bytes) -> bytes:
+    """uint8 input and output: TF's rewriter makes the float-I/O model's first QUANTIZE read uint8
+    and its last DEQUANTIZE a uint8 QUANTIZE (each re-centres the zero point by 128)."""
+    tf = require_tensorflow()
+    from tensorflow.lite.python import util
+
+    return bytes(util.modify_model_io_type(model, inference_input_type=tf.uint8, inference_output_type=tf.uint8))
+
+
+def op_types(model: bytes) -> list[dict[str, Any]]:
+    """Each operator of the flatbuffer (as written, no delegate) with its input/output tensor types."""
+    from enginekit.targets.tflite.runner import require_litert
+
+    litert = require_litert()
+    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+
+    def kind(index: int) -> str:
+        return np.dtype(tensors[index]["dtype"]).name if index in tensors else "none"
+
+    return [{"op": op["op_name"], "inputs": [kind(i) for i in op["inputs"] if i >= 0], "outputs": [kind(i) for i in op["outputs"]]}
+            for op in interpreter._get_ops_details()]
+
+
+def float_compute_ops(ops: list[dict[str, Any]]) -> list[str]:
+    """Ops that compute in float32 (any float32 input or output), data movement aside."""
+    return [op["op"] for op in ops if op["op"] not in DATA_MOVEMENT_OPS and "float32" in op["inputs"] + op["outputs"]]
+
+
+def type_summary(model: bytes) -> dict[str, Any]:
+    """For the manifest: op counts, tensor dtype counts, and the float32 compute ops left."""
+    from collections import Counter
+
+    ops = op_types(model)
+    dtypes = Counter(t for op in ops for t in op["inputs"] + op["outputs"])
+    return {"ops": dict(sorted(Counter(op["op"] for op in ops).items())), "tensor_types": dict(sorted(dtypes.items())),
+            "float32_compute_ops": float_compute_ops(ops)}

@@ -1,0 +1,397 @@
+"""ONNX -> TensorFlow function, for the TFLite converter: the PyTorch and ONNX path to TFLite.
+
+Why our own lowering: onnx2tf pins TensorFlow 2.19 / onnx 1.19 / numpy 1.26 and breaks this
+stack (and drops Q/DQ ranges), onnx-tf is dead for TF >= 2.16, nobuco fails on Keras 3, and
+litert-torch only reads PyTorch (not ONNX files), weighs 3.6 GB and its int8 is not full-integer.
+The graphs enginekit exports use a small op set, so each ONNX op becomes one or two TF ops,
+and TensorFlow's own (maintained) TFLite converter does the rest.
+
+Layout: image tensors (4-D) are carried channel-last inside, because TFLite's convolutions are
+NHWC; the function's inputs and outputs keep the ONNX (NCHW) layout, so the same feeds run on
+every target. A node whose op is not lowered here raises an InputError naming the op and node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from enginekit.core.errors import InputError
+
+TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # where an NCHW axis lives in the channel-last tensor
+
+
+@dataclass
+class Value:
+    """A tensor during lowering: a TF tensor or a numpy constant; `nhwc` marks 4-D tensors held
+    channel-last."""
+
+    data: Any
+    nhwc: bool = False
+
+    @property
+    def const(self) -> bool:
+        return isinstance(self.data, np.ndarray)
+
+    @property
+    def rank(self) -> int:
+        return len(self.data.shape)
+
+
+def _tf():
+    from enginekit.core.tf_support import require_tensorflow
+
+    return require_tensorflow()
+
+
+def nchw(value: Value) -> Any:
+    return _tf().transpose(value.data, TO_NCHW) if value.nhwc else value.data
+
+
+def nhwc(value: Value) -> Any:
+    if value.nhwc:
+        return value.data
+    if value.const:
+        return np.ascontiguousarray(value.data.transpose(TO_NHWC))
+    return _tf().transpose(value.data, TO_NHWC)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constant(value: Value, node: onnx.NodeProto, what: str) -> np.ndarray:
+    if not value.const:
+        raise InputError(f"node {node.name} ({node.op_type}): {what} must be a constant for the tflite target")
+    return value.data
+
+
+# ----------------------------------------------------------------------------- windows, pads
+
+
+def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF's SAME padding of one spatial dim: (before, after), the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window_args(node: onnx.NodeProto, attrs: dict[str, Any], x: Any, kernel: tuple[int, ...]) -> tuple[str, tuple, tuple, list[int] | None]:
+    """(TF padding, strides, dilations, explicit pad) of an ONNX window op on NHWC `x`. The
+    padding is "VALID", "SAME", or "VALID" after an explicit pad [top, bottom, left, right]
+    (ONNX may put the odd pixel where TF's SAME does not)."""
+    if len(kernel) != 2:
+        raise InputError(f"node {node.name} ({node.op_type}): only 2-D windows are supported by the tflite target")
+    if attrs.get("ceil_mode", 0):
+        raise InputError(f"node {node.name} ({node.op_type}): ceil_mode=1 is not supported by the tflite target")
+    strides = tuple(attrs.get("strides", (1, 1)))
+    dilations = tuple(attrs.get("dilations", (1, 1)))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return "VALID", strides, dilations, None
+    spatial = (x.shape[1], x.shape[2])
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [_same_pads(*dim) for dim in zip(spatial, kernel, strides, dilations)]
+        pads = pads if auto_pad == "SAME_UPPER" else [(after, before) for before, after in pads]
+        pads_onnx = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+    else:
+        pads_onnx = list(attrs.get("pads", [0, 0, 0, 0]))
+    if not any(pads_onnx):
+        return "VALID", strides, dilations, None
+    if None not in spatial:
+        same = [_same_pads(*dim) for dim in zip(spatial, kernel, strides, dilations)]
+        if [same[0][0], same[1][0], same[0][1], same[1][1]] == pads_onnx:
+            return "SAME", strides, dilations, None
+    top, left, bottom, right = pads_onnx
+    return "VALID", strides, dilations, [top, bottom, left, right]
+
+
+def _pad(x: Any, explicit: list[int] | None, value: float = 0.0) -> Any:
+    if explicit is None:
+        return x
+    top, bottom, left, right = explicit
+    return _tf().pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]], constant_values=value)
+
+
+# ------------------------------------------------------------------------------------- ops
+
+
+def _conv(node, args, attrs):
+    tf = _tf()
+    x = nhwc(args[0])
+    weight = _constant(args[1], node, "the weight")
+    if weight.ndim != 4:
+        raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
+    padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
+    group = attrs.get("group", 1)
+    x = _pad(x, explicit)
+    out_channels, in_per_group = weight.shape[:2]
+    if group == 1:
+        y = tf.nn.conv2d(x, weight.transpose(2, 3, 1, 0), (1, *strides, 1), padding, dilations=(1, *dilations, 1))
+    elif in_per_group == 1 and out_channels % group == 0:  # depthwise, channel multiplier out/group
+        multiplier = out_channels // group
+        kernel = weight.reshape(group, multiplier, *weight.shape[2:]).transpose(2, 3, 0, 1)
+        y = tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), padding, dilations=dilations)
+    else:
+        raise InputError(f"node {node.name} (Conv): grouped convolution with group={group} is not supported by the tflite target")
+    if len(args) > 2 and args[2] is not None:
+        y = tf.nn.bias_add(y, _constant(args[2], node, "the bias"))
+    return [Value(y, nhwc=True)]
+
+
+def _pool(node, args, attrs):
+    tf = _tf()
+    x = nhwc(args[0])
+    kernel = tuple(attrs["kernel_shape"])
+    padding, strides, dilations, explicit = _window_args(node, attrs, x, kernel)
+    if any(d != 1 for d in dilations):
+        raise InputError(f"node {node.name} ({node.op_type}): dilated pooling is not supported by the tflite target")
+    if node.op_type == "MaxPool":
+        if len(node.output) > 1 and node.output[1]:
+            raise InputError(f"node {node.name} (MaxPool): the indices output is not supported by the tflite target")
+        y = tf.nn.max_pool2d(_pad(x, explicit, -3.4e38), kernel, strides, padding)
+    else:
+        if explicit is not None or (padding == "SAME" and attrs.get("count_include_pad", 0)):
+            raise InputError(f"node {node.name} (AveragePool): this padding is not supported by the tflite target")
+        y = tf.nn.avg_pool2d(x, kernel, strides, padding)
+    return [Value(y, nhwc=True)]
+
+
+def _global_pool(node, args, attrs):
+    tf = _tf()
+    reduce = tf.reduce_mean if node.op_type == "GlobalAveragePool" else tf.reduce_max
+    return [Value(reduce(nhwc(args[0]), axis=[1, 2], keepdims=True), nhwc=True)]
+
+
+def _reduce(node, args, attrs):
+    tf = _tf()
+    x = args[0]
+    axes = attrs.get("axes")
+    if axes is None and len(args) > 1 and args[1] is not None:
+        axes = _constant(args[1], node, "the axes").tolist()
+    keepdims = bool(attrs.get("keepdims", 1))
+    reduce = {"ReduceMean": tf.reduce_mean, "ReduceMax": tf.reduce_max, "ReduceSum": tf.reduce_sum}[node.op_type]
+    rank = x.rank
+    axes = sorted(a % rank for a in axes) if axes is not None else list(range(rank))
+    if x.nhwc and keepdims:
+        return [Value(reduce(x.data, axis=[NHWC_AXIS[a] for a in axes], keepdims=True), nhwc=True)]
+    if x.nhwc and axes == [2, 3]:  # global pooling that drops H and W: [N,H,W,C] -> [N,C]
+        return [Value(reduce(x.data, axis=[1, 2], keepdims=False))]
+    return [Value(reduce(nchw(x), axis=axes, keepdims=keepdims))]
+
+
+def _same_layout(a: Value, b: Value) -> tuple[Any, Any, bool]:
+    """Both operands of an elementwise op in one layout (NHWC when either is channel-last)."""
+    if not (a.nhwc or b.nhwc):
+        return a.data, b.data, False
+
+    def channel_last(v: Value) -> Any:
+        if v.nhwc:
+            return v.data
+        if v.const:
+            data = v.data
+            if data.ndim == 0 or data.size == 1:
+                return data.reshape(()) if data.ndim else data
+            data = data.reshape((1,) * (4 - data.ndim) + data.shape)
+            return np.ascontiguousarray(data.transpose(TO_NHWC))
+        if v.rank == 4:
+            return nhwc(v)
+        raise InputError("an elementwise op mixes an image tensor with a lower-rank tensor; not supported by the tflite target")
+
+    return channel_last(a), channel_last(b), True
+
+
+def _binary(node, args, attrs):
+    tf = _tf()
+    a, b, layout = _same_layout(args[0], args[1])
+    op = {"Add": tf.add, "Sub": tf.subtract, "Mul": tf.multiply, "Div": tf.divide, "Pow": tf.pow,
+          "Max": tf.maximum, "Min": tf.minimum}[node.op_type]
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return [Value(np.asarray(op(a, b).numpy()), nhwc=layout)]
+    return [Value(op(a, b), nhwc=layout)]
+
+
+def _unary(fn: Callable[[Any, dict[str, Any]], Any]):
+    def lower(node, args, attrs):
+        return [Value(fn(args[0].data, attrs), nhwc=args[0].nhwc)]
+
+    return lower
+
+
+def _clip(node, args, attrs):
+    tf = _tf()
+    low = attrs.get("min")
+    high = attrs.get("max")
+    if len(args) > 1 and args[1] is not None:
+        low = float(_constant(args[1], node, "min"))
+    if len(args) > 2 and args[2] is not None:
+        high = float(_constant(args[2], node, "max"))
+    x = args[0]
+    if low == 0.0 and high == 6.0:
+        y = tf.nn.relu6(x.data)
+    elif low == 0.0 and high is None:
+        y = tf.nn.relu(x.data)
+    else:
+        y = tf.clip_by_value(x.data, -3.4e38 if low is None else low, 3.4e38 if high is None else high)
+    return [Value(y, nhwc=x.nhwc)]
+
+
+def _hard_swish(x, attrs):
+    tf = _tf()
+    return x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+def _hard_sigmoid(x, attrs):
+    tf = _tf()
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    return tf.clip_by_value(x * alpha + beta, 0.0, 1.0)
+
+
+def _gemm(node, args, attrs):
+    tf = _tf()
+    a = nchw(args[0])
+    if attrs.get("transA", 0):
+        a = tf.transpose(a)
+    b = args[1].data
+    if attrs.get("transB", 0):
+        b = b.T if args[1].const else tf.transpose(b)
+    if attrs.get("alpha", 1.0) != 1.0:
+        b = b * np.float32(attrs["alpha"])
+    y = tf.matmul(a, b)
+    if len(args) > 2 and args[2] is not None:
+        c = args[2].data
+        y = y + (c * np.float32(attrs.get("beta", 1.0)) if attrs.get("beta", 1.0) != 1.0 else c)
+    return [Value(y)]
+
+
+def _matmul(node, args, attrs):
+    return [Value(_tf().matmul(nchw(args[0]), nchw(args[1])))]
+
+
+def _reshape(node, args, attrs):
+    tf = _tf()
+    shape = _constant(args[1], node, "the target shape").astype(np.int64).tolist()
+    x = args[0]
+    if 0 in shape and attrs.get("allowzero", 0):
+        raise InputError(f"node {node.name} (Reshape): a zero-sized dim is not supported by the tflite target")
+    if x.const:
+        dims = x.data.shape
+        return [Value(np.reshape(x.data, [dims[i] if s == 0 else s for i, s in enumerate(shape)]))]
+    # [N,1,1,C] channel-last has the element order of [N,C,1,1]: reshape it without a transpose
+    pooled = x.nhwc and x.data.shape[1] == 1 and x.data.shape[2] == 1 and 0 not in shape[1:]
+    source = x.data if pooled else nchw(x)
+    if 0 in shape:
+        shape = [tf.shape(source)[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [Value(tf.reshape(source, shape))]
+
+
+def _flatten(node, args, attrs):
+    tf = _tf()
+    axis = attrs.get("axis", 1)
+    x = nchw(args[0])
+    if axis != 1:
+        raise InputError(f"node {node.name} (Flatten): only axis=1 is supported by the tflite target")
+    return [Value(tf.reshape(x, [-1, int(np.prod(x.shape[1:]))]))]
+
+
+def _transpose(node, args, attrs):
+    return [Value(_tf().transpose(nchw(args[0]), attrs.get("perm")))]
+
+
+def _softmax(node, args, attrs):
+    tf = _tf()
+    x = args[0]
+    axis = attrs.get("axis", -1)
+    if x.nhwc and axis % 4 == 1:
+        return [Value(tf.nn.softmax(x.data, axis=-1), nhwc=True)]
+    return [Value(tf.nn.softmax(nchw(x), axis=axis))]
+
+
+def _concat(node, args, attrs):
+    tf = _tf()
+    axis = attrs["axis"]
+    if all(a.rank == 4 for a in args) and any(a.nhwc for a in args):
+        return [Value(tf.concat([nhwc(a) for a in args], NHWC_AXIS[axis % 4]), nhwc=True)]
+    return [Value(tf.concat([nchw(a) for a in args], axis))]
+
+
+def _batch_norm(node, args, attrs):
+    scale, bias, mean, var = (_constant(a, node, "batch-norm parameters") for a in args[1:5])
+    factor = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    shift = bias - mean * factor
+    x = args[0]
+    shape = (-1,) if x.nhwc else (-1,) + (1,) * (x.rank - 2)
+    return [Value(x.data * factor.reshape(shape).astype(np.float32) + shift.reshape(shape).astype(np.float32), nhwc=x.nhwc)]
+
+
+def _identity(node, args, attrs):
+    return [args[0]]
+
+
+def _constant_node(node, args, attrs):
+    return [Value(numpy_helper.to_array(attrs["value"]))]
+
+
+LOWERINGS: dict[str, Callable] = {
+    "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
+    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "Add": _binary, "Sub": _binary, "Mul": _binary, "Div": _binary, "Pow": _binary, "Max": _binary, "Min": _binary,
+    "Relu": _unary(lambda x, a: _tf().nn.relu(x)),
+    "LeakyRelu": _unary(lambda x, a: _tf().nn.leaky_relu(x, a.get("alpha", 0.01))),
+    "Sigmoid": _unary(lambda x, a: _tf().sigmoid(x)), "Tanh": _unary(lambda x, a: _tf().tanh(x)),
+    "HardSwish": _unary(_hard_swish), "HardSigmoid": _unary(_hard_sigmoid),
+    "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape, "Flatten": _flatten,
+    "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "BatchNormalization": _batch_norm,
+    "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
+}
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")]
+
+
+def check_lowerable(model: onnx.ModelProto, origin: str) -> None:
+    """Refuse, naming op types and nodes, a graph with ops the tflite target cannot lower."""
+    missing = unsupported_nodes(model)
+    if missing:
+        ops = sorted({n.op_type for n in missing})
+        nodes = ", ".join(n.name or "(unnamed)" for n in missing[:3])
+        raise InputError(f"the tflite target cannot lower op{'s' if len(ops) > 1 else ''} {', '.join(ops)} "
+                         f"(node{'s' if len(missing) > 1 else ''} {nodes}{', ...' if len(missing) > 3 else ''})", origin)
+
+
+def run_graph(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the ONNX graph with TF ops on TF tensors (NCHW in, NCHW out)."""
+    tf = _tf()
+    values: dict[str, Value] = {t.name: Value(numpy_helper.to_array(t)) for t in model.graph.initializer}
+    for name, tensor in feeds.items():
+        values[name] = Value(tensor)
+    for node in model.graph.node:
+        args = [values[name] if name else None for name in node.input]
+        outputs = LOWERINGS[node.op_type](node, args, _attrs(node))
+        for name, value in zip(node.output, outputs):
+            values[name] = value
+    return {o.name: tf.identity(nchw(values[o.name])) for o in model.graph.output}
+
+
+def to_tf_function(model: onnx.ModelProto, origin: str):
+    """A tf.function with the ONNX inputs (symbolic dims become None) returning the outputs by name."""
+    tf = _tf()
+    from enginekit.onnx.graph import graph_inputs, tensor_specs
+    from enginekit.core.tf_support import input_signature
+
+    check_lowerable(model, origin)
+    specs = tensor_specs(graph_inputs(model))
+
+    @tf.function(input_signature=input_signature(specs))
+    def function(*tensors):
+        return run_graph(model, {s.name: t for s, t in zip(specs, tensors)})
+
+    return function

@@ -1,0 +1,133 @@
+"""Put the CalibrationTable's ranges onto the tensors of a float .tflite.
+
+The converter renames, fuses and transposes tensors, so names cannot be trusted: each TFLite
+activation is matched by VALUE to an ONNX tensor of the FP32 graph, on the same samples. Sorted
+values are layout-free (NHWC and NCHW sort the same), so a match survives the converter's
+transposes. A tensor with no twin (a PAD, a transpose of a matched tensor) takes its producer's
+input range, which is what the integer kernels of such data-movement ops need anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from enginekit.calibration.table import CalibrationTable, TensorRange
+from enginekit.core.errors import InputError
+from enginekit.core.tensors import Feeds
+
+MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
+_SAME_RANGE_OPS = {"PAD", "TRANSPOSE", "RESHAPE", "MAX_POOL_2D", "SQUEEZE", "EXPAND_DIMS", "PADV2"}
+
+
+@dataclass
+class RangeMap:
+    """TFLite tensor name -> (low, high), and how each was found (for the manifest)."""
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    matched: dict[str, str] = field(default_factory=dict)  # tflite tensor -> onnx tensor
+    inherited: dict[str, str] = field(default_factory=dict)  # tflite tensor -> tflite tensor it copies
+
+    def summary(self) -> dict[str, int]:
+        return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited)}
+
+
+def tflite_range(rng: TensorRange) -> tuple[float, float]:
+    """The asymmetric int8 range TFLite stores for a table entry: the observed [min, max] clipped
+    to the method's amax, widened to include zero (TFLite's zero point must be exact)."""
+    low = min(0.0, max(rng.min, -rng.amax))
+    high = max(0.0, min(rng.max, rng.amax))
+    if high - low <= 1e-12:
+        high = low + 1e-6
+    return float(low), float(high)
+
+
+def onnx_activations(model: onnx.ModelProto, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    from enginekit.onnx.probe import probe
+
+    return next(probe(model, names, [feeds]))
+
+
+def tflite_activations(model: bytes, feeds: Feeds) -> tuple[dict[str, np.ndarray], list[dict], list[dict]]:
+    """Every float activation of the float model on `feeds` (name -> value), plus the tensor
+    and op details of the interpreter (to follow producers)."""
+    from enginekit.targets.tflite.runner import require_litert
+
+    import warnings
+
+    litert = require_litert()
+    with warnings.catch_warnings():  # "preserve_all_tensors is for debugging": that is what this is
+        warnings.simplefilter("ignore")
+        interpreter = litert.Interpreter(model_content=model, experimental_preserve_all_tensors=True,
+                                         experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    inputs = input_indices(interpreter)
+    for name, index in inputs.items():
+        interpreter.resize_tensor_input(index, feeds[name].shape, strict=False)
+    interpreter.allocate_tensors()
+    for name, index in inputs.items():
+        interpreter.set_tensor(index, feeds[name].astype(np.float32))
+    interpreter.invoke()
+    ops = interpreter._get_ops_details()
+    produced = {t for op in ops for t in op["outputs"]}
+    tensors = interpreter.get_tensor_details()
+    values = {}
+    for detail in tensors:
+        if detail["dtype"] != np.float32 or (detail["index"] not in produced and detail["index"] not in inputs.values()):
+            continue
+        values[detail["name"]] = interpreter.get_tensor(detail["index"])
+    return values, tensors, ops
+
+
+def input_indices(interpreter) -> dict[str, int]:
+    """Signature input name -> tensor index (the signature runner itself pins tensor buffers,
+    which would forbid resizing, so it is dropped at once)."""
+    signature = interpreter.get_signature_runner()
+    indices = {name: detail["index"] for name, detail in signature.get_input_details().items()}
+    del signature
+    return indices
+
+
+def _signature(values: np.ndarray) -> np.ndarray:
+    return np.sort(values.reshape(-1).astype(np.float64))
+
+
+def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTable, feeds: Feeds) -> RangeMap:
+    """Match every float activation of `float_tflite` to an FP32 ONNX tensor with a table entry."""
+    names = sorted(table.tensors)
+    reference = {name: _signature(v) for name, v in onnx_activations(fp32, names, feeds).items()}
+    by_size: dict[int, list[str]] = {}
+    for name, signature in reference.items():
+        by_size.setdefault(signature.size, []).append(name)
+    values, tensors, ops = tflite_activations(float_tflite, feeds)
+    result = RangeMap()
+    for name, value in values.items():
+        signature = _signature(value)
+        scale = float(np.abs(signature).max()) if signature.size else 0.0
+        best, best_error = None, np.inf
+        for candidate in by_size.get(signature.size, ()):
+            error = float(np.abs(reference[candidate] - signature).max())
+            if error < best_error:
+                best, best_error = candidate, error
+        if best is not None and best_error <= MATCH_TOLERANCE * max(scale, 1e-6):
+            result.matched[name] = best
+            result.ranges[name] = tflite_range(table.tensors[best])
+    index_name = {d["index"]: d["name"] for d in tensors}
+    name_index = {name: index for index, name in index_name.items()}
+    producer = {out: op for op in ops for out in op["outputs"]}
+    for name in values:
+        if name in result.ranges:
+            continue
+        current = name_index[name]
+        while current in producer and producer[current]["op_name"] in _SAME_RANGE_OPS:
+            current = producer[current]["inputs"][0]
+            if index_name.get(current) in result.ranges:
+                result.ranges[name] = result.ranges[index_name[current]]
+                result.inherited[name] = index_name[current]
+                break
+    missing = [n for n in values if n not in result.ranges]
+    if missing:
+        raise InputError(f"{len(missing)} tflite tensor(s) have no twin in the FP32 ONNX graph's calibrated tensors "
+                         f"(e.g. {', '.join(missing[:3])}); the calibration table does not cover this graph")
+    return result
