@@ -19,8 +19,24 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "targets": "--targets", "precisions": "--precisions", "encoding": "--encoding", "method": "--method",
           "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
           "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--profile",
-          "builder": "--builder"}
+          "builder": "--builder", "timeout": "--timeout"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
+
+
+def _with_run_limit(command):
+    """A `--timeout SECONDS` option: each run of a graph (parity, calibration, evaluation) is
+    stopped and fails after that long; the default comes from core.limits."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, timeout=None, **kwargs):
+        from enginekit.core.interrupt import run_time_limit
+
+        with run_time_limit(timeout):
+            return command(*args, **kwargs)
+
+    help_text = "Stop any single run of the model (parity, calibration, evaluation) after this many seconds (default 600)."
+    return click.option("--timeout", type=click.FloatRange(min=0.1), default=None, help=help_text)(wrapped)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -55,6 +71,7 @@ def cli() -> None:
 @click.option("--atol", type=float, default=None, help="Parity gate: largest allowed |onnx - source| (default 1e-3).")
 @click.option("--min-cosine", type=float, default=None, help="Parity gate: smallest allowed cosine similarity (default 0.99999).")
 @click.option("--unsafe-allow-lambda", is_flag=True, help="Load a Keras file whose Lambda/custom layers run Python code from the file (only for files you trust).")
+@_with_run_limit
 def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min_cosine, unsafe_allow_lambda) -> None:
     """Export a model to ONNX, check it, and prove parity with its source."""
     from enginekit import api
@@ -81,6 +98,7 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="ranges.json", show_default=True, help="Table path; with several methods, <stem>.<method>.json each.")
 @click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
+@_with_run_limit
 def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit import api
@@ -123,6 +141,7 @@ def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, excl
 @click.option("--report", is_flag=True, help="Per-layer report: range, clipped share and SQNR per tensor, worst first.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Artifact folder to write.")
 @click.option("--threads", type=int, default=None)
+@_with_run_limit
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
              keep_first_last_float, data, eval_data, eval_samples, min_accuracy, report, output, threads) -> None:
     """Build the INT8 artifact of a target from a CalibrationTable (a build with a given table)."""
@@ -180,6 +199,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
+@_with_run_limit
 def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
           tensorrt_builder, threads, bench, output) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
@@ -376,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from enginekit.core.progress import reporting
     from enginekit.core.console import ProgressPrinter
+    from enginekit.core.interrupt import install_signal_wakeup
 
     # TensorFlow's C++ start-up chatter would bury enginekit's one-line messages
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -384,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        install_signal_wakeup()  # Ctrl-C and SIGTERM reach runs inside native code too
     try:
         with reporting(ProgressPrinter(sys.stderr)):
             cli.main(args=args, prog_name="enginekit", standalone_mode=False)
@@ -399,6 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("enginekit: interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a full disk, a read-only or missing folder, a file we may not read
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"enginekit: error: {where}{exc.strerror or type(exc).__name__}", err=True)
+        sys.exit(2)
     except Exception as exc:  # a bug or an unforeseen library failure: one line, the traceback on request
         if debug:
             raise

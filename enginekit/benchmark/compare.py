@@ -9,12 +9,13 @@ fails the gate (exit 1) only when it is significant AND the median grew more tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from enginekit.benchmark.report import ACCURACY_KEYS, artifact_key
+from enginekit.benchmark.report import ACCURACY_KEYS, artifact_key, validate_report
 from enginekit.core.console import markdown_table
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -54,6 +55,8 @@ class Comparison:
 
 def compare_reports(old: dict[str, Any], new: dict[str, Any], max_regression: float = 0.10,
                     max_accuracy_drop: float = 0.01, min_effect: float = 0.02) -> Comparison:
+    validate_report(old, "old report")
+    validate_report(new, "new report")
     old_entries = {artifact_key(e): e for e in old["artifacts"]}
     new_entries = {artifact_key(e): e for e in new["artifacts"]}
     result = Comparison(only_old=sorted(set(old_entries) - set(new_entries)), only_new=sorted(set(new_entries) - set(old_entries)))
@@ -66,6 +69,10 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], max_regression: fl
             result.failures.append(f"{key} latency +{(ratio - 1) * 100:.1f}% (limit {max_regression * 100:.0f}%)")
         for metric in ACCURACY_KEYS:
             if metric in (before.get("accuracy") or {}) and metric in (after.get("accuracy") or {}):
+                if not all(math.isfinite(e["accuracy"][metric]) for e in (before, after)):
+                    result.rows.append([key, metric, before["accuracy"][metric], after["accuracy"][metric], "-", "not a number"])
+                    result.failures.append(f"{key} {metric} is not a finite number in one report")
+                    continue
                 drop = before["accuracy"][metric] - after["accuracy"][metric]
                 verdict = "less accurate" if drop > max_accuracy_drop else ("more accurate" if drop < -max_accuracy_drop else "no change")
                 result.rows.append([key, metric, before["accuracy"][metric], after["accuracy"][metric], f"{-drop:+.4f}", verdict])

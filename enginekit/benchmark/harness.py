@@ -22,7 +22,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from enginekit.benchmark.latency import LatencyStats, measure_latency
 from enginekit.core.errors import EnginekitError, InputError
+from enginekit.core.interrupt import die_with_parent
 from enginekit.core.machine import process_memory_mb
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.targets.base import GPU_TIMING, STREAMS
@@ -185,7 +185,9 @@ def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isol
     if not isolate:
         return [bench_artifact(folder, settings) for folder in folders]
     tty = sys.stderr.isatty()
-    with tempfile.TemporaryDirectory(prefix="enginekit-bench-") as scratch:
+    from enginekit.core.artifacts import scratch_dir
+
+    with scratch_dir("bench") as scratch:
         workers: list[_Worker] = []
         try:
             for index, folder in enumerate(folders):  # loaded one at a time: load times are not shared
@@ -217,7 +219,8 @@ class _Worker:
         from enginekit.targets.registry import plugin_classes
 
         command = [sys.executable, "-m", "enginekit.benchmark.harness", str(folder), json.dumps(asdict(settings)), json.dumps(plugin_classes())]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                        preexec_fn=die_with_parent)
         self._expect("ready")
 
     def ask(self, command: str) -> None:

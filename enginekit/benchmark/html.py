@@ -15,6 +15,11 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 _WIDTH, _ROW, _LEFT = 760, 26, 260
 
 
+def _text(value: Any) -> str:
+    """Any value from a report or manifest, as HTML text (never markup)."""
+    return html.escape(str(value), quote=True)
+
+
 def _color(index: int) -> str:
     return _COLORS[index % len(_COLORS)]
 
@@ -116,8 +121,8 @@ def render_html(report: dict[str, Any]) -> str:
     entries = report["artifacts"]
     machine = report["machine"]
     rows = "".join(
-        f"<tr><td>{html.escape(e['model'])}</td><td>{e['target']}</td><td>{e['precision']}</td><td>{e['size_mb']:.2f}</td>"
-        f"<td>{html.escape(accuracy_summary(e))}</td><td>{e['latency_ms']['p50_ms']:.3f}</td><td>{e['latency_ms']['p99_ms']:.3f}</td>"
+        f"<tr><td>{_text(e['model'])}</td><td>{_text(e['target'])}</td><td>{_text(e['precision'])}</td><td>{e['size_mb']:.2f}</td>"
+        f"<td>{_text(accuracy_summary(e))}</td><td>{e['latency_ms']['p50_ms']:.3f}</td><td>{e['latency_ms']['p99_ms']:.3f}</td>"
         f"<td>{e['best_throughput_per_s']:.1f}</td></tr>" for e in entries)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>enginekit report</title>
@@ -125,7 +130,7 @@ def render_html(report: dict[str, Any]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
 h2{{margin-top:28px}}</style></head><body>
 <h1>enginekit report</h1>
-<p>{html.escape(machine.get('cpu') or '')} · {machine.get('cores')} cores · ISA {html.escape(', '.join(machine.get('isa') or []))} · GPU {html.escape(str((machine.get('gpu') or {}).get('name', 'none')))} · {html.escape(report['created'])}</p>
+<p>{_text(machine.get('cpu') or '')} · {_text(machine.get('cores'))} cores · ISA {_text(', '.join(map(str, machine.get('isa') or [])))} · GPU {_text((machine.get('gpu') or {}).get('name', 'none'))} · {_text(report['created'])}</p>
 <table><tr><th>model</th><th>target</th><th>precision</th><th>size MB</th><th>accuracy vs FP32</th><th>p50 ms</th><th>p99 ms</th><th>throughput /s</th></tr>{rows}</table>
 <h2>Latency distribution (batch 1; box p25–p75, whiskers p1–p99, bar = median)</h2>{latency_plot(entries)}
 <h2>Accuracy vs latency</h2>{accuracy_plot(entries)}

@@ -11,12 +11,14 @@ empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, peak_rss_mb,
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from enginekit.core.console import markdown_table
+from enginekit.core.console import cell_text, markdown_table
+from enginekit.core.errors import InputError
 
 REPORT_SCHEMA = "enginekit.report/1"
 ACCURACY_KEYS = ("accuracy", "top1_agreement", "cosine")
@@ -38,7 +40,44 @@ def make_report(entries: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
 def load_report(path: str | Path) -> dict[str, Any]:
     from enginekit.core.loaders import load_json_document
 
-    return load_json_document(path, REPORT_SCHEMA, "report")
+    report = load_json_document(path, REPORT_SCHEMA, "report")
+    validate_report(report, path)
+    return report
+
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value < 1e9
+
+
+def validate_report(report: dict[str, Any], path: str | Path | None = None) -> None:
+    """A report read from disk has the fields `compare` and the renderings rely on, with sane
+    numbers: latencies finite, positive and below ~11 days; text fields text. Anything else is an
+    unusable report (one line naming the artifact and the field), never "no change"."""
+    artifacts = report.get("artifacts")
+    if not isinstance(artifacts, list):
+        raise InputError("report has no list of artifacts", path)
+    if not isinstance(report.get("machine", {}), dict):
+        raise InputError("report's machine is not an object", path)
+    for index, entry in enumerate(artifacts):
+        where = f"artifact {index}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where} is not an object", path)
+        for key in ("model", "target", "precision"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise InputError(f"{where} has no text field '{key}'", path)
+        where = f"artifact {artifact_key(entry)}"
+        latency = entry.get("latency_ms")
+        if not isinstance(latency, dict) or not all(_finite_positive(latency.get(k)) for k in ("p50_ms", "p99_ms")):
+            raise InputError(f"{where}: latency_ms needs finite, positive p50_ms and p99_ms", path)
+        samples = entry.get("latency_samples_ms")
+        if not isinstance(samples, list) or not samples or not all(_finite_positive(v) for v in samples):
+            raise InputError(f"{where}: latency_samples_ms must be a non-empty list of finite, positive milliseconds", path)
+        for key in ("size_mb", "best_throughput_per_s"):
+            if key in entry and not _finite_positive(entry[key]):
+                raise InputError(f"{where}: {key} must be a finite, positive number", path)
+        accuracy = entry.get("accuracy", {})
+        if not isinstance(accuracy, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
+            raise InputError(f"{where}: accuracy must map metric names to numbers", path)
 
 
 def artifact_key(entry: dict[str, Any]) -> str:
@@ -68,5 +107,5 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append([entry["model"], entry["target"], entry["precision"], entry["size_mb"], accuracy_summary(entry),
                      p50, entry["latency_ms"]["p99_ms"], entry["best_throughput_per_s"], f"{base / p50:.2f}x" if base else "-"])
     machine = report["machine"]
-    header = f"enginekit report, {machine['cpu']} ({machine['cores']} cores), {report['created']}\n\n"
-    return header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms", "throughput /s", "speed-up vs FP32"], rows)
+    header = "enginekit report, " + cell_text(f"{machine.get('cpu')} ({machine.get('cores')} cores), {report.get('created')}", True) + "\n\n"
+    return header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms", "throughput /s", "speed-up vs FP32"], rows, escape=True)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import onnx
 
 from enginekit.calibration.histogram import DEFAULT_BINS, TensorHistogram
+from enginekit.core.errors import InputError
 from enginekit.core.progress import report
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.probe import probe
@@ -28,7 +29,11 @@ def collect_histograms(
     done = 0
     for values in probe(model, tensors, counted(batches), threads):
         for name in tensors:
-            histograms[name].update(values[name])
+            try:
+                histograms[name].update(values[name])
+            except ValueError as exc:
+                raise InputError(f"tensor '{name}' of the model holds {exc} on the calibration data (samples {done}..{done + sizes[-1] - 1}); "
+                                 "the data is out of the range the model computes in float32") from None
         done += sizes[-1]
         report("calibrating", done, total, "samples")
     return histograms

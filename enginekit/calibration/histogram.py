@@ -50,8 +50,11 @@ class TensorHistogram:
         flat = np.abs(np.asarray(values, dtype=np.float32).ravel())
         if flat.size == 0:
             return
-        self.minimum = min(self.minimum, float(np.min(values)))
-        self.maximum = max(self.maximum, float(np.max(values)))
+        low, high = float(np.min(values)), float(np.max(values))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("values that are NaN or infinite")
+        self.minimum = min(self.minimum, low)
+        self.maximum = max(self.maximum, high)
         nonzero = flat[flat > 0]
         self.zeros += flat.size - nonzero.size
         if nonzero.size == 0:
@@ -65,10 +68,14 @@ class TensorHistogram:
         self.counts += np.bincount(index, minlength=self.bins)
 
     def _grow(self, factor: int) -> None:
-        """Widen the range by an integer factor, merging each `factor` old bins into one."""
-        padded = np.zeros(math.ceil(self.bins / factor) * factor, np.int64)
-        padded[: self.bins] = self.counts
-        merged = padded.reshape(-1, factor).sum(axis=1)
+        """Widen the range by an integer factor, merging each `factor` old bins into one (a factor
+        beyond the bin count puts every old value into the first bin, exactly as well)."""
+        if factor >= self.bins:
+            merged = np.array([self.counts.sum()], np.int64)
+        else:
+            padded = np.zeros(math.ceil(self.bins / factor) * factor, np.int64)
+            padded[: self.bins] = self.counts
+            merged = padded.reshape(-1, factor).sum(axis=1)
         self.counts = np.zeros(self.bins, np.int64)
         self.counts[: merged.size] = merged
         self.edge *= factor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from enginekit.core.artifacts import atomic_write
+from enginekit.core.artifacts import atomic_write_all
 from enginekit.calibration.collect import collect_histograms
 from enginekit.calibration.data import DataArg, batch_size_for, open_data, stream
 from enginekit.calibration.histogram import TensorHistogram
@@ -109,16 +109,12 @@ def write_tables(tables: Mapping[str, CalibrationTable], output: Path, trt_cache
     none replaces a file enginekit did not write (or one of `inputs`)."""
     methods = list(tables)
     check_outputs(table_outputs(output, methods, trt_cache), inputs)
-    written = []
-    for method, table in tables.items():
-        path = table_path(output, method, methods)
-        atomic_write(path, lambda p, t=table: t.save(p))
-        written.append(path)
+    items = [(table_path(output, method, methods), lambda p, t=table: t.save(p)) for method, table in tables.items()]
     if trt_cache is not None:
         first = next(iter(tables.values()))
-        atomic_write(trt_cache, lambda p: p.write_text(first.tensorrt_cache()))
-        written.append(trt_cache)
-    return written
+        items.append((trt_cache, lambda p: p.write_text(first.tensorrt_cache())))
+    atomic_write_all(items)  # all tables or none: a full disk leaves no partial set
+    return [Path(path) for path, _ in items]
 
 
 def side_by_side(tables: Mapping[str, CalibrationTable], histograms: Mapping[str, TensorHistogram], rows: int = 12) -> str:

@@ -9,6 +9,7 @@ the same model, data and options give a byte-identical file.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +65,31 @@ class CalibrationTable:
 
         raw = load_json_document(path, TABLE_SCHEMA, "calibration table")
         try:
-            tensors = {name: TensorRange(**entry) for name, entry in raw["tensors"].items()}
-            return cls(raw["method"], raw["parameters"], raw["num_samples"], raw["data"], raw["data_sha256"],
-                       raw["model_sha256"], tensors, raw.get("model", ""))
-        except (KeyError, TypeError) as exc:
+            tensors = {str(name): TensorRange(**entry) for name, entry in raw["tensors"].items()}
+            table = cls(raw["method"], raw["parameters"], raw["num_samples"], raw["data"], raw["data_sha256"],
+                        raw["model_sha256"], tensors, raw.get("model", ""))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"calibration table is missing or has a malformed field ({exc})", path) from None
+        problem = table.problem()
+        if problem:
+            raise InputError(f"calibration table is unusable: {problem}", path)
+        return table
+
+    def problem(self) -> str | None:
+        """What makes this table unusable (wrong types, non-finite or negative ranges), or None."""
+        if not all(isinstance(v, str) for v in (self.method, self.data, self.data_sha256, self.model_sha256)):
+            return "method, data and hashes must be text"
+        if not isinstance(self.parameters, dict) or isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            return "parameters must be an object and num_samples a positive integer"
+        if not self.tensors:
+            return "it has no tensors"
+        for name, entry in self.tensors.items():
+            values = (entry.min, entry.max, entry.amax, entry.clipped)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                return f"tensor '{name}' has a range that is not a finite number"
+            if entry.amax < 0 or entry.min > entry.max or not 0 <= entry.clipped <= 1 or not isinstance(entry.signed, bool):
+                return f"tensor '{name}' has an impossible range (amax {entry.amax}, min {entry.min}, max {entry.max})"
+        return None
 
     def check_model(self, model_sha256: str, origin: str | Path) -> None:
         if self.model_sha256 != model_sha256:

@@ -40,18 +40,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write one file so readers see the old content or the complete new one: `write` fills a
     temporary file beside `path`, which is fsynced and renamed over it (removed on failure)."""
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(items: list[tuple[str | Path, Callable[[Path], None]]]) -> None:
+    """Write several files all or none: every temporary file is filled and fsynced first (a full
+    disk fails here, leaving nothing), then each is renamed into place."""
     from enginekit.core.outputs import resolved
 
-    path = resolved(path)  # a link is followed, never replaced by a file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix, which some writers check
+    staged = []
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, write in items:
+            path = resolved(path)  # a link is followed, never replaced by a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_leftovers(path.parent, ".tmp", f".{path.name}")
+            tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix, which some writers check
+            staged.append((tmp, path))
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -85,7 +97,9 @@ def staged_artifact(final: str | Path) -> Iterator[Path]:
     final = resolved(final)  # a link is followed: the artifact lands where it points, judged as that folder
     check_outputs([Output(final, ARTIFACT)])  # never replace a folder enginekit did not write
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    remove_stale_leftovers(final.parent, f".{final.name}.staging-")
+    remove_stale_leftovers(final.parent, f".{final.name}.retired-")
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-", dir=final.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; artifacts get the usual permissions
     try:
         yield staging
@@ -94,6 +108,47 @@ def staged_artifact(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_leftovers(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove what a killed enginekit process left in `folder` (staging folders, retired
+    artifacts, temporary files): only names enginekit makes (`prefix<pid>...suffix`), and only
+    when that process is gone."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(prefix) or not name.endswith(suffix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def scratch_dir(kind: str) -> "tempfile.TemporaryDirectory[str]":
+    """A temporary folder named for this process (`enginekit-<kind>-<pid>-...`), after removing
+    the ones killed processes left behind."""
+    remove_stale_leftovers(Path(tempfile.gettempdir()), f"enginekit-{kind}-")
+    return tempfile.TemporaryDirectory(prefix=f"enginekit-{kind}-{os.getpid()}-")
 
 
 def _umask() -> int:
@@ -134,7 +189,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _replace_in_two_steps(staging: Path, final: Path) -> None:
-    retired = final.parent / f".{final.name}.retired-{uuid.uuid4().hex[:8]}"
+    retired = final.parent / f".{final.name}.retired-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(final, retired)
     try:
         os.replace(staging, final)
@@ -203,7 +258,7 @@ class Manifest(dict):
 def file_entries(folder: Path) -> list[dict[str, Any]]:
     """List every file in an artifact folder (except the manifest) with its size and sha256."""
     entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST_NAME):
         entries.append({"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
 
@@ -225,11 +280,31 @@ def read_manifest(folder: str | Path) -> Manifest:
 
 
 def verify_files(folder: str | Path, manifest: dict[str, Any]) -> None:
-    """Check every file the manifest lists is present with the recorded hash."""
+    """The manifest's file list is the artifact exactly: every entry a relative path inside the
+    folder to a regular file with the recorded hash, and no file in the folder left unlisted.
+    Anything else (tampering, a lost field, a link out of the folder) makes the artifact unusable."""
+    from pathlib import PurePosixPath
+
     folder = Path(folder)
-    for entry in manifest.get("files", []):
-        path = folder / entry["path"]
+    entries = manifest.get("files")
+    if not isinstance(entries, list) or not entries:
+        raise InputError("manifest lists no files", folder)
+    listed = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+            raise InputError("manifest has a file entry without a path or sha256", folder)
+        relative = PurePosixPath(entry["path"])
+        if relative.is_absolute() or not relative.parts or ".." in relative.parts or "\\" in entry["path"] or relative.as_posix() == MANIFEST_NAME:
+            raise InputError(f"manifest lists '{entry['path']}', which is not a file inside the artifact", folder)
+        path = folder / relative
+        if path.is_symlink() or any(parent.is_symlink() for parent in path.parents if parent != folder and folder in parent.parents):
+            raise InputError(f"artifact file '{entry['path']}' is a symbolic link; refused", folder)
         if not path.is_file():
             raise InputError(f"artifact file '{entry['path']}' is missing", folder)
         if sha256_file(path) != entry["sha256"]:
             raise InputError(f"artifact file '{entry['path']}' does not match its manifest hash", folder)
+        listed.add(relative.as_posix())
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
+    unlisted = sorted(present - listed - {MANIFEST_NAME})
+    if unlisted:
+        raise InputError(f"artifact holds file(s) its manifest does not list ({', '.join(unlisted[:3])})", folder)

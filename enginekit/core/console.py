@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table padded so it also reads well as plain text."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], escape: bool = False) -> str:
+    """A Markdown table padded so it also reads well as plain text. `escape`: cells hold text from
+    files (manifests, reports), so Markdown and HTML syntax in them is shown, never interpreted."""
+    cells = [[str(h) for h in headers]] + [[cell_text(v, escape) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     numeric = [all(_is_number(row[i]) for row in rows) and rows for i in range(len(headers))]
 
@@ -18,12 +19,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def _cell(value: object) -> str:
+def cell_text(value: object, escape: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
+    text = " ".join(str(value).split())
+    if escape:
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("`", "\\`")
+    return text
 
 
 def _is_number(value: object) -> bool:

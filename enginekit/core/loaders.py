@@ -13,12 +13,14 @@ import math
 import os
 import stat
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from enginekit.core import limits
 from enginekit.core.errors import InputError
 from enginekit.core.optional import require, require_torch
 
@@ -32,6 +34,20 @@ _SAFETENSORS_DTYPE_BYTES = {
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def check_archive(path: Path, what: str) -> None:
+    """A zip archive's member count and total decompressed size, from its directory, before any
+    member is inflated (zipfile enforces the declared sizes while reading)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"not a readable {what} ({_first_line(exc)})", path) from None
+    if len(members) > limits.MAX_ARCHIVE_MEMBERS:
+        raise InputError(f"{what} has {len(members)} members, over the limit of {limits.MAX_ARCHIVE_MEMBERS}", path)
+    limits.check_bytes(sum(m.file_size for m in members), limits.MAX_DATA_BYTES, f"decompressing this {what}",
+                       "ENGINEKIT_MAX_DATA_BYTES", path)
 
 
 def require_file(path: str | Path) -> Path:
@@ -62,10 +78,16 @@ def load_onnx(path: str | Path) -> "onnx.ModelProto":
         raise InputError("not an ONNX model (no IR version or no graph outputs; truncated or another format?)", path)
     external = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in external:
-        info = ExternalDataInfo(tensor)
-        check_external_data_location(path.parent, info.location, info.offset, info.length, tensor.name, path)
+        try:
+            info = ExternalDataInfo(tensor)
+            check_external_data_location(path.parent, info.location, info.offset, info.length, tensor.name, path)
+        except (ValueError, TypeError, OSError) as exc:  # offsets that are text, paths with NUL bytes or too long
+            raise InputError(f"external data of tensor '{tensor.name}' is malformed ({_first_line(exc)})", path) from None
     if external:
-        load_external_data_for_model(model, str(path.parent))
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except (ValueError, OSError) as exc:
+            raise InputError(f"external data cannot be read ({_first_line(exc)})", path) from None
     return model
 
 
@@ -134,6 +156,8 @@ def _load_torch_weights_only(path: Path) -> dict[str, "torch.Tensor"]:
     import pickle
 
     torch = require_torch("loading PyTorch weights")
+    if zipfile.is_zipfile(path):  # the current .pt format is a zip archive: bound it before torch inflates it
+        check_archive(path, "PyTorch checkpoint")
 
     try:
         obj = torch.load(str(path), weights_only=True, map_location="cpu")
@@ -223,23 +247,27 @@ KERAS_UNSAFE_LAYERS = {"Lambda", "TFSMLayer"}
 def keras_config(path: str | Path) -> dict[str, Any]:
     """The model config of a .keras archive (config.json) or an .h5 file (model_config attribute),
     read as data: nothing is deserialized or built."""
-    import zipfile
-
     path = require_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".keras":
+            check_archive(path, "Keras model")
             with zipfile.ZipFile(path) as archive:
+                limits.check_bytes(archive.getinfo("config.json").file_size, limits.MAX_CONFIG_BYTES, "the model's config.json",
+                                   "ENGINEKIT_MAX_CONFIG_BYTES", path)
                 return json.loads(archive.read("config.json"))
         if suffix in (".h5", ".hdf5"):
             import h5py
 
             with h5py.File(path, "r") as handle:
+                if "model_config" in handle.attrs:
+                    limits.check_bytes(handle.attrs.get_id("model_config").get_storage_size(), limits.MAX_CONFIG_BYTES,
+                                       "the model's config", "ENGINEKIT_MAX_CONFIG_BYTES", path)
                 raw = handle.attrs.get("model_config")
                 if raw is None:
                     raise InputError("is an HDF5 file without a Keras model_config (weights only?)", path)
                 return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"not a readable Keras model ({_first_line(exc)})", path) from None
     raise InputError(f"unknown Keras format '{suffix}'; use .keras or .h5", path)
 
@@ -320,6 +348,8 @@ def check_tflite(path: str | Path) -> bytes:
     import subprocess
     import sys
 
+    from enginekit.core.interrupt import die_with_parent
+
     path = require_file(path)
     code = (
         "import resource, sys\n"
@@ -329,7 +359,8 @@ def check_tflite(path: str | Path) -> bytes:
     )
     data = path.read_bytes()
     try:
-        result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=TFLITE_CHECK_SECONDS)
+        result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=TFLITE_CHECK_SECONDS,
+                                preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:
         raise InputError(f"TFLite model did not load within {TFLITE_CHECK_SECONDS} s; refused", path) from None
     if result.returncode < 0:
@@ -364,11 +395,14 @@ def load_json_document(path: str | Path, schema: str, what: str) -> dict[str, An
     """A JSON file enginekit wrote (manifest, calibration table, report), checked for its schema."""
     path = Path(path)
     try:
+        limits.check_bytes(path.stat().st_size, limits.MAX_DOCUMENT_BYTES, f"this {what}", "ENGINEKIT_MAX_DOCUMENT_BYTES", path)
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{what} not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError, ValueError):
         raise InputError(f"{what} is not valid JSON", path) from None
+    except OSError as exc:
+        raise InputError(f"{what} cannot be read ({exc.strerror})", path) from None
     if not isinstance(document, dict) or document.get("schema") != schema:
         found = document.get("schema") if isinstance(document, dict) else None
         raise InputError(f"not an enginekit {what} (schema {found!r}, expected {schema!r})", path)
@@ -384,6 +418,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = require_file(path)
+    limits.check_bytes(path.stat().st_size, limits.MAX_CONFIG_BYTES, "this config", "ENGINEKIT_MAX_CONFIG_BYTES", path)
     text = path.read_text(errors="replace")
 
     class NoAliases(yaml.SafeLoader):
@@ -395,7 +430,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
     try:
         config = yaml.load(text, Loader=NoAliases) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise InputError(f"not valid YAML ({' '.join(str(exc).split())[:200]})", path) from None
     if not isinstance(config, dict):
         raise InputError("a build config must be a mapping of option names to values", path)
@@ -412,17 +447,23 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     if suffix not in (".npy", ".npz"):
         raise InputError(f"unknown array format '{suffix}'; use .npy or .npz", path)
     try:
-        loaded = np.load(str(path), allow_pickle=False)
         if suffix == ".npy":
-            arrays = {path.stem: loaded}
+            with open(path, "rb") as fh:
+                _check_array_header(fh, path.stem, path)
+            arrays = {path.stem: np.load(str(path), allow_pickle=False, mmap_mode="r")}  # read on demand
         else:
-            with loaded:
+            check_archive(path, ".npz archive")
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    with archive.open(member) as fh:
+                        _check_array_header(fh, member.filename, path)
+            with np.load(str(path), allow_pickle=False) as loaded:
                 arrays = {name: loaded[name] for name in loaded.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise InputError("holds pickled Python objects, which enginekit refuses to load", path) from None
         raise InputError(f"not a readable numpy file ({_first_line(exc)})", path) from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"not a readable numpy file ({_first_line(exc)})", path) from None
     for name, array in arrays.items():
         if array.dtype.hasobject:
@@ -430,6 +471,23 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     if not arrays:
         raise InputError("holds no arrays", path)
     return arrays
+
+
+def _check_array_header(fh, name: str, path: Path) -> None:
+    """An .npy header's dtype and shape, checked before its data is read: no object arrays, and no
+    more bytes than the data budget."""
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(fh)
+        reader = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _, dtype = reader(fh, max_header_size=1 << 20)
+    except (ValueError, OSError, SyntaxError, EOFError) as exc:
+        raise InputError(f"array '{name}' has an unreadable .npy header ({_first_line(exc)})", path) from None
+    if dtype.hasobject:
+        raise InputError(f"array '{name}' holds pickled Python objects, which enginekit refuses to load", path)
+    limits.check_bytes(float(np.prod(shape, dtype=np.float64)) * dtype.itemsize, limits.MAX_DATA_BYTES,
+                       f"array '{name}' {list(shape)} {dtype}", "ENGINEKIT_MAX_DATA_BYTES", path)
 
 
 def _first_line(exc: BaseException) -> str:

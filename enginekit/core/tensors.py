@@ -45,10 +45,14 @@ Feeds = dict[str, np.ndarray]
 
 def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> Feeds:
     """Seeded N(0,1) floats / small integers, for sources that bring no data of their own."""
+    from enginekit.core import limits
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
         shape = spec.concrete_shape(dims)
+        nbytes = float(np.prod(shape, dtype=np.float64)) * np.dtype(spec.dtype).itemsize
+        limits.check_bytes(nbytes, limits.MAX_FEED_BYTES, f"an input '{spec.name}' of shape {list(shape)}", "ENGINEKIT_MAX_FEED_BYTES")
         if np.issubdtype(np.dtype(spec.dtype), np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == "bool":

@@ -242,8 +242,10 @@ def _onnx_source(path: Path, overrides) -> Source:
     from enginekit.core.loaders import load_onnx
 
     model = load_onnx(path)
-    inputs = tuple(tensor_specs(graph_inputs(model)))
-    outputs = tuple(tensor_specs(model.graph.output))
+    inputs = tuple(tensor_specs(graph_inputs(model), str(path)))
+    outputs = tuple(tensor_specs(model.graph.output, str(path)))
+    if not inputs:
+        raise InputError("the graph has no inputs", path)
     if any(d == "?" for spec in inputs for d in spec.shape) and not overrides:
         unnamed = [s.name for s in inputs if "?" in s.shape]
         raise InputError(f"inputs {unnamed} have unnamed dynamic dims; give their shapes", path, option="input_shapes")

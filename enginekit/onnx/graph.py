@@ -18,6 +18,11 @@ def check(model: onnx.ModelProto, origin: str) -> None:
     """onnx.checker with full_check (which includes strict shape inference), after refusing an
     opset newer than the installed ONNX knows (the runtimes could not promise to run it)."""
     newest = onnx.defs.onnx_opset_version()
+    if not graph_inputs(model):
+        raise InputError("the graph has no inputs", origin)
+    looped = sorted({o.name for o in model.graph.output} & {i.name for i in model.graph.input})
+    if looped:
+        raise InputError(f"graph output(s) {looped} are graph inputs themselves", origin)
     if opset_of(model) > newest:
         raise InputError(f"uses opset {opset_of(model)}, newer than this ONNX release supports ({newest}); export it with opset <= {newest}", origin)
     try:
@@ -33,14 +38,37 @@ def infer_shapes(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
         raise InputError(f"shape inference failed: {_one_line(exc)}", origin) from None
 
 
+REWRITE_NODE_LIMIT = 4096  # onnxscript's pattern rewriter is quadratic in the node count (3 s at 4k nodes)
+
+
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding and dead-code removal with onnxscript's optimizer (pure graph rewrites);
-    without onnxscript (a core install handed an ONNX file), the graph is kept as it is."""
+    """onnxscript's optimizer: constant folding, dead-code removal, common subexpressions, and its
+    pattern rewrites. Every pass is linear in the node count except the pattern rewriter, which
+    runs on graphs up to REWRITE_NODE_LIMIT nodes only (a 100k-node graph exported in hours with
+    it). Without onnxscript (a core install handed an ONNX file), the graph is kept as it is."""
     try:
         import onnxscript.optimizer
     except ImportError:
         return model
-    return onnxscript.optimizer.optimize(model)
+    if sum(1 for _ in model.graph.node) <= REWRITE_NODE_LIMIT:
+        return onnxscript.optimizer.optimize(model)
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+
+    from onnxscript.optimizer import _constant_folding
+
+    ir_model = ir.serde.deserialize_model(model)
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                                                   output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                               common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+                              steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass(),
+    )(ir_model)
+    return ir.serde.serialize_model(ir_model)
 
 
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
@@ -114,12 +142,17 @@ def set_symbolic_dims(model: onnx.ModelProto, specs: Mapping[str, TensorSpec]) -
                 dim.dim_value = wanted
 
 
-def tensor_specs(values: Any) -> list[TensorSpec]:
+def tensor_specs(values: Any, origin: str | None = None) -> list[TensorSpec]:
     """TensorSpecs of ONNX ValueInfos (graph inputs or outputs); unknown dims become '?'."""
     specs = []
     for value in values:
         tensor_type = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        if not value.type.HasField("tensor_type"):
+            raise InputError(f"'{value.name}' is not a tensor (sequences, maps and optionals are not supported as model inputs or outputs)", origin)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"'{value.name}' has an undefined or unsupported element type ({tensor_type.elem_type})", origin) from None
         shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor_type.shape.dim)
         specs.append(TensorSpec(value.name, shape, dtype))
     return specs

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from enginekit.core.errors import InputError
+from enginekit.core.interrupt import run_limit, stoppable_run
 from enginekit.core.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class Session:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures become enginekit's one-line errors, not ORT's log lines
         options.enable_cpu_mem_arena = memory_arena  # off where many large outputs would pin arena memory
         if threads:
             options.intra_op_num_threads = threads
@@ -61,17 +62,28 @@ class Session:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}") from None
         self.threads = threads
+        self._run_options = ort.RunOptions
+        self._stop = self._fresh_run_options()
         self.inputs = [_spec(v) for v in self.session.get_inputs()]
         self.outputs = [_spec(v) for v in self.session.get_outputs()]
         self.output_names = [o.name for o in self.outputs]
 
+    def _fresh_run_options(self):
+        options = self._run_options()
+        options.log_severity_level = 4
+        return options
+
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Outputs by name (all of them, or `names`)."""
+        """Outputs by name (all of them, or `names`). Ctrl-C stops the run even inside native code,
+        and a run longer than the time limit (core.interrupt.run_time_limit) is stopped and fails."""
         names = list(names) if names is not None else self.output_names
-        try:
-            values = self.session.run(names, dict(feeds))
-        except Exception as exc:  # ORT's Fail/InvalidArgument/RuntimeException at inference time
-            raise InputError(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from None
+        if self._stop.terminate:  # a stopped run leaves its flag set
+            self._stop = self._fresh_run_options()
+        with stoppable_run(self._stop, "an ONNX Runtime run", run_limit()):
+            try:
+                values = self.session.run(names, dict(feeds), self._stop)
+            except Exception as exc:  # ORT's Fail/InvalidArgument/RuntimeException at inference time
+                raise InputError(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from None
         return dict(zip(names, values))
 
 

@@ -44,12 +44,12 @@ class OrtRunner(Runner):
 def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
     """Which kernels ONNX Runtime actually runs: the op types of its optimized graph, and how many
     of the FP32 graph's compute ops became integer ops (QLinearConv, QGemm, MatMulInteger...)."""
-    import tempfile
     from collections import Counter
 
+    from enginekit.core.artifacts import scratch_dir
     from enginekit.core.loaders import load_onnx
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("ort") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         Session(path, optimized_model_path=optimized)
         ops = Counter(node.op_type for node in load_onnx(optimized).graph.node)

@@ -19,6 +19,7 @@ import numpy as np
 
 from enginekit.core.errors import InputError, MissingDependencyError
 from enginekit.core.machine import toolchain
+from enginekit.core.optional import require
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Target
 
@@ -29,11 +30,14 @@ _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf
 
 
 def require_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise MissingDependencyError("the openvino target needs the 'openvino' extra (pip install 'enginekit[openvino]')") from None
-    return openvino
+    """OpenVINO, imported with its telemetry switched off: `import openvino` and every conversion
+    would otherwise send usage events to Google Analytics from a helper process and write
+    ~/intel. With `openvino_telemetry` unimportable, OpenVINO falls back to its own no-op stub."""
+    import sys
+
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    return require("openvino", "openvino", "the openvino target")
 
 
 def device_info() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from enginekit.targets.tensorrt.builder import BuildSettings
 from enginekit.core.errors import EnginekitError, MissingDependencyError
+from enginekit.core.interrupt import die_with_parent
 
 
 def _shape_flag(profile: dict, which: int) -> str:
@@ -48,7 +49,7 @@ def build_with_trtexec(onnx_path: Path, settings: BuildSettings, plan_path: Path
         raise MissingDependencyError("the trtexec builder needs trtexec on PATH (it ships with TensorRT)", option="builder")
     times_path = work / "trtexec-times.json"
     command = trtexec_command(onnx_path, settings, plan_path, times_path, executable)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
     if result.returncode != 0:
         tail = " ".join(result.stdout.strip().splitlines()[-3:])
         raise EnginekitError(f"trtexec failed (exit {result.returncode}): {tail[:300]}")

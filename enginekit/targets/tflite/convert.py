@@ -34,12 +34,12 @@ def convert_function(function, origin: str, precision: str = "fp32", owner: Any 
     as a SavedModel signature beside those variables and converted from there, the converter
     path that freezes weights into constants (from a concrete function they would stay TFLite
     resource variables, uninitialised at run time)."""
-    import tempfile
+    from enginekit.core.artifacts import scratch_dir
 
     tf = require_tensorflow()
     holder = tf.Module()
     holder.function = function  # a trackable owner gives the flatbuffer a serving_default signature
-    with tempfile.TemporaryDirectory(prefix="enginekit-savedmodel-") as folder:
+    with scratch_dir("savedmodel") as folder:
         if owner is not None:
             _save_with_owner(owner, holder, function, folder)
             converter = tf.lite.TFLiteConverter.from_saved_model(folder)
