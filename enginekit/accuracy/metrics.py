@@ -20,12 +20,18 @@ from enginekit.core.tensors import Feeds
 
 
 
-def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds]) -> dict[str, np.ndarray]:
-    """Every output of `run` over the batches, concatenated along the batch axis, by name."""
+def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds],
+                    max_batch: int | None = None) -> dict[str, np.ndarray]:
+    """Every output of `run` over the batches, concatenated along the batch axis, by name; batches
+    larger than `max_batch` (what a runtime's profile allows) are fed in slices."""
     parts: dict[str, list[np.ndarray]] = {}
     for feeds in batches:
-        for name, value in run(feeds).items():
-            parts.setdefault(name, []).append(np.asarray(value))
+        size = len(next(iter(feeds.values())))
+        step = max_batch or size
+        for start in range(0, size, step):
+            piece = feeds if step >= size else {name: value[start:start + step] for name, value in feeds.items()}
+            for name, value in run(piece).items():
+                parts.setdefault(name, []).append(np.asarray(value))
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 

@@ -126,7 +126,9 @@ class ArtifactBench:
         settings, manifest = self.settings, self.manifest
         batch_dynamic = any(i["shape"] and i["shape"][0] == "batch" for i in manifest["inputs"])
         sweep = []
-        for batch in (settings.batch_sizes if batch_dynamic else (1,)):
+        limit = self.runner.max_batch or max(settings.batch_sizes, default=1)  # an engine's profile bounds the sweep
+        sizes = [b for b in settings.batch_sizes if b <= limit] or [1]
+        for batch in (sizes if batch_dynamic else (1,)):
             feeds = bench_feeds(manifest, batch, settings.sequence)
             batch_stats = measure_latency(lambda f=feeds: self.runner.infer(f), 3, max(5, settings.min_iterations // 5), settings.min_seconds / 4)
             sweep.append({"batch": batch, "mean_ms": batch_stats.mean_ms, "throughput_per_s": batch * 1e3 / batch_stats.mean_ms})

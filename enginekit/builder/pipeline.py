@@ -132,7 +132,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                 layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
                 fields["layer_report"] = LAYER_REPORT_FILE
         try:
-            candidate = collect_outputs(built.runner.infer, evaluation.batches)
+            candidate = collect_outputs(built.runner.infer, evaluation.batches, built.runner.max_batch)
         finally:
             built.runner.close()
         metrics = compare_outputs(session.reference_outputs(), candidate, evaluation.labels)

@@ -116,10 +116,20 @@ def plan_quantization(
 
 
 def _channel_axis(node: onnx.NodeProto, weight: str, tensor: onnx.TensorProto) -> int:
-    """Output-channel axis: 0 for Conv (OIHW) and Gemm with transB=1, last for MatMul/Gemm (K x N)."""
+    return weight_channel_axis(node, list(node.input).index(weight), len(tensor.dims))
+
+
+def weight_channel_axis(node: onnx.NodeProto, input_index: int, rank: int) -> int:
+    """The axis of a weight that indexes the op's output channels (its per-channel scale axis),
+    for the weight at `input_index` of `node`: Conv OIHW -> 0; Gemm B -> 0 with transB else 1,
+    Gemm A -> 1 with transA else 0; MatMul B (..., K, N) -> the last axis, MatMul A (..., M, K)
+    -> the second to last (its rows are the output's rows). The TensorRT rule check asks this
+    same function, so the two can never disagree."""
+    attributes = {a.name: a.i for a in node.attribute}
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    return len(tensor.dims) - 1 if weight == node.input[1] else 0
+        if input_index == 1:
+            return 0 if attributes.get("transB", 0) else 1
+        return 1 if attributes.get("transA", 0) else 0
+    return rank - 1 if input_index == 1 else max(rank - 2, 0)

@@ -40,6 +40,7 @@ class Runner:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    max_batch: int | None = None  # the largest batch the artifact accepts (an engine's profile), None: any
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Outputs by name for float (or integer id) feeds by input name."""

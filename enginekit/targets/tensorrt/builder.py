@@ -88,13 +88,21 @@ def parser_errors(parser: Any) -> str:
     return "; ".join(messages) or "the ONNX parser failed without saying why"
 
 
+def network_flags(trt: Any) -> int:
+    """The creation flags of a strongly typed network: STRONGLY_TYPED is 1 in TensorRT 10 (bit
+    value 2) and 0 in TensorRT 11, where every network is strongly typed and the flag is only
+    kept for compatibility; taken by name, never as a number, so one call is right on both."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_plan(onnx_path: Path, settings: BuildSettings, plan_path: Path) -> dict[str, Any]:
     from enginekit.targets.tensorrt.support import require_tensorrt
 
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise InputError(f"TensorRT's ONNX parser failed: {parser_errors(parser)}", onnx_path)
@@ -107,13 +115,21 @@ def build_plan(onnx_path: Path, settings: BuildSettings, plan_path: Path) -> dic
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     cache_path = settings.timing_cache or default_timing_cache(trt.__version__)
-    config.set_timing_cache(_load_timing_cache(config, cache_path), False)
+    if not config.set_timing_cache(_load_timing_cache(config, cache_path), False):
+        # a cache from another driver or MIG slice has a header that does not match this device
+        warnings.warn(f"timing cache {cache_path} does not match this device; starting a new one", stacklevel=2)
+        if not config.set_timing_cache(config.create_timing_cache(b""), False):
+            warnings.warn("TensorRT refused a fresh timing cache too; building without one", stacklevel=2)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EnginekitError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
     plan_path.write_bytes(bytes(serialized))
-    cache_bytes = bytes(config.get_timing_cache().serialize())
-    atomic_write(cache_path, lambda p: p.write_bytes(cache_bytes))
+    cache = config.get_timing_cache()
+    if cache is None:
+        warnings.warn(f"TensorRT returned no timing cache; {cache_path} is left as it was", stacklevel=2)
+    else:
+        cache_bytes = bytes(cache.serialize())
+        atomic_write(cache_path, lambda p: p.write_bytes(cache_bytes))
     return {**describe_build(settings), "timing_cache": str(cache_path)}
 
 

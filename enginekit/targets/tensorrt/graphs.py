@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from enginekit.onnx.graph import topological_sort
+from enginekit.quantization.placement import weight_channel_axis
 
 FP32_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Softmax",
             "LogSoftmax", "ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp", "Gelu", "Erf",
@@ -67,14 +68,10 @@ def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
 
 
 def _output_channel_axis(node: onnx.NodeProto, readers, data) -> int | None:
+    """The axis the consumer's output channels are on for the weight this DequantizeLinear feeds
+    (the same rule the Q/DQ placement quantizes by)."""
     consumers = readers.get(node.output[0], [])
-    if not consumers or data is None:
+    if not consumers or data is None or consumers[0].op_type not in ("Conv", "Gemm", "MatMul"):
         return None
     consumer = consumers[0]
-    if consumer.op_type == "Conv":
-        return 0
-    if consumer.op_type == "Gemm":
-        return 0 if next((a.i for a in consumer.attribute if a.name == "transB"), 0) else 1
-    if consumer.op_type == "MatMul":
-        return len(data.dims) - 1
-    return None
+    return weight_channel_axis(consumer, list(consumer.input).index(node.output[0]), len(data.dims))

@@ -55,7 +55,8 @@ class TensorRTTarget(Target):
         if options["builder"] == "trtexec":
             from enginekit.targets.tensorrt.trtexec import build_with_trtexec
 
-            info = {**describe_build(settings), **build_with_trtexec(source, settings, inputs.stage / PLAN_FILE, inputs.stage)}
+            trt_version = require_tensorrt().__version__
+            info = {**describe_build(settings), **build_with_trtexec(source, settings, inputs.stage / PLAN_FILE, inputs.stage, trt_version)}
         else:
             info = build_plan(source, settings, inputs.stage / PLAN_FILE)
         return Built(TensorRTRunner(inputs.stage, built=info), {"tensorrt": info})
