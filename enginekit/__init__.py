@@ -21,7 +21,7 @@ _API = {
     "export": "enginekit.api", "calibrate": "enginekit.api", "build": "enginekit.api", "build_many": "enginekit.api",
     "quantize": "enginekit.api", "bench": "enginekit.api", "compare": "enginekit.api", "load": "enginekit.api",
     "Calibration": "enginekit.api", "BuildOptions": "enginekit.builder.options", "BuildResult": "enginekit.builder.pipeline",
-    "Cell": "enginekit.builder.pipeline", "QuantizeSettings": "enginekit.quantization.pipeline", "Condition": "enginekit.accuracy.gate",
+    "Cell": "enginekit.builder.pipeline", "QuantizeSettings": "enginekit.quantization.pipeline", "SourceOptions": "enginekit.exporter.reference", "Condition": "enginekit.accuracy.gate",
     "Manifest": "enginekit.core.artifacts", "TensorSpec": "enginekit.core.tensors", "Runner": "enginekit.targets.base",
     "Target": "enginekit.targets.base", "register_target": "enginekit.targets.registry", "BenchSettings": "enginekit.benchmark.harness",
     "EnginekitError": "enginekit.core.errors", "InputError": "enginekit.core.errors", "GateError": "enginekit.core.errors",

@@ -29,6 +29,7 @@ from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.artifacts import Manifest
 from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
+from enginekit.exporter.reference import SourceOptions
 from enginekit.targets.base import Runner
 
 
@@ -58,7 +59,7 @@ class Calibration:
 
 def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str] = ("minmax",), percentile: float = DEFAULT_PERCENTILE,
               num_samples: int = 256, batch_size: int = 4, skip_nonfinite: bool = False, threads: int | None = None,
-              output: str | Path | None = None, trt_cache: str | Path | None = None) -> Calibration:
+              output: str | Path | None = None, trt_cache: str | Path | None = None, source: SourceOptions | None = None) -> Calibration:
     """Activation ranges of `model` from one streaming pass over `data`, every method from the
     same histograms. With `output`, the tables are written (ranges.json, or ranges.<method>.json)."""
     from enginekit.builder.calibration import calibrate_model
@@ -67,10 +68,11 @@ def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str]
     from enginekit.exporter.reference import load_fp32
 
     methods = list(METHODS) if list(methods) == ["all"] else list(methods)
-    sources = [model, *([data] if isinstance(data, (str, Path)) else [])]
+    source = source or SourceOptions()
+    sources = [model, source.weights, *([data] if isinstance(data, (str, Path)) else [])]
     if output is not None:
         check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), sources)
-    fp32 = load_fp32(model)
+    fp32 = load_fp32(model, source)
     run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads)
     result = Calibration(fp32.name, run.tables, run.histograms, list(run.warnings))
     if output is not None:

@@ -23,6 +23,28 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 
+def _source_options(command):
+    """The source options export takes (--weights, --input-shape, --opset, --unsafe-allow-lambda),
+    for commands that start from a source: they arrive as one `source` (SourceOptions)."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, weights=None, input_shapes=(), opset=None, unsafe_allow_lambda=False, **kwargs):
+        from enginekit.exporter.reference import SourceOptions
+
+        return command(*args, source=SourceOptions(weights, tuple(input_shapes), opset, unsafe_allow_lambda), **kwargs)
+
+    for option in reversed([
+        click.option("--weights", "-w", type=click.Path(dir_okay=False), help="state_dict for a PyTorch zoo model or factory (.safetensors or .pt)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS[:DTYPE[:LOW..HIGH]]",
+                     help="Input shape, dtype and value range, e.g. input_ids=batchxsequence:int64:0..30521 (repeatable)."),
+        click.option("--opset", type=click.IntRange(13, 25), help="ONNX opset of the export (default: 20 for PyTorch; an ONNX file keeps its own, upgraded to 14 when older)."),
+        click.option("--unsafe-allow-lambda", is_flag=True, help="Keras file with Lambda/custom layers: allow running its code (only for files you trust)."),
+    ]):
+        wrapped = option(wrapped)
+    return wrapped
+
+
 def _with_run_limit(command):
     """A `--timeout SECONDS` option: each run of a graph (parity, calibration, evaluation) is
     stopped and fails after that long; the default comes from core.limits."""
@@ -67,7 +89,7 @@ def cli() -> None:
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Artifact folder to write (default: artifacts/<model>/onnx).")
 @click.option("--opset", type=click.IntRange(13, 25), help="ONNX opset (default 20 for PyTorch sources: the newest ONNX Runtime, OpenVINO and TensorRT 10 all read; an ONNX file keeps its own).")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True, help="Keep the batch dim symbolic, or fix it to 1.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Input shape, e.g. image=1x3x256x256 or input_ids=batchxsequence (repeatable). Required for factories.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS[:DTYPE[:LOW..HIGH]]", help="Input shape, dtype and value range, e.g. image=1x3x256x256 or input_ids=batchxsequence:int64:0..30521 (repeatable). Required for factories.")
 @click.option("--atol", type=float, default=None, help="Parity gate: largest allowed |onnx - source| (default 1e-3).")
 @click.option("--min-cosine", type=float, default=None, help="Parity gate: smallest allowed cosine similarity (default 0.99999).")
 @click.option("--unsafe-allow-lambda", is_flag=True, help="Load a Keras file whose Lambda/custom layers run Python code from the file (only for files you trust).")
@@ -99,13 +121,14 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 @click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 @_with_run_limit
-def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads) -> None:
+@_source_options
+def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, source) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit import api
     from enginekit.calibration.pipeline import side_by_side
 
     result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
-                           skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache)
+                           skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source)
     for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))
@@ -137,20 +160,21 @@ def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, excl
 @click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
 @click.option("--eval-data", default=None, help="Held-out data for the accuracy check (default: the zoo's evaluation split).")
 @click.option("--eval-samples", type=int, default=None, help="Held-out samples to score (default: a labelled split whole, else 256).")
-@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'cosine>=0.99,accuracy>=0.97'.")
+@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'cosine>=0.99,accuracy>=0.97'; default: a task-aware gate; 'none': no gate.")
+@click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output where inferring it is not right.")
 @click.option("--report", is_flag=True, help="Per-layer report: range, clipped share and SQNR per tensor, worst first.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Artifact folder to write.")
 @click.option("--threads", type=int, default=None)
 @_with_run_limit
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
-             keep_first_last_float, data, eval_data, eval_samples, min_accuracy, report, output, threads) -> None:
+             keep_first_last_float, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
     """Build the INT8 artifact of a target from a CalibrationTable (a build with a given table)."""
     from enginekit import api
     from enginekit.builder import BuildOptions
 
     settings = _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report)
     options = BuildOptions(calib_data=data, eval_data=eval_data, eval_samples=eval_samples, min_accuracy=min_accuracy,
-                           quantize=settings, threads=threads)
+                           output_kinds=_pairs(output_kinds, "--output-kind"), quantize=settings, threads=threads)
     result = api.quantize(model, table_path, output, target, options)
     _echo_build(result)
 
@@ -164,7 +188,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     config = load_yaml_mapping(value)
     known = {p.name for p in ctx.command.params if p.name}
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
-    aliases = {"target": "targets", "precision": "precisions", "profile": "profiles", "builder": "tensorrt_builder"}
+    aliases = {"target": "targets", "precision": "precisions", "profile": "profiles", "builder": "tensorrt_builder",
+               "input_shape": "input_shapes", "output_kind": "output_kinds"}
     config = {aliases.get(k, k): v for k, v in config.items()}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -184,13 +209,14 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
-@click.option("--unsafe-allow-lambda", is_flag=True, help="Keras file with Lambda/custom layers: allow running its code (only for files you trust).")
 @click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once.")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True)
 @click.option("--calib-data", default=None, help="Calibration data (default: the zoo's).")
 @click.option("--num-samples", "-n", type=int, default=256, show_default=True)
 @click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split).")
-@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90'.")
+@click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'OUTPUT:cosine>=0.99'; default: a task-aware gate for every output; 'none' for no gate.")
+@click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, generic) where inferring it is not right.")
+@click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
 @click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
@@ -200,8 +226,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
 @_with_run_limit
-def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, profiles, workspace_mb,
-          tensorrt_builder, threads, bench, output) -> None:
+@_source_options
+def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
+          profiles, workspace_mb, tensorrt_builder, threads, bench, output, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -217,37 +244,55 @@ def build(model, targets, precisions, tflite_io, unsafe_allow_lambda, table, cal
     target_options = {"tensorrt": {"profile": parse_dim_ranges(profiles), "workspace_mb": workspace_mb, "builder": tensorrt_builder},
                       "tflite": {"io": tflite_io}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
-                           min_accuracy=min_accuracy, threads=threads, target_options=target_options, allow_unsafe_keras=unsafe_allow_lambda)
+                           min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
+                           target_options=target_options, weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
+                           allow_unsafe_keras=source.allow_unsafe_keras)
     if len(target_list) == 1 and len(precision_list) == 1:
         _echo_build(api.build(model, target_list[0], precision_list[0], output, options))
         return
     cells = api.build_many(model, target_list, precision_list, output, options)
     rows = []
     for cell in cells:
-        if cell.skipped:
-            rows.append([cell.target, cell.precision, "skipped", cell.skipped])
+        if cell.skipped or cell.failed:
+            rows.append([cell.target, cell.precision, "skipped" if cell.skipped else "FAILED", cell.skipped or cell.failed])
             continue
         cached = " (cache hit)" if cell.result.cache_hit else ""
         rows.append([cell.target, cell.precision, f"{cell.folder}{cached}", _accuracy_cell(cell.manifest)])
-    click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped"], rows))
+    click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped or failed"], rows))
     built = [c.folder for c in cells if c.result is not None]
     if bench and built:
+        from enginekit.benchmark.files import write_report
         from enginekit.benchmark.harness import BenchSettings
         from enginekit.benchmark.report import markdown
 
         report = api.bench(built, settings=BenchSettings(threads=threads))
         report["skipped"] = [{"target": c.target, "precision": c.precision, "reason": c.skipped} for c in cells if c.skipped]
-        from enginekit.benchmark.files import write_report
-
+        report["failed"] = [{"target": c.target, "precision": c.precision, "reason": c.failed} for c in cells if c.failed]
         paths = write_report(report, Path(output) / "report.json")
         click.echo("\n" + markdown(report))
         click.echo(f"\nreport: {paths[0]} (HTML: {paths[2]})")
+    failed = [c for c in cells if c.failed]
+    if failed:
+        click.echo(f"enginekit: error: {len(failed)} of {len(cells)} artifact(s) failed: "
+                   + "; ".join(f"{c.target} {c.precision}" for c in failed), err=True)
+        sys.exit(1)
+
+
+def _pairs(values, option: str) -> dict[str, str]:
+    """NAME=VALUE options as a dict (the value after the last '=': names may contain '=')."""
+    pairs = {}
+    for value in values:
+        name, sep, kind = value.rpartition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"'{value}' is not NAME=VALUE", param_hint=option)
+        pairs[name] = kind
+    return pairs
 
 
 def _accuracy_cell(manifest: dict[str, Any]) -> str:
-    metrics = manifest["accuracy"]["metrics"]
-    key = "top1_agreement" if "top1_agreement" in metrics else "cosine"
-    return f"{key} {metrics[key]:.4f}" if key in metrics else "-"
+    from enginekit.accuracy.metrics import headline
+
+    return headline(manifest["accuracy"]["metrics"])
 
 
 def _echo_build(result) -> None:
@@ -255,8 +300,13 @@ def _echo_build(result) -> None:
     cached = " (cache hit)" if result.cache_hit else ""
     click.echo(f"wrote {result.folder} ({manifest['target']} {manifest['precision']}){cached}")
     metrics = manifest["accuracy"]["metrics"]
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "finite"))
-    click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples: {shown}")
+    outputs = metrics.get("outputs") or {"": metrics}
+    for name, output in outputs.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in output.items() if k not in ("samples", "finite", "kind"))
+        what = f" {name} ({output.get('kind')})" if name else ""
+        click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples{what}: {shown}")
+    if metrics.get("user"):
+        click.echo("user metric: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["user"].items()))
     if "quantization" in manifest:
         calibration = manifest.get("calibration", {})
         click.echo(f"INT8 from the {manifest['quantization'].get('encoding')} encoding, {calibration.get('method')} ranges")

@@ -1,17 +1,29 @@
-"""Accuracy gates: conditions on metrics ("top1_agreement>=0.90") that a build must meet before
-it is published. The CLI parses them from strings; the API takes Condition objects too."""
+"""Accuracy gates: conditions on metrics that a build must meet before it is published.
+
+A condition is `metric OP value` (it applies to every output that reports the metric) or
+`OUTPUT:metric OP value` (one output). When the user gives none, a task-aware default applies:
+every output must keep top-1 agreement >= 0.90 (classification) or cosine >= 0.98 (any other
+kind) for INT8, FP16 and BF16, and cosine >= 0.999 for FP32 (a float conversion that changes the
+numbers is a broken conversion). `none` opts out. A failure names the output that failed.
+"""
 
 from __future__ import annotations
 
+import math
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from enginekit.core.errors import GateError, InputError
 
 _COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-_CONDITION = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=|==|>|<)\s*(-?[0-9.eE+-]+)\s*$")
+_CONDITION = re.compile(r"^\s*(?:(.+):)?([a-z_0-9]+)\s*(>=|<=|==|>|<)\s*(\S+)\s*$")
+NO_GATE = "none"
+DEFAULT_TOP1 = 0.90
+DEFAULT_COSINE = 0.98
+DEFAULT_FP32_COSINE = 0.999
 
 
 @dataclass(frozen=True)
@@ -19,23 +31,24 @@ class Condition:
     metric: str
     comparison: str
     value: float
+    output: str | None = None  # None: every output that reports the metric
 
-    def holds(self, metrics: dict[str, float]) -> bool:
+    def holds(self, metrics: Mapping[str, Any]) -> bool:
         return self.metric in metrics and _COMPARISONS[self.comparison](metrics[self.metric], self.value)
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.comparison}{self.value:g}"
-
+        where = f"{self.output}:" if self.output else ""
+        return f"{where}{self.metric}{self.comparison}{self.value:g}"
 
     @classmethod
     def parse(cls, text: str) -> "Condition":
-        """`"top1_agreement>=0.90"` -> Condition; anything else is an InputError."""
+        """`"top1_agreement>=0.90"` or `"boxes:cosine>=0.99"` -> Condition; else an InputError."""
         match = _CONDITION.match(text)
-        value = _number(match.group(3)) if match else None
+        value = _number(match.group(4)) if match else None
         if value is None:
-            raise InputError(f"cannot read the accuracy condition '{text.strip()}' (expected e.g. top1_agreement>=0.90)",
-                             option="min_accuracy")
-        return cls(match.group(1), match.group(2), value)
+            raise InputError(f"cannot read the accuracy condition '{text.strip()}' (expected e.g. top1_agreement>=0.90 "
+                             "or OUTPUT:cosine>=0.99)", option="min_accuracy")
+        return cls(match.group(2), match.group(3), value, match.group(1))
 
 
 def _number(text: str) -> float | None:
@@ -43,28 +56,73 @@ def _number(text: str) -> float | None:
         value = float(text)
     except ValueError:
         return None
-    return value if value == value and abs(value) != float("inf") else None
+    return value if math.isfinite(value) else None
 
 
-def parse_conditions(conditions: "str | Iterable[Condition | str] | None") -> list[Condition]:
-    """`"top1_agreement>=0.90, cosine>=0.99"` (or Condition objects) -> conditions."""
-    if not conditions:
-        return []
+def parse_conditions(conditions: "str | Iterable[Condition | str] | None") -> list[Condition] | None:
+    """Conditions from text (comma-separated) or objects; None when none were given (the default
+    gate applies); [] for `none` (no gate)."""
+    if conditions is None or (isinstance(conditions, str) and not conditions.strip()):
+        return None
     if isinstance(conditions, str):
+        if conditions.strip().lower() == NO_GATE:
+            return []
         conditions = conditions.split(",")
     return [c if isinstance(c, Condition) else Condition.parse(c) for c in conditions]
 
 
-def gate(metrics: dict[str, float], conditions: list[Condition], what: str) -> dict[str, object]:
-    """Raise GateError (exit 1) when outputs are non-finite or a condition fails; else the verdict."""
-    if not metrics.get("finite", 1.0):
-        raise GateError("accuracy gate failed: the quantized model produced NaN or Inf", what)
+def default_conditions(metrics: Mapping[str, Any], precision: str) -> list[Condition]:
+    """The task-aware default gate for these metrics' outputs at `precision`."""
+    conditions = []
+    for name, output in _outputs(metrics).items():
+        if name == USER_METRIC:
+            continue
+        if precision == "fp32":
+            conditions.append(Condition("cosine", ">=", DEFAULT_FP32_COSINE, name or None))
+        elif output.get("kind") == "classification":
+            conditions.append(Condition("top1_agreement", ">=", DEFAULT_TOP1, name or None))
+        else:
+            conditions.append(Condition("cosine", ">=", DEFAULT_COSINE, name or None))
+    return conditions
+
+
+def _outputs(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each output's metrics by name (a user metric's figures as one more entry)."""
+    outputs = dict(metrics.get("outputs") or {"": metrics})
+    if metrics.get("user"):
+        outputs[USER_METRIC] = {"kind": "user metric", "finite": 1.0, **metrics["user"]}
+    return outputs
+
+
+USER_METRIC = "user metric"
+
+
+def gate(metrics: Mapping[str, Any], conditions: list[Condition] | None, what: str, precision: str = "int8") -> dict[str, object]:
+    """Raise GateError (exit 1) when an output is non-finite or a condition fails, naming the
+    output; else the verdict. `conditions` None: the task-aware default for `precision`."""
+    outputs = _outputs(metrics)
+    broken = [name or "the output" for name, m in outputs.items() if not m.get("finite", 1.0)]
+    if broken or not metrics.get("finite", 1.0):
+        raise GateError(f"accuracy gate failed: {', '.join(broken) or 'an output'} produced NaN or Inf", what)
+    default = conditions is None
+    conditions = default_conditions(metrics, precision) if default else conditions
+    failed = []
     for condition in conditions:
-        if condition.metric not in metrics:
+        if condition.output is not None and condition.output not in outputs:
+            raise InputError(f"the accuracy condition names output '{condition.output}'; the model's outputs are "
+                             f"{', '.join(sorted(outputs))}", option="min_accuracy")
+        applicable = [(name, m) for name, m in outputs.items() if condition.output in (None, name) and condition.metric in m]
+        if not applicable:
+            reported = sorted({k for m in outputs.values() for k in m if k not in ("kind", "samples", "finite")})
             raise InputError(f"the accuracy condition names '{condition.metric}', which this model does not report "
-                             f"(it has {', '.join(sorted(metrics))})", option="min_accuracy")
-    failed = [c for c in conditions if not c.holds(metrics)]
+                             f"(it has {', '.join(reported)})", option="min_accuracy")
+        for name, output in applicable:
+            if not condition.holds(output):
+                where = f"output '{name}' ({output.get('kind', 'output')}): " if name else ""
+                failed.append(f"{where}{condition.metric}={output[condition.metric]:.4f} (needs {condition.comparison}{condition.value:g})")
     if failed:
-        shown = ", ".join(f"{c.metric}={metrics[c.metric]:.4f} (needs {c.comparison}{c.value:g})" for c in failed)
-        raise GateError(f"accuracy gate failed: {shown}", what)
-    return {"conditions": [str(c) for c in conditions], "passed": True}
+        rule = " by the task-aware default gate (which can be turned off)" if default else ""
+        error = GateError(f"accuracy gate failed{rule}: {'; '.join(failed)}", what)
+        error.option = "min_accuracy"
+        raise error
+    return {"conditions": [str(c) for c in conditions], "default_gate": default, "passed": True}

@@ -1,38 +1,49 @@
-"""The accuracy gate: a quantized build is compared with the FP32 reference on held-out data.
+"""Accuracy against the FP32 reference, on every output, with the metric that fits the output.
 
-Metrics (all computed on the same evaluation samples):
-- top1_agreement: share of samples whose arg-max class matches FP32's (classifiers)
-- top5_overlap: mean |top-5(FP32) & top-5(INT8)| / 5 (classifiers with >= 5 classes)
-- cosine: mean cosine similarity of the output vectors; cosine_min: the worst sample
-- sqnr_db: 10 log10(sum ref^2 / sum (ref - int8)^2) over all outputs
-- accuracy / fp32_accuracy: task accuracy against labels, where the data has labels
-NaN or Inf in an output fails the gate whatever the thresholds.
+Output kinds (inferred from shape, values and name where that is unambiguous; set per output
+with `output_kinds`):
+- classification ([batch, classes]): top1_agreement (arg-max matches FP32's), top5_overlap
+  (|top-5 & top-5| / 5, with >= 5 classes), cosine; accuracy / fp32_accuracy against labels.
+- embedding ([batch, dim] or [batch, tokens, dim]): cosine per vector, cosine_min.
+- dense (maps of rank >= 4, e.g. segmentation or detection heat maps): cosine over the whole
+  evaluation set and per sample (near-empty samples, whose energy is a speck of the mean, are
+  left out of cosine_min: a blank crop's map is noise on both sides), sqnr_db, and iou: the
+  intersection over union of the maps thresholded at half the reference's range (both empty:
+  1.0).
+- sequence ([batch, positions, classes] scores: CTC, token classification): position_agreement
+  (arg-max per position matches FP32's), cosine.
+- generic (anything else): cosine over the set, cosine_min, sqnr_db.
+Every kind reports `finite`; NaN or Inf in an output fails any gate.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
 from enginekit.core.errors import InputError
-from enginekit.core.tensors import Feeds
+from enginekit.core.tensors import Feeds, batch_size, join, take
+
+KINDS = ("classification", "embedding", "dense", "sequence", "generic")
+_CLASSIFICATION_NAMES = re.compile(r"logit|prob|score|class|cls|pred|softmax", re.I)
+_EMBEDDING_NAMES = re.compile(r"embed|pool|hidden|feature|sentence|vector|encod", re.I)
+NEAR_EMPTY = 1e-3  # a sample whose energy is below this share of the mean sample's is "near empty"
 
 
-
-def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds],
-                    max_batch: int | None = None) -> dict[str, np.ndarray]:
-    """Every output of `run` over the batches, concatenated along the batch axis, by name; batches
-    larger than `max_batch` (what a runtime's profile allows) are fed in slices."""
-    parts: dict[str, list[np.ndarray]] = {}
+def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds], max_batch: int | None = None,
+                    input_axes: Mapping[str, int | None] | None = None, output_axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """Every output of `run` over the batches, joined along each output's batch axis, by name;
+    batches larger than `max_batch` (what a runtime's profile allows) are fed in slices."""
+    parts: list[Mapping[str, np.ndarray]] = []
     for feeds in batches:
-        size = len(next(iter(feeds.values())))
+        size = batch_size(feeds, input_axes)
         step = max_batch or size
         for start in range(0, size, step):
-            piece = feeds if step >= size else {name: value[start:start + step] for name, value in feeds.items()}
-            for name, value in run(piece).items():
-                parts.setdefault(name, []).append(np.asarray(value))
-    return {name: np.concatenate(values) for name, values in parts.items()}
+            piece = feeds if step >= size else take(feeds, start, start + step, input_axes)
+            parts.append({name: np.asarray(value) for name, value in run(piece).items()})
+    return join(parts, output_axes) if parts else {}
 
 
 def aligned(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -45,31 +56,141 @@ def aligned(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     return [(name, ref, got) for (name, ref), got in zip(reference.items(), candidate.values())]
 
 
-def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
-                    labels: np.ndarray | None = None) -> dict[str, float]:
-    """Metrics of the candidate's outputs against the reference's (the first output decides)."""
-    name, ref, got = aligned(reference, candidate)[0]
-    return output_metrics(np.asarray(ref, np.float64), np.asarray(got, np.float64), labels)
+def infer_kind(name: str, reference: np.ndarray) -> str:
+    """The output's kind from its shape, its values and (for ambiguous shapes) its name."""
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim >= 4 and np.prod(ref.shape[2:]) > 1:
+        return "dense"
+    if ref.ndim not in (2, 3) or ref.shape[-1] < 2:
+        return "generic"
+    rows = ref.reshape(-1, ref.shape[-1])
+    probabilities = bool(np.all(rows >= -1e-6) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+    unit_norm = bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
+    if probabilities or (_CLASSIFICATION_NAMES.search(name) and not _EMBEDDING_NAMES.search(name)):
+        return "classification" if ref.ndim == 2 else "sequence"
+    if unit_norm or _EMBEDDING_NAMES.search(name):
+        return "embedding"
+    return "generic"
 
 
-def output_metrics(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    ref2, got2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-    metrics: dict[str, float] = {"samples": float(len(ref2)), "finite": float(np.isfinite(got2).all())}
-    if not np.isfinite(got2).all():
+def _cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine of each row; rows that are zero on both sides agree exactly (1.0)."""
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(got, axis=1) == 0)
+    safe = np.where(norms > 0, norms, 1.0)
+    return np.where(norms > 0, np.sum(ref * got, axis=1) / safe, np.where(both_zero, 1.0, 0.0))
+
+
+def _global_cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(_cosines(ref.reshape(1, -1), got.reshape(1, -1))[0])
+
+
+def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.sum((ref - got) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def kind_metrics(kind: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics of one output of the given kind (both arrays batch-first, same shape)."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    metrics: dict[str, float] = {"samples": float(len(ref)), "finite": float(np.isfinite(got).all())}
+    if ref.shape != got.shape:
+        raise InputError(f"an output has shape {list(got.shape)} where the FP32 model's has {list(ref.shape)}")
+    if not metrics["finite"] or ref.size == 0:
         return metrics
-    norms = np.linalg.norm(ref2, axis=1) * np.linalg.norm(got2, axis=1)
-    cosines = np.where(norms > 0, np.sum(ref2 * got2, axis=1) / np.where(norms > 0, norms, 1), 1.0)
-    noise = np.sum((ref2 - got2) ** 2)
-    metrics["cosine"] = float(cosines.mean())
-    metrics["cosine_min"] = float(cosines.min())
-    metrics["sqnr_db"] = float(10 * np.log10(np.sum(ref2**2) / noise)) if noise > 0 else float("inf")
-    if ref2.shape[1] >= 2:
-        metrics["top1_agreement"] = float(np.mean(ref2.argmax(1) == got2.argmax(1)))
-    if ref2.shape[1] >= 5:
-        top_ref = np.argsort(-ref2, axis=1)[:, :5]
-        top_got = np.argsort(-got2, axis=1)[:, :5]
-        metrics["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_ref, top_got)]))
-    if labels is not None:
-        metrics["accuracy"] = float(np.mean(got2.argmax(1) == labels[: len(got2)]))
-        metrics["fp32_accuracy"] = float(np.mean(ref2.argmax(1) == labels[: len(ref2)]))
+    flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    if kind == "classification":
+        sample_cos = _cosines(flat_ref, flat_got)
+        metrics.update(cosine=float(sample_cos.mean()), cosine_min=float(sample_cos.min()), sqnr_db=_sqnr(ref, got))
+        metrics["top1_agreement"] = float(np.mean(flat_ref.argmax(1) == flat_got.argmax(1)))
+        if flat_ref.shape[1] >= 5:
+            top_ref = np.argsort(-flat_ref, axis=1)[:, :5]
+            top_got = np.argsort(-flat_got, axis=1)[:, :5]
+            metrics["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_ref, top_got)]))
+        if labels is not None:
+            metrics["accuracy"] = float(np.mean(flat_got.argmax(1) == labels[: len(flat_got)]))
+            metrics["fp32_accuracy"] = float(np.mean(flat_ref.argmax(1) == labels[: len(flat_ref)]))
+    elif kind in ("embedding", "sequence"):
+        vectors_ref, vectors_got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+        vector_cos = _cosines(vectors_ref, vectors_got)
+        metrics.update(cosine=float(vector_cos.mean()), cosine_min=float(vector_cos.min()), sqnr_db=_sqnr(ref, got))
+        if kind == "sequence":
+            metrics["position_agreement"] = float(np.mean(vectors_ref.argmax(1) == vectors_got.argmax(1)))
+    else:
+        energy = np.sum(flat_ref ** 2, axis=1)
+        meaningful = energy > NEAR_EMPTY * max(float(energy.mean()), 1e-30)
+        sample_cos = _cosines(flat_ref, flat_got)
+        metrics.update(cosine=_global_cosine(ref, got), sqnr_db=_sqnr(ref, got),
+                       cosine_min=float(sample_cos[meaningful].min()) if meaningful.any() else 1.0)
+        if kind == "dense":
+            low, high = float(ref.min()), float(ref.max())
+            threshold = low + 0.5 * (high - low)
+            ref_on, got_on = ref > threshold, got > threshold
+            union = np.logical_or(ref_on, got_on).sum()
+            metrics["iou"] = float(np.logical_and(ref_on, got_on).sum() / union) if union else 1.0
     return metrics
+
+
+def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
+                    kinds: Mapping[str, str] | None = None, batch_axes: Mapping[str, int] | None = None) -> dict[str, object]:
+    """Metrics of every output of the candidate against the reference's: `outputs` holds them per
+    output name (with its kind); the first output's metrics are also at the top level (the
+    summary a report shows). `kinds` overrides the inferred kind of an output; `batch_axes`
+    says where an output's batch is when it is not axis 0."""
+    kinds = dict(kinds or {})
+    unknown = sorted(set(kinds) - set(reference))
+    if unknown:
+        raise InputError(f"output kinds name {unknown}, but the model's outputs are {sorted(reference)}", option="output_kinds")
+    per_output: dict[str, dict[str, object]] = {}
+    for index, (name, ref, got) in enumerate(aligned(reference, candidate)):
+        axis = (batch_axes or {}).get(name, 0)
+        ref, got = np.moveaxis(np.asarray(ref), axis, 0), np.moveaxis(np.asarray(got), axis, 0)
+        kind = kinds.get(name) or infer_kind(name, ref)
+        if kind not in KINDS:
+            raise InputError(f"output kind '{kind}' of '{name}' is not one of {', '.join(KINDS)}", option="output_kinds")
+        per_output[name] = {"kind": kind, **kind_metrics(kind, ref, got, labels if index == 0 else None)}
+    first = next(iter(per_output.values()))
+    summary = {key: value for key, value in first.items() if key != "kind"}
+    summary["finite"] = float(all(m["finite"] for m in per_output.values()))
+    return {**summary, "outputs": per_output}
+
+
+def output_metrics(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None, kind: str | None = None) -> dict[str, float]:
+    """The metrics of one output array pair (kind inferred unless given)."""
+    return kind_metrics(kind or infer_kind("", ref), ref, got, labels)
+
+
+HEADLINE = {"classification": "top1_agreement", "sequence": "position_agreement", "dense": "cosine", "embedding": "cosine", "generic": "cosine"}
+
+
+def headlines(metrics: Mapping[str, object]) -> list[tuple[str, str, str, float]]:
+    """(output, kind, metric, value) of the metric that matters for each output's kind."""
+    outputs = metrics.get("outputs") or {"": {**metrics, "kind": infer_kind_from_metrics(metrics)}}
+    rows = []
+    for name, output in outputs.items():
+        kind = str(output.get("kind", "generic"))
+        metric = HEADLINE.get(kind, "cosine")
+        if metric in output:
+            rows.append((name, kind, metric, float(output[metric])))
+    return rows
+
+
+def infer_kind_from_metrics(metrics: Mapping[str, object]) -> str:
+    """The kind a flat (older) metrics dict describes."""
+    return "classification" if "top1_agreement" in metrics else "generic"
+
+
+def headline(metrics: Mapping[str, object]) -> str:
+    """One line: the metric that matters, for the output that is worst on it ('top1_agreement
+    0.9258', 'cosine 0.9912 (boxes)'); labelled task accuracy first where it exists."""
+    rows = headlines(metrics)
+    if "accuracy" in metrics:
+        return f"accuracy {float(metrics['accuracy']):.4f}"
+    if not rows:
+        return "-"
+    name, _, metric, value = min(rows, key=lambda row: row[3])
+    where = f" ({name})" if len(rows) > 1 and name else ""
+    return f"{metric} {value:.4f}{where}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from enginekit.accuracy.metrics import HEADLINE
 from enginekit.benchmark.report import ACCURACY_KEYS, artifact_key, validate_report
 from enginekit.core.console import markdown_table
 
@@ -62,20 +63,43 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any], max_regression: fl
     result = Comparison(only_old=sorted(set(old_entries) - set(new_entries)), only_new=sorted(set(new_entries) - set(old_entries)))
     for key in sorted(set(old_entries) & set(new_entries)):
         before, after = old_entries[key], new_entries[key]
-        verdict, ratio, low, high = latency_verdict(before["latency_samples_ms"], after["latency_samples_ms"], min_effect)
-        result.rows.append([key, "latency p50 ms", before["latency_ms"]["p50_ms"], after["latency_ms"]["p50_ms"],
-                            f"{(ratio - 1) * 100:+.1f}% [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]", verdict])
-        if verdict == "slower" and ratio - 1 > max_regression:
-            result.failures.append(f"{key} latency +{(ratio - 1) * 100:.1f}% (limit {max_regression * 100:.0f}%)")
-        for metric in ACCURACY_KEYS:
-            if metric in (before.get("accuracy") or {}) and metric in (after.get("accuracy") or {}):
-                if not all(math.isfinite(e["accuracy"][metric]) for e in (before, after)):
-                    result.rows.append([key, metric, before["accuracy"][metric], after["accuracy"][metric], "-", "not a number"])
-                    result.failures.append(f"{key} {metric} is not a finite number in one report")
-                    continue
-                drop = before["accuracy"][metric] - after["accuracy"][metric]
-                verdict = "less accurate" if drop > max_accuracy_drop else ("more accurate" if drop < -max_accuracy_drop else "no change")
-                result.rows.append([key, metric, before["accuracy"][metric], after["accuracy"][metric], f"{-drop:+.4f}", verdict])
-                if drop > max_accuracy_drop:
-                    result.failures.append(f"{key} {metric} dropped {drop:.4f} (limit {max_accuracy_drop})")
+        _compare_latency(result, key, before, after, max_regression, min_effect)
+        pairs = [(metric, before["accuracy"][metric], after["accuracy"][metric]) for metric in ACCURACY_KEYS
+                 if metric in (before.get("accuracy") or {}) and metric in (after.get("accuracy") or {})]
+        old_outputs, new_outputs = before.get("accuracy_outputs") or {}, after.get("accuracy_outputs") or {}
+        shared = [name for name in old_outputs if name in new_outputs]
+        for name in shared[1:]:  # the first output's figures are the summary compared above
+            metric = HEADLINE.get(str(new_outputs[name].get("kind")), "cosine")
+            if metric in old_outputs[name] and metric in new_outputs[name]:
+                pairs.append((f"{name}:{metric}", old_outputs[name][metric], new_outputs[name][metric]))
+        for metric, old_value, new_value in pairs:
+            _compare_accuracy(result, key, metric, old_value, new_value, max_accuracy_drop)
     return result
+
+
+def _compare_latency(result: Comparison, key: str, before: dict[str, Any], after: dict[str, Any], max_regression: float, min_effect: float) -> None:
+    """Latency verdict of one artifact; measured at different input shapes, it is not compared
+    (a smaller image is not a faster model) and the comparison fails."""
+    old_shapes, new_shapes = before.get("latency_shapes"), after.get("latency_shapes")
+    if old_shapes and new_shapes and old_shapes != new_shapes:
+        result.rows.append([key, "latency p50 ms", before["latency_ms"]["p50_ms"], after["latency_ms"]["p50_ms"], "-",
+                            "not compared: measured at other input shapes"])
+        result.failures.append(f"{key} was measured at input shapes {new_shapes}, the old report at {old_shapes}: not comparable")
+        return
+    verdict, ratio, low, high = latency_verdict(before["latency_samples_ms"], after["latency_samples_ms"], min_effect)
+    result.rows.append([key, "latency p50 ms", before["latency_ms"]["p50_ms"], after["latency_ms"]["p50_ms"],
+                        f"{(ratio - 1) * 100:+.1f}% [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]", verdict])
+    if verdict == "slower" and ratio - 1 > max_regression:
+        result.failures.append(f"{key} latency +{(ratio - 1) * 100:.1f}% (limit {max_regression * 100:.0f}%)")
+
+
+def _compare_accuracy(result: Comparison, key: str, metric: str, old_value: Any, new_value: Any, max_drop: float) -> None:
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (old_value, new_value)):
+        result.rows.append([key, metric, old_value, new_value, "-", "not a number"])
+        result.failures.append(f"{key} {metric} is not a finite number in one report")
+        return
+    drop = old_value - new_value
+    verdict = "less accurate" if drop > max_drop else ("more accurate" if drop < -max_drop else "no change")
+    result.rows.append([key, metric, old_value, new_value, f"{-drop:+.4f}", verdict])
+    if drop > max_drop:
+        result.failures.append(f"{key} {metric} dropped {drop:.4f} (limit {max_drop})")

@@ -35,6 +35,7 @@ from enginekit.core.errors import EnginekitError, InputError
 from enginekit.core.interrupt import die_with_parent
 from enginekit.core.machine import process_memory_mb
 from enginekit.core.tensors import Feeds, TensorSpec
+from enginekit.accuracy.metrics import headline
 from enginekit.targets.base import GPU_TIMING, STREAMS
 from enginekit.targets.registry import get_target
 
@@ -68,13 +69,32 @@ def pin_cpus(cpus: Sequence[int] | None) -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def bench_dims(manifest: dict[str, Any], batch: int, sequence: int) -> dict[str, int]:
+    """The size of every symbolic dim: the batch asked for; other dims (a detector's height and
+    width, a sentence's length) at the size of the data the artifact was evaluated on, as its
+    manifest records it, else `sequence`."""
+    inputs = [TensorSpec.from_json(i) for i in manifest["inputs"]]
+    data_shapes = manifest.get("data_shapes") or {}
+    dims: dict[str, int] = {}
+    for spec in inputs:
+        observed = data_shapes.get(spec.name)
+        for index, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and dim not in dims:
+                if dim == "batch":
+                    dims[dim] = batch
+                elif observed and len(observed) == len(spec.shape) and isinstance(observed[index], int):
+                    dims[dim] = int(observed[index])
+    return {**{d: sequence for spec in inputs for d in spec.symbolic_dims if d not in dims}, **dims}
+
+
 def bench_feeds(manifest: dict[str, Any], batch: int, sequence: int) -> Feeds:
-    """Real samples when the artifact's model is in the zoo, seeded random inputs otherwise."""
+    """Real samples when the artifact's model is in the zoo, seeded random inputs (inside each
+    input's declared value range) otherwise, at `bench_dims`."""
     from enginekit.core.tensors import random_feeds
     from enginekit.models import zoo_names
 
     inputs = [TensorSpec.from_json(i) for i in manifest["inputs"]]
-    dims = {d: (batch if d == "batch" else sequence) for spec in inputs for d in spec.symbolic_dims}
+    dims = bench_dims(manifest, batch, sequence)
     if manifest.get("model") in zoo_names():
         from enginekit.models import get_spec
 
@@ -131,7 +151,8 @@ class ArtifactBench:
         for batch in (sizes if batch_dynamic else (1,)):
             feeds = bench_feeds(manifest, batch, settings.sequence)
             batch_stats = measure_latency(lambda f=feeds: self.runner.infer(f), 3, max(5, settings.min_iterations // 5), settings.min_seconds / 4)
-            sweep.append({"batch": batch, "mean_ms": batch_stats.mean_ms, "throughput_per_s": batch * 1e3 / batch_stats.mean_ms})
+            sweep.append({"batch": batch, "mean_ms": batch_stats.mean_ms, "throughput_per_s": batch * 1e3 / batch_stats.mean_ms,
+                          "shapes": {name: list(value.shape) for name, value in feeds.items()}})
         streams = []
         if STREAMS in self.runner.capabilities:  # runtimes with a streams concept (OpenVINO)
             for count in stream_counts(settings.threads or os.cpu_count() or 1):
@@ -159,7 +180,12 @@ class ArtifactBench:
             "peak_rss_mb": process_memory_mb("VmHWM"),  # the whole measuring process, interpreter and imports included
             "threads": settings.threads or os.cpu_count(),
             "cpus": self.cpus,
-            "accuracy": {k: v for k, v in accuracy.items() if k not in ("samples", "finite")},
+            "accuracy": {k: v for k, v in accuracy.items() if isinstance(v, (int, float)) and k not in ("samples", "finite")},
+            "accuracy_outputs": accuracy.get("outputs", {}),
+            "accuracy_headline": headline(accuracy) if accuracy else "-",
+            "latency_shapes": {name: list(value.shape) for name, value in self.one.items()},
+            "integer_share": manifest.get("integer_share"),
+            "constant_outputs": manifest.get("constant_outputs", []),
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }
 

@@ -78,6 +78,9 @@ def validate_report(report: dict[str, Any], path: str | Path | None = None) -> N
         accuracy = entry.get("accuracy", {})
         if not isinstance(accuracy, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
             raise InputError(f"{where}: accuracy must map metric names to numbers", path)
+        shapes = entry.get("latency_shapes", {})
+        if not isinstance(shapes, dict) or not all(isinstance(v, list) for v in shapes.values()):
+            raise InputError(f"{where}: latency_shapes must map input names to shapes", path)
 
 
 def artifact_key(entry: dict[str, Any]) -> str:
@@ -85,6 +88,8 @@ def artifact_key(entry: dict[str, Any]) -> str:
 
 
 def accuracy_summary(entry: dict[str, Any]) -> str:
+    if entry.get("accuracy_headline"):
+        return str(entry["accuracy_headline"])
     accuracy = entry.get("accuracy") or {}
     for key in ACCURACY_KEYS:
         if key in accuracy:
@@ -92,20 +97,58 @@ def accuracy_summary(entry: dict[str, Any]) -> str:
     return "-"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """One row per artifact; speed-up is against the FP32 artifact of the same model and target
-    (else the model's ONNX Runtime FP32)."""
-    entries = report["artifacts"]
-    reference: dict[tuple[str, str], float] = {}
+LOW_INTEGER_SHARE = 0.5  # an INT8 artifact that runs less than half its compute ops in integer is flagged
+
+
+def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
+    """Speed-up of each entry (by index) over the FP32 artifact of the same model and target (else
+    the model's ONNX Runtime FP32), measured at the same input shapes; None where there is none."""
+    reference: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in entries:
         if entry["precision"] == "fp32":
-            reference[(entry["model"], entry["target"])] = entry["latency_ms"]["p50_ms"]
-    rows = []
-    for entry in entries:
+            reference[(entry["model"], entry["target"])] = entry
+    result: dict[int, float | None] = {}
+    for index, entry in enumerate(entries):
         base = reference.get((entry["model"], entry["target"])) or reference.get((entry["model"], "onnxruntime"))
-        p50 = entry["latency_ms"]["p50_ms"]
+        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
+        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
+    return result
+
+
+def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
+    """What a reader must not miss about an artifact: an INT8 that is not faster than its FP32
+    twin, one that runs few compute ops in integer, a model whose FP32 outputs never change."""
+    found = []
+    if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
+        found.append(f"not faster than FP32 ({speedup:.2f}x)")
+    share = entry.get("integer_share")
+    if entry["precision"] == "int8" and isinstance(share, (int, float)) and share < LOW_INTEGER_SHARE:
+        found.append(f"only {share:.0%} of compute ops in integer")
+    found += [f"FP32 output '{name}' is constant on the data" for name in entry.get("constant_outputs") or []]
+    return found
+
+
+def shape_text(entry: dict[str, Any]) -> str:
+    shapes = entry.get("latency_shapes") or {}
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items()) or "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """One row per artifact (speed-up against the FP32 artifact of the same model and target,
+    else the model's ONNX Runtime FP32, at the same input shape), the input shape every figure
+    was measured at, flags, and the cells a build skipped or failed."""
+    entries = report["artifacts"]
+    ratio = speedups(entries)
+    rows = []
+    for index, entry in enumerate(entries):
         rows.append([entry["model"], entry["target"], entry["precision"], entry["size_mb"], accuracy_summary(entry),
-                     p50, entry["latency_ms"]["p99_ms"], entry["best_throughput_per_s"], f"{base / p50:.2f}x" if base else "-"])
+                     entry["latency_ms"]["p50_ms"], entry["latency_ms"]["p99_ms"], entry["best_throughput_per_s"],
+                     f"{ratio[index]:.2f}x" if ratio[index] else "-", shape_text(entry), "; ".join(flags(entry, ratio[index])) or "-"])
     machine = report["machine"]
     header = "enginekit report, " + cell_text(f"{machine.get('cpu')} ({machine.get('cores')} cores), {report.get('created')}", True) + "\n\n"
-    return header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms", "throughput /s", "speed-up vs FP32"], rows, escape=True)
+    text = header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms",
+                                    "throughput samples/s", "speed-up vs FP32", "measured at (batch 1)", "flags"], rows, escape=True)
+    for kind in ("failed", "skipped"):
+        for cell in report.get(kind) or []:
+            text += "\n" + cell_text(f"{kind}: {cell.get('target')} {cell.get('precision')}: {cell.get('reason')}", True)
+    return text

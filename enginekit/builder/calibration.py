@@ -18,5 +18,5 @@ def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], perc
                     threads: int | None = None) -> CalibrationRun:
     plan = plan_quantization(fp32.proto)
     if not plan.activations:
-        raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.path)
+        raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.origin)
     return calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads)

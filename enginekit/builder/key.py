@@ -49,6 +49,25 @@ def data_identity(data: DataArg, fp32: Fp32Model) -> str:
     return f"iterator:{uuid.uuid4().hex}"
 
 
+def _metric_identity(metric: Any) -> str | None:
+    """A user metric by name and the source of its module (a changed metric re-evaluates)."""
+    if metric is None:
+        return None
+    if callable(metric):
+        module = importlib.import_module(metric.__module__)
+        return f"{metric.__module__}:{metric.__qualname__}:" + _source_hash(module)
+    module_name = str(metric).partition(":")[0]
+    try:
+        return f"{metric}:" + _source_hash(importlib.import_module(module_name))
+    except Exception:
+        return str(metric)
+
+
+def _source_hash(module: Any) -> str:
+    path = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else "builtin"
+
+
 def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOptions, target_options: Mapping[str, Any],
               encoding: str, table_sha256: str | None) -> str:
     """`table_sha256`: the hash of a given table file (None when the table is made from the
@@ -58,6 +77,7 @@ def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOpt
         "toolchain": toolchain("onnx", "onnxruntime", "numpy"), "target_material": target.key_material(target_options),
         "min_accuracy": [str(c) for c in options.min_accuracy] if isinstance(options.min_accuracy, (list, tuple)) else options.min_accuracy,
         "eval": data_identity(options.eval_data, fp32), "eval_samples": options.eval_samples,
+        "output_kinds": dict(sorted(options.output_kinds.items())), "metric": _metric_identity(options.metric),
     }
     if precision == "int8":
         # the calibration data makes the table, unless one is given, and bias correction runs on it either way

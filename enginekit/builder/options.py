@@ -3,13 +3,14 @@ how the Q/DQ graph is made, and each target's own options."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from enginekit.accuracy import Condition
 from enginekit.calibration.data import DataArg
+from enginekit.exporter.reference import SourceOptions
 from enginekit.quantization.pipeline import QuantizeSettings
 
 DEFAULT_EVAL_SAMPLES = 256  # unlabelled data; a labelled evaluation split is used whole
@@ -23,8 +24,17 @@ class BuildOptions:
     num_samples: int = 256
     eval_data: DataArg = None  # held-out data for the accuracy gate (default: the zoo's split)
     eval_samples: int | None = None  # default: a labelled split whole, else DEFAULT_EVAL_SAMPLES
-    min_accuracy: str | Sequence[Condition | str] | None = None  # e.g. "top1_agreement>=0.90"
+    min_accuracy: str | Sequence[Condition | str] | None = None  # e.g. "top1_agreement>=0.90"; None: the default gate; "none": no gate
+    output_kinds: Mapping[str, str] = field(default_factory=dict)  # output name -> classification|embedding|dense|sequence|generic
+    metric: str | Callable[..., Mapping[str, float]] | None = None  # a user metric, "module:function"
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
     target_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"tensorrt": {"workspace_mb": 2048}}
     threads: int | None = None
+    # how the source becomes its FP32 ONNX (as `export` takes it): weights, input shapes, opset
+    weights: str | Path | None = None
+    input_shapes: Sequence[str] = ()  # NAME=DIMS[:DTYPE[:LOW..HIGH]], e.g. input_ids=batchxsequence:int64:0..30521
+    opset: int | None = None
     allow_unsafe_keras: bool = False  # a Keras file with Lambda/custom layers may run its code
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(str(self.weights) if self.weights else None, tuple(self.input_shapes), self.opset, self.allow_unsafe_keras)

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.accuracy import Condition, collect_outputs, compare_outputs, gate, parse_conditions
+from enginekit.accuracy.user import run_user_metric
 from enginekit.builder.key import build_key
 from enginekit.builder.options import BuildOptions
 from enginekit.builder.session import CellInputs, ModelSession
 from enginekit.calibration.pipeline import write_tables
 from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
-from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.errors import EnginekitError, InputError, MissingDependencyError, naming
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
 from enginekit.core.progress import report
@@ -45,13 +46,16 @@ class BuildResult:
 
 @dataclass
 class Cell:
-    """One target x precision of a multi-target build: built, reused, or skipped with the reason."""
+    """One target x precision of a multi-target build: built (or reused), skipped because this
+    machine lacks what it needs, or failed with the one-line reason (nothing published)."""
 
     target: str
     precision: str
     folder: Path | None = None
     result: BuildResult | None = None
     skipped: str | None = None
+    failed: str | None = None
+    exit_code: int = 0  # of the failure: 1 a gate, 2 an input the target cannot use
 
     @property
     def manifest(self) -> Manifest | None:
@@ -60,7 +64,7 @@ class Cell:
 
 def _inputs(model: str | Path, options: BuildOptions) -> list[Any]:
     """Every path a build reads (outputs must not overwrite or contain them)."""
-    return [model if isinstance(model, (str, Path)) else None, options.table,
+    return [model if isinstance(model, (str, Path)) else None, options.table, options.weights,
             *(d for d in (options.calib_data, options.eval_data) if isinstance(d, (str, Path)))]
 
 
@@ -87,7 +91,7 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
 
 
 def _load(model: str | Path, options: BuildOptions, out: Path, kind: str) -> Fp32Model:
-    fp32 = load_fp32(model, options.allow_unsafe_keras)
+    fp32 = load_fp32(model, options.source_options())
     check_outputs([Output(out, kind)], [fp32.path.parent if fp32.path.name == "model.onnx" else fp32.path])
     return fp32
 
@@ -132,19 +136,24 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                 layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
                 fields["layer_report"] = LAYER_REPORT_FILE
         try:
-            candidate = collect_outputs(built.runner.infer, evaluation.batches, built.runner.max_batch)
+            candidate = collect_outputs(built.runner.infer, evaluation.batches, built.runner.max_batch, session.input_axes, session.output_axes)
         finally:
             built.runner.close()
-        metrics = compare_outputs(session.reference_outputs(), candidate, evaluation.labels)
-        verdict = gate(metrics, conditions, f"{fp32.name} {target.name} {precision}")
+        metrics = compare_outputs(session.reference_outputs(), candidate, evaluation.labels, options.output_kinds,
+                                  {name: axis for name, axis in session.output_axes.items() if axis is not None})
+        if session.user_metric is not None:
+            metrics["user"] = run_user_metric(session.user_metric, session.reference_outputs(), candidate, evaluation.labels)
+        verdict = gate(metrics, conditions, f"{fp32.name} {target.name} {precision}", precision)
         manifest = write_manifest(stage, {
             "model": fp32.name, "target": target.name, "precision": precision, "build_key": key,
-            "source": {"fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
+            "source": {"model": fp32.origin, "fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
             "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
             "outputs": [s.to_json() for s in tensor_specs(fp32.proto.graph.output)],
             **fields, **built.manifest,
             "accuracy": {"reference": "fp32-onnx", "data": evaluation.description, "metrics": metrics, **verdict},
-            "notes": session.notes + inputs.notes,
+            "data_shapes": evaluation.shapes,
+            **({"constant_outputs": session.constant_outputs()} if session.constant_outputs() else {}),
+            "notes": fp32.notes + session.notes + inputs.notes,
             "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
             "machine": machine_info(),
         })
@@ -190,13 +199,20 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
     plan = plan_cells(targets, precisions)
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, BUILD_ROOT), options)
-    for index, cell in enumerate(plan.runnable, 1):
+    for cell in plan.runnable:  # what the graph alone rules out, before any calibration
+        cell.failed = get_target(cell.target).preflight(session.fp32, cell.precision)
+        cell.exit_code = 2 if cell.failed else 0
+    pending = [cell for cell in plan.runnable if not cell.failed]
+    for index, cell in enumerate(pending, 1):
         target = get_target(cell.target)
         cell.folder = out / f"{cell.target}-{cell.precision}"
-        report("building", index - 1, len(plan.runnable), "artifacts", f"{cell.target} {cell.precision}")
-        cell.result = build_cell(session, target, cell.precision, cell.folder, conditions)
+        report("building", index - 1, len(pending), "artifacts", f"{cell.target} {cell.precision}")
+        try:
+            cell.result = build_cell(session, target, cell.precision, cell.folder, conditions)
+        except EnginekitError as exc:  # this cell failed; the others are still built
+            cell.folder, cell.failed, cell.exit_code = None, str(naming(exc, session.fp32.origin)), exc.exit_code
     if session.calibrated_here:  # the table every INT8 cell of this build used, for reuse with --table
         write_tables({options.calib_method: session.table()}, out / TABLE_FILE, inputs=[session.fp32.path])
-    report("building", len(plan.runnable), len(plan.runnable), "artifacts")
+    report("building", len(pending), len(pending), "artifacts")
     order = {(t, p): i for i, (t, p) in enumerate((get_target(t).name, p) for t in targets for p in precisions)}
     return sorted(plan.runnable + plan.skipped, key=lambda c: order[(c.target, c.precision)])

@@ -18,8 +18,9 @@ from enginekit.builder.calibration import calibrate_model
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.table import CalibrationTable
-from enginekit.core.tensors import Feeds
+from enginekit.core.tensors import Feeds, batch_axes, batch_size
 from enginekit.exporter.reference import Fp32Model
+from enginekit.onnx.graph import tensor_specs
 from enginekit.onnx.session import Session
 from enginekit.quantization.pipeline import build_qdq
 from enginekit.quantization.qdq import QdqGraph
@@ -33,11 +34,17 @@ class Evaluation:
     batches: list[Feeds]
     labels: np.ndarray | None
     description: str
+    shapes: dict[str, list[int]]  # each input's shape at batch 1, as the data has it (dynamic spatial dims too)
 
 
 class ModelSession:
     def __init__(self, fp32: Fp32Model, options: BuildOptions):
+        from enginekit.accuracy import load_user_metric
+
         self.fp32, self.options = fp32, options
+        self.user_metric = load_user_metric(options.metric)
+        self.input_axes = batch_axes(fp32.inputs)
+        self.output_axes = batch_axes(tensor_specs(fp32.proto.graph.output))
         self.notes: list[str] = []  # for every manifest of this build
         self.warnings: list[str] = []  # for the user (calibration data shorter than asked, ...)
         self._table: CalibrationTable | None = None
@@ -100,19 +107,32 @@ class ModelSession:
             count = options.eval_samples or (available if has_labels and available else DEFAULT_EVAL_SAMPLES)
             if available is not None:
                 count = min(count, available)
-            batches, _ = stream(source, fp32.inputs, count, EVAL_BATCH)
+            batches, stats = stream(source, fp32.inputs, count, EVAL_BATCH)
             batches = list(batches)
-            used = sum(len(next(iter(b.values()))) for b in batches)
+            axes = batch_axes(fp32.inputs)
+            used = sum(batch_size(b, axes) for b in batches)
             labels = fp32.spec.dataset().labels("evaluation", used) if has_labels else None
-            self._evaluation = Evaluation(batches, labels, source.description)
+            shapes = {name: [1 if i == axes.get(name) else d for i, d in enumerate(shape)] for name, shape in stats.shapes.items()}
+            self._evaluation = Evaluation(batches, labels, source.description, shapes)
         return self._evaluation
 
     def reference_outputs(self) -> dict[str, np.ndarray]:
         """The FP32 model's outputs on the evaluation data (reference executor), computed once."""
         if self._reference is None:
             session = Session(self.fp32.proto, threads=self.options.threads, spinning=False)
-            self._reference = collect_outputs(session.run, self.evaluation().batches)
+            self._reference = collect_outputs(session.run, self.evaluation().batches, None, self.input_axes, self.output_axes)
         return self._reference
+
+    def constant_outputs(self) -> list[str]:
+        """FP32 outputs that do not change from sample to sample on the evaluation data: agreement
+        with them says nothing (the data may not fit the model)."""
+        outputs = self.reference_outputs()
+        constant = []
+        for name, value in outputs.items():
+            axis = self.output_axes.get(name)
+            if axis is not None and value.shape[axis] > 1 and np.all(value == np.take(value, [0], axis=axis)):
+                constant.append(name)
+        return constant
 
 
 class CellInputs:

@@ -1,9 +1,13 @@
 """Representative data for calibration and evaluation, streamed in validated batches.
 
 Sources: a zoo model's own split (`--data zoo`), an `.npy` (single-input models; memory-mapped),
-an `.npz` keyed by input name, or a folder of images preprocessed the way the zoo model expects.
-Every batch is checked against the model's inputs (names, dtype kind, fixed dims) and for
-NaN/Inf; the bytes that pass are hashed so tables record exactly which data made them.
+an `.npz` keyed by input name, a folder of images preprocessed the way the zoo model expects, or
+feeds handed over in Python. Arrays are laid out like the model's inputs, every sample along the
+input's batch dim (wherever the model puts it: a recurrent state [2, batch, 128] holds its
+samples along axis 1); an input without a batch dim (a scalar sample rate) is one value that
+every batch gets. Every batch is checked against the model's inputs (names, dtype kind, fixed
+dims) and for NaN/Inf; the bytes that pass are hashed so tables record exactly which data made
+them.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import numpy as np
 
 from enginekit.core.errors import InputError
 from enginekit.core.loaders import load_image
+from enginekit.core.tensors import Feeds, TensorSpec, batch_axes, batch_size, join, take
 from enginekit.models.spec import ModelSpec, iter_batches
-from enginekit.core.tensors import Feeds, TensorSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -31,6 +35,7 @@ class DataStats:
     skipped_nonfinite: int = 0
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # each input's shape in the first batch
 
 
 class DataSource:
@@ -71,18 +76,20 @@ class ArrayFileData(DataSource):
                 raise InputError(f"a .npy holds one array but the model has inputs {[i.name for i in inputs]}; use an .npz keyed by input name", path)
             arrays = {inputs[0].name: next(iter(arrays.values()))}
         self.arrays, self.origin = arrays, str(path)
+        self.axes = {name: axis for name, axis in batch_axes(inputs).items() if name in arrays}
         self.description = f"{path.name}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in arrays.items())
-        lengths = {len(v) if v.ndim else 0 for v in arrays.values()}
-        if len(lengths) != 1:
-            raise InputError(f"arrays have different sample counts {sorted(lengths)}", path)
-        self._count = lengths.pop()
+        lengths = {v.shape[self.axes.get(k, 0)] if v.ndim > self.axes.get(k, 0) else 0
+                   for k, v in arrays.items() if self.axes.get(k, 0) is not None}
+        if len(lengths) > 1:
+            raise InputError(f"arrays have different sample counts {sorted(lengths)} along their batch dims", path)
+        self._count = lengths.pop() if lengths else 1
 
     def count(self) -> int:
         return self._count
 
     def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
         for start in range(0, count, batch_size):
-            yield {name: np.asarray(array[start : start + batch_size]) for name, array in self.arrays.items()}
+            yield {name: np.asarray(value) for name, value in take(self.arrays, start, min(start + batch_size, count), self.axes).items()}
 
 
 class ImageFolderData(DataSource):
@@ -108,11 +115,13 @@ class ImageFolderData(DataSource):
 
 
 class FeedsData(DataSource):
-    """Feeds handed over in Python: an iterable of feed dicts, each holding a batch (leading axis)
-    of every input. A sequence is read again on every pass; a one-shot iterator is read lazily,
-    and what was read is kept for later passes (a build reads calibration data more than once)."""
+    """Feeds handed over in Python: an iterable of feed dicts, each holding a batch of every input
+    (laid out like the model's inputs). A sequence is read again on every pass; a one-shot
+    iterator is read lazily, and what was read is kept for later passes (a build reads
+    calibration data more than once)."""
 
-    def __init__(self, feeds: Iterable[Mapping[str, Any]]):
+    def __init__(self, feeds: Iterable[Mapping[str, Any]], inputs: Sequence[TensorSpec]):
+        self.axes = batch_axes(inputs)
         self._kept: list[Feeds] = []
         self._rest: Iterator[Mapping[str, Any]] | None = None
         if isinstance(feeds, Sequence):
@@ -122,13 +131,13 @@ class FeedsData(DataSource):
         self.origin = "feeds given in Python"
         self.description = "feeds given in Python"
 
-    @staticmethod
-    def _check(item: Any, index: int) -> Feeds:
+    def _check(self, item: Any, index: int) -> Feeds:
         if not isinstance(item, Mapping) or not item:
             raise InputError(f"item {index} of the feeds is {type(item).__name__}, not a dict of input name -> array")
         arrays = {str(name): np.asarray(value) for name, value in item.items()}
-        if any(a.ndim == 0 for a in arrays.values()) or len({len(a) for a in arrays.values()}) != 1:
-            raise InputError(f"item {index} of the feeds must hold one batch (same leading size) of every input")
+        sizes = {a.shape[self.axes.get(n, 0)] for n, a in arrays.items() if self.axes.get(n, 0) is not None and a.ndim > self.axes.get(n, 0)}
+        if len(sizes) != 1:
+            raise InputError(f"item {index} of the feeds must hold one batch (the same number of samples) of every batched input")
         return arrays
 
     def _items(self) -> Iterator[Feeds]:
@@ -142,28 +151,28 @@ class FeedsData(DataSource):
             yield self._kept[-1]
 
     def count(self) -> int | None:
-        return sum(len(next(iter(f.values()))) for f in self._kept) if self._rest is None else None
+        return sum(batch_size(f, self.axes) for f in self._kept) if self._rest is None else None
 
-    def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
+    def batches(self, count: int, size: int) -> Iterator[Feeds]:
         pending: list[Feeds] = []
         held = produced = 0
         for item in self._items():
             if produced + held >= count:
                 break
             pending.append(item)
-            held += len(next(iter(item.values())))
-            while held >= batch_size or produced + held >= count:
-                take = min(batch_size, count - produced)
-                batch = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
-                yield {name: array[:take] for name, array in batch.items()}
-                rest = {name: array[take:] for name, array in batch.items()}
-                produced += take
-                held = len(next(iter(rest.values())))
+            held += batch_size(item, self.axes)
+            while held >= size or produced + held >= count:
+                take_now = min(size, count - produced)
+                merged = join(pending, self.axes)
+                yield take(merged, 0, take_now, self.axes)
+                rest = take(merged, take_now, held, self.axes)
+                produced += take_now
+                held -= take_now
                 pending = [rest] if held else []
                 if produced >= count:
                     return
         if held:
-            yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+            yield join(pending, self.axes)
 
 
 DataArg = str | Path | Iterable[Mapping[str, Any]] | None
@@ -186,7 +195,7 @@ def open_data(data: DataArg, inputs: Sequence[TensorSpec], spec: ModelSpec | Non
                              option=f"{split}_data")
         return ZooData(spec, split)
     if not isinstance(data, (str, Path)):
-        return FeedsData(data)
+        return FeedsData(data, inputs)
     path = Path(data)
     if not path.exists():
         raise InputError("data not found", path)
@@ -197,15 +206,17 @@ def open_data(data: DataArg, inputs: Sequence[TensorSpec], spec: ModelSpec | Non
 
 def batch_size_for(inputs: Sequence[TensorSpec], wanted: int) -> int:
     """A model with a fixed batch dim can only take batches of exactly that size."""
-    first = inputs[0].shape[0] if inputs and inputs[0].shape else None
-    return first if isinstance(first, int) else wanted
+    axes = batch_axes(inputs)
+    fixed = {spec.shape[axes[spec.name]] for spec in inputs if axes[spec.name] is not None}
+    size = fixed.pop() if len(fixed) == 1 else None
+    return size if isinstance(size, int) else wanted
 
 
 def stream(
-    source: DataSource, inputs: Sequence[TensorSpec], count: int, batch_size: int, skip_nonfinite: bool = False,
+    source: DataSource, inputs: Sequence[TensorSpec], count: int, batch_size_wanted: int, skip_nonfinite: bool = False,
 ) -> tuple[Iterator[Feeds], DataStats]:
     """Validated batches of at most `count` samples; `stats` is complete once the iterator ends."""
-    batch_size = batch_size_for(inputs, batch_size)
+    size = batch_size_for(inputs, batch_size_wanted)
     available = source.count()
     if available == 0:
         raise InputError("the data set is empty", source.origin)
@@ -214,30 +225,38 @@ def stream(
         stats.warnings.append(f"asked for {count} samples but {source.origin} has {available}; using {available}")
         count = available
     expected = {spec.name: spec for spec in inputs}
+    axes = batch_axes(inputs)
 
     def generate() -> Iterator[Feeds]:
         digest = hashlib.sha256()
         index = 0
-        for batch in source.batches(count, batch_size):
-            batch = _check_batch(batch, expected, source.origin)
-            n = len(next(iter(batch.values())))
+        for batch in source.batches(count, size):
+            batch = _check_batch(batch, expected, axes, source.origin)
+            n = batch_size(batch, axes)
             keep = np.ones(n, bool)
             for name, array in batch.items():
-                if np.issubdtype(array.dtype, np.floating):
-                    bad = ~np.isfinite(array.reshape(n, -1)).all(axis=1)
-                    if bad.any() and not skip_nonfinite:
-                        first = index + int(np.flatnonzero(bad)[0])
-                        raise InputError(f"sample {first} of input '{name}' contains NaN or Inf (such samples can be skipped)", source.origin, option="skip_nonfinite")
+                if not np.issubdtype(array.dtype, np.floating):
+                    continue
+                axis = axes.get(name)
+                per_sample = np.moveaxis(array, axis, 0).reshape(n, -1) if axis is not None else array.reshape(1, -1)
+                bad = ~np.isfinite(per_sample).all(axis=1)
+                if bad.any() and (axis is None or not skip_nonfinite):
+                    first = index + int(np.flatnonzero(bad)[0]) if axis is not None else index
+                    what = f"sample {first} of input '{name}'" if axis is not None else f"input '{name}' (one value for every sample)"
+                    raise InputError(f"{what} contains NaN or Inf (such samples can be skipped)", source.origin, option="skip_nonfinite")
+                if axis is not None:
                     keep &= ~bad
             if not keep.all():
                 stats.skipped_nonfinite += int((~keep).sum())
-                batch = {name: array[keep] for name, array in batch.items()}
+                batch = {name: (np.compress(keep, array, axis=axes[name]) if axes.get(name) is not None else array) for name, array in batch.items()}
             index += n
-            if len(next(iter(batch.values()))) == 0:
+            if batch_size(batch, axes) == 0:
                 continue
+            if not stats.shapes:
+                stats.shapes = {name: list(array.shape) for name, array in batch.items()}
             for name in sorted(batch):
                 digest.update(np.ascontiguousarray(batch[name]).tobytes())
-            stats.used += len(next(iter(batch.values())))
+            stats.used += batch_size(batch, axes)
             yield batch
         if stats.used == 0:
             raise InputError("no usable samples (every sample had NaN or Inf)" if index else "the data set is empty", source.origin)
@@ -248,7 +267,7 @@ def stream(
     return generate(), stats
 
 
-def _check_batch(batch: Feeds, expected: dict[str, TensorSpec], origin: str) -> Feeds:
+def _check_batch(batch: Feeds, expected: dict[str, TensorSpec], axes: Mapping[str, int | None], origin: str) -> Feeds:
     if set(batch) != set(expected):
         raise InputError(f"data has inputs {sorted(batch)} but the model expects {sorted(expected)}", origin)
     checked: dict[str, Any] = {}
@@ -256,10 +275,14 @@ def _check_batch(batch: Feeds, expected: dict[str, TensorSpec], origin: str) -> 
         spec = expected[name]
         want = np.dtype(spec.dtype)
         if array.dtype != want:
-            if array.dtype.kind != want.kind:
+            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
                 raise InputError(f"input '{name}' has dtype {array.dtype}, the model expects {want}", origin)
             array = array.astype(want)
-        if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape[1:], array.shape[1:])):
-            raise InputError(f"input '{name}' has sample shape {list(array.shape[1:])}, the model expects {list(spec.shape[1:])}", origin)
+        axis = axes.get(name)
+        sample = [d for i, d in enumerate(array.shape) if i != axis]
+        wanted = [d for i, d in enumerate(spec.shape) if i != axis]
+        if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(wanted, sample)):
+            shown = "shape" if axis is None else "sample shape"
+            raise InputError(f"input '{name}' has {shown} {sample}, the model expects {wanted}", origin)
         checked[name] = array
     return checked

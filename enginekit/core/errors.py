@@ -20,6 +20,15 @@ class EnginekitError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+def naming(exc: EnginekitError, path: str | Path) -> EnginekitError:
+    """The same error naming `path` when it names no file yet (a failure deep in a run, such as
+    ONNX Runtime refusing an input, is reported against the model the user gave)."""
+    if exc.path is not None:
+        return exc
+    named = type(exc)(str(exc), path, exc.option)
+    return named
+
+
 class InputError(EnginekitError):
     """A file, name or option that enginekit cannot use."""
 

@@ -31,6 +31,8 @@ MAX_ARCHIVE_MEMBERS = int(_env_bytes("ENGINEKIT_MAX_ARCHIVE_MEMBERS", 100_000))
 MAX_CONFIG_BYTES = _env_bytes("ENGINEKIT_MAX_CONFIG_BYTES", 64 * MIB)
 # JSON documents enginekit reads back (manifests, calibration tables, reports)
 MAX_DOCUMENT_BYTES = _env_bytes("ENGINEKIT_MAX_DOCUMENT_BYTES", 512 * MIB)
+# activations bias correction carries between its segments, all calibration samples together
+BIAS_CORRECTION_BYTES = _env_bytes("ENGINEKIT_BIAS_CORRECTION_BYTES", 2 * GIB)
 # one run of a graph in the reference executor (parity, calibration, evaluation), in seconds
 DEFAULT_RUN_TIMEOUT = float(os.environ.get("ENGINEKIT_RUN_TIMEOUT", "600"))
 

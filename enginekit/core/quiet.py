@@ -26,3 +26,24 @@ def quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# Third-party loggers whose warnings are internal chatter, not something a user can act on:
+# onnxscript logs every constant it could not fold (the node simply stays in the graph).
+CHATTY_LOGGERS = ("onnxscript.optimizer._constant_folding", "torch.onnx")
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: tuple[str, ...] = CHATTY_LOGGERS) -> Iterator[None]:
+    """Raise these loggers to ERROR for the block, restoring their levels after."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

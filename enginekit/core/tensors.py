@@ -19,6 +19,7 @@ class TensorSpec:
     name: str
     shape: tuple[Dim, ...]
     dtype: str = "float32"
+    range: tuple[float, float] | None = None  # the values the input takes (token ids: 0..vocabulary-1)
 
     @property
     def symbolic_dims(self) -> tuple[str, ...]:
@@ -31,12 +32,21 @@ class TensorSpec:
         except KeyError as exc:
             raise KeyError(f"no size given for dim {exc.args[0]!r} of {self.name}") from None
 
+    @property
+    def batch_axis(self) -> int | None:
+        """Where the batch is: the dim named "batch", if the tensor has one."""
+        return self.shape.index("batch") if "batch" in self.shape else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        entry = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.range is not None:
+            entry["range"] = list(self.range)
+        return entry
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "TensorSpec":
-        return cls(entry["name"], tuple(entry["shape"]), entry.get("dtype", "float32"))
+        value_range = entry.get("range")
+        return cls(entry["name"], tuple(entry["shape"]), entry.get("dtype", "float32"), tuple(value_range) if value_range else None)
 
 
 
@@ -44,7 +54,9 @@ Feeds = dict[str, np.ndarray]
 
 
 def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> Feeds:
-    """Seeded N(0,1) floats / small integers, for sources that bring no data of their own."""
+    """Seeded inputs for sources that bring no data of their own: inside each input's declared
+    value range where it has one (token ids inside the vocabulary), else N(0,1) floats and small
+    integers."""
     from enginekit.core import limits
 
     rng = np.random.default_rng(seed)
@@ -53,10 +65,55 @@ def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: in
         shape = spec.concrete_shape(dims)
         nbytes = float(np.prod(shape, dtype=np.float64)) * np.dtype(spec.dtype).itemsize
         limits.check_bytes(nbytes, limits.MAX_FEED_BYTES, f"an input '{spec.name}' of shape {list(shape)}", "ENGINEKIT_MAX_FEED_BYTES")
-        if np.issubdtype(np.dtype(spec.dtype), np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == "bool":
+        floating = np.issubdtype(np.dtype(spec.dtype), np.floating)
+        if spec.dtype == "bool":
             feeds[spec.name] = rng.random(shape) < 0.5
+        elif spec.range is not None:
+            low, high = spec.range
+            values = rng.uniform(low, high, shape) if floating else rng.integers(int(low), int(high) + 1, shape)
+            feeds[spec.name] = values.astype(spec.dtype)
+        elif floating:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
             feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
     return feeds
+
+
+def batch_axes(specs: Sequence[TensorSpec]) -> dict[str, int | None]:
+    """Where each tensor's batch is (None: the tensor has no batch, one value serves every batch).
+    A model whose batch is fixed (no dim named "batch" anywhere) has it on axis 0."""
+    if not any("batch" in spec.shape for spec in specs):
+        return {spec.name: 0 if spec.shape else None for spec in specs}
+    return {spec.name: spec.batch_axis for spec in specs}
+
+
+def batch_size(arrays: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """Samples in `arrays`: the size of the first batched array along its batch axis."""
+    axes = axes or {}
+    for name, array in arrays.items():
+        axis = axes.get(name, 0)
+        if axis is not None and np.ndim(array) > axis:
+            return int(np.shape(array)[axis])
+    return 1
+
+
+def take(arrays: Mapping[str, np.ndarray], start: int, stop: int, axes: Mapping[str, int | None] | None = None) -> Feeds:
+    """Samples start..stop of every batched array (along its batch axis); unbatched ones as they are."""
+    axes = axes or {}
+    taken = {}
+    for name, array in arrays.items():
+        axis = axes.get(name, 0)
+        if axis is None:
+            taken[name] = array
+        else:
+            index = [slice(None)] * np.ndim(array)
+            index[axis] = slice(start, stop)
+            taken[name] = np.asarray(array)[tuple(index)]
+    return taken
+
+
+def join(parts: Sequence[Mapping[str, np.ndarray]], axes: Mapping[str, int | None] | None = None) -> Feeds:
+    """Batches joined along their batch axes; unbatched arrays taken from the first part."""
+    axes = axes or {}
+    return {name: (parts[0][name] if axes.get(name, 0) is None else np.concatenate([p[name] for p in parts], axis=axes.get(name, 0)))
+            for name in parts[0]}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.quiet import quiet_stderr
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.core.tf_support import input_signature, require_keras, require_tensorflow
 
@@ -117,6 +118,39 @@ def tf_function(model: KerasModel):
     return function
 
 
+def _convert_frozen(function, model: KerasModel, opset: int, tf2onnx) -> Any:
+    """The function with every variable and captured tensor frozen into a constant, then
+    converted (a converter that sees captures, e.g. a Normalization layer's mean and variance,
+    turns them into extra graph inputs). Inputs and outputs keep the model's names and order."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from enginekit.onnx.graph import rename_values
+
+    concrete = function.get_concrete_function()
+    frozen = convert_variables_to_constants_v2(concrete)
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=inputs, output_names=outputs, opset=opset)
+    flat_names = sorted(model.output_names)  # a returned dict flattens in sorted key order
+    mapping = {tf_name: spec.name for tf_name, spec in zip(inputs, model.inputs)}
+    mapping.update({tf_name: name for tf_name, name in zip(outputs, flat_names)})
+    rename_values(proto, mapping)
+    by_name = {value.name: value for value in proto.graph.output}
+    ordered = [by_name[name] for name in model.output_names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(ordered)
+    return proto
+
+
+def _converter_problem(text: str) -> str:
+    """The converter's message, naming the Keras layer when it names one of its TF ops
+    ('model/layer_name/Op')."""
+    flat = " ".join(text.split())
+    match = re.search(r"([A-Za-z0-9_.\-]+)/([A-Za-z0-9_.\-]+)/[A-Za-z0-9_:]+", flat)
+    where = f"layer '{match.group(2)}': " if match else ""
+    return (where + flat)[:300]
+
+
 def export_keras(model: KerasModel, opset: int | None, origin: str):
     """ONNX via tf2onnx; the batch dim is named 'batch' like the PyTorch exports."""
     opset = opset or KERAS_OPSET
@@ -128,9 +162,10 @@ def export_keras(model: KerasModel, opset: int | None, origin: str):
         raise MissingDependencyError("exporting Keras models needs the 'keras' extra (pip install 'enginekit[keras]')") from None
     function = tf_function(model)
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=function.input_signature, opset=opset)
-    except Exception as exc:  # tf2onnx raises ValueError/KeyError/RuntimeError for unsupported graphs
-        raise InputError(f"tf2onnx could not export the Keras model ({' '.join(str(exc).split())[:300]})", origin) from None
+        with quiet_stderr():
+            proto = _convert_frozen(function, model, opset, tf2onnx)
+    except Exception as exc:  # tf2onnx and TF raise ValueError/KeyError/RuntimeError for unsupported graphs
+        raise InputError(f"tf2onnx could not export the Keras model ({_converter_problem(str(exc))})", origin) from None
     dims = {s.name: s.shape for s in model.inputs}
     for value in [*proto.graph.input, *proto.graph.output]:
         shape = value.type.tensor_type.shape.dim

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from enginekit.core.artifacts import staged_artifact, write_manifest
-from enginekit.core.errors import GateError, InputError
+from enginekit.core.errors import EnginekitError, GateError, InputError, naming
 from enginekit.onnx import graph as onnx_graph
 from enginekit.onnx.session import Session
 from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, ParityResult, check_parity
@@ -21,6 +21,9 @@ from enginekit.core.outputs import ARTIFACT, Output, check_outputs
 from enginekit.core.tensors import Feeds
 
 MODEL_FILE = "model.onnx"
+# Older ONNX files are upgraded to this opset: per-channel DequantizeLinear (the Q/DQ hub's weights)
+# needs 13, and onnxscript's optimizer rewrites Reshape with opset 14's allowzero attribute.
+MIN_OPSET = 14
 _UNNAMED_DIM_SIZE = 32  # size used for a symbolic dim the parity cases do not name
 
 
@@ -38,6 +41,14 @@ def export_model(
 ) -> dict[str, Any]:
     """Export `model` into the artifact folder `out_dir`; returns the manifest written there."""
     check_outputs([Output(Path(out_dir), ARTIFACT)], [model, weights])
+    try:
+        return _export(model, Path(out_dir), weights, input_shapes, options, allow_unsafe_keras)
+    except EnginekitError as exc:
+        raise naming(exc, model) from None
+
+
+def _export(model: str, out_dir: Path, weights: str | None, input_shapes: Sequence[str], options: ExportOptions,
+            allow_unsafe_keras: bool) -> dict[str, Any]:
     source = resolve_source(model, weights, input_shapes, allow_unsafe_keras)
     if not options.dynamic_batch:
         source = _fix_batch(source)
@@ -91,8 +102,13 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     proto = onnx.ModelProto()
     proto.CopyFrom(source.onnx_model)
     onnx_graph.check(proto, origin)
+    own = onnx_graph.opset_of(proto)
     if options.opset:
         proto = onnx_graph.convert_opset(proto, options.opset, origin)
+    elif own < MIN_OPSET:
+        proto = onnx_graph.convert_opset(proto, MIN_OPSET, origin)
+        notes.append(f"upgraded from opset {own} to {MIN_OPSET} with ONNX's version converter (per-channel "
+                     "quantization needs opset 13, the graph optimizer's rewrites 14); parity checked against the original file")
     _apply_input_specs(proto, source)
     if options.dynamic_batch and not _batch_is_dynamic(source):
         if onnx_graph.make_batch_dynamic(proto):
@@ -113,7 +129,8 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
 
 
 def _apply_input_specs(proto: onnx.ModelProto, source: Source) -> None:
-    onnx_graph.set_symbolic_dims(proto, {s.name: s for s in source.inputs})
+    onnx_graph.set_symbolic_dims(proto, {s.name: s for s in (*source.inputs, *source.outputs)})
+    del proto.graph.value_info[:]  # inferred again by finalize(), with the dims just set
 
 
 def _batch_is_dynamic(source: Source) -> bool:
@@ -158,7 +175,15 @@ def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportO
         reference, name = source.keras.run, "keras"
     else:
         reference, name = _onnx_reference(source), "onnxruntime (source ONNX file)"
-    return check_parity(reference, lambda feeds: list(exported.run(feeds).values()), cases, name, "; ".join(sorted(descriptions)), options.max_abs, options.min_cosine)
+    try:
+        return check_parity(reference, lambda feeds: list(exported.run(feeds).values()), cases, name, "; ".join(sorted(descriptions)),
+                            options.max_abs, options.min_cosine)
+    except InputError as exc:
+        if all(d.startswith("seeded random") for d in descriptions) and exc.option is None:
+            shapes = ", ".join(f"{n}={'x'.join(map(str, a.shape)) or 'scalar'}" for n, a in cases[-1][1].items())
+            raise InputError(f"{exc} (parity ran on generated inputs {shapes}: declare the real shapes, dtypes and value ranges)",
+                             exc.path, option="input_shapes") from None
+        raise
 
 
 def _torch_reference(source: Source):

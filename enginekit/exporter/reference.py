@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,11 @@ class Fp32Model:
     spec: ModelSpec | None
     inputs: list[TensorSpec]
     keras_file: dict | None = None  # {"keras": path, "unsafe_allow_lambda": bool} when exported from a Keras file
+    origin: str = ""  # what the user named (a file, a factory, a zoo name): errors name it, not the cache
+    notes: list[str] = field(default_factory=list)  # what the export changed (opset upgrade, batch made dynamic)
+
+    def __post_init__(self) -> None:
+        self.origin = self.origin or str(self.path)
 
     @property
     def is_keras(self) -> bool:
@@ -49,33 +54,67 @@ class Fp32Model:
         return with_shapes(source, tuple(shapes.get(s.name, s) for s in source.inputs), str(self.path))
 
 
-def load_fp32(model: str | Path, allow_unsafe_keras: bool = False) -> Fp32Model:
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a source becomes its FP32 ONNX (what `export` takes, for build and calibrate too)."""
+
+    weights: str | None = None
+    input_shapes: tuple[str, ...] = ()
+    opset: int | None = None
+    allow_unsafe_keras: bool = False
+
+    def given(self) -> bool:
+        return bool(self.weights or self.input_shapes or self.opset)
+
+
+def load_fp32(model: str | Path, source: SourceOptions | bool | None = None) -> Fp32Model:
+    """The FP32 model every later stage starts from: an export artifact folder as it is, anything
+    else (zoo name, factory, ONNX or Keras file) exported once into the cache (checked,
+    normalized, parity-gated), keyed by its content and the export settings, and reused.
+    (`source` True/False is the old allow_unsafe_keras flag.)"""
     from enginekit.exporter.keras_export import is_keras_path
+    from enginekit.exporter.sources import looks_like_factory
     from enginekit.models import get_spec
 
+    if not isinstance(source, SourceOptions):
+        source = SourceOptions(allow_unsafe_keras=bool(source))
     path = Path(model)
-    if is_keras_path(path):
-        return _cached_file_export(path, "keras", allow_unsafe_keras)
-    if path.is_dir():
+    if path.is_dir() and not is_keras_path(path):
+        if source.given():
+            raise InputError("is an export artifact: weights, input shapes and opset apply to the source it was exported from", path)
         manifest = read_manifest(path)
         onnx_path = path / "model.onnx"
         if not onnx_path.is_file():
             raise InputError("export artifact has no model.onnx", path)
-        source = manifest.get("source", {})
-        zoo = source.get("zoo")
+        origin = manifest.get("source", {})
+        zoo = origin.get("zoo")
         fp32 = _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
-        if source.get("kind") == "keras" and source.get("keras"):
-            fp32.keras_file = {"keras": source["keras"], "unsafe_allow_lambda": bool(source.get("unsafe_allow_lambda"))}
+        fp32.notes = [f"export: {note}" for note in manifest.get("notes") or [] if isinstance(note, str)]
+        if origin.get("kind") == "keras" and origin.get("keras"):
+            fp32.keras_file = {"keras": origin["keras"], "unsafe_allow_lambda": bool(origin.get("unsafe_allow_lambda"))}
         return fp32
-    if path.suffix.lower() == ".onnx" or path.exists() or "/" in str(model):
-        return _cached_file_export(path, "onnx", False)
-    spec = get_spec(str(model))
+    if is_keras_path(path) or path.suffix.lower() == ".onnx" or path.exists() or "/" in str(model) or looks_like_factory(str(model)):
+        fp32 = load_fp32(_cached_source_export(str(model), source))
+        fp32.origin = str(model)
+        return fp32
+    spec = get_spec(str(model))  # an unknown name raises with suggestions
+    if source.given():
+        return _load(_cached_source_export(spec.name, source) / "model.onnx", spec.name, spec)
     return _load(_cached_export(spec.name), spec.name, spec)
 
 
+def exporter_source_hash() -> str:
+    """The exporter's own code: a change in how enginekit exports invalidates cached exports."""
+    import hashlib
+
+    root = Path(__file__).parents[1]
+    files = sorted([*root.joinpath("exporter").glob("*.py"), root / "onnx" / "graph.py"])
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
 def export_cache_key(name: str) -> str:
-    """Everything that changes what the export of a zoo model is: enginekit, the exporter stack,
-    and the source of the model's module."""
+    """Everything that changes what the export of a zoo model is: enginekit and its exporter, the
+    exporter stack, and the source of the model's module."""
     import hashlib
     import importlib
 
@@ -83,7 +122,7 @@ def export_cache_key(name: str) -> str:
 
     module = importlib.import_module(get_spec_module(name))
     material = json.dumps(toolchain("torch", "tensorflow", "keras", "tf2onnx", "onnx", "onnxscript", "onnxruntime"), sort_keys=True).encode()
-    material += Path(module.__file__).read_bytes()
+    material += Path(module.__file__).read_bytes() + exporter_source_hash().encode()
     return hashlib.sha256(material).hexdigest()[:16]
 
 
@@ -115,27 +154,57 @@ def _cached_export(name: str) -> Path:
     return _cached(folder, lambda out: export_model(name, out)) / "model.onnx"
 
 
-def _cached_file_export(path: Path, kind: str, allow_unsafe: bool) -> Fp32Model:
-    """A Keras file, SavedModel folder or ONNX file given straight to calibrate/build: exported
-    (checked, shape-inferred, parity-gated) once into the cache, keyed by its content and the
-    exporter stack, and reused; every later stage starts from that export."""
+def _source_identity(model: str) -> tuple[str, str]:
+    """(kind, content hash) of a source that is not an export artifact."""
     import hashlib
+    import importlib.util
 
-    from enginekit.core.cache import cache_dir
     from enginekit.core.loaders import require_file
-    from enginekit.core.machine import toolchain
-    from enginekit.exporter.pipeline import export_model
+    from enginekit.exporter.keras_export import is_keras_path
+    from enginekit.exporter.sources import looks_like_factory
 
-    stack = ("tensorflow", "keras", "tf2onnx") if kind == "keras" else ("onnxruntime",)
-    digest = hashlib.sha256(json.dumps(toolchain(*stack, "onnx", "onnxscript"), sort_keys=True).encode())
-    if kind == "onnx":
-        digest.update(load_onnx(path).SerializeToString())  # external data included, checked by the loader
-    else:
+    path = Path(model)
+    digest = hashlib.sha256()
+    if is_keras_path(path):
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [require_file(path)]
         for item in files:
             digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode() + sha256_file(item).encode())
-    folder = cache_dir() / "exports" / f"{path.stem or path.name}-{kind}-{digest.hexdigest()[:16]}"
-    return load_fp32(_cached(folder, lambda out: export_model(str(path), out, allow_unsafe_keras=allow_unsafe)))
+        return "keras", digest.hexdigest()
+    if looks_like_factory(model):
+        module_name = model.partition(":")[0]
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = Path(spec.origin) if spec is not None and spec.origin and Path(spec.origin).is_file() else None
+        digest.update(model.encode() + (origin.read_bytes() if origin else b"unresolved"))
+        return "factory", digest.hexdigest()
+    if path.suffix.lower() == ".onnx" or path.exists() or "/" in model:
+        digest.update(load_onnx(path).SerializeToString())  # external data included, checked by the loader
+        return "onnx", digest.hexdigest()
+    digest.update(export_cache_key(model).encode())
+    return "zoo", digest.hexdigest()
+
+
+def _cached_source_export(model: str, source: SourceOptions) -> Path:
+    """The export of `model` with `source`'s settings in the cache, keyed by the source's content,
+    the settings (weights by hash), the exporter and its stack; exported on first use."""
+    import hashlib
+
+    from enginekit.core.cache import cache_dir
+    from enginekit.core.machine import toolchain
+    from enginekit.exporter.pipeline import ExportOptions, export_model
+
+    kind, content = _source_identity(model)
+    stack = toolchain("torch", "tensorflow", "keras", "tf2onnx", "onnx", "onnxscript", "onnxruntime")
+    settings = {"weights": sha256_file(source.weights) if source.weights and Path(source.weights).is_file() else source.weights,
+                "input_shapes": list(source.input_shapes), "opset": source.opset, "unsafe": source.allow_unsafe_keras}
+    key = hashlib.sha256(json.dumps([kind, content, settings, stack, exporter_source_hash()], sort_keys=True).encode()).hexdigest()[:16]
+    stem = Path(model).stem if kind in ("onnx", "keras") else model.replace(":", "_").rsplit(".", 1)[-1]
+    folder = cache_dir() / "exports" / f"{stem or 'model'}-{kind}-{key}"
+    options = ExportOptions(opset=source.opset)
+    return _cached(folder, lambda out: export_model(model, out, source.weights, source.input_shapes, options,
+                                                   allow_unsafe_keras=source.allow_unsafe_keras))
 
 
 def _load(path: Path, name: str, spec: ModelSpec | None) -> Fp32Model:

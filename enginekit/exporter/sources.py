@@ -8,6 +8,7 @@ representative inputs that the parity check runs on.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 from enginekit.core.errors import InputError
 from enginekit.core.optional import require_torch
+from enginekit.core.quiet import quiet_stderr
 from enginekit.core.tensors import Dim, Feeds, TensorSpec, random_feeds
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -77,28 +79,60 @@ def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str],
     return _zoo_source(get_spec(model), weights, overrides)  # an unknown name raises with suggestions
 
 
-def parse_input_shapes(values: Sequence[str]) -> dict[str | None, tuple[Dim, ...]]:
+@dataclass(frozen=True)
+class InputDeclaration:
+    """What `--input-shape NAME=DIMS[:DTYPE[:LOW..HIGH]]` declares about one input."""
+
+    shape: tuple[Dim, ...]
+    dtype: str | None = None
+    range: tuple[float, float] | None = None
+
+
+_DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str | None, InputDeclaration]:
     """`NAME=1x3x224x224` (or just `1x3x224x224` for a single-input model); symbols such as
-    `batch` or `sequence` keep a dim dynamic."""
-    shapes: dict[str | None, tuple[Dim, ...]] = {}
+    `batch` or `sequence` keep a dim dynamic; `scalar` is a rank-0 input. A dtype and a value
+    range may follow: `input_ids=batchxsequence:int64:0..30521`."""
+    declared: dict[str | None, InputDeclaration] = {}
     for value in values:
-        name, _, dims = value.rpartition("=")
+        name, _, spec = value.rpartition("=")
+        dims, _, rest = spec.partition(":")
+        dtype_text, _, range_text = rest.partition(":")
         parts = [p.strip() for p in re.split(r"[x,]", dims) if p.strip()]
         if not parts:
             raise InputError(f"input shape '{value}' has no dims (expected e.g. image=1x3x224x224)", option="input_shapes")
         parsed: list[Dim] = []
-        for part in parts:
+        for part in [] if parts == ["scalar"] else parts:
             if part.isdigit() and int(part) > 0:
                 parsed.append(int(part))
             elif re.fullmatch(r"[A-Za-z_]\w*", part):
                 parsed.append(part)
             else:
                 raise InputError(f"input shape '{value}': '{part}' is neither a positive size nor a dim name", option="input_shapes")
-        shapes[name or None] = tuple(parsed)
-    return shapes
+        dtype = dtype_text.strip() or None
+        if dtype is not None and dtype not in _DTYPES:
+            raise InputError(f"input shape '{value}': dtype '{dtype}' is not one of {', '.join(sorted(_DTYPES))}", option="input_shapes")
+        declared[name or None] = InputDeclaration(tuple(parsed), dtype, _value_range(range_text.strip(), value) if range_text.strip() else None)
+    return declared
 
 
-def apply_shapes(inputs: tuple[TensorSpec, ...], overrides: Mapping[str | None, tuple[Dim, ...]], origin: str) -> tuple[TensorSpec, ...]:
+def _value_range(text: str, value: str) -> tuple[float, float]:
+    low, sep, high = text.partition("..")
+    try:
+        bounds = (float(low), float(high))
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or not bounds[0] <= bounds[1] or not all(map(math.isfinite, bounds)):
+        raise InputError(f"input shape '{value}': '{text}' is not a value range LOW..HIGH", option="input_shapes")
+    return bounds
+
+
+def apply_shapes(inputs: tuple[TensorSpec, ...], overrides: Mapping[str | None, InputDeclaration], origin: str,
+                 fixed_dtypes: bool = True) -> tuple[TensorSpec, ...]:
+    """The input specs with the declarations applied; `fixed_dtypes`: the model's own dtypes stand
+    (an ONNX or Keras file), and a declared dtype must agree with them."""
     if not overrides:
         return inputs
     names = {spec.name for spec in inputs}
@@ -109,7 +143,16 @@ def apply_shapes(inputs: tuple[TensorSpec, ...], overrides: Mapping[str | None, 
     unknown = set(overrides) - names
     if unknown:
         raise InputError(f"input shapes name {sorted(unknown)}, but the model's inputs are {sorted(names)}", origin, option="input_shapes")
-    return tuple(replace(spec, shape=overrides.get(spec.name, spec.shape)) for spec in inputs)
+    updated = []
+    for spec in inputs:
+        declared = overrides.get(spec.name)
+        if declared is None:
+            updated.append(spec)
+            continue
+        if fixed_dtypes and declared.dtype and declared.dtype != spec.dtype:
+            raise InputError(f"input '{spec.name}' is {spec.dtype} in the model, not {declared.dtype}", origin, option="input_shapes")
+        updated.append(replace(spec, shape=declared.shape, dtype=declared.dtype or spec.dtype, range=declared.range or spec.range))
+    return tuple(updated)
 
 
 # --------------------------------------------------------------------------------------- zoo
@@ -154,7 +197,8 @@ def _factory_source(target: str, weights: str | None, overrides) -> Source:
     if factory is None or not callable(factory):
         raise InputError(f"module '{module_name}' has no callable '{attr}'", target)
     try:
-        net = factory()
+        with quiet_stderr():  # a factory that imports TensorFlow would print its start-up lines
+            net = factory()
     except Exception as exc:
         raise InputError(f"factory raised {type(exc).__name__}: {exc}", target) from None
     if not isinstance(net, torch.nn.Module):
@@ -169,7 +213,7 @@ def _factory_source(target: str, weights: str | None, overrides) -> Source:
     names = _forward_arg_names(net)
     if None in overrides:
         overrides = {(names[0] if names else "input"): overrides[None]}
-    inputs = tuple(TensorSpec(name, shape) for name, shape in overrides.items())
+    inputs = tuple(TensorSpec(name, d.shape, d.dtype or "float32", d.range) for name, d in overrides.items())
     origin = {"factory": target, "weights": str(weights) if weights else None}
     return Source(module_name.rsplit(".", 1)[-1] + "_" + attr, "factory", inputs, (), module=net, origin=origin)
 
@@ -237,6 +281,21 @@ def _keras_factory_source(net, target: str, weights: str | None, overrides) -> S
 # -------------------------------------------------------------------------------------- onnx
 
 
+def name_the_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Call the batch "batch": when every input's leading dim is dynamic (whatever an exporter
+    named it, p2o.DynamicDimension.0 or -1), that dim of every input, and the dynamic leading dim
+    of every output, is the batch. Other dynamic dims keep their names."""
+    if not inputs or "batch" in {d for s in (*inputs, *outputs) for d in s.shape}:
+        return inputs, outputs
+    if not all(s.shape and isinstance(s.shape[0], str) for s in inputs):
+        return inputs, outputs
+
+    def renamed(spec: TensorSpec) -> TensorSpec:
+        return replace(spec, shape=("batch", *spec.shape[1:])) if spec.shape and isinstance(spec.shape[0], str) else spec
+
+    return tuple(map(renamed, inputs)), tuple(map(renamed, outputs))
+
+
 def _onnx_source(path: Path, overrides) -> Source:
     from enginekit.onnx.graph import graph_inputs, tensor_specs
     from enginekit.core.loaders import load_onnx
@@ -246,6 +305,7 @@ def _onnx_source(path: Path, overrides) -> Source:
     outputs = tuple(tensor_specs(model.graph.output, str(path)))
     if not inputs:
         raise InputError("the graph has no inputs", path)
+    inputs, outputs = name_the_batch(inputs, outputs)
     if any(d == "?" for spec in inputs for d in spec.shape) and not overrides:
         unnamed = [s.name for s in inputs if "?" in s.shape]
         raise InputError(f"inputs {unnamed} have unnamed dynamic dims; give their shapes", path, option="input_shapes")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 
 import onnx
 
 from enginekit.core.errors import InputError
 from enginekit.core.optional import require_torch
+from enginekit.core.quiet import quiet_loggers
 from enginekit.onnx.graph import rename_values, set_symbolic_dims
 from enginekit.exporter.sources import Source
 from enginekit.core.tensors import random_feeds
@@ -34,9 +34,8 @@ def export_torch(source: Source, opset: int) -> onnx.ModelProto:
     args = tuple(torch.from_numpy(feeds[spec.name]) for spec in source.inputs)
     dims = {s: torch.export.Dim(s, min=1, max=source.dim_max.get(s, 1 << 20)) for s in symbols}
     dynamic_shapes = tuple({axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in source.inputs)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 source.module, args, None, opset_version=opset, dynamo=True,

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from enginekit.core.errors import InputError
+from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
 
 DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
@@ -47,11 +48,17 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     runs on graphs up to REWRITE_NODE_LIMIT nodes only (a 100k-node graph exported in hours with
     it). Without onnxscript (a core install handed an ONNX file), the graph is kept as it is."""
     try:
-        import onnxscript.optimizer
+        from onnxscript import optimizer
     except ImportError:
         return model
-    if sum(1 for _ in model.graph.node) <= REWRITE_NODE_LIMIT:
-        return onnxscript.optimizer.optimize(model)
+    with quiet_loggers():
+        if sum(1 for _ in model.graph.node) <= REWRITE_NODE_LIMIT:
+            return optimizer.optimize(model)
+        return _linear_passes(model)
+
+
+def _linear_passes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The optimizer without its pattern rewriter, for graphs too large for it."""
     import onnx_ir as ir
     import onnx_ir.passes.common as common
 
@@ -129,14 +136,22 @@ def _rename(graph: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
 
 
 def set_symbolic_dims(model: onnx.ModelProto, specs: Mapping[str, TensorSpec]) -> None:
-    """Give graph inputs/outputs the dim names of their specs (exporters invent names like s0)."""
+    """Give graph inputs/outputs the dims of their specs: the names ("batch" instead of an
+    exporter's s0 or p2o.DynamicDimension.0) and the sizes the user declared. A dim left unnamed
+    ("?") stays unknown."""
     for value in [*model.graph.input, *model.graph.output]:
         spec = specs.get(value.name)
         if spec is None:
             continue
-        dims = value.type.tensor_type.shape.dim
-        for dim, wanted in zip(dims, spec.shape):
-            if isinstance(wanted, str):
+        shape = value.type.tensor_type.shape
+        if len(shape.dim) != len(spec.shape):  # a declared rank (a factory, or a fixed unknown rank)
+            del shape.dim[:]
+            shape.dim.extend(onnx.TensorShapeProto.Dimension() for _ in spec.shape)
+        for dim, wanted in zip(shape.dim, spec.shape):
+            if wanted == "?":
+                dim.ClearField("dim_param")
+                dim.ClearField("dim_value")
+            elif isinstance(wanted, str):
                 dim.dim_param = wanted
             else:
                 dim.dim_value = wanted
@@ -153,7 +168,7 @@ def tensor_specs(values: Any, origin: str | None = None) -> list[TensorSpec]:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
         except (KeyError, TypeError, ValueError):
             raise InputError(f"'{value.name}' has an undefined or unsupported element type ({tensor_type.elem_type})", origin) from None
-        shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor_type.shape.dim)
+        shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else "?") for d in tensor_type.shape.dim)
         specs.append(TensorSpec(value.name, shape, dtype))
     return specs
 

@@ -3,9 +3,15 @@ that shift from the layer's bias, one layer at a time in topological order, each
 graph whose earlier layers are already corrected.
 
 Measured on EfficientNet-Lite0 (FINDINGS): top-1 agreement with FP32 from 82 % to 96 %, while
-correcting every layer from one pass over-corrects and diverges (45 %). Each layer runs only
-the prefix of the quantized graph that produces it, in ONNX Runtime's integer kernels, so the
-cost is about half a pass per layer.
+correcting every layer from one pass over-corrects and diverges (45 %).
+
+It costs about two passes, not one per layer: one pass of the FP32 graph gives every layer's
+reference means; then the quantized graph runs segment by segment (each segment ends at the next
+corrected layer's output), carrying the live activations of every calibration sample from one
+segment to the next. A layer's correction is subtracted from its output where it is carried on,
+so every later segment sees the corrected values, exactly as if it had been rebuilt with the new
+bias. The carried activations are bounded (core.limits.BIAS_CORRECTION_BYTES, 2 GiB): past that,
+the first samples that fit are used, and the number is recorded.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
+from enginekit.core import limits
 from enginekit.core.progress import report
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.probe import probe
+from enginekit.onnx.session import Session
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, ensure_bias
+
 
 
 def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feeds], threads: int | None) -> dict[str, np.ndarray]:
@@ -28,32 +37,119 @@ def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Seque
     count: dict[str, int] = {}
     for values in probe(model, tensors, batches, threads):
         for name in tensors:
-            value = values[name].astype(np.float64)
-            axes = tuple(i for i in range(value.ndim) if i != 1)
-            sums[name] = sums.get(name, 0.0) + value.sum(axis=axes)
-            count[name] = count.get(name, 0) + value.size // value.shape[1]
+            _accumulate(sums, count, name, values[name])
     return {name: sums[name] / count[name] for name in tensors}
 
 
-def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds], threads: int | None = None) -> dict[str, float]:
-    """Correct the float biases of `qdq.model` in place; returns the size of each correction."""
+def _accumulate(sums: dict, count: dict, name: str, value: np.ndarray) -> None:
+    value = value.astype(np.float64)
+    axes = tuple(i for i in range(value.ndim) if i != 1)
+    sums[name] = sums.get(name, 0.0) + value.sum(axis=axes)
+    count[name] = count.get(name, 0) + value.size // value.shape[1]
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+            names += [name for n in graph.node for name in node_inputs(n) if name not in defined]
+    return list(dict.fromkeys(names))
+
+
+def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], outputs: list[str],
+                   initializers: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
+    """A model of `nodes` alone: the carried tensors (typed from their values) in, `outputs` out."""
+    used = {name for node in nodes for name in node_inputs(node)}
+    graph = helper.make_graph(
+        nodes, "segment",
+        [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None) for name, value in inputs.items()],
+        [helper.make_empty_tensor_value_info(name) for name in outputs],
+        [initializers[name] for name in sorted(used & set(initializers))])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds], threads: int | None = None,
+                   max_bytes: int | None = None) -> tuple[dict[str, float], int]:
+    """Correct the float biases of `qdq.model` in place; returns the size of each layer's
+    correction and the number of calibration samples it used (all that fit `max_bytes` of carried
+    activations, measured on the first batch)."""
     layers = biased_nodes(qdq.model)
-    outputs = [node.output[0] for node in layers]
-    reference = channel_means(fp32, outputs, batches, threads)
-    initializers = {t.name: t for t in qdq.model.graph.initializer}
-    inputs = [v.name for v in qdq.model.graph.input if v.name not in initializers]
-    corrections: dict[str, float] = {}
-    for index, node in enumerate(layers):
-        prefix = onnx.utils.Extractor(qdq.model).extract_model(inputs, [node.output[0]])
-        measured = channel_means(prefix, [node.output[0]], batches, threads)[node.output[0]]
-        shift = measured - reference[node.output[0]]
-        bias_name = ensure_bias(qdq.model, node, shift.size)
-        initializers = {t.name: t for t in qdq.model.graph.initializer}
-        bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift
-        initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-        corrections[node.name] = float(np.abs(shift).max())
-        report("bias correction", index + 1, len(layers), "layers")
-    return corrections
+    if not layers or not batches:
+        return {}, 0
+    max_bytes = limits.BIAS_CORRECTION_BYTES if max_bytes is None else max_bytes
+    first = batches[0]
+    samples_in_first = len(next(iter(first.values())))
+    peak, _ = _propagate(qdq, [dict(first)], layers, None, threads)  # a dry run of one batch: how much is carried
+    batches = _fitting(batches, peak // max(samples_in_first, 1), max_bytes)
+    reference = channel_means(fp32, [node.output[0] for node in layers], batches, threads)
+    _, corrections = _propagate(qdq, [dict(feeds) for feeds in batches], layers, reference, threads)
+    return corrections, sum(len(next(iter(b.values()))) for b in batches)
+
+
+def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list[onnx.NodeProto],
+               reference: dict[str, np.ndarray] | None, threads: int | None) -> tuple[int, dict[str, float]]:
+    """Run the quantized graph segment by segment over `carried` (per batch: the live tensors),
+    each segment ending at the next layer's output; with `reference` means, correct each layer
+    (its bias, and its carried output) before going on. Returns the peak bytes carried and the
+    corrections."""
+    graph = qdq.model.graph
+    nodes = list(graph.node)
+    position = {id(node): index for index, node in enumerate(nodes)}
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node_inputs(node):
+            last_use[name] = index
+    initializers = {t.name: t for t in graph.initializer}
+    peak, corrections, start = 0, {}, 0
+    for index, layer in enumerate(layers):
+        end = position[id(layer)] + 1
+        segment = nodes[start:end]
+        produced = {name for node in segment for name in node.output}
+        needed = [name for name in dict.fromkeys(n for node in segment for n in node_inputs(node))
+                  if name not in produced and name not in initializers]
+        target = layer.output[0]
+        outputs = list(dict.fromkeys([*(o for node in segment for o in node.output if last_use.get(o, -1) >= end), target]))
+        session = Session(_segment_model(qdq.model, segment, {n: carried[0][n] for n in needed}, outputs, initializers),
+                          threads=threads, memory_arena=False, spinning=False)
+        sums: dict[str, np.ndarray] = {}
+        count: dict[str, int] = {}
+        for batch in carried:
+            batch.update(session.run({name: batch[name] for name in needed}, outputs))
+            _accumulate(sums, count, target, batch[target])
+        peak = max(peak, sum(v.nbytes for batch in carried for v in batch.values()))
+        if reference is not None:
+            shift = sums[target] / count[target] - reference[target]
+            bias_name = ensure_bias(qdq.model, layer, shift.size)
+            initializers = {t.name: t for t in graph.initializer}
+            bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift
+            initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+            shape = [1, -1] + [1] * (carried[0][target].ndim - 2)
+            for batch in carried:  # later segments see the corrected output, as if the layer were rebuilt
+                batch[target] = (batch[target] - shift.reshape(shape)).astype(batch[target].dtype)
+            corrections[layer.name] = float(np.abs(shift).max())
+            report("bias correction", index + 1, len(layers), "layers")
+        for batch in carried:
+            for name in [n for n in batch if last_use.get(n, -1) < end]:
+                del batch[name]
+        start = end
+    return peak, corrections
+
+
+def _fitting(batches: Sequence[Feeds], per_sample_bytes: int, max_bytes: int) -> Sequence[Feeds]:
+    """The first calibration batches whose carried activations fit `max_bytes`."""
+    limit = max(1, max_bytes // max(per_sample_bytes, 1))
+    chosen, total = [], 0
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        if total + size > limit:
+            if total == 0:
+                chosen.append({name: value[:limit] for name, value in batch.items()})
+            break
+        chosen.append(batch)
+        total += size
+    return chosen
 
 
 def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelProto:

@@ -44,7 +44,7 @@ def plan_for(fp32: Fp32Model, settings: QuantizeSettings) -> tuple[QuantPlan, li
         after = fp32.spec.keep_float_after if fp32.spec else ()
     plan = plan_quantization(fp32.proto, settings.exclude_nodes, settings.exclude_ops, settings.keep_first_last_float, after)
     if not plan.nodes:
-        raise InputError("nothing is left to quantize after the exclusions", fp32.path)
+        raise InputError("nothing is left to quantize after the exclusions", fp32.origin)
     return plan, list(after)
 
 
@@ -52,7 +52,7 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
               batches: Sequence[Feeds] = (), threads: int | None = None) -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
     calibration data). Returns the graph and what the manifest records of it."""
-    table.check_model(fp32.sha256, fp32.path)
+    table.check_model(fp32.sha256, fp32.origin)
     plan, after = plan_for(fp32, settings)
     qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel)
     details: dict[str, Any] = {"encoding": encoding, "per_channel_weights": settings.per_channel,
@@ -61,9 +61,8 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
                                "exclude_ops": list(settings.exclude_ops), "exclude_after": after,
                                "keep_first_last_float": settings.keep_first_last_float}
     if settings.bias_correction:
-        corrections = correct_biases(fp32.proto, qdq, batches, threads)
-        details["bias_correction"] = {"layers": len(corrections), "samples": sum(len(next(iter(b.values()))) for b in batches),
-                                      "largest_shift": max(corrections.values(), default=0.0)}
+        corrections, samples = correct_biases(fp32.proto, qdq, batches, threads)
+        details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0)}
     if encoding != "int8":
         integerize_biases(qdq)
     return qdq, details

@@ -147,6 +147,11 @@ class Target:
                              f"(it has {', '.join(sorted(self.option_defaults)) or 'none'})")
         return {**self.option_defaults, **(given or {})}
 
+    def preflight(self, fp32: "Fp32Model", precision: str) -> str | None:
+        """Why this target cannot build this model at all (an op it cannot convert, ...), found
+        from the graph alone, before any calibration; None when nothing is known against it."""
+        return None
+
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """What besides the shared inputs changes this target's artifact (versions, options)."""
         return {"options": dict(options)}

@@ -79,7 +79,8 @@ class OnnxRuntimeTarget(Target):
 
         path = inputs.stage / "model.int8.onnx"
         onnx.save(inputs.qdq(inputs.encoding).model, str(path))
-        return Built(OrtRunner(path, threads=inputs.threads), {"integer_ops": integer_op_report(path, inputs.fp32.proto)})
+        report = integer_op_report(path, inputs.fp32.proto)
+        return Built(OrtRunner(path, threads=inputs.threads), {"integer_ops": report, "integer_share": report["integer_share"]})
 
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
         path = next((folder / name for name in ONNX_FILES if (folder / name).is_file()), None)

@@ -247,8 +247,11 @@ class OpenVinoTarget(Target):
         if source.parent == inputs.stage:
             source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
         runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
-        return Built(runner, {"openvino": {**device_info(), "compile_config": runner.config,
-                                           "executed": executed_precisions(runner.compiled)}})
+        executed = executed_precisions(runner.compiled)
+        fields: dict[str, Any] = {"openvino": {**device_info(), "compile_config": runner.config, "executed": executed}}
+        if inputs.precision == "int8":
+            fields["integer_share"] = executed["integer_share"]
+        return Built(runner, fields)
 
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
         return OpenVinoRunner(folder, manifest.get("precision", "fp32"), threads=threads, **runtime)

@@ -41,7 +41,7 @@ class TensorRTTarget(Target):
             source = inputs.stage / "model.int8.onnx"
             problems = tensorrt_qdq_problems(qdq)
             if problems:
-                raise InputError(f"the Q/DQ graph breaks TensorRT's rules: {'; '.join(problems[:3])}", inputs.fp32.path)
+                raise InputError(f"the Q/DQ graph breaks TensorRT's rules: {'; '.join(problems[:3])}", inputs.fp32.origin)
             onnx.save(qdq, str(source))
         elif inputs.precision == "fp16":
             from enginekit.targets.tensorrt.graphs import to_fp16

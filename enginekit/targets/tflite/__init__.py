@@ -104,6 +104,19 @@ class TfliteTarget(Target):
     def unavailable(self, precision: str) -> str | None:
         return unavailable_reason()
 
+    def preflight(self, fp32, precision: str) -> str | None:
+        """ONNX sources are lowered op by op: an op without a lowering is known before any work."""
+        if fp32.is_keras:
+            return None
+        from enginekit.core.errors import InputError
+        from enginekit.targets.tflite.lowering import check_lowerable
+
+        try:
+            check_lowerable(fp32.proto, fp32.origin)
+        except InputError as exc:
+            return str(exc)
+        return None
+
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {"options": dict(options), "toolchain": toolchain("tensorflow", "keras", "ai-edge-litert", "ai-edge-quantizer")}
 
@@ -132,14 +145,17 @@ class TfliteTarget(Target):
                 if changed:
                     notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
                                  + (" ..." if len(changed) > 5 else ""))
-            function, route, owner = to_tf_function(reference, str(fp32.path)), "onnx lowered to TensorFlow ops", None
+            function, route, owner = to_tf_function(reference, fp32.origin), "onnx lowered to TensorFlow ops", None
         int8 = precision == "int8"
-        model, info = build_flatbuffer(precision, function, str(fp32.path), table=inputs.table() if int8 else None,
+        model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
                                        io_type=inputs.options["io"], owner=owner)
         (inputs.stage / MODEL_FILE).write_bytes(model)
         runner = TfliteRunner(model, threads=inputs.threads)
-        return Built(runner, {"tflite": {"route": route, **info, "notes": notes}})
+        fields: dict[str, Any] = {"tflite": {"route": route, **info, "notes": notes}}
+        if int8:
+            fields["integer_share"] = info["types"]["integer_share"]
+        return Built(runner, fields)
 
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
         return TfliteRunner(folder / MODEL_FILE, threads=threads, io=manifest.get("tflite", {}).get("io"))

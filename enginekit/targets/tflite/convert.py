@@ -150,5 +150,7 @@ def type_summary(model: bytes) -> dict[str, Any]:
 
     ops = op_types(model)
     dtypes = Counter(t for op in ops for t in op["inputs"] + op["outputs"])
+    floating = float_compute_ops(ops)
+    compute = sum(1 for op in ops if op["op"] not in DATA_MOVEMENT_OPS)
     return {"ops": dict(sorted(Counter(op["op"] for op in ops).items())), "tensor_types": dict(sorted(dtypes.items())),
-            "float32_compute_ops": float_compute_ops(ops)}
+            "float32_compute_ops": floating, "integer_share": 1 - len(floating) / compute if compute else 0.0}

@@ -1,0 +1,146 @@
+"""`python -m corpus`: every corpus model through export -> calibrate -> build for each target x
+precision, the built artifacts benchmarked together, and the matrix written (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = ("onnxruntime", "openvino", "tflite")
+PRECISIONS = ("fp32", "int8")
+
+
+def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool) -> list[dict[str, Any]]:
+    """One model's cells: built or the one-line reason, with accuracy, speed-up and integer share."""
+    import enginekit as ek
+    from enginekit.accuracy.metrics import headline
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.benchmark.report import speedups
+    from enginekit.core.errors import EnginekitError
+    from enginekit.exporter.reference import SourceOptions, load_fp32
+
+    started = time.perf_counter()
+    cells = [{"model": entry.name, "target": t, "precision": p, "status": "failed", "reason": None} for t in targets for p in precisions]
+    try:
+        model = entry.source()
+        weights = entry.weights() if entry.weights else None
+        fp32 = load_fp32(model, SourceOptions(weights, entry.input_shapes))
+        folder = out / entry.name
+        data_files = {}
+        for split, count in (("calibration", samples), ("evaluation", samples)):
+            arrays = entry.data(split, count)
+            if set(arrays) == {"input"} and len(fp32.inputs) == 1:  # a single input, whatever the model calls it
+                arrays = {fp32.inputs[0].name: arrays["input"]}
+            data_files[split] = folder / "data" / f"{split}.npz"
+            data_files[split].parent.mkdir(parents=True, exist_ok=True)
+            np.savez(data_files[split], **arrays)
+        options = ek.BuildOptions(calib_data=str(data_files["calibration"]), eval_data=str(data_files["evaluation"]), num_samples=samples,
+                                  weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds)
+        built = ek.build_many(model, list(targets), list(precisions), folder / "artifacts", options)
+    except EnginekitError as exc:
+        for cell in cells:
+            cell["reason"] = str(exc)
+        return cells
+    by_key = {(c["target"], c["precision"]): c for c in cells}
+    folders = []
+    for outcome in built:
+        cell = by_key[(outcome.target, outcome.precision)]
+        if outcome.result is None:
+            cell.update(status="skipped" if outcome.skipped else "failed", reason=outcome.skipped or outcome.failed)
+            continue
+        manifest = outcome.manifest
+        cell.update(status="built", accuracy=headline(manifest["accuracy"]["metrics"]), integer_share=manifest.get("integer_share"),
+                    outputs={name: {k: v for k, v in m.items()} for name, m in manifest["accuracy"]["metrics"].get("outputs", {}).items()})
+        folders.append((cell, outcome.folder))
+    if bench and folders:
+        settings = BenchSettings(batch_sizes=(1,), min_iterations=20, min_seconds=1.5, rounds=3)
+        try:
+            report = ek.bench([f for _, f in folders], settings=settings)
+        except EnginekitError as exc:
+            report = None
+            for cell, _ in folders:
+                cell["bench_error"] = str(exc)
+        if report is not None:
+            ratio = speedups(report["artifacts"])
+            for index, ((cell, _), entry_report) in enumerate(zip(folders, report["artifacts"])):
+                cell.update(p50_ms=entry_report["latency_ms"]["p50_ms"], speedup=ratio[index], shapes=entry_report["latency_shapes"])
+    for cell in cells:
+        cell["model_seconds"] = round(time.perf_counter() - started, 1)
+    return cells
+
+
+def short_reason(cell: dict[str, Any], width: int = 230) -> str:
+    """The one-line reason without what the row already says (the model's file or name, the cell)."""
+    reason = cell["reason"] or ""
+    head, _, rest = reason.partition(": ")
+    if rest and (" " not in head or head.endswith(f"{cell['target']} {cell['precision']}")):
+        reason = rest
+    reason = reason.replace("accuracy gate failed by the task-aware default gate (which can be turned off)", "below the default gate")
+    return reason if len(reason) <= width else reason[: width - 3] + "..."
+
+
+def markdown(cells: list[dict[str, Any]]) -> str:
+    from enginekit.core.console import markdown_table
+
+    rows = []
+    for cell in cells:
+        if cell["status"] != "built":
+            rows.append([cell["model"], cell["target"], cell["precision"], cell["status"].upper(), short_reason(cell), "-", "-", "-"])
+            continue
+        share = cell.get("integer_share")
+        rows.append([cell["model"], cell["target"], cell["precision"], "built", cell["accuracy"],
+                     f"{cell['speedup']:.2f}x" if cell.get("speedup") else "-", f"{share:.0%}" if isinstance(share, (int, float)) else "-",
+                     f"{cell['p50_ms']:.3f}" if cell.get("p50_ms") else "-"])
+    return markdown_table(["model", "target", "precision", "result", "accuracy vs FP32 / reason", "speed-up vs FP32", "integer ops", "p50 ms"],
+                          rows, escape=True)
+
+
+def summary(cells: list[dict[str, Any]]) -> str:
+    built = [c for c in cells if c["status"] == "built"]
+    int8 = [c for c in built if c["precision"] == "int8"]
+    faster = [c for c in int8 if (c.get("speedup") or 0) > 1.0]
+    return (f"{len(built)} of {len(cells)} cells built and passed their gates; INT8 faster than FP32 in {len(faster)} of "
+            f"{len(int8)} built INT8 cells")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from corpus.models import BY_NAME, ENTRIES
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default=",".join(e.name for e in ENTRIES))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--samples", type=int, default=128, help="calibration and evaluation samples each")
+    parser.add_argument("--out", default="artifacts/corpus")
+    parser.add_argument("--no-bench", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BY_NAME))
+    if unknown:
+        print(f"corpus: unknown model(s) {', '.join(unknown)} (known: {', '.join(BY_NAME)})", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cells: list[dict[str, Any]] = []
+    for name in names:
+        print(f"[corpus] {name}: {BY_NAME[name].what}", file=sys.stderr, flush=True)
+        cells += run_model(BY_NAME[name], out, args.targets.split(","), args.precisions.split(","), args.samples, not args.no_bench)
+    result = {"models": names, "targets": args.targets.split(","), "precisions": args.precisions.split(","), "samples": args.samples,
+              "seconds": round(time.perf_counter() - started, 1), "summary": summary(cells), "cells": cells}
+    (out / "matrix.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    text = markdown(cells) + f"\n\n{result['summary']}; {result['seconds']:.0f} s in all.\n"
+    (out / "matrix.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'matrix.json'} and {out / 'matrix.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Models from the wild: the default gate, per-cell failures, old opsets, declared dtypes and value
+ranges, Keras preprocessing layers, batches that are not on axis 0, and dynamic spatial dims
+measured at the data's shape."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import assert_nothing_written
+
+
+def test_a_broken_quantization_is_never_published_without_a_gate(run_cli, tmp_path):
+    """Ranges scaled by 1/100: no --min-accuracy, yet the task-aware default gate stops it, naming the output."""
+    table = tmp_path / "r.json"
+    assert run_cli("calibrate", "-m", "digits_cnn", "-n", "64", "-o", table).code == 0
+    document = json.loads(table.read_text())
+    for entry in document["tensors"].values():
+        for key in ("min", "max", "amax"):
+            entry[key] /= 100
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(document))
+    result = run_cli("quantize", "-m", "digits_cnn", "-t", broken, "--no-bias-correction", "-o", tmp_path / "q")
+    assert result.code == 1 and "default gate" in result.error_line and "output 'logits'" in result.error_line
+    assert "--min-accuracy" in result.error_line
+    assert_nothing_written(tmp_path / "q")
+    opted_out = run_cli("quantize", "-m", "digits_cnn", "-t", broken, "--no-bias-correction", "--min-accuracy", "none", "-o", tmp_path / "q")
+    assert opted_out.code == 0, opted_out.err
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["accuracy"]["conditions"] == []
+
+
+def _erf_model(path):
+    """A small CNN with an Erf (GELU-like) in it: ONNX Runtime and OpenVINO build it, the TFLite
+    lowering does not know Erf."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "w")
+    fc = numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32) * 0.3, "fc")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Erf", ["c"], ["e"], name="my_erf"),
+             helper.make_node("GlobalAveragePool", ["e"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"])]
+    graph = helper.make_graph(nodes, "erfnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])], [weight, fc])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_failed_cell_is_not_a_failed_build(run_cli, tmp_path):
+    pytest.importorskip("ai_edge_quantizer", reason="the tflite extra is not installed")
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    _erf_model(tmp_path / "erf.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).random((32, 3, 16, 16), dtype=np.float32))
+    import time
+
+    started = time.perf_counter()
+    result = run_cli("build", "-m", tmp_path / "erf.onnx", "--targets", "onnxruntime,tflite,openvino", "--precisions", "fp32,int8",
+                     "--calib-data", tmp_path / "d.npz", "--eval-data", tmp_path / "d.npz", "-n", "32", "--min-accuracy", "none",
+                     "-o", tmp_path / "out")
+    assert result.code == 1 and "2 of 6 artifact(s) failed: tflite fp32; tflite int8" in result.error_line
+    table = result.out
+    assert "cannot lower op Erf (node my_erf)" in table and "| tflite      | int8      | FAILED" in table
+    for cell in ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"):
+        assert (tmp_path / "out" / cell / "manifest.json").is_file()
+    assert not (tmp_path / "out" / "tflite-int8").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["artifacts"]) == 4 and {c["target"] for c in report["failed"]} == {"tflite"}
+    assert "failed: tflite int8" in (tmp_path / "out" / "report.md").read_text()
+    assert time.perf_counter() - started < 300
+
+
+def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path):
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 4 * 8 * 8], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [weight, shape])
+    path = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+    assert run_cli("export", "--model", path, "-o", tmp_path / "out").code == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["opset"] == 14 and any("upgraded from opset 11 to 14" in note for note in manifest["notes"])
+    assert manifest["parity"]["passed"] and manifest["parity"]["reference"].startswith("onnxruntime")
+
+
+def test_a_token_id_factory_declares_int64_inputs_and_their_range(run_cli, tmp_path, monkeypatch):
+    (tmp_path / "textnet.py").write_text(textwrap.dedent("""
+        import torch
+
+        class TextNet(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.embed = torch.nn.Embedding(1000, 16)
+                self.proj = torch.nn.Linear(16, 8)
+
+            def forward(self, input_ids, attention_mask):
+                hidden = self.embed(input_ids) * attention_mask.unsqueeze(-1).float()
+                return self.proj(torch.relu(hidden)).mean(dim=1)
+
+        def build():
+            return TextNet().eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tokens.npz", input_ids=rng.integers(0, 1000, (48, 12)), attention_mask=np.ones((48, 12), np.int64))
+    shapes = ["--input-shape", "input_ids=batchx12:int64:0..999", "--input-shape", "attention_mask=batchx12:int64:0..1"]
+    result = run_cli("build", "-m", "textnet:build", *shapes, "--target", "onnxruntime", "--precision", "int8",
+                     "--calib-data", tmp_path / "tokens.npz", "--eval-data", tmp_path / "tokens.npz", "-n", "48", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    inputs = {i["name"]: i for i in manifest["inputs"]}
+    assert inputs["input_ids"]["dtype"] == "int64" and inputs["attention_mask"]["dtype"] == "int64"
+    from enginekit.core.tensors import TensorSpec, random_feeds
+
+    declared = TensorSpec("input_ids", ("batch", 12), "int64", (0, 999))
+    ids = random_feeds([declared], {"batch": 64})["input_ids"]
+    assert ids.min() >= 0 and ids.max() <= 999 and ids.dtype == np.int64  # parity and benchmark data stay in the vocabulary
+    bad = run_cli("export", "-m", "textnet:build", "--input-shape", "input_ids=batchx12:int64:9..1", "-o", tmp_path / "bad")
+    assert bad.code == 2 and "not a value range" in bad.error_line
+
+
+def test_a_keras_application_with_a_normalization_layer_exports_and_builds(run_cli, tmp_path, monkeypatch):
+    keras = pytest.importorskip("keras", reason="the keras extra is not installed")
+    (tmp_path / "apps.py").write_text(textwrap.dedent("""
+        def effnet():
+            import keras
+            keras.utils.set_random_seed(0)
+            return keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    """))
+    monkeypatch.chdir(tmp_path)
+    model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    assert any(layer.__class__.__name__ == "Normalization" for layer in model.layers)
+    exported = run_cli("export", "-m", "apps:effnet", "-o", tmp_path / "onnx")
+    assert exported.code == 0, exported.err
+    name = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["inputs"][0]["name"]
+    np.savez(tmp_path / "pixels.npz", **{name: np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype(np.float32)})
+    built = run_cli("build", "-m", tmp_path / "onnx", "--target", "onnxruntime", "--precision", "fp32",
+                    "--eval-data", tmp_path / "pixels.npz", "-o", tmp_path / "ort")
+    assert built.code == 0, built.err
+
+
+def test_data_whose_batch_is_not_on_axis_0_and_a_scalar_input(run_cli, tmp_path):
+    """A recurrent model: state [2, batch, 8] and a scalar gain that every batch gets."""
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["scaled"]), helper.make_node("ReduceMean", ["scaled"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Unsqueeze", ["m", "zero"], ["m3"]), helper.make_node("Add", ["state", "m3"], ["state_out"]),
+             helper.make_node("Relu", ["scaled"], ["y"])]
+    graph = helper.make_graph(nodes, "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+                                             helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8]),
+                                             helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8]),
+                               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 8])],
+                              [numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    path = tmp_path / "rnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((20, 8)).astype(np.float32),
+             state=rng.standard_normal((2, 20, 8)).astype(np.float32), gain=np.array(2.0, np.float32))
+    result = run_cli("build", "-m", path, "--target", "onnxruntime", "--precision", "fp32", "--eval-data", tmp_path / "d.npz", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    metrics = json.loads((tmp_path / "out" / "manifest.json").read_text())["accuracy"]["metrics"]
+    assert metrics["samples"] == 20 and metrics["outputs"]["state_out"]["samples"] == 20 and metrics["outputs"]["state_out"]["cosine"] > 0.9999
+
+
+def _dynamic_detector(path):
+    """A fully convolutional map model with dynamic height and width."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((1, 3, 3, 3)).astype(np.float32) * 0.3, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["map"])]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "height", "width"])],
+                              [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["n", 1, "height", "width"])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_dynamic_spatial_dims_are_measured_at_the_datas_shape_and_compare_refuses_other_shapes(run_cli, tmp_path):
+    _dynamic_detector(tmp_path / "det.onnx")
+    reports = {}
+    for size in (48, 64):
+        data = tmp_path / f"d{size}.npz"
+        np.savez(data, x=np.random.default_rng(size).random((16, 3, size, size), dtype=np.float32))
+        out = tmp_path / f"out{size}"
+        result = run_cli("build", "-m", tmp_path / "det.onnx", "--targets", "onnxruntime", "--precisions", "fp32,int8",
+                         "--calib-data", data, "--eval-data", data, "-n", "16", "-o", out)
+        assert result.code == 0, result.err
+        manifest = json.loads((out / "onnxruntime-fp32" / "manifest.json").read_text())
+        assert manifest["inputs"][0]["shape"] == ["batch", 3, "height", "width"]  # the leading dim is called "batch"
+        assert manifest["data_shapes"] == {"x": [1, 3, size, size]}
+        assert manifest["accuracy"]["metrics"]["outputs"]["map"]["kind"] == "dense"
+        report = json.loads((out / "report.json").read_text())
+        for entry in report["artifacts"]:
+            assert entry["latency_shapes"] == {"x": [1, 3, size, size]}
+            assert all(s["shapes"]["x"][2:] == [size, size] for s in entry["throughput"])
+        assert f"x 1x3x{size}x{size}" in (out / "report.md").read_text()
+        reports[size] = out / "report.json"
+    compared = run_cli("compare", reports[48], reports[64])
+    assert compared.code == 1 and "not compared: measured at other input shapes" in compared.out
