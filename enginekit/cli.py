@@ -427,11 +427,6 @@ def _safe_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).stem if model) or "model"
 
 
-def _terminate(_signum, _frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so staging folders are removed and nothing partial is left."""
-    raise KeyboardInterrupt
-
-
 def _message(exc: EnginekitError, argv: list[str]) -> str:
     """The error's own line, plus the flag that fixes it where the error names a setting."""
     command = next((a for a in argv if not a.startswith("-")), "")
@@ -446,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from enginekit.core.progress import reporting
     from enginekit.core.console import ProgressPrinter
-    from enginekit.core.interrupt import install_signal_wakeup
+    from enginekit.core.interrupt import install_signal_wakeup, request_stop, stop_requested
 
     # TensorFlow's C++ start-up chatter would bury enginekit's one-line messages
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -454,32 +449,40 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or bool(os.environ.get("ENGINEKIT_DEBUG"))
     args = [a for a in args if a != "--debug"]
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, request_stop)  # SIGTERM unwinds like Ctrl-C: nothing partial is left
+        signal.signal(signal.SIGINT, request_stop)
         install_signal_wakeup()  # Ctrl-C and SIGTERM reach runs inside native code too
     try:
         with reporting(ProgressPrinter(sys.stderr)):
             cli.main(args=args, prog_name="enginekit", standalone_mode=False)
-    except EnginekitError as exc:
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _exit_interrupted()
+    except Exception as exc:
+        if stop_requested():  # a library turned the interrupt into an error of its own (torch.onnx does)
+            _exit_interrupted()
+        _exit_with_error(exc, args, debug)
+
+
+def _exit_interrupted() -> None:
+    click.echo("enginekit: interrupted", err=True)
+    sys.exit(130)
+
+
+def _exit_with_error(exc: Exception, args: list[str], debug: bool) -> None:
+    """One line for the error and its exit code; the traceback only with --debug."""
+    if isinstance(exc, EnginekitError):
         click.echo(f"enginekit: error: {_message(exc, args)}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("enginekit: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
+    if isinstance(exc, click.ClickException):
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("enginekit: interrupted", err=True)
-        sys.exit(130)
-    except OSError as exc:  # a full disk, a read-only or missing folder, a file we may not read
-        if debug:
-            raise
+    if debug:
+        raise exc
+    if isinstance(exc, OSError):  # a full disk, a read-only or missing folder, a file we may not read
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"enginekit: error: {where}{exc.strerror or type(exc).__name__}", err=True)
         sys.exit(2)
-    except Exception as exc:  # a bug or an unforeseen library failure: one line, the traceback on request
-        if debug:
-            raise
-        text = " ".join(str(exc).split())[:300] or "(no message)"
-        click.echo(f"enginekit: error: unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", err=True)
-        sys.exit(2)
+    # a bug or an unforeseen library failure
+    text = " ".join(str(exc).split())[:300] or "(no message)"
+    click.echo(f"enginekit: error: unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", err=True)
+    sys.exit(2)

@@ -64,6 +64,21 @@ class _Watcher:
             stoppable.terminate = True
 
 
+_STOP_REQUESTED = threading.Event()
+
+
+def request_stop(_signum: int, _frame: Any) -> None:
+    """Signal handler for SIGINT and SIGTERM: remember the request, then unwind like Ctrl-C (so
+    staging folders are removed), even where a library later wraps the KeyboardInterrupt."""
+    _STOP_REQUESTED.set()
+    raise KeyboardInterrupt
+
+
+def stop_requested() -> bool:
+    """Whether SIGINT or SIGTERM arrived: an error raised after it is the interruption's echo."""
+    return _STOP_REQUESTED.is_set()
+
+
 _WATCHER: _Watcher | None = None
 _WATCHER_LOCK = threading.Lock()
 

@@ -88,3 +88,24 @@ def test_two_concurrent_builds_of_one_artifact_leave_one_complete(warm_cache, tm
     assert first.wait(timeout=300) == 0, first.stderr.read()
     assert second.wait(timeout=300) == 0, second.stderr.read()
     _assert_whole(out)
+
+
+def test_an_interrupt_a_library_rewraps_as_its_own_error_still_exits_as_interrupted(tmp_path):
+    """torch.onnx catches the KeyboardInterrupt of a SIGTERM and raises its own export error: the
+    CLI must still report an interruption (exit 130), not a failed export (exit 2)."""
+    script = (
+        "import os, signal\n"
+        "from enginekit import api, cli\n"
+        "def rewrapping_export(*args, **kwargs):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    except KeyboardInterrupt as exc:\n"
+        "        raise RuntimeError('Failed to export the model to ONNX') from exc\n"
+        "api.export = rewrapping_export\n"
+        f"cli.main(['export', '--model', 'digits_cnn', '-o', {str(tmp_path / 'out')!r}])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().endswith("enginekit: interrupted"), result.stderr
+    assert not (tmp_path / "out").exists()
