@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from corpus import text
 from enginekit.models.images import iter_random_resized_crops
 
 SPLIT_SEEDS = {"calibration": 101, "evaluation": 202}
@@ -25,11 +26,36 @@ def photos(split: str, count: int, width: int, height: int) -> np.ndarray:
     return np.stack(crops)
 
 
-def ppocr(width: int, height: int) -> Callable[[str, int], dict[str, np.ndarray]]:
-    """RapidOCR's preprocessing: BGR, scaled to [0, 1], mean = std = 0.5, NCHW (config.yaml)."""
+def _ppocr_normalize(rgb: np.ndarray) -> np.ndarray:
+    """RapidOCR's preprocessing of an RGB uint8 image (..., H, W, 3): BGR (it reads with OpenCV),
+    scaled to [0, 1], mean = std = 0.5 (config.yaml), channels first."""
+    bgr = rgb[..., ::-1].astype(np.float32)
+    return np.moveaxis((bgr / 255.0 - 0.5) / 0.5, -1, -3).copy()
+
+
+def ppocr_scenes(width: int, height: int) -> Callable[[str, int], dict[str, np.ndarray]]:
+    """The text detector's input: photographs with lines of words printed on them."""
     def make(split: str, count: int) -> dict[str, np.ndarray]:
-        bgr = photos(split, count, width, height)[..., ::-1].astype(np.float32)
-        return {"x": ((bgr / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2).copy()}
+        rng = np.random.default_rng(SPLIT_SEEDS[split] + 1)
+        scenes = np.stack([text.scene(rng, photo, split) for photo in photos(split, count, width, height)])
+        return {"x": _ppocr_normalize(scenes)}
+
+    return make
+
+
+def ppocr_lines(width: int, height: int, upside_down: float = 0.0) -> Callable[[str, int], dict[str, np.ndarray]]:
+    """The recognizer's / direction classifier's input: single text lines resized to `height`,
+    normalised, then padded on the right with zeros to `width` as RapidOCR does; a share
+    `upside_down` of them rotated by 180 degrees (what the classifier detects)."""
+    def make(split: str, count: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(SPLIT_SEEDS[split] + 2)
+        batch = np.zeros((count, 3, height, width), np.float32)
+        for index, photo in enumerate(photos(split, count, width, height)):
+            image = text.line(rng, photo, split, width, height)
+            if rng.random() < upside_down:
+                image = image[::-1, ::-1]
+            batch[index, :, :, : image.shape[1]] = _ppocr_normalize(image)
+        return {"x": batch}
 
     return make
 

@@ -28,13 +28,13 @@ def _file(wheel, path: str) -> Callable[[], str]:
 
 
 ENTRIES = (
-    Entry("ppocr_det", "PP-OCRv4 text detector (rapidocr-onnxruntime 1.4.4), opset 12, dynamic H/W, 320 x 320 photos",
-          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"), data.ppocr(320, 320)),
+    Entry("ppocr_det", "PP-OCRv4 text detector (rapidocr-onnxruntime 1.4.4), opset 12, dynamic H/W, 320 x 320 photos with text",
+          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"), data.ppocr_scenes(320, 320)),
     Entry("ppocr_cls", "PP-OCR v2.0 text-direction classifier (rapidocr-onnxruntime 1.4.4), opset 11, 48 x 192",
-          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"), data.ppocr(192, 48),
+          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"), data.ppocr_lines(192, 48, upside_down=0.5),
           input_shapes=("x=batchx3x48x192",)),
     Entry("ppocr_rec", "PP-OCRv4 text recognizer (rapidocr-onnxruntime 1.4.4), SVTR, CTC over 6625 symbols, 48 x 320",
-          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"), data.ppocr(320, 48),
+          _file(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"), data.ppocr_lines(320, 48),
           input_shapes=("x=batchx3x48x320",)),
     Entry("mtcnn_pnet", "MTCNN P-Net, facenet-pytorch 2.6.0 weights, 64 x 64, probability and box maps",
           lambda: "corpus.mtcnn:pnet", data.mtcnn(64), _file(FACENET, "facenet_pytorch/data/pnet.pt"), ("image=batchx3x64x64",)),

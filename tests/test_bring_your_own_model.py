@@ -198,3 +198,34 @@ def test_dynamic_spatial_dims_are_measured_at_the_datas_shape_and_compare_refuse
         reports[size] = out / "report.json"
     compared = run_cli("compare", reports[48], reports[64])
     assert compared.code == 1 and "not compared: measured at other input shapes" in compared.out
+
+
+def test_an_input_declared_to_take_one_value_folds_the_branch_on_it(tmp_path):
+    """silero-vad's shape: the compute sits in an If on the sample rate. Declared as one value,
+    the branch folds, the Conv comes out where quantization sees it, and the input is still fed."""
+    import enginekit as ek
+    from enginekit.core.loaders import load_onnx
+    from enginekit.quantization.placement import plan_quantization
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((2, 1, 3)).astype(np.float32), "w")
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        inputs, attributes = (["x", "w"], {"pads": [1, 1]}) if op == "Conv" else (["x"], {})
+        return helper.make_graph([helper.make_node(op, inputs, [f"{name}_y"], **attributes)], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["batch", "c", 16])])
+
+    nodes = [helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=branch("then", "Conv"), else_branch=branch("else", "Relu"))]
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 16]),
+                                             helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "c", 16])],
+                              [weight, numpy_helper.from_array(np.array(16000, np.int64), "rate")])
+    path = tmp_path / "vad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    manifest = ek.export(str(path), tmp_path / "out", input_shapes=["sr=scalar:int64:16000..16000"])
+    exported = load_onnx(tmp_path / "out" / "model.onnx")
+    assert "If" not in {n.op_type for n in exported.graph.node} and [i.name for i in exported.graph.input] == ["x", "sr"]
+    assert plan_quantization(exported).weights  # the Conv is in the main graph now
+    assert any("declared to take only the value 16000" in note for note in manifest["notes"])
+    assert manifest["parity"]["cosine"] > 0.99999

@@ -55,6 +55,19 @@ def test_entropy_is_not_dragged_down_by_a_zero_spike():
     assert methods.entropy(hist) > 4.0
 
 
+@pytest.mark.parametrize("what, values", [
+    ("far from zero", np.random.default_rng(4).uniform(5.0, 6.0, 100_000)),
+    ("post-sigmoid near 1", 1 / (1 + np.exp(-np.random.default_rng(5).normal(4.0, 1.0, 100_000)))),
+    ("signed, one-sided long tail", np.concatenate([np.random.default_rng(6).uniform(-0.375, 0.0, 20_000),
+                                                    np.random.default_rng(7).exponential(1.5, 80_000)])),
+])
+def test_entropy_never_clips_the_bulk_of_a_tensor(what, values):
+    hist = _hist(values)
+    amax = methods.entropy(hist)
+    assert hist.fraction_above(amax) <= methods.OUTLIER_SHARE + 1e-3, what
+    assert amax <= hist.abs_max
+
+
 def test_methods_differ_on_a_heavy_tail():
     values = np.random.default_rng(3).standard_t(3, 200_000)
     hist = _hist(values)

@@ -216,3 +216,19 @@ def test_reexport_replaces_the_artifact_whole(run_cli, tmp_path):
     verify_files(out, manifest)
     assert manifest["inputs"][0]["shape"] == [1, 1, 8, 8]
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]
+
+
+def test_parity_judges_an_all_but_zero_output_by_its_difference_alone():
+    """A detector's probability map on random input is ~1e-7 everywhere: its cosine is noise
+    (0.707 seen), while the difference says the export is exact."""
+    from enginekit.exporter.parity import compare_outputs
+
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0, 2e-7, (1, 1, 8, 8)).astype(np.float32)
+    candidate = np.flip(reference).copy()
+    worst_abs, worst_cos = compare_outputs([reference], [candidate], negligible=1e-3)
+    assert worst_abs < 1e-6 and worst_cos == 1.0
+    assert compare_outputs([reference], [candidate])[1] < 0.99  # without the tolerance the cosine would fail it
+    # an output with real values still needs its direction: a flipped map is caught
+    big = rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
+    assert compare_outputs([big], [np.flip(big).copy()], negligible=1e-3)[1] < 0.99

@@ -76,6 +76,8 @@ def test_accuracy_gate_failure_exits_1_and_publishes_nothing(run_cli, digits_tab
     result = run_cli("quantize", "-m", "digits_cnn", "-t", digits_tables["minmax"], "--min-accuracy", "cosine>=1.5", "-o", out)
     assert result.code == 1
     assert "accuracy gate failed" in result.error_line and "cosine=" in result.error_line
+    # where to start: the tensors that add the most error, with the SQNR they take in and give out
+    assert "the layers adding the most error: " in result.error_line and " dB)" in result.error_line
     assert_nothing_written(out)
 
 

@@ -185,6 +185,7 @@ class ArtifactBench:
             "accuracy_headline": headline(accuracy) if accuracy else "-",
             "latency_shapes": {name: list(value.shape) for name, value in self.one.items()},
             "integer_share": manifest.get("integer_share"),
+            "float_islands": (manifest.get("integer_ops") or {}).get("float_islands") or {},
             "constant_outputs": manifest.get("constant_outputs", []),
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }

@@ -120,7 +120,9 @@ def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
     twin, one that runs few compute ops in integer, a model whose FP32 outputs never change."""
     found = []
     if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
-        found.append(f"not faster than FP32 ({speedup:.2f}x)")
+        islands = entry.get("float_islands") or {}
+        where = ", ".join(f"{op} x{count}" for op, count in list(islands.items())[:4])
+        found.append(f"not faster than FP32 ({speedup:.2f}x)" + (f"; float ops between integer ones: {where}" if where else ""))
     share = entry.get("integer_share")
     if entry["precision"] == "int8" and isinstance(share, (int, float)) and share < LOW_INTEGER_SHARE:
         found.append(f"only {share:.0%} of compute ops in integer")

@@ -83,5 +83,6 @@ def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOpt
         # the calibration data makes the table, unless one is given, and bias correction runs on it either way
         material["calibration"] = ({"table": table_sha256} if table_sha256 else {"method": options.calib_method, "samples": options.num_samples})
         material["calibration"]["data"] = data_identity(options.calib_data, fp32)
-        material["quantize"] = {"encoding": encoding, **options.quantize.key(), "layer_report": options.quantize.layer_report}
+        material["quantize"] = {"encoding": encoding, "placement": target.placement, **options.quantize.key(),
+                                "layer_report": options.quantize.layer_report}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()

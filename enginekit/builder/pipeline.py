@@ -21,13 +21,13 @@ from enginekit.builder.options import BuildOptions
 from enginekit.builder.session import CellInputs, ModelSession
 from enginekit.calibration.pipeline import write_tables
 from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
-from enginekit.core.errors import EnginekitError, InputError, MissingDependencyError, naming
+from enginekit.core.errors import EnginekitError, GateError, InputError, MissingDependencyError, naming
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
 from enginekit.core.progress import report
 from enginekit.exporter.reference import Fp32Model, load_fp32
 from enginekit.onnx.graph import graph_inputs, tensor_specs
-from enginekit.quantization.report import layer_report
+from enginekit.quantization.report import costliest_layers, layer_report
 from enginekit.targets.base import Target
 from enginekit.targets.registry import get_target
 
@@ -122,7 +122,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
         return BuildResult(out, cached, cache_hit=True)
     evaluation = session.evaluation()
     with staged_artifact(out) as stage:
-        inputs = CellInputs(session, precision, encoding, stage, target_options)
+        inputs = CellInputs(session, precision, encoding, stage, target_options, target.placement)
         built = target.build(inputs)
         fields: dict[str, Any] = {}
         if precision == "int8":
@@ -132,7 +132,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                                      "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
             if options.quantize.layer_report:
-                graph, _ = session.qdq(encoding)
+                graph, _ = session.qdq(encoding, target.placement)
                 layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
                 fields["layer_report"] = LAYER_REPORT_FILE
         try:
@@ -143,7 +143,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                                   {name: axis for name, axis in session.output_axes.items() if axis is not None})
         if session.user_metric is not None:
             metrics["user"] = run_user_metric(session.user_metric, session.reference_outputs(), candidate, evaluation.labels)
-        verdict = gate(metrics, conditions, f"{fp32.name} {target.name} {precision}", precision)
+        verdict = _gate_naming_layers(inputs, target, metrics, conditions, evaluation)
         manifest = write_manifest(stage, {
             "model": fp32.name, "target": target.name, "precision": precision, "build_key": key,
             "source": {"model": fp32.origin, "fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
@@ -158,6 +158,26 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             "machine": machine_info(),
         })
     return BuildResult(out, manifest)
+
+
+def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, Any], conditions: list[Condition],
+                        evaluation: Any) -> dict[str, object]:
+    """The gate; an INT8 cell below it also names the layers that add the most error (from the
+    per-layer report on one evaluation batch), where the accuracy work has to start."""
+    session, precision = inputs.session, inputs.precision
+    what = f"{session.fp32.name} {target.name} {precision}"
+    try:
+        return gate(metrics, conditions, what, precision)
+    except GateError as exc:
+        if precision != "int8" or inputs.qdq_details is None:  # no Q/DQ graph behind this artifact
+            raise
+        graph, _ = session.qdq(inputs.encoding, inputs.placement)
+        rows = layer_report(session.fp32, graph, session.table(), evaluation.batches[:1], None, session.options.threads)
+        names = costliest_layers(rows)
+        if not names:
+            raise
+        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+        raise GateError(f"{message}; the layers adding the most error: {names}", exc.path, exc.option) from None
 
 
 @dataclass

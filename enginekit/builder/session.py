@@ -86,13 +86,13 @@ class ModelSession:
         source = open_data(self.options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
         return next(iter(stream(source, self.fp32.inputs, count, count)[0]))
 
-    def qdq(self, encoding: str) -> tuple[QdqGraph, dict[str, Any]]:
-        """The Q/DQ graph in `encoding` (bias-corrected once per encoding), as a private copy."""
+    def qdq(self, encoding: str, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
+        """The Q/DQ graph in `encoding` and `placement` (bias-corrected once per pair), as a private copy."""
         settings = self.options.quantize
-        key = json.dumps([encoding, settings.key()], sort_keys=True)
+        key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
             batches = self.calibration_batches() if settings.bias_correction else ()
-            self._qdq[key] = build_qdq(self.fp32, self.table(), settings, encoding, batches, self.options.threads)
+            self._qdq[key] = build_qdq(self.fp32, self.table(), settings, encoding, batches, self.options.threads, placement)
         graph, details = self._qdq[key]
         return copy.deepcopy(graph), copy.deepcopy(details)
 
@@ -138,9 +138,11 @@ class ModelSession:
 class CellInputs:
     """What one target's build sees (the BuildInputs contract) for one precision."""
 
-    def __init__(self, session: ModelSession, precision: str, encoding: str, stage: Path, options: dict[str, Any]):
+    def __init__(self, session: ModelSession, precision: str, encoding: str, stage: Path, options: dict[str, Any],
+                 placement: str = "inputs"):
         self.session, self.fp32 = session, session.fp32
         self.precision, self.encoding, self.stage, self.options = precision, encoding, stage, options
+        self.placement = placement
         self.threads = session.options.threads
         self.bias_correction = session.options.quantize.bias_correction
         self.notes: list[str] = []
@@ -150,7 +152,7 @@ class CellInputs:
         return self.session.table()
 
     def qdq(self, encoding: str) -> QdqGraph:
-        graph, self.qdq_details = self.session.qdq(encoding)
+        graph, self.qdq_details = self.session.qdq(encoding, self.placement)
         return graph
 
     def calibration_feeds(self, count: int) -> Feeds:

@@ -8,6 +8,10 @@ one tensor. All read the same histogram, so computing every method costs one dat
   and expanded back to Q; the threshold of least KL(P || Q) wins. Exact zeros are left out of P
   (they quantize exactly), which keeps the ReLU spike at 0 from dragging the threshold down.
   Levels: 128 for signed tensors (int8 grid), 256 for non-negative ones (uint8 grid).
+  Candidates that would clip more than OUTLIER_SHARE of the non-zero values are not considered:
+  the method exists to saturate outliers, and on a tensor whose values sit far from zero
+  (all in [5, 6], post-sigmoid maps near 1) the folded distribution of a tiny threshold is one
+  spike that Q reproduces exactly (KL 0), so unguarded it clipped 99.8-100 % of such tensors.
 - mse: the threshold minimising the expected squared error of clipping plus rounding.
 """
 
@@ -21,6 +25,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 SIGNED_LEVELS = 128
 UNSIGNED_LEVELS = 256
+OUTLIER_SHARE = 0.01  # entropy never clips more than this share of the non-zero values
 
 
 def levels_for(hist: TensorHistogram) -> int:
@@ -57,8 +62,12 @@ def entropy(hist: TensorHistogram, levels: int | None = None) -> float:
     if last <= levels:
         return hist.abs_max
     suffix = np.cumsum(counts[::-1])[::-1]  # suffix[i] = mass of bins i..end
+    clips_bulk = np.flatnonzero(suffix > OUTLIER_SHARE * counts.sum())  # thresholds at bin i clip suffix[i]
+    first = max(levels, int(clips_bulk[-1]) + 1 if clips_bulk.size else levels)
+    if first >= last:
+        return hist.abs_max
     best_i, best_kl = last, np.inf
-    for i in range(levels, last + 1):
+    for i in range(first, last + 1):
         p = counts[:i].copy()
         if i < hist.bins:
             p[i - 1] += suffix[i]

@@ -69,8 +69,9 @@ def calibrate(
 
 def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> list[str]:
     """What the table covers: the tensors the Q/DQ graph quantizes, then every other float
-    activation (op outputs and graph outputs). Full-integer targets (TFLite) quantize every op
-    output, and they must get the user's method for those too, not a converter's own min-max."""
+    activation (graph inputs, op outputs and graph outputs). Full-integer targets (TFLite)
+    quantize every tensor, and they must get the user's method for those too, not a converter's
+    own min-max."""
     from onnx import TensorProto
 
     if not model.graph.value_info:  # a file that never went through export: infer the types first
@@ -81,6 +82,10 @@ def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> lis
                     if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     tensors = list(quantized)
     seen = set(tensors)
+    for value in model.graph.input:
+        if value.name not in constants and value.name not in seen and value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            tensors.append(value.name)
+            seen.add(value.name)
     for node in model.graph.node:
         if node.op_type == "Constant" or all(not name or name in constants for name in node.input):
             constants.update(node.output)

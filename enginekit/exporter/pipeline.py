@@ -110,6 +110,7 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
         notes.append(f"upgraded from opset {own} to {MIN_OPSET} with ONNX's version converter (per-channel "
                      "quantization needs opset 13, the graph optimizer's rewrites 14); parity checked against the original file")
     _apply_input_specs(proto, source)
+    _fold_single_valued_inputs(proto, source, notes)
     if options.dynamic_batch and not _batch_is_dynamic(source):
         if onnx_graph.make_batch_dynamic(proto):
             fixed_inputs = source.inputs
@@ -123,9 +124,37 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
             proto = onnx.ModelProto()
             proto.CopyFrom(source.onnx_model)
             _apply_input_specs(proto, source)
+            _fold_single_valued_inputs(proto, source, [])
         else:
             notes.append("the batch dim stays fixed: inputs and outputs do not share one leading dim")
     return onnx_graph.finalize(proto, origin)
+
+
+def _fold_single_valued_inputs(proto: onnx.ModelProto, source: Source, notes: list[str]) -> None:
+    """An input declared to take one value (`sr=scalar:int64:16000..16000`) is computed as that
+    constant, so what depends on it folds: silero-vad's `If` on the sample rate becomes the
+    taken branch, and its convolutions become quantizable. The input stays in the signature
+    (callers still feed it); the manifest notes it."""
+    from onnx import numpy_helper
+
+    for spec in source.inputs:
+        if spec.range is None or spec.range[0] != spec.range[1] or not all(isinstance(d, int) for d in spec.shape):
+            continue
+        constant = f"{spec.name}__declared_value"
+        value = np.full(spec.shape, spec.range[0], dtype=np.dtype(spec.dtype))
+        proto.graph.initializer.append(numpy_helper.from_array(value, constant))
+        _replace_reads(proto.graph, spec.name, constant)
+        notes.append(f"input '{spec.name}' was declared to take only the value {spec.range[0]:g}: the graph computes with "
+                     "that constant (branches on it fold away); the input is still accepted")
+
+
+def _replace_reads(graph: onnx.GraphProto, name: str, replacement: str) -> None:
+    """Every read of `name` in `graph` and its subgraphs (If/Loop bodies) reads `replacement`."""
+    for node in graph.node:
+        node.input[:] = [replacement if value == name else value for value in node.input]
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                _replace_reads(subgraph, name, replacement)
 
 
 def _apply_input_specs(proto: onnx.ModelProto, source: Source) -> None:

@@ -57,6 +57,22 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         return _linear_passes(model)
 
 
+def _fuse_hard_swish(model: onnx.ModelProto) -> onnx.ModelProto:
+    """x * clip(x + 3, 0, 6) / 6 (four float ops, as PaddlePaddle and older exporters write it)
+    -> one HardSwish (opset 14): one float island between integer kernels instead of four, and
+    one fused kernel in OpenVINO and TFLite. After ONNX Runtime's folding, which would expand it
+    again (it inlines HardSwish as HardSigmoid x Mul)."""
+    if opset_of(model) < 14 or sum(1 for _ in model.graph.node) > REWRITE_NODE_LIMIT:
+        return model
+    try:
+        from onnxscript import rewriter
+    except ImportError:
+        return model
+    from onnxscript.rewriter.rules.common import fuse_hardswish_rules
+
+    return rewriter.rewrite(model, pattern_rewrite_rules=fuse_hardswish_rules())
+
+
 def _linear_passes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The optimizer without its pattern rewriter, for graphs too large for it."""
     import onnx_ir as ir
@@ -78,9 +94,43 @@ def _linear_passes(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.serde.serialize_model(ir_model)
 
 
+FOLD_BYTE_LIMIT = 1 << 30  # larger graphs are kept as they are (the folded copy would be written whole)
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's basic graph optimizations, saved as plain ONNX: BatchNormalization and
+    constant Mul/Add folded into the Conv before them, Transpose pairs cancelled, constant
+    subgraphs and no-ops removed. Quantization needs this: a Conv followed by an unfolded
+    BatchNormalization cannot be an integer kernel on any target (the Q/DQ weight sits before the
+    BN), and a Transpose between Conv and Q blocks the fusion. The result is kept only if every
+    node is still a standard ONNX op; the parity check covers the folded graph like any export."""
+    if model.ByteSize() > FOLD_BYTE_LIMIT:
+        return model
+    from enginekit.core.artifacts import scratch_dir
+    from enginekit.core.loaders import load_onnx
+    from enginekit.onnx.session import Session
+
+    with scratch_dir("fold") as tmp:
+        path = f"{tmp}/folded.onnx"
+        try:
+            Session(model, optimized_model_path=path, basic_optimizations_only=True)
+            folded = load_onnx(path)
+        except Exception:  # a graph ONNX Runtime cannot load: the checker and parity check say why
+            return model
+    own_domains = {node.domain for node in model.graph.node}
+    if any(node.domain not in STANDARD_DOMAINS and node.domain not in own_domains for node in folded.graph.node):
+        return model
+    del folded.opset_import[:]  # ONNX Runtime lists every domain it knows; keep the model's own
+    folded.opset_import.extend(model.opset_import)
+    del folded.graph.value_info[:]  # inferred again with the model's own dims
+    return folded
+
+
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
-    """Simplify, infer shapes and run the full checker: every exported graph goes through this."""
-    model = simplify(model)
+    """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
+    graph goes through this."""
+    model = _fuse_hard_swish(fold_into_compute(simplify(model)))
     model = infer_shapes(model, origin)
     check(model, origin)
     return model

@@ -43,7 +43,8 @@ class Session:
     one process (reference and candidate of an accuracy check) then do not slow each other."""
 
     def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None,
-                 optimized_model_path: str | Path | None = None, memory_arena: bool = True, spinning: bool = True):
+                 optimized_model_path: str | Path | None = None, memory_arena: bool = True, spinning: bool = True,
+                 basic_optimizations_only: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -56,6 +57,8 @@ class Session:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if optimized_model_path is not None:
             options.optimized_model_filepath = str(optimized_model_path)
+        if basic_optimizations_only:  # semantics-preserving rewrites into standard ONNX ops only
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         data = model_bytes(model)
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])

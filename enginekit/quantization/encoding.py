@@ -7,6 +7,13 @@ The same CalibrationTable serves every target; only the encoding differs:
   (scale amax/127), i.e. the same grid as "int8" shifted.
 - "mixed" (OpenVINO): non-negative tensors uint8 zero point 0 (scale amax/255), signed tensors
   int8 zero point 0 (scale amax/127); measured here to run as fast as NNCF's own INT8.
+In "uint8" and "mixed", a signed tensor whose range is one-sided (a detector's pre-sigmoid logits,
+hard-swish outputs in [-0.375, 6]: most of [-amax, amax] is never used) is encoded asymmetric
+uint8 instead: the method's [-amax, amax] cut to what calibration saw ([min, max]) and widened to
+hold 0. Clipping is the same either way, and the step shrinks; this is done where it saves at
+least half a bit of step (asymmetric step <= symmetric step / sqrt 2), so near-symmetric tensors
+keep the symmetric grid. Both targets run any u8 zero point at the same speed (measured on
+PP-OCR det: OpenVINO 2.3x FP32 either way).
 Weights are always symmetric int8 per output channel (scale max|w|/127, zero point 0).
 """
 
@@ -23,6 +30,7 @@ from enginekit.calibration.table import TensorRange
 ENCODINGS = ("int8", "uint8", "mixed")
 TARGET_ENCODING = {"tensorrt": "int8", "onnxruntime": "uint8", "openvino": "mixed", "tflite": "mixed"}
 _TINY = 1e-12
+ONE_SIDED_STEP_RATIO = 2 ** -0.5  # asymmetric where its step is at most this share of the symmetric one (half a bit)
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,22 @@ def activation_qparams(name: str, rng: TensorRange, encoding: str) -> QParams:
         return QParams(np.float32(amax / 127.0).item(), 0, TensorProto.INT8)
     if non_negative:
         return QParams(np.float32(amax / 255.0).item(), 0, TensorProto.UINT8)
+    asymmetric = _asymmetric_uint8(rng, amax)
+    if asymmetric.scale <= ONE_SIDED_STEP_RATIO * amax / 127.0:
+        return asymmetric
     if encoding == "uint8":
         return QParams(np.float32(amax / 127.0).item(), 128, TensorProto.UINT8)
     return QParams(np.float32(amax / 127.0).item(), 0, TensorProto.INT8)
+
+
+def _asymmetric_uint8(rng: TensorRange, amax: float) -> QParams:
+    low = min(max(rng.min, -amax), 0.0)
+    high = max(min(rng.max, amax), 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)) or high - low <= _TINY:
+        low, high = -amax, amax
+    scale = np.float32((high - low) / 255.0).item()
+    zero_point = int(np.clip(np.round(-low / scale), 0, 255))
+    return QParams(scale, zero_point, TensorProto.UINT8)
 
 
 def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:

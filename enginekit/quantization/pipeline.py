@@ -37,25 +37,26 @@ class QuantizeSettings:
                 "keep_first_last_float": self.keep_first_last_float}
 
 
-def plan_for(fp32: Fp32Model, settings: QuantizeSettings) -> tuple[QuantPlan, list[str]]:
-    """Where Q/DQ pairs go under `settings`, and the op types after which compute stays float."""
+def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> tuple[QuantPlan, list[str]]:
+    """Where Q/DQ pairs go under `settings` and the target's `placement`, and the op types after
+    which compute stays float."""
     after = settings.exclude_after
     if after is None:
         after = fp32.spec.keep_float_after if fp32.spec else ()
-    plan = plan_quantization(fp32.proto, settings.exclude_nodes, settings.exclude_ops, settings.keep_first_last_float, after)
+    plan = plan_quantization(fp32.proto, settings.exclude_nodes, settings.exclude_ops, settings.keep_first_last_float, after, placement)
     if not plan.nodes:
         raise InputError("nothing is left to quantize after the exclusions", fp32.origin)
     return plan, list(after)
 
 
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
-              batches: Sequence[Feeds] = (), threads: int | None = None) -> tuple[QdqGraph, dict[str, Any]]:
+              batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
     calibration data). Returns the graph and what the manifest records of it."""
     table.check_model(fp32.sha256, fp32.origin)
-    plan, after = plan_for(fp32, settings)
+    plan, after = plan_for(fp32, settings, placement)
     qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel)
-    details: dict[str, Any] = {"encoding": encoding, "per_channel_weights": settings.per_channel,
+    details: dict[str, Any] = {"encoding": encoding, "placement": placement, "per_channel_weights": settings.per_channel,
                                "quantized_nodes": len(plan.nodes), "quantized_tensors": len(plan.activations),
                                "quantized_weights": len(plan.weights), "exclude_nodes": list(settings.exclude_nodes),
                                "exclude_ops": list(settings.exclude_ops), "exclude_after": after,

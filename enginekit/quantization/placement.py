@@ -6,6 +6,17 @@ output feeds a compute op). A tensor gets one Q/DQ pair when any quantized node 
 activation; weights (initializers of Conv/Gemm/MatMul) are quantized per output channel. Ops
 that only move data (MaxPool, Reshape, Flatten, Transpose...) reuse their input's scale so
 targets can run them on integers without requantizing.
+
+Two placements, chosen by the target:
+- "inputs": Q/DQ only where a quantized node reads a tensor; float readers keep the float tensor.
+  OpenVINO and TensorRT fuse the requantization into the producer themselves.
+- "outputs": also a Q/DQ pair on the output of every quantized Conv, Add and average pooling
+  (after a Relu/Clip that is its only reader), read by all its readers. ONNX Runtime fuses
+  DQ -> Conv -> Q into QLinearConv (likewise QLinearAdd, QLinearAveragePool) only when the node's
+  output is quantized; with inputs only, a Conv feeding an Add, PReLU or HardSwish runs as float
+  behind a DequantizeLinear and the INT8 model is slower than FP32. MatMul and Gemm have integer
+  kernels with float output (MatMulIntegerToFloat, QGemm), so their outputs stay float and lose
+  nothing. Graph outputs stay float.
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ import onnx
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
 POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"}
 SAME_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+PLACEMENTS = ("inputs", "outputs")
+INTEGER_OUTPUT_OPS = {"Conv", "Add", "AveragePool", "GlobalAveragePool"}  # "outputs" placement: integer only with a quantized output
+_FUSED_ACTIVATIONS = {"Relu", "Clip"}  # integer kernels clamp to the output range: these vanish behind a Q
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,10 @@ class QuantPlan:
     weights: list[WeightSpec] = field(default_factory=list)
     same_scale: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose scale it reuses
     consumers: dict[str, list[str]] = field(default_factory=dict)  # tensor -> quantized nodes reading it
+    outputs: set[str] = field(default_factory=set)  # quantized at the producer: every reader reads the DQ
+
+    def read_quantized(self, tensor: str, node: str) -> bool:
+        return tensor in self.outputs or node in self.consumers.get(tensor, ())
 
 
 def ensure_node_names(model: onnx.ModelProto) -> None:
@@ -51,9 +69,13 @@ def plan_quantization(
     exclude_ops: Iterable[str] = (),
     keep_first_last_float: bool = False,
     exclude_after: Iterable[str] = (),
+    placement: str = "inputs",
 ) -> QuantPlan:
     """`exclude_after` keeps in float every compute op that reads the output of one of these op
-    types (e.g. "Gelu": the FFN down-projection of a transformer, whose input has outliers)."""
+    types (e.g. "Gelu": the FFN down-projection of a transformer, whose input has outliers).
+    `placement`: "inputs" or "outputs" (see the module's docstring)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
     ensure_node_names(model)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -68,8 +90,8 @@ def plan_quantization(
         excluded_names |= {compute[0].name, compute[-1].name}
     after = set(exclude_after)
     if after:
-        producers_of = {o: n.op_type for n in graph.node for o in n.output}
-        excluded_names |= {n.name for n in compute if producers_of.get(n.input[0]) in after}
+        producers = {o: n for n in graph.node for o in n.output}
+        excluded_names |= {n.name for n in compute if _source_op(n.input[0], producers) in after}
 
     def allowed(node: onnx.NodeProto) -> bool:
         return node.name not in excluded_names and node.op_type not in excluded_ops
@@ -107,12 +129,43 @@ def plan_quantization(
             plan.consumers.setdefault(tensor, []).append(node.name)
             if tensor not in plan.activations:
                 plan.activations.append(tensor)
+    if placement == "outputs":
+        _quantize_outputs(plan, graph, readers)
     producers = {o: n for n in graph.node for o in n.output}
     for tensor in plan.activations:
         producer = producers.get(tensor)
         if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.input[0] in plan.activations:
             plan.same_scale[tensor] = producer.input[0]
     return plan
+
+
+def _source_op(tensor: str, producers: dict[str, onnx.NodeProto]) -> str | None:
+    """The op type that computed `tensor`, looking through ops that only move data (a Softmax
+    whose output is reshaped before the attention MatMul is still the Softmax)."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in SAME_SCALE_OPS and node.input:
+        node = producers.get(node.input[0])
+    return node.op_type if node is not None else None
+
+
+def _quantize_outputs(plan: QuantPlan, graph: onnx.GraphProto, readers: dict[str, list[onnx.NodeProto]]) -> None:
+    """A Q/DQ pair on the output of each quantized node of INTEGER_OUTPUT_OPS (after a Relu/Clip
+    that is its only reader), unless it is a graph output."""
+    graph_outputs = {o.name for o in graph.output}
+    by_name = {n.name: n for n in graph.node}
+    for name in list(plan.nodes):
+        node = by_name[name]
+        if node.op_type not in INTEGER_OUTPUT_OPS:
+            continue
+        tensor = node.output[0]
+        following = readers.get(tensor, [])
+        if len(following) == 1 and following[0].op_type in _FUSED_ACTIVATIONS and tensor not in graph_outputs:
+            tensor = following[0].output[0]
+        if tensor in graph_outputs or not readers.get(tensor):
+            continue
+        plan.outputs.add(tensor)
+        if tensor not in plan.activations:
+            plan.activations.append(tensor)
 
 
 def _channel_axis(node: onnx.NodeProto, weight: str, tensor: onnx.TensorProto) -> int:

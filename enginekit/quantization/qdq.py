@@ -80,7 +80,7 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
             nodes += qdq_nodes(value.name)
     for node in graph.node:
         nodes += weight_nodes.get(node.name, [])
-        if node.name in quantized_nodes:
+        if node.name in quantized_nodes or any(name in plan.outputs for name in node.input):
             node.input[:] = [name + DQ_SUFFIX if name in rewired and _reads_quantized(node, name, plan) else name for name in node.input]
         nodes.append(node)
         for output in node.output:
@@ -96,7 +96,7 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
 
 
 def _reads_quantized(node: onnx.NodeProto, name: str, plan: QuantPlan) -> bool:
-    return node.name in plan.consumers.get(name, ()) or any(w.tensor == name and w.node == node.name for w in plan.weights)
+    return plan.read_quantized(name, node.name) or any(w.tensor == name and w.node == node.name for w in plan.weights)
 
 
 def biased_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -124,6 +124,7 @@ class Target:
     precisions: ClassVar[tuple[str, ...]]
     encoding: ClassVar[str] = "int8"  # the Q/DQ encoding its INT8 artifacts are made from
     encodings: ClassVar[tuple[str, ...]] = ()  # encodings a user may ask for instead (default: only `encoding`)
+    placement: ClassVar[str] = "inputs"  # where its Q/DQ graph quantizes: "inputs" or also "outputs" (quantization.placement)
     aliases: ClassVar[tuple[str, ...]] = ()  # other names artifacts of this target carry in manifests
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 

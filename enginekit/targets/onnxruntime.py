@@ -52,12 +52,25 @@ def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
     with scratch_dir("ort") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         Session(path, optimized_model_path=optimized)
-        ops = Counter(node.op_type for node in load_onnx(optimized).graph.node)
+        nodes = list(load_onnx(optimized).graph.node)
+    ops = Counter(node.op_type for node in nodes)
     compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
     integer = sum(count for op, count in ops.items() if op in INTEGER_OPS)
     floating = sum(count for op, count in ops.items() if op in FLOAT_COMPUTE_OPS)
     return {"compute_ops": compute, "integer_compute_ops": integer, "float_compute_ops": floating,
-            "integer_share": integer / compute if compute else 0.0, "optimized_op_types": dict(sorted(ops.items()))}
+            "integer_share": integer / compute if compute else 0.0, "optimized_op_types": dict(sorted(ops.items())),
+            "float_islands": float_islands(nodes)}
+
+
+def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
+    """Op types that run in float on dequantized integers (what an INT8 model that is not faster
+    than FP32 spends its time on, besides the DequantizeLinear/QuantizeLinear around them)."""
+    from collections import Counter
+
+    dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    islands = Counter(n.op_type for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                      and n.op_type not in INTEGER_OPS and any(i in dequantized for i in n.input))
+    return dict(islands.most_common())
 
 
 class OnnxRuntimeTarget(Target):
@@ -65,6 +78,7 @@ class OnnxRuntimeTarget(Target):
     precisions = ("fp32", "int8")
     encoding = "uint8"
     encodings = ("uint8", "int8", "mixed")  # ORT runs every encoding; uint8 is its fastest on x86
+    placement = "outputs"  # ORT fuses QLinearConv/QLinearAdd/... only where the node's output is quantized too
     aliases = ("onnx",)  # export artifacts are plain ONNX, opened the same way
 
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def _window_args(node: onnx.NodeProto, attrs: dict[str, Any], x: Any, kernel: tu
     (ONNX may put the odd pixel where TF's SAME does not)."""
     if len(kernel) != 2:
         raise InputError(f"node {node.name} ({node.op_type}): only 2-D windows are supported by the tflite target")
-    if attrs.get("ceil_mode", 0):
+    if attrs.get("ceil_mode", 0) and node.op_type != "MaxPool":
         raise InputError(f"node {node.name} ({node.op_type}): ceil_mode=1 is not supported by the tflite target")
     strides = tuple(attrs.get("strides", (1, 1)))
     dilations = tuple(attrs.get("dilations", (1, 1)))
@@ -155,12 +155,32 @@ def _pool(node, args, attrs):
     if node.op_type == "MaxPool":
         if len(node.output) > 1 and node.output[1]:
             raise InputError(f"node {node.name} (MaxPool): the indices output is not supported by the tflite target")
+        if attrs.get("ceil_mode", 0):
+            padding, explicit = "VALID", _ceil_mode_pads(node, x, kernel, attrs)
         y = tf.nn.max_pool2d(_pad(x, explicit, -3.4e38), kernel, strides, padding)
     else:
         if explicit is not None or (padding == "SAME" and attrs.get("count_include_pad", 0)):
             raise InputError(f"node {node.name} (AveragePool): this padding is not supported by the tflite target")
         y = tf.nn.avg_pool2d(x, kernel, strides, padding)
     return [Value(y, nhwc=True)]
+
+
+def _ceil_mode_pads(node, x: Any, kernel: tuple[int, ...], attrs: dict[str, Any]) -> list[int]:
+    """Explicit [top, bottom, left, right] pads that make a VALID max pool produce ONNX's
+    ceil_mode output size: the partial last window is padded with -inf at the bottom/right (a
+    window that would start beyond the input and its left padding is dropped, as ONNX does)."""
+    if _text(attrs.get("auto_pad", b"NOTSET")) != "NOTSET" or None in x.shape[1:3]:
+        raise InputError(f"node {node.name} (MaxPool): ceil_mode=1 needs explicit pads and static spatial dims for the tflite target")
+    top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
+    strides = list(attrs.get("strides", (1, 1)))
+    extra = []
+    for size, k, s, before, after in zip(x.shape[1:3], kernel, strides, (top, left), (bottom, right)):
+        padded = size + before + after
+        out = -(-(padded - k) // s) + 1
+        if (out - 1) * s >= size + before:
+            out -= 1
+        extra.append(max((out - 1) * s + k - padded, 0))
+    return [top, bottom + extra[0], left, right + extra[1]]
 
 
 def _global_pool(node, args, attrs):
@@ -250,7 +270,9 @@ def _hard_swish(x, attrs):
 def _hard_sigmoid(x, attrs):
     tf = _tf()
     alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
-    return tf.clip_by_value(x * alpha + beta, 0.0, 1.0)
+    # relu6 of six times the line, over 6: RELU6 and MUL have int8 kernels (the MINIMUM that
+    # clip_by_value becomes stays float under the quantizer)
+    return tf.nn.relu6(x * np.float32(6 * alpha) + np.float32(6 * beta)) * np.float32(1 / 6)
 
 
 def _gemm(node, args, attrs):
@@ -276,8 +298,15 @@ def _matmul(node, args, attrs):
 
 def _reshape(node, args, attrs):
     tf = _tf()
-    shape = _constant(args[1], node, "the target shape").astype(np.int64).tolist()
     x = args[0]
+    if not args[1].const:  # a shape computed from Shape/Slice/Concat at run time (a dynamic batch)
+        if attrs.get("allowzero", 0):
+            raise InputError(f"node {node.name} (Reshape): a computed shape with allowzero=1 is not supported by the tflite target")
+        source = nchw(x)
+        target = tf.cast(args[1].data, "int32")
+        target = tf.where(tf.equal(target, 0), tf.shape(source, out_type="int32")[: tf.size(target)], target)  # 0 copies the input's dim
+        return [Value(tf.reshape(source, target))]
+    shape = _constant(args[1], node, "the target shape").astype(np.int64).tolist()
     if 0 in shape and attrs.get("allowzero", 0):
         raise InputError(f"node {node.name} (Reshape): a zero-sized dim is not supported by the tflite target")
     if x.const:
@@ -293,11 +322,12 @@ def _reshape(node, args, attrs):
 
 def _flatten(node, args, attrs):
     tf = _tf()
-    axis = attrs.get("axis", 1)
     x = nchw(args[0])
-    if axis != 1:
-        raise InputError(f"node {node.name} (Flatten): only axis=1 is supported by the tflite target")
-    return [Value(tf.reshape(x, [-1, int(np.prod(x.shape[1:]))]))]
+    axis = attrs.get("axis", 1) % max(len(x.shape), 1)
+    inner = x.shape[axis:]
+    if None in inner:
+        raise InputError(f"node {node.name} (Flatten): dynamic dims after axis {axis} are not supported by the tflite target")
+    return [Value(tf.reshape(x, [-1, int(np.prod(inner))]))]
 
 
 def _transpose(node, args, attrs):
@@ -338,6 +368,168 @@ def _constant_node(node, args, attrs):
     return [Value(numpy_helper.to_array(attrs["value"]))]
 
 
+def _prelu(node, args, attrs):
+    """relu(x) - slope * relu(-x), the negation as a multiply by -1: every kernel has an int8
+    version (TFLite's NEG and MINIMUM stay float under the quantizer)."""
+    tf = _tf()
+    x, slope, layout = _same_layout(args[0], args[1])
+    return [Value(tf.nn.relu(x) - slope * tf.nn.relu(x * np.float32(-1.0)), nhwc=layout)]
+
+
+def _axes(node, args, attrs, index: int = 1) -> list[int] | None:
+    """An op's axes: the attribute (old opsets) or the constant input at `index` (newer ones)."""
+    if "axes" in attrs:
+        return list(attrs["axes"])
+    if len(args) > index and args[index] is not None:
+        return _constant(args[index], node, "the axes").astype(np.int64).reshape(-1).tolist()
+    return None
+
+
+def _pad_op(node, args, attrs):
+    tf = _tf()
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    x = args[0]
+    pads = list(attrs["pads"]) if "pads" in attrs else _constant(args[1], node, "the pads").astype(np.int64).tolist()
+    value = float(_constant(args[2], node, "the pad value").reshape(())) if len(args) > 2 and args[2] is not None else float(attrs.get("value", 0.0))
+    rank = x.rank
+    axes = _axes(node, args, {}, 3) or list(range(rank))
+    if min(pads) < 0 or mode not in ("constant", "reflect"):
+        raise InputError(f"node {node.name} (Pad): {mode} padding{' with negative pads' if min(pads) < 0 else ''} is not supported by the tflite target")
+    paddings = [[0, 0] for _ in range(rank)]
+    for axis, before, after in zip(axes, pads[: len(axes)], pads[len(axes):]):
+        paddings[NHWC_AXIS[axis % rank] if x.nhwc else axis % rank] = [before, after]
+    if x.const:
+        return [Value(np.pad(x.data, paddings, mode="constant" if mode == "constant" else "reflect", **({"constant_values": value} if mode == "constant" else {})))]
+    y = tf.pad(x.data, paddings, constant_values=value) if mode == "constant" else tf.pad(x.data, paddings, mode="REFLECT")
+    return [Value(y, nhwc=x.nhwc)]
+
+
+def _squeeze(node, args, attrs):
+    tf = _tf()
+    x = args[0]
+    axes = _axes(node, args, attrs)
+    if x.const:
+        return [Value(np.squeeze(x.data, axis=None if axes is None else tuple(axes)))]
+    if x.nhwc and axes is not None and sorted(a % 4 for a in axes) == [2, 3]:  # [N,1,1,C] -> [N,C] needs no transpose
+        return [Value(tf.squeeze(x.data, axis=[1, 2]))]
+    return [Value(tf.squeeze(nchw(x), axis=axes))]
+
+
+def _unsqueeze(node, args, attrs):
+    tf = _tf()
+    x = args[0]
+    axes = _axes(node, args, attrs)
+    rank = x.rank + len(axes)
+    data = x.data if x.const else nchw(x)
+    for axis in sorted(a % rank for a in axes):
+        data = np.expand_dims(data, axis) if x.const else tf.expand_dims(data, axis)
+    return [Value(data)]
+
+
+def _slice(node, args, attrs):
+    x = args[0]
+    starts, ends = (_constant(args[i], node, "starts/ends").astype(np.int64).tolist() for i in (1, 2))
+    axes = _axes(node, args, {}, 3) or list(range(len(starts)))
+    steps = _constant(args[4], node, "the steps").astype(np.int64).tolist() if len(args) > 4 and args[4] is not None else [1] * len(starts)
+    rank = x.rank
+    index = [slice(None)] * rank
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        limit = 2**31 - 1
+        index[axis % rank] = slice(max(min(start, limit), -limit), max(min(end, limit), -limit - 1) if step < 0 else min(end, limit), step)
+    data = x.data if x.const else nchw(x)
+    return [Value(data[tuple(index)])]
+
+
+_ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 2: "uint8", 3: "int8"}
+
+
+def _cast(node, args, attrs):
+    x = args[0]
+    dtype = _ONNX_DTYPES.get(attrs["to"])
+    if dtype is None:
+        raise InputError(f"node {node.name} (Cast): casting to ONNX type {attrs['to']} is not supported by the tflite target")
+    if x.const:
+        return [Value(x.data.astype(dtype))]
+    return [Value(_tf().cast(x.data, dtype), nhwc=x.nhwc)]
+
+
+def _shape(node, args, attrs):
+    x = args[0]
+    data = x.data if x.const else nchw(x)
+    if x.const or None not in data.shape:
+        return [Value(np.array(list(data.shape), np.int64))]
+    return [Value(_tf().cast(_tf().shape(data), "int64"))]
+
+
+def _gather(node, args, attrs):
+    tf = _tf()
+    data, indices = args[0], args[1]
+    axis = attrs.get("axis", 0)
+    if data.const and indices.const:
+        return [Value(np.take(data.data, indices.data, axis=axis))]
+    source = data.data if data.const else nchw(data)
+    return [Value(tf.gather(source, indices.data, axis=axis))]
+
+
+def _resize(node, args, attrs):
+    """Nearest (asymmetric + floor, or half-pixel) and bilinear (half-pixel, align-corners,
+    asymmetric) upsampling on NHWC, by constant scales or sizes."""
+    tf = _tf()
+    mode = _text(attrs.get("mode", b"nearest"))
+    transform = _text(attrs.get("coordinate_transformation_mode", b"half_pixel"))
+    nearest_mode = _text(attrs.get("nearest_mode", b"round_prefer_floor"))
+    x = nhwc(args[0])
+    scales = args[2].data if len(args) > 2 and args[2] is not None and args[2].const and args[2].data.size else None
+    sizes = args[3].data if len(args) > 3 and args[3] is not None and args[3].const and args[3].data.size else None
+    if sizes is not None:
+        size = [int(sizes[2]), int(sizes[3])]
+    elif scales is not None and list(scales[:2]) == [1.0, 1.0]:
+        spatial = tf.shape(x)[1:3] if None in x.shape[1:3] else np.array(x.shape[1:3])
+        size = tf.cast(tf.floor(tf.cast(spatial, "float32") * np.asarray(scales[2:], np.float32)), "int32") if not isinstance(spatial, np.ndarray) \
+            else [int(np.floor(d * s)) for d, s in zip(spatial, scales[2:])]
+    else:
+        raise InputError(f"node {node.name} (Resize): only constant spatial scales or sizes are supported by the tflite target")
+    v1 = tf.compat.v1.image
+    if mode == "nearest" and transform == "asymmetric" and nearest_mode == "floor":
+        y = v1.resize_nearest_neighbor(x, size, align_corners=False, half_pixel_centers=False)
+    elif mode == "nearest" and transform in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn") and nearest_mode in ("round_prefer_ceil", "floor"):
+        y = v1.resize_nearest_neighbor(x, size, align_corners=False, half_pixel_centers=True)
+    elif mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
+        y = v1.resize_bilinear(x, size, align_corners=transform == "align_corners", half_pixel_centers=transform.endswith("half_pixel"))
+    else:
+        raise InputError(f"node {node.name} (Resize): mode {mode} with {transform}/{nearest_mode} is not supported by the tflite target")
+    return [Value(y, nhwc=True)]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _conv_transpose(node, args, attrs):
+    tf = _tf()
+    x = nhwc(args[0])
+    weight = _constant(args[1], node, "the weight")
+    if weight.ndim != 4 or attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", (1, 1))) or "output_shape" in attrs:
+        raise InputError(f"node {node.name} (ConvTranspose): only 2-D, ungrouped, undilated transposed convolutions "
+                         "without output_shape are supported by the tflite target")
+    if _text(attrs.get("auto_pad", b"NOTSET")) not in ("NOTSET", "VALID"):
+        raise InputError(f"node {node.name} (ConvTranspose): auto_pad SAME is not supported by the tflite target")
+    kernel = weight.shape[2:]
+    strides = list(attrs.get("strides", (1, 1)))
+    top, left, bottom, right = list(attrs.get("pads", (0, 0, 0, 0)))
+    extra = list(attrs.get("output_padding", (0, 0)))
+    shape = tf.shape(x)
+    full = [(shape[1 + i] - 1) * strides[i] + kernel[i] for i in range(2)]
+    output_shape = tf.stack([shape[0], full[0], full[1], weight.shape[1]])
+    y = tf.nn.conv2d_transpose(x, weight.transpose(2, 3, 1, 0), output_shape, (1, *strides, 1), "VALID")
+    if top or left or bottom or right or any(extra):
+        y = y[:, top: full[0] - bottom + extra[0], left: full[1] - right + extra[1], :]
+    if len(args) > 2 and args[2] is not None:
+        y = tf.nn.bias_add(y, _constant(args[2], node, "the bias"))
+    return [Value(y, nhwc=True)]
+
+
 LOWERINGS: dict[str, Callable] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
@@ -350,6 +542,9 @@ LOWERINGS: dict[str, Callable] = {
     "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape, "Flatten": _flatten,
     "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "BatchNormalization": _batch_norm,
     "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
+    "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
+    "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
+    "Sqrt": _unary(lambda x, a: _tf().sqrt(x)), "Neg": _unary(lambda x, a: x * np.float32(-1.0)),  # NEG has no int8 kernel
 }
 
 
@@ -390,7 +585,7 @@ def to_tf_function(model: onnx.ModelProto, origin: str):
     check_lowerable(model, origin)
     specs = tensor_specs(graph_inputs(model))
 
-    @tf.function(input_signature=input_signature(specs))
+    @tf.function(input_signature=input_signature(specs), autograph=False)  # plain graph building: our errors pass through as they are
     def function(*tensors):
         return run_graph(model, {s.name: t for s, t in zip(specs, tensors)})
 

@@ -4,7 +4,10 @@ The converter renames, fuses and transposes tensors, so names cannot be trusted:
 activation is matched by VALUE to an ONNX tensor of the FP32 graph, on the same samples. Sorted
 values are layout-free (NHWC and NCHW sort the same), so a match survives the converter's
 transposes. A tensor with no twin (a PAD, a transpose of a matched tensor) takes its producer's
-input range, which is what the integer kernels of such data-movement ops need anyway.
+input range, which is what the integer kernels of such data-movement ops need anyway. What is
+still left (an intermediate of an op the converter decomposed, e.g. PReLU's negative part) gets
+the min-max of its values on the calibration feeds through the float flatbuffer, and the
+manifest counts it (`measured_in_tflite`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import numpy as np
 import onnx
 
 from enginekit.calibration.table import CalibrationTable, TensorRange
-from enginekit.core.errors import InputError
 from enginekit.core.tensors import Feeds
 
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
@@ -29,9 +31,11 @@ class RangeMap:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)  # tflite tensor -> onnx tensor
     inherited: dict[str, str] = field(default_factory=dict)  # tflite tensor -> tflite tensor it copies
+    measured: list[str] = field(default_factory=list)  # no twin: min-max on the calibration feeds
 
     def summary(self) -> dict[str, int]:
-        return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited)}
+        return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
+                "measured_in_tflite": len(self.measured)}
 
 
 def tflite_range(rng: TensorRange) -> tuple[float, float]:
@@ -126,8 +130,10 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
                 result.ranges[name] = result.ranges[index_name[current]]
                 result.inherited[name] = index_name[current]
                 break
-    missing = [n for n in values if n not in result.ranges]
-    if missing:
-        raise InputError(f"{len(missing)} tflite tensor(s) have no twin in the FP32 ONNX graph's calibrated tensors "
-                         f"(e.g. {', '.join(missing[:3])}); the calibration table does not cover this graph")
+    for name in values:
+        if name not in result.ranges:
+            value = values[name]
+            low, high = (float(value.min()), float(value.max())) if value.size else (0.0, 0.0)
+            result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
+            result.measured.append(name)
     return result

@@ -1,0 +1,200 @@
+"""Q/DQ placement and encodings on small graphs, checked by the kernels ONNX Runtime really runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from enginekit.calibration.table import CalibrationTable, TensorRange
+from enginekit.onnx.probe import probe
+from enginekit.quantization.encoding import activation_qparams
+from enginekit.quantization.placement import plan_quantization
+from enginekit.quantization.qdq import DQ_SUFFIX, insert_qdq
+from enginekit.targets.onnxruntime import integer_op_report
+
+RNG = np.random.default_rng(0)
+
+
+def _conv(name: str, source: str, out: str, channels: int, initializers: list) -> onnx.NodeProto:
+    weight = numpy_helper.from_array(RNG.normal(0, 0.3, (channels, channels, 3, 3)).astype(np.float32), f"{name}_w")
+    bias = numpy_helper.from_array(RNG.normal(0, 0.1, channels).astype(np.float32), f"{name}_b")
+    initializers += [weight, bias]
+    return helper.make_node("Conv", [source, weight.name, bias.name], [out], name=name, pads=[1, 1, 1, 1])
+
+
+def conv_prelu_relu_model() -> onnx.ModelProto:
+    """conv1 -> PRelu (float) -> conv2 -> Relu -> conv3 -> GlobalAveragePool (float) -> output."""
+    inits: list = []
+    slope = numpy_helper.from_array(np.full((4, 1, 1), 0.25, np.float32), "slope")
+    nodes = [_conv("conv1", "x", "c1", 4, inits), helper.make_node("PRelu", ["c1", "slope"], ["p1"], name="prelu"),
+             _conv("conv2", "p1", "c2", 4, inits), helper.make_node("Relu", ["c2"], ["r2"], name="relu"),
+             _conv("conv3", "r2", "c3", 4, inits), helper.make_node("GlobalAveragePool", ["c3"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "placement", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], [*inits, slope])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _table(model: onnx.ModelProto) -> CalibrationTable:
+    feeds = [{"x": RNG.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)} for _ in range(8)]
+    names = [o for n in model.graph.node for o in n.output] + ["x"]
+    table = CalibrationTable("minmax", {}, 8, "random", "", "")
+    values = {name: [] for name in names}
+    for outputs in probe(model, names, feeds):
+        for name in names:
+            values[name].append(outputs[name])
+    for name, chunks in values.items():
+        data = np.concatenate([c.ravel() for c in chunks])
+        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
+    return table
+
+
+def _ort_report(model: onnx.ModelProto, placement: str, tmp_path) -> tuple[dict, onnx.ModelProto]:
+    plan = plan_quantization(model, placement=placement)
+    qdq = insert_qdq(model, plan, _table(model), "uint8").model
+    path = tmp_path / f"{placement}.onnx"
+    onnx.save(qdq, str(path))
+    return integer_op_report(path, model), qdq
+
+
+def test_output_placement_makes_every_conv_an_integer_kernel_in_onnxruntime(tmp_path):
+    """With inputs only, a Conv whose reader is float (PReLU, a pooling that is not quantized) has
+    no Q after it and ONNX Runtime runs it as a float Conv behind DequantizeLinear; with outputs
+    quantized too, all three become QLinearConv."""
+    model = conv_prelu_relu_model()
+    inputs_only, _ = _ort_report(model, "inputs", tmp_path)
+    with_outputs, qdq = _ort_report(model, "outputs", tmp_path)
+    assert inputs_only["integer_compute_ops"] == 1  # only conv2, whose Relu output conv3 reads
+    assert with_outputs["integer_compute_ops"] == 3
+    # what still runs in float on dequantized values is named (the report's "not faster" flag shows it)
+    assert with_outputs["float_islands"] == {"PRelu": 1, "GlobalAveragePool": 1}
+    assert inputs_only["float_islands"].get("Conv", 0) + inputs_only["float_islands"].get("FusedConv", 0) >= 1
+    readers = {name: [n.op_type for n in qdq.graph.node if name in n.input] for name in ("c1", "r2", "c3")}
+    assert readers == {"c1": ["QuantizeLinear"], "r2": ["QuantizeLinear"], "c3": ["QuantizeLinear"]}  # every reader reads the DQ
+    prelu = next(n for n in qdq.graph.node if n.op_type == "PRelu")
+    assert prelu.input[0] == "c1" + DQ_SUFFIX
+    assert "y" not in {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}  # graph outputs stay float
+
+
+def test_output_placement_quantizes_after_a_relu_that_is_the_only_reader():
+    plan = plan_quantization(conv_prelu_relu_model(), placement="outputs")
+    assert "r2" in plan.outputs and "c2" not in plan.activations  # ORT drops the Relu in front of the Q
+    assert plan.outputs == {"c1", "r2", "c3"}
+
+
+def test_matmul_outputs_stay_float_integer_to_float_kernels_need_no_q():
+    weight = numpy_helper.from_array(RNG.normal(0, 1, (8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Tanh", ["m"], ["y"], name="tanh")]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weight])
+    plan = plan_quantization(helper.make_model(graph), placement="outputs")
+    assert plan.activations == ["x"] and not plan.outputs
+
+
+def test_unknown_placement_is_refused():
+    with pytest.raises(ValueError, match="placement"):
+        plan_quantization(conv_prelu_relu_model(), placement="everywhere")
+
+
+@pytest.mark.parametrize("encoding", ["uint8", "mixed"])
+def test_a_one_sided_signed_tensor_gets_an_asymmetric_grid(encoding):
+    """Hard-swish output in [-0.375, 6]: the symmetric grid would leave half its levels unused."""
+    one_sided = activation_qparams("hswish", TensorRange(-0.375, 6.0, 6.0, True), encoding)
+    assert one_sided.onnx_type == TensorProto.UINT8
+    assert one_sided.scale == pytest.approx(6.375 / 255, rel=1e-6) and one_sided.zero_point == round(0.375 / one_sided.scale)
+    # clipping is that of the method's amax: the grid ends where the symmetric one would
+    clipped = activation_qparams("logits", TensorRange(-20.0, 2.0, 8.0, True), encoding)
+    assert clipped.scale == pytest.approx(10.0 / 255, rel=1e-6)
+    assert -clipped.zero_point * clipped.scale == pytest.approx(-8.0, abs=clipped.scale)
+
+
+@pytest.mark.parametrize("encoding, zero_point, onnx_type", [("uint8", 128, TensorProto.UINT8), ("mixed", 0, TensorProto.INT8)])
+def test_a_near_symmetric_tensor_keeps_the_symmetric_grid(encoding, zero_point, onnx_type):
+    """Asymmetric only where it saves at least half a bit of step: [-5, 4] saves less."""
+    params = activation_qparams("residual", TensorRange(-5.0, 4.0, 5.0, True), encoding)
+    assert (params.zero_point, params.onnx_type) == (zero_point, onnx_type)
+    assert params.scale == pytest.approx(5.0 / 127, rel=1e-6)
+
+
+def test_tensorrt_encoding_never_goes_asymmetric():
+    params = activation_qparams("hswish", TensorRange(-0.375, 6.0, 6.0, True), "int8")
+    assert (params.zero_point, params.onnx_type) == (0, TensorProto.INT8)
+
+
+def test_an_int8_artifact_not_faster_than_fp32_names_its_float_islands():
+    from enginekit.benchmark.report import flags
+
+    entry = {"precision": "int8", "integer_share": 1.0, "float_islands": {"HardSwish": 40, "Resize": 3}}
+    assert flags(entry, 0.8) == ["not faster than FP32 (0.80x); float ops between integer ones: HardSwish x40, Resize x3"]
+    assert flags(entry, 1.4) == []
+
+
+def conv_batchnorm_model() -> onnx.ModelProto:
+    """conv1 -> BatchNormalization -> Relu -> conv2 -> BatchNormalization -> GlobalAveragePool, as
+    a PaddlePaddle or an un-fused PyTorch export leaves it."""
+    inits: list = []
+    nodes = []
+    for index, (source, out) in enumerate((("x", "r1"), ("r1", "b1"))):
+        conv = _conv(f"conv{index}", source, f"c{index}", 4, inits)
+        stats = [numpy_helper.from_array(RNG.uniform(0.5, 1.5, 4).astype(np.float32), f"bn{index}_{k}") for k in ("scale", "bias", "mean", "var")]
+        inits += stats
+        nodes += [conv, helper.make_node("BatchNormalization", [f"c{index}", *[s.name for s in stats]], [f"b{index}"], name=f"bn{index}")]
+    nodes.insert(2, helper.make_node("Relu", ["b0"], ["r1"], name="relu0"))
+    nodes.append(helper.make_node("GlobalAveragePool", ["b1"], ["y"], name="gap"))
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_batchnorm_is_folded_into_its_conv_at_export_and_both_convs_run_in_integer(tmp_path):
+    import enginekit as ek
+    from enginekit.core.loaders import load_onnx
+
+    source = tmp_path / "bn.onnx"
+    original = conv_batchnorm_model()
+    onnx.save(original, str(source))
+    manifest = ek.export(str(source), tmp_path / "exported")
+    folded = load_onnx(tmp_path / "exported" / "model.onnx")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv", "GlobalAveragePool"]
+    assert manifest["parity"]["cosine"] > 0.99999  # the folded graph is checked against the file as given
+    assert [o.domain for o in folded.opset_import] == [o.domain for o in original.opset_import]
+    report, _ = _ort_report(folded, "outputs", tmp_path)
+    unfolded, _ = _ort_report(original, "outputs", tmp_path)
+    assert report["integer_compute_ops"] == 2 and "BatchNormalization" not in report["float_islands"]
+    assert unfolded["float_islands"].get("BatchNormalization") == 2  # dequantize, normalize in float, quantize again
+
+
+def test_a_decomposed_hard_swish_becomes_one_op_at_export(tmp_path):
+    """x * clip(x + 3, 0, 6) / 6 as PaddlePaddle writes it: one HardSwish after export."""
+    import enginekit as ek
+    from enginekit.core.loaders import load_onnx
+
+    inits: list = [_const_scalar("three", 3.0), _const_scalar("zero", 0.0), _const_scalar("six", 6.0)]
+    nodes = [_conv("conv", "x", "c", 4, inits), helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"), helper.make_node("Mul", ["c", "k"], ["m"], name="mul"),
+             helper.make_node("Div", ["m", "six"], ["y"], name="div")]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
+    source = tmp_path / "hswish.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    manifest = ek.export(str(source), tmp_path / "exported")
+    assert [n.op_type for n in load_onnx(tmp_path / "exported" / "model.onnx").graph.node] == ["Conv", "HardSwish"]
+    assert manifest["parity"]["cosine"] > 0.99999
+
+
+def _const_scalar(name: str, value: float) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(value, np.float32), name)
+
+
+def test_exclude_after_looks_through_data_movement():
+    """PP-OCR's recognizer reshapes its attention Softmax before the MatMul: still 'after Softmax'."""
+    v = numpy_helper.from_array(RNG.normal(0, 1, (8, 8)).astype(np.float32), "v")
+    shape = numpy_helper.from_array(np.array([2, 8], np.int64), "shape")
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], name="softmax"), helper.make_node("Reshape", ["p", "shape"], ["pr"], name="reshape"),
+             helper.make_node("MatMul", ["pr", "v"], ["y"], name="attention")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [v, shape])
+    model = helper.make_model(graph)
+    assert plan_quantization(model).nodes == ["attention"]
+    assert plan_quantization(model, exclude_after=["Softmax"]).nodes == []

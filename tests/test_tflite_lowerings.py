@@ -1,0 +1,116 @@
+"""Each ONNX op the tflite lowering gained for third-party models, on a small graph: the float
+flatbuffer matches ONNX Runtime, and the int8 flatbuffer (ranges from a table, matched by value)
+runs the op on integers and stays close to FP32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("tensorflow", reason="the tflite extra (tensorflow-cpu) is not installed")
+pytest.importorskip("ai_edge_litert", reason="the tflite extra (ai-edge-litert) is not installed")
+pytest.importorskip("ai_edge_quantizer", reason="the tflite extra (ai-edge-quantizer) is not installed")
+
+from enginekit.calibration.pipeline import calibration_tensors  # noqa: E402
+from enginekit.calibration.table import CalibrationTable, TensorRange  # noqa: E402
+from enginekit.onnx.probe import probe  # noqa: E402
+from enginekit.onnx.session import Session  # noqa: E402
+from enginekit.targets.tflite.convert import convert_function, op_types, quantize_int8  # noqa: E402
+from enginekit.targets.tflite.lowering import to_tf_function  # noqa: E402
+from enginekit.targets.tflite.ranges import map_ranges  # noqa: E402
+from enginekit.targets.tflite.runner import TfliteRunner  # noqa: E402
+
+RNG = np.random.default_rng(1)
+
+
+def _const(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _model(tail: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_shape: list, batch: int | str = 1) -> onnx.ModelProto:
+    """x [1,3,16,16] -> Conv(3->4, 3x3) -> c -> `tail` -> y: the op sees a channel-last tensor inside."""
+    weight = _const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32))
+    bias = _const("b", RNG.normal(0, 0.2, 4).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), *tail]
+    graph = helper.make_graph(nodes, "case", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], [weight, bias, *inits])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _cases() -> dict[str, onnx.ModelProto]:
+    node = helper.make_node
+    return {
+        "PRelu": _model([node("PRelu", ["c", "slope"], ["y"], name="prelu")], [_const("slope", np.array([0.1, 0.25, 0.5, 0.9], np.float32).reshape(4, 1, 1))], [1, 4, 16, 16]),
+        "Pad": _model([node("Pad", ["c", "pads"], ["y"], name="pad")], [_const("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))], [1, 4, 19, 19]),
+        "Squeeze+Unsqueeze": _model([node("GlobalAveragePool", ["c"], ["g"], name="gap"), node("Squeeze", ["g", "sq"], ["s"], name="squeeze"),
+                                     node("Unsqueeze", ["s", "un"], ["y"], name="unsqueeze")],
+                                    [_const("sq", np.array([2, 3], np.int64)), _const("un", np.array([1], np.int64))], [1, 1, 4]),
+        "Slice": _model([node("Slice", ["c", "st", "en", "ax", "sp"], ["y"], name="slice")],
+                        [_const("st", np.array([1, 2], np.int64)), _const("en", np.array([3, 2**62], np.int64)),
+                         _const("ax", np.array([1, 3], np.int64)), _const("sp", np.array([1, 2], np.int64))], [1, 2, 16, 7]),
+        "Gather": _model([node("GlobalAveragePool", ["c"], ["g"], name="gap"), node("Flatten", ["g"], ["f"], name="flatten"),
+                          node("Gather", ["f", "idx"], ["y"], name="gather", axis=1)], [_const("idx", np.array([3, 0], np.int64))], [1, 2]),
+        "Resize nearest": _model([node("Resize", ["c", "", "scales"], ["y"], name="resize", mode="nearest",
+                                       coordinate_transformation_mode="asymmetric", nearest_mode="floor")],
+                                 [_const("scales", np.array([1, 1, 2, 2], np.float32))], [1, 4, 32, 32]),
+        "Resize linear": _model([node("Resize", ["c", "", "scales"], ["y"], name="resize", mode="linear",
+                                      coordinate_transformation_mode="half_pixel")],
+                                [_const("scales", np.array([1, 1, 2, 2], np.float32))], [1, 4, 32, 32]),
+        "ConvTranspose": _model([node("ConvTranspose", ["c", "wt", "bt"], ["y"], name="deconv", strides=[2, 2], pads=[1, 1, 1, 1])],
+                                [_const("wt", RNG.normal(0, 0.3, (4, 2, 4, 4)).astype(np.float32)), _const("bt", np.array([0.1, -0.2], np.float32))],
+                                [1, 2, 32, 32]),
+        "Shape+Cast+Reshape (dynamic batch)": _model(
+            [node("GlobalAveragePool", ["c"], ["g"], name="gap"), node("Shape", ["g"], ["shape"], name="shape"),
+             node("Slice", ["shape", "zero", "one"], ["n"], name="batch_dim"), node("Cast", ["n"], ["n32"], name="cast", to=TensorProto.INT32),
+             node("Cast", ["n32"], ["n64"], name="cast_back", to=TensorProto.INT64), node("Concat", ["n64", "minus_one"], ["target"], name="concat", axis=0),
+             node("Reshape", ["g", "target"], ["y"], name="reshape")],
+            [_const("zero", np.array([0], np.int64)), _const("one", np.array([1], np.int64)), _const("minus_one", np.array([-1], np.int64))],
+            ["batch", 4], batch="batch"),
+        "MaxPool ceil_mode": _model([node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)], [], [1, 4, 8, 8]),
+        "Flatten axis 2": _model([node("Flatten", ["c"], ["y"], name="flatten", axis=2)], [], [4, 256]),
+        "HardSigmoid (squeeze-excitation gate)": _model([node("HardSigmoid", ["c"], ["y"], name="gate", alpha=0.2, beta=0.5)], [], [1, 4, 16, 16]),
+        "Sqrt+Neg": _model([node("Relu", ["c"], ["r"], name="relu"), node("Sqrt", ["r"], ["q"], name="sqrt"),
+                            node("Neg", ["q"], ["y"], name="neg")], [], [1, 4, 16, 16]),
+    }
+
+
+CASES = _cases()
+FEEDS = [{"x": RNG.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+
+
+def _table(model: onnx.ModelProto) -> CalibrationTable:
+    names = calibration_tensors(model, [])
+    table = CalibrationTable("minmax", {}, len(FEEDS), "random", "", "")
+    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for outputs in probe(model, names, FEEDS):
+        for name in names:
+            values[name].append(outputs[name].ravel())
+    for name, chunks in values.items():
+        data = np.concatenate(chunks)
+        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
+    return table
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lowered_op_matches_onnxruntime_in_float_and_runs_on_integers_in_int8(case):
+    model = CASES[case]
+    expected = Session(model).run(FEEDS[0])["y"]
+    float_model = convert_function(to_tf_function(model, f"{case}.onnx"), f"{case}.onnx")
+    got = TfliteRunner(float_model).infer(FEEDS[0])["y"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+    ranges = map_ranges(float_model, model, _table(model), FEEDS[0])
+    int8 = quantize_int8(float_model, ranges.ranges)
+    float_ops = [op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]]
+    # every op of the case runs on integers (SHAPE reads a dequantized copy: only its int32 shape leaves)
+    assert set(float_ops) <= {"QUANTIZE", "DEQUANTIZE", "SHAPE"}, float_ops
+    quantized = TfliteRunner(int8).infer(FEEDS[0])["y"]
+    assert _cosine(quantized, expected) > 0.98, case
