@@ -39,6 +39,15 @@ def _model(tail: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_shape:
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def _token_model(tail: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_shape: list) -> onnx.ModelProto:
+    """x [1,8,16] tokens -> MatMul -> m -> `tail` -> y: a transformer's ops on a 3-D tensor."""
+    weight = _const("wm", RNG.normal(0, 0.3, (16, 16)).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "wm"], ["m"], name="project"), *tail]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], [weight, *inits])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
 def _cases() -> dict[str, onnx.ModelProto]:
     node = helper.make_node
     return {
@@ -70,21 +79,52 @@ def _cases() -> dict[str, onnx.ModelProto]:
             ["batch", 4], batch="batch"),
         "MaxPool ceil_mode": _model([node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)], [], [1, 4, 8, 8]),
         "Flatten axis 2": _model([node("Flatten", ["c"], ["y"], name="flatten", axis=2)], [], [4, 256]),
+        "Flatten of a run-time shape": _model(
+            [node("Shape", ["c"], ["shape"], name="shape"), node("Slice", ["shape", "zero", "one"], ["n"], name="batch_dim"),
+             node("Concat", ["n", "dims"], ["target"], name="concat", axis=0), node("Reshape", ["c", "target"], ["r"], name="reshape"),
+             node("Flatten", ["r"], ["y"], name="flatten", axis=1)],
+            [_const("zero", np.array([0], np.int64)), _const("one", np.array([1], np.int64)), _const("dims", np.array([4, 8, 32], np.int64))],
+            ["batch", 1024], batch="batch"),
         "HardSigmoid (squeeze-excitation gate)": _model([node("HardSigmoid", ["c"], ["y"], name="gate", alpha=0.2, beta=0.5)], [], [1, 4, 16, 16]),
+        "LayerNormalization+Gelu": _token_model(
+            [node("LayerNormalization", ["m", "scale", "bias"], ["n"], name="norm", axis=-1, epsilon=1e-12), node("Gelu", ["n"], ["y"], name="gelu")],
+            [_const("scale", RNG.uniform(0.5, 1.5, 16).astype(np.float32)), _const("bias", RNG.normal(0, 0.1, 16).astype(np.float32))], [1, 8, 16]),
+        "IsNaN+Not+And+Equal+Where (masking)": _token_model(
+            [node("IsNaN", ["m"], ["nan"], name="isnan"), node("Not", ["nan"], ["ok"], name="not"), node("And", ["ok", "ok"], ["both"], name="and"),
+             node("Equal", ["both", "true"], ["keep"], name="equal"), node("Where", ["keep", "m", "zero"], ["y"], name="where")],
+            [_const("true", np.array(True)), _const("zero", np.array(0.0, np.float32))], [1, 8, 16]),
+        "Expand": _token_model([node("ReduceMean", ["m", "ax1"], ["r"], name="mean", keepdims=1), node("Expand", ["r", "shape"], ["e"], name="expand"),
+                                node("Add", ["m", "e"], ["y"], name="add")],
+                               [_const("ax1", np.array([1], np.int64)), _const("shape", np.array([1, 8, 16], np.int64))], [1, 8, 16]),
+        "Range+Gather": _token_model([node("Range", ["start", "limit", "delta"], ["positions"], name="range"),
+                                      node("Gather", ["m", "positions"], ["y"], name="gather", axis=1)],
+                                     [_const("start", np.array(1, np.int64)), _const("limit", np.array(7, np.int64)), _const("delta", np.array(2, np.int64))],
+                                     [1, 3, 16]),
+        "GatherND": _token_model([node("GatherND", ["m", "idx"], ["y"], name="gathernd")], [_const("idx", np.array([[0, 1], [0, 5]], np.int64))], [2, 16]),
+        "Shape start/end + Expand (a class token per sample)": _model(
+            [node("Shape", ["c"], ["batch_dim"], name="shape", start=0, end=1), node("Concat", ["batch_dim", "one", "one"], ["target"], name="concat", axis=0),
+             node("Expand", ["token", "target"], ["tokens"], name="expand"), node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             node("Reshape", ["g", "flat"], ["pooled"], name="reshape"), node("Concat", ["tokens", "pooled"], ["y"], name="cat", axis=1)],
+            [_const("one", np.array([1], np.int64)), _const("token", RNG.normal(0, 1, (1, 1, 4)).astype(np.float32)),
+             _const("flat", np.array([0, 1, 4], np.int64))], ["batch", 2, 4], batch="batch"),
         "Sqrt+Neg": _model([node("Relu", ["c"], ["r"], name="relu"), node("Sqrt", ["r"], ["q"], name="sqrt"),
                             node("Neg", ["q"], ["y"], name="neg")], [], [1, 4, 16, 16]),
     }
 
 
 CASES = _cases()
-FEEDS = [{"x": RNG.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
 
 
-def _table(model: onnx.ModelProto) -> CalibrationTable:
+def _feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]  # a symbolic batch: 1
+    return [{"x": RNG.normal(0, 1, shape).astype(np.float32)} for _ in range(4)]
+
+
+def _table(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> CalibrationTable:
     names = calibration_tensors(model, [])
-    table = CalibrationTable("minmax", {}, len(FEEDS), "random", "", "")
+    table = CalibrationTable("minmax", {}, len(feeds), "random", "", "")
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for outputs in probe(model, names, FEEDS):
+    for outputs in probe(model, names, feeds):
         for name in names:
             values[name].append(outputs[name].ravel())
     for name, chunks in values.items():
@@ -101,16 +141,27 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_lowered_op_matches_onnxruntime_in_float_and_runs_on_integers_in_int8(case):
     model = CASES[case]
-    expected = Session(model).run(FEEDS[0])["y"]
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])["y"]
     float_model = convert_function(to_tf_function(model, f"{case}.onnx"), f"{case}.onnx")
-    got = TfliteRunner(float_model).infer(FEEDS[0])["y"]
+    got = TfliteRunner(float_model).infer(feeds[0])["y"]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
-    ranges = map_ranges(float_model, model, _table(model), FEEDS[0])
+    ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0])
     int8 = quantize_int8(float_model, ranges.ranges)
     float_ops = [op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]]
     # every op of the case runs on integers (SHAPE reads a dequantized copy: only its int32 shape leaves)
     assert set(float_ops) <= {"QUANTIZE", "DEQUANTIZE", "SHAPE"}, float_ops
-    quantized = TfliteRunner(int8).infer(FEEDS[0])["y"]
+    quantized = TfliteRunner(int8).infer(feeds[0])["y"]
     assert _cosine(quantized, expected) > 0.98, case
+
+
+def test_a_lowering_that_tensorflow_refuses_is_one_line_naming_the_node():
+    from enginekit.core.errors import InputError
+
+    # 1024 values cannot become [3, 7]: ONNX Runtime would fail at run time, TensorFlow at tracing
+    model = _model([helper.make_node("Reshape", ["c", "target"], ["y"], name="bad_reshape")],
+                   [_const("target", np.array([3, 7], np.int64))], [3, 7])
+    with pytest.raises(InputError, match=r"node bad_reshape \(Reshape\): the tflite lowering failed: .*"):
+        convert_function(to_tf_function(model, "bad.onnx"), "bad.onnx")

@@ -304,7 +304,9 @@ def _reshape(node, args, attrs):
             raise InputError(f"node {node.name} (Reshape): a computed shape with allowzero=1 is not supported by the tflite target")
         source = nchw(x)
         target = tf.cast(args[1].data, "int32")
-        target = tf.where(tf.equal(target, 0), tf.shape(source, out_type="int32")[: tf.size(target)], target)  # 0 copies the input's dim
+        dims = tf.shape(source, out_type="int32")
+        dims = tf.pad(dims, [[0, tf.maximum(tf.size(target) - tf.size(dims), 0)]])[: tf.size(target)]
+        target = tf.where(tf.equal(target, 0), dims, target)  # 0 copies the input's dim
         return [Value(tf.reshape(source, target))]
     shape = _constant(args[1], node, "the target shape").astype(np.int64).tolist()
     if 0 in shape and attrs.get("allowzero", 0):
@@ -325,8 +327,8 @@ def _flatten(node, args, attrs):
     x = nchw(args[0])
     axis = attrs.get("axis", 1) % max(len(x.shape), 1)
     inner = x.shape[axis:]
-    if None in inner:
-        raise InputError(f"node {node.name} (Flatten): dynamic dims after axis {axis} are not supported by the tflite target")
+    if None in inner:  # dims known only at run time (a dynamic width): the product is computed
+        return [Value(tf.reshape(x, tf.stack([-1, tf.reduce_prod(tf.shape(x)[axis:])])))]
     return [Value(tf.reshape(x, [-1, int(np.prod(inner))]))]
 
 
@@ -455,11 +457,13 @@ def _cast(node, args, attrs):
 
 
 def _shape(node, args, attrs):
+    """The NCHW shape, cut to [start, end) (opset 15): a constant where every dim is known."""
     x = args[0]
     data = x.data if x.const else nchw(x)
+    window = slice(attrs.get("start", 0), attrs.get("end"))
     if x.const or None not in data.shape:
-        return [Value(np.array(list(data.shape), np.int64))]
-    return [Value(_tf().cast(_tf().shape(data), "int64"))]
+        return [Value(np.array(list(data.shape), np.int64)[window])]
+    return [Value(_tf().cast(_tf().shape(data), "int64")[window])]
 
 
 def _gather(node, args, attrs):
@@ -530,6 +534,67 @@ def _conv_transpose(node, args, attrs):
     return [Value(y, nhwc=True)]
 
 
+def _layer_norm(node, args, attrs):
+    """Normalisation over the axes from `axis` to the last, then scale and bias (transformers)."""
+    tf = _tf()
+    x = nchw(args[0])
+    rank = len(x.shape)
+    axes = list(range(attrs.get("axis", -1) % rank, rank))
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    centered = x - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
+    y = centered * tf.math.rsqrt(variance + np.float32(attrs.get("epsilon", 1e-5)))
+    y = y * _constant(args[1], node, "the scale")
+    if len(args) > 2 and args[2] is not None:
+        y = y + _constant(args[2], node, "the bias")
+    return [Value(y)]
+
+
+def _gelu(node, args, attrs):
+    return [Value(_tf().nn.gelu(nchw(args[0]), approximate=_text(attrs.get("approximate", b"none")) == "tanh"))]
+
+
+def _elementwise(numpy_op: Callable, tf_op: Callable) -> Callable:
+    """An elementwise op on NCHW operands: numpy when every operand is a constant (masks,
+    positions), TF otherwise."""
+    def lower(node, args, attrs):
+        values = [a for a in args if a is not None]
+        if all(v.const for v in values):
+            return [Value(np.asarray(numpy_op(*[v.data for v in values])))]
+        return [Value(tf_op(*[v.data if v.const else nchw(v) for v in values]))]
+
+    return lower
+
+
+def _expand(node, args, attrs):
+    tf = _tf()
+    x, shape = args[0], args[1]
+    if x.const and shape.const:
+        return [Value(x.data * np.ones(shape.data.astype(np.int64), x.data.dtype))]
+    source = x.data if x.const else nchw(x)
+    target = tf.broadcast_dynamic_shape(tf.shape(source, out_type="int64"), tf.cast(shape.data, "int64"))
+    return [Value(tf.broadcast_to(source, target))]
+
+
+def _range(node, args, attrs):
+    start, limit, delta = args
+    if start.const and limit.const and delta.const:
+        return [Value(np.arange(start.data, limit.data, delta.data).astype(start.data.dtype))]
+    return [Value(_tf().range(start.data, limit.data, delta.data))]
+
+
+def _gather_nd(node, args, attrs):
+    data, indices = args[0], args[1]
+    if data.const and indices.const and not attrs.get("batch_dims", 0):
+        return [Value(data.data[tuple(np.moveaxis(indices.data, -1, 0))])]
+    source = data.data if data.const else nchw(data)
+    return [Value(_tf().gather_nd(source, indices.data, batch_dims=attrs.get("batch_dims", 0)))]
+
+
+def _tf_where(condition, a, b):
+    return _tf().where(condition, a, b)
+
+
 LOWERINGS: dict[str, Callable] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
@@ -545,6 +610,13 @@ LOWERINGS: dict[str, Callable] = {
     "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
     "Sqrt": _unary(lambda x, a: _tf().sqrt(x)), "Neg": _unary(lambda x, a: x * np.float32(-1.0)),  # NEG has no int8 kernel
+    "LayerNormalization": _layer_norm, "Gelu": _gelu, "Expand": _expand, "Range": _range, "GatherND": _gather_nd,
+    "Where": _elementwise(np.where, _tf_where),
+    "IsNaN": _elementwise(np.isnan, lambda x: _tf().math.not_equal(x, x)),  # x != x: TFLite has no IS_NAN
+    "Equal": _elementwise(np.equal, lambda a, b: _tf().math.equal(a, b)),
+    "And": _elementwise(np.logical_and, lambda a, b: _tf().math.logical_and(a, b)),
+    "Or": _elementwise(np.logical_or, lambda a, b: _tf().math.logical_or(a, b)),
+    "Not": _elementwise(np.logical_not, lambda a: _tf().math.logical_not(a)),
 }
 
 
@@ -570,7 +642,10 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, Any]:
         values[name] = Value(tensor)
     for node in model.graph.node:
         args = [values[name] if name else None for name in node.input]
-        outputs = LOWERINGS[node.op_type](node, args, _attrs(node))
+        try:
+            outputs = LOWERINGS[node.op_type](node, args, _attrs(node))
+        except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
+            raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
         for name, value in zip(node.output, outputs):
             values[name] = value
     return {o.name: tf.identity(nchw(values[o.name])) for o in model.graph.output}
