@@ -165,3 +165,21 @@ def test_a_lowering_that_tensorflow_refuses_is_one_line_naming_the_node():
                    [_const("target", np.array([3, 7], np.int64))], [3, 7])
     with pytest.raises(InputError, match=r"node bad_reshape \(Reshape\): the tflite lowering failed: .*"):
         convert_function(to_tf_function(model, "bad.onnx"), "bad.onnx")
+
+
+def test_token_ids_reach_the_int8_range_matching_as_integers():
+    """An embedding lookup on int64 token ids (BERT's input): the float flatbuffer is run on the
+    calibration feeds with the ids as the integer type it takes, not cast to float."""
+    table_values = RNG.normal(0, 1, (32, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embedding", "ids"], ["e"], name="lookup", axis=0),
+             helper.make_node("MatMul", ["e", "wm"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "ids", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+                              [_const("embedding", table_values), _const("wm", RNG.normal(0, 0.3, (16, 16)).astype(np.float32))])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = [{"ids": RNG.integers(0, 32, (1, 8)).astype(np.int64)} for _ in range(4)]
+    float_model = convert_function(to_tf_function(model, "ids.onnx"), "ids.onnx")
+    ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0])
+    assert ranges.ranges  # every float activation found its range
+    quantized = TfliteRunner(quantize_int8(float_model, ranges.ranges)).infer(feeds[0])["y"]
+    assert _cosine(quantized, Session(model).run(feeds[0])["y"]) > 0.98

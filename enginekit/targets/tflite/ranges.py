@@ -70,8 +70,9 @@ def tflite_activations(model: bytes, feeds: Feeds) -> tuple[dict[str, np.ndarray
     for name, index in inputs.items():
         interpreter.resize_tensor_input(index, feeds[name].shape, strict=False)
     interpreter.allocate_tensors()
-    for name, index in inputs.items():
-        interpreter.set_tensor(index, feeds[name].astype(np.float32))
+    dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_input_details()}
+    for name, index in inputs.items():  # float inputs as float32, token ids as the integer type the model takes
+        interpreter.set_tensor(index, feeds[name].astype(dtypes.get(index, np.float32)))
     interpreter.invoke()
     ops = interpreter._get_ops_details()
     produced = {t for op in ops for t in op["outputs"]}
