@@ -183,3 +183,15 @@ def test_token_ids_reach_the_int8_range_matching_as_integers():
     assert ranges.ranges  # every float activation found its range
     quantized = TfliteRunner(quantize_int8(float_model, ranges.ranges)).infer(feeds[0])["y"]
     assert _cosine(quantized, Session(model).run(feeds[0])["y"]) > 0.98
+
+
+def test_a_flatbuffer_that_aborts_litert_fails_its_cell_in_one_line(tmp_path, monkeypatch):
+    """LiteRT aborted the whole process on BERT's int8 graph: the child run turns that into an
+    InputError for the cell (the other cells of the build go on) and leaves no files behind."""
+    from enginekit.core.errors import InputError
+    from enginekit.targets.tflite import smoke
+
+    monkeypatch.setattr(smoke, "_CHILD", "import os; os.abort()")
+    with pytest.raises(InputError, match=r"LiteRT crashed \(SIGABRT\) running the int8 flatbuffer"):
+        smoke.smoke_run(b"not a model", {"x": np.zeros((1, 2), np.float32)}, tmp_path, "int8")
+    assert list(tmp_path.iterdir()) == []

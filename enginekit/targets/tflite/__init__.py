@@ -150,6 +150,10 @@ class TfliteTarget(Target):
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
                                        io_type=inputs.options["io"], owner=owner)
+        if int8:
+            from enginekit.targets.tflite.smoke import smoke_run
+
+            smoke_run(model, inputs.calibration_feeds(2), inputs.stage, f"{precision}")
         (inputs.stage / MODEL_FILE).write_bytes(model)
         runner = TfliteRunner(model, threads=inputs.threads)
         fields: dict[str, Any] = {"tflite": {"route": route, **info, "notes": notes}}
