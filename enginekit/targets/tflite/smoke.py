@@ -20,11 +20,9 @@ from enginekit.core.tensors import Feeds
 
 _CHILD = """
 import sys
-import numpy as np
+from enginekit.core.loaders import check_tflite, load_arrays
 from enginekit.targets.tflite.runner import TfliteRunner
-runner = TfliteRunner(open(sys.argv[1], "rb").read(), threads=1)
-with np.load(sys.argv[2], allow_pickle=False) as data:
-    runner.infer({name: data[name] for name in data.files})
+TfliteRunner(check_tflite(sys.argv[1]), threads=1).infer(load_arrays(sys.argv[2]))
 """
 SMOKE_TIMEOUT = 300.0
 
