@@ -140,8 +140,13 @@ def _conv(node, args, attrs):
         y = tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), padding, dilations=dilations)
     else:
         raise InputError(f"node {node.name} (Conv): grouped convolution with group={group} is not supported by the tflite target")
+    return _biased(y, node, args)
+
+
+def _biased(y: Any, node: onnx.NodeProto, args: list) -> list[Value]:
+    """A convolution's NHWC result plus its optional constant bias (input 2)."""
     if len(args) > 2 and args[2] is not None:
-        y = tf.nn.bias_add(y, _constant(args[2], node, "the bias"))
+        y = _tf().nn.bias_add(y, _constant(args[2], node, "the bias"))
     return [Value(y, nhwc=True)]
 
 
@@ -529,9 +534,7 @@ def _conv_transpose(node, args, attrs):
     y = tf.nn.conv2d_transpose(x, weight.transpose(2, 3, 1, 0), output_shape, (1, *strides, 1), "VALID")
     if top or left or bottom or right or any(extra):
         y = y[:, top: full[0] - bottom + extra[0], left: full[1] - right + extra[1], :]
-    if len(args) > 2 and args[2] is not None:
-        y = tf.nn.bias_add(y, _constant(args[2], node, "the bias"))
-    return [Value(y, nhwc=True)]
+    return _biased(y, node, args)
 
 
 def _layer_norm(node, args, attrs):
