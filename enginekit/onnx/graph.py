@@ -107,17 +107,12 @@ def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
     node is still a standard ONNX op; the parity check covers the folded graph like any export."""
     if model.ByteSize() > FOLD_BYTE_LIMIT:
         return model
-    from enginekit.core.artifacts import scratch_dir
-    from enginekit.core.loaders import load_onnx
-    from enginekit.onnx.session import Session
+    from enginekit.onnx.session import optimized_graph
 
-    with scratch_dir("fold") as tmp:
-        path = f"{tmp}/folded.onnx"
-        try:
-            Session(model, optimized_model_path=path, basic_optimizations_only=True)
-            folded = load_onnx(path)
-        except Exception:  # a graph ONNX Runtime cannot load: the checker and parity check say why
-            return model
+    try:
+        folded = optimized_graph(model, basic_only=True)
+    except Exception:  # a graph ONNX Runtime cannot load: the checker and parity check say why
+        return model
     own_domains = {node.domain for node in model.graph.node}
     if any(node.domain not in STANDARD_DOMAINS and node.domain not in own_domains for node in folded.graph.node):
         return model

@@ -90,6 +90,18 @@ class Session:
         return dict(zip(names, values))
 
 
+def optimized_graph(model: "str | Path | bytes | onnx.ModelProto", basic_only: bool = False) -> "onnx.ModelProto":
+    """The graph ONNX Runtime makes of `model` when it loads it (all optimizations: the kernels
+    it will really run; `basic_only`: only its semantics-preserving rewrites into standard ops)."""
+    from enginekit.core.artifacts import scratch_dir
+    from enginekit.core.loaders import load_onnx
+
+    with scratch_dir("ort") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        Session(model, optimized_model_path=path, basic_optimizations_only=basic_only)
+        return load_onnx(path)
+
+
 def _spec(node) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else (d or "?") for d in node.shape)
     return TensorSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))

@@ -64,9 +64,14 @@ def activation_qparams(name: str, rng: TensorRange, encoding: str) -> QParams:
     return QParams(np.float32(amax / 127.0).item(), 0, TensorProto.INT8)
 
 
+def asymmetric_range(rng: TensorRange, amax: float) -> tuple[float, float]:
+    """The method's [-amax, amax] cut to what calibration saw ([min, max]) and widened to hold 0
+    (its zero point must be exact): the range of an asymmetric grid, TFLite's included."""
+    return min(max(rng.min, -amax), 0.0), max(min(rng.max, amax), 0.0)
+
+
 def _asymmetric_uint8(rng: TensorRange, amax: float) -> QParams:
-    low = min(max(rng.min, -amax), 0.0)
-    high = max(min(rng.max, amax), 0.0)
+    low, high = asymmetric_range(rng, amax)
     if not (np.isfinite(low) and np.isfinite(high)) or high - low <= _TINY:
         low, high = -amax, amax
     scale = np.float32((high - low) / 255.0).item()

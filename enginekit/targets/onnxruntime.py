@@ -46,13 +46,9 @@ def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
     of the FP32 graph's compute ops became integer ops (QLinearConv, QGemm, MatMulInteger...)."""
     from collections import Counter
 
-    from enginekit.core.artifacts import scratch_dir
-    from enginekit.core.loaders import load_onnx
+    from enginekit.onnx.session import optimized_graph
 
-    with scratch_dir("ort") as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        Session(path, optimized_model_path=optimized)
-        nodes = list(load_onnx(optimized).graph.node)
+    nodes = list(optimized_graph(path).graph.node)
     ops = Counter(node.op_type for node in nodes)
     compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
     integer = sum(count for op, count in ops.items() if op in INTEGER_OPS)

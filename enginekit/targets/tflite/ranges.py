@@ -19,6 +19,7 @@ import onnx
 
 from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.tensors import Feeds
+from enginekit.quantization.encoding import asymmetric_range
 
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
 _SAME_RANGE_OPS = {"PAD", "TRANSPOSE", "RESHAPE", "MAX_POOL_2D", "SQUEEZE", "EXPAND_DIMS", "PADV2"}
@@ -41,8 +42,7 @@ class RangeMap:
 def tflite_range(rng: TensorRange) -> tuple[float, float]:
     """The asymmetric int8 range TFLite stores for a table entry: the observed [min, max] clipped
     to the method's amax, widened to include zero (TFLite's zero point must be exact)."""
-    low = min(0.0, max(rng.min, -rng.amax))
-    high = max(0.0, min(rng.max, rng.amax))
+    low, high = asymmetric_range(rng, rng.amax)
     if high - low <= 1e-12:
         high = low + 1e-6
     return float(low), float(high)
