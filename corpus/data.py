@@ -102,27 +102,52 @@ def sentences(sequence: int) -> Callable[[str, int], dict[str, np.ndarray]]:
     return make
 
 
-def speech(chunk: int = 512 + 64, rate: int = 16000) -> Callable[[str, int], dict[str, np.ndarray]]:
-    """Speech-like audio for a voice-activity detector, in `chunk`-sample windows (silero's wrapper
-    feeds 512 new samples after the previous 64 at 16 kHz, one continuous signal): voiced stretches
-    (a 90-250 Hz fundamental with decaying harmonics, amplitude-modulated at a syllable rate of
-    3-6 Hz, with jitter) alternating with silence and noise floors of varying level. The model's
-    recurrent state starts at zero (it is laid out [2, batch, 128]) and the sample rate is one
-    scalar for every batch."""
+def speech(chunk: int = 512 + 64, rate: int = 16000, model: Callable[[], str] | None = None) -> Callable[[str, int], dict[str, np.ndarray]]:
+    """Speech-like audio for a voice-activity detector, as silero's wrapper streams it: one
+    continuous signal (voiced stretches of a 90-250 Hz fundamental with decaying harmonics,
+    amplitude-modulated at a syllable rate of 3-6 Hz with jitter, alternating with silence and
+    noise floors of varying level) cut into `chunk`-sample windows that advance by 512 samples
+    (64 of context, 512 new). The recurrent state ([2, batch, 128]) of each window is the one the
+    FP32 `model` carries into it when run over the stream from a zero state, as in deployment
+    (all-zero states would leave the state path uncalibrated); without a model it stays zero.
+    The sample rate is one scalar for every batch."""
+    hop = chunk - 64
+
     def make(split: str, count: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(SPLIT_SEEDS[split])
-        t = np.arange(chunk) / rate
-        windows = np.empty((count, chunk), np.float32)
-        for i in range(count):
-            noise = rng.normal(0, 10 ** rng.uniform(-4, -2), chunk)
-            if rng.random() < 0.4:  # silence / noise only
-                windows[i] = noise
-                continue
+        stream = _speech_stream(rng, hop * (count - 1) + chunk, rate)
+        windows = np.stack([stream[i * hop: i * hop + chunk] for i in range(count)]).astype(np.float32)
+        return {"input": windows, "state": _carried_states(model, windows, rate), "sr": np.array(rate, np.int64)}
+
+    return make
+
+
+def _speech_stream(rng: np.random.Generator, samples: int, rate: int) -> np.ndarray:
+    parts, total = [], 0
+    while total < samples:
+        n = int(rng.uniform(0.1, 0.6) * rate)
+        t = np.arange(n) / rate
+        part = rng.normal(0, 10 ** rng.uniform(-4, -2), n)
+        if rng.random() >= 0.4:  # voiced; otherwise silence / noise only
             f0 = rng.uniform(90, 250) * (1 + 0.02 * np.sin(2 * np.pi * rng.uniform(2, 6) * t))
             phase = 2 * np.pi * np.cumsum(f0) / rate
             voiced = sum(np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / k ** 1.3 for k in range(1, 12))
             envelope = 0.5 * (1 + np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 2 * np.pi)))
-            windows[i] = (rng.uniform(0.05, 0.5) * envelope * voiced / 3 + noise).astype(np.float32)
-        return {"input": np.clip(windows, -1, 1), "state": np.zeros((2, count, 128), np.float32), "sr": np.array(rate, np.int64)}
+            part = part + rng.uniform(0.05, 0.5) * envelope * voiced / 3
+        parts.append(part)
+        total += n
+    return np.clip(np.concatenate(parts)[:samples], -1, 1)
 
-    return make
+
+def _carried_states(model: Callable[[], str] | None, windows: np.ndarray, rate: int) -> np.ndarray:
+    states = np.zeros((2, len(windows), 128), np.float32)
+    if model is None:
+        return states
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model(), providers=["CPUExecutionProvider"])
+    state = np.zeros((2, 1, 128), np.float32)
+    for i, window in enumerate(windows):
+        states[:, i] = state[:, 0]
+        _, state = session.run(["output", "stateN"], {"input": window[None], "state": state, "sr": np.array(rate, np.int64)})
+    return states

@@ -56,7 +56,8 @@ ENTRIES = (
     Entry("keras_resnet50", "Keras ResNet50 (weights=None, seeded), 96 x 96",
           lambda: "corpus.networks:resnet50", data.keras_pixels("input", 96, caffe=True)),
     Entry("silero_vad", "silero-vad 6.2.3 op18 'ifless' voice-activity detector: audio chunk, state [2, batch, 128], scalar rate",
-          _file(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx"), data.speech(),
+          _file(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx"),
+          data.speech(model=_file(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx")),
           input_shapes=("input=batchx576", "sr=scalar:int64:16000..16000")),
 )
 BY_NAME = {entry.name: entry for entry in ENTRIES}

@@ -128,6 +128,8 @@ def test_an_int8_artifact_not_faster_than_fp32_names_its_float_islands():
     entry = {"precision": "int8", "integer_share": 1.0, "float_islands": {"HardSwish": 40, "Resize": 3}}
     assert flags(entry, 0.8) == ["not faster than FP32 (0.80x); float ops between integer ones: HardSwish x40, Resize x3"]
     assert flags(entry, 1.4) == []
+    tflite = {"precision": "int8", "integer_share": 1.0, "outside_delegate": {"HARD_SWISH": 18, "SOFTMAX": 1}}
+    assert flags(tflite, 0.5) == ["not faster than FP32 (0.50x); ops LiteRT runs outside XNNPACK: HARD_SWISH x18, SOFTMAX x1"]
 
 
 def conv_batchnorm_model() -> onnx.ModelProto:
@@ -165,15 +167,24 @@ def test_batchnorm_is_folded_into_its_conv_at_export_and_both_convs_run_in_integ
     assert unfolded["float_islands"].get("BatchNormalization") == 2  # dequantize, normalize in float, quantize again
 
 
-def test_a_decomposed_hard_swish_becomes_one_op_at_export(tmp_path):
-    """x * clip(x + 3, 0, 6) / 6 as PaddlePaddle writes it: one HardSwish after export."""
+_HARD_SWISH_FORMS = {  # after Add(c, 3) -> a and Clip(a, 0, 6) -> k: the tail that ends in y
+    "(x * relu6) / 6 (PaddlePaddle)": [("Mul", ["c", "k"], "m"), ("Div", ["m", "six"], "y")],
+    "x * (relu6 * 1/6) (tf2onnx, Keras)": [("Mul", ["k", "sixth"], "g"), ("Mul", ["c", "g"], "y")],
+    "(relu6 * x) * 1/6": [("Mul", ["k", "c"], "m"), ("Mul", ["sixth", "m"], "y")],
+}
+
+
+@pytest.mark.parametrize("form", sorted(_HARD_SWISH_FORMS))
+def test_a_decomposed_hard_swish_becomes_one_op_at_export(tmp_path, form):
+    """x * clip(x + 3, 0, 6) / 6 in the associations exporters write: one HardSwish after export
+    (TFLite's int8 path needs to see it to lower it in a form XNNPACK runs)."""
     import enginekit as ek
     from enginekit.core.loaders import load_onnx
 
-    inits: list = [_const_scalar("three", 3.0), _const_scalar("zero", 0.0), _const_scalar("six", 6.0)]
+    inits: list = [_const_scalar("three", 3.0), _const_scalar("zero", 0.0), _const_scalar("six", 6.0), _const_scalar("sixth", 1 / 6)]
     nodes = [_conv("conv", "x", "c", 4, inits), helper.make_node("Add", ["c", "three"], ["a"], name="add"),
-             helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"), helper.make_node("Mul", ["c", "k"], ["m"], name="mul"),
-             helper.make_node("Div", ["m", "six"], ["y"], name="div")]
+             helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"),
+             *(helper.make_node(op, inputs, [out], name=f"tail{i}") for i, (op, inputs, out) in enumerate(_HARD_SWISH_FORMS[form]))]
     graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
     source = tmp_path / "hswish.onnx"
@@ -181,6 +192,19 @@ def test_a_decomposed_hard_swish_becomes_one_op_at_export(tmp_path):
     manifest = ek.export(str(source), tmp_path / "exported")
     assert [n.op_type for n in load_onnx(tmp_path / "exported" / "model.onnx").graph.node] == ["Conv", "HardSwish"]
     assert manifest["parity"]["cosine"] > 0.99999
+
+
+def test_a_gate_read_twice_is_not_fused(tmp_path):
+    """relu6(x + 3) / 6 read by a second op as well: fusing would drop a value still needed."""
+    from enginekit.onnx.graph import _fuse_hard_swish_products
+
+    inits = [_const_scalar("three", 3.0), _const_scalar("zero", 0.0), _const_scalar("six", 6.0), _const_scalar("sixth", 1 / 6)]
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["k"]),
+             helper.make_node("Mul", ["k", "sixth"], ["g"]), helper.make_node("Mul", ["x", "g"], ["y"]), helper.make_node("Add", ["g", "y"], ["z"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])], inits)
+    model = _fuse_hard_swish_products(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.op_type for n in model.graph.node] == ["Add", "Clip", "Mul", "Mul", "Add"]
 
 
 def _const_scalar(name: str, value: float) -> onnx.TensorProto:

@@ -177,3 +177,16 @@ def test_tflite_artifact_benches_through_the_registry(int8_builds):
     assert manifest["target"] == "tflite"
     (logits,) = runner.infer({"image": np.zeros((1, 1, 8, 8), np.float32)}).values()
     assert logits.shape == (1, 10)
+
+
+def test_a_scalar_input_is_fed_as_a_scalar():
+    """silero's sample rate is a 0-d input: the runner once made it 1-D (np.ascontiguousarray
+    does) and LiteRT refused the feed."""
+    nodes = [helper.make_node("Cast", ["scale"], ["s"], name="cast", to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "s"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                                           helper.make_tensor_value_info("scale", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    runner = TfliteRunner(convert_function(to_tf_function(model, "scalar.onnx"), "scalar.onnx"))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(runner.infer({"x": x, "scale": np.array(3, np.int64)})["y"], 3 * x)

@@ -48,6 +48,18 @@ def _token_model(tail: list[onnx.NodeProto], inits: list[onnx.TensorProto], out_
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
 
 
+def _audio_model() -> onnx.ModelProto:
+    """x [1, 3, 32] -> Conv1d (3->4, kernel 3, stride 2, pads 1/1) -> Relu -> Conv1d (4->4, dilation 2) -> y: silero's front end."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1d", strides=[2], pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="dilated", dilations=[2], pads=[2, 2], kernel_shape=[3])]
+    inits = [_const("w1", RNG.normal(0, 0.4, (4, 3, 3)).astype(np.float32)), _const("b1", RNG.normal(0, 0.2, 4).astype(np.float32)),
+             _const("w2", RNG.normal(0, 0.4, (4, 4, 3)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "audio", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def _cases() -> dict[str, onnx.ModelProto]:
     node = helper.make_node
     return {
@@ -78,6 +90,20 @@ def _cases() -> dict[str, onnx.ModelProto]:
             [_const("zero", np.array([0], np.int64)), _const("one", np.array([1], np.int64)), _const("minus_one", np.array([-1], np.int64))],
             ["batch", 4], batch="batch"),
         "MaxPool ceil_mode": _model([node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)], [], [1, 4, 8, 8]),
+        "MaxPool ceil_mode, padded (not TF's SAME windows)": _model(
+            [node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)], [], [1, 4, 9, 9]),
+        "PRelu with a slope above 1": _model([node("PRelu", ["c", "slope"], ["y"], name="prelu")],
+                                             [_const("slope", np.array([0.1, 1.5, 0.5, 2.0], np.float32).reshape(4, 1, 1))], [1, 4, 16, 16]),
+        "Split (sizes) + Concat": _model([node("Split", ["c", "sizes"], ["s1", "s2"], name="split", axis=1),
+                                          node("Concat", ["s2", "s1"], ["y"], name="concat", axis=1)],
+                                         [_const("sizes", np.array([1, 3], np.int64))], [1, 4, 16, 16]),
+        "Squeeze of a 5-D tensor": _token_model(
+            [node("Reshape", ["m", "five"], ["r"], name="to5d"), node("Squeeze", ["r", "zero"], ["q"], name="squeeze"),
+             node("Reshape", ["q", "back"], ["y"], name="back")],
+            [_const("five", np.array([1, 1, 8, 2, 8], np.int64)), _const("zero", np.array([0], np.int64)),
+             _const("back", np.array([1, 8, 16], np.int64))], [1, 8, 16]),
+        "Conv1d (audio)": _audio_model(),
+        "HardSwish": _model([node("HardSwish", ["c"], ["y"], name="hswish")], [], [1, 4, 16, 16]),
         "Flatten axis 2": _model([node("Flatten", ["c"], ["y"], name="flatten", axis=2)], [], [4, 256]),
         "Flatten of a run-time shape": _model(
             [node("Shape", ["c"], ["shape"], name="shape"), node("Slice", ["shape", "zero", "one"], ["n"], name="batch_dim"),
@@ -148,13 +174,36 @@ def test_lowered_op_matches_onnxruntime_in_float_and_runs_on_integers_in_int8(ca
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
-    ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0])
-    int8 = quantize_int8(float_model, ranges.ranges)
+    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx", integer=True), f"{case}.onnx")
+    ranges = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:])
+    int8 = quantize_int8(for_int8, ranges.ranges)
     float_ops = [op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]]
     # every op of the case runs on integers (SHAPE reads a dequantized copy: only its int32 shape leaves)
     assert set(float_ops) <= {"QUANTIZE", "DEQUANTIZE", "SHAPE"}, float_ops
     quantized = TfliteRunner(int8).infer(feeds[0])["y"]
     assert _cosine(quantized, expected) > 0.98, case
+
+
+@pytest.mark.parametrize("case", ["PRelu", "PRelu with a slope above 1", "HardSwish", "MaxPool ceil_mode"])
+def test_int8_lowering_of_the_op_runs_entirely_inside_xnnpack(case):
+    """Forms XNNPACK delegates in int8: a fused HARD_SWISH, a standalone RELU (the old PReLU) and
+    a PADV2 of -inf (ceil_mode) each ran outside it, splitting the graph, and made INT8 slower
+    than FP32 (PP-OCR cls 0.23x)."""
+    from enginekit.targets.tflite.convert import outside_xnnpack
+
+    model = CASES[case]
+    feeds = _feeds(model)
+    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx", integer=True), f"{case}.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0]).ranges)
+    assert outside_xnnpack(int8) == {}
+
+
+def test_the_float_lowering_keeps_the_fused_hard_swish_xnnpack_runs_in_float():
+    from enginekit.targets.tflite.convert import op_types, outside_xnnpack
+
+    float_model = convert_function(to_tf_function(CASES["HardSwish"], "hswish.onnx"), "hswish.onnx")
+    assert "HARD_SWISH" in {op["op"] for op in op_types(float_model)}
+    assert outside_xnnpack(float_model) == {}
 
 
 def test_a_lowering_that_tensorflow_refuses_is_one_line_naming_the_node():

@@ -186,6 +186,7 @@ class ArtifactBench:
             "latency_shapes": {name: list(value.shape) for name, value in self.one.items()},
             "integer_share": manifest.get("integer_share"),
             "float_islands": (manifest.get("integer_ops") or {}).get("float_islands") or {},
+            "outside_delegate": ((manifest.get("tflite") or {}).get("types") or {}).get("outside_xnnpack") or {},
             "constant_outputs": manifest.get("constant_outputs", []),
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }

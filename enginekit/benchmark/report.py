@@ -120,9 +120,11 @@ def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
     twin, one that runs few compute ops in integer, a model whose FP32 outputs never change."""
     found = []
     if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
-        islands = entry.get("float_islands") or {}
-        where = ", ".join(f"{op} x{count}" for op, count in list(islands.items())[:4])
-        found.append(f"not faster than FP32 ({speedup:.2f}x)" + (f"; float ops between integer ones: {where}" if where else ""))
+        text = f"not faster than FP32 ({speedup:.2f}x)"
+        for label, ops in (("float ops between integer ones", entry.get("float_islands")), ("ops LiteRT runs outside XNNPACK", entry.get("outside_delegate"))):
+            if ops:
+                text += f"; {label}: " + ", ".join(f"{op} x{count}" for op, count in list(ops.items())[:4])
+        found.append(text)
     share = entry.get("integer_share")
     if entry["precision"] == "int8" and isinstance(share, (int, float)) and share < LOW_INTEGER_SHARE:
         found.append(f"only {share:.0%} of compute ops in integer")

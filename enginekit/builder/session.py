@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,12 @@ class ModelSession:
 
     def calibration_feeds(self, count: int) -> Feeds:
         """The first `count` calibration samples as one batch."""
+        return next(self.calibration_samples(count, count))
+
+    def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
+        """The first `count` calibration samples, streamed in batches of `batch`."""
         source = open_data(self.options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
-        return next(iter(stream(source, self.fp32.inputs, count, count)[0]))
+        return iter(stream(source, self.fp32.inputs, count, batch)[0])
 
     def qdq(self, encoding: str, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
         """The Q/DQ graph in `encoding` and `placement` (bias-corrected once per pair), as a private copy."""
@@ -157,3 +162,6 @@ class CellInputs:
 
     def calibration_feeds(self, count: int) -> Feeds:
         return self.session.calibration_feeds(count)
+
+    def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
+        return self.session.calibration_samples(count, batch)

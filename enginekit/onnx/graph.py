@@ -73,6 +73,80 @@ def _fuse_hard_swish(model: onnx.ModelProto) -> onnx.ModelProto:
     return rewriter.rewrite(model, pattern_rewrite_rules=fuse_hardswish_rules())
 
 
+def _fuse_hard_swish_products(model: onnx.ModelProto) -> onnx.ModelProto:
+    """x * (clip(x + 3, 0, 6) * 1/6) and (x * clip(x + 3, 0, 6)) * 1/6 -> HardSwish(x), in place:
+    the associations onnxscript's rule does not match (tf2onnx writes Keras' hard_swish as the
+    first). Intermediates read elsewhere are left alone."""
+    if opset_of(model) < 14:
+        return model
+    graph = model.graph
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if _size(t) == 1}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for output in graph.output:
+        readers[output.name] = readers.get(output.name, 0) + 2
+
+    def scalar(name: str, value: float) -> bool:
+        return name in constants and bool(np.isclose(float(constants[name].reshape(())), value, rtol=1e-5))
+
+    def private(name: str) -> onnx.NodeProto | None:
+        return producer.get(name) if readers.get(name) == 1 else None
+
+    def relu6_of_x_plus_3(name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+        clip = private(name)
+        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or not (scalar(clip.input[1], 0.0) and scalar(clip.input[2], 6.0)):
+            return None
+        add = private(clip.input[0])
+        if add is None or add.op_type != "Add":
+            return None
+        x = next((a for a, b in (add.input, add.input[::-1]) if scalar(b, 3.0)), None)
+        return (x, [add, clip]) if x is not None else None
+
+    def over_six(node: onnx.NodeProto) -> str | None:
+        """The other input of a multiply by 1/6 or a divide by 6."""
+        if node.op_type == "Mul":
+            return next((a for a, b in (node.input, node.input[::-1]) if scalar(b, 1 / 6)), None)
+        return node.input[0] if node.op_type == "Div" and scalar(node.input[1], 6.0) else None
+
+    fused: dict[int, onnx.NodeProto] = {}  # id of the last node -> HardSwish
+    dropped: set[int] = set()
+    for node in graph.node:
+        match = None
+        if node.op_type == "Mul":  # x * (relu6(x + 3) / 6)
+            for x, gate in (node.input, node.input[::-1]):
+                scaled = private(gate)
+                inner = over_six(scaled) if scaled is not None else None
+                found = relu6_of_x_plus_3(inner) if inner is not None else None
+                if found and found[0] == x:
+                    match = (x, [*found[1], scaled])
+                    break
+        inner = over_six(node) if match is None else None  # (x * relu6(x + 3)) / 6
+        if inner is not None:
+            product = private(inner)
+            if product is not None and product.op_type == "Mul":
+                for x, gate in (product.input, product.input[::-1]):
+                    found = relu6_of_x_plus_3(gate)
+                    if found and found[0] == x:
+                        match = (x, [*found[1], product])
+                        break
+        if match and id(node) not in dropped and not any(id(n) in dropped for n in match[1]):
+            dropped.update(id(n) for n in match[1])
+            fused[id(node)] = onnx.helper.make_node("HardSwish", [match[0]], list(node.output), name=f"{node.name}_hardswish")
+    if not fused:
+        return model
+    nodes = [fused.get(id(node), node) for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
 def _linear_passes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The optimizer without its pattern rewriter, for graphs too large for it."""
     import onnx_ir as ir
@@ -125,7 +199,7 @@ def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
     graph goes through this."""
-    model = _fuse_hard_swish(fold_into_compute(simplify(model)))
+    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_into_compute(simplify(model))))
     model = infer_shapes(model, origin)
     check(model, origin)
     return model

@@ -15,7 +15,7 @@ A new target is one module (or package) that subclasses Target and is registered
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -115,6 +115,10 @@ class BuildInputs(Protocol):
         ...
 
     def calibration_feeds(self, count: int) -> Feeds: ...
+
+    def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
+        """The first `count` calibration samples in batches of `batch` (bounded memory)."""
+        ...
 
 
 class Target:

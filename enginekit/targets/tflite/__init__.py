@@ -9,7 +9,7 @@ calibration and correction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from enginekit.core.machine import toolchain
 from enginekit.targets.base import Built, BuildInputs, Runner, Target
+from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
 
 __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
@@ -65,9 +66,10 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
 
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
-                     feeds=None, io_type: str = "int8", owner: Any = None) -> tuple[bytes, dict[str, Any]]:
+                     feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
-    INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds."""
+    INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
+    (`more_feeds`: further calibration batches, for tensors measured in TFLite)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.ranges import map_ranges
 
@@ -75,7 +77,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         model = convert_function(function, origin, precision, owner)
         return model, {"types": type_summary(model)}
     float_model = convert_function(function, origin, "fp32", owner)
-    ranges = map_ranges(float_model, reference, table, feeds)
+    ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
     model = quantize_int8(float_model, ranges.ranges, io_type)
     info = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     return model, info
@@ -145,10 +147,11 @@ class TfliteTarget(Target):
                 if changed:
                     notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
                                  + (" ..." if len(changed) > 5 else ""))
-            function, route, owner = to_tf_function(reference, fp32.origin), "onnx lowered to TensorFlow ops", None
+            function, route, owner = to_tf_function(reference, fp32.origin, precision == "int8"), "onnx lowered to TensorFlow ops", None
         int8 = precision == "int8"
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
+                                       more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
                                        io_type=inputs.options["io"], owner=owner)
         if int8:
             from enginekit.targets.tflite.smoke import smoke_run

@@ -139,6 +139,35 @@ def op_types(model: bytes) -> list[dict[str, Any]]:
             for op in interpreter._get_ops_details()]
 
 
+def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
+    """Op types LiteRT runs outside its XNNPACK delegate, by count (each one splits the graph:
+    the delegate stops, a builtin kernel runs, the delegate starts again; an int8 HARD_SWISH or
+    a standalone int8 RELU is such an op). Dynamic dimensions are taken as 1."""
+    from collections import Counter
+
+    from enginekit.targets.tflite.runner import require_litert
+
+    interpreter = require_litert().Interpreter(model_content=model, num_threads=threads)
+    for detail in interpreter.get_input_details():
+        shape = [max(int(d), 1) for d in detail["shape_signature"]]
+        interpreter.resize_tensor_input(detail["index"], shape, strict=False)
+    with quiet_stderr():
+        interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()
+    producer = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
+    inside: set[int] = set()
+    for delegate in (op for op in ops if op["op_name"] == "DELEGATE"):
+        boundary, pending = set(delegate["inputs"]), list(delegate["outputs"])
+        while pending:  # walk back from the partition's outputs to its inputs
+            op = producer.get(pending.pop())
+            if op is None or op["index"] in inside:
+                continue
+            inside.add(op["index"])
+            pending += [t for t in op["inputs"] if t >= 0 and t not in boundary]
+    left = Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE" and op["index"] not in inside)
+    return dict(left.most_common())
+
+
 def float_compute_ops(ops: list[dict[str, Any]]) -> list[str]:
     """Ops that compute in float32 (any float32 input or output), data movement aside."""
     return [op["op"] for op in ops if op["op"] not in DATA_MOVEMENT_OPS and "float32" in op["inputs"] + op["outputs"]]
@@ -153,4 +182,5 @@ def type_summary(model: bytes) -> dict[str, Any]:
     floating = float_compute_ops(ops)
     compute = sum(1 for op in ops if op["op"] not in DATA_MOVEMENT_OPS)
     return {"ops": dict(sorted(Counter(op["op"] for op in ops).items())), "tensor_types": dict(sorted(dtypes.items())),
-            "float32_compute_ops": floating, "integer_share": 1 - len(floating) / compute if compute else 0.0}
+            "float32_compute_ops": floating, "integer_share": 1 - len(floating) / compute if compute else 0.0,
+            "outside_xnnpack": outside_xnnpack(model)}

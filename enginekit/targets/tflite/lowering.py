@@ -124,8 +124,10 @@ def _pad(x: Any, explicit: list[int] | None, value: float = 0.0) -> Any:
 
 def _conv(node, args, attrs):
     tf = _tf()
-    x = nhwc(args[0])
     weight = _constant(args[1], node, "the weight")
+    if weight.ndim == 3 and not args[0].const and args[0].rank == 3:
+        return _conv1d(node, args, attrs)
+    x = nhwc(args[0])
     if weight.ndim != 4:
         raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
     padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
@@ -141,6 +143,21 @@ def _conv(node, args, attrs):
     else:
         raise InputError(f"node {node.name} (Conv): grouped convolution with group={group} is not supported by the tflite target")
     return _biased(y, node, args)
+
+
+def _conv1d(node, args, attrs):
+    """A 1-D convolution ([N, C, L], audio) as a 2-D one over [N, 1, L, C]: TFLite has no 1-D
+    kernel of its own (its converter does the same)."""
+    tf = _tf()
+    as_2d = {**attrs, "kernel_shape": [1, *attrs.get("kernel_shape", args[1].data.shape[2:])],
+             "strides": [1, *attrs.get("strides", [1])], "dilations": [1, *attrs.get("dilations", [1])]}
+    if "pads" in attrs:
+        begin, end = attrs["pads"]
+        as_2d["pads"] = [0, begin, 0, end]
+    image = Value(tf.expand_dims(tf.transpose(args[0].data, (0, 2, 1)), 1), nhwc=True)
+    weight = Value(args[1].data[:, :, None, :])
+    (y,) = _conv(node, [image, weight, *args[2:]], as_2d)
+    return [Value(tf.transpose(tf.squeeze(y.data, 1), (0, 2, 1)))]
 
 
 def _biased(y: Any, node: onnx.NodeProto, args: list) -> list[Value]:
@@ -161,7 +178,8 @@ def _pool(node, args, attrs):
         if len(node.output) > 1 and node.output[1]:
             raise InputError(f"node {node.name} (MaxPool): the indices output is not supported by the tflite target")
         if attrs.get("ceil_mode", 0):
-            padding, explicit = "VALID", _ceil_mode_pads(node, x, kernel, attrs)
+            explicit = _ceil_mode_pads(node, x, kernel, attrs)
+            padding, explicit = ("SAME", None) if _same_windows(x, kernel, strides, explicit) else ("VALID", explicit)
         y = tf.nn.max_pool2d(_pad(x, explicit, -3.4e38), kernel, strides, padding)
     else:
         if explicit is not None or (padding == "SAME" and attrs.get("count_include_pad", 0)):
@@ -186,6 +204,17 @@ def _ceil_mode_pads(node, x: Any, kernel: tuple[int, ...], attrs: dict[str, Any]
             out -= 1
         extra.append(max((out - 1) * s + k - padded, 0))
     return [top, bottom + extra[0], left, right + extra[1]]
+
+
+def _same_windows(x: Any, kernel: tuple[int, ...], strides: list[int], pads: list[int]) -> bool:
+    """Whether TF's SAME padding gives the windows of a VALID pool over `pads` ([top, bottom,
+    left, right]): then the pool needs no PADV2 of -inf, which XNNPACK does not run, since a SAME
+    max pool ignores its padding."""
+    for size, k, s, before, after in zip(x.shape[1:3], kernel, strides, pads[0::2], pads[1::2]):
+        out_same = -(-size // s)
+        if (size + before + after - k) // s + 1 != out_same or max((out_same - 1) * s + k - size, 0) // 2 != before:
+            return False
+    return True
 
 
 def _global_pool(node, args, attrs):
@@ -269,7 +298,15 @@ def _clip(node, args, attrs):
 
 def _hard_swish(x, attrs):
     tf = _tf()
-    return x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+    return x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0)  # the converter fuses this into HARD_SWISH
+
+
+def _hard_swish_integer(x, attrs):
+    """(x / 6) * relu6(x + 3): an ADD with a fused RELU6 and two MULs, a form the converter does
+    not fuse into HARD_SWISH, whose int8 kernel XNNPACK does not delegate (each one splits the
+    graph and runs outside it)."""
+    tf = _tf()
+    return (x * np.float32(1.0 / 6.0)) * tf.nn.relu6(x + np.float32(3.0))
 
 
 def _hard_sigmoid(x, attrs):
@@ -358,6 +395,30 @@ def _concat(node, args, attrs):
     return [Value(tf.concat([nchw(a) for a in args], axis))]
 
 
+def _split(node, args, attrs):
+    """Split into the sizes given (input since opset 13, attribute before) or into equal parts
+    (one per output, or `num_outputs` since opset 18): one SPLIT, or a slice per part."""
+    tf = _tf()
+    x = args[0]
+    axis = attrs.get("axis", 0)
+    if len(args) > 1 and args[1] is not None:
+        sizes = _constant(args[1], node, "the split sizes").astype(np.int64).reshape(-1).tolist()
+    else:
+        sizes = list(attrs["split"]) if "split" in attrs else None
+    count = len(node.output)
+    if x.const:
+        data = x.data
+        edges = np.cumsum(sizes)[:-1] if sizes else count
+        return [Value(part) for part in np.split(data, edges, axis=axis)]
+    data, layout = (x.data, True) if x.nhwc else (nchw(x), False)
+    axis = NHWC_AXIS[axis % 4] if layout else axis % len(data.shape)
+    if not sizes or len(set(sizes)) == 1:
+        return [Value(part, nhwc=layout) for part in tf.split(data, count, axis=axis)]
+    # unequal parts as slices: SPLIT_V has no int8 path in ai-edge-quantizer, STRIDED_SLICE has
+    edges = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    return [Value(data[(slice(None),) * axis + (slice(start, end),)], nhwc=layout) for start, end in zip(edges, edges[1:])]
+
+
 def _batch_norm(node, args, attrs):
     scale, bias, mean, var = (_constant(a, node, "batch-norm parameters") for a in args[1:5])
     factor = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
@@ -376,11 +437,14 @@ def _constant_node(node, args, attrs):
 
 
 def _prelu(node, args, attrs):
-    """relu(x) - slope * relu(-x), the negation as a multiply by -1: every kernel has an int8
-    version (TFLite's NEG and MINIMUM stay float under the quantizer)."""
+    """x + relu(x * (slope - 1)) when every slope is at most 1, else x + relu(-x) * (1 - slope):
+    a MUL with a fused RELU and an ADD, which XNNPACK runs in int8 (a standalone int8 RELU, the
+    older relu(x) - slope * relu(-x), is not delegated and costs three requantizations more)."""
     tf = _tf()
     x, slope, layout = _same_layout(args[0], args[1])
-    return [Value(tf.nn.relu(x) - slope * tf.nn.relu(x * np.float32(-1.0)), nhwc=layout)]
+    if isinstance(slope, np.ndarray) and np.all(slope <= 1.0):
+        return [Value(x + tf.nn.relu(x * (slope - np.float32(1.0)).astype(np.float32)), nhwc=layout)]
+    return [Value(x + tf.nn.relu(x * np.float32(-1.0)) * (np.float32(1.0) - slope), nhwc=layout)]
 
 
 def _axes(node, args, attrs, index: int = 1) -> list[int] | None:
@@ -420,7 +484,14 @@ def _squeeze(node, args, attrs):
         return [Value(np.squeeze(x.data, axis=None if axes is None else tuple(axes)))]
     if x.nhwc and axes is not None and sorted(a % 4 for a in axes) == [2, 3]:  # [N,1,1,C] -> [N,C] needs no transpose
         return [Value(tf.squeeze(x.data, axis=[1, 2]))]
-    return [Value(tf.squeeze(nchw(x), axis=axes))]
+    y = nchw(x)
+    if axes is None:
+        return [Value(tf.squeeze(y))]
+    for axis in sorted((a % len(y.shape) for a in axes), reverse=True):
+        # index 0 of the axis (a STRIDED_SLICE that drops it): the converter refuses some SQUEEZEs
+        # of 5-D tensors with dynamic dims (PP-OCRv4 rec's attention: "squeeze_dims ... at most 8")
+        y = y[(slice(None),) * axis + (0,)]
+    return [Value(y)]
 
 
 def _unsqueeze(node, args, attrs):
@@ -608,7 +679,7 @@ LOWERINGS: dict[str, Callable] = {
     "Sigmoid": _unary(lambda x, a: _tf().sigmoid(x)), "Tanh": _unary(lambda x, a: _tf().tanh(x)),
     "HardSwish": _unary(_hard_swish), "HardSigmoid": _unary(_hard_sigmoid),
     "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape, "Flatten": _flatten,
-    "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "BatchNormalization": _batch_norm,
+    "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "Split": _split, "BatchNormalization": _batch_norm,
     "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
     "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
@@ -621,6 +692,8 @@ LOWERINGS: dict[str, Callable] = {
     "Or": _elementwise(np.logical_or, lambda a, b: _tf().math.logical_or(a, b)),
     "Not": _elementwise(np.logical_not, lambda a: _tf().math.logical_not(a)),
 }
+# For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
+INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}
 
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -637,16 +710,17 @@ def check_lowerable(model: onnx.ModelProto, origin: str) -> None:
                          f"(node{'s' if len(missing) > 1 else ''} {nodes}{', ...' if len(missing) > 3 else ''})", origin)
 
 
-def run_graph(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, Any]:
+def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str, Callable] | None = None) -> dict[str, Any]:
     """Evaluate the ONNX graph with TF ops on TF tensors (NCHW in, NCHW out)."""
     tf = _tf()
+    lowerings = lowerings or LOWERINGS
     values: dict[str, Value] = {t.name: Value(numpy_helper.to_array(t)) for t in model.graph.initializer}
     for name, tensor in feeds.items():
         values[name] = Value(tensor)
     for node in model.graph.node:
         args = [values[name] if name else None for name in node.input]
         try:
-            outputs = LOWERINGS[node.op_type](node, args, _attrs(node))
+            outputs = lowerings[node.op_type](node, args, _attrs(node))
         except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
             raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
         for name, value in zip(node.output, outputs):
@@ -654,8 +728,9 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any]) -> dict[str, Any]:
     return {o.name: tf.identity(nchw(values[o.name])) for o in model.graph.output}
 
 
-def to_tf_function(model: onnx.ModelProto, origin: str):
-    """A tf.function with the ONNX inputs (symbolic dims become None) returning the outputs by name."""
+def to_tf_function(model: onnx.ModelProto, origin: str, integer: bool = False):
+    """A tf.function with the ONNX inputs (symbolic dims become None) returning the outputs by name;
+    `integer`: lowered for an int8 flatbuffer (INTEGER_LOWERINGS)."""
     tf = _tf()
     from enginekit.onnx.graph import graph_inputs, tensor_specs
     from enginekit.core.tf_support import input_signature
@@ -665,6 +740,6 @@ def to_tf_function(model: onnx.ModelProto, origin: str):
 
     @tf.function(input_signature=input_signature(specs), autograph=False)  # plain graph building: our errors pass through as they are
     def function(*tensors):
-        return run_graph(model, {s.name: t for s, t in zip(specs, tensors)})
+        return run_graph(model, {s.name: t for s, t in zip(specs, tensors)}, INTEGER_LOWERINGS if integer else LOWERINGS)
 
     return function

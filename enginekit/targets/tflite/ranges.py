@@ -6,12 +6,13 @@ values are layout-free (NHWC and NCHW sort the same), so a match survives the co
 transposes. A tensor with no twin (a PAD, a transpose of a matched tensor) takes its producer's
 input range, which is what the integer kernels of such data-movement ops need anyway. What is
 still left (an intermediate of an op the converter decomposed, e.g. PReLU's negative part) gets
-the min-max of its values on the calibration feeds through the float flatbuffer, and the
-manifest counts it (`measured_in_tflite`).
+the min-max of its values through the float flatbuffer over up to MEASURED_SAMPLES calibration
+samples, and the manifest counts it (`measured_in_tflite`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.tensors import Feeds
 from enginekit.quantization.encoding import asymmetric_range
 
+MEASURED_SAMPLES = 32  # calibration samples a tensor without an ONNX twin is measured on
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
 _SAME_RANGE_OPS = {"PAD", "TRANSPOSE", "RESHAPE", "MAX_POOL_2D", "SQUEEZE", "EXPAND_DIMS", "PADV2"}
 
@@ -98,8 +100,12 @@ def _signature(values: np.ndarray) -> np.ndarray:
     return np.sort(values.reshape(-1).astype(np.float64))
 
 
-def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTable, feeds: Feeds) -> RangeMap:
-    """Match every float activation of `float_tflite` to an FP32 ONNX tensor with a table entry."""
+def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTable, feeds: Feeds,
+               more_feeds: Iterable[Feeds] = ()) -> RangeMap:
+    """Match every float activation of `float_tflite` to an FP32 ONNX tensor with a table entry
+    on `feeds`; a tensor left without a twin takes its min-max over `feeds` and `more_feeds`
+    (more calibration samples, in small batches: two samples alone give a range too narrow for
+    the samples that follow)."""
     names = sorted(table.tensors)
     reference = {name: _signature(v) for name, v in onnx_activations(fp32, names, feeds).items()}
     by_size: dict[int, list[str]] = {}
@@ -131,10 +137,16 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
                 result.ranges[name] = result.ranges[index_name[current]]
                 result.inherited[name] = index_name[current]
                 break
-    for name in values:
-        if name not in result.ranges:
-            value = values[name]
-            low, high = (float(value.min()), float(value.max())) if value.size else (0.0, 0.0)
-            result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
-            result.measured.append(name)
+    missing = [name for name in values if name not in result.ranges]
+    lows = {name: float(values[name].min()) if values[name].size else 0.0 for name in missing}
+    highs = {name: float(values[name].max()) if values[name].size else 0.0 for name in missing}
+    for batch in more_feeds if missing else ():
+        seen = tflite_activations(float_tflite, batch)[0]
+        for name in missing:
+            if seen[name].size:
+                lows[name], highs[name] = min(lows[name], float(seen[name].min())), max(highs[name], float(seen[name].max()))
+    for name in missing:
+        low, high = lows[name], highs[name]
+        result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
+        result.measured.append(name)
     return result

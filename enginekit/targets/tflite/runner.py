@@ -113,7 +113,7 @@ class TfliteRunner(Runner):
             if dtype in _INTEGER_TYPES and detail["quantization"][0] and value.dtype.kind == "f":
                 scale, zero_point = detail["quantization"]
                 value = quantize(value, scale, zero_point, dtype)
-            self.interpreter.set_tensor(detail["index"], np.ascontiguousarray(value, dtype=dtype))
+            self.interpreter.set_tensor(detail["index"], np.asarray(value, dtype=dtype, order="C"))  # ascontiguousarray makes scalars 1-D
         self.interpreter.invoke()
         results = []
         for name in self._outputs:
