@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.enginekit-installed
 EXTRAS := zoo,openvino,tflite,keras,dev,bench
 
-.PHONY: demo test corpus install clean
+.PHONY: demo test corpus corpus-fallback install clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: $(STAMP)
 # benchmarked; writes artifacts/corpus/matrix.{json,md}.
 corpus: $(STAMP)
 	$(PY) -m corpus --out artifacts/corpus
+
+# The same with --auto-fallback: INT8 below its gate keeps the fewest layers float that pass.
+corpus-fallback: $(STAMP)
+	$(PY) -m corpus --auto-fallback --out artifacts/corpus-fallback
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -16,7 +16,7 @@ TARGETS = ("onnxruntime", "openvino", "tflite")
 PRECISIONS = ("fp32", "int8")
 
 
-def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool) -> list[dict[str, Any]]:
+def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, auto_fallback: bool = False) -> list[dict[str, Any]]:
     """One model's cells: built or the one-line reason, with accuracy, speed-up and integer share."""
     import enginekit as ek
     from enginekit.accuracy.metrics import headline
@@ -41,7 +41,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool) 
             data_files[split].parent.mkdir(parents=True, exist_ok=True)
             np.savez(data_files[split], **arrays)
         options = ek.BuildOptions(calib_data=str(data_files["calibration"]), eval_data=str(data_files["evaluation"]), num_samples=samples,
-                                  weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds)
+                                  weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds, auto_fallback=auto_fallback)
         built = ek.build_many(model, list(targets), list(precisions), folder / "artifacts", options)
     except EnginekitError as exc:
         for cell in cells:
@@ -56,6 +56,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool) 
             continue
         manifest = outcome.manifest
         cell.update(status="built", accuracy=headline(manifest["accuracy"]["metrics"]), integer_share=manifest.get("integer_share"),
+                    float_layers=(manifest.get("fallback") or {}).get("float_layers", []),
                     outputs={name: {k: v for k, v in m.items()} for name, m in manifest["accuracy"]["metrics"].get("outputs", {}).items()})
         folders.append((cell, outcome.folder))
     if bench and folders:
@@ -94,8 +95,11 @@ def markdown(cells: list[dict[str, Any]]) -> str:
             rows.append([cell["model"], cell["target"], cell["precision"], cell["status"].upper(), short_reason(cell), "-", "-", "-"])
             continue
         share = cell.get("integer_share")
+        share = f"{share:.0%}" if isinstance(share, (int, float)) else "-"
+        if cell.get("float_layers"):  # kept float by --auto-fallback: say so and which
+            share += f" ({len(cell['float_layers'])} float by fallback: {', '.join(cell['float_layers'][:3])}{' ...' if len(cell['float_layers']) > 3 else ''})"
         rows.append([cell["model"], cell["target"], cell["precision"], "built", cell["accuracy"],
-                     f"{cell['speedup']:.2f}x" if cell.get("speedup") else "-", f"{share:.0%}" if isinstance(share, (int, float)) else "-",
+                     f"{cell['speedup']:.2f}x" if cell.get("speedup") else "-", share,
                      f"{cell['p50_ms']:.3f}" if cell.get("p50_ms") else "-"])
     return markdown_table(["model", "target", "precision", "result", "accuracy vs FP32 / reason", "speed-up vs FP32", "integer ops", "p50 ms"],
                           rows, escape=True)
@@ -105,8 +109,9 @@ def summary(cells: list[dict[str, Any]]) -> str:
     built = [c for c in cells if c["status"] == "built"]
     int8 = [c for c in built if c["precision"] == "int8"]
     faster = [c for c in int8 if (c.get("speedup") or 0) > 1.0]
+    fallback = [c for c in int8 if c.get("float_layers")]
     return (f"{len(built)} of {len(cells)} cells built and passed their gates; INT8 faster than FP32 in {len(faster)} of "
-            f"{len(int8)} built INT8 cells")
+            f"{len(int8)} built INT8 cells" + (f"; {len(fallback)} INT8 cells keep layers float by --auto-fallback" if fallback else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="calibration and evaluation samples each")
     parser.add_argument("--out", default="artifacts/corpus")
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--auto-fallback", action="store_true", help="INT8 below its gate keeps the fewest float layers that pass (build --auto-fallback)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BY_NAME))
@@ -131,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     for name in names:
         print(f"[corpus] {name}: {BY_NAME[name].what}", file=sys.stderr, flush=True)
-        cells += run_model(BY_NAME[name], out, args.targets.split(","), args.precisions.split(","), args.samples, not args.no_bench)
+        cells += run_model(BY_NAME[name], out, args.targets.split(","), args.precisions.split(","), args.samples, not args.no_bench,
+                           args.auto_fallback)
     result = {"models": names, "targets": args.targets.split(","), "precisions": args.precisions.split(","), "samples": args.samples,
+              "auto_fallback": args.auto_fallback,
               "seconds": round(time.perf_counter() - started, 1), "summary": summary(cells), "cells": cells}
     (out / "matrix.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     text = markdown(cells) + f"\n\n{result['summary']}; {result['seconds']:.0f} s in all.\n"

@@ -96,6 +96,15 @@ def build_many(model: str | Path, targets: Sequence[str], precisions: Sequence[s
     return build_cells(model, list(targets), list(precisions), output, options or BuildOptions())
 
 
+def sensitivity(model: str | Path, targets: Sequence[str] = ("onnxruntime",), output: str | Path | None = None,
+                options: BuildOptions | None = None) -> dict[str, Any]:
+    """Rank the layers by what keeping each float gains against the gate, on the Q/DQ graphs of
+    `targets`' INT8 encodings (reference executor, nothing built); with `output`, also as JSON."""
+    from enginekit.builder import sensitivity as rank
+
+    return rank(model, list(targets), options or BuildOptions(), output)
+
+
 def quantize(model: str | Path, table: str | Path, output: str | Path, target: str = "onnxruntime",
              options: BuildOptions | None = None) -> BuildResult:
     """The INT8 artifact of `target` from a CalibrationTable made earlier: a build with that table."""

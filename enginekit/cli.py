@@ -19,7 +19,7 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "targets": "--targets", "precisions": "--precisions", "encoding": "--encoding", "method": "--method",
           "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
           "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--profile",
-          "builder": "--builder", "timeout": "--timeout"}
+          "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 
@@ -43,6 +43,20 @@ def _source_options(command):
     ]):
         wrapped = option(wrapped)
     return wrapped
+
+
+def _data_options(command):
+    """--table, --calib-method, --calib-data, --num-samples and --eval-data: what a build (or a
+    sensitivity ranking) calibrates and evaluates with."""
+    for option in reversed([
+        click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once."),
+        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True),
+        click.option("--calib-data", default=None, help="Calibration data (default: the zoo's)."),
+        click.option("--num-samples", "-n", type=int, default=256, show_default=True),
+        click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split)."),
+    ]):
+        command = option(command)
+    return command
 
 
 def _with_run_limit(command):
@@ -209,14 +223,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
-@click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once.")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse"]), default="minmax", show_default=True)
-@click.option("--calib-data", default=None, help="Calibration data (default: the zoo's).")
-@click.option("--num-samples", "-n", type=int, default=256, show_default=True)
-@click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split).")
+@_data_options
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'OUTPUT:cosine>=0.99'; default: a task-aware gate for every output; 'none' for no gate.")
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, generic) where inferring it is not right.")
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
+@click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
+@click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
 @click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
@@ -228,7 +240,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          profiles, workspace_mb, tensorrt_builder, threads, bench, output, source) -> None:
+          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, output, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -245,7 +257,8 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
                       "tflite": {"io": tflite_io}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
-                           target_options=target_options, weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
+                           auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
+                           weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     if len(target_list) == 1 and len(precision_list) == 1:
         _echo_build(api.build(model, target_list[0], precision_list[0], output, options))
@@ -276,6 +289,39 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
         click.echo(f"enginekit: error: {len(failed)} of {len(cells)} artifact(s) failed: "
                    + "; ".join(f"{c.target} {c.precision}" for c in failed), err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
+@click.option("--targets", "--target", "targets", default="onnxruntime", show_default=True, help="Comma-separated: whose INT8 encodings to rank on.")
+@_data_options
+@click.option("--min-accuracy", default=None, help="The gate the margins are measured against (default: the task-aware gate).")
+@click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output where inferring it is not right.")
+@click.option("--threads", type=int, default=None)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the ranking as JSON here.")
+@_with_run_limit
+@_source_options
+def sensitivity(model, targets, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, threads, output, source) -> None:
+    """Rank layers by what keeping each in float gains against the accuracy gate (no build).
+
+    Each unit (the op computing a quantized tensor and the ops reading it quantized) is kept float
+    alone on the INT8 Q/DQ graph, run in the reference executor; `build --auto-fallback` adds
+    units in this order until the gate passes.
+    """
+    from enginekit import api
+    from enginekit.builder import BuildOptions
+    from enginekit.core.console import markdown_table
+
+    options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
+                           min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), threads=threads,
+                           weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
+                           allow_unsafe_keras=source.allow_unsafe_keras)
+    result = api.sensitivity(model, [t.strip() for t in targets.split(",") if t.strip()], output, options)
+    click.echo(f"{result['model']} all-INT8 ({', '.join(result['encodings'])}): {result['all_int8']} (gate margin {result['all_int8_margin']:+.4f})")
+    rows = [[", ".join(r["float_layers"]), f"{r['margin_gain']:+.4f}", r["metrics"]] for r in result["ranking"][:20]]
+    click.echo(markdown_table(["kept float (alone)", "margin gain", "accuracy on the first batch"], rows))
+    if output:
+        click.echo(f"ranking: {output}")
 
 
 def _pairs(values, option: str) -> dict[str, str]:

@@ -107,6 +107,37 @@ def gate(metrics: Mapping[str, Any], conditions: list[Condition] | None, what: s
     default = conditions is None
     conditions = default_conditions(metrics, precision) if default else conditions
     failed = []
+    for condition, name, output in _applicable(conditions, outputs):
+        if not condition.holds(output):
+            where = f"output '{name}' ({output.get('kind', 'output')}): " if name else ""
+            failed.append(f"{where}{condition.metric}={output[condition.metric]:.4f} (needs {condition.comparison}{condition.value:g})")
+    if failed:
+        rule = " by the task-aware default gate (which can be turned off)" if default else ""
+        error = GateError(f"accuracy gate failed{rule}: {'; '.join(failed)}", what)
+        error.option = "min_accuracy"
+        raise error
+    return {"conditions": [str(c) for c in conditions], "default_gate": default, "passed": True}
+
+
+def gate_margin(metrics: Mapping[str, Any], conditions: list[Condition] | None, precision: str = "int8") -> float:
+    """How far the metrics clear the gate: the smallest distance of any condition from its
+    threshold, negative when a condition fails (-inf for a non-finite output). What a search for
+    the fewest float layers compares candidates by."""
+    outputs = _outputs(metrics)
+    if not metrics.get("finite", 1.0) or any(not m.get("finite", 1.0) for m in outputs.values()):
+        return -math.inf
+    conditions = default_conditions(metrics, precision) if conditions is None else conditions
+    margins = [0.0 if not conditions else math.inf]
+    for condition, _, output in _applicable(conditions, outputs):
+        value, threshold = float(output[condition.metric]), condition.value
+        margins.append({">=": value - threshold, ">": value - threshold, "<=": threshold - value, "<": threshold - value}.get(
+            condition.comparison, -abs(value - threshold)))
+    return min(margins)
+
+
+def _applicable(conditions: list[Condition], outputs: Mapping[str, Mapping[str, Any]]):
+    """(condition, output name, output metrics) for every output each condition applies to; a
+    condition naming an output or metric the model does not have is an InputError."""
     for condition in conditions:
         if condition.output is not None and condition.output not in outputs:
             raise InputError(f"the accuracy condition names output '{condition.output}'; the model's outputs are "
@@ -117,12 +148,4 @@ def gate(metrics: Mapping[str, Any], conditions: list[Condition] | None, what: s
             raise InputError(f"the accuracy condition names '{condition.metric}', which this model does not report "
                              f"(it has {', '.join(reported)})", option="min_accuracy")
         for name, output in applicable:
-            if not condition.holds(output):
-                where = f"output '{name}' ({output.get('kind', 'output')}): " if name else ""
-                failed.append(f"{where}{condition.metric}={output[condition.metric]:.4f} (needs {condition.comparison}{condition.value:g})")
-    if failed:
-        rule = " by the task-aware default gate (which can be turned off)" if default else ""
-        error = GateError(f"accuracy gate failed{rule}: {'; '.join(failed)}", what)
-        error.option = "min_accuracy"
-        raise error
-    return {"conditions": [str(c) for c in conditions], "default_gate": default, "passed": True}
+            yield condition, name, output

@@ -2,6 +2,6 @@
 graph per encoding and one FP32 reference, each artifact gated on accuracy before it is published."""
 
 from enginekit.builder.options import BuildOptions
-from enginekit.builder.pipeline import BuildResult, Cell, build, build_many
+from enginekit.builder.pipeline import BuildResult, Cell, build, build_many, sensitivity
 
-__all__ = ["BuildOptions", "BuildResult", "Cell", "build", "build_many"]
+__all__ = ["BuildOptions", "BuildResult", "Cell", "build", "build_many", "sensitivity"]

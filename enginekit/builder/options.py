@@ -28,6 +28,8 @@ class BuildOptions:
     output_kinds: Mapping[str, str] = field(default_factory=dict)  # output name -> classification|embedding|dense|sequence|generic
     metric: str | Callable[..., Mapping[str, float]] | None = None  # a user metric, "module:function"
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    auto_fallback: bool = False  # INT8 below the gate: keep the fewest layers float that make it pass (builder/fallback.py)
+    max_float_layers: int | None = None  # bound for auto_fallback (default DEFAULT_MAX_FLOAT_LAYERS)
     target_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"tensorrt": {"workspace_mb": 2048}}
     threads: int | None = None
     # how the source becomes its FP32 ONNX (as `export` takes it): weights, input shapes, opset

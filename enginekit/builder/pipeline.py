@@ -9,6 +9,7 @@ already at its path is reused after its files are verified.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from enginekit.accuracy import Condition, collect_outputs, compare_outputs, gate, parse_conditions
 from enginekit.accuracy.user import run_user_metric
+from enginekit.builder.fallback import DEFAULT_MAX_FLOAT_LAYERS, fallback_error, find_float_layers, sensitivity_ranking
 from enginekit.builder.key import build_key
 from enginekit.builder.options import BuildOptions
 from enginekit.builder.session import CellInputs, ModelSession
@@ -87,7 +89,44 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     check_cell(chosen, precision)
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, ARTIFACT), options)
+    if precision == "int8":
+        problem = _auto_fallback(session, [chosen], conditions)
+        if problem is not None:
+            raise problem
     return build_cell(session, chosen, precision, out, conditions)
+
+
+def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, output: str | Path | None = None) -> dict[str, Any]:
+    """How much each layer (unit) gains kept float alone, for the INT8 encodings of `targets`,
+    without building anything; with `output`, also written as JSON."""
+    from enginekit.core.artifacts import atomic_write
+    from enginekit.core.outputs import SENSITIVITY, SENSITIVITY_SCHEMA
+
+    if output is not None:
+        check_outputs([Output(Path(output), SENSITIVITY)], _inputs(model, options))
+    chosen = [get_target(name) for name in targets]
+    session = ModelSession(load_fp32(model, options.source_options()), options)
+    pairs = sorted({(t.resolve_encoding(options.quantize.encoding), t.placement) for t in chosen})
+    result = {"schema": SENSITIVITY_SCHEMA, **sensitivity_ranking(session, pairs, parse_conditions(options.min_accuracy))}
+    if output is not None:
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(output, lambda path: path.write_text(text))
+    return result
+
+
+def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions: list[Condition] | None) -> GateError | None:
+    """With --auto-fallback: search the float layers once for every INT8 target of the build and
+    adopt them; the GateError (best found) when no set within the bound passes."""
+    options = session.options
+    int8_targets = [t for t in int8_targets if t.float_layers]
+    if not options.auto_fallback or not int8_targets:
+        return None
+    pairs = sorted({(t.resolve_encoding(options.quantize.encoding), t.placement) for t in int8_targets})
+    bound = options.max_float_layers if options.max_float_layers is not None else DEFAULT_MAX_FLOAT_LAYERS
+    report("searching float fallback", 0, 1, "searches", ", ".join(f"{e}/{p}" for e, p in pairs))
+    found = find_float_layers(session, pairs, conditions, bound)
+    session.adopt_fallback(found)
+    return None if found.passed else fallback_error(found, f"{session.fp32.name} int8", bound)
 
 
 def _load(model: str | Path, options: BuildOptions, out: Path, kind: str) -> Fp32Model:
@@ -131,6 +170,10 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             fields["calibration"] = {"method": table.method, "parameters": table.parameters, "num_samples": table.num_samples,
                                      "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
+            if session.fallback is not None and target.float_layers:
+                fields["fallback"] = session.fallback.manifest()
+            elif options.auto_fallback:
+                inputs.notes.append(f"--auto-fallback does not apply: {target.name} INT8 is full-integer (no layer is kept float)")
             if options.quantize.layer_report:
                 graph, _ = session.qdq(encoding, target.placement)
                 layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
@@ -223,6 +266,11 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
         cell.failed = get_target(cell.target).preflight(session.fp32, cell.precision)
         cell.exit_code = 2 if cell.failed else 0
     pending = [cell for cell in plan.runnable if not cell.failed]
+    problem = _auto_fallback(session, [get_target(c.target) for c in pending if c.precision == "int8"], conditions)
+    if problem is not None:  # every INT8 cell that would keep layers float fails with the search's best; the others still build
+        for cell in (c for c in pending if c.precision == "int8" and get_target(c.target).float_layers):
+            cell.failed, cell.exit_code = str(naming(problem, session.fp32.origin)), problem.exit_code
+        pending = [cell for cell in pending if not cell.failed]
     for index, cell in enumerate(pending, 1):
         target = get_target(cell.target)
         cell.folder = out / f"{cell.target}-{cell.precision}"

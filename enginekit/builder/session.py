@@ -16,6 +16,7 @@ import numpy as np
 
 from enginekit.accuracy import collect_outputs
 from enginekit.builder.calibration import calibrate_model
+from enginekit.builder.fallback import Fallback
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.table import CalibrationTable
@@ -55,6 +56,17 @@ class ModelSession:
         self._qdq: dict[str, tuple[QdqGraph, dict[str, Any]]] = {}
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
+        self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
+
+    def adopt_fallback(self, found: Fallback) -> None:
+        """Keep the layers the fallback search chose in float for every INT8 artifact of this build."""
+        import dataclasses
+
+        self.fallback = found
+        if found.passed and found.float_nodes:
+            quantize = self.options.quantize
+            quantize = dataclasses.replace(quantize, exclude_nodes=(*quantize.exclude_nodes, *found.float_nodes))
+            self.options = dataclasses.replace(self.options, quantize=quantize)
 
     def table(self) -> CalibrationTable:
         """The given table (checked against this model), else one calibration pass here."""

@@ -24,18 +24,19 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "enginekit.manifest/1"
 TABLE_SCHEMA = "enginekit.calibration/1"
 REPORT_SCHEMA = "enginekit.report/1"
+SENSITIVITY_SCHEMA = "enginekit.sensitivity/1"
 BUILD_TABLE = "calibration.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
-ARTIFACT, BUILD_ROOT, TABLE, TRT_CACHE, REPORT = "artifact", "build-root", "table", "trt-cache", "report"
+ARTIFACT, BUILD_ROOT, TABLE, TRT_CACHE, REPORT, SENSITIVITY = "artifact", "build-root", "table", "trt-cache", "report", "sensitivity"
 _WHAT = {ARTIFACT: "artifact folder", BUILD_ROOT: "build folder", TABLE: "calibration table",
-         TRT_CACHE: "TensorRT cache file", REPORT: "report"}
+         TRT_CACHE: "TensorRT cache file", REPORT: "report", SENSITIVITY: "sensitivity ranking"}
 
 
 @dataclass(frozen=True)
 class Output:
     path: Path
-    kind: str  # ARTIFACT | BUILD_ROOT | TABLE | TRT_CACHE | REPORT
+    kind: str  # ARTIFACT | BUILD_ROOT | TABLE | TRT_CACHE | REPORT | SENSITIVITY
 
 
 def resolved(path: str | Path) -> Path:
@@ -88,6 +89,8 @@ def _ours(path: Path, kind: str) -> bool:
         return _starts_with(path, (b"TRT-",))
     if kind == REPORT:
         return _report_file(path)
+    if kind == SENSITIVITY:
+        return _json_schema(path) == SENSITIVITY_SCHEMA
     raise ValueError(f"unknown output kind {kind!r}")
 
 

@@ -130,6 +130,7 @@ class Target:
     encodings: ClassVar[tuple[str, ...]] = ()  # encodings a user may ask for instead (default: only `encoding`)
     placement: ClassVar[str] = "inputs"  # where its Q/DQ graph quantizes: "inputs" or also "outputs" (quantization.placement)
     aliases: ClassVar[tuple[str, ...]] = ()  # other names artifacts of this target carry in manifests
+    float_layers: ClassVar[bool] = True  # whether its INT8 keeps the Q/DQ graph's float (excluded) layers float
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def unavailable(self, precision: str) -> str | None:

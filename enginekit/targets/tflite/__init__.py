@@ -101,6 +101,7 @@ class TfliteTarget(Target):
     name = "tflite"
     precisions = ("fp32", "fp16", "int8")
     encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
+    float_layers = False  # the int8 flatbuffer is full-integer: excluded layers are not kept float
     option_defaults = {"io": "int8"}  # int8 .tflite input/output type: "int8" or "uint8"
 
     def unavailable(self, precision: str) -> str | None:

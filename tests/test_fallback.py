@@ -1,0 +1,131 @@
+"""--auto-fallback: the fewest float layers that make the gate pass, searched once on the Q/DQ
+graph, applied to every INT8 target, recorded in the manifest; a bound no set meets fails in one
+line with the best found."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import enginekit as ek
+from enginekit.core.errors import GateError
+
+RNG = np.random.default_rng(3)
+
+
+def _model(path) -> None:
+    """x -> conv1 -> relu -> conv2 -> relu -> conv3 -> y, where conv1's first channel is a
+    constant 500 that conv2 all but ignores: one per-tensor range for conv1's output leaves its
+    other channels a handful of levels. Only the layers around that tensor need float."""
+    inits, nodes, source = [], [], "x"
+    for index, (cin, cout) in enumerate([(4, 8), (8, 8), (8, 4)], 1):
+        weight = RNG.normal(0, 0.5, (cout, cin, 3, 3)).astype(np.float32)
+        bias = RNG.normal(0, 0.1, cout).astype(np.float32)
+        if index == 1:
+            weight[0], bias[0] = 0.0, 500.0
+        if index == 2:
+            weight[:, 0] *= 1e-4
+        inits += [numpy_helper.from_array(weight, f"w{index}"), numpy_helper.from_array(bias, f"b{index}")]
+        nodes.append(helper.make_node("Conv", [source, f"w{index}", f"b{index}"], [f"c{index}"], name=f"conv{index}", pads=[1, 1, 1, 1]))
+        source = f"c{index}"
+        if index < 3:
+            nodes.append(helper.make_node("Relu", [source], [f"r{index}"], name=f"relu{index}"))
+            source = f"r{index}"
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("c3", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _data(folder):
+    calibration = RNG.normal(0, 1, (32, 4, 8, 8)).astype(np.float32)
+    evaluation = RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
+    np.savez(folder / "calibration.npz", x=calibration)
+    np.savez(folder / "evaluation.npz", x=evaluation)
+    return str(folder / "calibration.npz"), str(folder / "evaluation.npz")
+
+
+@pytest.fixture()
+def case(tmp_path):
+    _model(tmp_path / "model.onnx")
+    calibration, evaluation = _data(tmp_path)
+    return tmp_path, calibration, evaluation
+
+
+def _options(calibration, evaluation, **extra):
+    extra = {"min_accuracy": "cosine>=0.99", **extra}
+    return ek.BuildOptions(calib_data=calibration, eval_data=evaluation, num_samples=32,
+                           quantize=ek.QuantizeSettings(bias_correction=False), **extra)
+
+
+def test_without_fallback_the_int8_build_fails_its_gate(case):
+    folder, calibration, evaluation = case
+    with pytest.raises(GateError, match="cosine"):
+        ek.build(str(folder / "model.onnx"), "onnxruntime", "int8", folder / "plain", _options(calibration, evaluation))
+
+
+def test_auto_fallback_keeps_the_fewest_layers_float_and_every_target_gets_them(case):
+    folder, calibration, evaluation = case
+    cells = ek.build_many(str(folder / "model.onnx"), ["onnxruntime", "openvino"], ["int8"], folder / "out",
+                          _options(calibration, evaluation, auto_fallback=True))
+    built = [cell for cell in cells if cell.result is not None]
+    assert built and not [cell.failed for cell in cells if cell.failed]
+    for cell in built:
+        manifest = cell.manifest
+        fallback = manifest["fallback"]
+        assert fallback["passed"] and 1 <= len(fallback["float_layers"]) <= 2, fallback
+        assert set(fallback["float_layers"]) <= {"conv1", "conv2", "conv3"}
+        assert manifest["quantization"]["exclude_nodes"] == fallback["float_layers"]  # the artifact was built with them
+        assert manifest["accuracy"]["passed"] and manifest["accuracy"]["metrics"]["cosine"] >= 0.99  # verified on the target's runtime
+    assert len({tuple(cell.manifest["fallback"]["float_layers"]) for cell in built}) == 1  # one set for every target
+
+
+def test_a_bound_no_set_meets_fails_in_one_line_with_the_best_found(case):
+    folder, calibration, evaluation = case
+    # ONNX Runtime quantizes conv1's output at conv1 and again where conv2 reads it: one float layer cannot free it
+    with pytest.raises(GateError, match=r"no fallback of at most 1 float layers meets the accuracy gate: the best found keeps "
+                                        r"[01] in float \(.*\) and reaches cosine 0\.9\d+ \(all-INT8: cosine 0\.9\d+\)"):
+        ek.build(str(folder / "model.onnx"), "onnxruntime", "int8", folder / "bounded",
+                 _options(calibration, evaluation, auto_fallback=True, max_float_layers=1))
+    assert not (folder / "bounded").exists()
+
+
+def test_the_command_line_builds_with_fallback_and_names_the_float_layers(case, run_cli):
+    folder, calibration, evaluation = case
+    common = ["build", "-m", folder / "model.onnx", "--targets", "onnxruntime", "--precisions", "int8", "--calib-data", calibration,
+              "--eval-data", evaluation, "-n", "32", "--min-accuracy", "cosine>=0.99", "--auto-fallback"]
+    result = run_cli(*common, "-o", folder / "cli")
+    assert result.code == 0, result.err
+    manifest = json.loads((folder / "cli" / "manifest.json").read_text())
+    assert manifest["fallback"]["float_layers"]
+    bounded = run_cli(*common, "--max-float-layers", "1", "-o", folder / "cli1")
+    assert bounded.code == 1
+    assert len(bounded.err.strip().splitlines()) == 1 and "no fallback of at most 1 float layers" in bounded.err
+    assert "Traceback" not in bounded.err and not (folder / "cli1").exists()
+
+
+def test_sensitivity_ranks_the_layers_that_free_the_hard_tensor_first_and_writes_json(case, run_cli):
+    folder, calibration, evaluation = case
+    result = run_cli("sensitivity", "-m", folder / "model.onnx", "--calib-data", calibration, "--eval-data", evaluation, "-n", "32",
+                     "--min-accuracy", "cosine>=0.99", "-o", folder / "ranking.json")
+    assert result.code == 0, result.err
+    ranking = json.loads((folder / "ranking.json").read_text())
+    assert ranking["schema"] == "enginekit.sensitivity/1" and ranking["all_int8_margin"] < 0
+    assert set(ranking["ranking"][0]["float_layers"]) == {"conv1", "conv2"}  # conv1's output, quantized at both ends on ONNX Runtime
+    assert ranking["ranking"][0]["margin_gain"] > 0 >= ranking["ranking"][-1]["margin_gain"] - 1e-3
+    assert "conv1, conv2" in result.out
+    again = run_cli("sensitivity", "-m", folder / "model.onnx", "--calib-data", calibration, "--eval-data", evaluation,
+                    "-o", folder / "model.onnx")
+    assert again.code == 2 and "the output is also an input" in again.err
+
+
+def test_a_full_integer_target_says_the_fallback_does_not_apply(case):
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    folder, calibration, evaluation = case
+    options = _options(calibration, evaluation, auto_fallback=True, min_accuracy="cosine>=0.9")
+    manifest = ek.build(str(folder / "model.onnx"), "tflite", "int8", folder / "tfl", options).manifest
+    assert "fallback" not in manifest
+    assert any("--auto-fallback does not apply: tflite INT8 is full-integer" in note for note in manifest["notes"])
