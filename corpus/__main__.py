@@ -16,7 +16,8 @@ TARGETS = ("onnxruntime", "openvino", "tflite")
 PRECISIONS = ("fp32", "int8")
 
 
-def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, auto_fallback: bool = False) -> list[dict[str, Any]]:
+def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, auto_fallback: bool = False,
+              calib_method: str = "auto") -> list[dict[str, Any]]:
     """One model's cells: built or the one-line reason, with accuracy, speed-up and integer share."""
     import enginekit as ek
     from enginekit.accuracy.metrics import headline
@@ -41,7 +42,8 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, 
             data_files[split].parent.mkdir(parents=True, exist_ok=True)
             np.savez(data_files[split], **arrays)
         options = ek.BuildOptions(calib_data=str(data_files["calibration"]), eval_data=str(data_files["evaluation"]), num_samples=samples,
-                                  weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds, auto_fallback=auto_fallback)
+                                  weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds, auto_fallback=auto_fallback,
+                                  calib_method=calib_method)
         built = ek.build_many(model, list(targets), list(precisions), folder / "artifacts", options)
     except EnginekitError as exc:
         for cell in cells:
@@ -56,6 +58,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, 
             continue
         manifest = outcome.manifest
         cell.update(status="built", accuracy=headline(manifest["accuracy"]["metrics"]), integer_share=manifest.get("integer_share"),
+                    calibration=(manifest.get("calibration") or {}).get("method"),
                     float_layers=(manifest.get("fallback") or {}).get("float_layers", []),
                     outputs={name: {k: v for k, v in m.items()} for name, m in manifest["accuracy"]["metrics"].get("outputs", {}).items()})
         folders.append((cell, outcome.folder))
@@ -98,7 +101,8 @@ def markdown(cells: list[dict[str, Any]]) -> str:
         share = f"{share:.0%}" if isinstance(share, (int, float)) else "-"
         if cell.get("float_layers"):  # kept float by --auto-fallback: say so and which
             share += f" ({len(cell['float_layers'])} float by fallback: {', '.join(cell['float_layers'][:3])}{' ...' if len(cell['float_layers']) > 3 else ''})"
-        rows.append([cell["model"], cell["target"], cell["precision"], "built", cell["accuracy"],
+        accuracy = cell["accuracy"] + (f" [{cell['calibration']}]" if cell.get("calibration") else "")  # INT8: the ranges' method
+        rows.append([cell["model"], cell["target"], cell["precision"], "built", accuracy,
                      f"{cell['speedup']:.2f}x" if cell.get("speedup") else "-", share,
                      f"{cell['p50_ms']:.3f}" if cell.get("p50_ms") else "-"])
     return markdown_table(["model", "target", "precision", "result", "accuracy vs FP32 / reason", "speed-up vs FP32", "integer ops", "p50 ms"],
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="calibration and evaluation samples each")
     parser.add_argument("--out", default="artifacts/corpus")
     parser.add_argument("--no-bench", action="store_true")
+    parser.add_argument("--calib-method", default="auto", help="calibration method for every model (default auto: chosen per model)")
     parser.add_argument("--auto-fallback", action="store_true", help="INT8 below its gate keeps the fewest float layers that pass (build --auto-fallback)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -138,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[corpus] {name}: {BY_NAME[name].what}", file=sys.stderr, flush=True)
         cells += run_model(BY_NAME[name], out, args.targets.split(","), args.precisions.split(","), args.samples, not args.no_bench,
-                           args.auto_fallback)
+                           args.auto_fallback, args.calib_method)
     result = {"models": names, "targets": args.targets.split(","), "precisions": args.precisions.split(","), "samples": args.samples,
-              "auto_fallback": args.auto_fallback,
+              "auto_fallback": args.auto_fallback, "calib_method": args.calib_method,
               "seconds": round(time.perf_counter() - started, 1), "summary": summary(cells), "cells": cells}
     (out / "matrix.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     text = markdown(cells) + f"\n\n{result['summary']}; {result['seconds']:.0f} s in all.\n"

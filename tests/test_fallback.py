@@ -17,7 +17,7 @@ from enginekit.core.errors import GateError
 RNG = np.random.default_rng(3)
 
 
-def _model(path) -> None:
+def _model(path, hard_tensor: bool = True) -> None:
     """x -> conv1 -> relu -> conv2 -> relu -> conv3 -> y, where conv1's first channel is a
     constant 500 that conv2 all but ignores: one per-tensor range for conv1's output leaves its
     other channels a handful of levels. Only the layers around that tensor need float."""
@@ -25,9 +25,9 @@ def _model(path) -> None:
     for index, (cin, cout) in enumerate([(4, 8), (8, 8), (8, 4)], 1):
         weight = RNG.normal(0, 0.5, (cout, cin, 3, 3)).astype(np.float32)
         bias = RNG.normal(0, 0.1, cout).astype(np.float32)
-        if index == 1:
+        if index == 1 and hard_tensor:
             weight[0], bias[0] = 0.0, 500.0
-        if index == 2:
+        if index == 2 and hard_tensor:
             weight[:, 0] *= 1e-4
         inits += [numpy_helper.from_array(weight, f"w{index}"), numpy_helper.from_array(bias, f"b{index}")]
         nodes.append(helper.make_node("Conv", [source, f"w{index}", f"b{index}"], [f"c{index}"], name=f"conv{index}", pads=[1, 1, 1, 1]))
@@ -57,7 +57,8 @@ def case(tmp_path):
 
 def _options(calibration, evaluation, **extra):
     extra = {"min_accuracy": "cosine>=0.99", **extra}
-    return ek.BuildOptions(calib_data=calibration, eval_data=evaluation, num_samples=32,
+    extra = {"num_samples": 32, **extra}
+    return ek.BuildOptions(calib_data=calibration, eval_data=evaluation,
                            quantize=ek.QuantizeSettings(bias_correction=False), **extra)
 
 
@@ -129,3 +130,48 @@ def test_a_full_integer_target_says_the_fallback_does_not_apply(case):
     manifest = ek.build(str(folder / "model.onnx"), "tflite", "int8", folder / "tfl", options).manifest
     assert "fallback" not in manifest
     assert any("--auto-fallback does not apply: tflite INT8 is full-integer" in note for note in manifest["notes"])
+
+
+def test_when_no_set_passes_only_the_encodings_below_the_gate_fail(case, monkeypatch):
+    """The search's bound is not met for ONNX Runtime's graph; an encoding that passes all-INT8 in
+    the search (OpenVINO's, made to pass here) is built all-INT8 and judged by its own gate."""
+    from enginekit.builder import fallback
+
+    folder, calibration, evaluation = case
+    real = fallback._Search.margins
+
+    def openvino_passes(self, float_nodes, quick=False, pairs=None):
+        result = real(self, float_nodes, quick, pairs)
+        return {pair: ((abs(m) if pair[1] == "inputs" else m), metrics) for pair, (m, metrics) in result.items()}
+
+    monkeypatch.setattr(fallback._Search, "margins", openvino_passes)
+    cells = ek.build_many(str(folder / "model.onnx"), ["onnxruntime", "openvino"], ["int8"], folder / "mixed",
+                          _options(calibration, evaluation, auto_fallback=True, max_float_layers=1))
+    by_target = {cell.target: cell for cell in cells}
+    assert by_target["onnxruntime"].failed and "no fallback of at most 1 float layers" in by_target["onnxruntime"].failed
+    openvino = by_target["openvino"]
+    assert openvino.failed and "no fallback" not in openvino.failed and "accuracy gate failed" in openvino.failed  # its own runtime's verdict
+
+
+EMBEDDING = {"c3": "embedding"}  # a cosine per vector, averaged: one extreme sample cannot dominate it
+
+
+def test_calib_method_auto_picks_the_table_whose_int8_agrees_best_on_calibration_data(tmp_path):
+    """One calibration pixel of 3000 (the rest ~N(0, 1)): min-max ranges sized for it leave every
+    other value a handful of levels; auto judges the four tables on calibration samples and avoids it."""
+    from enginekit.calibration.methods import METHODS
+
+    _model(tmp_path / "model.onnx", hard_tensor=False)
+    calibration = RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
+    calibration[0, 0, 0, 0] = 3000.0
+    np.savez(tmp_path / "calibration.npz", x=calibration)
+    np.savez(tmp_path / "evaluation.npz", x=RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32))
+    paths = str(tmp_path / "calibration.npz"), str(tmp_path / "evaluation.npz")
+    manifest = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "auto",
+                        _options(*paths, calib_method="auto", num_samples=64, min_accuracy="none", output_kinds=EMBEDDING)).manifest
+    choice = manifest["calibration"]["parameters"]["auto"]
+    assert set(choice["margins"]) == set(METHODS) and choice["chosen"] == manifest["calibration"]["method"]
+    assert choice["margins"][choice["chosen"]] == max(choice["margins"].values()) > choice["margins"]["minmax"]
+    plain = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "minmax",
+                     _options(*paths, num_samples=64, min_accuracy="none", output_kinds=EMBEDDING)).manifest
+    assert manifest["accuracy"]["metrics"]["cosine"] > plain["accuracy"]["metrics"]["cosine"]

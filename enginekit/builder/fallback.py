@@ -8,8 +8,10 @@ evaluated and the worst decides.
 
 The search: (1) rank — for each quantized tensor, the unit that frees it (the compute op that
 made it and the quantized ops that read it, so the tensor has no Q/DQ left) is kept float alone,
-and the gate's margin on one evaluation batch says how much that unit is worth; measured rather
-than read from per-tensor SQNR, which a tensor dominated by one large channel hides. (2) add
+and the gate's margin on QUICK_SAMPLES evaluation samples of the encodings that fail says how
+much that unit is worth; measured rather than read from per-tensor SQNR, which a tensor dominated
+by one large channel hides (beyond RANKED_UNITS units, the per-layer report's added error picks
+which to measure). (2) add
 units best first, checking the gate on the whole evaluation data, until it passes or the bound is
 reached. (3) give back to INT8, one by one, every layer the gate does not need. Bias correction
 is left out of the search (it would rerun per candidate); the targets' own gates run with it.
@@ -33,6 +35,8 @@ from enginekit.quantization.pipeline import build_qdq, plan_for
 from enginekit.quantization.placement import SAME_SCALE_OPS
 
 DEFAULT_MAX_FLOAT_LAYERS = 16
+RANKED_UNITS = 32  # units measured one by one; more are pre-ranked by the per-layer report's added error
+QUICK_SAMPLES = 16  # evaluation samples each unit is measured on
 _LOOK_THROUGH = SAME_SCALE_OPS | {"Relu", "Clip"}  # fused into, or moving data after, the op that computed a tensor
 
 
@@ -48,6 +52,7 @@ class Fallback:
     margin: float
     evaluations: int = 0
     encodings: list[str] = field(default_factory=list)
+    failing: list[tuple[str, str]] = field(default_factory=list)  # (encoding, placement) below the gate all-INT8
 
     def manifest(self) -> dict[str, Any]:
         return {"float_layers": self.float_nodes, "passed": self.passed, "all_int8": self.before, "with_fallback": self.after,
@@ -63,7 +68,9 @@ class _Search:
         self.evaluations = 0
         evaluation = session.evaluation()
         self.axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}
-        first = evaluation.batches[:1]
+        from enginekit.core.tensors import take
+
+        first = [take(evaluation.batches[0], 0, QUICK_SAMPLES, session.input_axes)]
         reference = Session(session.fp32.proto, threads=session.options.threads, spinning=False)
         self.quick = (first, collect_outputs(reference.run, first, None, session.input_axes, session.output_axes),
                       None if evaluation.labels is None else evaluation.labels[: _rows(first, session)])
@@ -73,20 +80,23 @@ class _Search:
         return dataclasses.replace(self.base, exclude_nodes=(*self.base.exclude_nodes, *float_nodes), bias_correction=False)
 
     def evaluate(self, float_nodes: Sequence[str], quick: bool = False, pairs: Sequence[tuple[str, str]] | None = None) -> tuple[float, dict[str, Any]]:
-        """The worst gate margin over the encodings (on one batch when `quick`) and its metrics."""
+        """The worst gate margin over the encodings (on QUICK_SAMPLES samples when `quick`) and its metrics."""
+        margins = self.margins(float_nodes, quick, pairs)
+        return min(margins.values(), key=lambda m: m[0])
+
+    def margins(self, float_nodes: Sequence[str], quick: bool = False, pairs: Sequence[tuple[str, str]] | None = None) -> dict[tuple[str, str], tuple[float, dict[str, Any]]]:
+        """(gate margin, metrics) per (encoding, placement)."""
         session = self.session
         batches, reference, labels = self.quick if quick else self.full
-        worst: tuple[float, dict[str, Any]] | None = None
+        result = {}
         for encoding, placement in pairs or self.pairs:
             graph, _ = build_qdq(session.fp32, session.table(), self.settings(float_nodes), encoding, (), session.options.threads, placement)
             runner = Session(graph.model, threads=session.options.threads, spinning=False)
             candidate = collect_outputs(runner.run, batches, None, session.input_axes, session.output_axes)
             metrics = compare_outputs(reference, candidate, labels, session.options.output_kinds, self.axes)
-            margin = gate_margin(metrics, self.conditions, "int8")
+            result[(encoding, placement)] = (gate_margin(metrics, self.conditions, "int8"), metrics)
             self.evaluations += 1
-            if worst is None or margin < worst[0]:
-                worst = (margin, metrics)
-        return worst
+        return result
 
     def units(self, placement: str) -> list[list[str]]:
         """Per quantized tensor, the quantized ops that must be float for it to have no Q/DQ."""
@@ -103,17 +113,40 @@ class _Search:
                 found[unit] = None
         return [list(unit) for unit in found]
 
-    def ranking(self) -> list[dict[str, Any]]:
-        """Every unit with the gate margin it reaches alone in float on one batch and what that
-        gains over all-INT8, best first."""
-        margin, _ = self.evaluate([], quick=True)
-        units = {tuple(u): None for _, placement in self.pairs for u in self.units(placement)}
+    def ranking(self, pairs: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Units with the gate margin each reaches alone in float on QUICK_SAMPLES samples of the
+        `pairs` (default: all) and what that gains over all-INT8, best first. Beyond
+        RANKED_UNITS units, the ones around the tensors adding the most error (per-layer report)
+        are the ones measured."""
+        pairs = list(pairs or self.pairs)
+        margin, _ = self.evaluate([], quick=True, pairs=pairs)
+        units = list({tuple(u): None for _, placement in pairs for u in self.units(placement)})
+        if len(units) > RANKED_UNITS:
+            units = self.preranked(units, pairs[0])[:RANKED_UNITS]
         rows = []
         for index, unit in enumerate(units):
             report("ranking layers for float fallback", index, len(units), "units")
-            alone, metrics = self.evaluate(unit, quick=True)
+            alone, metrics = self.evaluate(unit, quick=True, pairs=pairs)
             rows.append({"float_layers": list(unit), "margin_gain": alone - margin, "margin": alone, "metrics": headline(metrics)})
         return sorted(rows, key=lambda r: -r["margin_gain"])
+
+    def preranked(self, units: list[tuple[str, ...]], pair: tuple[str, str]) -> list[tuple[str, ...]]:
+        """Units by the largest added error (per-layer report, QUICK_SAMPLES samples) of a tensor
+        whose producer or quantized readers they hold."""
+        from enginekit.quantization.report import layer_report
+
+        session = self.session
+        graph, _ = build_qdq(session.fp32, session.table(), self.settings(()), pair[0], (), session.options.threads, pair[1])
+        rows = layer_report(session.fp32, graph, session.table(), self.quick[0], None, session.options.threads)
+        noise = {row["tensor"]: row.get("added_noise") or 0.0 for row in rows}
+        plan, _ = plan_for(session.fp32, self.settings(()), pair[1])
+        producers = {o: n for n in session.fp32.proto.graph.node for o in n.output}
+        score: dict[str, float] = {}
+        for tensor in plan.activations:
+            producer = _computing_node(tensor, producers)
+            for name in ([producer.name] if producer is not None else []) + list(plan.consumers.get(tensor, ())):
+                score[name] = max(score.get(name, 0.0), noise.get(tensor, 0.0))
+        return sorted(units, key=lambda unit: -max(score.get(name, 0.0) for name in unit))
 
 
 def _rows(batches: Sequence[dict[str, np.ndarray]], session: Any) -> int:
@@ -135,12 +168,14 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
     the Q/DQ graph of every (encoding, placement) in `pairs`; `passed` False with the best set
     found when none within the bound does."""
     search = _Search(session, pairs, conditions)
-    margin, metrics = search.evaluate([])
+    margins = search.margins([])
+    margin, metrics = min(margins.values(), key=lambda m: m[0])
+    failing = [pair for pair, (m, _) in margins.items() if m < 0]  # the encodings the ranking is measured on
     before = headline(metrics)
     chosen: list[str] = []
     best = (margin, list(chosen), metrics)
     if margin < 0 and max_float_layers > 0:
-        for unit in (row["float_layers"] for row in search.ranking() if row["margin_gain"] > 0):
+        for unit in (row["float_layers"] for row in search.ranking(failing) if row["margin_gain"] > 0):
             added = [name for name in unit if name not in chosen]
             if not added or len(chosen) + len(added) > max_float_layers:
                 continue
@@ -158,7 +193,7 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
             if trial_margin >= 0:
                 chosen, margin, metrics = trial, trial_margin, trial_metrics
     return Fallback(chosen, margin >= 0, before, headline(metrics), margin, search.evaluations,
-                    [f"{encoding}/{placement}" for encoding, placement in pairs])
+                    [f"{encoding}/{placement}" for encoding, placement in pairs], failing)
 
 
 def sensitivity_ranking(session: Any, pairs: Sequence[tuple[str, str]], conditions: list[Condition] | None) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, ARTIFACT), options)
     if precision == "int8":
-        problem = _auto_fallback(session, [chosen], conditions)
+        session.int8_pairs = {_pair(chosen, options)}
+        problem, _ = _auto_fallback(session, [chosen], conditions)
         if problem is not None:
             raise problem
     return build_cell(session, chosen, precision, out, conditions)
@@ -106,7 +107,8 @@ def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, ou
         check_outputs([Output(Path(output), SENSITIVITY)], _inputs(model, options))
     chosen = [get_target(name) for name in targets]
     session = ModelSession(load_fp32(model, options.source_options()), options)
-    pairs = sorted({(t.resolve_encoding(options.quantize.encoding), t.placement) for t in chosen})
+    pairs = sorted({_pair(t, options) for t in chosen})
+    session.int8_pairs = set(pairs)
     result = {"schema": SENSITIVITY_SCHEMA, **sensitivity_ranking(session, pairs, parse_conditions(options.min_accuracy))}
     if output is not None:
         text = json.dumps(result, indent=1) + "\n"
@@ -114,19 +116,26 @@ def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, ou
     return result
 
 
-def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions: list[Condition] | None) -> GateError | None:
+def _pair(target: Target, options: BuildOptions) -> tuple[str, str]:
+    """The (encoding, placement) of the Q/DQ graph `target`'s INT8 is built from."""
+    return target.resolve_encoding(options.quantize.encoding), target.placement
+
+
+def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions: list[Condition] | None
+                   ) -> tuple[GateError | None, set[tuple[str, str]]]:
     """With --auto-fallback: search the float layers once for every INT8 target of the build and
-    adopt them; the GateError (best found) when no set within the bound passes."""
+    adopt them. When no set within the bound passes: the GateError (best found) and the
+    (encoding, placement) pairs that fail all-INT8 (their cells fail; the others build all-INT8)."""
     options = session.options
     int8_targets = [t for t in int8_targets if t.float_layers]
     if not options.auto_fallback or not int8_targets:
-        return None
-    pairs = sorted({(t.resolve_encoding(options.quantize.encoding), t.placement) for t in int8_targets})
+        return None, set()
+    pairs = sorted({_pair(t, options) for t in int8_targets})
     bound = options.max_float_layers if options.max_float_layers is not None else DEFAULT_MAX_FLOAT_LAYERS
     report("searching float fallback", 0, 1, "searches", ", ".join(f"{e}/{p}" for e, p in pairs))
     found = find_float_layers(session, pairs, conditions, bound)
     session.adopt_fallback(found)
-    return None if found.passed else fallback_error(found, f"{session.fp32.name} int8", bound)
+    return (None, set()) if found.passed else (fallback_error(found, f"{session.fp32.name} int8", bound), set(found.failing))
 
 
 def _load(model: str | Path, options: BuildOptions, out: Path, kind: str) -> Fp32Model:
@@ -266,9 +275,11 @@ def build_many(model: str | Path, targets: list[str], precisions: list[str], out
         cell.failed = get_target(cell.target).preflight(session.fp32, cell.precision)
         cell.exit_code = 2 if cell.failed else 0
     pending = [cell for cell in plan.runnable if not cell.failed]
-    problem = _auto_fallback(session, [get_target(c.target) for c in pending if c.precision == "int8"], conditions)
-    if problem is not None:  # every INT8 cell that would keep layers float fails with the search's best; the others still build
-        for cell in (c for c in pending if c.precision == "int8" and get_target(c.target).float_layers):
+    int8_targets = [get_target(c.target) for c in pending if c.precision == "int8"]
+    session.int8_pairs = {_pair(t, options) for t in int8_targets} or session.int8_pairs
+    problem, failing = _auto_fallback(session, int8_targets, conditions)
+    if problem is not None:  # the INT8 cells of the encodings below the gate fail with the search's best; the others build all-INT8
+        for cell in (c for c in pending if c.precision == "int8" and _pair(get_target(c.target), options) in failing):
             cell.failed, cell.exit_code = str(naming(problem, session.fp32.origin)), problem.exit_code
         pending = [cell for cell in pending if not cell.failed]
     for index, cell in enumerate(pending, 1):

@@ -17,6 +17,8 @@ import numpy as np
 from enginekit.accuracy import collect_outputs
 from enginekit.builder.calibration import calibrate_model
 from enginekit.builder.fallback import Fallback
+from enginekit.builder.method_choice import AUTO, choose_table
+from enginekit.calibration.methods import METHODS
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.table import CalibrationTable
@@ -57,13 +59,17 @@ class ModelSession:
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
+        self.int8_pairs: set[tuple[str, str]] = {("int8", "inputs")}  # (encoding, placement) of the build's INT8 targets
 
     def adopt_fallback(self, found: Fallback) -> None:
-        """Keep the layers the fallback search chose in float for every INT8 artifact of this build."""
+        """Keep the layers the fallback search chose in float for every INT8 artifact of this build
+        (nothing changes when the search found no set that passes)."""
         import dataclasses
 
+        if not found.passed:
+            return
         self.fallback = found
-        if found.passed and found.float_nodes:
+        if found.float_nodes:
             quantize = self.options.quantize
             quantize = dataclasses.replace(quantize, exclude_nodes=(*quantize.exclude_nodes, *found.float_nodes))
             self.options = dataclasses.replace(self.options, quantize=quantize)
@@ -76,10 +82,11 @@ class ModelSession:
                 self._table = CalibrationTable.load(options.table)
                 self._table.check_model(self.fp32.sha256, options.table)
             else:
-                run = calibrate_model(self.fp32, options.calib_data, [options.calib_method], num_samples=options.num_samples,
-                                      threads=options.threads)
+                auto = options.calib_method == AUTO
+                run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
+                                      num_samples=options.num_samples, threads=options.threads)
                 self.warnings += run.warnings
-                self._table = run.tables[options.calib_method]
+                self._table = choose_table(self, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
                 self.calibrated_here = True
         return self._table
 
