@@ -181,7 +181,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
             if session.fallback is not None and target.float_layers:
                 fields["fallback"] = session.fallback.manifest()
-            elif options.auto_fallback:
+            elif options.auto_fallback and not target.float_layers:
                 inputs.notes.append(f"--auto-fallback does not apply: {target.name} INT8 is full-integer (no layer is kept float)")
             if options.quantize.layer_report:
                 graph, _ = session.qdq(encoding, target.placement)

@@ -18,9 +18,9 @@ from enginekit.accuracy import collect_outputs
 from enginekit.builder.calibration import calibrate_model
 from enginekit.builder.fallback import Fallback
 from enginekit.builder.method_choice import AUTO, choose_table
-from enginekit.calibration.methods import METHODS
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
+from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.tensors import Feeds, batch_axes, batch_size
 from enginekit.exporter.reference import Fp32Model
