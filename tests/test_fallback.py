@@ -170,8 +170,43 @@ def test_calib_method_auto_picks_the_table_whose_int8_agrees_best_on_calibration
     manifest = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "auto",
                         _options(*paths, calib_method="auto", num_samples=64, min_accuracy="none", output_kinds=EMBEDDING)).manifest
     choice = manifest["calibration"]["parameters"]["auto"]
-    assert set(choice["margins"]) == set(METHODS) and choice["chosen"] == manifest["calibration"]["method"]
-    assert choice["margins"][choice["chosen"]] == max(choice["margins"].values()) > choice["margins"]["minmax"]
+    scores = choice["scores"]
+    assert set(scores) == set(METHODS) and choice["chosen"] == manifest["calibration"]["method"] != "minmax"
+    assert all(a > b for a, b in zip(scores[choice["chosen"]], scores["minmax"]))  # better on every part of the samples
     plain = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "minmax",
                      _options(*paths, num_samples=64, min_accuracy="none", output_kinds=EMBEDDING)).manifest
     assert manifest["accuracy"]["metrics"]["cosine"] > plain["accuracy"]["metrics"]["cosine"]
+
+
+def test_calib_method_auto_passes_over_a_method_ahead_on_average_but_behind_on_one_part(tmp_path, monkeypatch):
+    """Percentile is ahead on average but behind min-max on one part of the samples (noise); MSE
+    is ahead on every part and is chosen. Scores are scripted, in METHODS order."""
+    from enginekit.builder import method_choice
+
+    _model(tmp_path / "model.onnx", hard_tensor=False)
+    data = RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=data)
+    scripted = iter([[0.95, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.94], [0.90] * 4, [0.96, 0.96, 0.96, 0.96]])  # METHODS order
+    real = method_choice._lowest_cosine
+    calls = {"n": 0}
+
+    def scripted_cosine(metrics):
+        real(metrics)
+        calls["n"] += 1
+        return current[(calls["n"] - 1) % 4]
+
+    current: list[float] = []
+
+    def next_method(*args, **kwargs):
+        current[:] = next(scripted)
+        return original_build(*args, **kwargs)
+
+    original_build = method_choice.build_qdq
+    monkeypatch.setattr(method_choice, "build_qdq", next_method)
+    monkeypatch.setattr(method_choice, "_lowest_cosine", scripted_cosine)
+    manifest = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "out",
+                        _options(str(tmp_path / "data.npz"), str(tmp_path / "data.npz"), calib_method="auto", num_samples=64,
+                                 min_accuracy="none")).manifest
+    choice = manifest["calibration"]["parameters"]["auto"]
+    assert choice["scores"]["percentile"] == [0.99, 0.99, 0.99, 0.94]  # ahead on average, behind on one part
+    assert choice["chosen"] == "mse"  # the one that wins on every part
