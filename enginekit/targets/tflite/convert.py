@@ -105,7 +105,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
 
                 for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
                     engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
-            with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar ignores enable_progress_report
+            with contextlib.redirect_stderr(io.StringIO()), quiet_stderr():  # its tqdm bar ignores enable_progress_report; LiteRT's INFO lines
                 result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
         raise InputError(f"ai-edge-quantizer refused the ranges: {' '.join(str(exc).split())[:300]}") from None
@@ -147,7 +147,8 @@ def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
 
     from enginekit.targets.tflite.runner import require_litert
 
-    interpreter = require_litert().Interpreter(model_content=model, num_threads=threads)
+    with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        interpreter = require_litert().Interpreter(model_content=model, num_threads=threads)
     for detail in interpreter.get_input_details():
         shape = [max(int(d), 1) for d in detail["shape_signature"]]
         interpreter.resize_tensor_input(detail["index"], shape, strict=False)

@@ -40,7 +40,10 @@ def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 def io_parameters(model: bytes) -> dict[str, dict[str, Any]]:
     """Dtype, scale and zero point of each signature input and output, by name (for the manifest)."""
-    interpreter = require_litert().Interpreter(model_content=model)
+    from enginekit.core.quiet import quiet_stderr
+
+    with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        interpreter = require_litert().Interpreter(model_content=model)
     runner = interpreter.get_signature_runner()
     params = {}
     for kind, details in (("input", runner.get_input_details()), ("output", runner.get_output_details())):
@@ -103,7 +106,10 @@ class TfliteRunner(Runner):
                 self._shapes[name] = shape
                 changed = True
         if changed:
-            self.interpreter.allocate_tensors()
+            from enginekit.core.quiet import quiet_stderr
+
+            with quiet_stderr():  # re-allocating creates the XNNPACK delegate again, which says so on stderr
+                self.interpreter.allocate_tensors()
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         self._prepare(feeds)
