@@ -24,15 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
-from enginekit.accuracy import Condition, collect_outputs, compare_outputs, gate_margin, headline
+from enginekit.accuracy import Condition, compare_outputs, gate_margin, headline
 from enginekit.core.errors import GateError
 from enginekit.core.progress import report
-from enginekit.onnx.session import Session
 from enginekit.quantization.pipeline import build_qdq, plan_for
-from enginekit.quantization.placement import SAME_SCALE_OPS
+from enginekit.core.tensors import batch_size, take
+from enginekit.quantization.placement import SAME_SCALE_OPS, source_node
 
 DEFAULT_MAX_FLOAT_LAYERS = 16
 RANKED_UNITS = 32  # units measured one by one; more are pre-ranked by the per-layer report's added error
@@ -57,7 +56,7 @@ class Fallback:
     def manifest(self) -> dict[str, Any]:
         return {"float_layers": self.float_nodes, "passed": self.passed, "all_int8": self.before, "with_fallback": self.after,
                 "evaluated_graphs": self.evaluations, "encodings": self.encodings,
-                "how": "units ranked by the gate margin each gains alone (one batch), added best first on the Q/DQ graph "
+                "how": f"units ranked by the gate margin each gains alone ({QUICK_SAMPLES} samples), added best first on the Q/DQ graph "
                        "in the reference executor, then pruned; bias correction off in the search"}
 
 
@@ -68,12 +67,9 @@ class _Search:
         self.evaluations = 0
         evaluation = session.evaluation()
         self.axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}
-        from enginekit.core.tensors import take
-
         first = [take(evaluation.batches[0], 0, QUICK_SAMPLES, session.input_axes)]
-        reference = Session(session.fp32.proto, threads=session.options.threads, spinning=False)
-        self.quick = (first, collect_outputs(reference.run, first, None, session.input_axes, session.output_axes),
-                      None if evaluation.labels is None else evaluation.labels[: _rows(first, session)])
+        labels = None if evaluation.labels is None else evaluation.labels[: batch_size(first[0], session.input_axes)]
+        self.quick = (first, session.outputs_of(session.fp32.proto, first), labels)
         self.full = (evaluation.batches, session.reference_outputs(), evaluation.labels)
 
     def settings(self, float_nodes: Sequence[str]):
@@ -91,8 +87,7 @@ class _Search:
         result = {}
         for encoding, placement in pairs or self.pairs:
             graph, _ = build_qdq(session.fp32, session.table(), self.settings(float_nodes), encoding, (), session.options.threads, placement)
-            runner = Session(graph.model, threads=session.options.threads, spinning=False)
-            candidate = collect_outputs(runner.run, batches, None, session.input_axes, session.output_axes)
+            candidate = session.outputs_of(graph.model, batches)
             metrics = compare_outputs(reference, candidate, labels, session.options.output_kinds, self.axes)
             result[(encoding, placement)] = (gate_margin(metrics, self.conditions, "int8"), metrics)
             self.evaluations += 1
@@ -103,12 +98,10 @@ class _Search:
         session = self.session
         plan, _ = plan_for(session.fp32, self.settings(()), placement)
         quantized = set(plan.nodes)
-        producers = {o: n for n in session.fp32.proto.graph.node for o in n.output}
+        producers = _producers(session.fp32.proto)
         found: dict[tuple[str, ...], None] = {}
         for tensor in plan.activations:
-            producer = _computing_node(tensor, producers)
-            around = ([producer.name] if producer is not None else []) + list(plan.consumers.get(tensor, ()))
-            unit = tuple(dict.fromkeys(name for name in around if name in quantized))
+            unit = tuple(dict.fromkeys(name for name in _around(tensor, plan, producers) if name in quantized))
             if unit and len(unit) < len(quantized):  # something must stay INT8
                 found[unit] = None
         return [list(unit) for unit in found]
@@ -140,26 +133,23 @@ class _Search:
         rows = layer_report(session.fp32, graph, session.table(), self.quick[0], None, session.options.threads)
         noise = {row["tensor"]: row.get("added_noise") or 0.0 for row in rows}
         plan, _ = plan_for(session.fp32, self.settings(()), pair[1])
-        producers = {o: n for n in session.fp32.proto.graph.node for o in n.output}
+        producers = _producers(session.fp32.proto)
         score: dict[str, float] = {}
         for tensor in plan.activations:
-            producer = _computing_node(tensor, producers)
-            for name in ([producer.name] if producer is not None else []) + list(plan.consumers.get(tensor, ())):
+            for name in _around(tensor, plan, producers):
                 score[name] = max(score.get(name, 0.0), noise.get(tensor, 0.0))
         return sorted(units, key=lambda unit: -max(score.get(name, 0.0) for name in unit))
 
 
-def _rows(batches: Sequence[dict[str, np.ndarray]], session: Any) -> int:
-    from enginekit.core.tensors import batch_size
-
-    return sum(batch_size(b, session.input_axes) for b in batches)
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
 
 
-def _computing_node(tensor: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
-    node = producers.get(tensor)
-    while node is not None and node.op_type in _LOOK_THROUGH and node.input:
-        node = producers.get(node.input[0])
-    return node
+def _around(tensor: str, plan: Any, producers: dict[str, onnx.NodeProto]) -> list[str]:
+    """The node that computed `tensor` (through a fused Relu/Clip or data movement) and the
+    quantized nodes that read it: with all of them float, the tensor has no Q/DQ left."""
+    producer = source_node(tensor, producers, _LOOK_THROUGH)
+    return ([producer.name] if producer is not None else []) + list(plan.consumers.get(tensor, ()))
 
 
 def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions: list[Condition] | None,

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.accuracy import collect_outputs, compare_outputs
+from enginekit.accuracy import compare_outputs
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.tensors import batch_size, take
-from enginekit.onnx.session import Session
 from enginekit.quantization.pipeline import build_qdq
 
 AUTO = "auto"
@@ -42,7 +41,7 @@ def choose_table(session: Any, tables: Mapping[str, CalibrationTable], pairs: Se
     (differences smaller than the spread between parts are noise, and min-max then stays)."""
     fp32, threads = session.fp32, session.options.threads
     batches = list(session.calibration_samples(CHOICE_SAMPLES, 32))
-    reference = collect_outputs(Session(fp32.proto, threads=threads, spinning=False).run, batches, None, session.input_axes, session.output_axes)
+    reference = session.outputs_of(fp32.proto, batches)
     axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}
     samples = sum(batch_size(b, session.input_axes) for b in batches)
     folds = [(i * samples // FOLDS, (i + 1) * samples // FOLDS) for i in range(FOLDS)] if samples >= FOLDS else [(0, samples)]
@@ -52,8 +51,7 @@ def choose_table(session: Any, tables: Mapping[str, CalibrationTable], pairs: Se
         worst = [float("inf")] * len(folds)
         for encoding, placement in pairs:
             graph, _ = build_qdq(fp32, tables[method], settings, encoding, (), threads, placement)
-            candidate = collect_outputs(Session(graph.model, threads=threads, spinning=False).run, batches, None, session.input_axes,
-                                        session.output_axes)
+            candidate = session.outputs_of(graph.model, batches)
             for index, (start, stop) in enumerate(folds):
                 metrics = compare_outputs(take(reference, start, stop, session.output_axes), take(candidate, start, stop, session.output_axes),
                                           None, session.options.output_kinds, axes)

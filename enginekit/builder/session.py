@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,14 @@ class ModelSession:
     def reference_outputs(self) -> dict[str, np.ndarray]:
         """The FP32 model's outputs on the evaluation data (reference executor), computed once."""
         if self._reference is None:
-            session = Session(self.fp32.proto, threads=self.options.threads, spinning=False)
-            self._reference = collect_outputs(session.run, self.evaluation().batches, None, self.input_axes, self.output_axes)
+            self._reference = self.outputs_of(self.fp32.proto, self.evaluation().batches)
         return self._reference
+
+    def outputs_of(self, model: Any, batches: Sequence[Feeds]) -> dict[str, np.ndarray]:
+        """`model` (the FP32 graph or a Q/DQ graph of it) run in the reference executor over
+        `batches`, every output joined along its batch axis."""
+        runner = Session(model, threads=self.options.threads, spinning=False)
+        return collect_outputs(runner.run, batches, None, self.input_axes, self.output_axes)
 
     def constant_outputs(self) -> list[str]:
         """FP32 outputs that do not change from sample to sample on the evaluation data: agreement

@@ -142,10 +142,17 @@ def plan_quantization(
 def _source_op(tensor: str, producers: dict[str, onnx.NodeProto]) -> str | None:
     """The op type that computed `tensor`, looking through ops that only move data (a Softmax
     whose output is reshaped before the attention MatMul is still the Softmax)."""
-    node = producers.get(tensor)
-    while node is not None and node.op_type in SAME_SCALE_OPS and node.input:
-        node = producers.get(node.input[0])
+    node = source_node(tensor, producers)
     return node.op_type if node is not None else None
+
+
+def source_node(tensor: str, producers: dict[str, onnx.NodeProto], through: Iterable[str] = SAME_SCALE_OPS) -> onnx.NodeProto | None:
+    """The node that computed `tensor`, looking back through the op types in `through`."""
+    through = set(through)
+    node = producers.get(tensor)
+    while node is not None and node.op_type in through and node.input:
+        node = producers.get(node.input[0])
+    return node
 
 
 def _quantize_outputs(plan: QuantPlan, graph: onnx.GraphProto, readers: dict[str, list[onnx.NodeProto]]) -> None:
