@@ -9,6 +9,9 @@ pipeline imports (`import enginekit as ek`).
     ek.bench(artifacts, output)                    -> report (dict, schema enginekit.report/1)
     ek.compare(old, new)                           -> Comparison (rows, failures)
     ek.load(folder)                                -> Runner: infer({name: array}) -> {name: array}
+    ek.deploy_triton(artifacts, repo)              -> [DeployedModel]: a Triton model repository
+    ek.deploy_ovms(artifacts, repo)                -> [DeployedModel]: an OpenVINO Model Server repository
+    ek.check_deployment(repo)                      -> RepositoryCheck: problems per model, one line each
 
 Data (`data`, `calib_data`, `eval_data`) is a path (npy, npz, image folder), "zoo", or any
 iterable of feed dicts ({input name: batch array}). Errors are `enginekit.EnginekitError`s whose
@@ -143,8 +146,49 @@ def compare(old: str | Path | dict[str, Any], new: str | Path | dict[str, Any], 
 
 def load(folder: str | Path, threads: int | None = None, **runtime: Any) -> Runner:
     """An artifact folder (its files verified against the manifest's hashes) as a Runner:
-    `runner.infer({input: array}) -> {output: array}`, float in and out on every target."""
+    `runner.infer({input: array}) -> {output: array}`, float in and out on every target. A model
+    folder `enginekit deploy` wrote opens its latest version (each version is the artifact)."""
+    from enginekit.deploy.repository import latest_version
     from enginekit.targets.registry import open_artifact
 
-    runner, _ = open_artifact(folder, threads=threads, **runtime)
+    runner, _ = open_artifact(latest_version(Path(folder)) or folder, threads=threads, **runtime)
     return runner
+
+
+def deploy_triton(artifacts: Iterable[str | Path], output: str | Path, options: Any = None, report: str | Path | dict[str, Any] | None = None,
+                  names: dict[str, str] | None = None, plan_tensorrt: Iterable[str | Path] = ()) -> list[Any]:
+    """A Triton model repository at `output`: per artifact `<name>/config.pbtxt` and a version
+    folder holding the artifact; `report` (default: a report.json beside the artifacts) gives
+    the preferred batch sizes; `plan_tensorrt` ONNX Runtime artifacts also get the config of the
+    TensorRT engine that would be built from their graph. `options`: `deploy.TritonOptions`."""
+    from enginekit.deploy import deploy_triton as write
+
+    return write(list(artifacts), output, options, _deploy_report(artifacts, report), names, list(plan_tensorrt))
+
+
+def deploy_ovms(artifacts: Iterable[str | Path], output: str | Path, names: dict[str, str] | None = None, threads: int | None = None) -> list[Any]:
+    """An OpenVINO Model Server repository at `output`: `<name>/<version>/` per artifact and config.json."""
+    from enginekit.deploy import deploy_ovms as write
+
+    return write(list(artifacts), output, names, threads)
+
+
+def check_deployment(folder: str | Path) -> Any:
+    """The problems of a Triton or OVMS repository (written by enginekit or by hand), per model."""
+    from enginekit.deploy import check_repository
+
+    return check_repository(folder)
+
+
+def _deploy_report(artifacts: Iterable[str | Path], report: str | Path | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The benchmark report for deployment: the one given, else the build's report.json beside
+    the artifacts, when there is exactly one."""
+    from enginekit.benchmark.report import load_report
+
+    if isinstance(report, dict):
+        return report
+    if report is not None:
+        return load_report(report)
+    beside = {Path(a).resolve().parent / "report.json" for a in artifacts}
+    found = [path for path in beside if path.is_file()]
+    return load_report(found[0]) if len(found) == 1 else None

@@ -19,7 +19,8 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "targets": "--targets", "precisions": "--precisions", "encoding": "--encoding", "method": "--method",
           "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
           "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--profile",
-          "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers"}
+          "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers",
+          "name": "--name", "max_batch_size": "--max-batch-size"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 
@@ -468,6 +469,70 @@ def demo(output, threads) -> None:
     from enginekit.benchmark.demo import run_demo
 
     click.echo(run_demo(Path(output), threads))
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--check", "check", type=click.Path(), default=None, metavar="REPO", help="Check an existing Triton or OVMS repository (any, also one written by hand); exit 1 on a problem.")
+@click.pass_context
+def deploy(ctx, check) -> None:
+    """Model-server repositories from artifact folders: `deploy triton`, `deploy ovms`, `deploy --check REPO`."""
+    if check is not None:
+        _echo_check(check)
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+def _echo_check(folder: str) -> None:
+    from enginekit import api
+
+    result = api.check_deployment(folder)
+    click.echo("\n".join(result.lines()))
+    if not result.ok:
+        bad = sum(1 for problems in result.problems.values() if problems)
+        click.echo(f"enginekit: error: {folder}: {bad} model(s) of this {result.service} repository have problems", err=True)
+        sys.exit(1)
+
+
+def _deploy_options(command):
+    command = click.option("--name", "names", multiple=True, metavar="ARTIFACT=NAME", help="Model name of an artifact (default <model>-<target>-<precision>).")(command)
+    command = click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The repository folder (new, or one to add models to).")(command)
+    return click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))(command)
+
+
+@deploy.command("triton")
+@_deploy_options
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Benchmark report whose best batch sizes dynamic batching prefers (default: report.json beside the artifacts).")
+@click.option("--plan-tensorrt", "plan_tensorrt", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="ARTIFACT",
+              help="Also write the config of the TensorRT engine that would be built from this ONNX Runtime artifact's graph (marked planned; repeatable).")
+@click.option("--max-batch-size", type=click.IntRange(1), default=None, help="Largest batch Triton forms (default: a TensorRT profile's largest, else 16).")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Instances per model (instance_group count).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="OpenVINO INFERENCE_NUM_THREADS (default: the cores of the machine that built it).")
+def deploy_triton(artifacts, output, names, report, plan_tensorrt, max_batch_size, instances, threads) -> None:
+    """Write a Triton model repository: config.pbtxt and a version folder per artifact."""
+    from enginekit import api
+    from enginekit.deploy import TritonOptions
+
+    options = TritonOptions(max_batch_size=max_batch_size, instances=instances, threads=threads)
+    models = api.deploy_triton(artifacts, output, options, report, _pairs(names, "--name"), plan_tensorrt)
+    _echo_deployed(models, output)
+
+
+@deploy.command("ovms")
+@_deploy_options
+@click.option("--threads", type=click.IntRange(1), default=None, help="INFERENCE_NUM_THREADS in each model's plugin_config (default: OpenVINO's).")
+def deploy_ovms(artifacts, output, names, threads) -> None:
+    """Write an OpenVINO Model Server repository: a folder per model and config.json."""
+    from enginekit import api
+
+    _echo_deployed(api.deploy_ovms(artifacts, output, _pairs(names, "--name"), threads), output)
+
+
+def _echo_deployed(models, output: str) -> None:
+    from enginekit.core.console import markdown_table
+
+    rows = [[m.name, m.version, "planned" if m.planned else ("same build, kept" if m.reused else "new"), str(m.artifact.folder)] for m in models]
+    click.echo(markdown_table(["model", "version", "version is", "from artifact"], rows))
+    _echo_check(output)
 
 
 def _safe_name(model: str) -> str:

@@ -409,6 +409,66 @@ def load_json_document(path: str | Path, schema: str, what: str) -> dict[str, An
     return document
 
 
+def load_json_file(path: str | Path, what: str) -> Any:
+    """Any JSON file (a model server's config), size-limited; unreadable or invalid is one line."""
+    path = require_file(path)
+    limits.check_bytes(path.stat().st_size, limits.MAX_CONFIG_BYTES, f"this {what}", "ENGINEKIT_MAX_CONFIG_BYTES", path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise InputError(f"{what} is not valid JSON ({_first_line(exc)})", path) from None
+    except OSError as exc:
+        raise InputError(f"{what} cannot be read ({exc.strerror})", path) from None
+
+
+# ------------------------------------------------------------------------------- Triton configs
+
+
+def triton_model_config_class() -> Any:
+    """Triton's `inference.ModelConfig` message class, from the `model_config_pb2` module that
+    ships in tritonclient. Loaded from its file: importing `tritonclient.grpc` would pull in the
+    gRPC client, which a config check does not need."""
+    import importlib.util
+    import sys
+
+    module_name = "enginekit_triton_model_config_pb2"
+    if module_name not in sys.modules:
+        package = importlib.util.find_spec("tritonclient")
+        location = Path(next(iter(package.submodule_search_locations or []), "")) / "grpc" / "model_config_pb2.py" if package else None
+        if location is None or not location.is_file():
+            from enginekit.core.optional import missing
+
+            raise missing("triton", "checking Triton configs against Triton's model_config.proto")
+        spec = importlib.util.spec_from_file_location(module_name, location)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[module_name] = module
+    return sys.modules[module_name].ModelConfig
+
+
+def parse_triton_config(text: str, where: str | Path) -> Any:
+    """A config.pbtxt text as Triton's ModelConfig message; anything Triton would refuse to parse
+    (unknown field, wrong type, bad enum) is an InputError with the parser's line and column."""
+    from google.protobuf import text_format
+
+    config = triton_model_config_class()()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise InputError(f"config.pbtxt does not parse as Triton's ModelConfig ({_first_line(exc)})", where) from None
+    return config
+
+
+def load_triton_config(path: str | Path) -> Any:
+    path = require_file(path)
+    limits.check_bytes(path.stat().st_size, limits.MAX_CONFIG_BYTES, "this config", "ENGINEKIT_MAX_CONFIG_BYTES", path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise InputError("config.pbtxt is not UTF-8 text", path) from None
+    return parse_triton_config(text, path)
+
+
 # ----------------------------------------------------------------------------------------- YAML
 
 

@@ -29,8 +29,9 @@ BUILD_TABLE = "calibration.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 ARTIFACT, BUILD_ROOT, TABLE, TRT_CACHE, REPORT, SENSITIVITY = "artifact", "build-root", "table", "trt-cache", "report", "sensitivity"
+REPOSITORY = "repository"  # a model server's repository: enginekit only adds model folders to it
 _WHAT = {ARTIFACT: "artifact folder", BUILD_ROOT: "build folder", TABLE: "calibration table",
-         TRT_CACHE: "TensorRT cache file", REPORT: "report", SENSITIVITY: "sensitivity ranking"}
+         TRT_CACHE: "TensorRT cache file", REPORT: "report", SENSITIVITY: "sensitivity ranking", REPOSITORY: "model repository"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def _ours(path: Path, kind: str) -> bool:
         return path.is_dir() and (is_artifact_folder(path) or not any(path.iterdir()))
     if kind == BUILD_ROOT:
         return path.is_dir() and all(_build_root_entry(entry) for entry in path.iterdir())
+    if kind == REPOSITORY:  # nothing in it is replaced but enginekit's own model folders (checked per model)
+        return path.is_dir()
     if not path.is_file():
         return False
     if kind == TABLE:
@@ -151,6 +154,8 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path | None]
 
 
 def _refusal(path: Path, kind: str) -> str:
+    if kind == REPOSITORY:
+        return "exists and is not a folder; a model repository is a folder"
     if kind in (ARTIFACT, BUILD_ROOT):
         if not path.is_dir():
             return f"exists and is not a folder; the {_WHAT[kind]} must be a new or empty folder or one enginekit wrote"

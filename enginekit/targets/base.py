@@ -121,6 +121,20 @@ class BuildInputs(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Serving:
+    """How model servers load this target's artifacts (`enginekit deploy`): Triton's platform or
+    backend for it (None: Triton has none), the file in the artifact folder each server loads,
+    the device kind its instances run on, and whether OpenVINO Model Server reads it."""
+
+    model_files: tuple[str, ...] = ()  # the artifact's model file, first match wins
+    triton_platform: str | None = None
+    triton_backend: str | None = None
+    triton_default_file: str = ""  # the name Triton loads without default_model_filename
+    device: str = "CPU"  # "CPU" or "GPU"
+    ovms: bool = False
+
+
 class Target:
     """One runtime. Subclasses set the class attributes and implement `build` and `open`."""
 
@@ -132,6 +146,7 @@ class Target:
     aliases: ClassVar[tuple[str, ...]] = ()  # other names artifacts of this target carry in manifests
     float_layers: ClassVar[bool] = True  # whether its INT8 keeps the Q/DQ graph's float (excluded) layers float
     option_defaults: ClassVar[Mapping[str, Any]] = {}
+    serving: ClassVar[Serving] = Serving()  # how model servers load its artifacts (none by default)
 
     def unavailable(self, precision: str) -> str | None:
         """Why this machine cannot build or run `precision` (missing library or hardware), or None."""

@@ -14,7 +14,7 @@ from enginekit.core.errors import InputError
 from enginekit.core.machine import toolchain
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.session import Session
-from enginekit.targets.base import Built, BuildInputs, Runner, Target
+from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 
 if TYPE_CHECKING:
     import onnx
@@ -76,6 +76,7 @@ class OnnxRuntimeTarget(Target):
     encodings = ("uint8", "int8", "mixed")  # ORT runs every encoding; uint8 is its fastest on x86
     placement = "outputs"  # ORT fuses QLinearConv/QLinearAdd/... only where the node's output is quantized too
     aliases = ("onnx",)  # export artifacts are plain ONNX, opened the same way
+    serving = Serving(ONNX_FILES, triton_platform="onnxruntime_onnx", triton_default_file="model.onnx", ovms=True)
 
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {"toolchain": toolchain("onnxruntime")}

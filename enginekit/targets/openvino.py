@@ -21,7 +21,7 @@ from enginekit.core.errors import InputError, MissingDependencyError
 from enginekit.core.machine import toolchain
 from enginekit.core.optional import require
 from enginekit.core.tensors import Feeds, TensorSpec
-from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Target
+from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Serving, Target
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 XML, BIN = "model.xml", "model.bin"
@@ -227,6 +227,7 @@ def _spec(port) -> TensorSpec:
 class OpenVinoTarget(Target):
     name = "openvino"
     precisions = PRECISIONS
+    serving = Serving((XML,), triton_backend="openvino", triton_default_file=XML, ovms=True)
     encoding = "mixed"  # u8 zero-point-0 for non-negative tensors, s8 elsewhere: as fast as NNCF's INT8
     encodings = ("mixed", "uint8", "int8")
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enginekit.core.errors import InputError
 from enginekit.targets.base import Runner, Target
+
+if TYPE_CHECKING:
+    from enginekit.core.artifacts import Manifest
 
 # Built-in targets, imported on first use (each module defines TARGET; runtimes load lazily).
 _BUILTIN_MODULES = ("enginekit.targets.onnxruntime", "enginekit.targets.openvino", "enginekit.targets.tflite",
@@ -82,15 +85,19 @@ def load_plugins(classes: list[dict[str, str]]) -> None:
         register(getattr(module, spec["class"])())
 
 
-def open_artifact(folder: str | Path, threads: int | None = None, **runtime: Any) -> tuple[Runner, dict[str, Any]]:
-    """(runner, manifest) of an artifact folder; its files are verified against the manifest first."""
+def verified_artifact(folder: str | Path) -> tuple["Manifest", Target]:
+    """(manifest, target) of an artifact folder whose files match its manifest's hashes."""
     from enginekit.core.artifacts import read_manifest, verify_files
 
-    folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     target_name = manifest.get("target")
     if not isinstance(target_name, str):
         raise InputError("manifest names no target", folder)
-    target = get_target(target_name)
-    return target.open(folder, manifest, threads=threads, **runtime), manifest
+    return manifest, get_target(target_name)
+
+
+def open_artifact(folder: str | Path, threads: int | None = None, **runtime: Any) -> tuple[Runner, dict[str, Any]]:
+    """(runner, manifest) of an artifact folder; its files are verified against the manifest first."""
+    manifest, target = verified_artifact(folder)
+    return target.open(Path(folder), manifest, threads=threads, **runtime), manifest

@@ -1,5 +1,5 @@
 """The pipeline's stages import one way: core -> onnx/models/accuracy -> exporter -> calibration
--> quantization -> targets -> builder -> benchmark -> api/cli. Every import counts, including
+-> quantization -> targets -> builder -> benchmark -> deploy -> api/cli. Every import counts, including
 the ones inside functions, and no two modules import each other (directly or in a loop)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2] / "enginekit"
 STAGES = {
     "core": 0, "onnx": 1, "models": 1, "accuracy": 1, "exporter": 2, "calibration": 3, "quantization": 4,
-    "targets": 5, "builder": 6, "benchmark": 7, "api": 8, "cli": 8, "__main__": 8, "__init__": 8,
+    "targets": 5, "builder": 6, "benchmark": 7, "deploy": 8, "api": 9, "cli": 9, "__main__": 9, "__init__": 9,
 }
 
 

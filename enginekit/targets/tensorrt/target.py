@@ -9,13 +9,15 @@ from typing import Any
 
 from enginekit.core.errors import InputError
 from enginekit.core.machine import toolchain
-from enginekit.targets.base import Built, BuildInputs, Runner, Target
+from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
+from enginekit.targets.tensorrt.runner import PLAN_FILE
 from enginekit.targets.tensorrt.support import PRECISIONS, require_tensorrt, unavailable_reason
 
 
 class TensorRTTarget(Target):
     name = "tensorrt"
     precisions = PRECISIONS
+    serving = Serving((PLAN_FILE,), triton_platform="tensorrt_plan", triton_default_file=PLAN_FILE, device="GPU")
     encoding = "int8"  # symmetric int8, zero point 0: the only Q/DQ TensorRT accepts
     # profile: {dim: (min, opt, max)} overrides; builder: "api" or "trtexec" (same flags, its timings kept)
     option_defaults = {"profile": {}, "workspace_mb": 4096, "builder": "api"}

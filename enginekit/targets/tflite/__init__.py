@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.core.machine import toolchain
-from enginekit.targets.base import Built, BuildInputs, Runner, Target
+from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
 
@@ -100,6 +100,7 @@ def unavailable_reason() -> str | None:
 class TfliteTarget(Target):
     name = "tflite"
     precisions = ("fp32", "fp16", "int8")
+    serving = Serving((MODEL_FILE,), ovms=True)  # Triton has no TFLite backend
     encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
     float_layers = False  # the int8 flatbuffer is full-integer: excluded layers are not kept float
     option_defaults = {"io": "int8"}  # int8 .tflite input/output type: "int8" or "uint8"

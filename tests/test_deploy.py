@@ -1,0 +1,184 @@
+"""`enginekit deploy`: Triton and OVMS repositories from artifacts, checked offline with Triton's
+own ModelConfig proto; `deploy --check` catches what breaks deployments; a deployed model folder
+loads with `enginekit.load` and gives the artifact's outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import enginekit as ek
+from enginekit.builder import BuildOptions, build_many
+from enginekit.quantization.pipeline import QuantizeSettings
+
+pytest.importorskip("tritonclient", reason="the 'triton' extra (tritonclient's model_config_pb2) is not installed")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """digits_cnn for onnxruntime and openvino x fp32/int8, and an ONNX Runtime INT8 in TensorRT's
+    symmetric int8 encoding (the graph a TensorRT engine would be built from)."""
+    root = tmp_path_factory.mktemp("deploy-build")
+    targets = ["onnxruntime"] + (["openvino"] if _has("openvino") else [])
+    cells = build_many("digits_cnn", targets, ["fp32", "int8"], root, BuildOptions(num_samples=64))
+    folders = {f"{c.target}-{c.precision}": Path(c.folder) for c in cells if c.result is not None}
+    options = BuildOptions(num_samples=64, quantize=replace(QuantizeSettings(), encoding="int8"))
+    folders["onnxruntime-int8-sym"] = Path(ek.build("digits_cnn", "onnxruntime", "int8", root / "ort-int8-sym", options).folder)
+    return folders
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _config(repo: Path, name: str):
+    from enginekit.core.loaders import load_triton_config
+
+    return load_triton_config(repo / name / "config.pbtxt")
+
+
+def test_triton_repository_parses_with_tritons_proto_and_matches_the_manifests(built, tmp_path, run_cli):
+    artifacts = [built[k] for k in sorted(built) if k != "onnxruntime-int8-sym"]
+    result = run_cli("deploy", "triton", *artifacts, "--plan-tensorrt", built["onnxruntime-int8-sym"], "-o", tmp_path / "repo")
+    assert result.code == 0, result.err
+    repo = tmp_path / "repo"
+    ort = _config(repo, "digits_cnn-onnxruntime-int8")
+    assert ort.platform == "onnxruntime_onnx" and ort.default_model_filename == "model.int8.onnx"
+    assert ort.max_batch_size == 16 and list(ort.input[0].dims) == [1, 8, 8]  # no batch dim: Triton adds it
+    assert ort.instance_group[0].kind == type(ort.instance_group[0]).KIND_CPU
+    assert ort.model_warmup[0].inputs["image"].random_data and list(ort.model_warmup[0].inputs["image"].dims) == [1, 8, 8]
+    manifest = json.loads((repo / "digits_cnn-onnxruntime-int8" / "1" / "manifest.json").read_text())
+    assert manifest["build_key"] == json.loads((built["onnxruntime-int8"] / "manifest.json").read_text())["build_key"]
+    planned = _config(repo, "digits_cnn-tensorrt-int8")
+    assert planned.platform == "tensorrt_plan" and planned.max_batch_size == 32 and list(planned.instance_group[0].profile) == ["0"]
+    assert planned.instance_group[0].kind == type(planned.instance_group[0]).KIND_GPU
+    assert "PLANNED" in (repo / "digits_cnn-tensorrt-int8" / "config.pbtxt").read_text()
+    if "openvino-fp32" in built:
+        ov = _config(repo, "digits_cnn-openvino-fp32")
+        assert ov.backend == "openvino" and ov.parameters["PERFORMANCE_HINT"].string_value == "LATENCY"
+        assert "bf16" in (repo / "digits_cnn-openvino-fp32" / "config.pbtxt").read_text()  # the header says what Triton cannot set
+    check = run_cli("deploy", "--check", repo)
+    assert check.code == 0 and "digits_cnn-tensorrt-int8: ok (planned" in check.out, check.out + check.err
+
+
+def test_a_uint8_qdq_graph_is_refused_as_a_tensorrt_plan(built, tmp_path, run_cli):
+    result = run_cli("deploy", "triton", built["onnxruntime-fp32"], "--plan-tensorrt", built["onnxruntime-int8"], "-o", tmp_path / "repo")
+    assert result.code == 2 and "--encoding int8" in result.error_line
+    assert not (tmp_path / "repo").exists()
+
+
+def test_redeploying_keeps_the_version_and_a_new_build_adds_one(built, tmp_path):
+    repo = tmp_path / "repo"
+    first = ek.deploy_triton([built["onnxruntime-int8"]], repo, names={str(built["onnxruntime-int8"]): "digits"})
+    again = ek.deploy_triton([built["onnxruntime-int8"]], repo, names={str(built["onnxruntime-int8"]): "digits"})
+    other = ek.deploy_triton([built["onnxruntime-int8-sym"]], repo, names={str(built["onnxruntime-int8-sym"]): "digits"})
+    assert (first[0].version, again[0].version, again[0].reused, other[0].version) == (1, 1, True, 2)
+    assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "2", "config.pbtxt", "enginekit-deploy.json"]
+    assert ek.check_deployment(repo).ok
+
+
+def test_deploy_refuses_collisions_foreign_folders_and_targets_without_a_backend(built, tmp_path, run_cli):
+    repo = tmp_path / "repo"
+    (repo / "digits_cnn-onnxruntime-fp32").mkdir(parents=True)
+    (repo / "digits_cnn-onnxruntime-fp32" / "notes.txt").write_text("mine")
+    result = run_cli("deploy", "triton", built["onnxruntime-fp32"], "-o", repo)
+    assert result.code == 2 and "not written by enginekit deploy triton" in result.error_line
+    assert sorted(p.name for p in repo.iterdir()) == ["digits_cnn-onnxruntime-fp32"]
+    result = run_cli("deploy", "triton", built["onnxruntime-fp32"], built["onnxruntime-int8"], "--name", f"{built['onnxruntime-int8']}=digits_cnn-onnxruntime-fp32",
+                     "-o", tmp_path / "other")
+    assert result.code == 2 and "two artifacts would be deployed as model" in result.error_line and not (tmp_path / "other").exists()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(built["onnxruntime-fp32"], tampered)
+    with open(tampered / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    result = run_cli("deploy", "ovms", tampered, "-o", tmp_path / "third")
+    assert result.code == 2 and "does not match its manifest hash" in result.error_line and not (tmp_path / "third").exists()
+
+
+def _broken(repo: Path, name: str, old: str, new: str) -> None:
+    path = repo / name / "config.pbtxt"
+    text = path.read_text()
+    assert re.search(old, text), f"{old!r} not in {path}"
+    path.write_text(re.sub(old, new, text, count=1))
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (("dims: \\[ 1, 8, 8 \\]", "dims: [ 1, 1, 8, 8 ]"), "include the batch dim"),
+    (("data_type: TYPE_FP32", "data_type: TYPE_INT64"), "data_type TYPE_INT64, the model's is TYPE_FP32"),
+    (('platform: "onnxruntime_onnx"', 'backend: "onnx"'), "unknown backend 'onnx'"),
+    (("max_batch_size: 16", "max_bach_size: 16"), "does not parse as Triton's ModelConfig"),
+    (("instance_group", 'optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" '
+                        'parameters { key: "int8_calibration_table_name" value: "calibration.flatbuffers" } } ] } }\ninstance_group'),
+     "calibration table"),
+    (("max_batch_size: 16", "max_batch_size: 16\nname: \"other\""), None),  # a repeated field name: the proto parser refuses
+])
+def test_check_catches_each_hand_broken_config_with_its_own_message(built, tmp_path, run_cli, breakage, expected):
+    repo = tmp_path / "repo"
+    ek.deploy_triton([built["onnxruntime-int8"]], repo)
+    _broken(repo, "digits_cnn-onnxruntime-int8", *breakage)
+    result = run_cli("deploy", "--check", repo)
+    assert result.code == 1, result.out
+    line = next(line for line in result.out.splitlines() if line.startswith("digits_cnn-onnxruntime-int8:"))
+    assert expected is None or expected in line, line
+
+
+def test_check_catches_a_missing_version_folder_and_a_calibration_cache_beside_qdq(built, tmp_path, run_cli):
+    repo = tmp_path / "repo"
+    ek.deploy_triton([built["onnxruntime-int8"], built["onnxruntime-fp32"]], repo)
+    shutil.rmtree(repo / "digits_cnn-onnxruntime-fp32" / "1")
+    (repo / "digits_cnn-onnxruntime-int8" / "1" / "calibration.cache").write_text("TRT-100-EntropyCalibration2\nimage: 3c010204\n")
+    result = run_cli("deploy", "--check", repo)
+    assert result.code == 1
+    assert "digits_cnn-onnxruntime-fp32: no version folder" in result.out
+    assert "calibration cache (calibration.cache) beside a Q/DQ graph" in result.out
+
+
+def test_check_reads_a_hand_written_repository_without_manifests(tmp_path, built, run_cli):
+    model = tmp_path / "repo" / "resnet"
+    (model / "1").mkdir(parents=True)
+    shutil.copy(built["onnxruntime-fp32"] / "model.onnx", model / "1" / "model.onnx")
+    (model / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+                                        'input [ { name: "image" data_type: TYPE_FP32 dims: [ 1, 8, 8 ] } ]\n'
+                                        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]\n')
+    assert run_cli("deploy", "--check", tmp_path / "repo").code == 0
+    (model / "config.pbtxt").write_text('backend: "openvino"\nparameters { key: "INFERENCE_PRECISION_HINT" value { string_value: "f32" } }\n')
+    result = run_cli("deploy", "--check", tmp_path / "repo")
+    assert result.code == 1 and "version 1 has no model.xml" in result.out and "not read by Triton's OpenVINO backend" in result.out
+
+
+def test_ovms_repository_and_its_checks(built, tmp_path, run_cli):
+    artifacts = [built[k] for k in sorted(built) if k != "onnxruntime-int8-sym"]
+    repo = tmp_path / "ovms"
+    result = run_cli("deploy", "ovms", *artifacts, "-o", repo)
+    assert result.code == 0, result.err
+    config = json.loads((repo / "config.json").read_text())
+    entries = {e["config"]["name"]: e["config"] for e in config["model_config_list"]}
+    assert entries["digits_cnn-onnxruntime-fp32"]["plugin_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "INFERENCE_PRECISION_HINT" not in entries["digits_cnn-onnxruntime-int8"]["plugin_config"]
+    assert all((repo / c["base_path"] / "1" / "manifest.json").is_file() for c in entries.values())
+    config["model_config_list"][0]["config"]["stateful"] = True  # removed from OVMS's schema in 2026
+    config["model_config_list"][1]["config"]["nireq"] = "4"
+    config["model_config_list"].append({"config": {"name": "ghost", "base_path": "ghost"}})
+    (repo / "config.json").write_text(json.dumps(config))
+    result = run_cli("deploy", "--check", repo)
+    assert result.code == 1
+    assert "key 'stateful', which OVMS's schema does not allow" in result.out and "'nireq' must be int, not str" in result.out
+    assert "ghost: base_path 'ghost' is not a folder here" in result.out
+
+
+def test_a_deployed_model_folder_loads_with_the_public_api_and_gives_the_artifacts_outputs(built, tmp_path):
+    repo = tmp_path / "repo"
+    ek.deploy_triton([built["onnxruntime-int8"]], repo, plan_tensorrt=[built["onnxruntime-int8-sym"]])
+    feeds = {"image": np.random.default_rng(3).random((5, 1, 8, 8), np.float32) * 16}
+    with ek.load(repo / "digits_cnn-onnxruntime-int8") as deployed, ek.load(built["onnxruntime-int8"]) as original:
+        np.testing.assert_array_equal(deployed.infer(feeds)["logits"], original.infer(feeds)["logits"])
+    with pytest.raises(ek.EnginekitError, match="no built version"):
+        ek.load(repo / "digits_cnn-tensorrt-int8")
