@@ -114,19 +114,29 @@ def quantize(model: str | Path, table: str | Path, output: str | Path, target: s
     return build(model, target, "int8", output, replace(options or BuildOptions(), table=table))
 
 
-def bench(artifacts: Iterable[str | Path], output: str | Path | None = None, settings: Any = None) -> dict[str, Any]:
+def bench(artifacts: Iterable[str | Path], output: str | Path | None = None, settings: Any = None,
+          source: str | Path | None = None, source_options: SourceOptions | None = None) -> dict[str, Any]:
     """Measure artifact folders the same way (each in its own process, latency interleaved) into
-    one report; with `output`, write report.json, .md and .html."""
+    one report; with `output`, write report.json, .md and .html. With `source` (the model the
+    artifacts were built from), the report starts with that model in its own framework (PyTorch
+    eager and torch.compile, or Keras), measured by the same rules."""
     from enginekit.benchmark.files import write_report
     from enginekit.benchmark.harness import BenchSettings, bench_artifacts
     from enginekit.benchmark.report import make_report
+    from enginekit.core.artifacts import read_manifest
     from enginekit.core.outputs import REPORT, Output, check_outputs, report_paths
 
     folders = [Path(a) for a in artifacts]
     if output is not None:
         check_outputs([Output(p, REPORT) for p in report_paths(output)], folders)
     settings = settings or BenchSettings()
-    report = make_report(bench_artifacts(folders, settings), settings)
+    rows, note, skipped = [], None, []
+    if source is not None and folders:
+        from enginekit.benchmark.source import source_rows
+
+        rows, note = source_rows(source, source_options, read_manifest(folders[0]))
+    report = make_report(bench_artifacts([*rows, *folders], settings, skipped=skipped), settings)
+    report["skipped"], report["source_note"] = skipped, note
     if output is not None:
         write_report(report, output)
     return report

@@ -236,13 +236,14 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
 @click.option("--threads", type=int, default=None)
 @click.option("--bench/--no-bench", default=True, show_default=True, help="With several artifacts: benchmark them into one report (JSON, Markdown, HTML).")
+@click.option("--source-row/--no-source-row", default=True, show_default=True, help="The report starts with the source model in its own framework (PyTorch eager and torch.compile, or Keras).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, output, source) -> None:
+          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, output, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -280,8 +281,8 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
         from enginekit.benchmark.harness import BenchSettings
         from enginekit.benchmark.report import markdown
 
-        report = api.bench(built, settings=BenchSettings(threads=threads))
-        report["skipped"] = [{"target": c.target, "precision": c.precision, "reason": c.skipped} for c in cells if c.skipped]
+        report = api.bench(built, settings=BenchSettings(threads=threads), source=model if source_row else None, source_options=source)
+        report["skipped"] = [{"target": c.target, "precision": c.precision, "reason": c.skipped} for c in cells if c.skipped] + report["skipped"]
         report["failed"] = [{"target": c.target, "precision": c.precision, "reason": c.failed} for c in cells if c.failed]
         paths = write_report(report, Path(output) / "report.json")
         click.echo("\n" + markdown(report))
@@ -381,7 +382,9 @@ def _echo_build(result) -> None:
 @click.option("--min-seconds", type=click.FloatRange(0), default=2.0, show_default=True, help="Batch-1 latency time per artifact, all rounds together.")
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Latency slices per artifact, interleaved across the artifacts.")
 @click.option("--cpus", default=None, help="Pin each benchmark process to these cores, e.g. 0,1 (recorded either way).")
-def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, rounds, cpus) -> None:
+@click.option("--source", "source_model", default=None, metavar="MODEL", help="The model the artifacts were built from (zoo name, factory, Keras file, export folder): its framework's rows come first.")
+@_source_options
+def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, rounds, cpus, source_model, source) -> None:
     """Benchmark artifact folders the same way and write one report (JSON, Markdown, HTML)."""
     from enginekit import api
     from enginekit.benchmark.harness import BenchSettings
@@ -391,7 +394,7 @@ def bench(artifacts, output, threads, batch_sizes, min_iterations, min_seconds, 
     sizes = tuple(_integers(batch_sizes, "--batch-sizes", "integers"))
     cores = _integers(cpus, "--cpus", "core numbers") if cpus else None
     settings = BenchSettings(threads=threads, batch_sizes=sizes, min_iterations=min_iterations, min_seconds=min_seconds, rounds=rounds, cpus=cores)
-    report = api.bench(artifacts, output, settings)
+    report = api.bench(artifacts, output, settings, source=source_model, source_options=source)
     json_path, md_path, html_path = report_paths(output)
     click.echo(markdown(report))
     click.echo(f"\nwrote {json_path}, {md_path} and {html_path}")

@@ -156,3 +156,49 @@ def test_bench_pins_to_the_given_cores_and_records_them(tmp_path):
     assert bench_artifact(tmp_path / "a", BenchSettings(batch_sizes=(1,), min_iterations=5, min_seconds=0.05, rounds=1))["cpus"] == sorted(before)
     with pytest.raises(InputError, match="cannot pin to core"):
         bench_artifacts([tmp_path / "a"], BenchSettings(cpus=[max(before) + 1000]))
+
+
+SOURCE_SETTINGS = dict(batch_sizes=(1, 4), min_iterations=10, min_seconds=0.2, rounds=2)
+
+
+def test_a_pytorch_source_is_the_first_rows_of_its_report_with_speed_ups_over_it(tmp_path, run_cli):
+    """`build` measures the model the user started from (PyTorch eager, torch.compile where it
+    compiles) by the harness's rules, first in the report, and every artifact's speed-up over it."""
+    from enginekit import api
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.builder import BuildOptions, build_many
+
+    cells = build_many("digits_cnn", ["onnxruntime"], ["fp32", "int8"], tmp_path, BuildOptions(num_samples=64))
+    report = api.bench([c.folder for c in cells], settings=BenchSettings(**SOURCE_SETTINGS), source="digits_cnn")
+    rows = [(e["target"], e["source"]) for e in report["artifacts"]]
+    compiled = [s for s in report["skipped"] if s["target"] == "torch.compile"]
+    assert rows[0] == ("pytorch", True) and rows[-2:] == [("onnxruntime", False), ("onnxruntime", False)]
+    assert len(rows) + len(compiled) == 4  # torch.compile is measured, or skipped with its reason
+    eager = report["artifacts"][0]
+    assert eager["latency_ms"]["iterations"] >= 10 and [s["batch"] for s in eager["throughput"]] == [1, 4]
+    assert eager["size_mb"] == pytest.approx(40394 * 4 / 1e6, rel=0.01)  # the parameters' bytes
+    table = markdown(report)
+    assert "speed-up vs source" in table
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| digits_cnn")]
+    header = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| model")).split("|")[1:-1]]
+    ort_row = next(row for row in cells if row[1:3] == ["onnxruntime", "fp32"])
+    expected = eager["latency_ms"]["p50_ms"] / report["artifacts"][-2]["latency_ms"]["p50_ms"]
+    assert ort_row[header.index("speed-up vs source")] == f"{expected:.2f}x"
+    compare = compare_reports(report, report, 0.1, 0.01, 0.02)
+    assert "digits_cnn/pytorch/fp32" in compare.render() and not compare.failures
+
+
+def test_a_keras_source_gets_keras_rows_and_an_onnx_source_says_it_has_none(tmp_path, exported):
+    from enginekit import api
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.builder import BuildOptions, build
+
+    pytest.importorskip("keras", reason="the 'keras' extra is not installed")
+    built = build("digits_keras", "onnxruntime", "fp32", tmp_path / "k", BuildOptions(num_samples=64))
+    report = api.bench([built.folder], settings=BenchSettings(**SOURCE_SETTINGS), source="digits_keras")
+    assert [e["target"] for e in report["artifacts"]] == ["keras", "tf.function", "onnxruntime"]
+    assert report["artifacts"][0]["size_mb"] > 0.1
+    onnx_file = exported("digits_cnn")[0] / "model.onnx"
+    report = api.bench([built.folder], settings=BenchSettings(**SOURCE_SETTINGS), source=onnx_file)
+    assert [e["target"] for e in report["artifacts"]] == ["onnxruntime"]
+    assert "ONNX model: there is no source framework" in report["source_note"] and "source: " in markdown(report)

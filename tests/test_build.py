@@ -25,8 +25,9 @@ output: {tmp_path / 'out'}
     for folder in ("onnxruntime-fp32", "onnxruntime-int8"):
         assert read_manifest(tmp_path / "out" / folder)["accuracy"]["passed"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [a["precision"] for a in report["artifacts"]] == ["fp32", "int8"]
-    assert (tmp_path / "out" / "report.html").is_file() and "speed-up vs FP32" in result.out
+    assert [a["precision"] for a in report["artifacts"] if not a["source"]] == ["fp32", "int8"]
+    assert report["artifacts"][0]["target"] == "pytorch" and report["artifacts"][0]["source"]  # the source model comes first
+    assert (tmp_path / "out" / "report.html").is_file() and "speed-up vs FP32" in result.out and "speed-up vs source" in result.out
 
 
 def test_command_line_flags_override_the_config(run_cli, tmp_path):

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.accuracy.metrics import headline
 from enginekit.targets.base import GPU_TIMING, STREAMS
 from enginekit.targets.registry import get_target
+
+if TYPE_CHECKING:
+    from enginekit.benchmark.source import SourceSpec
 
 MAX_KEPT_SAMPLES = 2000
 SLICE_WARMUP = 3  # unrecorded runs at the start of each slice: caches went cold while others ran
@@ -107,18 +110,29 @@ def bench_feeds(manifest: dict[str, Any], batch: int, sequence: int) -> Feeds:
 class ArtifactBench:
     """One artifact's runner and measurements: load, first inference, latency slices, then the rest."""
 
-    def __init__(self, folder: str | Path, settings: BenchSettings):
+    def __init__(self, folder: "str | Path | SourceSpec", settings: BenchSettings):
+        from enginekit.benchmark.source import SourceSpec, open_source, unrunnable
         from enginekit.targets.registry import open_artifact
 
-        self.folder, self.settings = Path(folder), settings
+        self.settings = settings
+        self.source = folder if isinstance(folder, SourceSpec) else None
+        self.folder = Path(folder) if self.source is None else None
         self.cpus = pin_cpus(settings.cpus)  # before the runtime creates its thread pool
         self.rss_before = process_memory_mb()
         start = time.perf_counter()
-        self.runner, self.manifest = open_artifact(self.folder, threads=settings.threads)
+        if self.source is not None:
+            self.runner, self.manifest = open_source(self.source, threads=settings.threads)
+        else:
+            self.runner, self.manifest = open_artifact(self.folder, threads=settings.threads)
         self.load_s = time.perf_counter() - start
         self.one = bench_feeds(self.manifest, 1, settings.sequence)
         start = time.perf_counter()
-        self.runner.infer(self.one)
+        try:
+            self.runner.infer(self.one)  # torch.compile compiles here
+        except Exception as exc:
+            if self.source is None or isinstance(exc, EnginekitError):
+                raise
+            raise unrunnable(self.source, exc) from None
         self.first_ms = (time.perf_counter() - start) * 1e3
         for _ in range(settings.warmup):
             self.runner.infer(self.one)
@@ -161,12 +175,14 @@ class ArtifactBench:
         samples = np.array(self.samples, np.int64)
         thinned = samples[:: max(1, len(samples) // MAX_KEPT_SAMPLES)].astype(np.float64) / 1e6
         accuracy = manifest.get("accuracy", {}).get("metrics", {})
+        source = self.source is not None
         return {
-            "artifact": str(self.folder),
+            "artifact": f"{self.source.runtime} {self.source.model}" if source else str(self.folder),
             "model": manifest.get("model"),
-            "target": get_target(manifest.get("target")).name,
+            "target": manifest["target"] if source else get_target(manifest.get("target")).name,
             "precision": manifest.get("precision"),
-            "size_mb": sum(f["bytes"] for f in manifest.get("files", []) if not f["path"].endswith(".json")) / 1e6,
+            "source": source,  # the model the user started from, in its own framework (the baseline row)
+            "size_mb": (manifest["weights_bytes"] if source else sum(f["bytes"] for f in manifest.get("files", []) if not f["path"].endswith(".json"))) / 1e6,
             "load_s": self.load_s,
             "first_inference_ms": self.first_ms,
             "gpu_compute_p50_ms": float(np.median(self.gpu_ms)) if self.gpu_ms else None,
@@ -210,8 +226,13 @@ def bench_artifact(folder: str | Path, settings: BenchSettings) -> dict[str, Any
         os.sched_setaffinity(0, cores)
 
 
-def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isolate: bool = True) -> list[dict[str, Any]]:
-    """Every folder measured in its own process (unless `isolate` is False), latency slices interleaved."""
+def bench_artifacts(folders: "Sequence[str | Path | SourceSpec]", settings: BenchSettings, isolate: bool = True,
+                    skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every folder (or source model) measured in its own process (unless `isolate` is False),
+    latency slices interleaved. A source that cannot run here (torch.compile without a compiler)
+    goes to `skipped` with the reason instead of failing the report."""
+    from enginekit.benchmark.source import SourceSpec
+
     if not isolate:
         return [bench_artifact(folder, settings) for folder in folders]
     tty = sys.stderr.isatty()
@@ -223,7 +244,12 @@ def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isol
             for index, folder in enumerate(folders):  # loaded one at a time: load times are not shared
                 if tty:
                     sys.stderr.write(f"[{index + 1}/{len(folders)}] loading {folder}\n")
-                workers.append(_Worker(Path(folder), settings, Path(scratch) / str(index)))
+                try:
+                    workers.append(_Worker(folder if isinstance(folder, SourceSpec) else Path(folder), settings, Path(scratch) / str(index)))
+                except InputError as exc:
+                    if not isinstance(folder, SourceSpec) or skipped is None:
+                        raise
+                    skipped.append({"target": folder.runtime, "precision": "fp32", "reason": str(exc)})
             for round_index in range(settings.rounds):
                 if tty:
                     sys.stderr.write(f"latency round {round_index + 1}/{settings.rounds}\n")
@@ -243,12 +269,15 @@ def bench_artifacts(folders: Sequence[str | Path], settings: BenchSettings, isol
 class _Worker:
     """A `python -m enginekit.benchmark.harness` process serving one artifact over stdin/stdout."""
 
-    def __init__(self, folder: Path, settings: BenchSettings, scratch: Path):
+    def __init__(self, folder: "Path | SourceSpec", settings: BenchSettings, scratch: Path):
+        from enginekit.benchmark.source import SourceSpec
+
         self.folder, self.result = folder, scratch.with_suffix(".json")
         self.log = open(scratch.with_suffix(".log"), "w+")
         from enginekit.targets.registry import plugin_classes
 
-        command = [sys.executable, "-m", "enginekit.benchmark.harness", str(folder), json.dumps(asdict(settings)), json.dumps(plugin_classes())]
+        argument = folder.to_argument() if isinstance(folder, SourceSpec) else str(folder)
+        command = [sys.executable, "-m", "enginekit.benchmark.harness", argument, json.dumps(asdict(settings)), json.dumps(plugin_classes())]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         preexec_fn=die_with_parent)
         self._expect("ready")
@@ -270,7 +299,7 @@ class _Worker:
         last = (self.log.read().strip().splitlines() or [f"exit code {code}"])[-1]
         if code == InputError.exit_code:  # the worker's own one-line error, passed on
             raise InputError(last)
-        raise InputError(f"benchmark crashed: {last}", self.folder)
+        raise InputError(f"benchmark crashed: {last}", str(self.folder))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -288,8 +317,11 @@ def _serve(folder: str, settings_json: str, plugins_json: str = "[]") -> None:
     os.dup2(2, 1)  # whatever the runtimes print goes to the log, never into the protocol
     sys.stdout = sys.stderr
     try:
+        from enginekit.benchmark.source import PREFIX, SourceSpec
+
         load_plugins(json.loads(plugins_json))
-        bench = ArtifactBench(folder, BenchSettings(**json.loads(settings_json)))
+        measured = SourceSpec.from_argument(folder) if folder.startswith(PREFIX) else folder
+        bench = ArtifactBench(measured, BenchSettings(**json.loads(settings_json)))
     except EnginekitError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(exc.exit_code)

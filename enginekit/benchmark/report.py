@@ -100,17 +100,33 @@ def accuracy_summary(entry: dict[str, Any]) -> str:
 LOW_INTEGER_SHARE = 0.5  # an INT8 artifact that runs less than half its compute ops in integer is flagged
 
 
+def source_speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
+    """Speed-up of each entry (by index) over the model's source framework row (the first one:
+    PyTorch eager, or Keras) at the same input shapes; None where the report has none."""
+    sources: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry.get("source"):
+            sources.setdefault(entry["model"], entry)
+    result: dict[int, float | None] = {}
+    for index, entry in enumerate(entries):
+        base = sources.get(entry["model"])
+        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
+        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
+    return result
+
+
 def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
     """Speed-up of each entry (by index) over the FP32 artifact of the same model and target (else
-    the model's ONNX Runtime FP32), measured at the same input shapes; None where there is none."""
+    the model's ONNX Runtime FP32), measured at the same input shapes; None where there is none
+    (and for the source framework's own rows, which `source_speedups` compares)."""
     reference: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in entries:
-        if entry["precision"] == "fp32":
+        if entry["precision"] == "fp32" and not entry.get("source"):
             reference[(entry["model"], entry["target"])] = entry
     result: dict[int, float | None] = {}
     for index, entry in enumerate(entries):
         base = reference.get((entry["model"], entry["target"])) or reference.get((entry["model"], "onnxruntime"))
-        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
+        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes") and not entry.get("source")
         result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
     return result
 
@@ -142,16 +158,22 @@ def markdown(report: dict[str, Any]) -> str:
     else the model's ONNX Runtime FP32, at the same input shape), the input shape every figure
     was measured at, flags, and the cells a build skipped or failed."""
     entries = report["artifacts"]
-    ratio = speedups(entries)
+    ratio, over_source = speedups(entries), source_speedups(entries)
+    with_source = any(entry.get("source") for entry in entries)
     rows = []
     for index, entry in enumerate(entries):
-        rows.append([entry["model"], entry["target"], entry["precision"], entry["size_mb"], accuracy_summary(entry),
-                     entry["latency_ms"]["p50_ms"], entry["latency_ms"]["p99_ms"], entry["best_throughput_per_s"],
-                     f"{ratio[index]:.2f}x" if ratio[index] else "-", shape_text(entry), "; ".join(flags(entry, ratio[index])) or "-"])
+        row = [entry["model"], entry["target"], entry["precision"], entry["size_mb"], accuracy_summary(entry),
+               entry["latency_ms"]["p50_ms"], entry["latency_ms"]["p99_ms"], entry["best_throughput_per_s"],
+               f"{ratio[index]:.2f}x" if ratio[index] else "-"]
+        row += [f"{over_source[index]:.2f}x" if over_source[index] else "-"] if with_source else []
+        rows.append(row + [shape_text(entry), "; ".join(flags(entry, ratio[index])) or "-"])
     machine = report["machine"]
     header = "enginekit report, " + cell_text(f"{machine.get('cpu')} ({machine.get('cores')} cores), {report.get('created')}", True) + "\n\n"
-    text = header + markdown_table(["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms",
-                                    "throughput samples/s", "speed-up vs FP32", "measured at (batch 1)", "flags"], rows, escape=True)
+    columns = ["model", "target", "precision", "size MB", "accuracy vs FP32", "p50 ms", "p99 ms", "throughput samples/s", "speed-up vs FP32"]
+    columns += ["speed-up vs source"] if with_source else []
+    text = header + markdown_table(columns + ["measured at (batch 1)", "flags"], rows, escape=True)
+    if report.get("source_note"):
+        text += "\n" + cell_text(f"source: {report['source_note']}", True)
     for kind in ("failed", "skipped"):
         for cell in report.get(kind) or []:
             text += "\n" + cell_text(f"{kind}: {cell.get('target')} {cell.get('precision')}: {cell.get('reason')}", True)
