@@ -130,6 +130,19 @@ def test_check_catches_each_hand_broken_config_with_its_own_message(built, tmp_p
     assert expected is None or expected in line, line
 
 
+def test_check_holds_a_tensorrt_config_to_the_engines_profile(built, tmp_path, run_cli):
+    repo = tmp_path / "repo"
+    ek.deploy_triton([], repo, plan_tensorrt=[built["onnxruntime-fp32"]])
+    _broken(repo, "digits_cnn-tensorrt-fp32", "max_batch_size: 32", "max_batch_size: 64")
+    _broken(repo, "digits_cnn-tensorrt-fp32", 'profile: \\[ "0" \\]', 'profile: [ "1" ]')
+    result = run_cli("deploy", "--check", repo)
+    assert result.code == 1
+    assert "max_batch_size 64 exceeds the engine's optimization profile (batch up to 32)" in result.out
+    assert "selects profile '1'; the engine has only profile 0" in result.out
+    with pytest.raises(ek.EnginekitError, match="exceeds the engine's optimization profile"):
+        ek.deploy_triton([], tmp_path / "other", ek.TritonOptions(max_batch_size=64), plan_tensorrt=[built["onnxruntime-fp32"]])
+
+
 def test_check_catches_a_missing_version_folder_and_a_calibration_cache_beside_qdq(built, tmp_path, run_cli):
     repo = tmp_path / "repo"
     ek.deploy_triton([built["onnxruntime-int8"], built["onnxruntime-fp32"]], repo)
@@ -182,3 +195,26 @@ def test_a_deployed_model_folder_loads_with_the_public_api_and_gives_the_artifac
         np.testing.assert_array_equal(deployed.infer(feeds)["logits"], original.infer(feeds)["logits"])
     with pytest.raises(ek.EnginekitError, match="no built version"):
         ek.load(repo / "digits_cnn-tensorrt-int8")
+
+
+def test_an_engine_artifact_is_served_within_its_recorded_profile(tmp_path, built):
+    """A TensorRT artifact (its manifest as a GPU build writes it; the plan's bytes are opaque
+    here): max_batch_size and the warm-up come from the engine's own profile."""
+    from enginekit.core.artifacts import read_manifest, write_manifest
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "model.plan").write_bytes(b"\x00plan bytes a GPU build would write")
+    fp32 = read_manifest(built["onnxruntime-fp32"])
+    write_manifest(engine, {"model": "digits_cnn", "target": "tensorrt", "precision": "fp16", "build_key": "k" * 64,
+                            "inputs": fp32["inputs"], "outputs": fp32["outputs"],
+                            "tensorrt": {"version": "10.16.0", "profile": {"image": [[1, 1, 8, 8], [4, 1, 8, 8], [8, 1, 8, 8]]}}})
+    repo = tmp_path / "repo"
+    ek.deploy_triton([engine], repo)
+    config = _config(repo, "digits_cnn-tensorrt-fp16")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8 and not config.default_model_filename
+    assert "optimization profile 0, image: min [1, 1, 8, 8] opt [4, 1, 8, 8] max [8, 1, 8, 8]" in (repo / "digits_cnn-tensorrt-fp16" / "config.pbtxt").read_text()
+    assert ek.check_deployment(repo).ok
+    with pytest.raises(ek.EnginekitError, match="OpenVINO Model Server does not load tensorrt artifacts"):
+        ek.deploy_ovms([engine], tmp_path / "ovms")
+    assert not (tmp_path / "ovms").exists()

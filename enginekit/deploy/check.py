@@ -235,9 +235,12 @@ def _tensorrt_problems(config: Any, manifest: Mapping[str, Any], planned: bool) 
     if config.platform != "tensorrt_plan" and config.backend != "tensorrt":
         return []
     profile = (manifest.get("tensorrt") or {}).get("profile")
+    if planned:  # the profile the engine will be built with
+        from enginekit.targets.tensorrt.builder import profile_shapes
+
+        inputs = [TensorSpec.from_json(s) for s in manifest.get("inputs") or []]
+        profile = {name: [list(shape) for shape in shapes] for name, shapes in profile_shapes(inputs).items()}
     if not isinstance(profile, dict) or not profile:
-        if planned:
-            return []
         return ["the manifest records no TensorRT optimization profile (not an engine artifact)"]
     problems = []
     largest = min(int(shapes[2][0]) for shapes in profile.values())
@@ -247,6 +250,13 @@ def _tensorrt_problems(config: Any, manifest: Mapping[str, Any], planned: bool) 
         for name in group.profile:
             if name != "0":
                 problems.append(f"instance_group selects profile '{name}'; the engine has only profile 0")
+    offset = 1 if config.max_batch_size > 0 else 0
+    for entry in config.input:
+        low, _, high = profile.get(entry.name, [[], [], []])
+        for index, dim in enumerate(entry.dims):
+            axis = index + offset
+            if dim > 0 and axis < len(low) and not low[axis] <= dim <= high[axis]:
+                problems.append(f"input '{entry.name}': dim {dim} on axis {axis} lies outside the engine's profile ({low[axis]}..{high[axis]})")
     return problems
 
 
