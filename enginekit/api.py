@@ -191,14 +191,13 @@ def check_deployment(folder: str | Path) -> Any:
 
 
 def _deploy_report(artifacts: Iterable[str | Path], report: str | Path | dict[str, Any] | None) -> dict[str, Any] | None:
-    """The benchmark report for deployment: the one given, else the build's report.json beside
-    the artifacts, when there is exactly one."""
+    """The benchmark entries for deployment: the report given, else those of every build's
+    report.json beside the artifacts (entries are matched to artifacts by file hashes)."""
     from enginekit.benchmark.report import load_report
 
     if isinstance(report, dict):
         return report
     if report is not None:
         return load_report(report)
-    beside = {Path(a).resolve().parent / "report.json" for a in artifacts}
-    found = [path for path in beside if path.is_file()]
-    return load_report(found[0]) if len(found) == 1 else None
+    beside = sorted({Path(a).resolve().parent / "report.json" for a in artifacts})
+    return {"artifacts": [entry for path in beside if path.is_file() for entry in load_report(path)["artifacts"]]}

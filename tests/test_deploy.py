@@ -218,3 +218,16 @@ def test_an_engine_artifact_is_served_within_its_recorded_profile(tmp_path, buil
     with pytest.raises(ek.EnginekitError, match="OpenVINO Model Server does not load tensorrt artifacts"):
         ek.deploy_ovms([engine], tmp_path / "ovms")
     assert not (tmp_path / "ovms").exists()
+
+
+def test_dynamic_batching_prefers_the_batch_the_build_benchmark_found_best(built, tmp_path):
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.deploy.triton import preferred_batch_sizes
+
+    root = tmp_path / "build"
+    shutil.copytree(built["onnxruntime-int8"], root / "onnxruntime-int8")
+    report = ek.bench([root / "onnxruntime-int8"], root / "report.json", BenchSettings(batch_sizes=(1, 4, 16), min_iterations=10, min_seconds=0.2, rounds=1))
+    expected = preferred_batch_sizes(report["artifacts"][0], 16)
+    assert expected and expected[-1] > 1  # a tiny CNN is fastest per sample in large batches
+    ek.deploy_triton([root / "onnxruntime-int8"], tmp_path / "repo")  # the report beside the artifact is found
+    assert list(_config(tmp_path / "repo", "digits_cnn-onnxruntime-int8").dynamic_batching.preferred_batch_size) == expected

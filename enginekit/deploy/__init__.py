@@ -36,11 +36,14 @@ def _artifacts(folders: Sequence[str | Path], names: Mapping[str, str] | None) -
     return named
 
 
-def _bench_entries(report: Mapping[str, Any] | None) -> dict[Path, Mapping[str, Any]]:
-    """Benchmark entries by the resolved artifact folder they measured."""
-    from enginekit.core.outputs import resolved
-
-    return {resolved(entry["artifact"]): entry for entry in (report or {}).get("artifacts") or [] if isinstance(entry, dict) and entry.get("artifact")}
+def _bench_entry(artifact: DeployArtifact, report: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The benchmark entry that measured this artifact: the one whose file hashes are its own
+    (a report's paths are relative to wherever it was run)."""
+    own = {f["path"]: f["sha256"][:16] for f in artifact.manifest.files}
+    for entry in (report or {}).get("artifacts") or []:
+        if isinstance(entry, dict) and not entry.get("source") and entry.get("manifest_sha") == own:
+            return entry
+    return None
 
 
 def _planned_tensorrt(name: str, artifact: DeployArtifact) -> DeployedModel:
@@ -77,11 +80,8 @@ def deploy_triton(artifacts: Sequence[str | Path], output: str | Path, options: 
     models = [DeployedModel(name, artifact) for name, artifact in named]
     models += [_planned_tensorrt(artifact.default_name(), artifact) for artifact in planned]
     check_names(models, repo, "triton")
-    entries = _bench_entries(report)
-    from enginekit.core.outputs import resolved
-
     for model in models:
-        measured = None if model.planned else entries.get(resolved(model.artifact.folder))  # a CPU benchmark says nothing of a GPU engine
+        measured = None if model.planned else _bench_entry(model.artifact, report)  # a CPU benchmark says nothing of a GPU engine
         text = triton_config(model.artifact, model.name, options, measured, planned=model.planned)
         problems = triton_model_problems(text, model.name, model.artifact.manifest, planned=model.planned)
         if problems:  # a config enginekit writes must pass its own check

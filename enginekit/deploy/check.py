@@ -236,10 +236,9 @@ def _tensorrt_problems(config: Any, manifest: Mapping[str, Any], planned: bool) 
         return []
     profile = (manifest.get("tensorrt") or {}).get("profile")
     if planned:  # the profile the engine will be built with
-        from enginekit.targets.tensorrt.builder import profile_shapes
+        from enginekit.deploy.triton import planned_profile
 
-        inputs = [TensorSpec.from_json(s) for s in manifest.get("inputs") or []]
-        profile = {name: [list(shape) for shape in shapes] for name, shapes in profile_shapes(inputs).items()}
+        profile = planned_profile(manifest)
     if not isinstance(profile, dict) or not profile:
         return ["the manifest records no TensorRT optimization profile (not an engine artifact)"]
     problems = []

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from enginekit.core.errors import InputError
+from enginekit.core.errors import EnginekitError, InputError
 from enginekit.core.tensors import TensorSpec
 from enginekit.deploy.artifact import BATCH, TRITON_TYPES, DeployArtifact, served_dims
 from enginekit.deploy.pbtxt import Enum, parameters, to_text
@@ -40,9 +40,23 @@ def tensorrt_profile(artifact: DeployArtifact) -> dict[str, list[list[int]]]:
     profile = (artifact.manifest.get("tensorrt") or {}).get("profile")
     if isinstance(profile, dict) and profile:
         return profile
+    return planned_profile(artifact.manifest)
+
+
+def planned_profile(manifest: Mapping[str, Any]) -> dict[str, list[list[int]]]:
+    """The profile `build --targets tensorrt` gives an engine of this graph: the default dim
+    ranges, capped by a zoo model's dim_max (a transformer's position table)."""
+    from enginekit.models import get_spec, zoo_names
     from enginekit.targets.tensorrt.builder import profile_shapes
 
-    return {name: [list(shape) for shape in shapes] for name, shapes in profile_shapes(artifact.inputs).items()}
+    inputs = [TensorSpec.from_json(s) for s in manifest.get("inputs") or []]
+    dim_max: Mapping[str, int] = {}
+    if manifest.get("model") in zoo_names():
+        try:
+            dim_max = get_spec(manifest["model"]).dim_max
+        except EnginekitError:  # the zoo extra is absent: the default ranges
+            pass
+    return {name: [list(shape) for shape in shapes] for name, shapes in profile_shapes(inputs, None, dim_max).items()}
 
 
 def max_batch_size(artifact: DeployArtifact, options: TritonOptions, tensorrt: bool) -> int:
