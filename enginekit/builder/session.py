@@ -46,6 +46,12 @@ class ModelSession:
         from enginekit.accuracy import load_user_metric
 
         self.fp32, self.options = fp32, options
+        # INT8 from the source's own grids, unless the user asks for a calibration (data or a table)
+        self.imported = fp32.prequantized is not None and not options.table and options.calib_data is None
+        if self.imported:  # nothing to calibrate; its quantizer (or training) already chose the ranges
+            import dataclasses
+
+            self.options = dataclasses.replace(options, quantize=dataclasses.replace(options.quantize, bias_correction=False))
         self.user_metric = load_user_metric(options.metric)
         self.input_axes = batch_axes(fp32.inputs)
         self.output_axes = batch_axes(tensor_specs(fp32.proto.graph.output))
@@ -81,6 +87,10 @@ class ModelSession:
             if options.table:
                 self._table = CalibrationTable.load(options.table)
                 self._table.check_model(self.fp32.sha256, options.table)
+            elif self.imported:
+                from enginekit.calibration.imported import imported_table
+
+                self._table = imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
             else:
                 auto = options.calib_method == AUTO
                 run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
@@ -106,13 +116,26 @@ class ModelSession:
         return next(self.calibration_samples(count, count))
 
     def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
-        """The first `count` calibration samples, streamed in batches of `batch`."""
-        source = open_data(self.options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
+        """The first `count` calibration samples, streamed in batches of `batch` (for a
+        pre-quantized source given no calibration data: its evaluation data, for the few
+        measurements a target makes of tensors the source left float)."""
+        options = self.options
+        if self.imported and options.calib_data is None and self.fp32.spec is None:
+            source = open_data(options.eval_data, self.fp32.inputs, self.fp32.spec, "evaluation")
+        else:
+            source = open_data(options.calib_data, self.fp32.inputs, self.fp32.spec, "calibration")
         return iter(stream(source, self.fp32.inputs, count, batch)[0])
 
     def qdq(self, encoding: str, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
         """The Q/DQ graph in `encoding` and `placement` (bias-corrected once per pair), as a private copy."""
         settings = self.options.quantize
+        if self.imported:  # what the source left float stays float
+            import dataclasses
+
+            from enginekit.quantization.pipeline import nodes_without_ranges
+
+            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes,
+                                                                    *nodes_without_ranges(self.fp32, self.table(), settings, placement)))
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
             batches = self.calibration_batches() if settings.bias_correction else ()

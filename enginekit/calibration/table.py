@@ -27,9 +27,20 @@ class TensorRange:
     amax: float
     signed: bool
     clipped: float = 0.0  # fraction of values with |x| > amax
+    grid: dict[str, Any] | None = None  # a pre-quantized source's own {scale, zero_point, type} (calibration.imported)
 
     def to_json(self) -> dict[str, Any]:
-        return {"min": self.min, "max": self.max, "amax": self.amax, "signed": self.signed, "clipped": self.clipped}
+        entry = {"min": self.min, "max": self.max, "amax": self.amax, "signed": self.signed, "clipped": self.clipped}
+        return {**entry, "grid": self.grid} if self.grid else entry
+
+
+def _valid_grid(grid: Any) -> bool:
+    if not isinstance(grid, dict) or set(grid) != {"scale", "zero_point", "type"} or grid["type"] not in ("int8", "uint8"):
+        return False
+    scale, zero = grid["scale"], grid["zero_point"]
+    low, high = (-128, 127) if grid["type"] == "int8" else (0, 255)
+    return (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+            and isinstance(zero, int) and not isinstance(zero, bool) and low <= zero <= high)
 
 
 @dataclass
@@ -89,6 +100,8 @@ class CalibrationTable:
                 return f"tensor '{name}' has a range that is not a finite number"
             if entry.amax < 0 or entry.min > entry.max or not 0 <= entry.clipped <= 1 or not isinstance(entry.signed, bool):
                 return f"tensor '{name}' has an impossible range (amax {entry.amax}, min {entry.min}, max {entry.max})"
+            if entry.grid is not None and not _valid_grid(entry.grid):
+                return f"tensor '{name}' has a malformed grid {entry.grid!r}"
         return None
 
     def check_model(self, model_sha256: str, origin: str | Path) -> None:

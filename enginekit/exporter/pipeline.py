@@ -80,6 +80,7 @@ def _export(model: str, out_dir: Path, weights: str | None, input_shapes: Sequen
             "inputs": [s.to_json() for s in onnx_graph.tensor_specs(onnx_graph.graph_inputs(proto))],
             "outputs": [s.to_json() for s in onnx_graph.tensor_specs(proto.graph.output)],
             "parity": parity.to_json(),
+            **_prequantized_record(source, proto),
             "notes": notes,
             "toolchain": toolchain(*(("tensorflow", "keras", "tf2onnx") if source.keras is not None else ("torch",)),
                                    "onnx", "onnxruntime", "onnxscript", "numpy"),
@@ -102,6 +103,7 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     proto = onnx.ModelProto()
     proto.CopyFrom(source.onnx_model)
     onnx_graph.check(proto, origin)
+    proto = _dequantize_source(proto, source, notes)
     own = onnx_graph.opset_of(proto)
     if options.opset:
         proto = onnx_graph.convert_opset(proto, options.opset, origin)
@@ -128,6 +130,34 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
         else:
             notes.append("the batch dim stays fixed: inputs and outputs do not share one leading dim")
     return onnx_graph.finalize(proto, origin)
+
+
+def _dequantize_source(proto: onnx.ModelProto, source: Source, notes: list[str]) -> onnx.ModelProto:
+    """A source already in the QDQ format becomes its float twin (weights on their grid, ReLUs a
+    quantizer folded into a grid restored), which is exported and parity-checked like any
+    source; its activation grids go into the manifest for every INT8 build."""
+    from enginekit.onnx.prequantized import has_qdq, strip_qdq
+
+    if not has_qdq(proto):
+        return proto
+    stripped = strip_qdq(proto, str(source.onnx_path))
+    source.onnx_model = stripped.model  # parity compares the export with the float twin
+    source.prequantized = stripped
+    notes.append(f"pre-quantized source (QDQ): {len(stripped.activations)} activation grids and {stripped.weights} "
+                 "quantized weights read; its float twin is exported, and INT8 builds use its grids (no calibration)")
+    return stripped.model
+
+
+def _prequantized_record(source: Source, proto: onnx.ModelProto) -> dict[str, Any]:
+    """The manifest's record of a pre-quantized source: the grids of the tensors the exported
+    graph still has (folding may remove some)."""
+    if source.prequantized is None:
+        return {}
+    present = {name for node in proto.graph.node for name in node.output} | {i.name for i in proto.graph.input}
+    grids = source.prequantized.activations
+    return {"prequantized": {"format": "QDQ", "weights": source.prequantized.weights,
+                             "activations": {name: grid.to_json() for name, grid in sorted(grids.items()) if name in present},
+                             "dropped": sorted(name for name in grids if name not in present)}}
 
 
 def _fold_single_valued_inputs(proto: onnx.ModelProto, source: Source, notes: list[str]) -> None:

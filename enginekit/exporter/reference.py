@@ -31,6 +31,7 @@ class Fp32Model:
     keras_file: dict | None = None  # {"keras": path, "unsafe_allow_lambda": bool} when exported from a Keras file
     origin: str = ""  # what the user named (a file, a factory, a zoo name): errors name it, not the cache
     notes: list[str] = field(default_factory=list)  # what the export changed (opset upgrade, batch made dynamic)
+    prequantized: dict | None = None  # the source's own Q/DQ grids (export manifest), for INT8 without calibration
 
     def __post_init__(self) -> None:
         self.origin = self.origin or str(self.path)
@@ -90,6 +91,7 @@ def load_fp32(model: str | Path, source: SourceOptions | bool | None = None) -> 
         zoo = origin.get("zoo")
         fp32 = _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
         fp32.notes = [f"export: {note}" for note in manifest.get("notes") or [] if isinstance(note, str)]
+        fp32.prequantized = manifest.get("prequantized") if isinstance(manifest.get("prequantized"), dict) else None
         if origin.get("kind") == "keras" and origin.get("keras"):
             fp32.keras_file = {"keras": origin["keras"], "unsafe_allow_lambda": bool(origin.get("unsafe_allow_lambda"))}
         return fp32
@@ -108,7 +110,7 @@ def exporter_source_hash() -> str:
     import hashlib
 
     root = Path(__file__).parents[1]
-    files = sorted([*root.joinpath("exporter").glob("*.py"), root / "onnx" / "graph.py"])
+    files = sorted([*root.joinpath("exporter").glob("*.py"), root / "onnx" / "graph.py", root / "onnx" / "prequantized.py"])
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 

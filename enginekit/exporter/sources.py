@@ -42,6 +42,7 @@ class Source:
     onnx_model: Any = None  # the parsed onnx.ModelProto of ONNX sources
     onnx_path: Path | None = None
     origin: dict[str, Any] = field(default_factory=dict)
+    prequantized: Any = None  # onnx.prequantized.Dequantized of an ONNX source that holds Q/DQ
 
     def sample(self, dims: Mapping[str, int]) -> tuple[Feeds, str]:
         """Inputs of the current specs at `dims`, from the evaluation data when it fits, with a

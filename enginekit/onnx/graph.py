@@ -205,6 +205,19 @@ def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     return model
 
 
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node (nor graph output) reads, and shape info of values no node
+    produces any more (what a rewrite that replaced nodes leaves behind)."""
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
+    info = [v for v in model.graph.value_info if v.name in produced | used]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(info)
+
+
 def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 

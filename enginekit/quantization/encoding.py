@@ -47,6 +47,10 @@ class QParams:
 def activation_qparams(name: str, rng: TensorRange, encoding: str) -> QParams:
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {ENCODINGS}")
+    if rng.grid is not None:
+        exact = grid_qparams(rng.grid, encoding)
+        if exact is not None:
+            return exact
     amax = rng.amax
     if not np.isfinite(amax) or amax <= _TINY:
         warnings.warn(f"tensor '{name}' is constant zero in the calibration data; using scale 1.0", stacklevel=2)
@@ -62,6 +66,19 @@ def activation_qparams(name: str, rng: TensorRange, encoding: str) -> QParams:
     if encoding == "uint8":
         return QParams(np.float32(amax / 127.0).item(), 128, TensorProto.UINT8)
     return QParams(np.float32(amax / 127.0).item(), 0, TensorProto.INT8)
+
+
+def grid_qparams(grid: dict, encoding: str) -> QParams | None:
+    """A pre-quantized source's own grid in `encoding`: exactly, where the encoding has room for
+    it (uint8 holds any grid, an int8 one shifted by 128; "mixed" keeps symmetric int8 as is);
+    None where the encoding needs another grid (TensorRT's symmetric int8 from an asymmetric
+    one), which is then re-encoded from the range."""
+    scale, zero_point, kind = np.float32(grid["scale"]).item(), int(grid["zero_point"]), grid["type"]
+    if kind == "int8" and zero_point == 0 and encoding in ("int8", "mixed"):
+        return QParams(scale, 0, TensorProto.INT8)
+    if encoding == "int8":
+        return None
+    return QParams(scale, zero_point if kind == "uint8" else zero_point + 128, TensorProto.UINT8)
 
 
 def asymmetric_range(rng: TensorRange, amax: float) -> tuple[float, float]:

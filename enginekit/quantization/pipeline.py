@@ -4,7 +4,7 @@ calibration data: the hub every INT8 target is built from."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from enginekit.calibration.table import CalibrationTable
@@ -47,6 +47,23 @@ def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inpu
     if not plan.nodes:
         raise InputError("nothing is left to quantize after the exclusions", fp32.origin)
     return plan, list(after)
+
+
+def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, placement: str) -> tuple[str, ...]:
+    """The nodes to keep float because `table` has no range for a tensor they would quantize:
+    what a pre-quantized source left float stays float."""
+    excluded = list(settings.exclude_nodes)
+    producers = {output: node.name for node in fp32.proto.graph.node for output in node.output}
+    while True:
+        plan, _ = plan_for(fp32, replace(settings, exclude_nodes=tuple(excluded)), placement)
+        missing = [t for t in plan.activations if plan.same_scale.get(t, t) not in table.tensors]
+        if not missing:
+            return tuple(name for name in excluded if name not in settings.exclude_nodes)
+        more = {node for t in missing for node in plan.consumers.get(t, [])}
+        more |= {producers[t] for t in missing if t in plan.outputs and producers.get(t) in plan.nodes}
+        if not more - set(excluded):
+            raise InputError(f"the pre-quantized grids leave {missing[:3]} without a range and no node to keep float", fp32.origin)
+        excluded += sorted(more - set(excluded))
 
 
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
+from enginekit.onnx.graph import drop_unused_initializers
 from enginekit.quantization.encoding import QParams, activation_qparams, quantize_weight
 from enginekit.quantization.placement import QuantPlan
 
@@ -143,8 +144,5 @@ def integerize_biases(qdq: QdqGraph) -> None:
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in node.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    drop_unused_initializers(model)
 

@@ -1,0 +1,199 @@
+"""Models that arrive already quantized: an ONNX graph in the QDQ format (PyTorch QAT export,
+ONNX Runtime's `quantize_static`, NVIDIA ModelOpt, enginekit's own INT8 artifacts).
+
+`strip_qdq` turns such a graph into its float twin and keeps what the quantizer decided: every
+activation's grid (scale, zero point, type) by tensor name, and weights dequantized to the float
+values they stand for (already on their grid). The float graph goes through export and parity
+like any source; the grids become the calibration table of every INT8 build, so no calibration
+data is needed and the original scales are honoured (re-encoded only where a target needs
+another encoding). Graphs in the QOperator format (QLinearConv ...) are refused: their float
+twin is not recoverable op by op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from enginekit.core.errors import InputError
+from enginekit.onnx.graph import drop_unused_initializers
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
+                 "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")
+_TYPES = {TensorProto.INT8: ("int8", -128, 127), TensorProto.UINT8: ("uint8", 0, 255)}
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """One activation's integer grid as the source quantized it."""
+
+    scale: float
+    zero_point: int
+    type: str  # "int8" or "uint8"
+
+    def bounds(self) -> tuple[float, float]:
+        """The float range the grid represents: [(qmin - z) * s, (qmax - z) * s]."""
+        low, high = (-128, 127) if self.type == "int8" else (0, 255)
+        return (low - self.zero_point) * self.scale, (high - self.zero_point) * self.scale
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "type": self.type}
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> "QuantGrid":
+        return cls(float(entry["scale"]), int(entry["zero_point"]), str(entry["type"]))
+
+
+@dataclass
+class Dequantized:
+    model: onnx.ModelProto
+    activations: dict[str, QuantGrid] = field(default_factory=dict)
+    weights: int = 0  # weight (and bias) tensors dequantized into float initializers
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    return any(node.op_type in QDQ_OPS for node in model.graph.node)
+
+
+def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
+    """The float twin of a QDQ graph, with the grid of every quantized activation."""
+    graph = model.graph
+    qoperator = sorted({node.op_type for node in graph.node if node.op_type in QOPERATOR_OPS})
+    if qoperator:
+        raise InputError(f"holds QOperator-format ops ({', '.join(qoperator)}); enginekit reads pre-quantized models in the "
+                         "QDQ format (QuantizeLinear/DequantizeLinear around float ops)", origin)
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    result = Dequantized(onnx.ModelProto())
+    result.model.CopyFrom(model)
+    producers = {name: node for node in graph.node for name in node.output}
+    relus: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (producer, the Relu that goes after it)
+    renames: dict[str, str] = {}  # a DQ output -> the float tensor it stands for
+    nonneg: set[str] = set()  # tensors known to be >= 0 (a ReLU's output, or one on a grid from 0)
+    constants: list[onnx.TensorProto] = []
+    dropped: set[int] = set()
+    for index, node in enumerate(graph.node):
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            grid = _grid(node, initializers, origin)
+            source = node.input[0]
+            if grid.bounds()[0] == 0.0 and not _non_negative(source, producers, renames, nonneg):
+                # a quantizer that folded a ReLU into the grid's lower bound (ONNX Runtime's does):
+                # the float twin keeps it as a Relu
+                relu = onnx.helper.make_node("Relu", [source], [f"{source}__relu"], name=f"{node.name}__relu")
+                relus.append((producers[source], relu))
+                result.activations[relu.output[0]] = grid
+            for reader in readers.get(node.output[0], []):
+                if reader.op_type != "DequantizeLinear":
+                    raise InputError(f"QuantizeLinear '{node.name}' feeds {reader.op_type} '{reader.name}', not a DequantizeLinear; "
+                                     "only QDQ pairs are read", origin)
+                renames[reader.output[0]] = f"{source}__relu" if any(r[1].input[0] == source for r in relus) else source
+            result.activations[source] = grid
+            if grid.bounds()[0] == 0.0:
+                nonneg |= {source, f"{source}__relu"}
+            dropped.add(index)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            constants.append(numpy_helper.from_array(_dequantized(node, initializers), node.output[0]))
+            result.weights += 1
+            dropped.add(index)
+        elif node.op_type == "DequantizeLinear" and _quantized_constant(node, graph.node, initializers) is not None:
+            weight = _quantized_constant(node, graph.node, initializers)
+            constants.append(numpy_helper.from_array(weight, node.output[0]))
+            result.weights += 1
+            dropped.add(index)
+    dropped |= {i for i, node in enumerate(graph.node) if node.op_type == "DequantizeLinear" and node.output[0] in renames}
+    dropped |= {i for i, node in enumerate(graph.node)
+                if node.op_type == "QuantizeLinear" and node.input[0] in initializers
+                and all(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], []))}
+    left = [node for i, node in enumerate(graph.node) if i not in dropped]
+    stray = sorted({node.op_type for node in left if node.op_type in QDQ_OPS})
+    if stray:
+        raise InputError(f"holds {', '.join(stray)} nodes that are not activation or weight QDQ pairs; they cannot be read", origin)
+    for node in left:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    for output in result.model.graph.output:
+        output.name = renames.get(output.name, output.name)
+    after = {id(producer): relu for producer, relu in relus}
+    del result.model.graph.node[:]
+    for node in left:
+        result.model.graph.node.append(node)
+        if id(node) in after:
+            result.model.graph.node.append(after[id(node)])
+    result.model.graph.initializer.extend(constants)
+    drop_unused_initializers(result.model)
+    return result
+
+
+SIGN_KEEPING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze",
+                "Unsqueeze", "Resize", "Slice", "Split", "Concat", "Identity", "Pad")
+
+
+def _non_negative(tensor: str, producers: dict[str, onnx.NodeProto], renames: dict[str, str], nonneg: set[str]) -> bool:
+    """Whether `tensor` is >= 0 already: a graph input (its data decides), a Relu's output, or what
+    a sign-keeping op (pooling, reshapes, concat) makes of tensors that are."""
+    producer = producers.get(tensor)
+    if tensor in nonneg or producer is None:
+        return True
+    if producer.op_type in ("Relu", "Sigmoid", "Softmax", "Abs", "Exp"):
+        return True
+    data = [renames.get(name, name) for name in (producer.input if producer.op_type == "Concat" else producer.input[:1]) if name]
+    return producer.op_type in SIGN_KEEPING and bool(data) and all(_non_negative(name, producers, renames, nonneg) for name in data)
+
+
+def _grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], origin: str) -> QuantGrid:
+    scale = initializers.get(node.input[1])
+    zero_point = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scale is None or (len(node.input) > 2 and node.input[2] and zero_point is None):
+        raise InputError(f"QuantizeLinear '{node.name}': its scale or zero point is computed, not a constant", origin)
+    scales = numpy_helper.to_array(scale).ravel()
+    if scales.size != 1:
+        raise InputError(f"QuantizeLinear '{node.name}' quantizes an activation per channel; activations are per tensor", origin)
+    data_type = zero_point.data_type if zero_point is not None else TensorProto.UINT8
+    if data_type not in _TYPES:
+        raise InputError(f"QuantizeLinear '{node.name}' quantizes to {TensorProto.DataType.Name(data_type)}; "
+                         "int8 and uint8 grids are read", origin)
+    z = int(numpy_helper.to_array(zero_point).ravel()[0]) if zero_point is not None else 0
+    return QuantGrid(float(scales[0]), z, _TYPES[data_type][0])
+
+
+def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """(q - z) * s of a constant, per axis where the scale is a vector."""
+    values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] in initializers else np.zeros_like(scale))
+    scale, zero = _per_axis(node, scale, zero, values.ndim)
+    return ((values - zero) * scale).astype(np.float32)
+
+
+def _quantized_constant(node: onnx.NodeProto, nodes: Any, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """DequantizeLinear(QuantizeLinear(float constant)) (PyTorch's QAT export of a weight): the
+    constant as the pair computes it (rounded to its grid); None for anything else."""
+    producer = next((n for n in nodes if node.input[0] in n.output), None)
+    if producer is None or producer.op_type != "QuantizeLinear" or producer.input[0] not in initializers:
+        return None
+    weight = numpy_helper.to_array(initializers[producer.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initializers[producer.input[1]]).astype(np.float64)
+    zero_tensor = initializers.get(producer.input[2]) if len(producer.input) > 2 else None
+    zero = numpy_helper.to_array(zero_tensor).astype(np.float64) if zero_tensor is not None else np.zeros_like(scale)
+    low, high = _TYPES.get(zero_tensor.data_type if zero_tensor is not None else TensorProto.UINT8, ("", -128, 127))[1:]
+    scale, zero = _per_axis(producer, scale, zero, weight.ndim)
+    quantized = np.clip(np.round(weight / scale) + zero, low, high)
+    return ((quantized - zero) * scale).astype(np.float32)
+
+
+def _per_axis(node: onnx.NodeProto, scale: np.ndarray, zero: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A per-axis scale and zero point shaped to broadcast along the node's axis."""
+    if scale.size <= 1:
+        return scale, zero
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
+    shape = [-1 if i == axis else 1 for i in range(rank)]
+    return scale.reshape(shape), zero.reshape(shape)
