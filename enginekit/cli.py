@@ -18,7 +18,7 @@ from enginekit.core.errors import EnginekitError
 _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "evaluation_data": "--eval-data",
           "targets": "--targets", "precisions": "--precisions", "encoding": "--encoding", "method": "--method",
           "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
-          "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--profile",
+          "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--trt-profile",
           "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers",
           "name": "--name", "max_batch_size": "--max-batch-size"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
@@ -204,7 +204,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     config = load_yaml_mapping(value)
     known = {p.name for p in ctx.command.params if p.name}
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
-    aliases = {"target": "targets", "precision": "precisions", "profile": "profiles", "builder": "tensorrt_builder",
+    aliases = {"target": "targets", "precision": "precisions", "trt_profile": "profiles", "builder": "tensorrt_builder",
                "input_shape": "input_shapes", "output_kind": "output_kinds"}
     config = {aliases.get(k, k): v for k, v in config.items()}
     unknown = sorted(set(config) - known)
@@ -231,19 +231,20 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
-@click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
+@click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
 @click.option("--threads", type=int, default=None)
 @click.option("--bench/--no-bench", default=True, show_default=True, help="With several artifacts: benchmark them into one report (JSON, Markdown, HTML).")
 @click.option("--source-row/--no-source-row", default=True, show_default=True, help="The report starts with the source model in its own framework (PyTorch eager and torch.compile, or Keras).")
+@click.option("--profile", "show_profile", is_flag=True, help="Print where the build's time went: seconds per stage and per cell, and how often each stage ran (also in report.json).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, output, source) -> None:
+          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -263,10 +264,11 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
-    if len(target_list) == 1 and len(precision_list) == 1:
+    if len(target_list) == 1 and len(precision_list) == 1 and not show_profile:
         _echo_build(api.build(model, target_list[0], precision_list[0], output, options))
         return
     cells = api.build_many(model, target_list, precision_list, output, options)
+    profile = cells[0].profile if cells else None
     rows = []
     for cell in cells:
         if cell.skipped or cell.failed:
@@ -276,6 +278,8 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
         rows.append([cell.target, cell.precision, f"{cell.folder}{cached}", _accuracy_cell(cell.manifest)])
     click.echo(markdown_table(["target", "precision", "artifact", "accuracy vs FP32 / reason skipped or failed"], rows))
     built = [c.folder for c in cells if c.result is not None]
+    if show_profile and profile:
+        click.echo("\n" + _profile_text(profile))
     if bench and built:
         from enginekit.benchmark.files import write_report
         from enginekit.benchmark.harness import BenchSettings
@@ -284,6 +288,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
         report = api.bench(built, settings=BenchSettings(threads=threads), source=model if source_row else None, source_options=source)
         report["skipped"] = [{"target": c.target, "precision": c.precision, "reason": c.skipped} for c in cells if c.skipped] + report["skipped"]
         report["failed"] = [{"target": c.target, "precision": c.precision, "reason": c.failed} for c in cells if c.failed]
+        report["build_profile"] = profile
         paths = write_report(report, Path(output) / "report.json")
         click.echo("\n" + markdown(report))
         click.echo(f"\nreport: {paths[0]} (HTML: {paths[2]})")
@@ -325,6 +330,18 @@ def sensitivity(model, targets, table, calib_method, calib_data, num_samples, ev
     click.echo(markdown_table(["kept float (alone)", "margin gain", "accuracy on the first batch"], rows))
     if output:
         click.echo(f"ranking: {output}")
+
+
+def _profile_text(profile: dict[str, Any]) -> str:
+    """The build profile as two tables: every stage (exclusive seconds, runs) and every cell."""
+    from enginekit.core.console import markdown_table
+
+    stages = [[name, seconds, profile["counts"].get(name, 0)] for name, seconds in profile["stages"].items()]
+    stages.append(["(outside the stages: planning, gates, manifests, publishing)", profile["wall_s"] - sum(profile["stages"].values()), "-"])
+    names = sorted({stage for per_cell in profile["cells"].values() for stage in per_cell})
+    cells = [[cell, *[per_cell.get(name, 0.0) for name in names]] for cell, per_cell in profile["cells"].items()]
+    return (f"build profile (wall {profile['wall_s']:.1f} s; a stage's seconds exclude the stages nested in it)\n\n"
+            + markdown_table(["stage", "seconds", "runs"], stages) + "\n\n" + markdown_table(["cell", *[f"{n} s" for n in names]], cells))
 
 
 def _pairs(values, option: str) -> dict[str, str]:
@@ -453,7 +470,7 @@ def zoo_list() -> None:
     for name in zoo_names():
         spec = get_spec(name)
         click.echo(f"{spec.name}: {spec.summary}")
-        click.echo(f"  parameters : {spec.parameter_count():,}")
+        click.echo(f"  parameters : {spec.parameters or spec.parameter_count():,}")
         for tensor in spec.inputs:
             click.echo(f"  input      : {tensor.name} {list(tensor.shape)} {tensor.dtype}")
         for tensor in spec.outputs:

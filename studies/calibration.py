@@ -35,19 +35,12 @@ def _worker(kind: str, samples: int, out: str) -> None:
     if kind == "ours":
         ek.calibrate(MODEL, None, methods=["minmax", "percentile", "entropy", "mse"], num_samples=samples, output=Path(out) / "ranges.json")
     else:
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        from studies.common import ort_calibration_reader
 
         crops = fp32.spec.dataset().samples("calibration", samples)["image"]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.items = iter(crops[i : i + 1] for i in range(len(crops)))
-
-            def get_next(self):
-                item = next(self.items, None)
-                return None if item is None else {"image": item}
-
-        quantize_static(str(fp32.path), str(Path(out) / f"ort_{kind}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(fp32.path), str(Path(out) / f"ort_{kind}.onnx"), ort_calibration_reader("image", crops), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=getattr(CalibrationMethod, kind))
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": process_memory_mb("VmHWM"), "baseline_rss_mb": baseline}))

@@ -53,3 +53,19 @@ def write_json(path: str | Path, results: Any) -> None:
 def latency_by_name(report: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The harness report's entries, keyed by the names the study gave the folders (same order)."""
     return dict(zip(names, report["artifacts"]))
+
+
+def ort_calibration_reader(name: str, samples: np.ndarray) -> Any:
+    """An ONNX Runtime CalibrationDataReader feeding `samples` one at a time as input `name`."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(samples[i : i + 1] for i in range(len(samples)))
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {name: item}
+
+    return Reader()
+

@@ -82,3 +82,26 @@ def test_targets_sharing_an_encoding_share_one_bias_corrected_graph(tmp_path, mo
         details = outcome.manifest["quantization"]
         assert details["bias_correction"]["layers"] == 5, outcome.target
         assert outcome.manifest["accuracy"]["metrics"]["accuracy"] >= outcome.manifest["accuracy"]["metrics"]["fp32_accuracy"] - 0.01
+
+
+def test_the_build_profile_shows_where_time_went_and_no_shared_stage_twice(run_cli, tmp_path):
+    """issue 21: every stage timed (exclusive seconds), per cell where it belongs to one; what
+    the cells share (FP32 load, calibration, reference outputs, one Q/DQ graph per encoding) ran once."""
+    result = run_cli("build", "--model", "digits_cnn", "--targets", "onnxruntime,openvino", "--precisions", "fp32,int8",
+                     "--num-samples", "64", "--no-bench", "--profile", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert "build profile (wall" in result.out and "| onnxruntime-int8 |" in result.out
+    from enginekit.builder import BuildOptions, build_many
+
+    cells = build_many("digits_cnn", ["onnxruntime", "openvino"], ["fp32", "int8"], tmp_path / "again", BuildOptions(num_samples=64))
+    profile = cells[0].profile
+    counts = profile["counts"]
+    assert counts["calibration"] == counts["fp32 reference outputs"] == counts["evaluation data"] == counts["load FP32 (export, hash)"] == 1
+    assert counts["conversion"] == counts["evaluation"] == 4 and set(profile["cells"]) == {f"{t}-{p}" for t in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
+    assert counts["quantization (uint8, outputs)"] == counts["quantization (mixed, inputs)"] == 1
+    # uint8 and mixed put every tensor on the same grid: one bias correction serves both graphs
+    assert counts["bias correction"] == 1
+    records = {c.target: c.manifest["quantization"]["bias_correction"] for c in cells if c.precision == "int8"}
+    assert "corrected_on" in records["onnxruntime"] and "shared" in records["openvino"]
+    assert records["openvino"]["layers"] == records["onnxruntime"]["layers"] == 5
+    assert 0 < sum(profile["stages"].values()) <= profile["wall_s"] and all(c.profile == profile for c in cells)

@@ -212,7 +212,7 @@ def test_a_shape_outside_the_profile_is_one_line_and_evaluation_fits_the_profile
         assert error.value.option == "profiles"
     # a whole build: evaluation (batches of 32) is fed in slices the profile takes
     state.calls.clear()
-    result = run_cli("build", "-m", "digits_cnn", "--target", "tensorrt", "--precision", "fp32", "--profile", "batch=1,8,16", "-o", tmp_path / "trt")
+    result = run_cli("build", "-m", "digits_cnn", "--target", "tensorrt", "--precision", "fp32", "--trt-profile", "batch=1,8,16", "-o", tmp_path / "trt")
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
     assert manifest["accuracy"]["metrics"]["samples"] == 540 and manifest["accuracy"]["metrics"]["top1_agreement"] == 1.0

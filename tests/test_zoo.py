@@ -44,7 +44,7 @@ def test_imagenet_class_names_are_complete():
 
 
 def test_digits_cnn_reaches_97_percent():
-    from enginekit.models.digits_cnn import test_accuracy
+    from enginekit.models.digits_cnn_net import test_accuracy
 
     assert test_accuracy(get_spec("digits_cnn").build()) >= 0.97
 
@@ -103,3 +103,21 @@ def test_zoo_list_describes_every_model(run_cli):
         assert name in result.out
     assert "4,652,008" in result.out  # EfficientNet-Lite0 parameter count
     assert result.out.count("metric") == len(zoo_names())
+
+
+def test_zoo_list_imports_no_framework_and_its_parameter_counts_are_the_architectures():
+    """`zoo list` reads declared parameter counts (no torch or TensorFlow import, well under a
+    second); each one is what the built architecture has."""
+    import subprocess
+    import sys
+
+    from enginekit.models import get_spec, zoo_names
+
+    done = subprocess.run([sys.executable, "-c", "import sys, runpy\nsys.argv=['enginekit','zoo','list']\n"
+                           "try:\n    runpy.run_module('enginekit', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                           "print('heavy:', sorted(m for m in ('torch', 'tensorflow', 'keras', 'sklearn') if m in sys.modules))"],
+                          capture_output=True, text=True, check=True)
+    assert "heavy: []" in done.stdout and "efficientnet_lite0" in done.stdout, done.stdout + done.stderr
+    for name in zoo_names():
+        spec = get_spec(name)
+        assert spec.parameters == spec.parameter_count(), name

@@ -26,6 +26,7 @@ from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, stage
 from enginekit.core.errors import EnginekitError, GateError, InputError, MissingDependencyError, naming
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
+from enginekit.core.profile import profiling, stage
 from enginekit.core.progress import report
 from enginekit.exporter.reference import Fp32Model, load_fp32
 from enginekit.onnx.graph import graph_inputs, tensor_specs
@@ -58,6 +59,7 @@ class Cell:
     skipped: str | None = None
     failed: str | None = None
     exit_code: int = 0  # of the failure: 1 a gate, 2 an input the target cannot use
+    profile: dict[str, Any] | None = None  # where the whole build's time went (core.profile), shared by its cells
 
     @property
     def manifest(self) -> Manifest | None:
@@ -139,7 +141,8 @@ def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions
 
 
 def _load(model: str | Path, options: BuildOptions, out: Path, kind: str) -> Fp32Model:
-    fp32 = load_fp32(model, options.source_options())
+    with stage("load FP32 (export, hash)"):
+        fp32 = load_fp32(model, options.source_options())
     check_outputs([Output(out, kind)], [fp32.path.parent if fp32.path.name == "model.onnx" else fp32.path])
     return fp32
 
@@ -169,13 +172,15 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
     if cached is not None:
         return BuildResult(out, cached, cache_hit=True)
     evaluation = session.evaluation()
-    with staged_artifact(out) as stage:
-        inputs = CellInputs(session, precision, encoding, stage, target_options, target.placement)
-        built = target.build(inputs)
+    cell = f"{target.name}-{precision}"
+    with staged_artifact(out) as stage_folder:
+        inputs = CellInputs(session, precision, encoding, stage_folder, target_options, target.placement)
+        with stage("conversion", cell):
+            built = target.build(inputs)
         fields: dict[str, Any] = {}
         if precision == "int8":
             table = session.table()
-            table.save(stage / TABLE_FILE)
+            table.save(stage_folder / TABLE_FILE)
             fields["calibration"] = {"method": table.method, "parameters": table.parameters, "num_samples": table.num_samples,
                                      "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
@@ -185,10 +190,11 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                 inputs.notes.append(f"--auto-fallback does not apply: {target.name} INT8 is full-integer (no layer is kept float)")
             if options.quantize.layer_report:
                 graph, _ = session.qdq(encoding, target.placement)
-                layer_report(fp32, graph, table, evaluation.batches[:1], stage / LAYER_REPORT_FILE, options.threads)
+                layer_report(fp32, graph, table, evaluation.batches[:1], stage_folder / LAYER_REPORT_FILE, options.threads)
                 fields["layer_report"] = LAYER_REPORT_FILE
         try:
-            candidate = collect_outputs(built.runner.infer, evaluation.batches, built.runner.max_batch, session.input_axes, session.output_axes)
+            with stage("evaluation", cell):
+                candidate = collect_outputs(built.runner.infer, evaluation.batches, built.runner.max_batch, session.input_axes, session.output_axes)
         finally:
             built.runner.close()
         metrics = compare_outputs(session.reference_outputs(), candidate, evaluation.labels, options.output_kinds,
@@ -196,7 +202,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
         if session.user_metric is not None:
             metrics["user"] = run_user_metric(session.user_metric, session.reference_outputs(), candidate, evaluation.labels)
         verdict = _gate_naming_layers(inputs, target, metrics, conditions, evaluation)
-        manifest = write_manifest(stage, {
+        manifest = write_manifest(stage_folder, {
             "model": fp32.name, "target": target.name, "precision": precision, "build_key": key,
             "source": {"model": fp32.origin, "fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
             "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
@@ -265,8 +271,16 @@ def plan_cells(targets: list[str], precisions: list[str]) -> BuildPlan:
 def build_many(model: str | Path, targets: list[str], precisions: list[str], out: str | Path, options: BuildOptions) -> list[Cell]:
     """Every target x precision this machine can build, each in `out/<target>-<precision>`; the
     rest are listed as skipped with the reason. INT8 cells share one CalibrationTable (also
-    written to `out/calibration.json`) and one Q/DQ graph per encoding."""
-    out = Path(out)
+    written to `out/calibration.json`) and one Q/DQ graph per encoding. Each cell carries the
+    build's profile (seconds per stage and per cell, and how often each stage ran)."""
+    with profiling() as profile:
+        cells = _build_many(model, targets, precisions, Path(out), options)
+    for cell in cells:
+        cell.profile = profile.to_json()
+    return cells
+
+
+def _build_many(model: str | Path, targets: list[str], precisions: list[str], out: Path, options: BuildOptions) -> list[Cell]:
     check_outputs([Output(out, BUILD_ROOT)], _inputs(model, options))
     plan = plan_cells(targets, precisions)
     conditions = parse_conditions(options.min_accuracy)

@@ -22,14 +22,18 @@ from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
+from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds, batch_axes, batch_size
 from enginekit.exporter.reference import Fp32Model
 from enginekit.onnx.graph import tensor_specs
 from enginekit.onnx.session import Session
+from enginekit.quantization.bias_correction import layer_biases
+from enginekit.quantization.encoding import GRID_FAMILY
 from enginekit.quantization.pipeline import build_qdq
 from enginekit.quantization.qdq import QdqGraph
 
 EVAL_BATCH = 32
+SHARE_BIAS_CORRECTION = True  # one correction per grid family (encoding.GRID_FAMILY), measured in the README
 BIAS_CORRECTION_BATCH = 32
 
 
@@ -62,6 +66,7 @@ class ModelSession:
         self._calibration: list[Feeds] | None = None
         self._calibration_sha256 = ""
         self._qdq: dict[str, tuple[QdqGraph, dict[str, Any]]] = {}
+        self._biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}  # grid family -> corrected biases
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
@@ -83,22 +88,26 @@ class ModelSession:
     def table(self) -> CalibrationTable:
         """The given table (checked against this model), else one calibration pass here."""
         if self._table is None:
-            options = self.options
-            if options.table:
-                self._table = CalibrationTable.load(options.table)
-                self._table.check_model(self.fp32.sha256, options.table)
-            elif self.imported:
-                from enginekit.calibration.imported import imported_table
-
-                self._table = imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
-            else:
-                auto = options.calib_method == AUTO
-                run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
-                                      num_samples=options.num_samples, threads=options.threads)
-                self.warnings += run.warnings
-                self._table = choose_table(self, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
-                self.calibrated_here = True
+            with stage("calibration"):
+                self._table = self._make_table()
         return self._table
+
+    def _make_table(self) -> CalibrationTable:
+        options = self.options
+        if options.table:
+            table = CalibrationTable.load(options.table)
+            table.check_model(self.fp32.sha256, options.table)
+            return table
+        if self.imported:
+            from enginekit.calibration.imported import imported_table
+
+            return imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
+        auto = options.calib_method == AUTO
+        run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
+                              num_samples=options.num_samples, threads=options.threads)
+        self.warnings += run.warnings
+        self.calibrated_here = True
+        return choose_table(self, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
         """The calibration samples (as many as the table was made from) that bias correction runs on."""
@@ -138,35 +147,48 @@ class ModelSession:
                                                                     *nodes_without_ranges(self.fp32, self.table(), settings, placement)))
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
-            batches = self.calibration_batches() if settings.bias_correction else ()
-            self._qdq[key] = build_qdq(self.fp32, self.table(), settings, encoding, batches, self.options.threads, placement)
+            family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+            corrected = self._biases.get(family) if SHARE_BIAS_CORRECTION else None
+            batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
+            table = self.table()
+            with stage(f"quantization ({encoding}, {placement})"):
+                self._qdq[key] = build_qdq(self.fp32, table, settings, encoding, batches, self.options.threads, placement, corrected)
+            record = self._qdq[key][1].get("bias_correction")
+            if record is not None and family not in self._biases:
+                self._biases[family] = (layer_biases(self._qdq[key][0]), record)
         graph, details = self._qdq[key]
         return copy.deepcopy(graph), copy.deepcopy(details)
 
     def evaluation(self) -> Evaluation:
         """Held-out data (the zoo's evaluation split, or the given eval data) and its labels."""
         if self._evaluation is None:
-            fp32, options = self.fp32, self.options
-            source = open_data(options.eval_data, fp32.inputs, fp32.spec, "evaluation")
-            zoo = options.eval_data is None and fp32.spec is not None
-            has_labels = zoo and fp32.spec.dataset().labels("evaluation", 1) is not None
-            available = source.count()
-            count = options.eval_samples or (available if has_labels and available else DEFAULT_EVAL_SAMPLES)
-            if available is not None:
-                count = min(count, available)
-            batches, stats = stream(source, fp32.inputs, count, EVAL_BATCH)
-            batches = list(batches)
-            axes = batch_axes(fp32.inputs)
-            used = sum(batch_size(b, axes) for b in batches)
-            labels = fp32.spec.dataset().labels("evaluation", used) if has_labels else None
-            shapes = {name: [1 if i == axes.get(name) else d for i, d in enumerate(shape)] for name, shape in stats.shapes.items()}
-            self._evaluation = Evaluation(batches, labels, source.description, shapes)
+            with stage("evaluation data"):
+                self._evaluation = self._load_evaluation()
         return self._evaluation
+
+    def _load_evaluation(self) -> Evaluation:
+        fp32, options = self.fp32, self.options
+        source = open_data(options.eval_data, fp32.inputs, fp32.spec, "evaluation")
+        zoo = options.eval_data is None and fp32.spec is not None
+        has_labels = zoo and fp32.spec.dataset().labels("evaluation", 1) is not None
+        available = source.count()
+        count = options.eval_samples or (available if has_labels and available else DEFAULT_EVAL_SAMPLES)
+        if available is not None:
+            count = min(count, available)
+        batches, stats = stream(source, fp32.inputs, count, EVAL_BATCH)
+        batches = list(batches)
+        axes = batch_axes(fp32.inputs)
+        used = sum(batch_size(b, axes) for b in batches)
+        labels = fp32.spec.dataset().labels("evaluation", used) if has_labels else None
+        shapes = {name: [1 if i == axes.get(name) else d for i, d in enumerate(shape)] for name, shape in stats.shapes.items()}
+        return Evaluation(batches, labels, source.description, shapes)
 
     def reference_outputs(self) -> dict[str, np.ndarray]:
         """The FP32 model's outputs on the evaluation data (reference executor), computed once."""
         if self._reference is None:
-            self._reference = self.outputs_of(self.fp32.proto, self.evaluation().batches)
+            batches = self.evaluation().batches
+            with stage("fp32 reference outputs"):
+                self._reference = self.outputs_of(self.fp32.proto, batches)
         return self._reference
 
     def outputs_of(self, model: Any, batches: Sequence[Feeds]) -> dict[str, np.ndarray]:

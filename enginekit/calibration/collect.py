@@ -3,7 +3,9 @@ output (the reference executor's probe), and fold each batch into that tensor's 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import onnx
 
@@ -27,13 +29,29 @@ def collect_histograms(
             yield feeds
 
     done = 0
-    for values in probe(model, tensors, counted(batches), threads):
-        for name in tensors:
-            try:
-                histograms[name].update(values[name])
-            except ValueError as exc:
-                raise InputError(f"tensor '{name}' of the model holds {exc} on the calibration data (samples {done}..{done + sizes[-1] - 1}); "
-                                 "the data is out of the range the model computes in float32") from None
-        done += sizes[-1]
-        report("calibrating", done, total, "samples")
+    with ThreadPoolExecutor(max_workers=histogram_workers()) as pool:
+        pending: list[tuple[str, Future]] = []
+        for values in probe(model, tensors, counted(batches), threads):
+            _finish(pending, done - (sizes[-2] if len(sizes) > 1 else 0), sizes[-2] if len(sizes) > 1 else 0)
+            # this batch is binned on the pool while the next one runs in ONNX Runtime; each
+            # tensor's histogram still takes its batches in order (the table is the same)
+            pending = [(name, pool.submit(histograms[name].update, values[name])) for name in tensors]
+            done += sizes[-1]
+            report("calibrating", done, total, "samples")
+        _finish(pending, done - (sizes[-1] if sizes else 0), sizes[-1] if sizes else 0)
     return histograms
+
+
+def histogram_workers() -> int:
+    """Threads that bin histograms (numpy releases the GIL in the big array operations)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def _finish(pending: list[tuple[str, Future]], first: int, count: int) -> None:
+    """Wait for a batch's histogram updates; a NaN/Inf names the tensor and the samples."""
+    for name, future in pending:
+        try:
+            future.result()
+        except ValueError as exc:
+            raise InputError(f"tensor '{name}' of the model holds {exc} on the calibration data (samples {first}..{first + count - 1}); "
+                             "the data is out of the range the model computes in float32") from None

@@ -122,9 +122,11 @@ def export_cache_key(name: str) -> str:
 
     from enginekit.core.machine import toolchain
 
-    module = importlib.import_module(get_spec_module(name))
+    module = Path(importlib.import_module(get_spec_module(name)).__file__)
     material = json.dumps(toolchain("torch", "tensorflow", "keras", "tf2onnx", "onnx", "onnxscript", "onnxruntime"), sort_keys=True).encode()
-    material += Path(module.__file__).read_bytes() + exporter_source_hash().encode()
+    for source in [module, *sorted(module.parent.glob(f"{module.stem}_*.py"))]:  # the entry and its network module
+        material += source.read_bytes()
+    material += exporter_source_hash().encode()
     return hashlib.sha256(material).hexdigest()[:16]
 
 

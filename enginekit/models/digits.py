@@ -11,6 +11,8 @@ from enginekit.core.tensors import Feeds
 
 TEST_FRACTION = 0.3
 SPLIT_SEED = 42
+EPOCHS = 40  # training recipe of the digits models (PyTorch and Keras)
+SEED = 0
 
 
 @functools.cache

@@ -79,6 +79,7 @@ def test_accuracy(model: Any) -> float:
 
 SPEC = ModelSpec(
     name="digits_keras",
+    parameters=40_394,
     summary="the digits CNN trained in Keras 3 (TF backend), 8x8 grey, NHWC",
     inputs=(TensorSpec("image", ("batch", 8, 8, 1)),),
     outputs=(TensorSpec("logits", ("batch", 10)),),

@@ -65,6 +65,9 @@ class ModelSpec:
     # Compute ops reading the output of these op types stay float unless the user says otherwise.
     keep_float_after: tuple[str, ...] = ()
     framework: str = "torch"  # or "keras": architecture() returns a keras.Model
+    # The architecture's parameter count, declared so listing the zoo imports no framework
+    # (a test checks it against parameter_count()).
+    parameters: int | None = None
 
     def build(self) -> Any:
         """The network with its real weights (a torch module in eval mode, or a Keras model)."""
@@ -73,6 +76,7 @@ class ModelSpec:
         return module.eval() if self.framework == "torch" else module
 
     def parameter_count(self) -> int:
+        """Counted on the built architecture (imports its framework)."""
         network = self.architecture()
         if self.framework == "keras":
             return int(network.count_params())

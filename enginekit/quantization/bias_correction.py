@@ -42,9 +42,8 @@ def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Seque
 
 
 def _accumulate(sums: dict, count: dict, name: str, value: np.ndarray) -> None:
-    value = value.astype(np.float64)
     axes = tuple(i for i in range(value.ndim) if i != 1)
-    sums[name] = sums.get(name, 0.0) + value.sum(axis=axes)
+    sums[name] = sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)  # accumulated in float64 without a float64 copy
     count[name] = count.get(name, 0) + value.size // value.shape[1]
 
 
@@ -127,7 +126,12 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
             initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
             shape = [1, -1] + [1] * (carried[0][target].ndim - 2)
             for batch in carried:  # later segments see the corrected output, as if the layer were rebuilt
-                batch[target] = (batch[target] - shift.reshape(shape)).astype(batch[target].dtype)
+                value = batch[target]
+                step = shift.astype(value.dtype).reshape(shape)
+                if value.flags.writeable:
+                    value -= step  # in place: the carried activations are the largest arrays of the build
+                else:
+                    batch[target] = value - step
             corrections[layer.name] = float(np.abs(shift).max())
             report("bias correction", index + 1, len(layers), "layers")
         for batch in carried:
@@ -152,10 +156,8 @@ def _fitting(batches: Sequence[Feeds], per_sample_bytes: int, max_bytes: int) ->
     return chosen
 
 
-def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelProto:
-    """The FP32 graph with the bias-corrected Conv/Gemm biases of `qdq` (float or int32 + DQ),
-    for targets that quantize a float graph themselves (TFLite) yet should get the same
-    correction."""
+def layer_biases(qdq: QdqGraph) -> dict[str, np.ndarray]:
+    """Every Conv/Gemm node's bias in `qdq` (float, or int32 behind a DequantizeLinear) by node name."""
     initializers = {t.name: numpy_helper.to_array(t) for t in qdq.model.graph.initializer}
     dequantized = {}
     for node in qdq.model.graph.node:
@@ -169,12 +171,25 @@ def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelPro
             value = initializers.get(node.input[2], dequantized.get(node.input[2]))
             if value is not None:
                 biases[node.name] = np.asarray(value, np.float32)
+    return biases
+
+
+def set_biases(model: onnx.ModelProto, biases: dict[str, np.ndarray], only: Sequence[onnx.NodeProto] | None = None) -> int:
+    """Give the named nodes of `model` (or just `only`) these float biases; how many were set."""
+    nodes = [n for n in (only if only is not None else model.graph.node) if n.name in biases]
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in nodes:
+        name = ensure_bias(model, node, biases[node.name].size)
+        target = initializers.get(name) or next(t for t in model.graph.initializer if t.name == name)
+        target.CopyFrom(numpy_helper.from_array(biases[node.name], name))
+    return len(nodes)
+
+
+def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelProto:
+    """The FP32 graph with the bias-corrected Conv/Gemm biases of `qdq` (float or int32 + DQ),
+    for targets that quantize a float graph themselves (TFLite) yet should get the same
+    correction."""
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
-    for node in model.graph.node:
-        if node.name in biases:
-            channels = biases[node.name].size
-            name = ensure_bias(model, node, channels)
-            target = next(t for t in model.graph.initializer if t.name == name)
-            target.CopyFrom(numpy_helper.from_array(biases[node.name], name))
+    set_biases(model, layer_biases(qdq))
     return model

@@ -28,6 +28,10 @@ from onnx import TensorProto
 from enginekit.calibration.table import TensorRange
 
 ENCODINGS = ("int8", "uint8", "mixed")
+# Encodings that put every tensor on the same integer grid (uint8 zero point 128 and int8 zero
+# point 0 are one grid shifted; the non-negative and one-sided rules are shared), so a graph in
+# one has the same quantized values as in the other and one bias correction serves both.
+GRID_FAMILY = {"int8": "int8", "uint8": "u8-grid", "mixed": "u8-grid"}
 TARGET_ENCODING = {"tensorrt": "int8", "onnxruntime": "uint8", "openvino": "mixed", "tflite": "mixed"}
 _TINY = 1e-12
 ONE_SIDED_STEP_RATIO = 2 ** -0.5  # asymmetric where its step is at most this share of the symmetric one (half a bit)

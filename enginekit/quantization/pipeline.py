@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
+from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.reference import Fp32Model
-from enginekit.quantization.bias_correction import correct_biases
+from enginekit.quantization.bias_correction import correct_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
-from enginekit.quantization.qdq import QdqGraph, insert_qdq, integerize_biases
+from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,12 @@ def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: Qua
 
 
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
-              batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
+              batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs",
+              corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
-    calibration data). Returns the graph and what the manifest records of it."""
+    calibration data), or given the biases (and record) another graph on the same integer grids
+    was corrected to (`corrected`: see encoding.GRID_FAMILY). Returns the graph and what the
+    manifest records of it."""
     table.check_model(fp32.sha256, fp32.origin)
     plan, after = plan_for(fp32, settings, placement)
     qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel)
@@ -78,9 +84,15 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
                                "quantized_weights": len(plan.weights), "exclude_nodes": list(settings.exclude_nodes),
                                "exclude_ops": list(settings.exclude_ops), "exclude_after": after,
                                "keep_first_last_float": settings.keep_first_last_float}
-    if settings.bias_correction:
-        corrections, samples = correct_biases(fp32.proto, qdq, batches, threads)
-        details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0)}
+    if settings.bias_correction and corrected is not None:
+        biases, record = corrected
+        layers = set_biases(qdq.model, biases, biased_nodes(qdq.model))
+        details["bias_correction"] = {**record, "layers": layers, "shared": "the biases of the graph corrected first on the same integer grids"}
+    elif settings.bias_correction:
+        with stage("bias correction"):
+            corrections, samples = correct_biases(fp32.proto, qdq, batches, threads)
+        details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0),
+                                      "corrected_on": f"{encoding} encoding, {placement} placement"}
     if encoding != "int8":
         integerize_biases(qdq)
     return qdq, details
