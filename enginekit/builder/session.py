@@ -67,6 +67,7 @@ class ModelSession:
         self._calibration_sha256 = ""
         self._qdq: dict[str, tuple[QdqGraph, dict[str, Any]]] = {}
         self._biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}  # grid family -> corrected biases
+        self._fp32_means: dict[str, np.ndarray] | None = None  # Conv/Gemm output channel means from the calibration pass
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
@@ -107,6 +108,7 @@ class ModelSession:
                               num_samples=options.num_samples, threads=options.threads)
         self.warnings += run.warnings
         self.calibrated_here = True
+        self._fp32_means = run.channel_means
         return choose_table(self, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
@@ -118,6 +120,7 @@ class ModelSession:
             self._calibration = list(batches)
             if stats.sha256 != table.data_sha256:
                 self.notes.append("bias correction ran on data that differs from the table's calibration data")
+                self._fp32_means = None  # measured on other samples
         return self._calibration
 
     def calibration_feeds(self, count: int) -> Feeds:
@@ -152,7 +155,8 @@ class ModelSession:
             batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
             table = self.table()
             with stage(f"quantization ({encoding}, {placement})"):
-                self._qdq[key] = build_qdq(self.fp32, table, settings, encoding, batches, self.options.threads, placement, corrected)
+                self._qdq[key] = build_qdq(self.fp32, table, settings, encoding, batches, self.options.threads, placement, corrected,
+                                           self._fp32_means)
             record = self._qdq[key][1].get("bias_correction")
             if record is not None and family not in self._biases:
                 self._biases[family] = (layer_biases(self._qdq[key][0]), record)

@@ -12,15 +12,18 @@ import onnx
 from enginekit.calibration.histogram import DEFAULT_BINS, TensorHistogram
 from enginekit.core.errors import InputError
 from enginekit.core.progress import report
-from enginekit.core.tensors import Feeds
+from enginekit.core.tensors import ChannelMeans, Feeds
 from enginekit.onnx.probe import probe
 
 
 def collect_histograms(
     model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds], threads: int | None = None,
-    bins: int = DEFAULT_BINS, total: int | None = None,
+    bins: int = DEFAULT_BINS, total: int | None = None, means: ChannelMeans | None = None, mean_tensors: Sequence[str] = (),
 ) -> dict[str, TensorHistogram]:
+    """Histograms of `tensors` over the batches; with `means`, the same pass also accumulates the
+    channel means of `mean_tensors` (bias correction's FP32 reference, so it needs no pass of its own)."""
     histograms = {name: TensorHistogram(bins) for name in tensors}
+    extra = [name for name in dict.fromkeys(mean_tensors) if means is not None]
     sizes: list[int] = []
 
     def counted(source: Iterable[Feeds]) -> Iterator[Feeds]:
@@ -31,11 +34,12 @@ def collect_histograms(
     done = 0
     with ThreadPoolExecutor(max_workers=histogram_workers()) as pool:
         pending: list[tuple[str, Future]] = []
-        for values in probe(model, tensors, counted(batches), threads):
+        for values in probe(model, list(dict.fromkeys([*tensors, *extra])), counted(batches), threads):
             _finish(pending, done - (sizes[-2] if len(sizes) > 1 else 0), sizes[-2] if len(sizes) > 1 else 0)
             # this batch is binned on the pool while the next one runs in ONNX Runtime; each
             # tensor's histogram still takes its batches in order (the table is the same)
             pending = [(name, pool.submit(histograms[name].update, values[name])) for name in tensors]
+            pending += [(name, pool.submit(means.add, name, values[name])) for name in extra]
             done += sizes[-1]
             report("calibrating", done, total, "samples")
         _finish(pending, done - (sizes[-1] if sizes else 0), sizes[-1] if sizes else 0)

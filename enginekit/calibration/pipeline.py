@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from enginekit.core.artifacts import atomic_write_all
@@ -17,6 +18,7 @@ from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.console import markdown_table
 from enginekit.core.errors import InputError
 from enginekit.core.outputs import TABLE, TRT_CACHE, Output, check_outputs
+from enginekit.core.tensors import ChannelMeans
 from enginekit.exporter.reference import Fp32Model
 
 DEFAULT_SAMPLES = 256
@@ -29,12 +31,13 @@ class CalibrationRun:
     tables: dict[str, CalibrationTable]
     histograms: dict[str, TensorHistogram]
     warnings: list[str]
+    channel_means: dict[str, np.ndarray] = field(default_factory=dict)  # of `mean_tensors`, over the same samples
 
 
 def calibrate(
     fp32: Fp32Model, data: DataArg, methods: Sequence[str], tensors: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
-    threads: int | None = None,
+    threads: int | None = None, mean_tensors: Sequence[str] = (),
 ) -> CalibrationRun:
     """One pass over `data` through `fp32`: histograms of `tensors` (the ones the Q/DQ graph will
     quantize, chosen by the caller) and of every other float activation, then each method's table."""
@@ -47,8 +50,10 @@ def calibrate(
     batch_size = batch_size_for(fp32.inputs, batch_size)
     batches, stats = stream(source, fp32.inputs, num_samples, batch_size, skip_nonfinite)
     available = source.count()
+    means = ChannelMeans()
     histograms = collect_histograms(fp32.proto, calibration_tensors(fp32.proto, tensors), batches, threads,
-                                    total=min(num_samples, available) if available is not None else num_samples)
+                                    total=min(num_samples, available) if available is not None else num_samples,
+                                    means=means, mean_tensors=mean_tensors)
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
     tables = {}
     for method in methods:
@@ -64,7 +69,7 @@ def calibrate(
     notes = list(stats.warnings)
     if stats.skipped_nonfinite:
         notes.append(f"skipped {stats.skipped_nonfinite} sample(s) with NaN or Inf")
-    return CalibrationRun(fp32, tables, histograms, notes)
+    return CalibrationRun(fp32, tables, histograms, notes, means.means())
 
 
 def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> list[str]:

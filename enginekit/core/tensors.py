@@ -117,3 +117,24 @@ def join(parts: Sequence[Mapping[str, np.ndarray]], axes: Mapping[str, int | Non
     axes = axes or {}
     return {name: (parts[0][name] if axes.get(name, 0) is None else np.concatenate([p[name] for p in parts], axis=axes.get(name, 0)))
             for name in parts[0]}
+
+
+class ChannelMeans:
+    """Per-channel (axis 1) means of tensors accumulated batch by batch, in float64 without a
+    float64 copy of the batch: the FP32 reference of bias correction."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        axes = tuple(i for i in range(value.ndim) if i != 1)
+        self.sums[name] = self.sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)
+        self.counts[name] = self.counts.get(name, 0) + value.size // value.shape[1]
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.sums[name] / self.counts[name]
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {name: self.mean(name) for name in self.sums}
+

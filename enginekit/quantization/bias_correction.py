@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from enginekit.core import limits
 from enginekit.core.progress import report
-from enginekit.core.tensors import Feeds
+from enginekit.core.tensors import ChannelMeans, Feeds
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, ensure_bias
@@ -33,18 +33,11 @@ from enginekit.quantization.qdq import QdqGraph, biased_nodes, ensure_bias
 
 def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feeds], threads: int | None) -> dict[str, np.ndarray]:
     """Mean of each tensor over every axis but 1 (channels), accumulated over the batches."""
-    sums: dict[str, np.ndarray] = {}
-    count: dict[str, int] = {}
+    means = ChannelMeans()
     for values in probe(model, tensors, batches, threads):
         for name in tensors:
-            _accumulate(sums, count, name, values[name])
-    return {name: sums[name] / count[name] for name in tensors}
-
-
-def _accumulate(sums: dict, count: dict, name: str, value: np.ndarray) -> None:
-    axes = tuple(i for i in range(value.ndim) if i != 1)
-    sums[name] = sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)  # accumulated in float64 without a float64 copy
-    count[name] = count.get(name, 0) + value.size // value.shape[1]
+            means.add(name, values[name])
+    return means.means()
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -70,10 +63,12 @@ def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: 
 
 
 def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds], threads: int | None = None,
-                   max_bytes: int | None = None) -> tuple[dict[str, float], int]:
+                   max_bytes: int | None = None, fp32_means: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], int]:
     """Correct the float biases of `qdq.model` in place; returns the size of each layer's
     correction and the number of calibration samples it used (all that fit `max_bytes` of carried
-    activations, measured on the first batch)."""
+    activations, measured on the first batch). `fp32_means`: every layer output's FP32 channel
+    means over all of `batches`, measured by the calibration pass; used when every batch fits,
+    which saves a pass of the FP32 graph."""
     layers = biased_nodes(qdq.model)
     if not layers or not batches:
         return {}, 0
@@ -81,8 +76,13 @@ def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds
     first = batches[0]
     samples_in_first = len(next(iter(first.values())))
     peak, _ = _propagate(qdq, [dict(first)], layers, None, threads)  # a dry run of one batch: how much is carried
-    batches = _fitting(batches, peak // max(samples_in_first, 1), max_bytes)
-    reference = channel_means(fp32, [node.output[0] for node in layers], batches, threads)
+    fitting = _fitting(batches, peak // max(samples_in_first, 1), max_bytes)
+    outputs = [node.output[0] for node in layers]
+    if fp32_means is not None and len(fitting) == len(batches) and fitting[-1] is batches[-1] and all(o in fp32_means for o in outputs):
+        reference = fp32_means
+    else:
+        reference = channel_means(fp32, outputs, fitting, threads)
+    batches = fitting
     _, corrections = _propagate(qdq, [dict(feeds) for feeds in batches], layers, reference, threads)
     return corrections, sum(len(next(iter(b.values()))) for b in batches)
 
@@ -112,14 +112,13 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
         outputs = list(dict.fromkeys([*(o for node in segment for o in node.output if last_use.get(o, -1) >= end), target]))
         session = Session(_segment_model(qdq.model, segment, {n: carried[0][n] for n in needed}, outputs, initializers),
                           threads=threads, memory_arena=False, spinning=False)
-        sums: dict[str, np.ndarray] = {}
-        count: dict[str, int] = {}
+        means = ChannelMeans()
         for batch in carried:
             batch.update(session.run({name: batch[name] for name in needed}, outputs))
-            _accumulate(sums, count, target, batch[target])
+            means.add(target, batch[target])
         peak = max(peak, sum(v.nbytes for batch in carried for v in batch.values()))
         if reference is not None:
-            shift = sums[target] / count[target] - reference[target]
+            shift = means.mean(target) - reference[target]
             bias_name = ensure_bias(qdq.model, layer, shift.size)
             initializers = {t.name: t for t in graph.initializer}
             bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift

@@ -71,7 +71,8 @@ def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: Qua
 
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
               batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs",
-              corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
+              corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
+              fp32_means: dict[str, np.ndarray] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
     calibration data), or given the biases (and record) another graph on the same integer grids
     was corrected to (`corrected`: see encoding.GRID_FAMILY). Returns the graph and what the
@@ -90,7 +91,7 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
         details["bias_correction"] = {**record, "layers": layers, "shared": "the biases of the graph corrected first on the same integer grids"}
     elif settings.bias_correction:
         with stage("bias correction"):
-            corrections, samples = correct_biases(fp32.proto, qdq, batches, threads)
+            corrections, samples = correct_biases(fp32.proto, qdq, batches, threads, fp32_means=fp32_means)
         details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0),
                                       "corrected_on": f"{encoding} encoding, {placement} placement"}
     if encoding != "int8":
