@@ -19,6 +19,7 @@ from enginekit.onnx.probe import probe
 def collect_histograms(
     model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds], threads: int | None = None,
     bins: int = DEFAULT_BINS, total: int | None = None, means: ChannelMeans | None = None, mean_tensors: Sequence[str] = (),
+    binned: bool = True,
 ) -> dict[str, TensorHistogram]:
     """Histograms of `tensors` over the batches; with `means`, the same pass also accumulates the
     channel means of `mean_tensors` (bias correction's FP32 reference, so it needs no pass of its own)."""
@@ -38,7 +39,7 @@ def collect_histograms(
             _finish(pending, done - (sizes[-2] if len(sizes) > 1 else 0), sizes[-2] if len(sizes) > 1 else 0)
             # this batch is binned on the pool while the next one runs in ONNX Runtime; each
             # tensor's histogram still takes its batches in order (the table is the same)
-            pending = [(name, pool.submit(histograms[name].update, values[name])) for name in tensors]
+            pending = [(name, pool.submit(histograms[name].update, values[name], binned)) for name in tensors]
             pending += [(name, pool.submit(means.add, name, values[name])) for name in extra]
             done += sizes[-1]
             report("calibrating", done, total, "samples")

@@ -25,6 +25,7 @@ class TensorHistogram:
     zeros: int = 0
     minimum: float = math.inf
     maximum: float = -math.inf
+    unbinned: int = 0  # non-zero values counted but not binned (a min-max-only pass)
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -32,7 +33,7 @@ class TensorHistogram:
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum()) + self.zeros
+        return int(self.counts.sum()) + self.zeros + self.unbinned
 
     @property
     def abs_max(self) -> float:
@@ -46,10 +47,10 @@ class TensorHistogram:
     def bin_width(self) -> float:
         return self.edge / self.bins
 
-    def update(self, values: np.ndarray) -> None:
-        """Add a batch: min/max, the exact zeros, and every non-zero |x| binned. Zeros are binned
-        with the rest (they all fall in bin 0) and taken back out of it, which costs one count
-        instead of a masked copy of the batch."""
+    def update(self, values: np.ndarray, binned: bool = True) -> None:
+        """Add a batch: min/max, the exact zeros, and every non-zero |x| binned (unless `binned`
+        is False: min-max alone needs no bins). Zeros are binned with the rest (they all fall in
+        bin 0) and taken back out of it, which costs one count instead of a masked copy."""
         values = np.asarray(values, dtype=np.float32)
         if values.size == 0:
             return
@@ -61,6 +62,9 @@ class TensorHistogram:
         zeros = values.size - int(np.count_nonzero(values))
         self.zeros += zeros
         if zeros == values.size:
+            return
+        if not binned:
+            self.unbinned += values.size - zeros
             return
         peak = max(-low, high)  # the largest |x|
         if self.edge == 0.0:

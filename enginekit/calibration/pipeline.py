@@ -53,7 +53,7 @@ def calibrate(
     means = ChannelMeans()
     histograms = collect_histograms(fp32.proto, calibration_tensors(fp32.proto, tensors), batches, threads,
                                     total=min(num_samples, available) if available is not None else num_samples,
-                                    means=means, mean_tensors=mean_tensors)
+                                    means=means, mean_tensors=mean_tensors, binned=set(methods) != {"minmax"})
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
     tables = {}
     for method in methods:
