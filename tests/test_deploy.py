@@ -231,3 +231,18 @@ def test_dynamic_batching_prefers_the_batch_the_build_benchmark_found_best(built
     assert expected and expected[-1] > 1  # a tiny CNN is fastest per sample in large batches
     ek.deploy_triton([root / "onnxruntime-int8"], tmp_path / "repo")  # the report beside the artifact is found
     assert list(_config(tmp_path / "repo", "digits_cnn-onnxruntime-int8").dynamic_batching.preferred_batch_size) == expected
+
+
+def test_without_the_triton_extra_deploy_writes_and_says_the_proto_check_did_not_run(built, tmp_path, run_cli, monkeypatch):
+    from enginekit.core import loaders
+    from enginekit.core.optional import missing
+
+    def absent():
+        raise missing("triton", "checking Triton configs against Triton's model_config.proto")
+
+    monkeypatch.setattr(loaders, "triton_model_config_class", absent)
+    result = run_cli("deploy", "triton", built["onnxruntime-int8"], "-o", tmp_path / "repo")
+    assert result.code == 0 and "not parsed with Triton's own proto" in result.err and "'triton' extra" in result.err
+    assert (tmp_path / "repo" / "digits_cnn-onnxruntime-int8" / "1" / "model.int8.onnx").is_file()
+    check = run_cli("deploy", "--check", tmp_path / "repo")
+    assert check.code == 2 and "'triton' extra" in check.error_line

@@ -84,6 +84,8 @@ def check_triton_model(model: Path) -> tuple[list[str], list[str]]:
     try:
         config = load_triton_config(model / "config.pbtxt")
         record = read_record(model) or {}
+    except MissingDependencyError:
+        raise  # nothing in the repository is wrong: this machine cannot check it
     except EnginekitError as exc:
         return [_short(exc, model)], []
     backend = _backend(config)
