@@ -10,17 +10,17 @@ from enginekit.calibration.methods import DEFAULT_PERCENTILE
 from enginekit.calibration.pipeline import DEFAULT_BATCH, DEFAULT_SAMPLES, CalibrationRun, calibrate
 from enginekit.core.errors import InputError
 from enginekit.exporter.reference import Fp32Model
+from enginekit.quantization.bias_correction import correctable_outputs
 from enginekit.quantization.placement import plan_quantization
 
 
 def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
                     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
                     threads: int | None = None) -> CalibrationRun:
-    """One calibration pass; it also measures the FP32 channel means of every Conv/Gemm output,
-    the reference bias correction needs (so that needs no FP32 pass of its own)."""
+    """One calibration pass; it also measures the FP32 channel means of every layer output bias
+    correction may adjust, its reference (so that needs no FP32 pass of its own)."""
     plan = plan_quantization(fp32.proto)
     if not plan.activations:
         raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.origin)
-    layer_outputs = [node.output[0] for node in fp32.proto.graph.node if node.op_type in ("Conv", "Gemm")]
     return calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads,
-                     mean_tensors=layer_outputs)
+                     mean_tensors=correctable_outputs(fp32.proto))

@@ -4,7 +4,7 @@ output (the reference executor's probe), and fold each batch into that tensor's 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import onnx
@@ -18,13 +18,14 @@ from enginekit.onnx.probe import probe
 
 def collect_histograms(
     model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds], threads: int | None = None,
-    bins: int = DEFAULT_BINS, total: int | None = None, means: ChannelMeans | None = None, mean_tensors: Sequence[str] = (),
-    binned: bool = True,
+    bins: int = DEFAULT_BINS, total: int | None = None, means: ChannelMeans | None = None,
+    mean_tensors: Mapping[str, int] | None = None, binned: bool = True,
 ) -> dict[str, TensorHistogram]:
     """Histograms of `tensors` over the batches; with `means`, the same pass also accumulates the
-    channel means of `mean_tensors` (bias correction's FP32 reference, so it needs no pass of its own)."""
+    channel means of `mean_tensors` (name -> channel axis: bias correction's FP32 reference, so it
+    needs no pass of its own)."""
     histograms = {name: TensorHistogram(bins) for name in tensors}
-    extra = [name for name in dict.fromkeys(mean_tensors) if means is not None]
+    extra = dict(mean_tensors or {}) if means is not None else {}
     sizes: list[int] = []
 
     def counted(source: Iterable[Feeds]) -> Iterator[Feeds]:
@@ -40,7 +41,7 @@ def collect_histograms(
             # this batch is binned on the pool while the next one runs in ONNX Runtime; each
             # tensor's histogram still takes its batches in order (the table is the same)
             pending = [(name, pool.submit(histograms[name].update, values[name], binned)) for name in tensors]
-            pending += [(name, pool.submit(means.add, name, values[name])) for name in extra]
+            pending += [(name, pool.submit(means.add, name, values[name], axis)) for name, axis in extra.items()]
             done += sizes[-1]
             report("calibrating", done, total, "samples")
         _finish(pending, done - (sizes[-1] if sizes else 0), sizes[-1] if sizes else 0)

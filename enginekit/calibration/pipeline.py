@@ -37,7 +37,7 @@ class CalibrationRun:
 def calibrate(
     fp32: Fp32Model, data: DataArg, methods: Sequence[str], tensors: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
-    threads: int | None = None, mean_tensors: Sequence[str] = (),
+    threads: int | None = None, mean_tensors: Mapping[str, int] | None = None,
 ) -> CalibrationRun:
     """One pass over `data` through `fp32`: histograms of `tensors` (the ones the Q/DQ graph will
     quantize, chosen by the caller) and of every other float activation, then each method's table."""

@@ -127,10 +127,13 @@ class ChannelMeans:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, name: str, value: np.ndarray) -> None:
-        axes = tuple(i for i in range(value.ndim) if i != 1)
+    def add(self, name: str, value: np.ndarray, axis: int = 1) -> None:
+        """Accumulate `value`'s means over every axis but `axis` (the channels: 1, or -1 for the
+        features of a MatMul's output)."""
+        axis = axis % value.ndim
+        axes = tuple(i for i in range(value.ndim) if i != axis)
         self.sums[name] = self.sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)
-        self.counts[name] = self.counts.get(name, 0) + value.size // value.shape[1]
+        self.counts[name] = self.counts.get(name, 0) + value.size // value.shape[axis]
 
     def mean(self, name: str) -> np.ndarray:
         return self.sums[name] / self.counts[name]

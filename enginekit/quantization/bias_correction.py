@@ -27,17 +27,27 @@ from enginekit.core.progress import report
 from enginekit.core.tensors import ChannelMeans, Feeds
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
-from enginekit.quantization.qdq import QdqGraph, biased_nodes, ensure_bias
+from enginekit.quantization.qdq import QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds
 
 
 
-def channel_means(model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Feeds], threads: int | None) -> dict[str, np.ndarray]:
-    """Mean of each tensor over every axis but 1 (channels), accumulated over the batches."""
+def channel_means(model: onnx.ModelProto, tensors: dict[str, int], batches: Sequence[Feeds], threads: int | None) -> dict[str, np.ndarray]:
+    """Mean of each tensor over every axis but its channel axis (`tensors`: name -> axis), over the batches."""
     means = ChannelMeans()
-    for values in probe(model, tensors, batches, threads):
-        for name in tensors:
-            means.add(name, values[name])
+    for values in probe(model, list(tensors), batches, threads):
+        for name, axis in tensors.items():
+            means.add(name, values[name], axis)
     return means.means()
+
+
+def correctable_outputs(model: onnx.ModelProto) -> dict[str, int]:
+    """In an FP32 graph, the outputs of the layers bias correction may adjust, with their channel
+    axis: every Conv and Gemm, and every MatMul of a constant weight followed by the Add of a
+    constant vector. (Measured once by the calibration pass.)"""
+    initializers = {t.name for t in model.graph.initializer}
+    adds = matmul_bias_adds(model)
+    return {n.output[0]: bias_axis(n) for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and n.name in adds and n.input[1] in initializers)}
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
@@ -77,7 +87,7 @@ def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds
     samples_in_first = len(next(iter(first.values())))
     peak, _ = _propagate(qdq, [dict(first)], layers, None, threads)  # a dry run of one batch: how much is carried
     fitting = _fitting(batches, peak // max(samples_in_first, 1), max_bytes)
-    outputs = [node.output[0] for node in layers]
+    outputs = {node.output[0]: bias_axis(node) for node in layers}
     if fp32_means is not None and len(fitting) == len(batches) and fitting[-1] is batches[-1] and all(o in fp32_means for o in outputs):
         reference = fp32_means
     else:
@@ -113,9 +123,10 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
         session = Session(_segment_model(qdq.model, segment, {n: carried[0][n] for n in needed}, outputs, initializers),
                           threads=threads, memory_arena=False, spinning=False)
         means = ChannelMeans()
+        axis = bias_axis(layer)
         for batch in carried:
             batch.update(session.run({name: batch[name] for name in needed}, outputs))
-            means.add(target, batch[target])
+            means.add(target, batch[target], axis)
         peak = max(peak, sum(v.nbytes for batch in carried for v in batch.values()))
         if reference is not None:
             shift = means.mean(target) - reference[target]
@@ -123,14 +134,15 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
             initializers = {t.name: t for t in graph.initializer}
             bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift
             initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-            shape = [1, -1] + [1] * (carried[0][target].ndim - 2)
-            for batch in carried:  # later segments see the corrected output, as if the layer were rebuilt
-                value = batch[target]
-                step = shift.astype(value.dtype).reshape(shape)
-                if value.flags.writeable:
-                    value -= step  # in place: the carried activations are the largest arrays of the build
-                else:
-                    batch[target] = value - step
+            if layer.op_type != "MatMul":  # a MatMul's bias is its Add's, which later segments run with the new value
+                shape = [1, -1] + [1] * (carried[0][target].ndim - 2)
+                for batch in carried:  # later segments see the corrected output, as if the layer were rebuilt
+                    value = batch[target]
+                    step = shift.astype(value.dtype).reshape(shape)
+                    if value.flags.writeable:
+                        value -= step  # in place: the carried activations are the largest arrays of the build
+                    else:
+                        batch[target] = value - step
             corrections[layer.name] = float(np.abs(shift).max())
             report("bias correction", index + 1, len(layers), "layers")
         for batch in carried:
@@ -156,7 +168,8 @@ def _fitting(batches: Sequence[Feeds], per_sample_bytes: int, max_bytes: int) ->
 
 
 def layer_biases(qdq: QdqGraph) -> dict[str, np.ndarray]:
-    """Every Conv/Gemm node's bias in `qdq` (float, or int32 behind a DequantizeLinear) by node name."""
+    """Every Conv/Gemm node's bias in `qdq` (float, or int32 behind a DequantizeLinear), and every
+    MatMul's bias (its Add's constant), by node name."""
     initializers = {t.name: numpy_helper.to_array(t) for t in qdq.model.graph.initializer}
     dequantized = {}
     for node in qdq.model.graph.node:
@@ -170,6 +183,8 @@ def layer_biases(qdq: QdqGraph) -> dict[str, np.ndarray]:
             value = initializers.get(node.input[2], dequantized.get(node.input[2]))
             if value is not None:
                 biases[node.name] = np.asarray(value, np.float32)
+    for matmul, constant in matmul_bias_adds(qdq.model).items():
+        biases[matmul] = np.asarray(initializers[constant], np.float32)
     return biases
 
 

@@ -101,12 +101,45 @@ def _reads_quantized(node: onnx.NodeProto, name: str, plan: QuantPlan) -> bool:
 
 
 def biased_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Conv and Gemm nodes whose weights are quantized: the layers bias correction adjusts."""
-    return [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(DQ_SUFFIX)]
+    """The layers bias correction adjusts: Conv and Gemm nodes whose weights are quantized, and
+    MatMul nodes with a quantized weight whose output only feeds the Add of a constant vector (a
+    transformer's Linear layer, exported as MatMul + Add)."""
+    adds = matmul_bias_adds(model)
+    return [n for n in model.graph.node if n.input[1:2] and n.input[1].endswith(DQ_SUFFIX)
+            and (n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and n.name in adds))]
+
+
+def matmul_bias_adds(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMul node name -> the initializer its output's only reader, an Add, adds (a 1-D vector)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.output[0] in outputs:
+            continue
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Add":
+            continue
+        other = [name for name in after[0].input if name != node.output[0]]
+        if len(other) == 1 and other[0] in initializers and len(initializers[other[0]].dims) == 1:
+            found[node.name] = other[0]
+    return found
+
+
+def bias_axis(node: onnx.NodeProto) -> int:
+    """The axis a layer's output channels (and its bias) are on: 1 for Conv/Gemm, the last for MatMul."""
+    return -1 if node.op_type == "MatMul" else 1
 
 
 def ensure_bias(model: onnx.ModelProto, node: onnx.NodeProto, channels: int) -> str:
-    """Name of the node's float bias initializer, creating a zero bias if it has none."""
+    """Name of the node's float bias initializer (a MatMul's: the constant its Add adds),
+    creating a zero bias for a Conv/Gemm that has none."""
+    if node.op_type == "MatMul":
+        return matmul_bias_adds(model)[node.name]
     if len(node.input) > 2 and node.input[2]:
         return node.input[2]
     name = f"{node.name}__bias"
