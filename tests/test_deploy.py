@@ -95,6 +95,9 @@ def test_deploy_refuses_collisions_foreign_folders_and_targets_without_a_backend
     result = run_cli("deploy", "triton", built["onnxruntime-fp32"], built["onnxruntime-int8"], "--name", f"{built['onnxruntime-int8']}=digits_cnn-onnxruntime-fp32",
                      "-o", tmp_path / "other")
     assert result.code == 2 and "two artifacts would be deployed as model" in result.error_line and not (tmp_path / "other").exists()
+    result = run_cli("deploy", "ovms", built["onnxruntime-fp32"], "--name", f"{built['onnxruntime-fp32']}=../escaped", "-o", tmp_path / "fourth")
+    assert result.code == 2 and "'../escaped' is not a model name" in result.error_line
+    assert not (tmp_path / "fourth").exists() and not (tmp_path / "escaped").exists()
     tampered = tmp_path / "tampered"
     shutil.copytree(built["onnxruntime-fp32"], tampered)
     with open(tampered / "model.onnx", "ab") as fh:

@@ -10,6 +10,7 @@ Every artifact is verified against its manifest first, every config is generated
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ def _artifacts(folders: Sequence[str | Path], names: Mapping[str, str] | None) -
     named = []
     for folder, artifact in zip(folders, opened):
         name = names.pop(str(folder), None) or names.pop(Path(folder).name, None) or artifact.default_name()
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
+            raise InputError(f"'{name}' is not a model name servers accept (letters, digits, '_', '.', '-'; "
+                             "not starting with '.' or '-'); it would also be a folder of the repository", option="name")
         named.append((name, artifact))
     if names:
         raise InputError(f"--name given for artifact(s) not deployed: {', '.join(sorted(names))}", option="name")
