@@ -133,8 +133,12 @@ def bench(artifacts: Iterable[str | Path], output: str | Path | None = None, set
     rows, note, skipped = [], None, []
     if source is not None and folders:
         from enginekit.benchmark.source import source_rows
+        from enginekit.core.errors import EnginekitError
 
-        rows, note = source_rows(source, source_options, read_manifest(folders[0]))
+        try:
+            rows, note = source_rows(source, source_options, read_manifest(folders[0]))
+        except EnginekitError as exc:  # the artifacts are measured all the same; the report says why the source is not
+            note = f"the source cannot be measured here: {exc}"
     report = make_report(bench_artifacts([*rows, *folders], settings, skipped=skipped), settings)
     report["skipped"], report["source_note"] = skipped, note
     if output is not None:

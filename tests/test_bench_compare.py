@@ -202,3 +202,6 @@ def test_a_keras_source_gets_keras_rows_and_an_onnx_source_says_it_has_none(tmp_
     report = api.bench([built.folder], settings=BenchSettings(**SOURCE_SETTINGS), source=onnx_file)
     assert [e["target"] for e in report["artifacts"]] == ["onnxruntime"]
     assert "ONNX model: there is no source framework" in report["source_note"] and "source: " in markdown(report)
+    report = api.bench([built.folder], settings=BenchSettings(**SOURCE_SETTINGS), source="no_such_module_here:build")
+    assert [e["target"] for e in report["artifacts"]] == ["onnxruntime"]  # the artifacts are measured all the same
+    assert "cannot be measured here" in report["source_note"] and "no_such_module_here" in report["source_note"]
