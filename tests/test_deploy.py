@@ -157,6 +157,13 @@ def test_check_catches_a_missing_version_folder_and_a_calibration_cache_beside_q
     assert "calibration cache (calibration.cache) beside a Q/DQ graph" in result.out
 
 
+def test_check_of_a_folder_that_is_no_repository_is_one_line(tmp_path, run_cli):
+    for name in ("docs", "src"):
+        (tmp_path / "notarepo" / name).mkdir(parents=True)
+    result = run_cli("deploy", "--check", tmp_path / "notarepo")
+    assert result.code == 2 and "is not a model repository" in result.error_line and not result.out
+
+
 def test_check_reads_a_hand_written_repository_without_manifests(tmp_path, built, run_cli):
     model = tmp_path / "repo" / "resnet"
     (model / "1").mkdir(parents=True)

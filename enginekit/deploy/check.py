@@ -64,8 +64,9 @@ def check_repository(folder: str | Path) -> RepositoryCheck:
         return _check_ovms(folder)
     result = RepositoryCheck(folder, "triton")
     models = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not models:
-        raise InputError("holds no model folders (neither a Triton repository nor an OVMS config.json)", folder)
+    if not any((model / "config.pbtxt").is_file() for model in models):
+        raise InputError("is not a model repository: no folder in it has a config.pbtxt (Triton) and it has no "
+                         "config.json (OpenVINO Model Server)", folder)
     for model in models:
         result.problems[model.name], result.notes[model.name] = check_triton_model(model)
     return result
