@@ -86,7 +86,9 @@ def ort_qdq(exported, tmp_path_factory):
 def test_the_float_twin_of_onnx_runtimes_qdq_graph(ort_qdq, exported):
     path, _ = ort_qdq
     source = onnx.load(str(path))
+    before = source.SerializeToString()
     twin = strip_qdq(source)
+    assert source.SerializeToString() == before  # the caller's model is left as it was
     assert has_qdq(source) and not has_qdq(twin.model) and twin.weights == 10
     float_ops = Counter(n.op_type for n in onnx.load(str(exported("digits_cnn")[0] / "model.onnx")).graph.node)
     assert Counter(n.op_type for n in twin.model.graph.node)["Relu"] == float_ops["Relu"]  # the ReLUs ORT folded into grids are back

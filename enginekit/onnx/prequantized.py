@@ -61,73 +61,72 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 
 
 def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
-    """The float twin of a QDQ graph, with the grid of every quantized activation."""
-    graph = model.graph
-    qoperator = sorted({node.op_type for node in graph.node if node.op_type in QOPERATOR_OPS})
+    """The float twin of a QDQ graph, with the grid of every quantized activation (`model`
+    itself is left as it was)."""
+    qoperator = sorted({node.op_type for node in model.graph.node if node.op_type in QOPERATOR_OPS})
     if qoperator:
         raise InputError(f"holds QOperator-format ops ({', '.join(qoperator)}); enginekit reads pre-quantized models in the "
                          "QDQ format (QuantizeLinear/DequantizeLinear around float ops)", origin)
+    result = Dequantized(onnx.ModelProto())
+    result.model.CopyFrom(model)
+    graph = result.model.graph
     initializers = {t.name: t for t in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    result = Dequantized(onnx.ModelProto())
-    result.model.CopyFrom(model)
-    producers = {name: node for node in graph.node for name in node.output}
-    relus: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (producer, the Relu that goes after it)
     renames: dict[str, str] = {}  # a DQ output -> the float tensor it stands for
     nonneg: set[str] = set()  # tensors known to be >= 0 (a ReLU's output, or one on a grid from 0)
+    relu_after: dict[int, onnx.NodeProto] = {}  # id(producer) -> the Relu restored after it
     constants: list[onnx.TensorProto] = []
     dropped: set[int] = set()
     for index, node in enumerate(graph.node):
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
-            grid = _grid(node, initializers, origin)
-            source = node.input[0]
-            if grid.bounds()[0] == 0.0 and not _non_negative(source, producers, renames, nonneg):
-                # a quantizer that folded a ReLU into the grid's lower bound (ONNX Runtime's does):
-                # the float twin keeps it as a Relu
-                relu = onnx.helper.make_node("Relu", [source], [f"{source}__relu"], name=f"{node.name}__relu")
-                relus.append((producers[source], relu))
-                result.activations[relu.output[0]] = grid
+            grid, source = _grid(node, initializers, origin), node.input[0]
+            read_as = source
+            if grid.bounds()[0] == 0.0:
+                if not _non_negative(source, producers, renames, nonneg):
+                    # a quantizer that folded a ReLU into the grid's lower bound (ONNX Runtime's
+                    # does): the float twin keeps it as a Relu
+                    relu = onnx.helper.make_node("Relu", [source], [f"{source}__relu"], name=f"{node.name}__relu")
+                    relu_after[id(producers[source])] = relu
+                    read_as = relu.output[0]
+                    result.activations[read_as] = grid
+                nonneg |= {source, read_as}
             for reader in readers.get(node.output[0], []):
                 if reader.op_type != "DequantizeLinear":
                     raise InputError(f"QuantizeLinear '{node.name}' feeds {reader.op_type} '{reader.name}', not a DequantizeLinear; "
                                      "only QDQ pairs are read", origin)
-                renames[reader.output[0]] = f"{source}__relu" if any(r[1].input[0] == source for r in relus) else source
+                renames[reader.output[0]] = read_as
             result.activations[source] = grid
-            if grid.bounds()[0] == 0.0:
-                nonneg |= {source, f"{source}__relu"}
             dropped.add(index)
-        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers:
-            constants.append(numpy_helper.from_array(_dequantized(node, initializers), node.output[0]))
-            result.weights += 1
+        elif node.op_type == "QuantizeLinear" and all(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], [])):
+            dropped.add(index)  # a weight's Q of a float constant: its DequantizeLinear becomes the constant
+        elif node.op_type == "DequantizeLinear" and node.output[0] in renames:
             dropped.add(index)
-        elif node.op_type == "DequantizeLinear" and _quantized_constant(node, graph.node, initializers) is not None:
-            weight = _quantized_constant(node, graph.node, initializers)
-            constants.append(numpy_helper.from_array(weight, node.output[0]))
-            result.weights += 1
-            dropped.add(index)
-    dropped |= {i for i, node in enumerate(graph.node) if node.op_type == "DequantizeLinear" and node.output[0] in renames}
-    dropped |= {i for i, node in enumerate(graph.node)
-                if node.op_type == "QuantizeLinear" and node.input[0] in initializers
-                and all(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], []))}
+        elif node.op_type == "DequantizeLinear":
+            value = _constant_value(node, producers, initializers)
+            if value is not None:
+                constants.append(numpy_helper.from_array(value, node.output[0]))
+                result.weights += 1
+                dropped.add(index)
     left = [node for i, node in enumerate(graph.node) if i not in dropped]
     stray = sorted({node.op_type for node in left if node.op_type in QDQ_OPS})
     if stray:
         raise InputError(f"holds {', '.join(stray)} nodes that are not activation or weight QDQ pairs; they cannot be read", origin)
+    nodes = []
     for node in left:
-        for i, name in enumerate(node.input):
-            node.input[i] = renames.get(name, name)
-    for output in result.model.graph.output:
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        for i, name in enumerate(kept.input):
+            kept.input[i] = renames.get(name, name)
+        nodes += [kept] + ([relu_after[id(node)]] if id(node) in relu_after else [])
+    for output in graph.output:
         output.name = renames.get(output.name, output.name)
-    after = {id(producer): relu for producer, relu in relus}
-    del result.model.graph.node[:]
-    for node in left:
-        result.model.graph.node.append(node)
-        if id(node) in after:
-            result.model.graph.node.append(after[id(node)])
-    result.model.graph.initializer.extend(constants)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(constants)
     drop_unused_initializers(result.model)
     return result
 
@@ -164,34 +163,30 @@ def _grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], origi
     return QuantGrid(float(scales[0]), z, _TYPES[data_type][0])
 
 
-def _dequantized(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
-    """(q - z) * s of a constant, per axis where the scale is a vector."""
-    values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-    zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
-            if len(node.input) > 2 and node.input[2] in initializers else np.zeros_like(scale))
-    scale, zero = _per_axis(node, scale, zero, values.ndim)
-    return ((values - zero) * scale).astype(np.float32)
-
-
-def _quantized_constant(node: onnx.NodeProto, nodes: Any, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    """DequantizeLinear(QuantizeLinear(float constant)) (PyTorch's QAT export of a weight): the
-    constant as the pair computes it (rounded to its grid); None for anything else."""
-    producer = next((n for n in nodes if node.input[0] in n.output), None)
+def _constant_value(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The float value a DequantizeLinear of a constant computes: (q - z) * s of an integer
+    constant, or DQ(Q(float constant)) as PyTorch's QAT export writes a weight (the constant
+    rounded to its grid); None when the input is not constant."""
+    if node.input[0] in initializers:
+        values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
+        scale, zero = _scale_and_zero(node, initializers, values.ndim)
+        return ((values - zero) * scale).astype(np.float32)
+    producer = producers.get(node.input[0])
     if producer is None or producer.op_type != "QuantizeLinear" or producer.input[0] not in initializers:
         return None
     weight = numpy_helper.to_array(initializers[producer.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(initializers[producer.input[1]]).astype(np.float64)
+    scale, zero = _scale_and_zero(producer, initializers, weight.ndim)
     zero_tensor = initializers.get(producer.input[2]) if len(producer.input) > 2 else None
-    zero = numpy_helper.to_array(zero_tensor).astype(np.float64) if zero_tensor is not None else np.zeros_like(scale)
     low, high = _TYPES.get(zero_tensor.data_type if zero_tensor is not None else TensorProto.UINT8, ("", -128, 127))[1:]
-    scale, zero = _per_axis(producer, scale, zero, weight.ndim)
     quantized = np.clip(np.round(weight / scale) + zero, low, high)
     return ((quantized - zero) * scale).astype(np.float32)
 
 
-def _per_axis(node: onnx.NodeProto, scale: np.ndarray, zero: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A per-axis scale and zero point shaped to broadcast along the node's axis."""
+def _scale_and_zero(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Q/DQ node's scale and zero point (0 when absent), shaped to broadcast along its axis."""
+    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] in initializers else np.zeros_like(scale))
     if scale.size <= 1:
         return scale, zero
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
