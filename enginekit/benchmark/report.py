@@ -100,19 +100,25 @@ def accuracy_summary(entry: dict[str, Any]) -> str:
 LOW_INTEGER_SHARE = 0.5  # an INT8 artifact that runs less than half its compute ops in integer is flagged
 
 
+def _speedups_over(entries: list[dict[str, Any]], base_of: Any) -> dict[int, float | None]:
+    """Each entry's (by index) p50 speed-up over `base_of(entry)`, where that base was measured at
+    the same input shapes; None where there is no such base."""
+    result: dict[int, float | None] = {}
+    for index, entry in enumerate(entries):
+        base = base_of(entry)
+        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
+        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
+    return result
+
+
 def source_speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
-    """Speed-up of each entry (by index) over the model's source framework row (the first one:
-    PyTorch eager, or Keras) at the same input shapes; None where the report has none."""
+    """Speed-up of each entry over the model's source framework row (the first one: PyTorch
+    eager, or Keras) at the same input shapes; None where the report has none."""
     sources: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if entry.get("source"):
             sources.setdefault(entry["model"], entry)
-    result: dict[int, float | None] = {}
-    for index, entry in enumerate(entries):
-        base = sources.get(entry["model"])
-        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
-        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
-    return result
+    return _speedups_over(entries, lambda entry: sources.get(entry["model"]))
 
 
 def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
@@ -123,12 +129,8 @@ def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
     for entry in entries:
         if entry["precision"] == "fp32" and not entry.get("source"):
             reference[(entry["model"], entry["target"])] = entry
-    result: dict[int, float | None] = {}
-    for index, entry in enumerate(entries):
-        base = reference.get((entry["model"], entry["target"])) or reference.get((entry["model"], "onnxruntime"))
-        same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes") and not entry.get("source")
-        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
-    return result
+    return _speedups_over(entries, lambda entry: None if entry.get("source") else
+                          reference.get((entry["model"], entry["target"])) or reference.get((entry["model"], "onnxruntime")))
 
 
 def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:

@@ -33,7 +33,6 @@ from enginekit.quantization.pipeline import build_qdq
 from enginekit.quantization.qdq import QdqGraph
 
 EVAL_BATCH = 32
-SHARE_BIAS_CORRECTION = True  # one correction per grid family (encoding.GRID_FAMILY), measured in the README
 BIAS_CORRECTION_BATCH = 32
 
 
@@ -68,6 +67,7 @@ class ModelSession:
         self._qdq: dict[str, tuple[QdqGraph, dict[str, Any]]] = {}
         self._biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}  # grid family -> corrected biases
         self._fp32_means: dict[str, np.ndarray] | None = None  # Conv/Gemm output channel means from the calibration pass
+        self._left_float: dict[str, tuple[str, ...]] = {}  # (placement, settings) -> nodes a pre-quantized source left float
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
@@ -146,12 +146,14 @@ class ModelSession:
 
             from enginekit.quantization.pipeline import nodes_without_ranges
 
-            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes,
-                                                                    *nodes_without_ranges(self.fp32, self.table(), settings, placement)))
+            left = json.dumps([placement, settings.key()], sort_keys=True)
+            if left not in self._left_float:
+                self._left_float[left] = nodes_without_ranges(self.fp32, self.table(), settings, placement)
+            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self._left_float[left]))
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
             family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
-            corrected = self._biases.get(family) if SHARE_BIAS_CORRECTION else None
+            corrected = self._biases.get(family)
             batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
             table = self.table()
             with stage(f"quantization ({encoding}, {placement})"):

@@ -35,16 +35,17 @@ def collect_histograms(
 
     done = 0
     with ThreadPoolExecutor(max_workers=histogram_workers()) as pool:
-        pending: list[tuple[str, Future]] = []
+        pending: tuple[int, int, list[tuple[str, Future]]] = (0, 0, [])  # a batch's first sample, size, updates
         for values in probe(model, list(dict.fromkeys([*tensors, *extra])), counted(batches), threads):
-            _finish(pending, done - (sizes[-2] if len(sizes) > 1 else 0), sizes[-2] if len(sizes) > 1 else 0)
+            _finish(*pending)
             # this batch is binned on the pool while the next one runs in ONNX Runtime; each
             # tensor's histogram still takes its batches in order (the table is the same)
-            pending = [(name, pool.submit(histograms[name].update, values[name], binned)) for name in tensors]
-            pending += [(name, pool.submit(means.add, name, values[name], axis)) for name, axis in extra.items()]
+            updates = [(name, pool.submit(histograms[name].update, values[name], binned)) for name in tensors]
+            updates += [(name, pool.submit(means.add, name, values[name], axis)) for name, axis in extra.items()]
+            pending = (done, sizes[-1], updates)
             done += sizes[-1]
             report("calibrating", done, total, "samples")
-        _finish(pending, done - (sizes[-1] if sizes else 0), sizes[-1] if sizes else 0)
+        _finish(*pending)
     return histograms
 
 
@@ -53,9 +54,9 @@ def histogram_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-def _finish(pending: list[tuple[str, Future]], first: int, count: int) -> None:
+def _finish(first: int, count: int, updates: list[tuple[str, Future]]) -> None:
     """Wait for a batch's histogram updates; a NaN/Inf names the tensor and the samples."""
-    for name, future in pending:
+    for name, future in updates:
         try:
             future.result()
         except ValueError as exc:

@@ -53,10 +53,6 @@ class DeployArtifact:
         specs = self.inputs + self.outputs
         return bool(specs) and all(spec.shape and spec.shape[0] == BATCH for spec in specs)
 
-    @property
-    def has_qdq(self) -> bool:
-        return self.manifest.precision == "int8" and "quantization" in self.manifest
-
     def default_name(self) -> str:
         """`<model>-<target>-<precision>`, in the characters every server accepts in a model name."""
         text = f"{self.manifest.model or self.folder.name}-{self.target.name}-{self.manifest.precision}"

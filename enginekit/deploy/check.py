@@ -292,12 +292,11 @@ def _is_calibration_cache(path: Path) -> bool:
 
 def _short(exc: EnginekitError, base: Path) -> str:
     """The error's message without the path prefix of the folder it is reported under."""
-    text = str(exc)
-    for prefix in (f"{exc.path}: ",):
-        if exc.path and text.startswith(prefix):
-            relative = Path(exc.path).relative_to(base) if Path(exc.path).is_relative_to(base) else Path(exc.path)
-            return f"{relative}: {text[len(prefix):]}" if str(relative) != "." else text[len(prefix):]
-    return text
+    text, prefix = str(exc), f"{exc.path}: "
+    if not exc.path or not text.startswith(prefix):
+        return text
+    relative = Path(exc.path).relative_to(base) if Path(exc.path).is_relative_to(base) else Path(exc.path)
+    return text[len(prefix):] if str(relative) == "." else f"{relative}: {text[len(prefix):]}"
 
 
 # --------------------------------------------------------------------------------------- OVMS

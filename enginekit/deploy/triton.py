@@ -16,7 +16,7 @@ from typing import Any
 
 from enginekit.core.errors import EnginekitError, InputError
 from enginekit.core.tensors import TensorSpec
-from enginekit.deploy.artifact import BATCH, TRITON_TYPES, DeployArtifact, served_dims
+from enginekit.deploy.artifact import TRITON_TYPES, DeployArtifact, served_dims
 from enginekit.deploy.pbtxt import Enum, parameters, to_text
 
 DEFAULT_MAX_BATCH = 16  # for CPU artifacts whose batch dim is free: the benchmark's largest batch by default
@@ -168,6 +168,3 @@ def _header(artifact: DeployArtifact, planned: bool, tensorrt: bool) -> list[str
             lines.append(f"optimization profile 0, {input_name}: min {low} opt {opt} max {high}")
     return lines
 
-
-def expected_batch_dim(spec: TensorSpec) -> bool:
-    return bool(spec.shape) and spec.shape[0] == BATCH

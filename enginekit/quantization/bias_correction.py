@@ -191,11 +191,10 @@ def layer_biases(qdq: QdqGraph) -> dict[str, np.ndarray]:
 def set_biases(model: onnx.ModelProto, biases: dict[str, np.ndarray], only: Sequence[onnx.NodeProto] | None = None) -> int:
     """Give the named nodes of `model` (or just `only`) these float biases; how many were set."""
     nodes = [n for n in (only if only is not None else model.graph.node) if n.name in biases]
+    names = {node.name: ensure_bias(model, node, biases[node.name].size) for node in nodes}  # creates the missing ones first
     initializers = {t.name: t for t in model.graph.initializer}
     for node in nodes:
-        name = ensure_bias(model, node, biases[node.name].size)
-        target = initializers.get(name) or next(t for t in model.graph.initializer if t.name == name)
-        target.CopyFrom(numpy_helper.from_array(biases[node.name], name))
+        initializers[names[node.name]].CopyFrom(numpy_helper.from_array(biases[node.name], names[node.name]))
     return len(nodes)
 
 
