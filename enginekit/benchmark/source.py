@@ -111,6 +111,7 @@ class SourceRunner(Runner):
 
     def __init__(self, spec: SourceSpec, threads: int | None = None):
         from enginekit.exporter.sources import resolve_source
+        from enginekit.exporter.torch_export import torch_call
 
         self.spec = spec
         if spec.runtime not in (KERAS, KERAS_FUNCTION):
@@ -126,7 +127,7 @@ class SourceRunner(Runner):
         if self.keras:
             self._run, self.weights_bytes = _keras_call(source.keras, spec.runtime == KERAS_FUNCTION), _keras_bytes(source.keras.owner)
         else:
-            self._run, self.weights_bytes = _torch_call(source.module, spec.runtime == COMPILED), _torch_bytes(source.module)
+            self._run, self.weights_bytes = torch_call(source.module, spec.runtime == COMPILED), _torch_bytes(source.module)
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         return self._run([feeds[s.name] for s in self.inputs])
@@ -135,32 +136,13 @@ class SourceRunner(Runner):
         return {name: np.asarray(value) for name, value in feeds.items()}
 
 
-def _torch_call(module: Any, compiled: bool):
-    import torch
-
-    module.eval()
-    target = torch.compile(module) if compiled else module
-
-    def call(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        with torch.inference_mode():
-            out = target(*(torch.from_numpy(a) for a in arrays))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.detach().numpy() for o in outs]
-
-    return call
-
-
 def _keras_call(keras_model: Any, traced: bool):
     import tensorflow as tf
 
+    from enginekit.exporter.keras_export import as_list
+
     target = tf.function(keras_model.call) if traced else keras_model.call
-
-    def call(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        outputs = target(*arrays)
-        outputs = list(outputs.values()) if isinstance(outputs, dict) else outputs
-        return [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
-
-    return call
+    return lambda arrays: [np.asarray(o) for o in as_list(target(*arrays))]
 
 
 def _torch_bytes(module: Any) -> int:

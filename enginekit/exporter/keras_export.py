@@ -37,7 +37,7 @@ class KerasModel:
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         outputs = self.call(*(feeds[s.name] for s in self.inputs))
-        outputs = _as_list(outputs)
+        outputs = as_list(outputs)
         return [np.asarray(o) for o in outputs]
 
 
@@ -45,7 +45,8 @@ def is_keras_path(path: Path) -> bool:
     return path.suffix.lower() in KERAS_SUFFIXES or (path.is_dir() and (path / "saved_model.pb").is_file())
 
 
-def _as_list(outputs: Any) -> list[Any]:
+def as_list(outputs: Any) -> list[Any]:
+    """A Keras call's outputs (a tensor, a list/tuple, or a dict by name) as a list, in order."""
     if isinstance(outputs, dict):
         return list(outputs.values())
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
@@ -82,7 +83,7 @@ def from_saved_model(loaded: Any) -> KerasModel:
     if isinstance(structured, dict):
         outputs = tuple(_tf_name(k, f"output_{i}") for i, k in enumerate(structured))
     else:
-        outputs = tuple(f"output_{i}" for i in range(len(_as_list(structured)) if structured is not None else 1))
+        outputs = tuple(f"output_{i}" for i in range(len(as_list(structured)) if structured is not None else 1))
     return KerasModel(loaded.serve, inputs, outputs, loaded)
 
 
@@ -112,7 +113,7 @@ def tf_function(model: KerasModel):
 
     @tf.function(input_signature=input_signature(model.inputs), autograph=False)
     def function(*tensors):
-        outputs = _as_list(model.call(*tensors))
+        outputs = as_list(model.call(*tensors))
         return {name: tf.identity(out) for name, out in zip(names, outputs)}
 
     return function

@@ -246,15 +246,10 @@ def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportO
 
 
 def _torch_reference(source: Source):
-    import torch
+    from enginekit.exporter.torch_export import torch_call
 
-    def run(feeds: Feeds) -> list[np.ndarray]:
-        with torch.no_grad():
-            out = source.module(*(torch.from_numpy(feeds[s.name]) for s in source.inputs))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.detach().numpy() for o in outs]
-
-    return run
+    call = torch_call(source.module)
+    return lambda feeds: call([feeds[s.name] for s in source.inputs])
 
 
 def _onnx_reference(source: Source):

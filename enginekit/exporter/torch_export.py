@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import onnx
 
 from enginekit.core.errors import InputError
@@ -61,3 +64,19 @@ def _name_io(model: onnx.ModelProto, source: Source) -> None:
         mapping.update({old: ("output" if len(outputs) == 1 else f"output_{i}") for i, old in enumerate(outputs)})
     rename_values(model, mapping)
     set_symbolic_dims(model, {spec.name: spec for spec in (*source.inputs, *source.outputs)})
+
+
+def torch_call(module: Any, compiled: bool = False) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """The module as a function of numpy arrays (positional inputs, inference mode, every output
+    as an array); `compiled`: through torch.compile, which compiles on the first call."""
+    torch = require_torch()
+    module.eval()
+    target = torch.compile(module) if compiled else module
+
+    def call(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = target(*(torch.from_numpy(a) for a in arrays))
+        return [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    return call
+
