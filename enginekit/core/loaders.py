@@ -394,15 +394,7 @@ def load_image(path: str | Path) -> np.ndarray:
 def load_json_document(path: str | Path, schema: str, what: str) -> dict[str, Any]:
     """A JSON file enginekit wrote (manifest, calibration table, report), checked for its schema."""
     path = Path(path)
-    try:
-        limits.check_bytes(path.stat().st_size, limits.MAX_DOCUMENT_BYTES, f"this {what}", "ENGINEKIT_MAX_DOCUMENT_BYTES", path)
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{what} not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError, ValueError):
-        raise InputError(f"{what} is not valid JSON", path) from None
-    except OSError as exc:
-        raise InputError(f"{what} cannot be read ({exc.strerror})", path) from None
+    document = _read_json(path, what, limits.MAX_DOCUMENT_BYTES, "ENGINEKIT_MAX_DOCUMENT_BYTES")
     if not isinstance(document, dict) or document.get("schema") != schema:
         found = document.get("schema") if isinstance(document, dict) else None
         raise InputError(f"not an enginekit {what} (schema {found!r}, expected {schema!r})", path)
@@ -411,12 +403,19 @@ def load_json_document(path: str | Path, schema: str, what: str) -> dict[str, An
 
 def load_json_file(path: str | Path, what: str) -> Any:
     """Any JSON file (a model server's config), size-limited; unreadable or invalid is one line."""
-    path = require_file(path)
-    limits.check_bytes(path.stat().st_size, limits.MAX_CONFIG_BYTES, f"this {what}", "ENGINEKIT_MAX_CONFIG_BYTES", path)
+    return _read_json(require_file(path), what, limits.MAX_CONFIG_BYTES, "ENGINEKIT_MAX_CONFIG_BYTES", detail=True)
+
+
+def _read_json(path: Path, what: str, limit: int, variable: str, detail: bool = False) -> Any:
+    """JSON of at most `limit` bytes (`variable` raises it); every failure one line naming `what`
+    (with the parser's first line where `detail`)."""
     try:
+        limits.check_bytes(path.stat().st_size, limit, f"this {what}", variable, path)
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise InputError(f"{what} is not valid JSON ({_first_line(exc)})", path) from None
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError, ValueError) as exc:
+        raise InputError(f"{what} is not valid JSON" + (f" ({_first_line(exc)})" if detail else ""), path) from None
     except OSError as exc:
         raise InputError(f"{what} cannot be read ({exc.strerror})", path) from None
 
