@@ -256,3 +256,28 @@ def test_without_the_triton_extra_deploy_writes_and_says_the_proto_check_did_not
     assert (tmp_path / "repo" / "digits_cnn-onnxruntime-int8" / "1" / "model.int8.onnx").is_file()
     check = run_cli("deploy", "--check", tmp_path / "repo")
     assert check.code == 2 and "'triton' extra" in check.error_line
+
+
+def test_a_scalar_input_is_served_as_dims_1_reshaped_to_a_scalar(tmp_path, run_cli):
+    """Triton refuses empty dims (silero-vad's sample-rate input is a scalar): the config carries
+    it as dims [1] with reshape { shape: [] }, and a hand-written empty dims is caught."""
+    from enginekit.core.artifacts import write_manifest
+
+    artifact = tmp_path / "vad"
+    artifact.mkdir()
+    (artifact / "model.onnx").write_bytes(b"opaque here: deploy reads the manifest")
+    write_manifest(artifact, {"model": "vad", "target": "onnxruntime", "precision": "fp32", "build_key": "v" * 64,
+                              "inputs": [{"name": "input", "shape": [1, 576], "dtype": "float32"},
+                                         {"name": "sr", "shape": [], "dtype": "int64"}],
+                              "outputs": [{"name": "output", "shape": [1, 1], "dtype": "float32"}]})
+    repo = tmp_path / "repo"
+    ek.deploy_triton([artifact], repo)
+    config = _config(repo, "vad-onnxruntime-fp32")
+    sr = next(entry for entry in config.input if entry.name == "sr")
+    assert config.max_batch_size == 0 and list(sr.dims) == [1] and sr.HasField("reshape") and list(sr.reshape.shape) == []
+    assert list(config.model_warmup[0].inputs["sr"].dims) == [1]
+    assert ek.check_deployment(repo).ok
+    _broken(repo, "vad-onnxruntime-fp32", "dims: \\[ 1 \\]\n    reshape \\{\n      shape: \\[  \\]\n    \\}", "dims: [ ]")
+    result = run_cli("deploy", "--check", repo)
+    assert result.code == 1 and "input 'sr': empty dims, which Triton refuses" in result.out
+

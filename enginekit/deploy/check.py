@@ -215,6 +215,8 @@ def _io_problems(config: Any, manifest: Mapping[str, Any]) -> list[str]:
 
 def _dims_problems(kind: str, entry: Any, spec: TensorSpec, batched: bool, max_batch: int) -> list[str]:
     dims = list(entry.dims)
+    if not dims:
+        return [f"{kind} '{entry.name}': empty dims, which Triton refuses; a scalar is dims [ 1 ] with reshape {{ shape: [ ] }}"]
     if entry.HasField("reshape"):
         return []  # the server reshapes; the model's own shape is then not what dims say
     if batched and not (spec.shape and spec.shape[0] == "batch"):

@@ -85,7 +85,10 @@ def preferred_batch_sizes(entry: Mapping[str, Any] | None, limit: int) -> list[i
 
 
 def _tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
-    return {"name": spec.name, "data_type": Enum(TRITON_TYPES[spec.dtype]), "dims": served_dims(spec, batched)}
+    """One input or output; Triton refuses empty dims, so a scalar is dims [1] reshaped to []."""
+    dims = served_dims(spec, batched)
+    shape = {"dims": dims} if dims else {"dims": [1], "reshape": {"shape": []}}
+    return {"name": spec.name, "data_type": Enum(TRITON_TYPES[spec.dtype]), **shape}
 
 
 def _warmup_dims(artifact: DeployArtifact, spec: TensorSpec, tensorrt: bool) -> list[int]:
@@ -103,7 +106,8 @@ def _warmup_dims(artifact: DeployArtifact, spec: TensorSpec, tensorrt: bool) -> 
             dims.append(int(observed[index]))
         else:
             dims.append(1)
-    return dims[1:] if artifact.batched else dims
+    dims = dims[1:] if artifact.batched else dims
+    return dims or [1]  # a scalar travels as dims [1] (the config reshapes it)
 
 
 def _openvino_parameters(artifact: DeployArtifact, options: TritonOptions) -> dict[str, str]:
