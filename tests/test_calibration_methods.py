@@ -68,6 +68,47 @@ def test_entropy_never_clips_the_bulk_of_a_tensor(what, values):
     assert amax <= hist.abs_max
 
 
+def _entropy_one_candidate_at_a_time(hist: TensorHistogram) -> float:
+    """The KL search as TensorRT describes it, one threshold at a time (what methods.entropy
+    computed before it took every candidate at once from prefix sums): the oracle it must match."""
+    levels = methods.levels_for(hist)
+    counts = hist.counts.astype(np.float64)
+    nonzero = np.flatnonzero(counts)
+    last = int(nonzero[-1]) + 1 if nonzero.size else 0
+    suffix = np.cumsum(counts[::-1])[::-1]
+    clips_bulk = np.flatnonzero(suffix > methods.OUTLIER_SHARE * counts.sum())
+    first = max(levels, int(clips_bulk[-1]) + 1 if clips_bulk.size else levels)
+    if last <= levels or first >= last:
+        return hist.abs_max
+    best_i, best_kl = last, np.inf
+    for i in range(first, last + 1):
+        p = counts[:i].copy()
+        if i < hist.bins:
+            p[i - 1] += suffix[i]
+        edges = np.unique(np.linspace(0, i, levels + 1).astype(np.int64))
+        present = counts[:i] > 0
+        chunk_mass = np.add.reduceat(counts[:i], edges[:-1])
+        chunk_bins = np.add.reduceat(present.astype(np.float64), edges[:-1])
+        per_bin = np.divide(chunk_mass, chunk_bins, out=np.zeros_like(chunk_mass), where=chunk_bins > 0)
+        q = np.repeat(per_bin, np.diff(edges)) * present
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        kl = np.inf if np.any(q[mask] == 0) else float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return min(float(best_i * hist.bin_width), hist.abs_max)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_entropy_of_all_candidates_at_once_picks_the_one_at_a_time_threshold(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [rng.standard_normal(60_000), np.maximum(rng.standard_normal(60_000), 0), rng.standard_t(2, 60_000),
+              1 / (1 + np.exp(-3 * rng.standard_normal(60_000))), np.round(rng.standard_normal(60_000) * 4) / 4,
+              np.concatenate([rng.exponential(1.0, 60_000), [40.0]])]
+    hist = _hist(shapes[seed], chunks=3)
+    assert methods.entropy(hist) == _entropy_one_candidate_at_a_time(hist)
+
+
 def test_methods_differ_on_a_heavy_tail():
     values = np.random.default_rng(3).standard_t(3, 200_000)
     hist = _hist(values)
