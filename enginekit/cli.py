@@ -20,7 +20,7 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "input_shapes": "--input-shape", "calibration_data": "--calib-data", "weights": "--weights", "opset": "--opset",
           "skip_nonfinite": "--skip-nonfinite", "unsafe_allow_lambda": "--unsafe-allow-lambda", "profiles": "--trt-profile",
           "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers",
-          "name": "--name", "max_batch_size": "--max-batch-size"}
+          "name": "--name", "max_batch_size": "--max-batch-size", "weight_type": "--weight-type"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 
@@ -154,12 +154,19 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
         click.echo(f"wrote {path}")
 
 
-def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report):
+def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report,
+                       weight_type):
     from enginekit.quantization.pipeline import QuantizeSettings
 
     return QuantizeSettings(encoding=encoding, bias_correction=bias_correction, per_channel=not per_tensor,
                             exclude_nodes=tuple(exclude_node), exclude_ops=tuple(exclude_op), exclude_after=tuple(exclude_after) or None,
-                            keep_first_last_float=keep_first_last_float, layer_report=report)
+                            keep_first_last_float=keep_first_last_float, layer_report=report, weight_type=weight_type)
+
+
+_weight_type_option = click.option(
+    "--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
+    help="INT8 weights as int8, or as uint8 zero point 128 (the same grid): auto takes uint8 on an x86 CPU without VNNI, "
+         "whose u8 x s8 kernels (ONNX Runtime, OpenVINO) saturate.")
 
 
 @cli.command()
@@ -173,6 +180,7 @@ def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, excl
 @click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable).")
 @click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (zoo default for minilm_l6: Gelu).")
 @click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
+@_weight_type_option
 @click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
 @click.option("--eval-data", default=None, help="Held-out data for the accuracy check (default: the zoo's evaluation split).")
 @click.option("--eval-samples", type=int, default=None, help="Held-out samples to score (default: a labelled split whole, else 256).")
@@ -183,12 +191,13 @@ def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, excl
 @click.option("--threads", type=int, default=None)
 @_with_run_limit
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
-             keep_first_last_float, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
+             keep_first_last_float, weight_type, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
     """Build the INT8 artifact of a target from a CalibrationTable (a build with a given table)."""
     from enginekit import api
     from enginekit.builder import BuildOptions
 
-    settings = _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report)
+    settings = _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report,
+                                  weight_type)
     options = BuildOptions(calib_data=data, eval_data=eval_data, eval_samples=eval_samples, min_accuracy=min_accuracy,
                            output_kinds=_pairs(output_kinds, "--output-kind"), quantize=settings, threads=threads)
     result = api.quantize(model, table_path, output, target, options)
@@ -231,6 +240,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
+@_weight_type_option
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
@@ -244,7 +254,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output, source) -> None:
+          auto_fallback, max_float_layers, weight_type, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
@@ -253,6 +263,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     from enginekit import api
     from enginekit.builder import BuildOptions
     from enginekit.core.console import markdown_table
+    from enginekit.quantization.pipeline import QuantizeSettings
     from enginekit.targets.tensorrt.builder import parse_dim_ranges
 
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
@@ -262,6 +273,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
+                           quantize=QuantizeSettings(weight_type=weight_type),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     if len(target_list) == 1 and len(precision_list) == 1 and not show_profile:

@@ -17,6 +17,7 @@ from enginekit.calibration.data import DataArg
 from enginekit.core.artifacts import sha256_file
 from enginekit.core.machine import toolchain
 from enginekit.exporter.reference import Fp32Model
+from enginekit.quantization.pipeline import resolved_weight_type
 from enginekit.targets.base import Target
 
 
@@ -84,5 +85,6 @@ def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOpt
         material["calibration"] = ({"table": table_sha256} if table_sha256 else {"method": options.calib_method, "samples": options.num_samples})
         material["calibration"]["data"] = data_identity(options.calib_data, fp32)
         material["quantize"] = {"encoding": encoding, "placement": target.placement, **options.quantize.key(),
+                                "weight_type": resolved_weight_type(options.quantize, encoding),  # "auto" as this machine resolves it
                                 "layer_report": options.quantize.layer_report}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()

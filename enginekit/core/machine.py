@@ -58,6 +58,18 @@ def gpu_info() -> dict[str, Any] | None:
     return {"name": name, "driver": driver, "compute_capability": capability, "memory": memory, "count": len(out)}
 
 
+def int8_pairs_saturate() -> bool:
+    """Whether this CPU's u8 x s8 dot products can saturate: an x86 CPU without VNNI (AVX2, or
+    AVX-512 without VNNI) runs ONNX Runtime's and OpenVINO's u8 x s8 kernels with vpmaddubsw,
+    which adds each pair of products in int16 and saturates past 32767 (255 x 127 x 2 = 64770).
+    VNNI (vpdpbusd) and AMX accumulate in int32; Arm and GPUs have no such step. Unknown flags
+    (no /proc/cpuinfo) count as not saturating."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return False
+    flags = cpu_flags()
+    return bool(flags) and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),

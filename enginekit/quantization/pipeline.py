@@ -17,6 +17,7 @@ from enginekit.exporter.reference import Fp32Model
 from enginekit.quantization.bias_correction import correct_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
+from enginekit.quantization.encoding import weight_type
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,14 @@ class QuantizeSettings:
     exclude_after: Sequence[str] | None = None  # None: the zoo spec's keep_float_after
     keep_first_last_float: bool = False
     layer_report: bool = False  # write layers.json (range, clipped share, SQNR per tensor) into INT8 artifacts
+    weight_type: str = "auto"  # int8 | uint8 (same grid, zero point 128) | auto: uint8 where this CPU's u8 x s8 kernels saturate
 
     def key(self) -> dict[str, Any]:
         """What changes the graph (for build keys and caches)."""
         return {"bias_correction": self.bias_correction, "per_channel": self.per_channel,
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
                 "exclude_after": None if self.exclude_after is None else list(self.exclude_after),
-                "keep_first_last_float": self.keep_first_last_float}
+                "keep_first_last_float": self.keep_first_last_float, "weight_type": self.weight_type}
 
 
 def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> tuple[QuantPlan, list[str]]:
@@ -69,6 +71,15 @@ def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: Qua
         excluded += sorted(more - set(excluded))
 
 
+def resolved_weight_type(settings: QuantizeSettings, encoding: str) -> str:
+    """The weights' integer type for `encoding` ("auto" resolved on this machine), or an
+    InputError naming the option."""
+    try:
+        return weight_type(settings.weight_type, encoding)
+    except ValueError as exc:
+        raise InputError(str(exc), option="weight_type") from None
+
+
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
               batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs",
               corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
@@ -79,8 +90,10 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
     manifest records of it."""
     table.check_model(fp32.sha256, fp32.origin)
     plan, after = plan_for(fp32, settings, placement)
-    qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel)
+    weights = resolved_weight_type(settings, encoding)
+    qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel, weights)
     details: dict[str, Any] = {"encoding": encoding, "placement": placement, "per_channel_weights": settings.per_channel,
+                               "weight_type": weights,
                                "quantized_nodes": len(plan.nodes), "quantized_tensors": len(plan.activations),
                                "quantized_weights": len(plan.weights), "exclude_nodes": list(settings.exclude_nodes),
                                "exclude_ops": list(settings.exclude_ops), "exclude_after": after,

@@ -30,7 +30,8 @@ class QdqGraph:
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> per-channel scales
 
 
-def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, encoding: str, per_channel: bool = True) -> QdqGraph:
+def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, encoding: str, per_channel: bool = True,
+               weight_type: str = "int8") -> QdqGraph:
     missing = [t for t in plan.activations if plan.same_scale.get(t, t) not in table.tensors]
     if missing:
         raise InputError(f"the calibration table has no range for {len(missing)} tensor(s) this graph quantizes (e.g. {missing[:3]}); calibrate this model again")
@@ -48,13 +49,14 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
     for spec in plan.weights:
         if spec.tensor in result.weight_scales:
             continue
-        values, scales = quantize_weight(numpy_helper.to_array(initializers[spec.tensor]), spec.axis if per_channel else None)
+        values, scales, zero_points = quantize_weight(numpy_helper.to_array(initializers[spec.tensor]), spec.axis if per_channel else None,
+                                                      weight_type)
         result.weight_scales[spec.tensor] = scales
         q_name = f"{spec.tensor}__int8"
         new_initializers += [
             numpy_helper.from_array(values, q_name),
             numpy_helper.from_array(scales, f"{spec.tensor}__scale"),
-            numpy_helper.from_array(np.zeros_like(scales, np.int8), f"{spec.tensor}__zp"),
+            numpy_helper.from_array(zero_points, f"{spec.tensor}__zp"),
         ]
         attributes = {"axis": spec.axis} if per_channel else {}
         weight_nodes.setdefault(spec.node, []).append(helper.make_node(
