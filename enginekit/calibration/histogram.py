@@ -10,11 +10,23 @@ zero-point-0 grid, and their spike (after ReLU) must not steer the range methods
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
 DEFAULT_BINS = 2048
+# Values are binned in chunks through two per-thread buffers that stay in the core's cache:
+# no batch-sized temporaries (three of them per tensor before: |x|, its float32 scaling, the
+# int64 indices), so binning is faster and its memory does not grow with the batch.
+_CHUNK = 1 << 16
+_buffers = threading.local()
+
+
+def _scratch() -> tuple[np.ndarray, np.ndarray]:
+    if not hasattr(_buffers, "floats"):
+        _buffers.floats, _buffers.indices = np.empty(_CHUNK, np.float32), np.empty(_CHUNK, np.intp)
+    return _buffers.floats, _buffers.indices
 
 
 @dataclass
@@ -71,13 +83,22 @@ class TensorHistogram:
             self.edge = peak * (1.0 + 1e-6)
         elif peak >= self.edge:
             self._grow(math.floor(peak / self.edge) + 1)
-        scaled = np.abs(values.ravel())
-        np.multiply(scaled, np.float32(self.bins / self.edge), out=scaled)
-        index = scaled.astype(np.intp)
-        np.minimum(index, self.bins - 1, out=index)
-        counts = np.bincount(index, minlength=self.bins)
-        counts[0] -= zeros
-        self.counts += counts
+        factor = np.float32(self.bins / self.edge)
+        # float32 products are monotonic: only when the largest |x| lands past the last bin can
+        # any index need clamping (the edge sits just above it except right after a growth)
+        clamp = np.float32(peak) * factor >= self.bins
+        flat = values.reshape(-1)
+        floats, indices = _scratch()
+        for start in range(0, flat.size, _CHUNK):
+            part = flat[start : start + _CHUNK]
+            scaled = np.abs(part, out=floats[: part.size])
+            np.multiply(scaled, factor, out=scaled)
+            index = indices[: part.size]
+            np.copyto(index, scaled, casting="unsafe")  # truncation, as astype(np.intp)
+            if clamp:
+                np.minimum(index, self.bins - 1, out=index)
+            self.counts += np.bincount(index, minlength=self.bins)
+        self.counts[0] -= zeros
 
     def _grow(self, factor: int) -> None:
         """Widen the range by an integer factor, merging each `factor` old bins into one (a factor
