@@ -1,6 +1,6 @@
 """Benchmark: how long an INT8 build takes against the peers' single-purpose quantizers, in one run.
 
-    python -m studies.build_speed [--samples 256] [--rounds 1] [--json out.json]
+    python -m studies.build_speed [--samples 256] [--rounds 1] [--jobs JOB,...] [--json out.json]
 
 On efficientnet_lite0's FP32 ONNX (exported once beforehand, not timed) with the same calibration
 crops, each job in a process of its own, the jobs interleaved round by round (this machine's
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", default="artifacts/benchmarks/build_speed.json")
+    parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of the jobs (nncf.quantize and quantize_static are always run: the ratios need them)")
     parser.add_argument("--worker", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -97,9 +98,14 @@ def main() -> None:
     from enginekit.exporter.reference import load_fp32
 
     load_fp32(MODEL)  # the export, once, outside the timings
-    runs: dict[str, list[dict]] = {job: [] for job in JOBS}
+    wanted = set(args.jobs.split(",")) | set(JOBS[-2:])
+    unknown = wanted - set(JOBS)
+    if unknown:
+        raise SystemExit(f"unknown job(s) {sorted(unknown)}; known: {', '.join(JOBS)}")
+    jobs = [job for job in JOBS if job in wanted]
+    runs: dict[str, list[dict]] = {job: [] for job in jobs}
     for round_index in range(args.rounds):
-        for job in JOBS:
+        for job in jobs:
             runs[job].append(_run(job, args.samples))
             print(f"round {round_index + 1}: {job}: {runs[job][-1]['seconds']:.1f} s", file=sys.stderr)
     seconds = {job: statistics.median(r["seconds"] for r in results) for job, results in runs.items()}
@@ -107,9 +113,9 @@ def main() -> None:
     print(f"\n{MODEL}, {args.samples} calibration samples, median of {args.rounds} round(s), each job in its own process\n")
     print("| job | wall s | x nncf.quantize | x quantize_static MinMax |")
     print("|---|---:|---:|---:|")
-    for job in JOBS:
+    for job in jobs:
         print(f"| {job} | {seconds[job]:.1f} | {seconds[job] / nncf_s:.1f} | {seconds[job] / ort_s:.1f} |")
-    for job in JOBS[:2]:
+    for job in [j for j in jobs if j.startswith("enginekit ort")]:
         profile = runs[job][-1]["profile"] or {}
         stages = ", ".join(f"{name} {value:.1f} s" for name, value in (profile.get("stages") or {}).items())
         print(f"\nprofile of {job} (last round): {stages}")

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DEFAULT_BINS = 2048
-# Values are binned in chunks through two per-thread buffers that stay in the core's cache:
-# no batch-sized temporaries (three of them per tensor before: |x|, its float32 scaling, the
-# int64 indices), so binning is faster and its memory does not grow with the batch.
-_CHUNK = 1 << 16
+# Values are binned in chunks through two buffers per thread, reused: no batch-sized temporaries
+# (three per tensor before: |x|, its float32 scaling, the int64 indices), so memory does not
+# grow with the batch. 1 Mi values per chunk keeps numpy calls (and GIL hand-offs between the
+# binning threads) few: efficientnet_lite0's four-method calibration took 18.2-18.8 s with 64 Ki
+# chunks, 16.1-16.6 s with 1 Mi, 17.0 s with 16 Mi (interleaved runs on a 2-core EPYC).
+_CHUNK = 1 << 20
 _buffers = threading.local()
 
 
