@@ -205,3 +205,18 @@ def test_a_keras_source_gets_keras_rows_and_an_onnx_source_says_it_has_none(tmp_
     report = api.bench([built.folder], settings=BenchSettings(**SOURCE_SETTINGS), source="no_such_module_here:build")
     assert [e["target"] for e in report["artifacts"]] == ["onnxruntime"]  # the artifacts are measured all the same
     assert "cannot be measured here" in report["source_note"] and "no_such_module_here" in report["source_note"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 250, 2001, 2500])
+def test_bootstrap_medians_follow_the_resampled_medians(n):
+    """The exact draw of a bootstrap median (order statistics of uniforms) against materialised
+    resamples: the same quantiles within Monte-Carlo noise, on skewed latency-like samples."""
+    from enginekit.benchmark.compare import bootstrap_medians
+
+    samples = np.random.default_rng(n).lognormal(0.0, 0.3, n)
+    brute = np.median(np.random.default_rng(1).choice(samples, (20000, n)), axis=1)
+    drawn = bootstrap_medians(samples, np.random.default_rng(2), 20000)
+    assert drawn.min() >= samples.min() and drawn.max() <= samples.max()
+    spread = np.percentile(brute, 97.5) - np.percentile(brute, 2.5)
+    for q in (5, 50, 95):
+        assert abs(np.percentile(drawn, q) - np.percentile(brute, q)) <= 0.05 * spread + 1e-12, q

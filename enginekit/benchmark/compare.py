@@ -27,14 +27,34 @@ def latency_verdict(old: list[float], new: list[float], min_effect: float = 0.02
     old_a, new_a = np.asarray(old, np.float64), np.asarray(new, np.float64)
     ratio = float(np.median(new_a) / np.median(old_a))
     rng = np.random.default_rng(seed)
-    old_boot = np.median(rng.choice(old_a, (BOOTSTRAP_RESAMPLES, old_a.size)), axis=1)
-    new_boot = np.median(rng.choice(new_a, (BOOTSTRAP_RESAMPLES, new_a.size)), axis=1)
+    old_boot = bootstrap_medians(old_a, rng, BOOTSTRAP_RESAMPLES)
+    new_boot = bootstrap_medians(new_a, rng, BOOTSTRAP_RESAMPLES)
     low, high = np.percentile(new_boot / old_boot, [2.5, 97.5])
     if low > 1 + min_effect:
         return "slower", ratio, float(low), float(high)
     if high < 1 - min_effect:
         return "faster", ratio, float(low), float(high)
     return "no change", ratio, float(low), float(high)
+
+
+def bootstrap_medians(samples: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray:
+    """The medians of `count` bootstrap resamples of `samples`, drawn from their exact
+    distribution instead of materialising count x n resamples (that took 1 s of `compare` for
+    four artifacts of ~2500 samples): in n uniform draws the k-th smallest is Beta(k, n-k+1),
+    and floor(n u) is its index into the sorted samples; for even n the next one above it is
+    u + (1-u) Beta(1, n-k), the nearest of the n-k draws that lie above u."""
+    values = np.sort(samples)
+    n = values.size
+
+    def at(u: np.ndarray) -> np.ndarray:
+        return values[np.minimum((u * n).astype(np.int64), n - 1)]
+
+    k = (n + 1) // 2
+    lower = rng.beta(k, n - k + 1, count)
+    if n % 2:
+        return at(lower)
+    upper = lower + (1 - lower) * rng.beta(1, n - k, count)
+    return (at(lower) + at(upper)) / 2
 
 
 @dataclass
