@@ -73,3 +73,12 @@ def test_onnx_runtime_runs_uint8_weights_as_integer_convolutions_with_the_same_a
     assert built["uint8"][1] == built["int8"][1] > 0  # every conv integer either way
     # the same grid: bias correction and accuracy are those of the int8 weights (digits saturates nowhere)
     assert built["uint8"][0]["accuracy"] == pytest.approx(built["int8"][0]["accuracy"], abs=0.01)
+
+
+def test_the_report_flags_an_artifact_with_uint8_weights():
+    from enginekit.benchmark.report import flags
+
+    floating = {"precision": "int8", "integer_share": 0.02, "weight_type": "uint8"}
+    assert flags(floating, 1.36) == ["only 2% of compute ops in integer",
+                                     "uint8 weights (int8 ones saturate u8 x s8 kernels on a CPU without VNNI)"]
+    assert flags({"precision": "int8", "integer_share": 1.0, "weight_type": "int8"}, 1.6) == []

@@ -201,6 +201,7 @@ class ArtifactBench:
             "accuracy_headline": headline(accuracy) if accuracy else "-",
             "latency_shapes": {name: list(value.shape) for name, value in self.one.items()},
             "integer_share": manifest.get("integer_share"),
+            "weight_type": (manifest.get("quantization") or {}).get("weight_type"),
             "float_islands": (manifest.get("integer_ops") or {}).get("float_islands") or {},
             "outside_delegate": ((manifest.get("tflite") or {}).get("types") or {}).get("outside_xnnpack") or {},
             "constant_outputs": manifest.get("constant_outputs", []),

@@ -135,7 +135,8 @@ def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
 
 def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
     """What a reader must not miss about an artifact: an INT8 that is not faster than its FP32
-    twin, one that runs few compute ops in integer, a model whose FP32 outputs never change."""
+    twin, one that runs few compute ops in integer or carries uint8 weights, a model whose FP32
+    outputs never change."""
     found = []
     if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
         text = f"not faster than FP32 ({speedup:.2f}x)"
@@ -146,6 +147,10 @@ def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
     share = entry.get("integer_share")
     if entry["precision"] == "int8" and isinstance(share, (int, float)) and share < LOW_INTEGER_SHARE:
         found.append(f"only {share:.0%} of compute ops in integer")
+    if entry["precision"] == "int8" and entry.get("weight_type") == "uint8":
+        # chosen where int8 weights saturate this CPU's kernels (encoding.weight_type): it explains
+        # a slower or float-running artifact, and the CPU it was built for
+        found.append("uint8 weights (int8 ones saturate u8 x s8 kernels on a CPU without VNNI)")
     found += [f"FP32 output '{name}' is constant on the data" for name in entry.get("constant_outputs") or []]
     return found
 
