@@ -165,3 +165,53 @@ def test_bias_correction_reaches_matmul_add_layers(tmp_path):
         if corrected:
             assert result.manifest["quantization"]["bias_correction"]["layers"] == 2
     assert shifts[True] < 0.5 * shifts[False], shifts
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_layers_sharing_one_bias_constant_get_their_own(tmp_path, corrected):
+    """Exporters merge equal constants (a transformer's zero-initialised Linear biases became 2
+    initializers for 24 layers of the corpus ViT): correcting one layer's bias must not move the
+    others', and each Conv's int32 bias needs its own scale."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import enginekit as ek
+    from enginekit.quantization.pipeline import QuantizeSettings
+
+    rng = np.random.default_rng(11)
+    zero = numpy_helper.from_array(np.zeros(8, np.float32), "shared_bias")
+    inits = [zero, numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "k1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "k2"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "k1", "shared_bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "k2", "shared_bias"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Transpose", ["r2"], ["t"], name="to_last", perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "shared_bias"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r3"], name="relu3"),
+             helper.make_node("MatMul", ["r3", "w2"], ["m2"], name="fc2"), helper.make_node("Add", ["m2", "shared_bias"], ["y"], name="add2")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, 8])], inits)
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    data = tmp_path / "x.npy"
+    x = rng.normal(0.3, 1.0, (64, 3, 8, 8)).astype(np.float32)
+    np.save(data, x)
+    reference = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    options = ek.BuildOptions(calib_data=data, eval_data=data, num_samples=64, min_accuracy="none",
+                              quantize=QuantizeSettings(bias_correction=corrected))
+    result = ek.build(path, "onnxruntime", "int8", tmp_path / "int8", options)
+    model = onnx.load(str(result.folder / "model.int8.onnx"))
+    constants = {t.name for t in model.graph.initializer}
+    convs = [node.input[2] for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2]
+    assert len(set(convs)) == len(convs)  # an int32 bias each, on its own input x weight scale
+    if corrected:  # each Linear layer's Add has its own corrected constant
+        adds = {node.name: next(i for i in node.input if i in constants) for node in model.graph.node if node.op_type == "Add"}
+        assert adds["add1"] != adds["add2"]
+    with ek.load(result.folder) as runner:
+        out = runner.infer({"x": x})["y"]
+    cosine = float((out * reference).sum() / np.linalg.norm(out) / np.linalg.norm(reference))
+    assert cosine > 0.99, cosine
