@@ -62,11 +62,15 @@ class Calibration:
 
 def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str] = ("minmax",), percentile: float = DEFAULT_PERCENTILE,
               num_samples: int = 256, batch_size: int = 4, skip_nonfinite: bool = False, threads: int | None = None,
-              output: str | Path | None = None, trt_cache: str | Path | None = None, source: SourceOptions | None = None) -> Calibration:
+              output: str | Path | None = None, trt_cache: str | Path | None = None, source: SourceOptions | None = None,
+              shards: int = 1, executor: str = "local", address: str | None = None, workers: int | None = None) -> Calibration:
     """Activation ranges of `model` from one streaming pass over `data`, every method from the
-    same histograms. With `output`, the tables are written (ranges.json, or ranges.<method>.json)."""
+    same histograms. With `output`, the tables are written (ranges.json, or ranges.<method>.json).
+    With `shards` > 1 the pass is split over `executor`'s workers ("local" processes, or "ray" at
+    `address`): byte-identical tables."""
     from enginekit.builder.calibration import calibrate_model
     from enginekit.calibration.pipeline import table_outputs, write_tables
+    from enginekit.core.executor import get_executor
     from enginekit.core.outputs import check_outputs
     from enginekit.exporter.reference import load_fp32
 
@@ -76,7 +80,8 @@ def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str]
     if output is not None:
         check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), sources)
     fp32 = load_fp32(model, source)
-    run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads)
+    pool = get_executor(executor, workers, address) if shards > 1 else None
+    run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads, shards, pool)
     result = Calibration(fp32.name, run.tables, run.histograms, list(run.warnings))
     if output is not None:
         result.written = write_tables(run.tables, Path(output), Path(trt_cache) if trt_cache else None, inputs=[fp32.path])

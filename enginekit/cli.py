@@ -61,6 +61,18 @@ def _data_options(command):
     return command
 
 
+def _executor_options(command):
+    """--executor local|ray, --address, --workers: where independent work (shards, cells) runs."""
+    for option in reversed([
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: worker processes on this machine; ray: tasks on a Ray cluster (pip install 'enginekit[ray]')."),
+        click.option("--address", default=None, help="Ray cluster address ('auto': the cluster this node belongs to; default: a new local one)."),
+        click.option("--workers", type=click.IntRange(1), default=None, help="Local worker processes (default: one per two cores)."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _with_run_limit(command):
     """A `--timeout SECONDS` option: each run of a graph (parity, calibration, evaluation) is
     stopped and fails after that long; the default comes from core.limits."""
@@ -136,15 +148,19 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="ranges.json", show_default=True, help="Table path; with several methods, <stem>.<method>.json each.")
 @click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
+@click.option("--shards", type=click.IntRange(1), default=1, show_default=True, help="Split the pass over this many workers (the table is byte-identical).")
+@_executor_options
 @_with_run_limit
 @_source_options
-def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, source) -> None:
+def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, shards, executor,
+              address, workers, source) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit import api
     from enginekit.calibration.pipeline import side_by_side
 
     result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
-                           skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source)
+                           skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source,
+                           shards=shards, executor=executor, address=address, workers=workers)
     for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from enginekit.calibration import methods
-from enginekit.calibration.histogram import TensorHistogram
+from enginekit.calibration.histogram import DEFAULT_BINS, TensorHistogram
 from enginekit.calibration.table import CalibrationTable, TensorRange
 
 
@@ -127,8 +127,50 @@ def test_rebinning_is_exact_and_memory_is_bounded():
     rng = np.random.default_rng(4)
     for scale in (1, 10, 100, 1000):
         big.update(rng.standard_normal(10_000) * scale)
-    assert big.counts.size == 2048 and big.total == 40_000
+    assert big.counts.size == DEFAULT_BINS and big.total == 40_000
     assert big.abs_max == pytest.approx(np.abs(big.minimum) if abs(big.minimum) > big.maximum else big.maximum)
+
+
+def _same(a: TensorHistogram, b: TensorHistogram) -> bool:
+    return (a.edge, a.zeros, a.minimum, a.maximum, a.unbinned) == (b.edge, b.zeros, b.minimum, b.maximum, b.unbinned) \
+        and np.array_equal(a.counts, b.counts)
+
+
+def test_the_histogram_depends_on_the_values_only_not_their_order_or_batches():
+    """Power-of-two edges: growing by doubling re-bins exactly as binning at the final edge would,
+    so any batching and any order of the same values gives the same histogram."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.standard_normal(30_000) * s for s in (0.01, 1.0, 37.0)] + [np.zeros(500), [4.0, -8.0]])
+    values = values.astype(np.float32)
+    whole = TensorHistogram()
+    whole.update(values)
+    for seed in range(4):
+        shuffled = np.random.default_rng(seed).permutation(values)
+        batched = TensorHistogram()
+        for chunk in np.array_split(shuffled, 1 + seed * 7):
+            batched.update(chunk)
+        assert _same(batched, whole)
+    assert whole.edge == 256.0 and whole.zeros == 500
+
+
+def test_shard_histograms_merge_into_the_whole_in_any_order():
+    rng = np.random.default_rng(8)
+    shards = [rng.standard_t(3, 20_000).astype(np.float32) * scale for scale in (0.5, 3.0, 0.001, 90.0)]
+    whole = TensorHistogram()
+    for shard in shards:
+        whole.update(shard)
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        merged = TensorHistogram()
+        for index in order:
+            part = TensorHistogram()
+            part.update(shards[index])
+            merged.merge(part)
+        assert _same(merged, whole)
+        assert {m: methods.compute_amax(merged, m) for m in methods.METHODS} == {m: methods.compute_amax(whole, m) for m in methods.METHODS}
+    merged.merge(TensorHistogram())  # an empty shard changes nothing
+    assert _same(merged, whole)
+    with pytest.raises(ValueError, match="power of two"):
+        TensorHistogram(bins=100)
 
 
 def test_clipped_fraction(gaussian_with_outlier):

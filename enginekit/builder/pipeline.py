@@ -23,6 +23,7 @@ from enginekit.builder.options import BuildOptions
 from enginekit.builder.session import CellInputs, ModelSession
 from enginekit.calibration.pipeline import write_tables
 from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
+from enginekit.core.executor import fault_point
 from enginekit.core.errors import EnginekitError, GateError, InputError, MissingDependencyError, naming
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
@@ -162,12 +163,18 @@ def cached_artifact(out: Path, key: str) -> Manifest | None:
     return manifest
 
 
-def build_cell(session: ModelSession, target: Target, precision: str, out: Path, conditions: list[Condition]) -> BuildResult:
-    options, fp32 = session.options, session.fp32
+def cell_key(session: ModelSession, target: Target, precision: str) -> tuple[str, dict[str, Any], str]:
+    """A cell's build key, with the target options and the INT8 encoding it was computed from."""
+    options = session.options
     target_options = target.options(options.target_options.get(target.name))
     encoding = target.resolve_encoding(options.quantize.encoding)
     table_sha256 = sha256_file(options.table) if options.table else None
-    key = build_key(fp32, target, precision, options, target_options, encoding, table_sha256)
+    return build_key(session.fp32, target, precision, options, target_options, encoding, table_sha256), target_options, encoding
+
+
+def build_cell(session: ModelSession, target: Target, precision: str, out: Path, conditions: list[Condition]) -> BuildResult:
+    options, fp32 = session.options, session.fp32
+    key, target_options, encoding = cell_key(session, target, precision)
     cached = cached_artifact(out, key)
     if cached is not None:
         return BuildResult(out, cached, cache_hit=True)
@@ -177,6 +184,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
         inputs = CellInputs(session, precision, encoding, stage_folder, target_options, target.placement)
         with stage("conversion", cell):
             built = target.build(inputs)
+        fault_point(f"{fp32.name}/{cell}")  # tests only: a worker killed mid-cell (core.executor)
         fields: dict[str, Any] = {}
         if precision == "int8":
             table = session.table()

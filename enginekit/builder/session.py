@@ -22,6 +22,7 @@ from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
+from enginekit.core.errors import InputError
 from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds, batch_axes, batch_size
 from enginekit.exporter.reference import Fp32Model
@@ -42,6 +43,24 @@ class Evaluation:
     labels: np.ndarray | None
     description: str
     shapes: dict[str, list[int]]  # each input's shape at batch 1, as the data has it (dynamic spatial dims too)
+
+
+@dataclass
+class SessionState:
+    """A ModelSession's once-per-model results (see `ModelSession.snapshot`); picklable."""
+
+    fp32_sha256: str
+    options: BuildOptions
+    table: CalibrationTable | None
+    calibrated_here: bool
+    fp32_means: dict[str, np.ndarray] | None
+    fallback: Fallback | None
+    notes: list[str]
+    warnings: list[str]
+    int8_pairs: set[tuple[str, str]]
+    qdq: dict[str, tuple[QdqGraph, dict[str, Any]]]  # the Q/DQ graphs made so far (bias-corrected)
+    biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
+    left_float: dict[str, tuple[str, ...]]
 
 
 class ModelSession:
@@ -72,6 +91,24 @@ class ModelSession:
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
         self.int8_pairs: set[tuple[str, str]] = {("int8", "inputs")}  # (encoding, placement) of the build's INT8 targets
+
+    def snapshot(self) -> "SessionState":
+        """What this session decided and measured once for its model (the table, the FP32 channel
+        means, the fallback, the options they led to, the bias-corrected Q/DQ graphs, the notes),
+        for `restore` in another
+        process: a matrix builds each cell in its own worker from one calibration."""
+        return SessionState(self.fp32.sha256, self.options, self._table, self.calibrated_here, self._fp32_means,
+                            self.fallback, list(self.notes), list(self.warnings), set(self.int8_pairs), dict(self._qdq),
+                            dict(self._biases), dict(self._left_float))
+
+    def restore(self, state: "SessionState") -> None:
+        if state.fp32_sha256 != self.fp32.sha256:
+            raise InputError(f"the FP32 model changed since it was calibrated (sha256 {self.fp32.sha256[:12]}..., "
+                             f"calibrated {state.fp32_sha256[:12]}...)", self.fp32.origin)
+        self.options, self._table, self.calibrated_here = state.options, state.table, state.calibrated_here
+        self._fp32_means, self.fallback = state.fp32_means, state.fallback
+        self.notes, self.warnings, self.int8_pairs = list(state.notes), list(state.warnings), set(state.int8_pairs)
+        self._qdq, self._biases, self._left_float = dict(state.qdq), dict(state.biases), dict(state.left_float)
 
     def adopt_fallback(self, found: Fallback) -> None:
         """Keep the layers the fallback search chose in float for every INT8 artifact of this build

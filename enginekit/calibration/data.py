@@ -6,8 +6,10 @@ feeds handed over in Python. Arrays are laid out like the model's inputs, every 
 input's batch dim (wherever the model puts it: a recurrent state [2, batch, 128] holds its
 samples along axis 1); an input without a batch dim (a scalar sample rate) is one value that
 every batch gets. Every batch is checked against the model's inputs (names, dtype kind, fixed
-dims) and for NaN/Inf; the bytes that pass are hashed so tables record exactly which data made
-them.
+dims) and for NaN/Inf; the samples that pass are hashed so tables record exactly which data made
+them. The hash is one digest per sample, then a digest of those in order: it does not depend on
+the batch size, and shards of the data (windows of samples, `stream(start=...)`) give digests
+that join into the whole stream's.
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ class DataStats:
     sha256: str = ""
     warnings: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # each input's shape in the first batch
+    sample_digests: list[bytes] = field(default_factory=list)  # sha256 of each sample used, in order
+
+
+def joined_digest(sample_digests: Sequence[bytes]) -> str:
+    """The data's sha256: of the samples' own digests in order (shards' lists join into it)."""
+    return hashlib.sha256(b"".join(sample_digests)).hexdigest()
 
 
 class DataSource:
     """Where samples come from; `count` is how many exist (None: unknown until read), `batches`
-    streams them."""
+    streams samples start..count-1 (`start` a multiple of the batch size)."""
 
     description: str
     origin: str
@@ -48,7 +56,7 @@ class DataSource:
     def count(self) -> int | None:
         raise NotImplementedError
 
-    def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
+    def batches(self, count: int, batch_size: int, start: int = 0) -> Iterator[Feeds]:
         raise NotImplementedError
 
 
@@ -62,8 +70,11 @@ class ZooData(DataSource):
     def count(self) -> int:
         return self.dataset.size(self.split)
 
-    def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
-        return iter_batches(self.dataset, self.split, count, batch_size, self.dims)
+    def batches(self, count: int, batch_size: int, start: int = 0) -> Iterator[Feeds]:
+        skip = start // batch_size  # generated in order from the first sample: a window skips the batches before it
+        for index, batch in enumerate(iter_batches(self.dataset, self.split, count, batch_size, self.dims)):
+            if index >= skip:
+                yield batch
 
 
 class ArrayFileData(DataSource):
@@ -87,9 +98,9 @@ class ArrayFileData(DataSource):
     def count(self) -> int:
         return self._count
 
-    def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
-        for start in range(0, count, batch_size):
-            yield {name: np.asarray(value) for name, value in take(self.arrays, start, min(start + batch_size, count), self.axes).items()}
+    def batches(self, count: int, batch_size: int, start: int = 0) -> Iterator[Feeds]:
+        for first in range(start, count, batch_size):
+            yield {name: np.asarray(value) for name, value in take(self.arrays, first, min(first + batch_size, count), self.axes).items()}
 
 
 class ImageFolderData(DataSource):
@@ -109,9 +120,9 @@ class ImageFolderData(DataSource):
     def count(self) -> int:
         return len(self.files)
 
-    def batches(self, count: int, batch_size: int) -> Iterator[Feeds]:
-        for start in range(0, count, batch_size):
-            yield {self.input_name: np.concatenate([self.preprocess(load_image(p)) for p in self.files[start : start + batch_size]])}
+    def batches(self, count: int, batch_size: int, start: int = 0) -> Iterator[Feeds]:
+        for first in range(start, count, batch_size):
+            yield {self.input_name: np.concatenate([self.preprocess(load_image(p)) for p in self.files[first : min(first + batch_size, count)]])}
 
 
 class FeedsData(DataSource):
@@ -153,7 +164,9 @@ class FeedsData(DataSource):
     def count(self) -> int | None:
         return sum(batch_size(f, self.axes) for f in self._kept) if self._rest is None else None
 
-    def batches(self, count: int, size: int) -> Iterator[Feeds]:
+    def batches(self, count: int, size: int, start: int = 0) -> Iterator[Feeds]:
+        if start:
+            raise InputError("feeds given in Python cannot be split into shards: give a file, an image folder or zoo data")
         pending: list[Feeds] = []
         held = produced = 0
         for item in self._items():
@@ -214,9 +227,13 @@ def batch_size_for(inputs: Sequence[TensorSpec], wanted: int) -> int:
 
 def stream(
     source: DataSource, inputs: Sequence[TensorSpec], count: int, batch_size_wanted: int, skip_nonfinite: bool = False,
+    start: int = 0,
 ) -> tuple[Iterator[Feeds], DataStats]:
-    """Validated batches of at most `count` samples; `stats` is complete once the iterator ends."""
+    """Validated batches of at most `count` samples (from sample `start` on, a multiple of the
+    batch size: one shard of the data); `stats` is complete once the iterator ends."""
     size = batch_size_for(inputs, batch_size_wanted)
+    if start % size:
+        raise ValueError(f"a window of the data starts at a multiple of the batch size {size}, not {start}")
     available = source.count()
     if available == 0:
         raise InputError("the data set is empty", source.origin)
@@ -228,9 +245,8 @@ def stream(
     axes = batch_axes(inputs)
 
     def generate() -> Iterator[Feeds]:
-        digest = hashlib.sha256()
-        index = 0
-        for batch in source.batches(count, size):
+        index = start
+        for batch in source.batches(count, size, start):
             batch = _check_batch(batch, expected, axes, source.origin)
             n = batch_size(batch, axes)
             keep = np.ones(n, bool)
@@ -254,17 +270,31 @@ def stream(
                 continue
             if not stats.shapes:
                 stats.shapes = {name: list(array.shape) for name, array in batch.items()}
-            for name in sorted(batch):
-                digest.update(np.ascontiguousarray(batch[name]).tobytes())
+            stats.sample_digests += _sample_digests(batch, axes)
             stats.used += batch_size(batch, axes)
             yield batch
-        if stats.used == 0:
+        if stats.used == 0 and not start:  # a window may lie past the end of a short iterator
             raise InputError("no usable samples (every sample had NaN or Inf)" if index else "the data set is empty", source.origin)
         if available is None and index < count:
             stats.warnings.append(f"asked for {count} samples but {source.origin} had {index}; used {index}")
-        stats.sha256 = digest.hexdigest()
+        stats.sha256 = joined_digest(stats.sample_digests)
 
     return generate(), stats
+
+
+def _sample_digests(batch: Feeds, axes: Mapping[str, int | None]) -> list[bytes]:
+    """One sha256 per sample over its slice of every input (by name); an input without a batch
+    axis (one value for every sample) is part of each sample's digest."""
+    n = batch_size(batch, axes)
+    names = sorted(batch)
+    digests = []
+    for i in range(n):
+        digest = hashlib.sha256()
+        for name in names:
+            array, axis = batch[name], axes.get(name)
+            digest.update(np.ascontiguousarray(array if axis is None else np.take(array, i, axis=axis)).tobytes())
+        digests.append(digest.digest())
+    return digests
 
 
 def _check_batch(batch: Feeds, expected: dict[str, TensorSpec], axes: Mapping[str, int | None], origin: str) -> Feeds:

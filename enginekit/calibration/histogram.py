@@ -1,10 +1,17 @@
 """Bounded-memory statistics of one activation tensor, updated batch by batch.
 
-A histogram of |x| with a fixed number of bins over [0, edge). When a batch exceeds the edge,
-the edge grows by an integer factor k and every k old bins merge into one new bin, so re-binning
-is exact (no re-interpolation) and memory stays one array of `bins` counts however many
-samples stream through. Exact zeros are counted apart: they are exactly representable on every
-zero-point-0 grid, and their spike (after ReLU) must not steer the range methods.
+A histogram of |x| with a fixed number of bins over [0, edge). The edge is always a power of two
+(the smallest above the largest |x| seen) and the bin count is one too, so a value's bin is
+|x| scaled by a power of two and truncated: exact in float32. When a batch exceeds the edge, the
+edge doubles k times and every 2^k old bins merge into one, which is exactly the binning the
+values would have had at the new edge. So the histogram depends only on the multiset of values,
+never on their order or on how they were batched: histograms of shards of the data merge
+(`merge`) into the very histogram one pass over all of it gives, in any shard order (sharded
+calibration is byte-identical to one process). Memory stays one array of `bins` counts however
+many samples stream through. 4096 bins: an edge up to twice the peak still leaves the peak at
+least 2048 bins, the resolution the first-batch edges had before. Exact zeros are counted apart:
+they are exactly representable on every zero-point-0 grid, and their spike (after ReLU) must not
+steer the range methods.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DEFAULT_BINS = 2048
+DEFAULT_BINS = 4096
+MIN_EXPONENT = -100  # edges never go below 2^-100: the float32 scale bins/edge stays finite
 # Values are binned in chunks through two buffers per thread, reused: no batch-sized temporaries
 # (three per tensor before: |x|, its float32 scaling, the int64 indices), so memory does not
 # grow with the batch. 1 Mi values per chunk keeps numpy calls (and GIL hand-offs between the
@@ -42,6 +50,8 @@ class TensorHistogram:
     unbinned: int = 0  # non-zero values counted but not binned (a min-max-only pass)
 
     def __post_init__(self) -> None:
+        if self.bins < 1 or self.bins & (self.bins - 1):
+            raise ValueError(f"the bin count must be a power of two, not {self.bins}")
         if self.counts is None:
             self.counts = np.zeros(self.bins, np.int64)
 
@@ -81,14 +91,9 @@ class TensorHistogram:
             self.unbinned += values.size - zeros
             return
         peak = max(-low, high)  # the largest |x|
-        if self.edge == 0.0:
-            self.edge = peak * (1.0 + 1e-6)
-        elif peak >= self.edge:
-            self._grow(math.floor(peak / self.edge) + 1)
-        factor = np.float32(self.bins / self.edge)
-        # float32 products are monotonic: only when the largest |x| lands past the last bin can
-        # any index need clamping (the edge sits just above it except right after a growth)
-        clamp = np.float32(peak) * factor >= self.bins
+        self._cover(canonical_edge(peak))
+        factor = np.float32(self.bins / self.edge)  # a power of two: |x| * factor is exact
+        clamp = np.float32(peak) * factor >= self.bins  # never, as peak < edge; kept as a guard
         flat = values.reshape(-1)
         floats, indices = _scratch()
         for start in range(0, flat.size, _CHUNK):
@@ -102,17 +107,33 @@ class TensorHistogram:
             self.counts += np.bincount(index, minlength=self.bins)
         self.counts[0] -= zeros
 
+    def _cover(self, edge: float) -> None:
+        """Make the edge at least `edge` (both powers of two)."""
+        if self.edge == 0.0:
+            self.edge = edge
+        elif edge > self.edge:
+            self._grow(round(edge / self.edge))
+
+    def merge(self, other: "TensorHistogram") -> None:
+        """Add another histogram of the same tensor (another shard of the data): the result is
+        the histogram of both shards' values together, whatever the order of merging."""
+        if other.bins != self.bins:
+            raise ValueError(f"histograms of {self.bins} and {other.bins} bins do not merge")
+        counts = other.counts
+        if other.edge:
+            self._cover(other.edge)
+            if other.edge < self.edge:
+                counts = _merged_bins(other.counts, self.bins, round(self.edge / other.edge))
+        self.counts = self.counts + counts
+        self.zeros += other.zeros
+        self.unbinned += other.unbinned
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
+
     def _grow(self, factor: int) -> None:
-        """Widen the range by an integer factor, merging each `factor` old bins into one (a factor
-        beyond the bin count puts every old value into the first bin, exactly as well)."""
-        if factor >= self.bins:
-            merged = np.array([self.counts.sum()], np.int64)
-        else:
-            padded = np.zeros(math.ceil(self.bins / factor) * factor, np.int64)
-            padded[: self.bins] = self.counts
-            merged = padded.reshape(-1, factor).sum(axis=1)
-        self.counts = np.zeros(self.bins, np.int64)
-        self.counts[: merged.size] = merged
+        """Widen the range by an integer factor (a power of two), merging each `factor` old bins
+        into one."""
+        self.counts = _merged_bins(self.counts, self.bins, factor)
         self.edge *= factor
 
     def fraction_above(self, threshold: float) -> float:
@@ -124,3 +145,21 @@ class TensorHistogram:
 
     def to_json(self) -> dict:
         return {"bins": self.bins, "edge": self.edge, "zeros": self.zeros, "minimum": self.minimum, "maximum": self.maximum}
+
+
+def canonical_edge(peak: float) -> float:
+    """The smallest power of two above `peak` (strictly: the peak's bin is inside the range)."""
+    _, exponent = math.frexp(peak)  # peak = m * 2^exponent with 0.5 <= m < 1
+    return math.ldexp(1.0, max(exponent, MIN_EXPONENT))
+
+
+def _merged_bins(counts: np.ndarray, bins: int, factor: int) -> np.ndarray:
+    """Counts re-binned at an edge `factor` times wider: every `factor` bins summed into one (a
+    factor beyond the bin count puts every value into the first bin, exactly as well)."""
+    if factor >= bins:
+        merged = np.array([counts.sum()], np.int64)
+    else:
+        merged = counts.reshape(-1, factor).sum(axis=1)  # bins and factor are powers of two
+    result = np.zeros(bins, np.int64)
+    result[: merged.size] = merged
+    return result

@@ -1,17 +1,25 @@
-"""`enginekit calibrate`: one streaming pass, every requested method, CalibrationTables on disk."""
+"""`enginekit calibrate`: one streaming pass, every requested method, CalibrationTables on disk.
+
+The pass can be split into shards (windows of the samples on batch boundaries) that workers of
+an executor (core.executor: local processes or Ray) run; their histograms, sample digests and
+channel sums merge on the driver. Histograms depend only on the values (calibration.histogram)
+and the data digest only on the samples (calibration.data), so the tables are byte-identical to
+one process's, whatever the number of shards and the order they finish in.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from enginekit.core.artifacts import atomic_write_all
 from enginekit.calibration.collect import collect_histograms
-from enginekit.calibration.data import DataArg, batch_size_for, open_data, stream
+from enginekit.calibration.data import DataArg, DataSource, DataStats, batch_size_for, joined_digest, open_data, stream
 from enginekit.calibration.histogram import TensorHistogram
 from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS, compute_amax
 from enginekit.calibration.table import CalibrationTable, TensorRange
@@ -32,28 +40,57 @@ class CalibrationRun:
     histograms: dict[str, TensorHistogram]
     warnings: list[str]
     channel_means: dict[str, np.ndarray] = field(default_factory=dict)  # of `mean_tensors`, over the same samples
+    shards: int = 1  # windows of the data the pass was split into
+
+
+@dataclass
+class Collected:
+    """What a pass over one window of the data yields; windows merge (`merge_windows`)."""
+
+    histograms: dict[str, TensorHistogram]
+    stats: DataStats
+    means: ChannelMeans
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """Everything a shard's worker needs besides the model and its window."""
+
+    tensors: tuple[str, ...]
+    batch_size: int
+    skip_nonfinite: bool
+    threads: int | None
+    mean_tensors: tuple[tuple[str, int], ...]
+    binned: bool
 
 
 def calibrate(
     fp32: Fp32Model, data: DataArg, methods: Sequence[str], tensors: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
-    threads: int | None = None, mean_tensors: Mapping[str, int] | None = None,
+    threads: int | None = None, mean_tensors: Mapping[str, int] | None = None, shards: int = 1, executor: Any = None,
 ) -> CalibrationRun:
     """One pass over `data` through `fp32`: histograms of `tensors` (the ones the Q/DQ graph will
-    quantize, chosen by the caller) and of every other float activation, then each method's table."""
+    quantize, chosen by the caller) and of every other float activation, then each method's table.
+    With `shards` > 1 the pass is split over the workers of `executor` (core.executor; local
+    processes by default): the same tables, byte for byte."""
     if num_samples < 1:
         raise InputError("the number of calibration samples must be at least 1", option="num_samples")
+    if shards < 1:
+        raise InputError("the number of shards must be at least 1", option="shards")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"unknown calibration method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})", option="method")
     source = open_data(data, fp32.inputs, fp32.spec, "calibration")
     batch_size = batch_size_for(fp32.inputs, batch_size)
-    batches, stats = stream(source, fp32.inputs, num_samples, batch_size, skip_nonfinite)
+    settings = PassSettings(tuple(calibration_tensors(fp32.proto, tensors)), batch_size, skip_nonfinite, threads,
+                            tuple(sorted((mean_tensors or {}).items())), set(methods) != {"minmax"})
     available = source.count()
-    means = ChannelMeans()
-    histograms = collect_histograms(fp32.proto, calibration_tensors(fp32.proto, tensors), batches, threads,
-                                    total=min(num_samples, available) if available is not None else num_samples,
-                                    means=means, mean_tensors=mean_tensors, binned=set(methods) != {"minmax"})
+    total = min(num_samples, available) if available is not None else num_samples
+    if shards == 1:
+        collected = collect_window(fp32, source, settings, 0, num_samples, total)
+    else:
+        collected = _sharded_pass(fp32, data, source, settings, total, shards, executor)
+    histograms, stats, means = collected.histograms, collected.stats, collected.means
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
     tables = {}
     for method in methods:
@@ -69,7 +106,89 @@ def calibrate(
     notes = list(stats.warnings)
     if stats.skipped_nonfinite:
         notes.append(f"skipped {stats.skipped_nonfinite} sample(s) with NaN or Inf")
-    return CalibrationRun(fp32, tables, histograms, notes, means.means())
+    return CalibrationRun(fp32, tables, histograms, notes, means.means(), shards)
+
+
+def collect_window(fp32: Fp32Model, source: DataSource, settings: PassSettings, start: int, stop: int,
+                   total: int | None = None) -> Collected:
+    """The pass over samples start..stop-1 of `source`."""
+    batches, stats = stream(source, fp32.inputs, stop, settings.batch_size, settings.skip_nonfinite, start)
+    means = ChannelMeans()
+    histograms = collect_histograms(fp32.proto, settings.tensors, batches, settings.threads, total=total,
+                                    means=means, mean_tensors=dict(settings.mean_tensors), binned=settings.binned)
+    return Collected(histograms, stats, means)
+
+
+def shard_windows(total: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """`shards` windows of about equal size covering samples 0..total-1, each starting on a batch
+    boundary (the batches are the ones a single pass reads); empty ones left out."""
+    batches = -(-total // batch_size)
+    edges = [i * batches // shards * batch_size for i in range(shards)] + [total]
+    return [(start, min(stop, total)) for start, stop in zip(edges, edges[1:]) if start < min(stop, total)]
+
+
+def merge_windows(parts: Sequence[Collected]) -> Collected:
+    """The windows' results, merged in window order: histograms exactly, digests and channel sums
+    in sample order."""
+    first = parts[0]
+    histograms = {name: TensorHistogram(hist.bins) for name, hist in first.histograms.items()}
+    stats = DataStats(requested=sum(p.stats.requested for p in parts))
+    means = ChannelMeans()
+    for part in parts:
+        for name, hist in part.histograms.items():
+            histograms[name].merge(hist)
+        stats.used += part.stats.used
+        stats.skipped_nonfinite += part.stats.skipped_nonfinite
+        stats.sample_digests += part.stats.sample_digests
+        stats.shapes = stats.shapes or part.stats.shapes
+        stats.warnings += [w for w in part.stats.warnings if w not in stats.warnings]
+        means.merge(part.means)
+    if stats.used == 0:
+        raise InputError("no usable samples (every sample had NaN or Inf)")
+    stats.sha256 = joined_digest(stats.sample_digests)
+    return Collected(histograms, stats, means)
+
+
+def _sharded_pass(fp32: Fp32Model, data: DataArg, source: DataSource, settings: PassSettings, total: int, shards: int,
+                  executor: Any) -> Collected:
+    from enginekit.core.executor import Task, get_executor
+    from enginekit.core.progress import report
+
+    if source.count() is None or not (data is None or isinstance(data, (str, Path))):
+        raise InputError("sharded calibration needs data every worker can open (a file, an image folder or zoo data), "
+                         f"not {source.description}", option="shards")
+    executor = executor or get_executor("local")
+    windows = shard_windows(total, settings.batch_size, shards)
+    folder = fp32.path.parent  # the export artifact (the cache): what each worker loads
+    tasks = [Task(f"shard {i}", calibration_shard, (str(folder), fp32.sha256, str(data) if data is not None else None,
+                                                   settings, start, stop))
+             for i, (start, stop) in enumerate(windows)]
+    parts: dict[str, Collected] = {}
+    for outcome in executor.run(tasks):
+        if outcome.failed or outcome.skipped:
+            raise InputError(f"calibration {outcome.key} failed: {outcome.failed or outcome.skipped}", option="shards")
+        if isinstance(outcome.value, str):  # the worker's own one-line error
+            raise InputError(f"calibration {outcome.key}: {outcome.value}")
+        parts[outcome.key] = outcome.value
+        report("calibrating", len(parts), len(tasks), "shards")
+    return merge_windows([parts[task.key] for task in tasks])
+
+
+def calibration_shard(export_folder: str, sha256: str, data: str | None, settings: PassSettings, start: int, stop: int
+                      ) -> Collected | str:
+    """A worker's shard: the FP32 model from its export folder (checked against the driver's
+    hash), the window of the data, its histograms. An error comes back as its one line."""
+    from enginekit.core.errors import EnginekitError
+    from enginekit.exporter.reference import load_fp32
+
+    try:
+        fp32 = load_fp32(export_folder)
+        if fp32.sha256 != sha256:
+            return f"the FP32 model in {export_folder} changed while calibrating (sha256 {fp32.sha256[:12]}...)"
+        source = open_data(data, fp32.inputs, fp32.spec, "calibration")
+        return collect_window(fp32, source, settings, start, stop)
+    except EnginekitError as exc:
+        return str(exc)
 
 
 def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> list[str]:

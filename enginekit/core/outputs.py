@@ -3,7 +3,8 @@
 Every output path is checked before any work starts:
 - an artifact folder may be missing, empty, or an enginekit artifact (replaced atomically);
 - the root of a multi-target build may be missing, empty, or hold only enginekit's own outputs
-  (artifact folders, its calibration table, its report files);
+  (artifact folders, its calibration table, its report files; a matrix's root: such build
+  folders, one per model, and the matrix report);
 - a file (calibration table, TensorRT cache text, report) may be missing or one enginekit wrote;
 - no output may equal an input, contain one, or lie inside an input folder; no two outputs of
   one command may coincide.
@@ -27,6 +28,8 @@ REPORT_SCHEMA = "enginekit.report/1"
 SENSITIVITY_SCHEMA = "enginekit.sensitivity/1"
 BUILD_TABLE = "calibration.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
+MATRIX_SCHEMA = "enginekit.matrix/1"
+MATRIX_FILES = ("matrix.json", "matrix.md")
 
 ARTIFACT, BUILD_ROOT, TABLE, TRT_CACHE, REPORT, SENSITIVITY = "artifact", "build-root", "table", "trt-cache", "report", "sensitivity"
 REPOSITORY = "repository"  # a model server's repository: enginekit only adds model folders to it
@@ -110,8 +113,10 @@ def _build_root_entry(entry: Path) -> bool:
         return True
     if entry.is_symlink():
         return False
-    if entry.is_dir():
-        return _ours(entry, ARTIFACT)
+    if entry.is_dir():  # an artifact, or one model's build folder in a matrix
+        return _ours(entry, ARTIFACT) or _ours(entry, BUILD_ROOT)
+    if entry.name in MATRIX_FILES:
+        return _json_schema(entry) == MATRIX_SCHEMA if entry.suffix == ".json" else _starts_with(entry, (b"enginekit matrix",))
     if entry.name == BUILD_TABLE:
         return _ours(entry, TABLE)
     if entry.name in REPORT_FILES:

@@ -135,6 +135,13 @@ class ChannelMeans:
         self.sums[name] = self.sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)
         self.counts[name] = self.counts.get(name, 0) + value.size // value.shape[axis]
 
+    def merge(self, other: "ChannelMeans") -> None:
+        """Add another shard's sums (merged in shard order, so the result does not depend on
+        which shard finished first)."""
+        for name, total in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + total
+            self.counts[name] = self.counts.get(name, 0) + other.counts[name]
+
     def mean(self, name: str) -> np.ndarray:
         return self.sums[name] / self.counts[name]
 

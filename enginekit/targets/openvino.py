@@ -68,7 +68,37 @@ def convert(onnx_path: Path, precision: str, folder: Path) -> None:
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:  # OpenVINO raises its own OpConversionFailure / GeneralFailure types
         raise InputError(f"OpenVINO cannot convert the model: {_conversion_problem(str(exc), onnx_path)}", onnx_path) from None
+    name_generated_ops(model, onnx_names(onnx_path))
     ov.save_model(model, str(folder / XML), compress_to_fp16=precision == "fp16")
+
+
+def name_generated_ops(model, kept: set[str]) -> None:
+    """Rename the ops OpenVINO named itself. Such a name is an op type and a counter global to
+    the process ('Constant_31221'; a folded op's constant keeps its source's, 'Range_40'), so the
+    IR's bytes depend on what the process converted before: a build in a matrix worker would
+    differ from the same build in one process. Each becomes its type and its place in the graph
+    ('Range_ek19'), which depends only on the graph. Names the ONNX file has (`kept`, its node and
+    tensor names, which the ONNX frontend carries over) stay as they are."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        name = op.get_friendly_name()
+        match = _GENERATED_NAME.fullmatch(name)
+        if match and name not in kept:
+            op.set_friendly_name(f"{match.group(1)}_ek{index}")
+
+
+_GENERATED_NAME = re.compile(r"([A-Za-z][A-Za-z0-9]*)_\d+")
+
+
+def onnx_names(onnx_path: Path) -> set[str]:
+    """Every node and tensor name of an ONNX file."""
+    from enginekit.core.loaders import load_onnx
+
+    graph = load_onnx(onnx_path).graph
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names | {t.name for t in graph.initializer} | {v.name for v in graph.input}
 
 
 def _conversion_problem(text: str, onnx_path: Path) -> str:
