@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.enginekit-installed
-EXTRAS := zoo,openvino,tflite,keras,triton,dev,bench
+EXTRAS := zoo,openvino,tflite,keras,triton,ray,dev,bench
 
 .PHONY: demo test corpus corpus-fallback install clean
 

@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 _API = {
     "export": "enginekit.api", "calibrate": "enginekit.api", "build": "enginekit.api", "build_many": "enginekit.api",
-    "quantize": "enginekit.api", "sensitivity": "enginekit.api", "bench": "enginekit.api", "compare": "enginekit.api", "load": "enginekit.api",
+    "build_matrix": "enginekit.api", "load_matrix": "enginekit.api", "MatrixModel": "enginekit.builder.matrix",
+    "MatrixResult": "enginekit.builder.matrix", "quantize": "enginekit.api", "sensitivity": "enginekit.api", "bench": "enginekit.api", "compare": "enginekit.api", "load": "enginekit.api",
     "deploy_triton": "enginekit.api", "deploy_ovms": "enginekit.api", "check_deployment": "enginekit.api", "TritonOptions": "enginekit.deploy.triton",
     "Calibration": "enginekit.api", "BuildOptions": "enginekit.builder.options", "BuildResult": "enginekit.builder.pipeline",
     "Cell": "enginekit.builder.pipeline", "QuantizeSettings": "enginekit.quantization.pipeline", "SourceOptions": "enginekit.exporter.reference", "Condition": "enginekit.accuracy.gate",

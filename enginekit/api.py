@@ -20,7 +20,7 @@ message describes the problem; progress goes to `enginekit.progress.reporting(ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,50 @@ def build_many(model: str | Path, targets: Sequence[str], precisions: Sequence[s
     from enginekit.builder import build_many as build_cells
 
     return build_cells(model, list(targets), list(precisions), output, options or BuildOptions())
+
+
+def build_matrix(models: str | Path | Sequence[Any], targets: Sequence[str], precisions: Sequence[str], output: str | Path,
+                 options: BuildOptions | None = None, *, executor: str = "local", address: str | None = None,
+                 workers: int | None = None, machines: Mapping[str, str] | None = None) -> Any:
+    """Every model x target x precision fanned out over `executor` ("local": worker processes on
+    this machine; "ray": tasks on the Ray cluster at `address`), each model exported and
+    calibrated once; the artifacts are the ones `build_many` makes (same build keys, same files).
+    One model (a name, path or factory) lays its artifacts out as `build_many` does,
+    `output/<target>-<precision>`; a list (names or MatrixModel) puts each in `output/<name>/`.
+    `machines` pins a target to a GPU kind ({"tensorrt": "H100"}). A cell already published
+    with its build key is reused; `output/matrix.json` and `.md` report every cell."""
+    from enginekit.builder.matrix import MatrixModel
+    from enginekit.builder.matrix import build_matrix as run_matrix
+    from enginekit.core.executor import get_executor
+
+    options = options or BuildOptions()
+    flat = isinstance(models, (str, Path))
+    entries = [m if isinstance(m, MatrixModel) else MatrixModel(str(m), Path(str(m)).stem.replace(":", "_"), options)
+               for m in ([models] if flat else models)]
+    return run_matrix(entries, list(targets), list(precisions), output, get_executor(executor, workers, address), machines, flat=flat)
+
+
+def load_matrix(path: str | Path, options: BuildOptions | None = None) -> dict[str, Any]:
+    """A matrix file (YAML): `models` (each a name/path/factory, or a mapping with `model` and its
+    own data, samples and gate), `targets`, `precisions`, and `machines` ({target: {accelerator:
+    KIND}}); returns the keyword arguments of `build_matrix` but `output`."""
+    from enginekit.builder.matrix import parse_matrix
+    from enginekit.core.errors import InputError
+    from enginekit.core.loaders import load_yaml_mapping
+
+    document = load_yaml_mapping(path)
+    unknown = sorted(set(document) - {"models", "targets", "precisions", "machines"})
+    if unknown:
+        raise InputError(f"unknown matrix key(s) {', '.join(unknown)} (known: models, targets, precisions, machines)", path)
+    models, machines = parse_matrix(document, options or BuildOptions(), Path(path).parent, Path(path))
+    lists = {}
+    for key in ("targets", "precisions"):
+        value = document.get(key)
+        value = value.split(",") if isinstance(value, str) else value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise InputError(f"a matrix lists its {key} (e.g. {key}: [onnxruntime, openvino])", path)
+        lists[key] = [v.strip() for v in value]
+    return {"models": models, **lists, "machines": machines}
 
 
 def sensitivity(model: str | Path, targets: Sequence[str] = ("onnxruntime",), output: str | Path | None = None,

@@ -64,8 +64,8 @@ def _data_options(command):
 def _executor_options(command):
     """--executor local|ray, --address, --workers: where independent work (shards, cells) runs."""
     for option in reversed([
-        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="local: worker processes on this machine; ray: tasks on a Ray cluster (pip install 'enginekit[ray]')."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                     help="local (the default): worker processes on this machine; ray: tasks on a Ray cluster (pip install 'enginekit[ray]')."),
         click.option("--address", default=None, help="Ray cluster address ('auto': the cluster this node belongs to; default: a new local one)."),
         click.option("--workers", type=click.IntRange(1), default=None, help="Local worker processes (default: one per two cores)."),
     ]):
@@ -160,7 +160,7 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
 
     result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
                            skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source,
-                           shards=shards, executor=executor, address=address, workers=workers)
+                           shards=shards, executor=executor or "local", address=address, workers=workers)
     for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))
@@ -227,6 +227,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     from enginekit.core.loaders import load_yaml_mapping
 
     config = load_yaml_mapping(value)
+    matrix = {key: config.pop(key) for key in ("models", "machines") if key in config}
+    if matrix:  # a build matrix: its models (and machine kinds) go to `build`, the rest are option defaults
+        ctx.meta["matrix"] = (Path(value), matrix)
     known = {p.name for p in ctx.command.params if p.name}
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
     aliases = {"target": "targets", "precision": "precisions", "trt_profile": "profiles", "builder": "tensorrt_builder",
@@ -246,7 +249,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="Export artifact folder, .onnx file, or zoo name.")
+@click.option("--model", "-m", default=None, help="Export artifact folder, .onnx file, or zoo name (or the models of a matrix file given with -c).")
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
@@ -266,15 +269,19 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--profile", "show_profile", is_flag=True, help="Print where the build's time went: seconds per stage and per cell, and how often each stage ran (also in report.json).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="The artifact folder (one target x precision) or the root of several.")
 @click.option("--config", "-c", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
-              help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win.")
+              help="YAML file whose keys are these options (targets, precisions, calib_method, ...); flags given on the command line win. "
+                   "With `models:` (and `machines:`) it is a build matrix, run on --executor.")
+@_executor_options
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, weight_type, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output, source) -> None:
+          auto_fallback, max_float_layers, weight_type, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
     A target whose library or hardware is absent is listed as skipped with the reason when
-    several are asked for; asked for alone, it is an error (exit 2).
+    several are asked for; asked for alone, it is an error (exit 2). A matrix file (-c with
+    `models:`) or --executor fans the cells out over worker processes or a Ray cluster.
     """
     from enginekit import api
     from enginekit.builder import BuildOptions
@@ -292,6 +299,12 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
                            quantize=QuantizeSettings(weight_type=weight_type),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
+    matrix = click.get_current_context().meta.get("matrix")
+    if matrix is not None or executor is not None:
+        _build_matrix(model, matrix, target_list, precision_list, output, options, executor or "local", address, workers)
+        return
+    if model is None:
+        raise click.UsageError("Missing option '--model' (or a matrix file with `models:`, given with -c).")
     if len(target_list) == 1 and len(precision_list) == 1 and not show_profile:
         _echo_build(api.build(model, target_list[0], precision_list[0], output, options))
         return
@@ -324,6 +337,27 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     if failed:
         click.echo(f"enginekit: error: {len(failed)} of {len(cells)} artifact(s) failed: "
                    + "; ".join(f"{c.target} {c.precision}" for c in failed), err=True)
+        sys.exit(1)
+
+
+def _build_matrix(model, matrix, targets, precisions, output, options, executor, address, workers) -> None:
+    """`build` over an executor: a matrix file's models, or the one --model."""
+    from enginekit import api
+    from enginekit.builder.matrix import matrix_document, matrix_markdown, parse_matrix
+    from enginekit.core.errors import InputError
+
+    if matrix is not None and model is not None:
+        raise InputError("give --model or a matrix file's models, not both", matrix[0])
+    if matrix is None and model is None:
+        raise click.UsageError("Missing option '--model' (or a matrix file with `models:`, given with -c).")
+    models, machines = (parse_matrix(matrix[1], options, matrix[0].parent, matrix[0]) if matrix is not None else (model, {}))
+    result = api.build_matrix(models, targets, precisions, output, options, executor=executor, address=address, workers=workers,
+                              machines=machines)
+    click.echo(matrix_markdown(matrix_document(result)))
+    click.echo(f"matrix report: {result.written[0]} ({result.written[1].name}); benchmark the artifacts with `enginekit bench`")
+    if result.failed:
+        click.echo(f"enginekit: error: {len(result.failed)} of {len(result.cells)} cell(s) failed: "
+                   + "; ".join(f"{c.model} {c.target} {c.precision}" for c in result.failed), err=True)
         sys.exit(1)
 
 

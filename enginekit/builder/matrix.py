@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.builder.options import BuildOptions
-from enginekit.builder.pipeline import TABLE_FILE, Cell, _auto_fallback, _pair, build_cell, cached_artifact, cell_key
+from enginekit.builder.pipeline import TABLE_FILE, BuildResult, Cell, auto_fallback_search, build_cell, cached_artifact, cell_key, int8_pair
 from enginekit.builder.session import ModelSession, SessionState
 from enginekit.core.errors import EnginekitError, InputError, naming
 from enginekit.core.executor import Executor, Task, get_executor
@@ -216,26 +216,24 @@ def prepare_model(model: MatrixModel, cells: list[tuple[str, str, str]], root: s
             else:
                 pending.append((target, precision, Path(folder)))
         int8_targets = [t for t, p, _ in pending if p == "int8"]
-        session.int8_pairs = {_pair(t, session.options) for t in int8_targets} or session.int8_pairs
-        problem, failing = _auto_fallback(session, int8_targets, parse_conditions(session.options.min_accuracy))
+        session.int8_pairs = {int8_pair(t, session.options) for t in int8_targets} or session.int8_pairs
+        problem, failing = auto_fallback_search(session, int8_targets, parse_conditions(session.options.min_accuracy))
         if problem is not None:
             message = str(naming(problem, session.fp32.origin))
             for target, precision, _ in pending:
-                if precision == "int8" and _pair(target, session.options) in failing:
+                if precision == "int8" and int8_pair(target, session.options) in failing:
                     prepared.settled[(target.name, precision)] = Cell(target.name, precision, failed=message, exit_code=problem.exit_code)
         for target, precision, folder in pending:
             if (target.name, precision) in prepared.settled:
                 continue
             manifest = cached_artifact(folder, cell_key(session, target, precision)[0])
             if manifest is not None:
-                from enginekit.builder.pipeline import BuildResult
-
                 prepared.settled[(target.name, precision)] = Cell(target.name, precision, folder, BuildResult(folder, manifest, cache_hit=True))
         missing_int8 = [t for t, p, _ in pending if p == "int8" and (t.name, p) not in prepared.settled]
         if missing_int8:
             session.table()
             for target in missing_int8:  # bias-corrected once per grid, in the order a one-process build meets them
-                session.qdq(*_pair(target, session.options))
+                session.qdq(*int8_pair(target, session.options))
             if session.calibrated_here:
                 write_tables({session.options.calib_method: session.table()}, Path(root) / TABLE_FILE, inputs=[session.fp32.path])
         prepared.state = session.snapshot()

@@ -93,8 +93,8 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, ARTIFACT), options)
     if precision == "int8":
-        session.int8_pairs = {_pair(chosen, options)}
-        problem, _ = _auto_fallback(session, [chosen], conditions)
+        session.int8_pairs = {int8_pair(chosen, options)}
+        problem, _ = auto_fallback_search(session, [chosen], conditions)
         if problem is not None:
             raise problem
     return build_cell(session, chosen, precision, out, conditions)
@@ -110,7 +110,7 @@ def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, ou
         check_outputs([Output(Path(output), SENSITIVITY)], _inputs(model, options))
     chosen = [get_target(name) for name in targets]
     session = ModelSession(load_fp32(model, options.source_options()), options)
-    pairs = sorted({_pair(t, options) for t in chosen})
+    pairs = sorted({int8_pair(t, options) for t in chosen})
     session.int8_pairs = set(pairs)
     result = {"schema": SENSITIVITY_SCHEMA, **sensitivity_ranking(session, pairs, parse_conditions(options.min_accuracy))}
     if output is not None:
@@ -119,12 +119,12 @@ def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, ou
     return result
 
 
-def _pair(target: Target, options: BuildOptions) -> tuple[str, str]:
+def int8_pair(target: Target, options: BuildOptions) -> tuple[str, str]:
     """The (encoding, placement) of the Q/DQ graph `target`'s INT8 is built from."""
     return target.resolve_encoding(options.quantize.encoding), target.placement
 
 
-def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions: list[Condition] | None
+def auto_fallback_search(session: ModelSession, int8_targets: list[Target], conditions: list[Condition] | None
                    ) -> tuple[GateError | None, set[tuple[str, str]]]:
     """With --auto-fallback: search the float layers once for every INT8 target of the build and
     adopt them. When no set within the bound passes: the GateError (best found) and the
@@ -133,7 +133,7 @@ def _auto_fallback(session: ModelSession, int8_targets: list[Target], conditions
     int8_targets = [t for t in int8_targets if t.float_layers]
     if not options.auto_fallback or not int8_targets:
         return None, set()
-    pairs = sorted({_pair(t, options) for t in int8_targets})
+    pairs = sorted({int8_pair(t, options) for t in int8_targets})
     bound = options.max_float_layers if options.max_float_layers is not None else DEFAULT_MAX_FLOAT_LAYERS
     report("searching float fallback", 0, 1, "searches", ", ".join(f"{e}/{p}" for e, p in pairs))
     found = find_float_layers(session, pairs, conditions, bound)
@@ -298,10 +298,10 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
         cell.exit_code = 2 if cell.failed else 0
     pending = [cell for cell in plan.runnable if not cell.failed]
     int8_targets = [get_target(c.target) for c in pending if c.precision == "int8"]
-    session.int8_pairs = {_pair(t, options) for t in int8_targets} or session.int8_pairs
-    problem, failing = _auto_fallback(session, int8_targets, conditions)
+    session.int8_pairs = {int8_pair(t, options) for t in int8_targets} or session.int8_pairs
+    problem, failing = auto_fallback_search(session, int8_targets, conditions)
     if problem is not None:  # the INT8 cells of the encodings below the gate fail with the search's best; the others build all-INT8
-        for cell in (c for c in pending if c.precision == "int8" and _pair(get_target(c.target), options) in failing):
+        for cell in (c for c in pending if c.precision == "int8" and int8_pair(get_target(c.target), options) in failing):
             cell.failed, cell.exit_code = str(naming(problem, session.fp32.origin)), problem.exit_code
         pending = [cell for cell in pending if not cell.failed]
     for index, cell in enumerate(pending, 1):

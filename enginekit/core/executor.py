@@ -115,9 +115,7 @@ class LocalExecutor(Executor):
         return f"local ({self.workers} worker process{'es' if self.workers > 1 else ''})"
 
     def run(self, tasks: Sequence[Task]) -> Iterator[Outcome]:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from concurrent.futures.process import BrokenProcessPool
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         outcomes = {task.key: Outcome(task.key) for task in tasks}
         pending: list[Task] = []
@@ -128,27 +126,59 @@ class LocalExecutor(Executor):
                 yield outcomes[task.key]
             else:
                 pending.append(task)
-        while pending:
-            retry: list[Task] = []
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=context) as pool:
-                futures = {pool.submit(task.function, *task.args): task for task in pending}
-                for future in as_completed(futures):
-                    task = futures[future]
-                    outcome = outcomes[task.key]
-                    outcome.attempts += 1
-                    try:
-                        outcome.value = future.result()
-                    except BrokenProcessPool:
-                        outcome.infrastructure.append("a worker process died (killed, or out of memory)")
-                        if outcome.attempts < ATTEMPTS:
-                            retry.append(task)
-                            continue
-                        outcome.failed = f"{outcome.infrastructure[-1]}, on each of {outcome.attempts} attempts"
-                    except Exception as exc:  # noqa: BLE001 - a bug in a task: its cell fails, the others go on
-                        outcome.failed = f"{type(exc).__name__}: {exc}"
-                    yield outcome
-            pending = retry
+        retry: list[Task] = []
+        with _pool(min(self.workers, len(pending) or 1)) as pool:  # one shared pool first
+            futures = {pool.submit(task.function, *task.args): task for task in pending}
+            for future in as_completed(futures):
+                task = futures[future]
+                if self._settle(outcomes[task.key], future):
+                    yield outcomes[task.key]
+                else:
+                    retry.append(task)
+        # A death breaks the whole pool, failing its other tasks too: each retry runs in a pool
+        # of its own, so a task that kills its worker again takes no other task with it.
+        with ThreadPoolExecutor(max_workers=self.workers) as threads:
+            futures = {threads.submit(_run_alone, task): task for task in retry}
+            for future in as_completed(futures):
+                task = futures[future]
+                self._settle(outcomes[task.key], future.result(), last=True)
+                yield outcomes[task.key]
+
+    @staticmethod
+    def _settle(outcome: Outcome, future: Any, last: bool = False) -> bool:
+        """Record a finished attempt; False when the worker died and the task is to run again."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        outcome.attempts += 1
+        try:
+            outcome.value = future.result()
+        except BrokenProcessPool:
+            outcome.infrastructure.append("a worker process died (killed, or out of memory; in a shared pool, this task's or another's)")
+            if not last:
+                return False
+            outcome.failed = f"its worker process died on each of {outcome.attempts} attempts (killed, or out of memory)"
+        except Exception as exc:  # noqa: BLE001 - a bug in a task: its cell fails, the others go on
+            outcome.failed = f"{type(exc).__name__}: {exc}"
+        return True
+
+
+def _pool(workers: int) -> Any:
+    """Spawned, not forked, processes: the runtimes hold threads a fork would copy half-alive."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_alone(task: Task) -> Any:
+    """One task in a pool of its own; returns its (finished) future."""
+    with _pool(1) as pool:
+        future = pool.submit(task.function, *task.args)
+        try:
+            future.result()
+        except BaseException:  # noqa: BLE001 - read by _settle
+            pass
+        return future
 
 
 class RayExecutor(Executor):
