@@ -32,6 +32,8 @@ CPU = "cpu"
 MODEL_KEYS = ("model", "name", "calib_data", "eval_data", "num_samples", "eval_samples", "calib_method", "min_accuracy",
               "weights", "input_shapes", "opset")
 PATH_KEYS = ("calib_data", "eval_data", "weights")
+_MODEL_KEY_TYPES = {"calib_data": (str,), "eval_data": (str,), "num_samples": (int,), "eval_samples": (int,), "calib_method": (str,),
+                    "min_accuracy": (str, list), "weights": (str,), "input_shapes": (list,), "opset": (int,)}
 
 
 @dataclass
@@ -100,6 +102,12 @@ def parse_matrix(document: Mapping[str, Any], base: BuildOptions, folder: Path, 
         if unknown:
             raise InputError(f"model {index + 1} of the matrix has unknown key(s) {', '.join(unknown)} (known: {', '.join(MODEL_KEYS)})", origin)
         settings = {k: v for k, v in entry.items() if k not in ("model", "name")}
+        wrong = [k for k, v in settings.items() if not isinstance(v, _MODEL_KEY_TYPES[k]) or isinstance(v, bool)]
+        if wrong:
+            raise InputError(f"model {index + 1} of the matrix: {wrong[0]} must be "
+                             f"{' or '.join(t.__name__ for t in _MODEL_KEY_TYPES[wrong[0]])}, not {settings[wrong[0]]!r}", origin)
+        if "input_shapes" in settings:
+            settings["input_shapes"] = [str(v) for v in settings["input_shapes"]]
         for key in PATH_KEYS:
             if isinstance(settings.get(key), str) and settings[key] != "zoo":
                 settings[key] = str(folder / settings[key])

@@ -26,10 +26,11 @@ FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedM
 
 
 class OrtRunner(Runner):
-    """A CPU InferenceSession (from checked bytes) behind the Runner contract."""
+    """A CPU InferenceSession (from checked bytes) behind the Runner contract: ORT's own fused
+    integer kernels, as deployed (not the reference executor's exact Q/DQ simulation)."""
 
     def __init__(self, model: "str | Path | bytes | onnx.ModelProto", threads: int | None = None, **session: Any):
-        self.session = Session(model, threads=threads, **session)
+        self.session = Session(model, threads=threads, exact_qdq=False, **session)
         self.threads = threads
         self.inputs, self.outputs = self.session.inputs, self.session.outputs
 

