@@ -27,7 +27,7 @@ from enginekit.core.progress import report
 from enginekit.core.tensors import ChannelMeans, Feeds
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
-from enginekit.quantization.qdq import QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds
+from enginekit.quantization.qdq import BiasOwners, QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds
 
 
 
@@ -110,7 +110,8 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
     for index, node in enumerate(nodes):
         for name in node_inputs(node):
             last_use[name] = index
-    initializers = {t.name: t for t in graph.initializer}
+    owners = BiasOwners(qdq.model)  # each layer's bias made its own as it is corrected
+    initializers = owners.initializers  # kept current: later segments read the copies
     peak, corrections, start = 0, {}, 0
     for index, layer in enumerate(layers):
         end = position[id(layer)] + 1
@@ -130,10 +131,9 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
         peak = max(peak, sum(v.nbytes for batch in carried for v in batch.values()))
         if reference is not None:
             shift = means.mean(target) - reference[target]
-            bias_name = ensure_bias(qdq.model, layer, shift.size)
-            initializers = {t.name: t for t in graph.initializer}
-            bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - shift
-            initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+            bias_tensor = ensure_bias(qdq.model, layer, shift.size, owners)
+            bias = numpy_helper.to_array(bias_tensor).astype(np.float64) - shift
+            bias_tensor.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_tensor.name))
             if layer.op_type != "MatMul":  # a MatMul's bias is its Add's, which later segments run with the new value
                 shape = [1, -1] + [1] * (carried[0][target].ndim - 2)
                 for batch in carried:  # later segments see the corrected output, as if the layer were rebuilt
@@ -191,10 +191,10 @@ def layer_biases(qdq: QdqGraph) -> dict[str, np.ndarray]:
 def set_biases(model: onnx.ModelProto, biases: dict[str, np.ndarray], only: Sequence[onnx.NodeProto] | None = None) -> int:
     """Give the named nodes of `model` (or just `only`) these float biases; how many were set."""
     nodes = [n for n in (only if only is not None else model.graph.node) if n.name in biases]
-    names = {node.name: ensure_bias(model, node, biases[node.name].size) for node in nodes}  # creates the missing ones first
-    initializers = {t.name: t for t in model.graph.initializer}
+    owners = BiasOwners(model)
     for node in nodes:
-        initializers[names[node.name]].CopyFrom(numpy_helper.from_array(biases[node.name], names[node.name]))
+        tensor = ensure_bias(model, node, biases[node.name].size, owners)
+        tensor.CopyFrom(numpy_helper.from_array(biases[node.name], tensor.name))
     return len(nodes)
 
 

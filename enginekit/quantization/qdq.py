@@ -138,59 +138,71 @@ def bias_axis(node: onnx.NodeProto) -> int:
     return -1 if node.op_type == "MatMul" else 1
 
 
-def ensure_bias(model: onnx.ModelProto, node: onnx.NodeProto, channels: int) -> str:
-    """Name of the node's own float bias initializer (a MatMul's: the constant its Add adds),
-    creating a zero bias for a Conv/Gemm that has none. A bias other nodes read too is copied
-    for this node first: exporters merge equal constants, and a transformer's zero-initialised
-    Linear biases reached ONNX as 2 initializers for 24 layers (the corpus ViT), so correcting
-    one layer's bias moved 20 others' (INT8 cosine 0.9997 -> 0.60)."""
-    if node.op_type == "MatMul":
-        holder = next(n for n in model.graph.node if node.output[0] in n.input and n.op_type == "Add")
-        slot = list(holder.input).index(matmul_bias_adds(model)[node.name])
-    elif len(node.input) > 2 and node.input[2]:
-        holder, slot = node, 2
-    else:
-        holder, slot = node, -1
-    if slot >= 0:
-        return _own_initializer(model, holder, slot, f"{node.name}__bias")
+class BiasOwners:
+    """Who reads each initializer of a model, kept current while biases are given to their layers:
+    a bias several nodes read (exporters merge equal constants) is copied for the one layer whose
+    bias changes. One count for the whole graph, so giving every layer its bias costs one pass."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.readers = Counter(name for node in model.graph.node for name in node.input)
+        self.readers.update(output.name for output in model.graph.output)  # an output is read by the caller
+        self.initializers = {t.name: t for t in model.graph.initializer}
+
+    def own(self, holder: onnx.NodeProto, slot: int, name: str) -> onnx.TensorProto:
+        """`holder.input[slot]` (an initializer) as one only that input reads: itself, or a copy
+        named `name` that the input is pointed at."""
+        current = holder.input[slot]
+        if self.readers[current] <= 1:
+            return self.initializers[current]
+        return self._add(numpy_helper.from_array(numpy_helper.to_array(self.initializers[current]), name), holder, slot)
+
+    def add_zero_bias(self, node: onnx.NodeProto, channels: int, name: str) -> onnx.TensorProto:
+        """A zero bias of `channels` for a Conv/Gemm that has none (its third input)."""
+        while len(node.input) < 3:
+            node.input.append("")
+        return self._add(numpy_helper.from_array(np.zeros(channels, np.float32), name), node, 2)
+
+    def _add(self, tensor: onnx.TensorProto, holder: onnx.NodeProto, slot: int) -> onnx.TensorProto:
+        self.model.graph.initializer.append(tensor)
+        stored = self.model.graph.initializer[-1]  # the message in the graph (append copies)
+        if holder.input[slot]:
+            self.readers[holder.input[slot]] -= 1
+        holder.input[slot] = stored.name
+        self.readers[stored.name] += 1
+        self.initializers[stored.name] = stored
+        return stored
+
+
+def ensure_bias(model: onnx.ModelProto, node: onnx.NodeProto, channels: int, owners: BiasOwners | None = None) -> onnx.TensorProto:
+    """The node's own float bias initializer (a MatMul's: the constant its Add adds), creating a
+    zero bias for a Conv/Gemm that has none. A bias other nodes read too is copied for this node
+    first: exporters merge equal constants, and a transformer's zero-initialised Linear biases
+    reached ONNX as 2 initializers for 24 layers (the corpus ViT), so correcting one layer's bias
+    moved 20 others' (INT8 cosine 0.9997 -> 0.60). Pass one `owners` for many nodes of a graph."""
+    owners = owners or BiasOwners(model)
     name = f"{node.name}__bias"
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros(channels, np.float32), name))
-    while len(node.input) < 2:
-        node.input.append("")
-    node.input.append(name)
-    return name
-
-
-def _own_initializer(model: onnx.ModelProto, holder: onnx.NodeProto, slot: int, name: str) -> str:
-    """`holder.input[slot]`, an initializer, as one that no other input reads (a copy named
-    `name` when it is shared)."""
-    current = holder.input[slot]
-    readers = sum(list(n.input).count(current) for n in model.graph.node)
-    if readers <= 1 and current not in {o.name for o in model.graph.output}:
-        return current
-    source = next(t for t in model.graph.initializer if t.name == current)
-    model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(source), name))
-    holder.input[slot] = name
-    return name
+    if node.op_type == "MatMul":
+        add = next(n for n in model.graph.node if node.output[0] in n.input and n.op_type == "Add")
+        return owners.own(add, list(add.input).index(matmul_bias_adds(model)[node.name]), name)
+    if len(node.input) > 2 and node.input[2]:
+        return owners.own(node, 2, name)
+    return owners.add_zero_bias(node, channels, name)
 
 
 def integerize_biases(qdq: QdqGraph) -> None:
     """Replace float Conv/Gemm biases by int32 + DequantizeLinear (scale = input x weight scale),
     the form ONNX Runtime fuses into QLinearConv / QGemm."""
     model = qdq.model
-    initializers = {t.name: t for t in model.graph.initializer}
-    reads = Counter(name for node in model.graph.node for name in node.input)
-    shared = {name for name, count in reads.items() if count > 1 and name in initializers}
+    owners = BiasOwners(model)
     nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in initializers:
-            if node.input[2] in shared:  # one int32 bias per node: its scale is that node's
-                _own_initializer(model, node, 2, f"{node.name}__bias")
-                initializers[node.input[2]] = model.graph.initializer[-1]
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in owners.initializers:
+            bias_tensor = owners.own(node, 2, f"{node.name}__bias")  # one int32 bias per node: its scale is that node's
             activation = node.input[0].removesuffix(DQ_SUFFIX)
             weight = node.input[1].removesuffix(DQ_SUFFIX)
             if node.input[0].endswith(DQ_SUFFIX) and activation in qdq.activations and weight in qdq.weight_scales:
-                bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+                bias = numpy_helper.to_array(bias_tensor).astype(np.float64)
                 scale = (qdq.activations[activation].scale * qdq.weight_scales[weight].astype(np.float64)).astype(np.float32)
                 scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
                 values = np.round(bias / scale.astype(np.float64)).clip(-(2**31), 2**31 - 1).astype(np.int32)
