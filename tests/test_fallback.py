@@ -187,7 +187,7 @@ def test_calib_method_auto_passes_over_a_method_ahead_on_average_but_behind_on_o
     data = RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=data)
     scripted = iter([[0.95, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.94], [0.90] * 4, [0.96, 0.96, 0.96, 0.96]])  # METHODS order
-    real = method_choice._lowest_cosine
+    real = method_choice.lowest_cosine
     calls = {"n": 0}
 
     def scripted_cosine(metrics):
@@ -203,7 +203,7 @@ def test_calib_method_auto_passes_over_a_method_ahead_on_average_but_behind_on_o
 
     original_build = method_choice.build_qdq
     monkeypatch.setattr(method_choice, "build_qdq", next_method)
-    monkeypatch.setattr(method_choice, "_lowest_cosine", scripted_cosine)
+    monkeypatch.setattr(method_choice, "lowest_cosine", scripted_cosine)
     manifest = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "out",
                         _options(str(tmp_path / "data.npz"), str(tmp_path / "data.npz"), calib_method="auto", num_samples=64,
                                  min_accuracy="none")).manifest

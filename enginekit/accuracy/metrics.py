@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -181,6 +182,13 @@ def headlines(metrics: Mapping[str, object]) -> list[tuple[str, str, str, float]
 def infer_kind_from_metrics(metrics: Mapping[str, object]) -> str:
     """The kind a flat (older) metrics dict describes."""
     return "classification" if "top1_agreement" in metrics else "generic"
+
+
+def lowest_cosine(metrics: Mapping[str, Any]) -> float:
+    """The lowest cosine to FP32 over the outputs: a score every output kind reports, and that
+    moves smoothly where agreement counts on a few samples do not."""
+    outputs = metrics.get("outputs") or {"": metrics}
+    return min(float(m.get("cosine", 0.0)) for m in outputs.values())
 
 
 def headline(metrics: Mapping[str, object]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.accuracy import compare_outputs
+from enginekit.accuracy.metrics import lowest_cosine
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.tensors import batch_size, take
@@ -55,7 +56,7 @@ def choose_table(session: Any, tables: Mapping[str, CalibrationTable], pairs: Se
             for index, (start, stop) in enumerate(folds):
                 metrics = compare_outputs(take(reference, start, stop, session.output_axes), take(candidate, start, stop, session.output_axes),
                                           None, session.options.output_kinds, axes)
-                worst[index] = min(worst[index], _lowest_cosine(metrics))
+                worst[index] = min(worst[index], lowest_cosine(metrics))
         scores[method] = worst
     baseline = METHODS[0]
     better = [m for m in scores if m == baseline or all(a > b for a, b in zip(scores[m], scores[baseline]))]
@@ -67,7 +68,3 @@ def choose_table(session: Any, tables: Mapping[str, CalibrationTable], pairs: Se
                      f"a method replaces {baseline} only if it scores higher on every part"}}
     return table
 
-
-def _lowest_cosine(metrics: Mapping[str, Any]) -> float:
-    outputs = metrics.get("outputs") or {"": metrics}
-    return min(float(m.get("cosine", 0.0)) for m in outputs.values())

@@ -202,6 +202,15 @@ class ModelSession:
         graph, details = self._qdq[key]
         return copy.deepcopy(graph), copy.deepcopy(details)
 
+    def corrected_biases(self, encoding: str, placement: str = "inputs") -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The biases bias correction gave the all-INT8 graph on `encoding`'s integer grid (and
+        its record), correcting it first if no graph on that grid has been; None when bias
+        correction is off."""
+        if not self.options.quantize.bias_correction:
+            return None
+        self.qdq(encoding, placement)
+        return self._biases.get(json.dumps([GRID_FAMILY[encoding], self.options.quantize.key()], sort_keys=True))
+
     def evaluation(self) -> Evaluation:
         """Held-out data (the zoo's evaluation split, or the given eval data) and its labels."""
         if self._evaluation is None:
