@@ -148,19 +148,20 @@ def build_matrix(models: Sequence[MatrixModel], targets: Sequence[str], precisio
         raise InputError("name at least one target and one precision", option="targets")
     roots = {m.name: out if flat else out / m.name for m in models}
     check_outputs([Output(out, BUILD_ROOT)], [m.model if Path(m.model).exists() else None for m in models])  # and the models' folders in it
-    grid = {m.name: [(t.name, p) for t in chosen for p in precisions] for m in models}
-    cells: dict[tuple[str, str, str], MatrixCell] = {}
+    grid = [(t.name, p) for t in chosen for p in precisions]
+    cells: dict[tuple[str, str, str], MatrixCell] = {}  # in model x target x precision order, as reported
     for model in models:
-        for target, precision in grid[model.name]:
+        for target, precision in grid:
             cell = Cell(target, precision)
             if precision not in get_target(target).precisions:
                 cell.skipped = f"{target} does not offer {precision}"
             cells[(model.name, target, precision)] = MatrixCell(model.name, target, precision, machines.get(target, CPU), cell)
+    folders = {key: roots[key[0]] / f"{key[1]}-{key[2]}" for key in cells}
     total = sum(1 for c in cells.values() if not c.cell.skipped)
     report("preparing models", 0, len(models), "models")
     prepared: dict[str, _Prepared] = {}
-    tasks = [Task(model.name, prepare_model, (model, [(t, p, str(roots[model.name] / f"{t}-{p}"))
-                                                      for t, p in grid[model.name] if not cells[(model.name, t, p)].cell.skipped],
+    tasks = [Task(model.name, prepare_model, (model, [(t, p, str(folders[(model.name, t, p)]))
+                                                      for t, p in grid if not cells[(model.name, t, p)].cell.skipped],
                                               str(roots[model.name])))
              for model in models]
     for outcome in executor.run(tasks):
@@ -174,19 +175,19 @@ def build_matrix(models: Sequence[MatrixModel], targets: Sequence[str], precisio
         if matrix_cell.cell.skipped:
             continue
         ready = prepared[name]
-        folder = roots[name] / f"{target}-{precision}"
         if ready.error is not None:
             matrix_cell.cell.failed, matrix_cell.cell.exit_code = ready.error
         elif (target, precision) in ready.settled:
             matrix_cell.cell = ready.settled[(target, precision)]
         else:
             accelerator = machines.get(target)
-            wave.append(Task("/".join(key), build_matrix_cell, (entries[name], target, precision, str(folder), ready.state), accelerator))
+            wave.append(Task("/".join(key), build_matrix_cell, (entries[name], target, precision, str(folders[key]), ready.state), accelerator))
     done = total - len(wave)
     report("building", done, total, "cells")
+    by_task = {"/".join(key): key for key in cells}
     for outcome in executor.run(wave):
-        name, target, precision = outcome.key.split("/")
-        matrix_cell = cells[(name, target, precision)]
+        name, target, precision = by_task[outcome.key]
+        matrix_cell = cells[by_task[outcome.key]]
         matrix_cell.attempts, matrix_cell.infrastructure = outcome.attempts, outcome.infrastructure
         if outcome.skipped:
             matrix_cell.cell.skipped = outcome.skipped
@@ -196,9 +197,7 @@ def build_matrix(models: Sequence[MatrixModel], targets: Sequence[str], precisio
             matrix_cell.cell = outcome.value
         done += 1
         report("building", done, total, "cells", f"{name} {target} {precision}: {matrix_cell.status}")
-    order = {key: i for i, key in enumerate(cells)}
-    result = MatrixResult(sorted(cells.values(), key=lambda c: order[(c.model, c.target, c.precision)]),
-                          executor.describe(), time.perf_counter() - started)
+    result = MatrixResult(list(cells.values()), executor.describe(), time.perf_counter() - started)
     result.written = write_matrix_report(result, out)
     return result
 

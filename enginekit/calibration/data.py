@@ -41,6 +41,10 @@ class DataStats:
     sample_digests: list[bytes] = field(default_factory=list)  # sha256 of each sample used, in order
 
 
+def short_data_warning(asked: int, origin: str, available: int) -> str:
+    return f"asked for {asked} samples but {origin} has {available}; using {available}"
+
+
 def joined_digest(sample_digests: Sequence[bytes]) -> str:
     """The data's sha256: of the samples' own digests in order (shards' lists join into it)."""
     return hashlib.sha256(b"".join(sample_digests)).hexdigest()
@@ -239,7 +243,7 @@ def stream(
         raise InputError("the data set is empty", source.origin)
     stats = DataStats(requested=count)
     if available is not None and available < count:
-        stats.warnings.append(f"asked for {count} samples but {source.origin} has {available}; using {available}")
+        stats.warnings.append(short_data_warning(count, source.origin, available))
         count = available
     expected = {spec.name: spec for spec in inputs}
     axes = batch_axes(inputs)

@@ -19,7 +19,8 @@ import onnx
 
 from enginekit.core.artifacts import atomic_write_all
 from enginekit.calibration.collect import collect_histograms
-from enginekit.calibration.data import DataArg, DataSource, DataStats, batch_size_for, joined_digest, open_data, stream
+from enginekit.calibration.data import (DataArg, DataSource, DataStats, batch_size_for, joined_digest, open_data,
+                                        short_data_warning, stream)
 from enginekit.calibration.histogram import TensorHistogram
 from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS, compute_amax
 from enginekit.calibration.table import CalibrationTable, TensorRange
@@ -90,6 +91,8 @@ def calibrate(
         collected = collect_window(fp32, source, settings, 0, num_samples, total)
     else:
         collected = _sharded_pass(fp32, data, source, settings, total, shards, executor)
+        if total < num_samples:  # each window lies inside the data: the one pass's warning, said here
+            collected.stats.warnings.insert(0, short_data_warning(num_samples, source.origin, total))
     histograms, stats, means = collected.histograms, collected.stats, collected.means
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
     tables = {}

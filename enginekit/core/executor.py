@@ -102,7 +102,8 @@ def accelerator_matches(wanted: str, name: str) -> bool:
 
 class LocalExecutor(Executor):
     """A pool of fresh Python processes (spawned, not forked: runtimes hold threads). A worker
-    that dies breaks the whole pool, so every task it had in flight is retried in a new one."""
+    that dies breaks the whole pool and fails every task it held; each of those is retried once,
+    in a pool of its own."""
 
     name = "local"
 
@@ -119,7 +120,7 @@ class LocalExecutor(Executor):
 
         outcomes = {task.key: Outcome(task.key) for task in tasks}
         pending: list[Task] = []
-        here = local_accelerator()
+        here = local_accelerator() if any(task.accelerator for task in tasks) else None
         for task in tasks:
             if task.accelerator and not (here and accelerator_matches(task.accelerator, here)):
                 outcomes[task.key].skipped = f"needs a {task.accelerator} GPU; this machine has {here or 'no NVIDIA GPU'}"
