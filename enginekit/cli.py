@@ -13,6 +13,7 @@ import click
 
 from enginekit import __version__
 from enginekit.core.errors import EnginekitError
+from enginekit.onnx.smoothing import DEFAULT_ALPHA as DEFAULT_SMOOTHQUANT_ALPHA
 
 # The flag that fixes an error about a setting, per command where the flags differ.
 _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "evaluation_data": "--eval-data",
@@ -22,6 +23,12 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers",
           "name": "--name", "max_batch_size": "--max-batch-size", "weight_type": "--weight-type"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
+
+_smoothquant_option = click.option(
+    "--smoothquant", type=click.FloatRange(0, 1), default=DEFAULT_SMOOTHQUANT_ALPHA, show_default=True, metavar="ALPHA",
+    help="SmoothQuant: divide the inputs of transformer MatMuls (tokens x channels) per channel by "
+         "peak^ALPHA / weight_peak^(1-ALPHA) and fold that into the weights, before calibrating; 0: off.")
+
 
 
 def _source_options(command):
@@ -149,10 +156,11 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min
 @click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 @click.option("--shards", type=click.IntRange(1), default=1, show_default=True, help="Split the pass over this many workers (the table is byte-identical).")
+@_smoothquant_option
 @_executor_options
 @_with_run_limit
 @_source_options
-def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, shards, executor,
+def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, shards, smoothquant, executor,
               address, workers, source) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit import api
@@ -160,7 +168,7 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
 
     result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
                            skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source,
-                           shards=shards, executor=executor or "local", address=address, workers=workers)
+                           shards=shards, executor=executor or "local", address=address, workers=workers, smoothquant=smoothquant)
     for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))
@@ -194,7 +202,7 @@ _weight_type_option = click.option(
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
 @click.option("--exclude-node", multiple=True, help="Keep this node in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable).")
-@click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (zoo default for minilm_l6: Gelu).")
+@click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (e.g. Gelu).")
 @click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
 @_weight_type_option
 @click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
@@ -260,6 +268,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
 @_weight_type_option
+@_smoothquant_option
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
@@ -275,7 +284,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, weight_type, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          auto_fallback, max_float_layers, weight_type, smoothquant, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -296,7 +305,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
-                           quantize=QuantizeSettings(weight_type=weight_type),
+                           quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     matrix = click.get_current_context().meta.get("matrix")

@@ -122,6 +122,9 @@ def _cases() -> dict[str, onnx.ModelProto]:
         "Expand": _token_model([node("ReduceMean", ["m", "ax1"], ["r"], name="mean", keepdims=1), node("Expand", ["r", "shape"], ["e"], name="expand"),
                                 node("Add", ["m", "e"], ["y"], name="add")],
                                [_const("ax1", np.array([1], np.int64)), _const("shape", np.array([1, 8, 16], np.int64))], [1, 8, 16]),
+        "ReduceL2+Div (L2 normalization)": _token_model(
+            [node("ReduceL2", ["m", "ax2"], ["norm"], name="l2", keepdims=1), node("Div", ["m", "norm"], ["y"], name="normalize")],
+            [_const("ax2", np.array([-1], np.int64))], [1, 8, 16]),
         "Range+Gather": _token_model([node("Range", ["start", "limit", "delta"], ["positions"], name="range"),
                                       node("Gather", ["m", "positions"], ["y"], name="gather", axis=1)],
                                      [_const("start", np.array(1, np.int64)), _const("limit", np.array(7, np.int64)), _const("delta", np.array(2, np.int64))],

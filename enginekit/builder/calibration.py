@@ -6,22 +6,49 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from enginekit.calibration.data import DataArg
+import numpy as np
+
+from enginekit.calibration.collect import collect_channel_peaks
+from enginekit.calibration.data import DataArg, batch_size_for, open_data, stream
 from enginekit.calibration.methods import DEFAULT_PERCENTILE
-from enginekit.calibration.pipeline import DEFAULT_BATCH, DEFAULT_SAMPLES, CalibrationRun, calibrate
+from enginekit.calibration.pipeline import DEFAULT_BATCH, DEFAULT_SAMPLES, CalibrationRun, calibrate, smoothed_twin
 from enginekit.core.errors import InputError
+from enginekit.core.profile import stage
 from enginekit.exporter.reference import Fp32Model
+from enginekit.onnx.smoothing import smoothable_inputs, smoothing_scales
 from enginekit.quantization.bias_correction import correctable_outputs
 from enginekit.quantization.placement import plan_quantization
 
 
 def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
                     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
-                    threads: int | None = None, shards: int = 1, executor: Any = None) -> CalibrationRun:
+                    threads: int | None = None, shards: int = 1, executor: Any = None, smoothquant: float = 0.0) -> CalibrationRun:
     """One calibration pass; it also measures the FP32 channel means of every layer output bias
-    correction may adjust, its reference (so that needs no FP32 pass of its own)."""
-    plan = plan_quantization(fp32.proto)
+    correction may adjust, its reference (so that needs no FP32 pass of its own). With
+    `smoothquant` (alpha > 0) and token MatMuls in the model, a pass for their inputs' channel
+    peaks comes first, and the calibration runs through the smoothed graph (onnx.smoothing)."""
+    smoothing = smoothing_divisors(fp32, data, smoothquant, num_samples, batch_size, threads) if smoothquant > 0 else {}
+    graph = smoothed_twin(fp32, smoothing)[0] if smoothing else fp32
+    plan = plan_quantization(graph.proto)
     if not plan.activations:
         raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.origin)
-    return calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads,
-                     mean_tensors=correctable_outputs(fp32.proto), shards=shards, executor=executor)
+    run = calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads,
+                    mean_tensors=correctable_outputs(graph.proto), shards=shards, executor=executor, smoothing=smoothing)
+    if smoothing:
+        for table in run.tables.values():
+            table.parameters["smoothquant"] = smoothquant
+    return run
+
+
+def smoothing_divisors(fp32: Fp32Model, data: DataArg, alpha: float, num_samples: int, batch_size: int,
+                       threads: int | None) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-channel divisors for the model's token MatMul inputs, from their channel
+    peaks on the calibration data (none for a model traced from Keras or without such MatMuls)."""
+    tensors = list(smoothable_inputs(fp32.proto)) if not fp32.is_keras else []
+    if not tensors:
+        return {}
+    with stage("smoothquant"):
+        source = open_data(data, fp32.inputs, fp32.spec, "calibration")
+        batches, _ = stream(source, fp32.inputs, num_samples, batch_size_for(fp32.inputs, batch_size))
+        peaks = collect_channel_peaks(fp32.proto, tensors, batches, threads)
+    return smoothing_scales(fp32.proto, peaks, alpha)

@@ -70,7 +70,7 @@ class _Search:
         self.axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}
         first = [take(evaluation.batches[0], 0, QUICK_SAMPLES, session.input_axes)]
         labels = None if evaluation.labels is None else evaluation.labels[: batch_size(first[0], session.input_axes)]
-        self.quick = (first, session.outputs_of(session.fp32.proto, first), labels)
+        self.quick = (first, session.outputs_of(session.int8_model().proto, first), labels)
         self.full = (evaluation.batches, session.reference_outputs(), evaluation.labels)
         # every candidate gets the biases the all-INT8 graph was corrected to (its float layers keep
         # their own): bias correction moves top-1 agreement by ten points on efficientnet_lite0, so
@@ -85,7 +85,7 @@ class _Search:
     def graph(self, float_nodes: Sequence[str], pair: tuple[str, str]) -> Any:
         """The Q/DQ graph of `pair` with `float_nodes` kept float, biases as corrected all-INT8."""
         session = self.session
-        graph, _ = build_qdq(session.fp32, session.table(), self.settings(float_nodes, pair), pair[0], (), session.options.threads,
+        graph, _ = build_qdq(session.int8_model(), session.table(), self.settings(float_nodes, pair), pair[0], (), session.options.threads,
                              pair[1], self.corrected.get(pair))
         return graph
 
@@ -109,9 +109,9 @@ class _Search:
     def units(self, placement: str) -> list[list[str]]:
         """Per quantized tensor, the quantized ops that must be float for it to have no Q/DQ."""
         session = self.session
-        plan, _ = plan_for(session.fp32, self.settings(()), placement)
+        plan, _ = plan_for(session.int8_model(), self.settings(()), placement)
         quantized = set(plan.nodes)
-        producers = _producers(session.fp32.proto)
+        producers = _producers(session.int8_model().proto)
         found: dict[tuple[str, ...], None] = {}
         for tensor in plan.activations:
             unit = tuple(dict.fromkeys(name for name in _around(tensor, plan, producers) if name in quantized))
@@ -152,10 +152,10 @@ class _Search:
         from enginekit.quantization.report import layer_report
 
         session = self.session
-        rows = layer_report(session.fp32, self.graph((), pair), session.table(), self.quick[0], None, session.options.threads)
+        rows = layer_report(session.int8_model(), self.graph((), pair), session.table(), self.quick[0], None, session.options.threads)
         noise = {row["tensor"]: row.get("added_noise") or 0.0 for row in rows}
-        plan, _ = plan_for(session.fp32, self.settings(()), pair[1])
-        producers = _producers(session.fp32.proto)
+        plan, _ = plan_for(session.int8_model(), self.settings(()), pair[1])
+        producers = _producers(session.int8_model().proto)
         score: dict[str, float] = {}
         for tensor in plan.activations:
             for name in _around(tensor, plan, producers):

@@ -32,15 +32,16 @@ CHOICE_SAMPLES = 64  # calibration samples each candidate table is judged on
 FOLDS = 4  # equal parts of them; a method must win on each to replace min-max
 
 
-def choose_table(session: Any, tables: Mapping[str, CalibrationTable], pairs: Sequence[tuple[str, str]]) -> CalibrationTable:
-    """The table whose Q/DQ graphs (every pair) agree best with FP32 on calibration samples; its
+def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable], pairs: Sequence[tuple[str, str]]) -> CalibrationTable:
+    """The table whose Q/DQ graphs of `graph` (the FP32 model the tables were calibrated
+    through; every pair) agree best with FP32 on calibration samples; its
     `parameters["auto"]` records every method's scores and the samples it was judged on.
 
     Scored by the lowest output cosine against FP32 (every output kind reports it, and unlike a
     top-1 agreement on a few dozen samples it moves smoothly), worst encoding first, on FOLDS
     equal parts of the samples: a method replaces min-max only if it scores higher on every part
     (differences smaller than the spread between parts are noise, and min-max then stays)."""
-    fp32, threads = session.fp32, session.options.threads
+    fp32, threads = graph, session.options.threads
     batches = list(session.calibration_samples(CHOICE_SAMPLES, 32))
     reference = session.outputs_of(fp32.proto, batches)
     axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}

@@ -192,6 +192,8 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             fields["calibration"] = {"method": table.method, "parameters": table.parameters, "num_samples": table.num_samples,
                                      "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
+            if session.int8_model() is not fp32:  # SmoothQuant: what it did (the divisors are in the table)
+                fields["quantization"]["smoothquant"] = session.smoothing
             if session.fallback is not None and target.float_layers:
                 fields["fallback"] = session.fallback.manifest()
             elif options.auto_fallback and not target.float_layers:
@@ -238,7 +240,7 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
         if precision != "int8" or inputs.qdq_details is None:  # no Q/DQ graph behind this artifact
             raise
         graph, _ = session.qdq(inputs.encoding, inputs.placement)
-        rows = layer_report(session.fp32, graph, session.table(), evaluation.batches[:1], None, session.options.threads)
+        rows = layer_report(session.int8_model(), graph, session.table(), evaluation.batches[:1], None, session.options.threads)
         names = costliest_layers(rows)
         if not names:
             raise

@@ -87,6 +87,8 @@ class ModelSession:
         self._biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}  # grid family -> corrected biases
         self._fp32_means: dict[str, np.ndarray] | None = None  # Conv/Gemm output channel means from the calibration pass
         self._left_float: dict[str, tuple[str, ...]] = {}  # (placement, settings) -> nodes a pre-quantized source left float
+        self._int8_model: Fp32Model | None = None  # the FP32 graph INT8 starts from (SmoothQuant's smoothed twin)
+        self.smoothing: dict[str, Any] | None = None  # what SmoothQuant did, for INT8 manifests
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
@@ -109,6 +111,7 @@ class ModelSession:
         self._fp32_means, self.fallback = state.fp32_means, state.fallback
         self.notes, self.warnings, self.int8_pairs = list(state.notes), list(state.warnings), set(state.int8_pairs)
         self._qdq, self._biases, self._left_float = dict(state.qdq), dict(state.biases), dict(state.left_float)
+        self._int8_model = None  # remade from the table's smoothing when asked (no graph travels)
 
     def adopt_fallback(self, found: Fallback) -> None:
         """Keep the layers the fallback search chose in float for every INT8 artifact of this build
@@ -130,6 +133,21 @@ class ModelSession:
                 self._table = self._make_table()
         return self._table
 
+    def int8_model(self) -> Fp32Model:
+        """The FP32 graph every INT8 stage (Q/DQ graphs, fallback, INT8 targets) starts from: the
+        model itself, or the smoothed twin its table was calibrated through (SmoothQuant; the
+        table carries the divisors), which computes the same function."""
+        if self._int8_model is None:
+            table = self.table()
+            if table.smoothing:
+                from enginekit.calibration.pipeline import smoothed_twin
+
+                self._int8_model, record = smoothed_twin(self.fp32, table.smoothing)
+                self.smoothing = {"alpha": table.parameters.get("smoothquant"), **record}
+            else:
+                self._int8_model = self.fp32
+        return self._int8_model
+
     def _make_table(self) -> CalibrationTable:
         options = self.options
         if options.table:
@@ -142,11 +160,11 @@ class ModelSession:
             return imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
         auto = options.calib_method == AUTO
         run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
-                              num_samples=options.num_samples, threads=options.threads)
+                              num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant)
         self.warnings += run.warnings
         self.calibrated_here = True
         self._fp32_means = run.channel_means
-        return choose_table(self, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
+        return choose_table(self, run.model, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
         """The calibration samples (as many as the table was made from) that bias correction runs on."""
@@ -185,7 +203,7 @@ class ModelSession:
 
             left = json.dumps([placement, settings.key()], sort_keys=True)
             if left not in self._left_float:
-                self._left_float[left] = nodes_without_ranges(self.fp32, self.table(), settings, placement)
+                self._left_float[left] = nodes_without_ranges(self.int8_model(), self.table(), settings, placement)
             settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self._left_float[left]))
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
@@ -194,7 +212,7 @@ class ModelSession:
             batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
             table = self.table()
             with stage(f"quantization ({encoding}, {placement})"):
-                self._qdq[key] = build_qdq(self.fp32, table, settings, encoding, batches, self.options.threads, placement, corrected,
+                self._qdq[key] = build_qdq(self.int8_model(), table, settings, encoding, batches, self.options.threads, placement, corrected,
                                            self._fp32_means)
             record = self._qdq[key][1].get("bias_correction")
             if record is not None and family not in self._biases:
@@ -266,7 +284,7 @@ class CellInputs:
 
     def __init__(self, session: ModelSession, precision: str, encoding: str, stage: Path, options: dict[str, Any],
                  placement: str = "inputs"):
-        self.session, self.fp32 = session, session.fp32
+        self.session, self.fp32 = session, session.int8_model() if precision == "int8" else session.fp32
         self.precision, self.encoding, self.stage, self.options = precision, encoding, stage, options
         self.placement = placement
         self.threads = session.options.threads

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import onnx
 
 from enginekit.calibration.histogram import DEFAULT_BINS, TensorHistogram
@@ -62,3 +63,18 @@ def _finish(first: int, count: int, updates: list[tuple[str, Future]]) -> None:
         except ValueError as exc:
             raise InputError(f"tensor '{name}' of the model holds {exc} on the calibration data (samples {first}..{first + count - 1}); "
                              "the data is out of the range the model computes in float32") from None
+
+
+def collect_channel_peaks(model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds],
+                          threads: int | None = None) -> dict[str, np.ndarray]:
+    """Per tensor, the largest |value| of each channel (last axis) over the batches: what
+    SmoothQuant balances against the weights before the one calibration pass."""
+    peaks: dict[str, np.ndarray] = {}
+    for values in probe(model, list(tensors), batches, threads):
+        for name in tensors:
+            value = np.abs(values[name].astype(np.float32, copy=False))
+            peak = value.reshape(-1, value.shape[-1]).max(axis=0)
+            if not np.all(np.isfinite(peak)):
+                raise InputError(f"tensor '{name}' of the model holds NaN or Inf on the calibration data")
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+    return peaks

@@ -36,7 +36,7 @@ DEFAULT_BATCH = 4  # measured: batch 16 peaks at 2.3 GiB on efficientnet_lite0, 
 
 @dataclass
 class CalibrationRun:
-    model: Fp32Model
+    model: Fp32Model  # the graph the pass ran through (with SmoothQuant: the smoothed twin)
     tables: dict[str, CalibrationTable]
     histograms: dict[str, TensorHistogram]
     warnings: list[str]
@@ -63,17 +63,24 @@ class PassSettings:
     threads: int | None
     mean_tensors: tuple[tuple[str, int], ...]
     binned: bool
+    smoothing: tuple[tuple[str, tuple[float, ...]], ...] = ()  # SmoothQuant divisors the worker applies to its model
 
 
 def calibrate(
     fp32: Fp32Model, data: DataArg, methods: Sequence[str], tensors: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
     threads: int | None = None, mean_tensors: Mapping[str, int] | None = None, shards: int = 1, executor: Any = None,
+    smoothing: Mapping[str, Sequence[float]] | None = None,
 ) -> CalibrationRun:
     """One pass over `data` through `fp32`: histograms of `tensors` (the ones the Q/DQ graph will
     quantize, chosen by the caller) and of every other float activation, then each method's table.
     With `shards` > 1 the pass is split over the workers of `executor` (core.executor; local
-    processes by default): the same tables, byte for byte."""
+    processes by default): the same tables, byte for byte. With `smoothing` (SmoothQuant divisors
+    per MatMul input), the pass runs through the smoothed twin of `fp32`, and every table records
+    the divisors (`tensors` then name the twin's tensors)."""
+    smoothing = {name: tuple(float(v) for v in values) for name, values in sorted((smoothing or {}).items())}
+    if smoothing:
+        fp32, _ = smoothed_twin(fp32, smoothing)
     if num_samples < 1:
         raise InputError("the number of calibration samples must be at least 1", option="num_samples")
     if shards < 1:
@@ -84,7 +91,7 @@ def calibrate(
     source = open_data(data, fp32.inputs, fp32.spec, "calibration")
     batch_size = batch_size_for(fp32.inputs, batch_size)
     settings = PassSettings(tuple(calibration_tensors(fp32.proto, tensors)), batch_size, skip_nonfinite, threads,
-                            tuple(sorted((mean_tensors or {}).items())), set(methods) != {"minmax"})
+                            tuple(sorted((mean_tensors or {}).items())), set(methods) != {"minmax"}, tuple(smoothing.items()))
     available = source.count()
     total = min(num_samples, available) if available is not None else num_samples
     if shards == 1:
@@ -99,7 +106,7 @@ def calibrate(
     for method in methods:
         table = CalibrationTable(
             method, {"percentile": percentile} if method == "percentile" else {}, stats.used, source.description,
-            stats.sha256, fp32.sha256, model=fp32.name,
+            stats.sha256, fp32.sha256, model=fp32.name, smoothing={name: list(values) for name, values in smoothing.items()},
         )
         table.parameters.update({k: v for k, v in parameters.items() if k != "percentile"})
         for name, hist in histograms.items():
@@ -188,10 +195,28 @@ def calibration_shard(export_folder: str, sha256: str, data: str | None, setting
         fp32 = load_fp32(export_folder)
         if fp32.sha256 != sha256:
             return f"the FP32 model in {export_folder} changed while calibrating (sha256 {fp32.sha256[:12]}...)"
+        if settings.smoothing:
+            fp32, _ = smoothed_twin(fp32, dict(settings.smoothing))
         source = open_data(data, fp32.inputs, fp32.spec, "calibration")
         return collect_window(fp32, source, settings, start, stop)
     except EnginekitError as exc:
         return str(exc)
+
+
+def smoothed_twin(fp32: Fp32Model, smoothing: Mapping[str, Sequence[float]]) -> tuple[Fp32Model, dict[str, int]]:
+    """`fp32` with its MatMul inputs smoothed by `smoothing` (onnx.smoothing): the same function,
+    the graph INT8 is calibrated and quantized from. It keeps the source's hash (a table names the
+    model it was made for, and carries the divisors that make the twin from it) and is never
+    traced from Keras (the divisors live in the ONNX graph). Also: what the smoothing did."""
+    import dataclasses
+
+    from enginekit.onnx.smoothing import apply_smoothing
+
+    try:
+        proto, record = apply_smoothing(fp32.proto, {name: np.asarray(v, dtype=np.float32) for name, v in smoothing.items()})
+    except ValueError as exc:
+        raise InputError(f"the calibration table's smoothing does not fit this model: {exc}", fp32.origin) from None
+    return dataclasses.replace(fp32, proto=proto, keras_file=None), record
 
 
 def calibration_tensors(model: onnx.ModelProto, quantized: Sequence[str]) -> list[str]:

@@ -53,9 +53,13 @@ class CalibrationTable:
     model_sha256: str
     tensors: dict[str, TensorRange] = field(default_factory=dict)
     model: str = ""
+    # SmoothQuant: per MatMul input tensor, the divisor of each channel; the ranges are those of
+    # the model smoothed by them (onnx/smoothing.py), so a given table rebuilds that graph
+    smoothing: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {"smoothing": dict(sorted(self.smoothing.items()))} if self.smoothing else {}
+        return {**extra,
             "schema": TABLE_SCHEMA,
             "model": self.model,
             "model_sha256": self.model_sha256,
@@ -78,7 +82,7 @@ class CalibrationTable:
         try:
             tensors = {str(name): TensorRange(**entry) for name, entry in raw["tensors"].items()}
             table = cls(raw["method"], raw["parameters"], raw["num_samples"], raw["data"], raw["data_sha256"],
-                        raw["model_sha256"], tensors, raw.get("model", ""))
+                        raw["model_sha256"], tensors, raw.get("model", ""), raw.get("smoothing") or {})
         except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"calibration table is missing or has a malformed field ({exc})", path) from None
         problem = table.problem()
@@ -102,6 +106,12 @@ class CalibrationTable:
                 return f"tensor '{name}' has an impossible range (amax {entry.amax}, min {entry.min}, max {entry.max})"
             if entry.grid is not None and not _valid_grid(entry.grid):
                 return f"tensor '{name}' has a malformed grid {entry.grid!r}"
+        if not isinstance(self.smoothing, dict):
+            return "smoothing must be an object"
+        for name, divisors in self.smoothing.items():
+            if not isinstance(divisors, list) or not divisors or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in divisors):
+                return f"the smoothing of tensor '{name}' is not a list of positive finite numbers"
         return None
 
     def check_model(self, model_sha256: str, origin: str | Path) -> None:

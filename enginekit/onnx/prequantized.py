@@ -21,6 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
+from enginekit.onnx.nodes import tensor_producers, tensor_readers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
@@ -71,11 +72,7 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     result.model.CopyFrom(model)
     graph = result.model.graph
     initializers = {t.name: t for t in graph.initializer}
-    producers = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    producers, readers = tensor_producers(graph), tensor_readers(graph)
     renames: dict[str, str] = {}  # a DQ output -> the float tensor it stands for
     nonneg: set[str] = set()  # tensors known to be >= 0 (a ReLU's output, or one on a grid from 0)
     relu_after: dict[int, onnx.NodeProto] = {}  # id(producer) -> the Relu restored after it

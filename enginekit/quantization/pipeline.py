@@ -18,6 +18,7 @@ from enginekit.quantization.bias_correction import correct_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
 from enginekit.quantization.encoding import weight_type
+from enginekit.onnx.smoothing import DEFAULT_ALPHA
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,15 @@ class QuantizeSettings:
     keep_first_last_float: bool = False
     layer_report: bool = False  # write layers.json (range, clipped share, SQNR per tensor) into INT8 artifacts
     weight_type: str = "auto"  # int8 | uint8 (same grid, zero point 128) | auto: uint8 where this CPU's u8 x s8 kernels saturate
+    smoothquant: float = DEFAULT_ALPHA  # SmoothQuant's alpha for token MatMuls (onnx/smoothing.py); 0: off
 
     def key(self) -> dict[str, Any]:
         """What changes the graph (for build keys and caches)."""
         return {"bias_correction": self.bias_correction, "per_channel": self.per_channel,
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
                 "exclude_after": None if self.exclude_after is None else list(self.exclude_after),
-                "keep_first_last_float": self.keep_first_last_float, "weight_type": self.weight_type}
+                "keep_first_last_float": self.keep_first_last_float, "weight_type": self.weight_type,
+                "smoothquant": self.smoothquant}
 
 
 def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> tuple[QuantPlan, list[str]]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from enginekit.onnx.nodes import tensor_readers
+
 COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
 POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"}
 SAME_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
@@ -80,10 +82,7 @@ def plan_quantization(
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     constants = set(initializers) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(graph)
     excluded_names, excluded_ops = set(exclude_nodes), set(exclude_ops)
     compute = [n for n in graph.node if n.op_type in COMPUTE_OPS]
     if keep_first_last_float and compute:

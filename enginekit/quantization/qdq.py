@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
+from enginekit.onnx.nodes import tensor_readers
 from enginekit.quantization.encoding import QParams, activation_qparams, quantize_weight
 from enginekit.quantization.placement import QuantPlan
 
@@ -115,10 +116,7 @@ def biased_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def matmul_bias_adds(model: onnx.ModelProto) -> dict[str, str]:
     """MatMul node name -> the initializer its output's only reader, an Add, adds (a 1-D vector)."""
     initializers = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(model.graph)
     outputs = {o.name for o in model.graph.output}
     found = {}
     for node in model.graph.node:

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from enginekit.onnx.graph import topological_sort
+from enginekit.onnx.nodes import tensor_readers
 from enginekit.quantization.placement import weight_channel_axis
 
 FP32_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Softmax",
@@ -34,10 +35,7 @@ def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
     non-int8 types, non-zero zero points, scales or zero points that are not initializers,
     non-positive scales, int32 (bias) dequantization, per-channel axes off the output channel."""
     initializers = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(model.graph)
     problems = []
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):

@@ -230,7 +230,7 @@ def _reduce(node, args, attrs):
     if axes is None and len(args) > 1 and args[1] is not None:
         axes = _constant(args[1], node, "the axes").tolist()
     keepdims = bool(attrs.get("keepdims", 1))
-    reduce = {"ReduceMean": tf.reduce_mean, "ReduceMax": tf.reduce_max, "ReduceSum": tf.reduce_sum}[node.op_type]
+    reduce = {"ReduceMean": tf.reduce_mean, "ReduceMax": tf.reduce_max, "ReduceSum": tf.reduce_sum, "ReduceL2": _l2_norm}[node.op_type]
     rank = x.rank
     axes = sorted(a % rank for a in axes) if axes is not None else list(range(rank))
     if x.nhwc and keepdims:
@@ -238,6 +238,14 @@ def _reduce(node, args, attrs):
     if x.nhwc and axes == [2, 3]:  # global pooling that drops H and W: [N,H,W,C] -> [N,C]
         return [Value(reduce(x.data, axis=[1, 2], keepdims=False))]
     return [Value(reduce(nchw(x), axis=axes, keepdims=keepdims))]
+
+
+def _l2_norm(x: Any, axis: Any, keepdims: bool) -> Any:
+    """ReduceL2: the square root of the sum of squares (a sentence embedding's normalization).
+    Squared as x * x: with SQUARE the converter fuses x / norm into L2_NORMALIZATION, which the
+    int8 quantizer leaves in float."""
+    tf = _tf()
+    return tf.sqrt(tf.reduce_sum(x * x, axis=axis, keepdims=keepdims))
 
 
 def _same_layout(a: Value, b: Value) -> tuple[Any, Any, bool]:
@@ -672,7 +680,7 @@ def _tf_where(condition, a, b):
 LOWERINGS: dict[str, Callable] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
-    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "ReduceL2": _reduce,
     "Add": _binary, "Sub": _binary, "Mul": _binary, "Div": _binary, "Pow": _binary, "Max": _binary, "Min": _binary,
     "Relu": _unary(lambda x, a: _tf().nn.relu(x)),
     "LeakyRelu": _unary(lambda x, a: _tf().nn.leaky_relu(x, a.get("alpha", 0.01))),
