@@ -61,9 +61,16 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return Session(model).run({"x": x})["y"]
 
 
-def test_token_matmul_inputs_are_smoothable_and_a_2d_head_is_not():
+def test_token_matmul_inputs_are_smoothable_and_a_2d_head_or_a_tied_weight_is_not():
     assert sorted(smoothable_inputs(_block())) == ["g", "n"]
     assert [n.name for n in smoothable_inputs(_block())["n"]] == ["query", "key"]
+    tied = _block()
+    tied.graph.node[5].input[1] = "wq"  # the down projection reuses the query weight: rescaling it for one breaks the other
+    assert {t: [n.name for n in nodes] for t, nodes in smoothable_inputs(tied).items()} == {"n": ["key"]}
+    smoothed, record = apply_smoothing(tied, {"n": np.full(CHANNELS, 4.0, np.float32)})
+    assert record["scale_ops_inserted"] == 1  # the LayerNorm also feeds the query: a Mul for the key alone
+    x = _samples(2, 5)
+    np.testing.assert_allclose(_run(smoothed, x), _run(tied, x), rtol=1e-4, atol=1e-4)
 
 
 def test_smoothing_keeps_the_function_folding_into_layernorm_where_it_can():

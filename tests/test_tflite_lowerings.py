@@ -247,3 +247,75 @@ def test_a_flatbuffer_that_aborts_litert_fails_its_cell_in_one_line(tmp_path, mo
     with pytest.raises(InputError, match=r"LiteRT crashed \(SIGABRT\) running the int8 flatbuffer"):
         smoke.smoke_run(b"not a model", {"x": np.zeros((1, 2), np.float32)}, tmp_path, "int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slice_whose_end_is_computed_at_run_time_lowers_to_a_strided_slice():
+    """Position ids cut to the sequence length read from a Shape (minilm's Slice): with a dynamic
+    sequence dim the end is a run-time tensor; the flatbuffer matches ONNX Runtime at two lengths."""
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "wm"], ["m"], name="project"), node("Shape", ["m"], ["shape"], name="shape"),
+             node("Gather", ["shape", "one"], ["length"], name="length", axis=0), node("Sub", ["length", "two"], ["short"], name="minus_two"),
+             node("Unsqueeze", ["short", "zero"], ["end"], name="as_1d"),
+             node("Slice", ["m", "start", "end", "axis1"], ["y"], name="slice_to_length")]
+    inits = [_const("wm", RNG.normal(0, 0.3, (16, 16)).astype(np.float32)), _const("one", np.array(1, np.int64)),
+             _const("two", np.array(2, np.int64)), _const("zero", np.array([0], np.int64)), _const("start", np.array([1], np.int64)),
+             _const("axis1", np.array([1], np.int64))]
+    graph = helper.make_graph(nodes, "dynamic_slice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "sequence", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "short", 16])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, "slice.onnx"), "slice.onnx")
+    assert "STRIDED_SLICE" in {op["op"] for op in op_types(float_model)}
+    for length in (8, 12):
+        feeds = {"x": RNG.normal(0, 1, (1, length, 16)).astype(np.float32)}
+        got, expected = TfliteRunner(float_model).infer(feeds)["y"], Session(model).run(feeds)["y"]
+        assert got.shape == expected.shape == (1, length - 3, 16)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_computed_reshape_with_allowzero_lowers_as_tf_reshape():
+    """PyTorch's view exports Reshape(allowzero=1) with a shape computed from Shape (minilm's head
+    split): TF's reshape has the same meaning of 0 and -1, so it lowers as it is."""
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "wm"], ["m"], name="project"), node("Shape", ["m"], ["shape"], name="shape"),
+             node("Slice", ["shape", "zero", "two"], ["lead"], name="lead_dims"),
+             node("Concat", ["lead", "heads"], ["target"], name="target", axis=0),
+             node("Reshape", ["m", "target"], ["y"], name="split_heads", allowzero=1)]
+    inits = [_const("wm", RNG.normal(0, 0.3, (16, 16)).astype(np.float32)), _const("zero", np.array([0], np.int64)),
+             _const("two", np.array([2], np.int64)), _const("heads", np.array([4, -1], np.int64))]
+    graph = helper.make_graph(nodes, "view", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "sequence", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "sequence", 4, 4])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, "view.onnx"), "view.onnx")
+    for length in (8, 12):
+        feeds = {"x": RNG.normal(0, 1, (1, length, 16)).astype(np.float32)}
+        got, expected = TfliteRunner(float_model).infer(feeds)["y"], Session(model).run(feeds)["y"]
+        assert got.shape == expected.shape == (1, length, 4, 4)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_additive_attention_mask_does_not_flatten_the_softmax_input_in_int8(monkeypatch):
+    """Scores + a mask of -1e4 (BERT-style) feed a Softmax: min-max gives the scores' int8 grid a
+    step of ~40 and every unmasked score the same level. The softmax input keeps only its top
+    SOFTMAX_SPAN (what can still reach the int8 output), and the int8 softmax follows FP32."""
+    from enginekit.targets.tflite import ranges as tflite_ranges
+
+    node = helper.make_node
+    mask = np.zeros((1, 8, 16), np.float32)
+    mask[..., 12:] = -1e4  # the padded positions
+    model = _token_model([node("Add", ["m", "mask"], ["scores"], name="masked"), node("Softmax", ["scores"], ["y"], name="attention", axis=-1)],
+                         [_const("mask", mask)], [1, 8, 16])
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])["y"]
+    for_int8 = convert_function(to_tf_function(model, "mask.onnx", integer=True), "mask.onnx")
+
+    def int8_cosine() -> tuple[float, tflite_ranges.RangeMap]:
+        found = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:])
+        return _cosine(TfliteRunner(quantize_int8(for_int8, found.ranges)).infer(feeds[0])["y"], expected), found
+
+    clipped, found = int8_cosine()
+    assert found.summary()["softmax_inputs_clipped"] == 1 and clipped > 0.99
+    span = tflite_ranges.SOFTMAX_SPAN
+    monkeypatch.setattr(tflite_ranges, "SOFTMAX_SPAN", float("inf"))
+    unclipped, found = int8_cosine()
+    assert found.summary()["softmax_inputs_clipped"] == 0 and unclipped < 0.9, (clipped, unclipped)
+    print(f"int8 softmax behind a -1e4 mask: cosine {unclipped:.3f} with the full range, {clipped:.4f} with the top {span:g}")

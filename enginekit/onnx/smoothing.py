@@ -32,15 +32,20 @@ MIN_PEAK = 1e-5  # channels that are (almost) always zero keep s from dividing b
 
 
 def smoothable_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """Activation tensor -> the MatMuls that read it against a constant 2-D weight (rank >= 3
-    activations only, see the module docstring)."""
+    """Activation tensor -> the MatMuls that read it against a constant 2-D weight that nothing
+    else reads (a tied weight cannot be rescaled for one reader); rank >= 3 activations only,
+    see the module docstring."""
     constants = {init.name: init for init in model.graph.initializer}
-    ranks = _ranks(model)
+    readers = tensor_readers(model.graph)
+    ranks = None
     found: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[0] in constants or node.input[1] not in constants:
             continue
-        if len(constants[node.input[1]].dims) == 2 and ranks.get(node.input[0], 0) >= 3:
+        if len(constants[node.input[1]].dims) != 2 or len(readers[node.input[1]]) != 1:
+            continue
+        ranks = _ranks(model) if ranks is None else ranks
+        if ranks.get(node.input[0], 0) >= 3:
             found.setdefault(node.input[0], []).append(node)
     return found
 
@@ -121,11 +126,13 @@ def _insert_scale(graph: onnx.GraphProto, tensor: str, nodes: list[onnx.NodeProt
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> rank, where shape inference knows it."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - ranks are a hint; an unknown rank means "not smoothed"
-        inferred = model
+    """Tensor -> rank, where the graph's value infos (shape inference when it has none) know it."""
+    inferred = model
+    if not model.graph.value_info:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - ranks are a hint; an unknown rank means "not smoothed"
+            pass
     ranks = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):

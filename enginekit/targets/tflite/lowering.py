@@ -350,10 +350,10 @@ def _reshape(node, args, attrs):
     tf = _tf()
     x = args[0]
     if not args[1].const:  # a shape computed from Shape/Slice/Concat at run time (a dynamic batch)
-        if attrs.get("allowzero", 0):
-            raise InputError(f"node {node.name} (Reshape): a computed shape with allowzero=1 is not supported by the tflite target")
         source = nchw(x)
         target = tf.cast(args[1].data, "int32")
+        if attrs.get("allowzero", 0):  # a 0 is a zero-sized dim, as in TF (PyTorch's view exports this)
+            return [Value(tf.reshape(source, target))]
         dims = tf.shape(source, out_type="int32")
         dims = tf.pad(dims, [[0, tf.maximum(tf.size(target) - tf.size(dims), 0)]])[: tf.size(target)]
         target = tf.where(tf.equal(target, 0), dims, target)  # 0 copies the input's dim
@@ -515,6 +515,8 @@ def _unsqueeze(node, args, attrs):
 
 def _slice(node, args, attrs):
     x = args[0]
+    if not (args[1].const and args[2].const):
+        return _dynamic_slice(node, args)
     starts, ends = (_constant(args[i], node, "starts/ends").astype(np.int64).tolist() for i in (1, 2))
     axes = _axes(node, args, {}, 3) or list(range(len(starts)))
     steps = _constant(args[4], node, "the steps").astype(np.int64).tolist() if len(args) > 4 and args[4] is not None else [1] * len(starts)
@@ -525,6 +527,32 @@ def _slice(node, args, attrs):
         index[axis % rank] = slice(max(min(start, limit), -limit), max(min(end, limit), -limit - 1) if step < 0 else min(end, limit), step)
     data = x.data if x.const else nchw(x)
     return [Value(data[tuple(index)])]
+
+
+def _dynamic_slice(node, args):
+    """Slice whose starts or ends are computed at run time (a sequence length read from a Shape):
+    a STRIDED_SLICE with run-time begin/end; the axes and steps must be constants."""
+    tf = _tf()
+    x = args[0]
+    count = int(args[1].data.shape[0])
+    axes = [a % x.rank for a in (_axes(node, args, {}, 3) or list(range(count)))]
+    steps = _constant(args[4], node, "the steps").astype(np.int64).tolist() if len(args) > 4 and args[4] is not None else [1] * count
+    if any(step < 1 for step in steps):
+        raise InputError(f"node {node.name} (Slice): run-time starts/ends with a negative step are not supported by the tflite target")
+    limit = 2**31 - 1
+
+    def bounds(value: Value) -> Any:  # int64 ends such as INT64_MAX, clamped before the int32 cast
+        data = value.data if value.const else tf.clip_by_value(tf.cast(value.data, "int64"), -limit, limit)
+        return tf.cast(np.clip(data, -limit, limit) if value.const else data, "int32")
+
+    starts, ends = bounds(args[1]), bounds(args[2])
+    begin, end, strides, unmasked = [0] * x.rank, [0] * x.rank, [1] * x.rank, 0
+    for index, axis in enumerate(axes):
+        begin[axis], end[axis], strides[axis] = starts[index], ends[index], steps[index]
+        unmasked |= 1 << axis
+    mask = ((1 << x.rank) - 1) & ~unmasked  # the axes not sliced keep their whole extent
+    data = x.data if x.const else nchw(x)
+    return [Value(tf.strided_slice(data, tf.stack(begin), tf.stack(end), strides, begin_mask=mask, end_mask=mask))]
 
 
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 2: "uint8", 3: "int8"}

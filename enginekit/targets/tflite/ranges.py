@@ -25,6 +25,10 @@ from enginekit.quantization.encoding import asymmetric_range
 MEASURED_SAMPLES = 32  # calibration samples a tensor without an ONNX twin is measured on
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
 _SAME_RANGE_OPS = {"PAD", "TRANSPOSE", "RESHAPE", "MAX_POOL_2D", "SQUEEZE", "EXPAND_DIMS", "PADV2"}
+# A softmax input needs only its top SOFTMAX_SPAN: exp(-16) ~ 1e-7 is far below the 1/256 step of
+# its int8 output. An additive attention mask (min float, -1e4) would otherwise stretch the grid
+# of the scores over ~1e38 and leave the scores themselves no level at all.
+SOFTMAX_SPAN = 16.0
 
 
 @dataclass
@@ -35,10 +39,11 @@ class RangeMap:
     matched: dict[str, str] = field(default_factory=dict)  # tflite tensor -> onnx tensor
     inherited: dict[str, str] = field(default_factory=dict)  # tflite tensor -> tflite tensor it copies
     measured: list[str] = field(default_factory=list)  # no twin: min-max on the calibration feeds
+    softmax_clipped: list[str] = field(default_factory=list)  # softmax inputs cut to their top SOFTMAX_SPAN
 
     def summary(self) -> dict[str, int]:
         return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
-                "measured_in_tflite": len(self.measured)}
+                "measured_in_tflite": len(self.measured), "softmax_inputs_clipped": len(self.softmax_clipped)}
 
 
 def tflite_range(rng: TensorRange) -> tuple[float, float]:
@@ -149,4 +154,27 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
         low, high = lows[name], highs[name]
         result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
         result.measured.append(name)
+    _clip_softmax_inputs(result, ops, index_name, producer)
     return result
+
+
+def _clip_softmax_inputs(result: RangeMap, ops: list[dict], index_name: dict[int, str], producer: dict[int, dict]) -> None:
+    """Each softmax input keeps only its top SOFTMAX_SPAN; where an ADD makes it (scores + mask),
+    its operands lose what can only land below that (a -1e9 mask operand would otherwise need a
+    requantization multiplier LiteRT aborts on)."""
+    for op in ops:
+        if op["op_name"] != "SOFTMAX" or index_name.get(op["inputs"][0]) not in result.ranges:
+            continue
+        name = index_name[op["inputs"][0]]
+        low, high = result.ranges[name]
+        if high - low <= SOFTMAX_SPAN:
+            continue
+        floor = min(high - SOFTMAX_SPAN, 0.0)
+        result.ranges[name] = (max(low, floor), high)
+        result.softmax_clipped.append(name)
+        adder = producer.get(op["inputs"][0])
+        operands = [index_name.get(i) for i in adder["inputs"]] if adder and adder["op_name"] == "ADD" else []
+        if len(operands) == 2 and all(o in result.ranges for o in operands):
+            for this, other in (operands, operands[::-1]):
+                this_low, this_high = result.ranges[this]
+                result.ranges[this] = (min(max(this_low, floor - result.ranges[other][1]), 0.0), this_high)
