@@ -315,7 +315,12 @@ def test_an_additive_attention_mask_does_not_flatten_the_softmax_input_in_int8(m
     clipped, found = int8_cosine()
     assert found.summary()["softmax_inputs_clipped"] == 1 and clipped > 0.99
     span = tflite_ranges.SOFTMAX_SPAN
-    monkeypatch.setattr(tflite_ranges, "SOFTMAX_SPAN", float("inf"))
+    monkeypatch.setattr(tflite_ranges, "MASKED_WIDTH", float("inf"))
     unclipped, found = int8_cosine()
     assert found.summary()["softmax_inputs_clipped"] == 0 and unclipped < 0.9, (clipped, unclipped)
+    monkeypatch.undo()
+    wide = _token_model([node("Mul", ["m", "ten"], ["logits"], name="sharpen"), node("Softmax", ["logits"], ["y"], name="attention", axis=-1)],
+                        [_const("ten", np.array(10.0, np.float32))], [1, 8, 16])  # logits spanning ~80, no mask: left alone
+    wide_int8 = convert_function(to_tf_function(wide, "wide.onnx", integer=True), "wide.onnx")
+    assert map_ranges(wide_int8, wide, _table(wide, feeds), feeds[0]).summary()["softmax_inputs_clipped"] == 0
     print(f"int8 softmax behind a -1e4 mask: cosine {unclipped:.3f} with the full range, {clipped:.4f} with the top {span:g}")
