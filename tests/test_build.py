@@ -77,11 +77,26 @@ def test_targets_sharing_an_encoding_share_one_bias_corrected_graph(tmp_path, mo
     real = session_module.build_qdq
     monkeypatch.setattr(session_module, "build_qdq", lambda *args: calls.append(args[3]) or real(*args))
     outcomes = build_many("digits_cnn", ["onnxruntime", "openvino", "tflite"], ["int8"], tmp_path, BuildOptions(num_samples=64))
-    assert calls == ["uint8", "mixed"]  # onnxruntime's encoding, then one graph for openvino and tflite
+    # the grid's one correction on the inputs placement, onnxruntime's outputs graph, one graph for openvino and tflite
+    assert calls == ["uint8", "uint8", "mixed"]
     for outcome in outcomes:
         details = outcome.manifest["quantization"]
         assert details["bias_correction"]["layers"] == 5, outcome.target
+        assert details["bias_correction"]["corrected_on"] == "uint8 encoding, inputs placement"
         assert outcome.manifest["accuracy"]["metrics"]["accuracy"] >= outcome.manifest["accuracy"]["metrics"]["fp32_accuracy"] - 0.01
+
+
+def test_an_int8_artifact_does_not_depend_on_the_other_targets_of_the_build(tmp_path):
+    """OpenVINO shares ONNX Runtime's integer grid: built alone or after ONNX Runtime (whose graph
+    has the outputs placement) it gets the same corrected biases, the same IR, the same build key."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from enginekit.builder import build_many
+
+    options = BuildOptions(num_samples=64)
+    together = {c.target: c for c in build_many("digits_cnn", ["onnxruntime", "openvino"], ["int8"], tmp_path / "both", options)}
+    alone = build_many("digits_cnn", ["openvino"], ["int8"], tmp_path / "alone", options)[0]
+    assert (tmp_path / "both" / "openvino-int8" / "model.bin").read_bytes() == (tmp_path / "alone" / "openvino-int8" / "model.bin").read_bytes()
+    assert together["openvino"].manifest["build_key"] == alone.manifest["build_key"]
 
 
 def test_the_build_profile_shows_where_time_went_and_no_shared_stage_twice(run_cli, tmp_path):
@@ -98,7 +113,7 @@ def test_the_build_profile_shows_where_time_went_and_no_shared_stage_twice(run_c
     counts = profile["counts"]
     assert counts["calibration"] == counts["fp32 reference outputs"] == counts["evaluation data"] == counts["load FP32 (export, hash)"] == 1
     assert counts["conversion"] == counts["evaluation"] == 4 and set(profile["cells"]) == {f"{t}-{p}" for t in ("onnxruntime", "openvino") for p in ("fp32", "int8")}
-    assert counts["quantization (uint8, outputs)"] == counts["quantization (mixed, inputs)"] == 1
+    assert counts["quantization (uint8, outputs)"] == counts["quantization (mixed, inputs)"] == counts["quantization (uint8, inputs)"] == 1
     # uint8 and mixed put every tensor on the same grid: one bias correction serves both graphs
     assert counts["bias correction"] == 1
     records = {c.target: c.manifest["quantization"]["bias_correction"] for c in cells if c.precision == "int8"}

@@ -194,7 +194,11 @@ class ModelSession:
         return iter(stream(source, self.fp32.inputs, count, batch)[0])
 
     def qdq(self, encoding: str, placement: str = "inputs") -> tuple[QdqGraph, dict[str, Any]]:
-        """The Q/DQ graph in `encoding` and `placement` (bias-corrected once per pair), as a private copy."""
+        """The Q/DQ graph in `encoding` and `placement`, as a private copy. Bias correction runs
+        once per integer grid, always on the "inputs" placement's graph, and every placement on
+        that grid takes those biases: an artifact does not depend on which other targets the
+        build asked for or in what order (ONNX Runtime's "outputs" graph used to correct first
+        and hand its biases to OpenVINO and TFLite, so they differed when built alone)."""
         settings = self.options.quantize
         if self.imported:  # what the source left float stays float
             import dataclasses
@@ -208,6 +212,8 @@ class ModelSession:
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
             family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+            if settings.bias_correction and family not in self._biases and placement != "inputs" and not self.imported:
+                self.qdq(encoding, "inputs")  # the grid's one correction, on the canonical placement
             corrected = self._biases.get(family)
             batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
             table = self.table()

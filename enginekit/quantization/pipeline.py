@@ -104,7 +104,7 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
     if settings.bias_correction and corrected is not None:
         biases, record = corrected
         layers = set_biases(qdq.model, biases, biased_nodes(qdq.model))
-        details["bias_correction"] = {**record, "layers": layers, "shared": "the biases of the graph corrected first on the same integer grids"}
+        details["bias_correction"] = {**record, "layers": layers, "shared": "the biases corrected once on these integer grids, on the inputs-placement graph"}
     elif settings.bias_correction:
         with stage("bias correction"):
             corrections, samples = correct_biases(fp32.proto, qdq, batches, threads, fp32_means=fp32_means)
