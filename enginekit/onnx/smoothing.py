@@ -58,8 +58,8 @@ def smoothing_scales(model: onnx.ModelProto, peaks: Mapping[str, np.ndarray], al
     for tensor, nodes in smoothable_inputs(model).items():
         peak = peaks.get(tensor)
         weights = [numpy_helper.to_array(constants[node.input[1]]) for node in nodes]
-        if peak is None or any(w.shape[0] != peak.shape[0] for w in weights) or len({node.input[1] for node in nodes}) < len(nodes):
-            continue  # a weight shared by two readers, or the channel count does not match: leave it
+        if peak is None or any(w.shape[0] != peak.shape[0] for w in weights):
+            continue  # the channel count does not match: leave it
         weight_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         scales[tensor] = (np.maximum(peak, MIN_PEAK) ** alpha / np.maximum(weight_peak, MIN_PEAK) ** (1 - alpha)).astype(np.float32)
     return scales
