@@ -179,13 +179,19 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
 
 
 def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report,
-                       weight_type):
+                       weight_type, weight_rounding):
     from enginekit.quantization.pipeline import QuantizeSettings
 
     return QuantizeSettings(encoding=encoding, bias_correction=bias_correction, per_channel=not per_tensor,
                             exclude_nodes=tuple(exclude_node), exclude_ops=tuple(exclude_op), exclude_after=tuple(exclude_after) or None,
-                            keep_first_last_float=keep_first_last_float, layer_report=report, weight_type=weight_type)
+                            keep_first_last_float=keep_first_last_float, layer_report=report, weight_type=weight_type,
+                            weight_rounding=weight_rounding)
 
+
+_weight_rounding_option = click.option(
+    "--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+    help="INT8 weight integers: gptq rounds each layer's weights to minimise its output error on the calibration data "
+         "(same grid and scales as nearest); nearest rounds each weight alone.")
 
 _weight_type_option = click.option(
     "--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
@@ -205,6 +211,7 @@ _weight_type_option = click.option(
 @click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (e.g. Gelu).")
 @click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
 @_weight_type_option
+@_weight_rounding_option
 @click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
 @click.option("--eval-data", default=None, help="Held-out data for the accuracy check (default: the zoo's evaluation split).")
 @click.option("--eval-samples", type=int, default=None, help="Held-out samples to score (default: a labelled split whole, else 256).")
@@ -215,13 +222,13 @@ _weight_type_option = click.option(
 @click.option("--threads", type=int, default=None)
 @_with_run_limit
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
-             keep_first_last_float, weight_type, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
+             keep_first_last_float, weight_type, weight_rounding, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
     """Build the INT8 artifact of a target from a CalibrationTable (a build with a given table)."""
     from enginekit import api
     from enginekit.builder import BuildOptions
 
     settings = _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after, keep_first_last_float, report,
-                                  weight_type)
+                                  weight_type, weight_rounding)
     options = BuildOptions(calib_data=data, eval_data=eval_data, eval_samples=eval_samples, min_accuracy=min_accuracy,
                            output_kinds=_pairs(output_kinds, "--output-kind"), quantize=settings, threads=threads)
     result = api.quantize(model, table_path, output, target, options)
@@ -268,6 +275,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
 @_weight_type_option
+@_weight_rounding_option
 @_smoothquant_option
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
@@ -284,7 +292,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, weight_type, smoothquant, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          auto_fallback, max_float_layers, weight_type, weight_rounding, smoothquant, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -305,7 +313,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
-                           quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant),
+                           quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant, weight_rounding=weight_rounding),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     matrix = click.get_current_context().meta.get("matrix")

@@ -129,6 +129,29 @@ def test_percentile_and_minmax_give_their_own_scales():
     assert abs(scales["minmax"] / scales["percentile"] - 1) > 0.05, scales
 
 
+def test_int8_weights_are_the_integers_of_the_qdq_hub(int8_builds, tmp_path):
+    """TFLite quantizes float weights itself (per channel, max|w|/127): given the hub's GPTQ-rounded
+    integers dequantized, it finds exactly those integers again (the ONNX Runtime artifact holds them)."""
+    from onnx import numpy_helper
+
+    from enginekit.targets.tflite.runner import require_litert
+
+    folder, manifest = int8_builds("digits_cnn")
+    assert manifest["quantization"]["weight_rounding"]["method"] == "gptq" and manifest["quantization"]["weight_rounding"]["layers"] == 5
+    build("digits_cnn", "onnxruntime", "int8", tmp_path / "ort", BuildOptions())
+    hub_model = onnx.load(tmp_path / "ort" / "model.int8.onnx")
+    initializers = {t.name: numpy_helper.to_array(t).astype(np.int32) for t in hub_model.graph.initializer}
+    hub = {name: value - initializers[name.replace("__int8", "__zp")].reshape([-1] + [1] * (value.ndim - 1))
+           for name, value in initializers.items() if name.endswith("__int8")}
+    interpreter = require_litert().Interpreter(model_content=(folder / MODEL_FILE).read_bytes())
+    weights = [interpreter.get_tensor(t["index"]).astype(np.int32) for t in interpreter.get_tensor_details()
+               if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) > 1]
+    assert len(hub) == 5 and len(weights) == 5
+    for name, value in hub.items():  # ONNX OIHW / (out, in) -> TFLite OHWI, depthwise 1HWO, (out, in)
+        layouts = [value] if value.ndim == 2 else [value.transpose(0, 2, 3, 1), value.transpose(1, 2, 3, 0)]
+        assert any(w.shape == v.shape and np.array_equal(w, v) for w in weights for v in layouts), name
+
+
 def test_runner_uses_manifest_io_parameters(int8_builds, tmp_path):
     folder, manifest = int8_builds("digits_cnn")
     io = json.loads(json.dumps(manifest["tflite"]["io"]))

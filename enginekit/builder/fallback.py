@@ -86,7 +86,7 @@ class _Search:
         """The Q/DQ graph of `pair` with `float_nodes` kept float, biases as corrected all-INT8."""
         session = self.session
         graph, _ = build_qdq(session.int8_model(), session.table(), self.settings(float_nodes, pair), pair[0], (), session.options.threads,
-                             pair[1], self.corrected.get(pair))
+                             pair[1], self.corrected.get(pair), rounded=session.rounded_weights())
         return graph
 
     def evaluate(self, float_nodes: Sequence[str], quick: bool = False, pairs: Sequence[tuple[str, str]] | None = None) -> tuple[float, dict[str, Any]]:

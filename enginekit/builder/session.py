@@ -30,7 +30,7 @@ from enginekit.onnx.graph import tensor_specs
 from enginekit.onnx.session import Session
 from enginekit.quantization.bias_correction import layer_biases
 from enginekit.quantization.encoding import GRID_FAMILY
-from enginekit.quantization.pipeline import build_qdq
+from enginekit.quantization.pipeline import build_qdq, round_weights
 from enginekit.quantization.qdq import QdqGraph
 
 EVAL_BATCH = 32
@@ -61,6 +61,7 @@ class SessionState:
     qdq: dict[str, tuple[QdqGraph, dict[str, Any]]]  # the Q/DQ graphs made so far (bias-corrected)
     biases: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
     left_float: dict[str, tuple[str, ...]]
+    rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None
 
 
 class ModelSession:
@@ -88,6 +89,7 @@ class ModelSession:
         self._fp32_means: dict[str, np.ndarray] | None = None  # Conv/Gemm output channel means from the calibration pass
         self._left_float: dict[str, tuple[str, ...]] = {}  # (placement, settings) -> nodes a pre-quantized source left float
         self._int8_model: Fp32Model | None = None  # the FP32 graph INT8 starts from (SmoothQuant's smoothed twin)
+        self._rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None  # GPTQ's weight integers and record
         self.smoothing: dict[str, Any] | None = None  # what SmoothQuant did, for INT8 manifests
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
@@ -101,7 +103,7 @@ class ModelSession:
         process: a matrix builds each cell in its own worker from one calibration."""
         return SessionState(self.fp32.sha256, self.options, self._table, self.calibrated_here, self._fp32_means,
                             self.fallback, list(self.notes), list(self.warnings), set(self.int8_pairs), dict(self._qdq),
-                            dict(self._biases), dict(self._left_float))
+                            dict(self._biases), dict(self._left_float), self._rounded)
 
     def restore(self, state: "SessionState") -> None:
         if state.fp32_sha256 != self.fp32.sha256:
@@ -111,6 +113,7 @@ class ModelSession:
         self._fp32_means, self.fallback = state.fp32_means, state.fallback
         self.notes, self.warnings, self.int8_pairs = list(state.notes), list(state.warnings), set(state.int8_pairs)
         self._qdq, self._biases, self._left_float = dict(state.qdq), dict(state.biases), dict(state.left_float)
+        self._rounded = state.rounded
         self._int8_model = None  # remade from the table's smoothing when asked (no graph travels)
 
     def adopt_fallback(self, found: Fallback) -> None:
@@ -217,14 +220,31 @@ class ModelSession:
             corrected = self._biases.get(family)
             batches = self.calibration_batches() if settings.bias_correction and corrected is None else ()
             table = self.table()
+            rounded = self.rounded_weights()
             with stage(f"quantization ({encoding}, {placement})"):
                 self._qdq[key] = build_qdq(self.int8_model(), table, settings, encoding, batches, self.options.threads, placement, corrected,
-                                           self._fp32_means)
+                                           self._fp32_means, rounded)
             record = self._qdq[key][1].get("bias_correction")
             if record is not None and family not in self._biases:
                 self._biases[family] = (layer_biases(self._qdq[key][0]), record)
         graph, details = self._qdq[key]
         return copy.deepcopy(graph), copy.deepcopy(details)
+
+    def rounded_weights(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The integers GPTQ chose for the weights (quantization.rounding) and its record, measured
+        once per build on the calibration data for every layer that may be quantized (the layers
+        a fallback keeps float simply do not use theirs); None with nearest rounding, or for a
+        pre-quantized source, whose weights are already integers."""
+        settings = self.options.quantize
+        if self.imported or settings.weight_rounding == "nearest":
+            return None
+        if self._rounded is None:
+            import dataclasses
+
+            every_layer = dataclasses.replace(settings, exclude_nodes=())
+            self._rounded = round_weights(self.int8_model(), self.table(), every_layer, self.calibration_batches(), self.input_axes,
+                                         self.options.threads)
+        return self._rounded
 
     def corrected_biases(self, encoding: str, placement: str = "inputs") -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """The biases bias correction gave the all-INT8 graph on `encoding`'s integer grid (and

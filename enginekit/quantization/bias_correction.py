@@ -27,7 +27,7 @@ from enginekit.core.progress import report
 from enginekit.core.tensors import ChannelMeans, Feeds
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
-from enginekit.quantization.qdq import BiasOwners, QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds
+from enginekit.quantization.qdq import BiasOwners, QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds, rounded_float_weights
 
 
 
@@ -198,11 +198,17 @@ def set_biases(model: onnx.ModelProto, biases: dict[str, np.ndarray], only: Sequ
     return len(nodes)
 
 
-def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph) -> onnx.ModelProto:
-    """The FP32 graph with the bias-corrected Conv/Gemm biases of `qdq` (float or int32 + DQ),
-    for targets that quantize a float graph themselves (TFLite) yet should get the same
-    correction."""
+def corrected_float_model(fp32: onnx.ModelProto, qdq: QdqGraph, biases: bool = True) -> onnx.ModelProto:
+    """The FP32 graph with the bias-corrected Conv/Gemm biases of `qdq` (float or int32 + DQ; when
+    `biases`) and its weights that were not rounded to nearest, dequantized (quantization.rounding):
+    for targets that quantize a float graph themselves (TFLite) yet should get the same biases and
+    the same weight integers."""
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
-    set_biases(model, layer_biases(qdq))
+    if biases:
+        set_biases(model, layer_biases(qdq))
+    rounded = rounded_float_weights(qdq)
+    for initializer in model.graph.initializer:
+        if initializer.name in rounded:
+            initializer.CopyFrom(numpy_helper.from_array(rounded[initializer.name], initializer.name))
     return model

@@ -123,9 +123,12 @@ def weight_type(requested: str, encoding: str) -> str:
     return requested
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8",
+                    rounded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric per channel along `axis` (per tensor when None), as `kind` ("int8", or "uint8"
-    zero point 128: the same grid): (integer values, float32 scales, zero points)."""
+    zero point 128: the same grid): (integer values, float32 scales, zero points). `rounded`:
+    the signed values chosen on that grid by another rounding (quantization.rounding), instead
+    of nearest."""
     weight = weight.astype(np.float32)
     if axis is None:
         amax = np.array(np.abs(weight).max(), np.float32)
@@ -134,7 +137,7 @@ def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8") ->
         amax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
     scale = np.where(amax > _TINY, amax / 127.0, 1.0).astype(np.float32)
     shaped = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)])
-    values = np.clip(np.round(weight / shaped), -127, 127).astype(np.int8)
+    values = np.clip(np.round(weight / shaped), -127, 127).astype(np.int8) if rounded is None else rounded.astype(np.int8)
     if kind == "uint8":
         return (values.astype(np.int16) + 128).astype(np.uint8), scale, np.full(scale.shape, 128, np.uint8)
     return values, scale, np.zeros(scale.shape, np.int8)

@@ -17,7 +17,8 @@ from enginekit.exporter.reference import Fp32Model
 from enginekit.quantization.bias_correction import correct_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
-from enginekit.quantization.encoding import weight_type
+from enginekit.quantization.rounding import rounded_weights
+from enginekit.quantization.encoding import activation_qparams, weight_type
 from enginekit.onnx.smoothing import DEFAULT_ALPHA
 
 
@@ -35,6 +36,7 @@ class QuantizeSettings:
     layer_report: bool = False  # write layers.json (range, clipped share, SQNR per tensor) into INT8 artifacts
     weight_type: str = "auto"  # int8 | uint8 (same grid, zero point 128) | auto: uint8 where this CPU's u8 x s8 kernels saturate
     smoothquant: float = DEFAULT_ALPHA  # SmoothQuant's alpha for token MatMuls (onnx/smoothing.py); 0: off
+    weight_rounding: str = "gptq"  # gptq: each layer's output error minimised on the calibration data (rounding.py) | nearest
 
     def key(self) -> dict[str, Any]:
         """What changes the graph (for build keys and caches)."""
@@ -42,7 +44,7 @@ class QuantizeSettings:
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
                 "exclude_after": None if self.exclude_after is None else list(self.exclude_after),
                 "keep_first_last_float": self.keep_first_last_float, "weight_type": self.weight_type,
-                "smoothquant": self.smoothquant}
+                "smoothquant": self.smoothquant, "weight_rounding": self.weight_rounding}
 
 
 def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> tuple[QuantPlan, list[str]]:
@@ -86,17 +88,20 @@ def resolved_weight_type(settings: QuantizeSettings, encoding: str) -> str:
 def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, encoding: str,
               batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs",
               corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
-              fp32_means: dict[str, np.ndarray] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
+              fp32_means: dict[str, np.ndarray] | None = None,
+              rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
     calibration data), or given the biases (and record) another graph on the same integer grids
-    was corrected to (`corrected`: see encoding.GRID_FAMILY). Returns the graph and what the
-    manifest records of it."""
+    was corrected to (`corrected`: see encoding.GRID_FAMILY). `rounded`: the weights' integers
+    (and record) from `round_weights`, else each weight is rounded to nearest. Returns the graph
+    and what the manifest records of it."""
     table.check_model(fp32.sha256, fp32.origin)
     plan, after = plan_for(fp32, settings, placement)
     weights = resolved_weight_type(settings, encoding)
-    qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel, weights)
+    values, rounding = rounded if rounded is not None else ({}, {"method": "nearest"})
+    qdq = insert_qdq(fp32.proto, plan, table, encoding, settings.per_channel, weights, values)
     details: dict[str, Any] = {"encoding": encoding, "placement": placement, "per_channel_weights": settings.per_channel,
-                               "weight_type": weights,
+                               "weight_type": weights, "weight_rounding": {**rounding, "layers": len(qdq.rounded)},
                                "quantized_nodes": len(plan.nodes), "quantized_tensors": len(plan.activations),
                                "quantized_weights": len(plan.weights), "exclude_nodes": list(settings.exclude_nodes),
                                "exclude_ops": list(settings.exclude_ops), "exclude_after": after,
@@ -113,3 +118,21 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
     if encoding != "int8":
         integerize_biases(qdq)
     return qdq, details
+
+
+def round_weights(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, batches: Sequence[Feeds],
+                  axes: dict[str, int | None], threads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The integers GPTQ gives the weights of every layer `settings` quantizes (quantization.rounding),
+    measured on `batches` (the calibration data), and its record; None when `settings` asks for
+    nearest rounding. One set serves every encoding and placement: the weight grid is theirs; the
+    inputs' quantization noise is that of the CPU encodings' grid (`table` in "mixed")."""
+    if settings.weight_rounding == "nearest":
+        return None
+    if settings.weight_rounding != "gptq":
+        raise InputError(f"unknown weight rounding '{settings.weight_rounding}'; choose gptq or nearest", option="weight_rounding")
+    plan, _ = plan_for(fp32, settings, "inputs")
+    with stage("weight rounding"):
+        steps = {tensor: activation_qparams(tensor, table.tensors[plan.same_scale.get(tensor, tensor)], "mixed").scale
+                 for tensor in plan.activations}
+        values, samples = rounded_weights(fp32.proto, plan, batches, axes, steps, settings.per_channel, threads)
+    return values, {"method": "gptq", "samples": samples}

@@ -9,6 +9,7 @@ that want them, `integerize_biases` turns them into int32 with scale = input sca
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +31,13 @@ class QdqGraph:
     model: onnx.ModelProto
     activations: dict[str, QParams] = field(default_factory=dict)
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # weight tensor -> per-channel scales
+    rounded: set[str] = field(default_factory=set)  # weights whose integers are not the nearest (quantization.rounding)
 
 
 def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, encoding: str, per_channel: bool = True,
-               weight_type: str = "int8") -> QdqGraph:
+               weight_type: str = "int8", rounded: Mapping[str, np.ndarray] | None = None) -> QdqGraph:
+    """`rounded`: weight initializer -> its signed integers (quantization.rounding), for the
+    weights not rounded to nearest."""
     missing = [t for t in plan.activations if plan.same_scale.get(t, t) not in table.tensors]
     if missing:
         raise InputError(f"the calibration table has no range for {len(missing)} tensor(s) this graph quantizes (e.g. {missing[:3]}); calibrate this model again")
@@ -51,8 +55,11 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
     for spec in plan.weights:
         if spec.tensor in result.weight_scales:
             continue
+        chosen = (rounded or {}).get(spec.tensor)
         values, scales, zero_points = quantize_weight(numpy_helper.to_array(initializers[spec.tensor]), spec.axis if per_channel else None,
-                                                      weight_type)
+                                                      weight_type, chosen)
+        if chosen is not None:
+            result.rounded.add(spec.tensor)
         result.weight_scales[spec.tensor] = scales
         q_name = f"{spec.tensor}__int8"
         new_initializers += [
@@ -98,6 +105,23 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
     del graph.initializer[:]
     graph.initializer.extend(keep + new_initializers)
     return result
+
+
+def rounded_float_weights(qdq: QdqGraph) -> dict[str, np.ndarray]:
+    """The weights `qdq` did not round to nearest, dequantized (float32, the FP32 layout): what a
+    target that quantizes float weights itself (per channel, max|w|/127) turns into the same
+    integers."""
+    initializers = {t.name: t for t in qdq.model.graph.initializer}
+    weights = {}
+    for node in qdq.model.graph.node:
+        name = node.input[0].removesuffix("__int8")
+        if node.op_type != "DequantizeLinear" or name not in qdq.rounded:
+            continue
+        values, scales, zero_points = (numpy_helper.to_array(initializers[t]).astype(np.float32) for t in node.input[:3])
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1) if scales.ndim else None
+        shape = [-1 if i == axis % values.ndim else 1 for i in range(values.ndim)] if axis is not None else [1] * values.ndim
+        weights[name] = ((values - zero_points.reshape(shape)) * scales.reshape(shape)).astype(np.float32)
+    return weights
 
 
 def _reads_quantized(node: onnx.NodeProto, name: str, plan: QuantPlan) -> bool:

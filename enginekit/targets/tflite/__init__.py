@@ -134,17 +134,15 @@ class TfliteTarget(Target):
 
             function, route, owner = tf_function(keras_model), "keras (traced by TensorFlow)", keras_model.owner
             if precision == "int8":
-                notes.append("Keras source converted directly: the ranges are the table's, bias correction is not carried over")
+                notes.append("Keras source converted directly: the ranges are the table's, bias correction and weight rounding are not carried over")
         else:
             from enginekit.targets.tflite.lowering import to_tf_function
 
-            if precision == "int8":  # a copy either way: the bias fix below rewrites weights in place
-                if inputs.bias_correction:
-                    from enginekit.quantization.bias_correction import corrected_float_model
+            if precision == "int8":  # a copy: the bias fix below rewrites weights in place
+                from enginekit.quantization.bias_correction import corrected_float_model
 
-                    reference = corrected_float_model(fp32.proto, inputs.qdq(inputs.encoding))
-                else:
-                    reference = onnx.ModelProto.FromString(fp32.proto.SerializeToString())
+                # the hub's biases (bias correction) and weight integers (GPTQ rounding), as floats
+                reference = corrected_float_model(fp32.proto, inputs.qdq(inputs.encoding), biases=inputs.bias_correction)
                 changed = keep_biases_representable(reference, inputs.table())
                 if changed:
                     notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
