@@ -137,7 +137,8 @@ def test_int8_weights_are_the_integers_of_the_qdq_hub(int8_builds, tmp_path):
     from enginekit.targets.tflite.runner import require_litert
 
     folder, manifest = int8_builds("digits_cnn")
-    assert manifest["quantization"]["weight_rounding"]["method"] == "gptq" and manifest["quantization"]["weight_rounding"]["layers"] == 5
+    # the convolutions; the two linear layers see one row per sample, too few to trust H: nearest
+    assert manifest["quantization"]["weight_rounding"]["method"] == "gptq" and manifest["quantization"]["weight_rounding"]["layers"] == 3
     build("digits_cnn", "onnxruntime", "int8", tmp_path / "ort", BuildOptions())
     hub_model = onnx.load(tmp_path / "ort" / "model.int8.onnx")
     initializers = {t.name: numpy_helper.to_array(t).astype(np.int32) for t in hub_model.graph.initializer}

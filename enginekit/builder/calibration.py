@@ -28,12 +28,15 @@ def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], perc
     `smoothquant` (alpha > 0) and token MatMuls in the model, a pass for their inputs' channel
     peaks comes first, and the calibration runs through the smoothed graph (onnx.smoothing)."""
     smoothing = smoothing_divisors(fp32, data, smoothquant, num_samples, batch_size, threads) if smoothquant > 0 else {}
-    graph = smoothed_twin(fp32, smoothing)[0] if smoothing else fp32
+    smoothing = dict(sorted(smoothing.items()))  # the table's order: a twin remade from a table is this one, byte for byte
+    graph, record = smoothed_twin(fp32, smoothing) if smoothing else (fp32, None)
     plan = plan_quantization(graph.proto)
     if not plan.activations:
         raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.origin)
     run = calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads,
-                    mean_tensors=correctable_outputs(graph.proto), shards=shards, executor=executor, smoothing=smoothing)
+                    mean_tensors=correctable_outputs(graph.proto), shards=shards, executor=executor, smoothing=smoothing,
+                    twin=graph if smoothing else None)
+    run.smoothed = record
     if smoothing:
         for table in run.tables.values():
             table.parameters["smoothquant"] = smoothquant

@@ -167,6 +167,9 @@ class ModelSession:
         self.warnings += run.warnings
         self.calibrated_here = True
         self._fp32_means = run.channel_means
+        if run.smoothed is not None:  # the twin the pass ran through is the graph INT8 starts from
+            self._int8_model = run.model
+            self.smoothing = {"alpha": options.quantize.smoothquant, **run.smoothed}
         return choose_table(self, run.model, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:

@@ -42,6 +42,7 @@ class CalibrationRun:
     warnings: list[str]
     channel_means: dict[str, np.ndarray] = field(default_factory=dict)  # of `mean_tensors`, over the same samples
     shards: int = 1  # windows of the data the pass was split into
+    smoothed: dict[str, int] | None = None  # what SmoothQuant did to make `model` (None: not smoothed)
 
 
 @dataclass
@@ -70,17 +71,19 @@ def calibrate(
     fp32: Fp32Model, data: DataArg, methods: Sequence[str], tensors: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
     threads: int | None = None, mean_tensors: Mapping[str, int] | None = None, shards: int = 1, executor: Any = None,
-    smoothing: Mapping[str, Sequence[float]] | None = None,
+    smoothing: Mapping[str, Sequence[float]] | None = None, twin: Fp32Model | None = None,
 ) -> CalibrationRun:
     """One pass over `data` through `fp32`: histograms of `tensors` (the ones the Q/DQ graph will
     quantize, chosen by the caller) and of every other float activation, then each method's table.
     With `shards` > 1 the pass is split over the workers of `executor` (core.executor; local
     processes by default): the same tables, byte for byte. With `smoothing` (SmoothQuant divisors
     per MatMul input), the pass runs through the smoothed twin of `fp32`, and every table records
-    the divisors (`tensors` then name the twin's tensors)."""
+    the divisors (`tensors` then name the twin's tensors); `twin`: that twin, where the caller
+    has already made it (each is a full copy of the model)."""
     smoothing = {name: tuple(float(v) for v in values) for name, values in sorted((smoothing or {}).items())}
+    smoothed = None
     if smoothing:
-        fp32, _ = smoothed_twin(fp32, smoothing)
+        fp32, smoothed = (twin, None) if twin is not None else smoothed_twin(fp32, smoothing)
     if num_samples < 1:
         raise InputError("the number of calibration samples must be at least 1", option="num_samples")
     if shards < 1:
@@ -116,7 +119,7 @@ def calibrate(
     notes = list(stats.warnings)
     if stats.skipped_nonfinite:
         notes.append(f"skipped {stats.skipped_nonfinite} sample(s) with NaN or Inf")
-    return CalibrationRun(fp32, tables, histograms, notes, means.means(), shards)
+    return CalibrationRun(fp32, tables, histograms, notes, means.means(), shards, smoothed)
 
 
 def collect_window(fp32: Fp32Model, source: DataSource, settings: PassSettings, start: int, stop: int,

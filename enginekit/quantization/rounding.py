@@ -103,6 +103,16 @@ def rounded_weights(model: onnx.ModelProto, plan: QuantPlan, batches: Iterable[F
     layers = roundable_layers(model, plan)
     if not layers:
         return {}, 0
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: a sum split over another number of threads rounds differently, which can
+    # flip a weight, and a Ray worker (one thread) must choose the integers a local build does
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _rounded_weights(model, layers, batches, axes, steps or {}, per_channel, threads)
+
+
+def _rounded_weights(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feeds], axes: Mapping[str, int | None],
+                     steps: Mapping[str, float], per_channel: bool, threads: int | None) -> tuple[dict[str, np.ndarray], int]:
     samples = list(_split(batches, SAMPLES, axes))
     count = sum(batch_size(feeds, axes) for feeds in samples)
     initializers = {t.name: t for t in model.graph.initializer}
@@ -113,7 +123,7 @@ def rounded_weights(model: onnx.ModelProto, plan: QuantPlan, batches: Iterable[F
             hessian, rows = hessians[layer.weight]
             if rows < MIN_ROWS_PER_COLUMN * hessian.shape[-1]:
                 continue
-            noise = rows * (steps or {}).get(layer.input, 0.0) ** 2 / 12
+            noise = rows * steps.get(layer.input, 0.0) ** 2 / 12
             hessian = hessian + noise * np.eye(hessian.shape[-1])[None]
             weight = numpy_helper.to_array(initializers[layer.weight]).astype(np.float32)
             rounded[layer.weight] = round_layer(layer, weight, hessian, per_channel)
