@@ -219,3 +219,38 @@ def test_layers_sharing_one_bias_constant_get_their_own(tmp_path, corrected):
         out = runner.infer({"x": x})["y"]
     cosine = float((out * reference).sum() / np.linalg.norm(out) / np.linalg.norm(reference))
     assert cosine > 0.99, cosine
+
+
+@pytest.mark.parametrize("correction_helps", [True, False])
+def test_a_bias_correction_is_kept_only_where_it_brings_the_outputs_closer(correction_helps):
+    """On some models (PP-OCRv4 rec) the per-channel mean fix moved the outputs further from FP32 on
+    the very calibration samples it was fitted on: such a correction is undone, and the manifest
+    says so with both figures."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enginekit.quantization.bias_correction import keep_if_closer, layer_biases
+    from enginekit.quantization.qdq import QdqGraph
+
+    rng = np.random.default_rng(3)
+    bias = rng.normal(0, 0.5, 8).astype(np.float32)
+
+    def model(conv_bias):  # the weight is named as a Q/DQ graph names a dequantized weight
+        inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "k__dq"),
+                 numpy_helper.from_array(conv_bias, "b")]
+        graph = helper.make_graph([helper.make_node("Conv", ["x", "k__dq", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    rng_state = rng.bit_generator.state
+    fp32 = model(bias)
+    rng.bit_generator.state = rng_state  # the same weights
+    wrong = (bias + 1.0).astype(np.float32)
+    qdq = QdqGraph(model(bias if correction_helps else wrong))  # the graph after its correction
+    before = {"conv": wrong if correction_helps else bias}  # the biases it had before
+    batches = [{"x": rng.normal(size=(4, 3, 6, 6)).astype(np.float32)}]
+    record = keep_if_closer(fp32, qdq, before, batches)
+    assert record["kept"] is correction_helps and record["checked_on"] == 4
+    corrected, uncorrected = record["output_sqnr_db"]["corrected"], record["output_sqnr_db"]["uncorrected"]
+    assert (corrected > uncorrected) is correction_helps
+    np.testing.assert_array_equal(layer_biases(qdq)["conv"], bias)  # the closer of the two stays

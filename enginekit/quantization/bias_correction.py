@@ -97,6 +97,38 @@ def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds
     return corrections, sum(len(next(iter(b.values()))) for b in batches)
 
 
+def keep_if_closer(fp32: onnx.ModelProto, qdq: QdqGraph, before: dict[str, np.ndarray], batches: Sequence[Feeds],
+                   threads: int | None = None) -> dict[str, object]:
+    """Keep the correction just made to `qdq` only if it brings the outputs closer to FP32 on
+    `batches` (calibration samples it was fitted on), else give its layers back the biases they
+    had (`before`). Per-channel means are not always the error that matters: on PP-OCRv4 rec the
+    corrected graph lay further from FP32 on its own calibration samples (worst-output SQNR 17.5
+    -> 14.8 dB). Returns what the manifest records: kept, and both SQNRs."""
+    after = layer_biases(qdq)
+    corrected = _worst_sqnr(fp32, qdq.model, batches, threads)
+    set_biases(qdq.model, before, biased_nodes(qdq.model))
+    uncorrected = _worst_sqnr(fp32, qdq.model, batches, threads)
+    kept = bool(corrected >= uncorrected)
+    if kept:
+        set_biases(qdq.model, after, biased_nodes(qdq.model))
+    return {"kept": kept, "checked_on": sum(len(next(iter(b.values()))) for b in batches),
+            "output_sqnr_db": {"corrected": round(corrected, 2), "uncorrected": round(uncorrected, 2)}}
+
+
+def _worst_sqnr(fp32: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence[Feeds], threads: int | None) -> float:
+    """The lowest SQNR (dB) over `model`'s outputs against `fp32`'s, on `batches`."""
+    reference, candidate = Session(fp32, threads=threads, spinning=False), Session(model, threads=threads, spinning=False)
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for feeds in batches:
+        expected, got = reference.run(feeds), candidate.run(feeds)
+        for name, value in expected.items():
+            value = np.asarray(value, np.float64)
+            signal[name] = signal.get(name, 0.0) + float(np.sum(value ** 2))
+            noise[name] = noise.get(name, 0.0) + float(np.sum((value - np.asarray(got[name], np.float64)) ** 2))
+    return min(float(10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30))) for n in signal)
+
+
 def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list[onnx.NodeProto],
                reference: dict[str, np.ndarray] | None, threads: int | None) -> tuple[int, dict[str, float]]:
     """Run the quantized graph segment by segment over `carried` (per batch: the live tensors),

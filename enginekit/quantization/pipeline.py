@@ -14,13 +14,15 @@ from enginekit.core.errors import InputError
 from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.reference import Fp32Model
-from enginekit.quantization.bias_correction import correct_biases, set_biases
+from enginekit.quantization.bias_correction import correct_biases, keep_if_closer, layer_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
 from enginekit.quantization.rounding import rounded_weights
 from enginekit.quantization.encoding import activation_qparams, weight_type
 from enginekit.onnx.smoothing import DEFAULT_ALPHA
 
+
+CHECK_BATCHES = 2  # calibration batches (of 32) a bias correction is checked on before it is kept
 
 @dataclass(frozen=True)
 class QuantizeSettings:
@@ -112,9 +114,11 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
         details["bias_correction"] = {**record, "layers": layers, "shared": "the biases corrected once on these integer grids, on the inputs-placement graph"}
     elif settings.bias_correction:
         with stage("bias correction"):
+            before = layer_biases(qdq)
             corrections, samples = correct_biases(fp32.proto, qdq, batches, threads, fp32_means=fp32_means)
+            check = keep_if_closer(fp32.proto, qdq, before, batches[:CHECK_BATCHES], threads) if corrections else {}
         details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0),
-                                      "corrected_on": f"{encoding} encoding, {placement} placement"}
+                                      "corrected_on": f"{encoding} encoding, {placement} placement", **check}
     if encoding != "int8":
         integerize_biases(qdq)
     return qdq, details
