@@ -133,7 +133,8 @@ def test_minilm_every_matmul_int8_keeps_cosine_0995(tmp_path):
 
 def test_bias_correction_reaches_matmul_add_layers(tmp_path):
     """A transformer's Linear layers are MatMul + Add of a constant: their bias (the Add's
-    constant) is corrected like a Conv's, and the INT8 output's mean shift shrinks."""
+    constant) is corrected like a Conv's, and the INT8 output's mean shift shrinks (nearest
+    rounding: GPTQ leaves this small graph too little shift for the correction to earn its place)."""
     from dataclasses import replace
 
     import onnx
@@ -162,12 +163,13 @@ def test_bias_correction_reaches_matmul_add_layers(tmp_path):
     shifts = {}
     for corrected in (True, False):
         options = ek.BuildOptions(calib_data=data, eval_data=data, num_samples=128, min_accuracy="none",
-                                  quantize=replace(QuantizeSettings(), bias_correction=corrected))
+                                  quantize=replace(QuantizeSettings(), bias_correction=corrected, weight_rounding="nearest"))
         result = ek.build(path, "onnxruntime", "int8", tmp_path / f"int8-{corrected}", options)
         with ek.load(result.folder) as runner:
             shifts[corrected] = np.abs((runner.infer({"x": x})["y"] - reference).mean(axis=(0, 1))).mean()
         if corrected:
             assert result.manifest["quantization"]["bias_correction"]["layers"] == 2
+            assert result.manifest["quantization"]["bias_correction"]["kept"], result.manifest["quantization"]["bias_correction"]
     assert shifts[True] < 0.5 * shifts[False], shifts
 
 
