@@ -256,3 +256,35 @@ def test_a_bias_correction_is_kept_only_where_it_brings_the_outputs_closer(corre
     corrected, uncorrected = record["output_sqnr_db"]["corrected"], record["output_sqnr_db"]["uncorrected"]
     assert (corrected > uncorrected) is correction_helps
     np.testing.assert_array_equal(layer_biases(qdq)["conv"], bias)  # the closer of the two stays
+
+
+def test_bias_correction_counts_samples_along_each_input_batch_axis():
+    """A sequence-first input ([time, batch, features]) is batched on axis 1: the samples the
+    correction used, and the first samples kept when the carried activations must be bounded,
+    are counted and cut along that axis, not along time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from enginekit.onnx.session import Session
+    from enginekit.quantization.bias_correction import correct_biases
+    from enginekit.quantization.qdq import QdqGraph
+
+    rng = np.random.default_rng(5)
+    weight = rng.normal(0, 0.3, (16, 8)).astype(np.float32)
+    bias = rng.normal(0, 0.5, 8).astype(np.float32)
+
+    def model(linear_weight):  # the weight is named as a Q/DQ graph names a dequantized weight
+        inits = [numpy_helper.from_array(linear_weight, "w__dq"), numpy_helper.from_array(bias, "b")]
+        nodes = [helper.make_node("MatMul", ["x", "w__dq"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, "batch", 16])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    batches = [{"x": rng.normal(1.0, 1.0, (3, 4, 16)).astype(np.float32)}, {"x": rng.normal(1.0, 1.0, (3, 6, 16)).astype(np.float32)}]
+    fp32 = model(weight)
+    for max_bytes, used in ((None, 10), (1, 1)):
+        qdq = QdqGraph(model(weight + np.float32(0.05)))  # every output shifted: the correction takes the mean shift back
+        corrections, samples = correct_biases(fp32, qdq, batches, max_bytes=max_bytes, axes={"x": 1})
+        assert samples == used and corrections["fc"] > 0.1
+        x = np.concatenate([b["x"] for b in batches], axis=1)[:, :used]  # the samples it measured on
+        expected, got = Session(fp32).run({"x": x})["y"], Session(qdq.model).run({"x": x})["y"]
+        np.testing.assert_allclose(got.mean(axis=(0, 1)), expected.mean(axis=(0, 1)), atol=1e-4)

@@ -226,7 +226,7 @@ class ModelSession:
             rounded = self.rounded_weights()
             with stage(f"quantization ({encoding}, {placement})"):
                 self._qdq[key] = build_qdq(self.int8_model(), table, settings, encoding, batches, self.options.threads, placement, corrected,
-                                           self._fp32_means, rounded)
+                                           self._fp32_means, rounded, self.input_axes)
             record = self._qdq[key][1].get("bias_correction")
             if record is not None and family not in self._biases:
                 self._biases[family] = (layer_biases(self._qdq[key][0]), record)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 
 
@@ -18,3 +20,12 @@ def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 def tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that outputs it."""
     return {name: node for node in graph.node for name in node.output}
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of `node`'s attribute `name` (an int, float, bytes, tensor, list, ...), or
+    `default` where the node leaves it to the operator's default."""
+    for value in node.attribute:
+        if value.name == name:
+            return onnx.helper.get_attribute_value(value)
+    return default

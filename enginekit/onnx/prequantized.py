@@ -21,7 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
-from enginekit.onnx.nodes import tensor_producers, tensor_readers
+from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
@@ -186,6 +186,6 @@ def _scale_and_zero(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
             if len(node.input) > 2 and node.input[2] in initializers else np.zeros_like(scale))
     if scale.size <= 1:
         return scale, zero
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
+    axis = attribute(node, "axis", 1) % rank
     shape = [-1 if i == axis else 1 for i in range(rank)]
     return scale.reshape(shape), zero.reshape(shape)

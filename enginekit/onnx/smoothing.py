@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from enginekit.onnx.nodes import tensor_producers, tensor_readers
+from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 
 DEFAULT_ALPHA = 0.8
 MIN_PEAK = 1e-5  # channels that are (almost) always zero keep s from dividing by zero
@@ -105,7 +105,7 @@ def _foldable(producer: onnx.NodeProto | None, tensor: str, nodes: list[onnx.Nod
     own (unshared, constant) scale and bias: dividing them by s divides its output by s."""
     if producer is None or producer.op_type != "LayerNormalization" or producer.output[0] != tensor:
         return False
-    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
+    axis = attribute(producer, "axis", -1)
     if axis != -1 or {id(n) for n in readers.get(tensor, [])} != {id(n) for n in nodes}:
         return False
     if tensor in {o.name for o in graph.output}:

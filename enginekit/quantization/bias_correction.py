@@ -16,7 +16,7 @@ the first samples that fit are used, and the number is recorded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from enginekit.core import limits
 from enginekit.core.progress import report
-from enginekit.core.tensors import ChannelMeans, Feeds
+from enginekit.core.tensors import ChannelMeans, Feeds, batch_size, take
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
 from enginekit.quantization.qdq import BiasOwners, QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds, rounded_float_weights
@@ -73,20 +73,20 @@ def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: 
 
 
 def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds], threads: int | None = None,
-                   max_bytes: int | None = None, fp32_means: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], int]:
+                   max_bytes: int | None = None, fp32_means: dict[str, np.ndarray] | None = None,
+                   axes: Mapping[str, int | None] | None = None) -> tuple[dict[str, float], int]:
     """Correct the float biases of `qdq.model` in place; returns the size of each layer's
     correction and the number of calibration samples it used (all that fit `max_bytes` of carried
     activations, measured on the first batch). `fp32_means`: every layer output's FP32 channel
     means over all of `batches`, measured by the calibration pass; used when every batch fits,
-    which saves a pass of the FP32 graph."""
+    which saves a pass of the FP32 graph. `axes`: each input's batch axis (None: not batched)."""
     layers = biased_nodes(qdq.model)
     if not layers or not batches:
         return {}, 0
     max_bytes = limits.BIAS_CORRECTION_BYTES if max_bytes is None else max_bytes
     first = batches[0]
-    samples_in_first = len(next(iter(first.values())))
     peak, _ = _propagate(qdq, [dict(first)], layers, None, threads)  # a dry run of one batch: how much is carried
-    fitting = _fitting(batches, peak // max(samples_in_first, 1), max_bytes)
+    fitting = _fitting(batches, peak // max(batch_size(first, axes), 1), max_bytes, axes)
     outputs = {node.output[0]: bias_axis(node) for node in layers}
     if fp32_means is not None and len(fitting) == len(batches) and fitting[-1] is batches[-1] and all(o in fp32_means for o in outputs):
         reference = fp32_means
@@ -94,39 +94,42 @@ def correct_biases(fp32: onnx.ModelProto, qdq: QdqGraph, batches: Sequence[Feeds
         reference = channel_means(fp32, outputs, fitting, threads)
     batches = fitting
     _, corrections = _propagate(qdq, [dict(feeds) for feeds in batches], layers, reference, threads)
-    return corrections, sum(len(next(iter(b.values()))) for b in batches)
+    return corrections, sum(batch_size(b, axes) for b in batches)
 
 
 def keep_if_closer(fp32: onnx.ModelProto, qdq: QdqGraph, before: dict[str, np.ndarray], batches: Sequence[Feeds],
-                   threads: int | None = None) -> dict[str, object]:
+                   threads: int | None = None, axes: Mapping[str, int | None] | None = None) -> dict[str, object]:
     """Keep the correction just made to `qdq` only if it brings the outputs closer to FP32 on
     `batches` (calibration samples it was fitted on), else give its layers back the biases they
     had (`before`). Per-channel means are not always the error that matters: on PP-OCRv4 rec the
     corrected graph lay further from FP32 on its own calibration samples (worst-output SQNR 17.5
     -> 14.8 dB). Returns what the manifest records: kept, and both SQNRs."""
     after = layer_biases(qdq)
-    corrected = _worst_sqnr(fp32, qdq.model, batches, threads)
+    corrected = Session(qdq.model, threads=threads, spinning=False)
     set_biases(qdq.model, before, biased_nodes(qdq.model))
-    uncorrected = _worst_sqnr(fp32, qdq.model, batches, threads)
-    kept = bool(corrected >= uncorrected)
+    uncorrected = Session(qdq.model, threads=threads, spinning=False)
+    sqnr = _worst_sqnrs(Session(fp32, threads=threads, spinning=False), [corrected, uncorrected], batches)
+    kept = bool(sqnr[0] >= sqnr[1])
     if kept:
         set_biases(qdq.model, after, biased_nodes(qdq.model))
-    return {"kept": kept, "checked_on": sum(len(next(iter(b.values()))) for b in batches),
-            "output_sqnr_db": {"corrected": round(corrected, 2), "uncorrected": round(uncorrected, 2)}}
+    return {"kept": kept, "checked_on": sum(batch_size(b, axes) for b in batches),
+            "output_sqnr_db": {"corrected": round(sqnr[0], 2), "uncorrected": round(sqnr[1], 2)}}
 
 
-def _worst_sqnr(fp32: onnx.ModelProto, model: onnx.ModelProto, batches: Sequence[Feeds], threads: int | None) -> float:
-    """The lowest SQNR (dB) over `model`'s outputs against `fp32`'s, on `batches`."""
-    reference, candidate = Session(fp32, threads=threads, spinning=False), Session(model, threads=threads, spinning=False)
+def _worst_sqnrs(reference: Session, candidates: Sequence[Session], batches: Sequence[Feeds]) -> list[float]:
+    """Per candidate, the lowest SQNR (dB) over its outputs against `reference`'s on `batches`
+    (the reference runs once per batch, for all candidates)."""
     signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
+    noise: list[dict[str, float]] = [{} for _ in candidates]
     for feeds in batches:
-        expected, got = reference.run(feeds), candidate.run(feeds)
+        expected = {name: np.asarray(value, np.float64) for name, value in reference.run(feeds).items()}
         for name, value in expected.items():
-            value = np.asarray(value, np.float64)
             signal[name] = signal.get(name, 0.0) + float(np.sum(value ** 2))
-            noise[name] = noise.get(name, 0.0) + float(np.sum((value - np.asarray(got[name], np.float64)) ** 2))
-    return min(float(10 * np.log10(max(signal[n], 1e-30) / max(noise[n], 1e-30))) for n in signal)
+        for candidate, errors in zip(candidates, noise):
+            got = candidate.run(feeds)
+            for name, value in expected.items():
+                errors[name] = errors.get(name, 0.0) + float(np.sum((value - np.asarray(got[name], np.float64)) ** 2))
+    return [min(float(10 * np.log10(max(signal[n], 1e-30) / max(errors[n], 1e-30))) for n in signal) for errors in noise]
 
 
 def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list[onnx.NodeProto],
@@ -184,15 +187,16 @@ def _propagate(qdq: QdqGraph, carried: list[dict[str, np.ndarray]], layers: list
     return peak, corrections
 
 
-def _fitting(batches: Sequence[Feeds], per_sample_bytes: int, max_bytes: int) -> Sequence[Feeds]:
+def _fitting(batches: Sequence[Feeds], per_sample_bytes: int, max_bytes: int,
+             axes: Mapping[str, int | None] | None = None) -> Sequence[Feeds]:
     """The first calibration batches whose carried activations fit `max_bytes`."""
     limit = max(1, max_bytes // max(per_sample_bytes, 1))
     chosen, total = [], 0
     for batch in batches:
-        size = len(next(iter(batch.values())))
+        size = batch_size(batch, axes)
         if total + size > limit:
             if total == 0:
-                chosen.append({name: value[:limit] for name, value in batch.items()})
+                chosen.append(take(batch, 0, limit, axes))
             break
         chosen.append(batch)
         total += size

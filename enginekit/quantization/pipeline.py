@@ -91,11 +91,13 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
               batches: Sequence[Feeds] = (), threads: int | None = None, placement: str = "inputs",
               corrected: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
               fp32_means: dict[str, np.ndarray] | None = None,
-              rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
+              rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None,
+              axes: dict[str, int | None] | None = None) -> tuple[QdqGraph, dict[str, Any]]:
     """The Q/DQ graph in `encoding`; with bias correction on, corrected on `batches` (the
     calibration data), or given the biases (and record) another graph on the same integer grids
     was corrected to (`corrected`: see encoding.GRID_FAMILY). `rounded`: the weights' integers
-    (and record) from `round_weights`, else each weight is rounded to nearest. Returns the graph
+    (and record) from `round_weights`, else each weight is rounded to nearest. `axes`: each
+    input's batch axis in `batches` (None: not batched; default 0). Returns the graph
     and what the manifest records of it."""
     table.check_model(fp32.sha256, fp32.origin)
     plan, after = plan_for(fp32, settings, placement)
@@ -115,8 +117,8 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
     elif settings.bias_correction:
         with stage("bias correction"):
             before = layer_biases(qdq)
-            corrections, samples = correct_biases(fp32.proto, qdq, batches, threads, fp32_means=fp32_means)
-            check = keep_if_closer(fp32.proto, qdq, before, batches[:CHECK_BATCHES], threads) if corrections else {}
+            corrections, samples = correct_biases(fp32.proto, qdq, batches, threads, fp32_means=fp32_means, axes=axes)
+            check = keep_if_closer(fp32.proto, qdq, before, batches[:CHECK_BATCHES], threads, axes) if corrections else {}
         details["bias_correction"] = {"layers": len(corrections), "samples": samples, "largest_shift": max(corrections.values(), default=0.0),
                                       "corrected_on": f"{encoding} encoding, {placement} placement", **check}
     if encoding != "int8":

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
-from enginekit.onnx.nodes import tensor_readers
+from enginekit.onnx.nodes import attribute, tensor_readers
 from enginekit.quantization.encoding import QParams, activation_qparams, quantize_weight
 from enginekit.quantization.placement import QuantPlan
 
@@ -118,7 +118,7 @@ def rounded_float_weights(qdq: QdqGraph) -> dict[str, np.ndarray]:
         if node.op_type != "DequantizeLinear" or name not in qdq.rounded:
             continue
         values, scales, zero_points = (numpy_helper.to_array(initializers[t]).astype(np.float32) for t in node.input[:3])
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1) if scales.ndim else None
+        axis = attribute(node, "axis", 1) if scales.ndim else None
         shape = [-1 if i == axis % values.ndim else 1 for i in range(values.ndim)] if axis is not None else [1] * values.ndim
         weights[name] = ((values - zero_points.reshape(shape)) * scales.reshape(shape)).astype(np.float32)
     return weights

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from enginekit.core.tensors import Feeds, batch_size, take
+from enginekit.onnx.nodes import attribute
 from enginekit.onnx.probe import probe
 from enginekit.quantization.placement import QuantPlan
 
@@ -71,8 +72,8 @@ def roundable_layers(model: onnx.ModelProto, plan: QuantPlan) -> list[Layer]:
             continue
         dims = list(weight.dims)
         if node.op_type == "Conv" and len(dims) == 4 and spec.axis == 0:
-            layer = Layer(node, spec.tensor, _attribute(node, "group", 1))
-        elif node.op_type == "Gemm" and len(dims) == 2 and not _attribute(node, "transA", 0) and spec.axis == (0 if _attribute(node, "transB", 0) else 1):
+            layer = Layer(node, spec.tensor, attribute(node, "group", 1))
+        elif node.op_type == "Gemm" and len(dims) == 2 and not attribute(node, "transA", 0) and spec.axis == (0 if attribute(node, "transB", 0) else 1):
             layer = Layer(node, spec.tensor, 1)
         elif node.op_type == "MatMul" and len(dims) == 2 and spec.axis == 1:
             layer = Layer(node, spec.tensor, 1)
@@ -87,7 +88,7 @@ def _columns(layer: Layer, dims: list[int]) -> int:
     """The width of one group's input rows (H is columns x columns per group)."""
     if layer.node.op_type == "Conv":
         return int(np.prod(dims[1:]))
-    return dims[1] if layer.node.op_type == "Gemm" and _attribute(layer.node, "transB", 0) else dims[0]
+    return dims[1] if layer.node.op_type == "Gemm" and attribute(layer.node, "transB", 0) else dims[0]
 
 
 def rounded_weights(model: onnx.ModelProto, plan: QuantPlan, batches: Iterable[Feeds], axes: Mapping[str, int | None],
@@ -218,8 +219,8 @@ def input_rows(layer: Layer, x: np.ndarray, weight_dims: list[int]) -> np.ndarra
 
 def _patches(node: onnx.NodeProto, x: np.ndarray, kernel: list[int], groups: int) -> np.ndarray:
     kh, kw = kernel
-    strides = list(_attribute(node, "strides", [1, 1]))
-    dilations = list(_attribute(node, "dilations", [1, 1]))
+    strides = list(attribute(node, "strides", [1, 1]))
+    dilations = list(attribute(node, "dilations", [1, 1]))
     n, channels, height, width = x.shape
     top, left, bottom, right = _pads(node, (height, width), (kh, kw), strides, dilations)
     padded = np.pad(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), ((0, 0), (top, bottom), (left, right), (0, 0)))  # NHWC
@@ -236,12 +237,12 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, kernel: list[int], groups: int
 
 def _pads(node: onnx.NodeProto, size: tuple[int, int], kernel: tuple[int, int], strides: list[int], dilations: list[int]) -> list[int]:
     """[top, left, bottom, right] of a 2-D Conv, auto_pad resolved."""
-    auto = _attribute(node, "auto_pad", b"NOTSET")
+    auto = attribute(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto == "VALID":
         return [0, 0, 0, 0]
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
-        return list(_attribute(node, "pads", [0, 0, 0, 0]))
+        return list(attribute(node, "pads", [0, 0, 0, 0]))
     begin, end = [], []
     for length, k, stride, dilation in zip(size, kernel, strides, dilations):
         total = max(0, (-(-length // stride) - 1) * stride + (k - 1) * dilation + 1 - length)
@@ -261,13 +262,13 @@ def _as_rows(layer: Layer, weight: np.ndarray) -> np.ndarray:
     (out, in), a MatMul's (N, K)."""
     if layer.node.op_type == "Conv":
         return weight.reshape(weight.shape[0], -1)
-    if layer.node.op_type == "Gemm" and _attribute(layer.node, "transB", 0):
+    if layer.node.op_type == "Gemm" and attribute(layer.node, "transB", 0):
         return weight
     return weight.T
 
 
 def _from_rows(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if layer.node.op_type == "Conv" or (layer.node.op_type == "Gemm" and _attribute(layer.node, "transB", 0)):
+    if layer.node.op_type == "Conv" or (layer.node.op_type == "Gemm" and attribute(layer.node, "transB", 0)):
         return np.ascontiguousarray(rows.reshape(shape))
     return np.ascontiguousarray(rows.T)
 
@@ -301,9 +302,3 @@ def _split(batches: Iterable[Feeds], samples: int, axes: Mapping[str, int | None
             yield take(feeds, start, stop, axes)
             left -= stop - start
 
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from enginekit.onnx.graph import topological_sort
-from enginekit.onnx.nodes import tensor_readers
+from enginekit.onnx.nodes import attribute, tensor_readers
 from enginekit.quantization.placement import weight_channel_axis
 
 FP32_OPS = ("LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Softmax",
@@ -58,7 +58,7 @@ def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "DequantizeLinear" and data is not None and data.data_type == TensorProto.INT32:
             problems.append(f"{where}: int32 dequantization (TensorRT keeps biases in float)")
         if scale is not None and len(scale.dims) == 1 and scale.dims[0] > 1:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            axis = attribute(node, "axis", 1)
             expected = _output_channel_axis(node, readers, data)
             if expected is not None and axis != expected:
                 problems.append(f"{where}: per-channel axis {axis}, the consumer's output channels are on axis {expected}")

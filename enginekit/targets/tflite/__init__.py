@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.core.machine import toolchain
+from enginekit.onnx.nodes import attribute
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
@@ -48,7 +49,7 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
             continue
         low, high = tflite_range(table.tensors[node.input[0]])
         input_scale = (high - low) / 255.0
-        axis = 0 if node.op_type == "Conv" or next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+        axis = 0 if node.op_type == "Conv" or attribute(node, "transB", 0) else 1
         weight = numpy_helper.to_array(initializers[node.input[1]])
         bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
         channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).astype(np.float64)
