@@ -99,7 +99,6 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
         with warnings.catch_warnings():  # it opens interpreters with preserve_all_tensors, which warns
             warnings.simplefilter("ignore")
             engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
-            _widen_scope(engine)
             if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
                 from ai_edge_quantizer import qtyping
                 from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -114,21 +113,6 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
     if io_type == "uint8":
         model = _uint8_io(model)
     return model
-
-
-def _widen_scope(engine) -> None:
-    """16-bit activations (int16 x int8 kernels) for the ops the lowering built under WIDE_SCOPE."""
-    from ai_edge_quantizer import qtyping
-
-    from enginekit.targets.tflite.lowering import WIDE_SCOPE
-
-    config = qtyping.OpQuantizationConfig(
-        activation_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, symmetric=True),
-        weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE),
-        compute_precision=qtyping.ComputePrecision.INTEGER, explicit_dequantize=False)
-    # a scope is the op's output tensor names joined by ";"; TensorFlow numbers repeated scopes (_1, _2, ...)
-    engine.update_quantization_recipe(regex=rf"(^|[;/]){WIDE_SCOPE}(_\d+)?/", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                                      op_config=config)
 
 
 def _uint8_io(model: bytes) -> bytes:

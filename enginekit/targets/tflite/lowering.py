@@ -24,11 +24,6 @@ from onnx import numpy_helper
 from enginekit.core.errors import InputError
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
-# Ops built under this name scope get 16-bit activations in an int8 flatbuffer (convert.quantize_int8):
-# a layer normalisation's mean, variance and reciprocal square root lose most of their signal on
-# an 8-bit grid (corpus ViT: the first LayerNorm's output fell from 33.6 dB SQNR to 25.0 dB in
-# int8, and every later layer stayed near it, while the hub's float normalisation held 43 dB).
-WIDE_SCOPE = "int16_activations"
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # where an NCHW axis lives in the channel-last tensor
 
 
@@ -655,11 +650,10 @@ def _layer_norm(node, args, attrs):
     x = nchw(args[0])
     rank = len(x.shape)
     axes = list(range(attrs.get("axis", -1) % rank, rank))
-    with tf.name_scope(WIDE_SCOPE):  # its statistics keep 16 bits in int8 (a product, not a square: int16 has no SQUARED_DIFFERENCE)
-        mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-        centered = x - mean
-        variance = tf.reduce_mean(centered * centered, axis=axes, keepdims=True)
-        y = centered * tf.math.rsqrt(variance + np.float32(attrs.get("epsilon", 1e-5)))
+    mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+    centered = x - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
+    y = centered * tf.math.rsqrt(variance + np.float32(attrs.get("epsilon", 1e-5)))
     y = y * _constant(args[1], node, "the scale")
     if len(args) > 2 and args[2] is not None:
         y = y + _constant(args[2], node, "the bias")
