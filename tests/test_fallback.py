@@ -123,13 +123,27 @@ def test_sensitivity_ranks_the_layers_that_free_the_hard_tensor_first_and_writes
     assert again.code == 2 and "the output is also an input" in again.err
 
 
-def test_a_full_integer_target_says_the_fallback_does_not_apply(case):
+def test_tflite_keeps_the_fallback_layers_float_and_the_rest_integer(case):
+    """TFLite quantizes the float graph itself: the fallback's layers are found in it by value and
+    left float (DEQUANTIZE, float op, QUANTIZE), the other layers stay int8, and the gate is met on
+    LiteRT."""
     pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
     folder, calibration, evaluation = case
-    options = _options(calibration, evaluation, auto_fallback=True, min_accuracy="cosine>=0.9")
-    manifest = ek.build(str(folder / "model.onnx"), "tflite", "int8", folder / "tfl", options).manifest
-    assert "fallback" not in manifest
-    assert any("--auto-fallback does not apply: tflite INT8 is full-integer" in note for note in manifest["notes"])
+    cells = ek.build_many(str(folder / "model.onnx"), ["onnxruntime", "tflite"], ["int8"], folder / "out",
+                          _options(calibration, evaluation, auto_fallback=True))
+    assert not [cell.failed for cell in cells if cell.failed]
+    manifest = next(cell.manifest for cell in cells if cell.target == "tflite")
+    layers = manifest["fallback"]["float_layers"]
+    assert manifest["tflite"]["float_layers"]["kept_float"] == layers and not manifest["tflite"]["float_layers"]["not_found_in_tflite"]
+    types = manifest["tflite"]["types"]
+    assert types["float32_compute_ops"] == ["CONV_2D"] * len(layers) and types["ops"]["CONV_2D"] == 3, types
+    assert manifest["accuracy"]["passed"] and manifest["accuracy"]["metrics"]["cosine"] >= 0.99
+    assert manifest["integer_share"] == pytest.approx(1 - len(layers) / 3)
+    plain = ek.build(str(folder / "model.onnx"), "tflite", "int8", folder / "plain",
+                     _options(calibration, evaluation, min_accuracy="none")).manifest
+    assert plain["tflite"]["types"]["float32_compute_ops"] == [] and plain["accuracy"]["metrics"]["cosine"] < 0.99  # all-INT8 is below the gate
+    print(f"tflite int8: cosine {plain['accuracy']['metrics']['cosine']:.4f} all-INT8, "
+          f"{manifest['accuracy']['metrics']['cosine']:.4f} with {', '.join(layers)} float")
 
 
 def test_when_no_set_passes_only_the_encodings_below_the_gate_fail(case, monkeypatch):

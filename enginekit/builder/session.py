@@ -30,7 +30,7 @@ from enginekit.onnx.graph import tensor_specs
 from enginekit.onnx.session import Session
 from enginekit.quantization.bias_correction import layer_biases
 from enginekit.quantization.encoding import GRID_FAMILY
-from enginekit.quantization.pipeline import build_qdq, round_weights
+from enginekit.quantization.pipeline import QuantizeSettings, build_qdq, excluded_compute_nodes, round_weights
 from enginekit.quantization.qdq import QdqGraph
 
 EVAL_BATCH = 32
@@ -205,16 +205,7 @@ class ModelSession:
         that grid takes those biases: an artifact does not depend on which other targets the
         build asked for or in what order (ONNX Runtime's "outputs" graph used to correct first
         and hand its biases to OpenVINO and TFLite, so they differed when built alone)."""
-        settings = self.options.quantize
-        if self.imported:  # what the source left float stays float
-            import dataclasses
-
-            from enginekit.quantization.pipeline import nodes_without_ranges
-
-            left = json.dumps([placement, settings.key()], sort_keys=True)
-            if left not in self._left_float:
-                self._left_float[left] = nodes_without_ranges(self.int8_model(), self.table(), settings, placement)
-            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self._left_float[left]))
+        settings = self.int8_settings(placement)
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
             family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
@@ -232,6 +223,21 @@ class ModelSession:
                 self._biases[family] = (layer_biases(self._qdq[key][0]), record)
         graph, details = self._qdq[key]
         return copy.deepcopy(graph), copy.deepcopy(details)
+
+    def int8_settings(self, placement: str = "inputs") -> QuantizeSettings:
+        """The quantization settings of this build's Q/DQ graphs in `placement`: the user's, with
+        the fallback's float layers, and for a pre-quantized source what it left float."""
+        settings = self.options.quantize
+        if self.imported:  # what the source left float stays float
+            import dataclasses
+
+            from enginekit.quantization.pipeline import nodes_without_ranges
+
+            left = json.dumps([placement, settings.key()], sort_keys=True)
+            if left not in self._left_float:
+                self._left_float[left] = nodes_without_ranges(self.int8_model(), self.table(), settings, placement)
+            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self._left_float[left]))
+        return settings
 
     def rounded_weights(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """The integers GPTQ chose for the weights (quantization.rounding) and its record, measured
@@ -327,6 +333,9 @@ class CellInputs:
     def qdq(self, encoding: str) -> QdqGraph:
         graph, self.qdq_details = self.session.qdq(encoding, self.placement)
         return graph
+
+    def float_layers(self) -> list[str]:
+        return excluded_compute_nodes(self.fp32, self.session.int8_settings(self.placement), self.placement)
 
     def calibration_feeds(self, count: int) -> Feeds:
         return self.session.calibration_feeds(count)

@@ -15,7 +15,7 @@ from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.reference import Fp32Model
 from enginekit.quantization.bias_correction import correct_biases, keep_if_closer, layer_biases, set_biases
-from enginekit.quantization.placement import QuantPlan, plan_quantization
+from enginekit.quantization.placement import COMPUTE_OPS, QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
 from enginekit.quantization.rounding import rounded_weights
 from enginekit.quantization.encoding import activation_qparams, weight_type
@@ -59,6 +59,21 @@ def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inpu
     if not plan.nodes:
         raise InputError("nothing is left to quantize after the exclusions", fp32.origin)
     return plan, list(after)
+
+
+def excluded_compute_nodes(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> list[str]:
+    """The compute layers (Conv, Gemm, MatMul) the plan quantizes without exclusions but `settings`
+    keeps float (--exclude-node/-op/-after, --keep-first-last-float, the fallback's choice, the
+    zoo's rules): what a target that quantizes the float graph itself (TFLite) must keep float."""
+    bare = replace(settings, exclude_nodes=(), exclude_ops=(), keep_first_last_float=False, exclude_after=())
+    every, _ = plan_for(fp32, bare, placement)
+    kept, _ = plan_for(fp32, settings, placement)
+    quantized = set(kept.nodes)
+    return [name for name in every.nodes if name not in quantized and name in _compute_nodes(fp32)]
+
+
+def _compute_nodes(fp32: Fp32Model) -> set[str]:
+    return {node.name for node in fp32.proto.graph.node if node.op_type in COMPUTE_OPS}
 
 
 def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, placement: str) -> tuple[str, ...]:

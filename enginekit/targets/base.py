@@ -116,6 +116,11 @@ class BuildInputs(Protocol):
 
     def calibration_feeds(self, count: int) -> Feeds: ...
 
+    def float_layers(self) -> list[str]:
+        """Names of the compute layers the build keeps float (exclusions, the fallback's choice),
+        for a target that quantizes the float graph itself."""
+        ...
+
     def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
         """The first `count` calibration samples in batches of `batch` (bounded memory)."""
         ...

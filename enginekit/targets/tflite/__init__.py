@@ -4,12 +4,13 @@ Keras sources convert directly (their own graph, traced by TensorFlow); PyTorch 
 sources go through our ONNX -> TensorFlow lowering (lowering.py says why). INT8 takes the
 activation ranges from the shared CalibrationTable, mapped onto the TFLite tensors by value
 (ranges.py), and the bias-corrected biases of the Q/DQ hub, so every target gets the same
-calibration and correction.
+calibration and correction; the layers the build keeps float (exclusions, --auto-fallback) stay
+float in the flatbuffer too (float_layers.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,14 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
 
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
-                     feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None) -> tuple[bytes, dict[str, Any]]:
+                     feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None,
+                     float_layers: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
     INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
-    (`more_feeds`: further calibration batches, for tensors measured in TFLite)."""
+    (`more_feeds`: further calibration batches, for tensors measured in TFLite); `float_layers`:
+    ONNX compute layers of `reference` to keep float."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
+    from enginekit.targets.tflite.float_layers import float_op_outputs
     from enginekit.targets.tflite.ranges import map_ranges
 
     if precision in ("fp32", "fp16"):
@@ -79,8 +83,12 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         return model, {"types": type_summary(model)}
     float_model = convert_function(function, origin, "fp32", owner)
     ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
-    model = quantize_int8(float_model, ranges.ranges, io_type)
-    info = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
+    float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
+    model = quantize_int8(float_model, ranges.ranges, io_type, float_ops)
+    info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
+    if float_layers:
+        info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": float_ops,
+                                "not_found_in_tflite": not_found}
     return model, info
 
 
@@ -103,7 +111,7 @@ class TfliteTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     serving = Serving((MODEL_FILE,), ovms=True)  # Triton has no TFLite backend
     encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
-    float_layers = False  # the int8 flatbuffer is full-integer: excluded layers are not kept float
+    float_layers = True  # full-integer but for the layers a build keeps float (float_layers.py)
     option_defaults = {"io": "int8"}  # int8 .tflite input/output type: "int8" or "uint8"
 
     def unavailable(self, precision: str) -> str | None:
@@ -153,7 +161,11 @@ class TfliteTarget(Target):
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
                                        more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
-                                       io_type=inputs.options["io"], owner=owner)
+                                       io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else ())
+        missing = info.get("float_layers", {}).get("not_found_in_tflite")
+        if missing:
+            notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
         if int8:
             from enginekit.targets.tflite.smoke import smoke_run
 

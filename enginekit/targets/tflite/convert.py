@@ -11,6 +11,7 @@ user's CalibrationTable (matched onto TFLite tensors by value, see ranges.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,10 @@ def _converter_problem(text: str) -> str:
     return " ".join((lines[0] if lines else text).split())[:300]
 
 
-def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io_type: str = "int8") -> bytes:
-    """Full-integer int8 flatbuffer: every activation takes the given (low, high)."""
+def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io_type: str = "int8",
+                  float_ops: Sequence[str] = ()) -> bytes:
+    """Full-integer int8 flatbuffer: every activation takes the given (low, high); the ops that
+    write `float_ops` (tensor names) stay float, between a DEQUANTIZE and a QUANTIZE."""
     try:
         from ai_edge_quantizer import quantizer, recipe
     except ImportError:
@@ -99,10 +102,13 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
         with warnings.catch_warnings():  # it opens interpreters with preserve_all_tensors, which warns
             warnings.simplefilter("ignore")
             engine = quantizer.Quantizer(float_model, recipe.static_wi8_ai8())
-            if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
-                from ai_edge_quantizer import qtyping
-                from ai_edge_quantizer.algorithm_manager import AlgorithmName
+            from ai_edge_quantizer import qtyping
+            from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
+            for tensor in float_ops:  # an op's scope is its output tensor names, each followed by ";"
+                engine.update_quantization_recipe(regex=f"(^|;){re.escape(tensor)};", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                                  algorithm_key=AlgorithmName.NO_QUANTIZE)
+            if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
                 for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
                     engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
             with contextlib.redirect_stderr(io.StringIO()), quiet_stderr():  # its tqdm bar ignores enable_progress_report; LiteRT's INFO lines
