@@ -1,4 +1,4 @@
-"""Who reads and who writes each tensor of a graph: the two maps every graph rewrite starts from."""
+"""Who reads and who writes each tensor of a graph, and what a node's attributes say: what every graph rewrite starts from."""
 
 from __future__ import annotations
 

@@ -69,11 +69,8 @@ def excluded_compute_nodes(fp32: Fp32Model, settings: QuantizeSettings, placemen
     every, _ = plan_for(fp32, bare, placement)
     kept, _ = plan_for(fp32, settings, placement)
     quantized = set(kept.nodes)
-    return [name for name in every.nodes if name not in quantized and name in _compute_nodes(fp32)]
-
-
-def _compute_nodes(fp32: Fp32Model) -> set[str]:
-    return {node.name for node in fp32.proto.graph.node if node.op_type in COMPUTE_OPS}
+    compute = {node.name for node in fp32.proto.graph.node if node.op_type in COMPUTE_OPS}
+    return [name for name in every.nodes if name not in quantized and name in compute]
 
 
 def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, placement: str) -> tuple[str, ...]:
