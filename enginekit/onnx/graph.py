@@ -11,6 +11,7 @@ import onnx
 from enginekit.core.errors import InputError
 from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
+from enginekit.onnx.folding import fold_into_conv_transpose
 
 DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
 
@@ -199,7 +200,7 @@ def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
     graph goes through this."""
-    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_into_compute(simplify(model))))
+    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_into_conv_transpose(fold_into_compute(simplify(model)))))
     model = infer_shapes(model, origin)
     check(model, origin)
     return model
