@@ -42,6 +42,7 @@ def test_the_bias_add_and_batch_norm_fold_into_the_conv_transpose():
     folded = fold_into_conv_transpose(onnx.ModelProto.FromString(model.SerializeToString()))
     assert [node.op_type for node in folded.graph.node] == ["ConvTranspose", "Relu"]
     assert len(folded.graph.node[0].input) == 3  # the absorbed shifts became its bias
+    assert sorted(t.name for t in folded.graph.initializer) == ["deconv_folded_bias", "deconv_folded_weight"]  # nothing left unread
     np.testing.assert_allclose(Session(folded).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
     exported = finalize(model, "head.onnx")  # every export goes through it
     assert [node.op_type for node in exported.graph.node if node.op_type in ("Add", "BatchNormalization")] == []

@@ -22,6 +22,7 @@ def fold_into_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = {o.name for o in graph.output}
     readers = tensor_readers(graph)
     dropped: set[int] = set()
+    replaced: set[str] = set()  # constants the folds used: removed when nothing else reads them
     for node in graph.node:
         if node.op_type != "ConvTranspose" or attribute(node, "group", 1) != 1 or node.input[1] not in constants:
             continue
@@ -41,23 +42,26 @@ def fold_into_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
             weight, bias = weight * scale.reshape(1, -1, *[1] * spatial), bias * scale + shift
             node.output[0] = follower.output[0]  # its readers (in `readers` under that name) now read the ConvTranspose
             dropped.add(id(follower))
+            replaced.update(follower.input)
             folded.append(follower)
         if folded:
             names = (f"{node.name or node.output[0]}_folded_weight", f"{node.name or node.output[0]}_folded_bias")
             graph.initializer.extend([numpy_helper.from_array(weight.astype(np.float32), names[0]),
                                       numpy_helper.from_array(bias.astype(np.float32), names[1])])
+            replaced.update(node.input[1:3])
             node.input[1] = names[0]
             if len(node.input) > 2:
                 node.input[2] = names[1]
             else:
                 node.input.append(names[1])
     if dropped:
-        from enginekit.onnx.graph import drop_unused_initializers
-
         kept = [node for node in graph.node if id(node) not in dropped]
         del graph.node[:]
         graph.node.extend(kept)
-        drop_unused_initializers(model)
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [t for t in graph.initializer if t.name not in read and t.name in replaced]
+        for tensor in unread:  # the folded constants no other node reads
+            graph.initializer.remove(tensor)
     return model
 
 
