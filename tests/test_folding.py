@@ -57,3 +57,11 @@ def test_a_tensor_read_elsewhere_is_not_folded_away():
     got = Session(folded).run({"x": x})
     for name in ("y", "a"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_float16_conv_transpose_is_left_as_it_is():
+    model = _head()
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    before = [node.op_type for node in model.graph.node]
+    assert [node.op_type for node in fold_into_conv_transpose(model).graph.node] == before

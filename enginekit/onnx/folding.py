@@ -15,8 +15,8 @@ from enginekit.onnx.nodes import attribute, tensor_readers
 
 
 def fold_into_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
-    """In place (and returned): every ungrouped ConvTranspose with constant weights absorbs the
-    chain of constant per-channel Adds and BatchNormalizations that alone read its output."""
+    """In place (and returned): every ungrouped ConvTranspose with constant float32 weights absorbs
+    the chain of constant per-channel Adds and BatchNormalizations that alone read its output."""
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -25,6 +25,8 @@ def fold_into_conv_transpose(model: onnx.ModelProto) -> onnx.ModelProto:
     replaced: set[str] = set()  # constants the folds used: removed when nothing else reads them
     for node in graph.node:
         if node.op_type != "ConvTranspose" or attribute(node, "group", 1) != 1 or node.input[1] not in constants:
+            continue
+        if constants[node.input[1]].data_type != onnx.TensorProto.FLOAT:  # float16/bfloat16 graphs keep their own types
             continue
         if len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
             continue
