@@ -57,9 +57,8 @@ def case(tmp_path):
 
 def _options(calibration, evaluation, **extra):
     extra = {"min_accuracy": "cosine>=0.99", **extra}
-    extra = {"num_samples": 32, **extra}
-    return ek.BuildOptions(calib_data=calibration, eval_data=evaluation,
-                           quantize=ek.QuantizeSettings(bias_correction=False), **extra)
+    extra = {"num_samples": 32, "quantize": ek.QuantizeSettings(bias_correction=False), **extra}
+    return ek.BuildOptions(calib_data=calibration, eval_data=evaluation, **extra)
 
 
 def test_without_fallback_the_int8_build_fails_its_gate(case):
@@ -224,3 +223,74 @@ def test_calib_method_auto_passes_over_a_method_ahead_on_average_but_behind_on_o
     choice = manifest["calibration"]["parameters"]["auto"]
     assert choice["scores"]["percentile"] == [0.99, 0.99, 0.99, 0.94]  # ahead on average, behind on one part
     assert choice["chosen"] == "mse"  # the one that wins on every part
+
+
+def test_pick_gathers_samples_across_batches_along_each_batch_axis():
+    from enginekit.core.tensors import pick
+
+    batches = [{"x": np.arange(6).reshape(3, 2), "seq": np.arange(6).reshape(2, 3), "state": np.array([7.0])},
+               {"x": np.arange(6, 10).reshape(2, 2), "seq": np.arange(6, 10).reshape(2, 2), "state": np.array([8.0])}]
+    axes = {"x": 0, "seq": 1, "state": None}
+    picked = pick(batches, [4, 0, 3], axes)
+    assert picked["x"].tolist() == [[0, 1], [6, 7], [8, 9]]  # samples 0, 3, 4 in index order
+    assert picked["seq"].tolist() == [[0, 6, 7], [3, 8, 9]]
+    assert picked["state"].tolist() == [7.0]
+    with pytest.raises(ValueError, match="hold 5"):
+        pick(batches, [5], axes)
+
+
+def _search(folder, calibration, evaluation, **extra):
+    from enginekit.accuracy.gate import parse_conditions
+    from enginekit.builder.fallback import _Search
+    from enginekit.builder.session import ModelSession
+    from enginekit.exporter.reference import load_fp32
+
+    options = _options(calibration, evaluation, **extra)
+    session = ModelSession(load_fp32(str(folder / "model.onnx"), options.source_options()), options)
+    session.int8_pairs = {("uint8", "outputs")}
+    return session, _Search(session, [("uint8", "outputs")], parse_conditions(options.min_accuracy))
+
+
+def test_the_ranking_is_measured_on_the_samples_all_int8_does_worst_on(case):
+    """A gate fails on the samples INT8 gets wrong: the ranking batch is those, not the first ones
+    (on efficientnet_lite0 the first 16 crops all agreed and every unit tied at a gain of 0)."""
+    from enginekit.accuracy.metrics import _cosines
+    from enginekit.builder.fallback import QUICK_SAMPLES
+
+    folder, calibration, evaluation = case
+    _, search = _search(folder, calibration, evaluation)
+    batches, reference, _ = search.full
+    search.margins([])
+    int8 = search.int8_outputs[("uint8", "outputs")][0]
+    per_sample = _cosines(reference["c3"].reshape(len(reference["c3"]), -1), int8["c3"].reshape(len(int8["c3"]), -1))
+    worst = set(np.argsort(per_sample)[:QUICK_SAMPLES].tolist())
+    inputs, quick_reference, _ = search.quick
+    everything = np.concatenate([b["x"] for b in batches])
+    chosen = {int(np.flatnonzero((everything == sample).all(axis=(1, 2, 3)))[0]) for sample in inputs[0]["x"]}
+    assert len(chosen) == QUICK_SAMPLES < len(everything) and chosen == worst
+    assert np.array_equal(quick_reference["c3"], reference["c3"][sorted(chosen)])
+
+
+def test_every_gate_check_of_the_search_is_bias_corrected_for_its_own_float_set(case):
+    """The biases a float set is checked with are the ones its artifacts get, not all-INT8's."""
+    from enginekit.builder.fallback import Fallback
+    from enginekit.builder.session import ModelSession
+    from enginekit.exporter.reference import load_fp32
+    from enginekit.quantization.bias_correction import layer_biases
+
+    folder, calibration, evaluation = case
+    session, search = _search(folder, calibration, evaluation, quantize=ek.QuantizeSettings(bias_correction=True))
+    corrections = len(session._biases)
+    checked = layer_biases(search.graph(["conv1"], ("uint8", "outputs"), fresh=True))
+    assert len(session._biases) == corrections + 1  # kept under the key adopting conv1 would look up
+    ranked = layer_biases(search.graph(["conv1"], ("uint8", "outputs")))
+    options = _options(calibration, evaluation, quantize=ek.QuantizeSettings(bias_correction=True, exclude_nodes=("conv1",)))
+    artifact = ModelSession(load_fp32(str(folder / "model.onnx"), options.source_options()), options)
+    built = layer_biases(artifact.qdq("uint8", "outputs")[0])
+    assert set(checked) == set(built) == {"conv1", "conv2", "conv3"}
+    for name in built:
+        assert np.allclose(checked[name], built[name], atol=1e-6), name
+    assert not np.allclose(ranked["conv3"], built["conv3"], atol=1e-4)  # all-INT8's correction of conv3 differs
+    session.adopt_fallback(Fallback(["conv1"], True, "", "", 0.0))
+    assert np.allclose(layer_biases(session.qdq("uint8", "outputs")[0])["conv3"], built["conv3"], atol=1e-6)
+    assert len(session._biases) == corrections + 1  # adopting it corrected nothing anew

@@ -8,13 +8,17 @@ evaluated and the worst decides.
 
 The search: (1) rank — for each quantized tensor, the unit that frees it (the compute op that
 made it and the quantized ops that read it, so the tensor has no Q/DQ left) is kept float alone,
-and the gate's margin on QUICK_SAMPLES evaluation samples of the encodings that fail says how
+and the gate's margin on the QUICK_SAMPLES evaluation samples all-INT8 does worst on says how
 much that unit is worth; measured rather than read from per-tensor SQNR, which a tensor dominated
 by one large channel hides (beyond RANKED_UNITS units, the per-layer report's added error picks
-which to measure). (2) add
-units best first, checking the gate on the whole evaluation data, until it passes or the bound is
-reached. (3) give back to INT8, one by one, every layer the gate does not need. Bias correction
-is left out of the search (it would rerun per candidate); the targets' own gates run with it.
+which to measure). Worst samples, not the first ones: a gate fails on the samples INT8 gets
+wrong, and on efficientnet_lite0 the first 16 all agreed, so every unit tied at a gain of 0.
+(2) grow the float set along the ranking, checking the gate on the whole evaluation data at 1,
+2, 4, ... units, then bisecting to the fewest units that pass. (3) give back to INT8, one by
+one, every layer the gate does not need. Ranking candidates carry the all-INT8 graph's corrected
+biases (correcting each would cost a pass); every gate check of (2) and (3) is corrected for its
+own float set, as its artifacts would be — the biases downstream of a float layer compensated an
+error that is gone, and with all-INT8's biases a larger float set scored below a smaller one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from enginekit.accuracy import Condition, compare_outputs, gate_margin, headline
@@ -31,7 +36,7 @@ from enginekit.accuracy.metrics import lowest_cosine
 from enginekit.core.errors import GateError
 from enginekit.core.progress import report
 from enginekit.quantization.pipeline import build_qdq, plan_for
-from enginekit.core.tensors import batch_size, take
+from enginekit.core.tensors import batch_size, pick, take
 from enginekit.quantization.placement import SAME_SCALE_OPS, source_node
 
 DEFAULT_MAX_FLOAT_LAYERS = 16
@@ -57,8 +62,9 @@ class Fallback:
     def manifest(self) -> dict[str, Any]:
         return {"float_layers": self.float_nodes, "passed": self.passed, "all_int8": self.before, "with_fallback": self.after,
                 "evaluated_graphs": self.evaluations, "encodings": self.encodings,
-                "how": f"units ranked by the gate margin each gains alone ({QUICK_SAMPLES} samples), added best first on the Q/DQ graph "
-                       "in the reference executor, then pruned; every candidate with the all-INT8 graph's corrected biases"}
+                "how": f"units ranked by the gate margin each gains alone on the {QUICK_SAMPLES} samples all-INT8 does worst on, "
+                       "grown along the ranking (1, 2, 4, ... units, then bisection) on the Q/DQ graph in the reference executor, "
+                       "then pruned; every gate check bias-corrected for its own float set"}
 
 
 class _Search:
@@ -68,43 +74,71 @@ class _Search:
         self.evaluations = 0
         evaluation = session.evaluation()
         self.axes = {name: axis for name, axis in session.output_axes.items() if axis is not None}
-        first = [take(evaluation.batches[0], 0, QUICK_SAMPLES, session.input_axes)]
-        labels = None if evaluation.labels is None else evaluation.labels[: batch_size(first[0], session.input_axes)]
-        self.quick = (first, session.outputs_of(session.int8_model().proto, first), labels)
         self.full = (evaluation.batches, session.reference_outputs(), evaluation.labels)
-        # every candidate gets the biases the all-INT8 graph was corrected to (its float layers keep
-        # their own): bias correction moves top-1 agreement by ten points on efficientnet_lite0, so
-        # a search without it aimed at the wrong baseline, and correcting each candidate anew
-        # would cost a corrected pass per evaluation
+        self.int8_outputs: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any], float]] = {}  # all-INT8 outputs, metrics, margin
+        self._quick: tuple[list[Any], dict[str, Any], Any] | None = None
+        # ranking candidates get the biases the all-INT8 graph was corrected to (its float layers
+        # keep their own): bias correction moves top-1 agreement by ten points on efficientnet_lite0,
+        # so a search without it aimed at the wrong baseline, and correcting each of dozens of
+        # ranking candidates anew would cost a corrected pass each
         self.corrected = {pair: session.corrected_biases(*pair) for pair in self.pairs}
 
-    def settings(self, float_nodes: Sequence[str], pair: tuple[str, str] | None = None):
-        corrected = pair is not None and self.corrected.get(pair) is not None
+    def settings(self, float_nodes: Sequence[str], corrected: bool = False):
         return dataclasses.replace(self.base, exclude_nodes=(*self.base.exclude_nodes, *float_nodes), bias_correction=corrected)
 
-    def graph(self, float_nodes: Sequence[str], pair: tuple[str, str]) -> Any:
-        """The Q/DQ graph of `pair` with `float_nodes` kept float, biases as corrected all-INT8."""
+    def graph(self, float_nodes: Sequence[str], pair: tuple[str, str], fresh: bool = False) -> Any:
+        """The Q/DQ graph of `pair` with `float_nodes` kept float; biases as corrected all-INT8,
+        or (`fresh`) corrected for this float set."""
         session = self.session
-        graph, _ = build_qdq(session.int8_model(), session.table(), self.settings(float_nodes, pair), pair[0], (), session.options.threads,
-                             pair[1], self.corrected.get(pair), rounded=session.rounded_weights())
+        corrected = session.biases_for(float_nodes, pair[0]) if fresh else self.corrected.get(pair)
+        graph, _ = build_qdq(session.int8_model(), session.table(), self.settings(float_nodes, corrected is not None), pair[0], (),
+                             session.options.threads, pair[1], corrected, rounded=session.rounded_weights())
         return graph
 
     def evaluate(self, float_nodes: Sequence[str], quick: bool = False, pairs: Sequence[tuple[str, str]] | None = None) -> tuple[float, dict[str, Any]]:
-        """The worst gate margin over the encodings (on QUICK_SAMPLES samples when `quick`) and its metrics."""
+        """The worst gate margin over the encodings (on the quick samples when `quick`) and its metrics."""
         margins = self.margins(float_nodes, quick, pairs)
         return min(margins.values(), key=lambda m: m[0])
 
     def margins(self, float_nodes: Sequence[str], quick: bool = False, pairs: Sequence[tuple[str, str]] | None = None) -> dict[tuple[str, str], tuple[float, dict[str, Any]]]:
-        """(gate margin, metrics) per (encoding, placement)."""
+        """(gate margin, metrics) per (encoding, placement): on the quick samples with all-INT8's
+        biases, or on the whole evaluation data with biases corrected for `float_nodes`."""
         session = self.session
         batches, reference, labels = self.quick if quick else self.full
         result = {}
         for encoding, placement in pairs or self.pairs:
-            candidate = session.outputs_of(self.graph(float_nodes, (encoding, placement)).model, batches)
+            candidate = session.outputs_of(self.graph(float_nodes, (encoding, placement), fresh=not quick).model, batches)
             metrics = compare_outputs(reference, candidate, labels, session.options.output_kinds, self.axes)
             result[(encoding, placement)] = (gate_margin(metrics, self.conditions, "int8"), metrics)
+            if not quick and not float_nodes:
+                self.int8_outputs[(encoding, placement)] = (candidate, metrics, result[(encoding, placement)][0])
             self.evaluations += 1
         return result
+
+    @property
+    def quick(self) -> tuple[list[Any], dict[str, Any], Any]:
+        """The QUICK_SAMPLES evaluation samples all-INT8 does worst on (lowest per-sample gate
+        margin over the encodings that fail, then lowest output cosine): their inputs, FP32
+        outputs and labels."""
+        if self._quick is None:
+            if not self.int8_outputs:
+                self.margins([])
+            batches, reference, labels = self.full
+            kinds = {name: output["kind"] for _, metrics, _ in self.int8_outputs.values() for name, output in metrics["outputs"].items()}
+            failing = [c for c, _, margin in self.int8_outputs.values() if margin < 0] or [c for c, _, _ in self.int8_outputs.values()]
+            scores: list[tuple[float, float]] = []
+            for index in range(batch_size(reference, self.axes)):
+                one = take(reference, index, index + 1, self.axes)
+                worst = (np.inf, np.inf)
+                for candidate in failing:
+                    sample = compare_outputs(one, take(candidate, index, index + 1, self.axes),
+                                             None if labels is None else labels[index : index + 1], kinds, self.axes)
+                    worst = min(worst, (gate_margin(sample, self.conditions, "int8"), lowest_cosine(sample)))
+                scores.append(worst)
+            chosen = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:QUICK_SAMPLES])
+            self._quick = ([pick(batches, chosen, self.session.input_axes)], pick([reference], chosen, self.axes),
+                           None if labels is None else labels[chosen])
+        return self._quick
 
     def units(self, placement: str) -> list[list[str]]:
         """Per quantized tensor, the quantized ops that must be float for it to have no Q/DQ."""
@@ -184,19 +218,10 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
     margin, metrics = min(margins.values(), key=lambda m: m[0])
     failing = [pair for pair, (m, _) in margins.items() if m < 0]  # the encodings the ranking is measured on
     before = headline(metrics)
-    chosen: list[str] = []
-    best = (margin, list(chosen), metrics)
+    best = (margin, [], metrics)
     if margin < 0 and max_float_layers > 0:
-        for unit in (row["float_layers"] for row in search.ranking(failing) if row["margin_gain"] > 0 or row["cosine_gain"] > 0):
-            added = [name for name in unit if name not in chosen]
-            if not added or len(chosen) + len(added) > max_float_layers:
-                continue
-            chosen += added
-            margin, metrics = search.evaluate(chosen)
-            if margin > best[0]:
-                best = (margin, list(chosen), metrics)
-            if margin >= 0:
-                break
+        ranked = [row["float_layers"] for row in search.ranking(failing) if row["margin_gain"] > 0 or row["cosine_gain"] > 0]
+        best = max([best, *_grow(search, _growing_sets(ranked, max_float_layers))], key=lambda found: found[0])
     margin, chosen, metrics = best
     if margin >= 0:
         for name in list(reversed(chosen)):  # give back every layer the gate does not need
@@ -208,15 +233,55 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
                     [f"{encoding}/{placement}" for encoding, placement in pairs], failing)
 
 
+def _growing_sets(units: Sequence[Sequence[str]], bound: int) -> list[list[str]]:
+    """The float sets the ranking proposes, each the one before plus the next unit that still
+    fits within `bound` layers."""
+    sets, chosen = [], []
+    for unit in units:
+        added = [name for name in unit if name not in chosen]
+        if added and len(chosen) + len(added) <= bound:
+            chosen = chosen + added
+            sets.append(chosen)
+    return sets
+
+
+def _grow(search: _Search, sets: Sequence[list[str]]) -> list[tuple[float, list[str], dict[str, Any]]]:
+    """(margin, float set, metrics) of the sets checked on the whole evaluation data: 1, 2, 4, ...
+    units until one passes (or the last set), then bisection down to the smallest that passes.
+    Each check costs a bias-corrected graph per grid, so not every set is checked: the gate is
+    assumed to hold from some number of units on, which a larger float set nearly always keeps."""
+    checked: dict[int, tuple[float, list[str], dict[str, Any]]] = {}
+
+    def check(count: int) -> bool:
+        if count not in checked:
+            margin, metrics = search.evaluate(sets[count - 1])
+            checked[count] = (margin, sets[count - 1], metrics)
+        return checked[count][0] >= 0
+
+    sizes = [2**k for k in range(max(len(sets) - 1, 0).bit_length())] + ([len(sets)] if sets else [])
+    failed, passed = 0, None
+    for size in sizes:
+        if check(size):
+            passed = size
+            break
+        failed = size
+    while passed is not None and passed - failed > 1:
+        middle = (failed + passed) // 2
+        failed, passed = (failed, middle) if check(middle) else (middle, passed)
+    return list(checked.values())
+
+
 def sensitivity_ranking(session: Any, pairs: Sequence[tuple[str, str]], conditions: list[Condition] | None) -> dict[str, Any]:
     """The ranking `enginekit sensitivity` prints: per unit of layers, the gate margin it reaches
-    alone in float (first evaluation batch), against all-INT8 on the whole evaluation data."""
+    alone in float (on the evaluation samples all-INT8 does worst on), against all-INT8 on the
+    whole evaluation data."""
     search = _Search(session, pairs, conditions)
     margin, metrics = search.evaluate([])
     return {"model": session.fp32.name, "encodings": [f"{e}/{p}" for e, p in pairs], "all_int8": headline(metrics),
             "all_int8_margin": margin, "ranking": search.ranking(),
             "how": "each unit (the op computing a quantized tensor and the ops reading it quantized) kept float alone; "
-                   "margin = the smallest distance of a gate condition from its threshold, on the first evaluation batch"}
+                   f"margin = the smallest distance of a gate condition from its threshold, on the {QUICK_SAMPLES} evaluation samples "
+                   "all-INT8 does worst on"}
 
 
 def fallback_error(result: Fallback, what: str, max_float_layers: int) -> GateError:

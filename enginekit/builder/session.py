@@ -264,6 +264,26 @@ class ModelSession:
         self.qdq(encoding, placement)
         return self._biases.get(json.dumps([GRID_FAMILY[encoding], self.options.quantize.key()], sort_keys=True))
 
+    def biases_for(self, float_nodes: Sequence[str], encoding: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The biases bias correction gives the graph on `encoding`'s integer grid with
+        `float_nodes` also kept float: what the artifacts get if the fallback adopts that set (the
+        same correction `qdq` would run then, kept under the same key, so adopting the set reuses
+        it). Layers downstream of a float layer need other biases than all-INT8's: theirs
+        compensated an upstream error that is gone. None when bias correction is off."""
+        import dataclasses
+
+        settings = self.int8_settings("inputs")
+        if not settings.bias_correction or not float_nodes or self.imported:
+            return self.corrected_biases(encoding)
+        settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *float_nodes))
+        family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+        if family not in self._biases:
+            with stage(f"bias correction ({encoding}, {len(float_nodes)} float layers)"):
+                graph, details = build_qdq(self.int8_model(), self.table(), settings, encoding, self.calibration_batches(),
+                                           self.options.threads, "inputs", None, self._fp32_means, self.rounded_weights(), self.input_axes)
+            self._biases[family] = (layer_biases(graph), details.get("bias_correction") or {})
+        return self._biases[family]
+
     def evaluation(self) -> Evaluation:
         """Held-out data (the zoo's evaluation split, or the given eval data) and its labels."""
         if self._evaluation is None:

@@ -112,6 +112,24 @@ def take(arrays: Mapping[str, np.ndarray], start: int, stop: int, axes: Mapping[
     return taken
 
 
+def pick(batches: Sequence[Mapping[str, np.ndarray]], indices: Sequence[int], axes: Mapping[str, int | None] | None = None) -> Feeds:
+    """The samples at `indices` (counted across `batches`, in order) as one batch, in index
+    order; unbatched arrays taken from the first batch."""
+    axes = axes or {}
+    wanted = np.unique(np.asarray(indices, dtype=np.int64))
+    parts, start = [], 0
+    for batch in batches:
+        count = batch_size(batch, axes)
+        local = wanted[(wanted >= start) & (wanted < start + count)] - start
+        if len(local):
+            parts.append({name: array if axes.get(name, 0) is None else np.take(np.asarray(array), local, axis=axes.get(name, 0))
+                          for name, array in batch.items()})
+        start += count
+    if not parts:
+        raise ValueError(f"no sample at {list(wanted[:4])}: the batches hold {start}")
+    return join(parts, axes)
+
+
 def join(parts: Sequence[Mapping[str, np.ndarray]], axes: Mapping[str, int | None] | None = None) -> Feeds:
     """Batches joined along their batch axes; unbatched arrays taken from the first part."""
     axes = axes or {}
