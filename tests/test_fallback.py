@@ -251,11 +251,25 @@ def _search(folder, calibration, evaluation, **extra):
     return session, _Search(session, [("uint8", "outputs")], parse_conditions(options.min_accuracy))
 
 
-def test_the_ranking_is_measured_on_the_samples_all_int8_does_worst_on(case):
-    """A gate fails on the samples INT8 gets wrong: the ranking batch is those, not the first ones
-    (on efficientnet_lite0 the first 16 crops all agreed and every unit tied at a gain of 0)."""
+def test_units_are_ranked_on_samples_whose_margin_can_move():
+    """A top-1 gate moves only on the samples INT8 gets wrong (on efficientnet_lite0 the first 16
+    crops all agreed and every unit tied at a gain of 0): those are the ones measured. A cosine gate
+    takes a mean: the samples are spread over the whole range, the worst and the best included."""
+    from enginekit.builder.fallback import informative_samples
+
+    agreeing, wrong = (0.02, 0.999), [(-0.98, 0.9 + i / 1000) for i in range(6)]
+    top1 = [agreeing] * 40 + wrong + [agreeing] * 40
+    assert informative_samples(top1, 4) == [40, 42, 43, 45]  # four of the six wrong ones, spread
+    few_wrong = [agreeing] * 10 + wrong[:2] + [(0.02, 0.99), (0.02, 0.95)]
+    assert informative_samples(few_wrong, 4) == [10, 11, 12, 13]  # both wrong, then the closest to flipping
+    cosines = [(c - 0.99, c) for c in np.linspace(0.95, 1.0, 41)][::-1]
+    assert informative_samples(cosines, 5) == [0, 10, 20, 30, 40]
+    assert informative_samples(cosines[:3], 5) == [0, 1, 2]
+
+
+def test_the_ranking_batch_is_those_samples_with_their_reference_outputs(case):
     from enginekit.accuracy.metrics import _cosines
-    from enginekit.builder.fallback import QUICK_SAMPLES
+    from enginekit.builder.fallback import QUICK_SAMPLES, informative_samples
 
     folder, calibration, evaluation = case
     _, search = _search(folder, calibration, evaluation)
@@ -263,12 +277,12 @@ def test_the_ranking_is_measured_on_the_samples_all_int8_does_worst_on(case):
     search.margins([])
     int8 = search.int8_outputs[("uint8", "outputs")][0]
     per_sample = _cosines(reference["c3"].reshape(len(reference["c3"]), -1), int8["c3"].reshape(len(int8["c3"]), -1))
-    worst = set(np.argsort(per_sample)[:QUICK_SAMPLES].tolist())
+    expected = informative_samples([(c - 0.99, c) for c in per_sample], QUICK_SAMPLES)
     inputs, quick_reference, _ = search.quick
     everything = np.concatenate([b["x"] for b in batches])
-    chosen = {int(np.flatnonzero((everything == sample).all(axis=(1, 2, 3)))[0]) for sample in inputs[0]["x"]}
-    assert len(chosen) == QUICK_SAMPLES < len(everything) and chosen == worst
-    assert np.array_equal(quick_reference["c3"], reference["c3"][sorted(chosen)])
+    chosen = sorted(int(np.flatnonzero((everything == sample).all(axis=(1, 2, 3)))[0]) for sample in inputs[0]["x"])
+    assert len(chosen) == QUICK_SAMPLES < len(everything) and chosen == expected
+    assert np.array_equal(quick_reference["c3"], reference["c3"][chosen])
 
 
 def test_every_gate_check_of_the_search_is_bias_corrected_for_its_own_float_set(case):
