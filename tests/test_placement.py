@@ -222,3 +222,51 @@ def test_exclude_after_looks_through_data_movement():
     model = helper.make_model(graph)
     assert plan_quantization(model).nodes == ["attention"]
     assert plan_quantization(model, exclude_after=["Softmax"]).nodes == []
+
+
+def conv_deconv_model(group: int = 1) -> onnx.ModelProto:
+    """conv1 -> Relu -> deconv1 (stride 2, 4 -> 8 channels) -> Relu -> deconv2 (8 -> 2) -> y: a
+    detector's upsampling head."""
+    inits: list = []
+    for name, (c_in, channels) in (("deconv1", (4, 8)), ("deconv2", (8, 2))):
+        inits += [numpy_helper.from_array(RNG.normal(0, 0.3, (c_in, channels // group, 2, 2)).astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array(RNG.normal(0, 0.1, channels).astype(np.float32), f"{name}_b")]
+    nodes = [_conv("conv1", "x", "c1", 4, inits), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("ConvTranspose", ["r1", "deconv1_w", "deconv1_b"], ["d1"], name="deconv1", strides=[2, 2], group=group),
+             helper.make_node("Relu", ["d1"], ["r2"], name="relu2"),
+             helper.make_node("ConvTranspose", ["r2", "deconv2_w", "deconv2_b"], ["y"], name="deconv2", strides=[2, 2], group=group)]
+    graph = helper.make_graph(nodes, "deconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 32, 32])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_transpose_is_quantized_per_output_channel_inside_an_integer_region_where_the_placement_is_inputs():
+    """Its weight is [C_in, C_out, kH, kW]: the per-channel axis is 1. Only a ConvTranspose whose
+    output reaches a quantized compute op (deconv1, through its Relu) is quantized: the last one
+    writes the float map (slower in int8 on OpenVINO). ONNX Runtime's CPU provider has no Q/DQ
+    ConvTranspose kernel, so its "outputs" placement leaves both float; grouped ones have no
+    per-output-channel scale and stay float everywhere."""
+    inputs = plan_quantization(conv_deconv_model(), placement="inputs")
+    assert inputs.nodes == ["conv1", "deconv1"] and inputs.activations == ["x", "r1"]
+    assert [(w.tensor, w.axis) for w in inputs.weights if w.node.startswith("deconv")] == [("deconv1_w", 1)]
+    outputs = plan_quantization(conv_deconv_model(), placement="outputs")
+    assert outputs.nodes == ["conv1"] and not any(w.node.startswith("deconv") for w in outputs.weights)
+    assert plan_quantization(conv_deconv_model(group=2), placement="inputs").nodes == ["conv1"]
+
+
+def test_a_quantized_conv_transpose_matches_float_and_runs_as_an_integer_deconvolution_in_openvino(tmp_path):
+    model = conv_deconv_model()
+    qdq = insert_qdq(model, plan_quantization(model, placement="inputs"), _table(model), "mixed").model
+    scales = next(t for t in qdq.graph.initializer if t.name == "deconv1_w__scale")
+    assert list(scales.dims) == [8]  # one scale per output channel (axis 1), not per input channel
+    feeds = [{"x": RNG.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    for reference, quantized in zip(probe(model, ["y"], feeds), probe(qdq, ["y"], feeds)):
+        error = reference["y"] - quantized["y"]
+        assert 10 * np.log10(np.sum(reference["y"] ** 2) / np.sum(error**2)) > 20.0  # SQNR in dB: the right axis
+    openvino = pytest.importorskip("openvino", reason="openvino is not installed")
+    path = tmp_path / "deconv.onnx"
+    onnx.save(qdq, str(path))
+    compiled = openvino.Core().compile_model(str(path), "CPU")
+    precisions = {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+                  if op.get_rt_info()["layerType"].astype(str) == "Deconvolution"}
+    assert len(precisions) == 2 and sorted(precisions.values()) == ["f32", "u8"]  # deconv1 integer, deconv2 float
