@@ -56,6 +56,18 @@ def test_unchanged_inputs_reuse_the_artifact_and_changes_rebuild(tmp_path):
     assert not changed.cache_hit and changed.manifest["build_key"] != first.manifest["build_key"]
 
 
+def test_changed_enginekit_source_rebuilds_what_the_old_code_built(tmp_path, monkeypatch):
+    """The version string stays the same between commits: the key also hashes enginekit's source."""
+    from enginekit.builder import key
+
+    out = tmp_path / "fp32"
+    first = build("digits_cnn", "onnxruntime", "fp32", out)
+    assert len(key.source_digest()) == 64
+    monkeypatch.setattr(key, "source_digest", lambda: "0" * 64)
+    changed = build("digits_cnn", "onnxruntime", "fp32", out)
+    assert not changed.cache_hit and changed.manifest["build_key"] != first.manifest["build_key"]
+
+
 def test_a_corrupted_cached_artifact_is_rebuilt(tmp_path):
     out = tmp_path / "fp32"
     build("digits_cnn", "onnxruntime", "fp32", out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -69,13 +70,26 @@ def _source_hash(module: Any) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else "builtin"
 
 
+@functools.cache
+def source_digest() -> str:
+    """sha256 over enginekit's own source files. The version string does not change between
+    commits of a checkout, so without this a changed placement rule or calibration fix was served
+    the artifact the code before it had built under the same key (seen here: a new Q/DQ rule's
+    OpenVINO INT8 came back from the cache with the old graph)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOptions, target_options: Mapping[str, Any],
               encoding: str, table_sha256: str | None) -> str:
     """`table_sha256`: the hash of a given table file (None when the table is made from the
     calibration settings, which the key then names instead)."""
     material: dict[str, Any] = {
         "fp32": fp32.sha256, "target": target.name, "precision": precision,
-        "toolchain": toolchain("onnx", "onnxruntime", "numpy"), "target_material": target.key_material(target_options),
+        "toolchain": toolchain("onnx", "onnxruntime", "numpy"), "source": source_digest(), "target_material": target.key_material(target_options),
         "min_accuracy": [str(c) for c in options.min_accuracy] if isinstance(options.min_accuracy, (list, tuple)) else options.min_accuracy,
         "eval": data_identity(options.eval_data, fp32), "eval_samples": options.eval_samples,
         "output_kinds": dict(sorted(options.output_kinds.items())), "metric": _metric_identity(options.metric),
