@@ -1,7 +1,7 @@
 """Study: enginekit's `--auto-fallback` against NNCF's `quantize_with_accuracy_control` on the same
 model, data and gate, side by side in one run.
 
-    python -m studies.accuracy_control [--gate 0.98] [--eval-samples 1024] [--rounds 3] [--json out.json]
+    python -m studies.accuracy_control [--gate 0.98] [--eval-samples 1024] [--rounds 3] [--max-float-layers 16] [--json out.json]
 
 efficientnet_lite0; calibration: the zoo's 256 calibration crops for both; the gate: top-1
 agreement with the FP32 model >= `--gate` on the same `--eval-samples` held-out crops, which both
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--gate", type=float, default=0.98)
     parser.add_argument("--eval-samples", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-float-layers", type=int, default=16, help="enginekit's bound (its build default: 16)")
     parser.add_argument("--json", default="artifacts/benchmarks/accuracy_control.json")
     args = parser.parse_args()
 
@@ -91,7 +92,8 @@ def main() -> None:
     gate = f"top1_agreement>={args.gate}"
 
     log(f"enginekit: build --auto-fallback --min-accuracy '{gate}' for onnxruntime, openvino, tflite...")
-    options = ek.BuildOptions(num_samples=256, eval_samples=args.eval_samples, min_accuracy=gate, auto_fallback=True)
+    options = ek.BuildOptions(num_samples=256, eval_samples=args.eval_samples, min_accuracy=gate, auto_fallback=True,
+                              max_float_layers=args.max_float_layers)
     started = time.perf_counter()
     cells = ek.build_many(MODEL, ["onnxruntime", "openvino", "tflite"], ["int8"], work / "enginekit", options)
     enginekit_s = time.perf_counter() - started
