@@ -208,7 +208,7 @@ class ModelSession:
         settings = self.int8_settings(placement)
         key = json.dumps([encoding, placement, settings.key()], sort_keys=True)
         if key not in self._qdq:
-            family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+            family = _grid_family(encoding, settings)
             if settings.bias_correction and family not in self._biases and placement != "inputs" and not self.imported:
                 self.qdq(encoding, "inputs")  # the grid's one correction, on the canonical placement
             corrected = self._biases.get(family)
@@ -262,7 +262,7 @@ class ModelSession:
         if not self.options.quantize.bias_correction:
             return None
         self.qdq(encoding, placement)
-        return self._biases.get(json.dumps([GRID_FAMILY[encoding], self.options.quantize.key()], sort_keys=True))
+        return self._biases.get(_grid_family(encoding, self.options.quantize))
 
     def biases_for(self, float_nodes: Sequence[str], encoding: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """The biases bias correction gives the graph on `encoding`'s integer grid with
@@ -276,7 +276,7 @@ class ModelSession:
         if not settings.bias_correction or not float_nodes or self.imported:
             return self.corrected_biases(encoding)
         settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *float_nodes))
-        family = json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+        family = _grid_family(encoding, settings)
         if family not in self._biases:
             with stage(f"bias correction ({encoding}, {len(float_nodes)} float layers)"):
                 graph, details = build_qdq(self.int8_model(), self.table(), settings, encoding, self.calibration_batches(),
@@ -362,3 +362,10 @@ class CellInputs:
 
     def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
         return self.session.calibration_samples(count, batch)
+
+
+def _grid_family(encoding: str, settings: QuantizeSettings) -> str:
+    """The key one bias correction is kept under: every encoding and placement on the same integer
+    grid, with the same settings, shares it (and the fallback's corrected checks are found by it
+    when their float set is adopted)."""
+    return json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)

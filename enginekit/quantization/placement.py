@@ -34,8 +34,9 @@ COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Deconvolution (TensorRT and TFLite have int8 transposed convolutions too), while ONNX Runtime's
 # CPU provider (1.32) fuses no Q/DQ ConvTranspose and would run it in float behind a DequantizeLinear.
 INPUTS_PLACEMENT_ONLY_OPS = {"ConvTranspose"}
-# Quantized only inside an integer region (its output, through a Relu/Clip, reaches a quantized
-# compute op), as residual Adds are. Measured on PP-OCRv4 det's head in OpenVINO (AMX Xeon): the
+# Quantized only inside an integer region (its output, through a Relu/Clip, reaches a compute op
+# this placement quantizes, as for residual Adds; a ConvTranspose reader counts even when its own
+# output leaves the region and it stays float, as in the head below). Measured on PP-OCRv4 det's head in OpenVINO (AMX Xeon): the
 # ConvTranspose whose output feeds the next one ran 2x faster in int8 (259 -> 125 us), the last
 # one, writing the float 320x320 map, 1.9x slower (358 -> 681 us): the model 3-5 % slower with
 # both in int8. The output layer of a dense head is also where int8 costs the most accuracy.
