@@ -81,6 +81,7 @@ def test_auto_fallback_keeps_the_fewest_layers_float_and_every_target_gets_them(
         assert manifest["quantization"]["exclude_nodes"] == fallback["float_layers"]  # the artifact was built with them
         assert manifest["accuracy"]["passed"] and manifest["accuracy"]["metrics"]["cosine"] >= 0.99  # verified on the target's runtime
     assert len({tuple(cell.manifest["fallback"]["float_layers"]) for cell in built}) == 1  # one set for every target
+    assert built[0].manifest["fallback"]["judged_on"] == {"mixed/inputs": ["openvino"], "uint8/outputs": ["onnxruntime"]}
 
 
 def test_a_bound_no_set_meets_fails_in_one_line_with_the_best_found(case):
@@ -134,6 +135,7 @@ def test_tflite_keeps_the_fallback_layers_float_and_the_rest_integer(case):
     manifest = next(cell.manifest for cell in cells if cell.target == "tflite")
     layers = manifest["fallback"]["float_layers"]
     assert manifest["tflite"]["float_layers"]["kept_float"] == layers and not manifest["tflite"]["float_layers"]["not_found_in_tflite"]
+    assert manifest["fallback"]["judged_on"]["mixed/inputs"] == ["reference executor"]  # a TFLite candidate is a whole conversion
     types = manifest["tflite"]["types"]
     assert types["float32_compute_ops"] == ["CONV_2D"] * len(layers) and types["ops"]["CONV_2D"] == 3, types
     assert manifest["accuracy"]["passed"] and manifest["accuracy"]["metrics"]["cosine"] >= 0.99
@@ -164,6 +166,57 @@ def test_when_no_set_passes_only_the_encodings_below_the_gate_fail(case, monkeyp
     assert by_target["onnxruntime"].failed and "no fallback of at most 1 float layers" in by_target["onnxruntime"].failed
     openvino = by_target["openvino"]
     assert openvino.failed and "no fallback" not in openvino.failed and "accuracy gate failed" in openvino.failed  # its own runtime's verdict
+
+
+class _Runtime:
+    """A target whose runtime is scripted: it runs the FP32 graph (`exact`) or the all-INT8 one
+    (`ignores_float_layers`) whatever candidate it is given; `name=None`: it cannot run candidates."""
+
+    def __init__(self, name, graph=None):
+        self.name, self.graph, self.opened = name, graph, 0
+
+    def candidate_runner(self, graph, threads=None):
+        from enginekit.targets.onnxruntime import OrtRunner
+
+        if self.graph is None:
+            return None
+        self.opened += 1
+        return OrtRunner(self.graph, threads=threads)
+
+
+def _search_session(folder, calibration, evaluation):
+    from enginekit.builder.session import ModelSession
+    from enginekit.exporter.reference import load_fp32
+
+    options = _options(calibration, evaluation, auto_fallback=True)
+    session = ModelSession(load_fp32(str(folder / "model.onnx"), options.source_options()), options)
+    session.int8_pairs = {("uint8", "outputs")}
+    return session
+
+
+def test_the_search_judges_its_gate_checks_on_the_targets_runtime(case):
+    """A set that passes on the Q/DQ graph is not adopted when the runtime fails with it, and a
+    runtime that passes all-INT8 needs no float layer; the reference executor still judges for a
+    target of the same encoding that cannot run a candidate."""
+    from enginekit.accuracy import parse_conditions
+    from enginekit.builder.fallback import find_float_layers
+
+    folder, calibration, evaluation = case
+    session = _search_session(folder, calibration, evaluation)
+    pair, gate = ("uint8", "outputs"), parse_conditions("cosine>=0.99")
+    on_graph = find_float_layers(session, [pair], gate)
+    assert on_graph.passed and on_graph.float_nodes and on_graph.judged_on == {"uint8/outputs": ["reference executor"]}
+
+    all_int8 = session.qdq(*pair)[0].model
+    stubborn = _Runtime("stubborn", all_int8)
+    refused = find_float_layers(session, [pair], gate, targets={pair: [stubborn]})
+    assert not refused.passed and refused.judged_on == {"uint8/outputs": ["stubborn"]} and stubborn.opened >= 2  # all-INT8 and the grown sets
+
+    exact = _Runtime("exact", session.fp32.proto)
+    assert find_float_layers(session, [pair], gate, targets={pair: [exact]}).float_nodes == []
+    shared = find_float_layers(session, [pair], gate, targets={pair: [exact, _Runtime("no-candidates")]})
+    assert shared.passed and shared.float_nodes == on_graph.float_nodes
+    assert shared.judged_on == {"uint8/outputs": ["exact", "reference executor"]}
 
 
 EMBEDDING = {"c3": "embedding"}  # a cosine per vector, averaged: one extreme sample cannot dominate it

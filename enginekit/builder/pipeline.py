@@ -133,10 +133,13 @@ def auto_fallback_search(session: ModelSession, int8_targets: list[Target], cond
     int8_targets = [t for t in int8_targets if t.float_layers]
     if not options.auto_fallback or not int8_targets:
         return None, set()
-    pairs = sorted({int8_pair(t, options) for t in int8_targets})
+    by_pair: dict[tuple[str, str], list[Target]] = {}
+    for target in int8_targets:
+        by_pair.setdefault(int8_pair(target, options), []).append(target)
+    pairs = sorted(by_pair)
     bound = options.max_float_layers if options.max_float_layers is not None else DEFAULT_MAX_FLOAT_LAYERS
     report("searching float fallback", 0, 1, "searches", ", ".join(f"{e}/{p}" for e, p in pairs))
-    found = find_float_layers(session, pairs, conditions, bound)
+    found = find_float_layers(session, pairs, conditions, bound, by_pair)
     session.adopt_fallback(found)
     return (None, set()) if found.passed else (fallback_error(found, f"{session.fp32.name} int8", bound), set(found.failing))
 
