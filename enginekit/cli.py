@@ -268,6 +268,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
 @click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
+@click.option("--tflite-output-bits", type=click.Choice(["8", "16"]), default=None,
+              help="16: the ops computing an int8 .tflite's outputs run with int16 activations (16x8) and the outputs are int16 "
+                   "(no ties between close logits); 8: int8 outputs. Default: the target's (see README).")
 @_data_options
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'OUTPUT:cosine>=0.99'; default: a task-aware gate for every output; 'none' for no gate.")
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, generic) where inferring it is not right.")
@@ -291,7 +294,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_executor_options
 @_with_run_limit
 @_source_options
-def build(model, targets, precisions, tflite_io, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
+def build(model, targets, precisions, tflite_io, tflite_output_bits, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
           auto_fallback, max_float_layers, weight_type, weight_rounding, smoothquant, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
@@ -309,7 +312,7 @@ def build(model, targets, precisions, tflite_io, table, calib_method, calib_data
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     target_options = {"tensorrt": {"profile": parse_dim_ranges(profiles), "workspace_mb": workspace_mb, "builder": tensorrt_builder},
-                      "tflite": {"io": tflite_io}}
+                      "tflite": {"io": tflite_io, **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {})}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,

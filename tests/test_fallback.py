@@ -361,3 +361,41 @@ def test_every_gate_check_of_the_search_is_bias_corrected_for_its_own_float_set(
     session.adopt_fallback(Fallback(["conv1"], True, "", "", 0.0))
     assert np.allclose(layer_biases(session.qdq("uint8", "outputs")[0])["conv3"], built["conv3"], atol=1e-6)
     assert len(session._biases) == corrections + 1  # adopting it corrected nothing anew
+
+
+def _residual_model(path) -> None:
+    """x -> conv1 -> relu1 -> conv2 (stride 2, pads 1: TFLite pads explicitly) -> relu2 -> conv3 -> add(+ relu2) -> conv4 -> y."""
+    shapes = {"conv1": (8, 4), "conv2": (8, 8), "conv3": (8, 8), "conv4": (4, 8)}
+    inits = []
+    for name, (cout, cin) in shapes.items():
+        inits += [numpy_helper.from_array(RNG.normal(0, 0.4, (cout, cin, 3, 3)).astype(np.float32), f"w_{name}"),
+                  numpy_helper.from_array(RNG.normal(0, 0.1, cout).astype(np.float32), f"b_{name}")]
+    conv = lambda name, x, y, **a: helper.make_node("Conv", [x, f"w_{name}", f"b_{name}"], [y], name=name, pads=[1, 1, 1, 1], **a)  # noqa: E731
+    nodes = [conv("conv1", "x", "c1"), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             conv("conv2", "r1", "c2", strides=[2, 2]), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             conv("conv3", "r2", "c3"), helper.make_node("Add", ["c3", "r2"], ["s"], name="add"), conv("conv4", "s", "y")]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_tflite_keeps_a_units_add_and_the_padding_between_float_layers_float(case):
+    """The fallback's units hold residual Adds as well as convolutions; TFLite leaves the ADD float
+    too (it was 'not found' and stayed int8), and the PAD between two float convolutions stays
+    float instead of requantizing the tensor between them."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    from enginekit.targets.tflite.convert import op_types
+
+    folder, calibration, evaluation = case
+    _residual_model(folder / "residual.onnx")
+    quantize = ek.QuantizeSettings(bias_correction=False, exclude_nodes=("conv1", "conv2", "add"))
+    manifest = ek.build(str(folder / "residual.onnx"), "tflite", "int8", folder / "residual",
+                        _options(calibration, evaluation, min_accuracy="none", quantize=quantize)).manifest
+    kept = manifest["tflite"]["float_layers"]
+    assert kept["kept_float"] == ["conv1", "conv2", "add"] and not kept["not_found_in_tflite"], kept
+    ops = op_types((folder / "residual" / "model.tflite").read_bytes())
+    kinds = {op["op"]: [] for op in ops}
+    for op in ops:
+        kinds[op["op"]].append("float32" if "float32" in op["outputs"] else op["outputs"][0])
+    assert kinds["ADD"] == ["float32"] and kinds["PAD"] == ["float32"], kinds
+    assert kinds["CONV_2D"].count("float32") == 2 and kinds["CONV_2D"].count("int8") == 2, kinds  # conv3 and conv4 stay int8

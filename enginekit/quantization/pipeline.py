@@ -15,7 +15,7 @@ from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.reference import Fp32Model
 from enginekit.quantization.bias_correction import correct_biases, keep_if_closer, layer_biases, set_biases
-from enginekit.quantization.placement import COMPUTE_OPS, QuantPlan, plan_quantization
+from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
 from enginekit.quantization.rounding import rounded_weights
 from enginekit.quantization.encoding import activation_qparams, weight_type
@@ -61,16 +61,17 @@ def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inpu
     return plan, list(after)
 
 
-def excluded_compute_nodes(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> list[str]:
-    """The compute layers (Conv, Gemm, MatMul) the plan quantizes without exclusions but `settings`
-    keeps float (--exclude-node/-op/-after, --keep-first-last-float, the fallback's choice, the
-    zoo's rules): what a target that quantizes the float graph itself (TFLite) must keep float."""
+def excluded_nodes(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> list[str]:
+    """The nodes the plan quantizes without exclusions but `settings` keeps float (--exclude-node/
+    -op/-after, --keep-first-last-float, the fallback's choice, the zoo's rules): what a target that
+    quantizes the float graph itself (TFLite) must keep float. Not only compute layers: a fallback
+    unit frees a tensor by keeping its producer and readers float, residual Adds and pooling
+    included."""
     bare = replace(settings, exclude_nodes=(), exclude_ops=(), keep_first_last_float=False, exclude_after=())
     every, _ = plan_for(fp32, bare, placement)
     kept, _ = plan_for(fp32, settings, placement)
     quantized = set(kept.nodes)
-    compute = {node.name for node in fp32.proto.graph.node if node.op_type in COMPUTE_OPS}
-    return [name for name in every.nodes if name not in quantized and name in compute]
+    return [name for name in every.nodes if name not in quantized]
 
 
 def nodes_without_ranges(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, placement: str) -> tuple[str, ...]:

@@ -69,7 +69,7 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
                      feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None,
-                     float_layers: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
+                     float_layers: Sequence[str] = (), output_bits: int = 8) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
     INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
     (`more_feeds`: further calibration batches, for tensors measured in TFLite); `float_layers`:
@@ -84,7 +84,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     float_model = convert_function(function, origin, "fp32", owner)
     ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
-    model = quantize_int8(float_model, ranges.ranges, io_type, float_ops)
+    model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if float_layers:
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": float_ops,
@@ -112,7 +112,9 @@ class TfliteTarget(Target):
     serving = Serving((MODEL_FILE,), ovms=True)  # Triton has no TFLite backend
     encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
     float_layers = True  # full-integer but for the layers a build keeps float (float_layers.py)
-    option_defaults = {"io": "int8"}  # int8 .tflite input/output type: "int8" or "uint8"
+    # io: int8 .tflite input/output type, "int8" or "uint8"; output_bits: 16 runs the ops computing
+    # the outputs with int16 activations (16x8) and gives int16 outputs (OUTPUT_BITS), 8 keeps them int8
+    option_defaults = {"io": "int8", "output_bits": 8}
 
     def unavailable(self, precision: str) -> str | None:
         return unavailable_reason()
@@ -161,7 +163,8 @@ class TfliteTarget(Target):
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
                                        more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
-                                       io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else ())
+                                       io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else (),
+                                       output_bits=inputs.options["output_bits"])
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:
             notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"

@@ -4,8 +4,13 @@ LiteRT runs it between a DEQUANTIZE and a QUANTIZE and the rest of the flatbuffe
 full-integer, so one float set serves every target, TFLite included.
 
 An ONNX layer is found by value, through the range matching (ranges.RangeMap.matched): the TFLite
-compute op whose output equals the layer's output, or, where the converter fused what follows
-into it (an activation, a bias Add, a batch norm), the output of that follower.
+op whose output equals the layer's output, or, where the converter fused what follows into it
+(an activation, a bias Add, a batch norm), the output of that follower. Not only compute layers:
+the fallback's units also hold the residual Adds and the pooling a quantized tensor passes
+through (on efficientnet_lite0, 24 of its 60 units), and with those left int8 the tensor the unit
+frees on the Q/DQ graph stayed quantized on TFLite. Data movement (PAD, RESHAPE, TRANSPOSE, ...)
+reading a float op's output stays float too, so a float tensor is not requantized on its way to
+the next float op.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from enginekit.targets.tflite.ranges import RangeMap
 COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
 FUSED_FOLLOWERS = {"Relu", "Clip", "Add", "BatchNormalization", "LeakyRelu", "Tanh", "Sigmoid"}
 MAX_FOLLOWERS = 2  # a bias Add and an activation
+# data movement that follows a float op's output float (QUANTIZE, DEQUANTIZE, SHAPE and GATHER are
+# not: they change type or read indices)
+FLOAT_FOLLOWING_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "STRIDED_SLICE", "SLICE"}
+_NOT_A_LAYER = {"QUANTIZE", "DEQUANTIZE", "SHAPE", "DELEGATE"} | FLOAT_FOLLOWING_OPS
 
 
 def float_op_outputs(model: onnx.ModelProto, nodes: Sequence[str], ranges: RangeMap) -> tuple[list[str], list[str]]:
-    """For `nodes` (ONNX compute layers kept float): the output tensor of each one's TFLite
-    compute op, and the nodes for which none was found."""
+    """For `nodes` (ONNX layers kept float): the output tensors of the TFLite ops to leave float
+    (each one's op, and the data movement after them), and the nodes for which none was found."""
     by_onnx: dict[str, list[str]] = {}
     for tflite_tensor, onnx_tensor in ranges.matched.items():
-        if ranges.producers.get(tflite_tensor) in COMPUTE_OPS:
+        if ranges.producers.get(tflite_tensor, "DELEGATE") not in _NOT_A_LAYER:
             by_onnx.setdefault(onnx_tensor, []).append(tflite_tensor)
     readers = tensor_readers(model.graph)
     named = {node.name: node for node in model.graph.node}
@@ -43,4 +52,18 @@ def float_op_outputs(model: onnx.ModelProto, nodes: Sequence[str], ranges: Range
             found += [t for t in by_onnx[tensor] if t not in found]
         else:
             missing.append(name)
-    return found, missing
+    return found + _moved_after(found, ranges), missing
+
+
+def _moved_after(float_tensors: Sequence[str], ranges: RangeMap) -> list[str]:
+    """Outputs of FLOAT_FOLLOWING_OPS whose data input is a float op's output (transitively)."""
+    floating, moved = set(float_tensors), []
+    changed = True
+    while changed:
+        changed = False
+        for tensor, inputs in ranges.inputs_of.items():
+            if tensor not in floating and ranges.producers.get(tensor) in FLOAT_FOLLOWING_OPS and inputs and inputs[0] in floating:
+                floating.add(tensor)
+                moved.append(tensor)
+                changed = True
+    return moved

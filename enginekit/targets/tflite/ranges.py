@@ -45,6 +45,7 @@ class RangeMap:
     measured: list[str] = field(default_factory=list)  # no twin: min-max on the calibration feeds
     softmax_clipped: list[str] = field(default_factory=list)  # softmax inputs cut to their top SOFTMAX_SPAN
     producers: dict[str, str] = field(default_factory=dict)  # tflite tensor -> the op type that writes it
+    inputs_of: dict[str, list[str]] = field(default_factory=dict)  # tflite tensor -> the inputs of the op that writes it
 
     def summary(self) -> dict[str, int]:
         return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
@@ -138,6 +139,8 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
     name_index = {name: index for index, name in index_name.items()}
     producer = {out: op for op in ops for out in op["outputs"]}
     result.producers = {index_name[index]: op["op_name"] for index, op in producer.items() if index in index_name}
+    result.inputs_of = {index_name[index]: [index_name[i] for i in op["inputs"] if i in index_name]
+                        for index, op in producer.items() if index in index_name}
     for name in values:
         if name in result.ranges:
             continue
