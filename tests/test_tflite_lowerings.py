@@ -385,3 +385,31 @@ def test_int16_outputs_leave_an_output_computed_by_an_elementwise_op_int8():
     assert output_ops(for_int8) == []
     ranges = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges
     assert "int16" not in {t for op in op_types(quantize_int8(for_int8, ranges, output_bits=16)) for t in op["outputs"]}
+
+
+@pytest.mark.parametrize("data, centred", [("pixels", True), ("one-sided", False)])
+def test_a_signed_input_takes_the_grid_that_rounds_its_calibration_values_least(data, centred):
+    """Pixels scaled by (x - 127.5) / 127.5 lie on odd multiples of 1/255: TFLite's range
+    [-1, 1] gives step 2/255 and an integer zero point, half a step off every pixel, so the zero-
+    point-0 grid (step 1/127) is chosen; values spread over [-0.2, 1] keep the table's range
+    (the centred grid would spend half its levels below -0.2)."""
+    from enginekit.targets.tflite.ranges import int8_rounding_error
+
+    model = _model([helper.make_node("Relu", ["c"], ["y"], name="relu")], [], [1, 4, 16, 16])
+    if data == "pixels":
+        feeds = [{"x": ((RNG.integers(0, 256, (1, 3, 16, 16)) - 127.5) / 127.5).astype(np.float32)} for _ in range(4)]
+    else:
+        feeds = [{"x": RNG.uniform(-0.2, 1.0, (1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    float_model = convert_function(to_tf_function(model, "in.onnx", integer=True), "in.onnx")
+    table = _table(model, feeds)
+    found = map_ranges(float_model, model, table, feeds[0], feeds[1:])
+    inputs = [name for name, onnx_name in found.matched.items() if onnx_name == "x"]
+    assert inputs and bool(found.zero_centred_inputs) == centred
+    low, high = table.tensors["x"].min, table.tensors["x"].max
+    chosen = found.ranges[inputs[0]]
+    assert int8_rounding_error(feeds[0]["x"], *chosen) <= int8_rounding_error(feeds[0]["x"], low, high)
+    if centred:
+        assert int8_rounding_error(feeds[0]["x"], *chosen) < 0.5 * int8_rounding_error(feeds[0]["x"], low, high)
+        from enginekit.targets.tflite.runner import io_parameters
+
+        assert io_parameters(quantize_int8(float_model, found.ranges))["x"]["zero_point"] == 0
