@@ -288,3 +288,38 @@ def test_bias_correction_counts_samples_along_each_input_batch_axis():
         x = np.concatenate([b["x"] for b in batches], axis=1)[:, :used]  # the samples it measured on
         expected, got = Session(fp32).run({"x": x})["y"], Session(qdq.model).run({"x": x})["y"]
         np.testing.assert_allclose(got.mean(axis=(0, 1)), expected.mean(axis=(0, 1)), atol=1e-4)
+
+
+def test_a_dead_channels_bias_fits_int32_and_onnx_runtime_runs_it_like_fp32(tmp_path):
+    """Channels with ~0 weights and a real bias (a batch norm folded over dead filters): their
+    per-channel weight scale was ~1e-11, the int32 bias was clipped at +-2^31 and ONNX Runtime's
+    QLinearConv wrapped around adding the products to it. The channel now gets the weight scale
+    its bias needs (|bias| / (input scale x 2^24)) and runs as in FP32."""
+    from onnx import helper
+
+    from enginekit.quantization.qdq import BIAS_HEADROOM
+
+    rng = np.random.default_rng(5)
+    weight = rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    weight[1] *= 1e-10
+    weight[3] *= 1e-10
+    bias = np.array([0.1, -3.0, 0.2, 2.5], np.float32)  # channel 1 is relu'd to 0, channel 3 is a constant 2.5
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"], name="relu")], "dead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "dead.onnx"))
+    data = rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=data)
+    options = BuildOptions(calib_data=str(tmp_path / "data.npz"), eval_data=str(tmp_path / "data.npz"), num_samples=32, min_accuracy="none",
+                           quantize=QuantizeSettings(bias_correction=False))
+    ek.build(str(tmp_path / "dead.onnx"), "onnxruntime", "int8", tmp_path / "out", options)
+    model = onnx.load(str(tmp_path / "out" / "model.int8.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    int32_bias = next(v for name, v in inits.items() if v.dtype == np.int32 and name.endswith("__int32"))
+    assert np.abs(int32_bias).max() <= BIAS_HEADROOM
+    assert np.allclose(int32_bias[[1, 3]] * inits[next(n for n in inits if n.endswith("__int32_scale"))][[1, 3]], bias[[1, 3]], rtol=1e-3)
+    runner = ek.load(tmp_path / "out")
+    got = runner.infer({"x": data[:4]})["y"]
+    assert np.allclose(got[:, 1], 0.0, atol=1e-3) and np.allclose(got[:, 3], 2.5, atol=0.02)  # dead channels as in FP32

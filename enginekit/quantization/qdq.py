@@ -212,11 +212,16 @@ def ensure_bias(model: onnx.ModelProto, node: onnx.NodeProto, channels: int, own
     return owners.add_zero_bias(node, channels, name)
 
 
+BIAS_HEADROOM = 2**24  # |int32 bias| kept below this: the products a kernel adds to it cannot overflow int32
+
+
 def integerize_biases(qdq: QdqGraph) -> None:
     """Replace float Conv/Gemm biases by int32 + DequantizeLinear (scale = input x weight scale),
-    the form ONNX Runtime fuses into QLinearConv / QGemm."""
+    the form ONNX Runtime fuses into QLinearConv / QGemm. A channel whose bias would not fit in
+    BIAS_HEADROOM first gets a coarser weight scale (`widen_dead_channels`)."""
     model = qdq.model
     owners = BiasOwners(model)
+    weight_axes = {n.output[0]: attribute(n, "axis", 1) for n in model.graph.node if n.op_type == "DequantizeLinear"}
     nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in owners.initializers:
@@ -225,6 +230,7 @@ def integerize_biases(qdq: QdqGraph) -> None:
             weight = node.input[1].removesuffix(DQ_SUFFIX)
             if node.input[0].endswith(DQ_SUFFIX) and activation in qdq.activations and weight in qdq.weight_scales:
                 bias = numpy_helper.to_array(bias_tensor).astype(np.float64)
+                widen_dead_channels(qdq, owners.initializers, weight, bias, qdq.activations[activation].scale, weight_axes[node.input[1]])
                 scale = (qdq.activations[activation].scale * qdq.weight_scales[weight].astype(np.float64)).astype(np.float32)
                 scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
                 values = np.round(bias / scale.astype(np.float64)).clip(-(2**31), 2**31 - 1).astype(np.int32)
@@ -241,4 +247,37 @@ def integerize_biases(qdq: QdqGraph) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     drop_unused_initializers(model)
+
+
+def widen_dead_channels(qdq: QdqGraph, initializers: Mapping[str, onnx.TensorProto], weight: str, bias: np.ndarray,
+                        input_scale: float, axis: int) -> list[int]:
+    """Give each output channel (along `axis` of the weight) whose bias / (input scale x weight scale) exceeds BIAS_HEADROOM
+    the weight scale |bias| / (input scale x BIAS_HEADROOM), its integer weights re-rounded to it;
+    returns those channels.
+
+    Why: a channel whose weights are ~0 (a dead channel after batch-norm folding: efficientnet_lite0
+    has dozens) has a per-channel scale near 1e-11; its int32 bias was clipped at -2^31, and ONNX
+    Runtime's QLinearConv, adding the products to it, wrapped around: the first layer's output lost
+    15 dB against the exact simulation, and every layer with such channels lost some. Re-rounded to
+    the coarser scale those weights become 0 or a few levels, which changes the output by less
+    than the weights themselves (~1e-9 each)."""
+    scales = qdq.weight_scales[weight]
+    if scales.size != bias.size or scales.size == 1:
+        return []
+    needed = np.abs(bias) / (input_scale * BIAS_HEADROOM)
+    channels = np.flatnonzero(needed > scales)
+    if channels.size == 0:
+        return []
+    values, zero_points = (numpy_helper.to_array(initializers[f"{weight}{suffix}"]) for suffix in ("__int8", "__zp"))
+    signed = np.moveaxis(values.astype(np.int64) - np.asarray(zero_points, np.int64).reshape(-1)[0], axis, 0)
+    widened = scales.astype(np.float64).copy()
+    widened[channels] = needed[channels]
+    levels = np.rint(signed[channels] * (scales[channels] / widened[channels]).reshape(-1, *[1] * (signed.ndim - 1)))
+    signed[channels] = np.clip(levels, -127, 127)
+    restored = np.moveaxis(signed, 0, axis) + np.asarray(zero_points, np.int64).reshape(-1)[0]
+    new_scales = widened.astype(np.float32)
+    initializers[f"{weight}__int8"].CopyFrom(numpy_helper.from_array(restored.astype(values.dtype), f"{weight}__int8"))
+    initializers[f"{weight}__scale"].CopyFrom(numpy_helper.from_array(new_scales, f"{weight}__scale"))
+    qdq.weight_scales[weight] = new_scales
+    return channels.tolist()
 
