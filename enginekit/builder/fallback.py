@@ -82,6 +82,7 @@ class _Search:
         self.targets = {pair: list((targets or {}).get(pair, ())) for pair in self.pairs}  # the INT8 targets built from each pair
         self.unjudged: set[str] = set()  # targets that cannot run a candidate graph (the reference executor stands in)
         self.judged_on: dict[tuple[str, str], list[str]] = {}
+        self._quantized: dict[str, set[str]] = {}
         self.base = session.options.quantize
         self.evaluations = 0
         evaluation = session.evaluation()
@@ -178,9 +179,11 @@ class _Search:
         return self._quick
 
     def quantized(self, placement: str) -> set[str]:
-        """The nodes all-INT8 quantizes under `placement`."""
-        plan, _ = plan_for(self.session.int8_model(), self.settings(()), placement)
-        return set(plan.nodes)
+        """The nodes all-INT8 quantizes under `placement` (planned once per placement)."""
+        if placement not in self._quantized:
+            plan, _ = plan_for(self.session.int8_model(), self.settings(()), placement)
+            self._quantized[placement] = set(plan.nodes)
+        return self._quantized[placement]
 
     def leaves_int8(self, float_nodes: Sequence[str]) -> bool:
         """Whether something stays quantized in every placement with `float_nodes` float."""

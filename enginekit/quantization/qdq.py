@@ -268,13 +268,14 @@ def widen_dead_channels(qdq: QdqGraph, initializers: Mapping[str, onnx.TensorPro
     channels = np.flatnonzero(needed > scales)
     if channels.size == 0:
         return []
-    values, zero_points = (numpy_helper.to_array(initializers[f"{weight}{suffix}"]) for suffix in ("__int8", "__zp"))
-    signed = np.moveaxis(values.astype(np.int64) - np.asarray(zero_points, np.int64).reshape(-1)[0], axis, 0)
+    values = numpy_helper.to_array(initializers[f"{weight}__int8"])
+    zero_point = int(numpy_helper.to_array(initializers[f"{weight}__zp"]).reshape(-1)[0])  # one for every channel: 0 or 128
+    signed = np.moveaxis(values.astype(np.int64) - zero_point, axis, 0)
     widened = scales.astype(np.float64).copy()
     widened[channels] = needed[channels]
     levels = np.rint(signed[channels] * (scales[channels] / widened[channels]).reshape(-1, *[1] * (signed.ndim - 1)))
     signed[channels] = np.clip(levels, -127, 127)
-    restored = np.moveaxis(signed, 0, axis) + np.asarray(zero_points, np.int64).reshape(-1)[0]
+    restored = np.moveaxis(signed, 0, axis) + zero_point
     new_scales = widened.astype(np.float32)
     initializers[f"{weight}__int8"].CopyFrom(numpy_helper.from_array(restored.astype(values.dtype), f"{weight}__int8"))
     initializers[f"{weight}__scale"].CopyFrom(numpy_helper.from_array(new_scales, f"{weight}__scale"))

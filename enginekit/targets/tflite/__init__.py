@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from enginekit.core.machine import toolchain
 from enginekit.onnx.nodes import attribute
+from enginekit.quantization.qdq import BIAS_HEADROOM
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
@@ -27,7 +28,6 @@ from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_paramet
 __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
 
 
-BIAS_HEADROOM = 2**24  # |int32 bias| bound kept, far inside int32 so accumulation cannot overflow
 
 
 def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:

@@ -22,7 +22,6 @@ import onnx
 from enginekit.onnx.nodes import tensor_readers
 from enginekit.targets.tflite.ranges import RangeMap
 
-COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
 FUSED_FOLLOWERS = {"Relu", "Clip", "Add", "BatchNormalization", "LeakyRelu", "Tanh", "Sigmoid"}
 MAX_FOLLOWERS = 2  # a bias Add and an activation
 # data movement that follows a float op's output float (QUANTIZE, DEQUANTIZE, SHAPE and GATHER are

@@ -21,6 +21,7 @@ import onnx
 from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.tensors import Feeds
 from enginekit.quantization.encoding import asymmetric_range
+from enginekit.targets.tflite.runner import dequantize, quantize
 
 MEASURED_SAMPLES = 32  # calibration samples a tensor without an ONNX twin is measured on
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
@@ -174,10 +175,9 @@ def int8_rounding_error(values: np.ndarray, low: float, high: float) -> float:
     """Mean squared error of `values` quantized as TFLite does with the range (low, high): scale
     (high - low) / 255, the zero point rounded to an integer (which shifts the grid)."""
     scale = max((high - low) / 255.0, 1e-12)
-    zero_point = np.clip(np.round(-128.0 - low / scale), -128, 127)
-    values = values.astype(np.float64)
-    restored = (np.clip(np.round(values / scale) + zero_point, -128, 127) - zero_point) * scale
-    return float(np.mean((restored - values) ** 2))
+    zero_point = int(np.clip(np.round(-128.0 - low / scale), -128, 127))
+    restored = dequantize(quantize(values, scale, zero_point, np.int8), scale, zero_point)
+    return float(np.mean((restored.astype(np.float64) - values) ** 2))
 
 
 def zero_centred_range(low: float, high: float) -> tuple[float, float]:
