@@ -12,7 +12,7 @@ from enginekit.onnx.probe import probe
 from enginekit.quantization.encoding import activation_qparams
 from enginekit.quantization.placement import plan_quantization
 from enginekit.quantization.qdq import DQ_SUFFIX, insert_qdq
-from enginekit.targets.onnxruntime import integer_op_report
+from enginekit.targets.onnxruntime import align_input_channels, integer_op_report
 
 RNG = np.random.default_rng(0)
 
@@ -36,8 +36,8 @@ def conv_prelu_relu_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _table(model: onnx.ModelProto) -> CalibrationTable:
-    feeds = [{"x": RNG.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)} for _ in range(8)]
+def _table(model: onnx.ModelProto, shape: tuple[int, ...] = (1, 4, 8, 8)) -> CalibrationTable:
+    feeds = [{"x": RNG.normal(0, 1, shape).astype(np.float32)} for _ in range(8)]
     names = [o for n in model.graph.node for o in n.output] + ["x"]
     table = CalibrationTable("minmax", {}, 8, "random", "", "")
     values = {name: [] for name in names}
@@ -75,6 +75,40 @@ def test_output_placement_makes_every_conv_an_integer_kernel_in_onnxruntime(tmp_
     prelu = next(n for n in qdq.graph.node if n.op_type == "PRelu")
     assert prelu.input[0] == "c1" + DQ_SUFFIX
     assert "y" not in {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}  # graph outputs stay float
+
+
+def test_onnx_runtime_gets_convs_with_input_channels_padded_to_its_kernels_alignment_and_the_same_outputs(tmp_path):
+    """A 3-channel Conv (an image model's first layer) takes MLAS's generic im2col path; padded to 4
+    channels (zero weights, the activation padded with its zero point) it runs in the symmetric
+    kernels, with bit-identical outputs. A grouped Conv and one with 4 channels are left alone."""
+    import onnxruntime as ort
+
+    inits: list = []
+    for name, shape in (("rgb_w", (8, 3, 3, 3)), ("dw_w", (8, 1, 3, 3)), ("pw_w", (4, 8, 1, 1))):
+        inits.append(numpy_helper.from_array(RNG.normal(0, 0.3, shape).astype(np.float32), name))
+    nodes = [helper.make_node("Conv", ["x", "rgb_w"], ["c1"], name="rgb", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "dw_w"], ["c2"], name="dw", pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Conv", ["c2", "pw_w"], ["y"], name="pw")]
+    graph = helper.make_graph(nodes, "rgb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    qdq = insert_qdq(model, plan_quantization(model, placement="outputs"), _table(model, (1, 3, 16, 16)), "uint8").model
+    aligned = onnx.ModelProto()
+    aligned.CopyFrom(qdq)
+    assert align_input_channels(aligned) == 1
+    onnx.checker.check_model(aligned)
+    weights = {n.name: numpy_helper.to_array(i).shape for n in aligned.graph.node if n.op_type == "Conv"
+               for i in aligned.graph.initializer if i.name in {p.input[0] for p in aligned.graph.node if p.output[0] == n.input[1]}}
+    assert weights == {"rgb": (8, 4, 3, 3), "dw": (8, 1, 3, 3), "pw": (4, 8, 1, 1)}
+    x = {"x": RNG.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0] for m in (qdq, aligned)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    integer = []
+    for name, graph_ in (("qdq", qdq), ("aligned", aligned)):
+        onnx.save(graph_, str(tmp_path / f"{name}.onnx"))
+        integer.append(integer_op_report(tmp_path / f"{name}.onnx", model)["integer_compute_ops"])
+    assert integer[1] == integer[0] >= 2  # the padded Conv still fuses into a QLinearConv
 
 
 def test_output_placement_quantizes_after_a_relu_that_is_the_only_reader():

@@ -42,9 +42,12 @@ def _ort_quantized(float_path: Path, out: Path, fmt: str = "QDQ") -> Path:
 
 
 def _activation_scales(path: Path) -> dict[str, tuple[float, int]]:
+    """Quantized tensor -> (scale, zero point); a tensor ONNX Runtime's artifact pads with zero
+    channels before quantizing (targets.onnxruntime.align_input_channels) counts as the tensor padded."""
     model = onnx.load(str(path))
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)
+    padded = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Pad"}
+    return {padded.get(n.input[0], n.input[0]): (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)
             for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in values}
 
 
