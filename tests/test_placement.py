@@ -80,16 +80,18 @@ def test_output_placement_makes_every_conv_an_integer_kernel_in_onnxruntime(tmp_
 def test_onnx_runtime_gets_convs_with_input_channels_padded_to_its_kernels_alignment_and_the_same_outputs(tmp_path):
     """A 3-channel Conv (an image model's first layer) takes MLAS's generic im2col path; padded to 4
     channels (zero weights, the activation padded with its zero point) it runs in the symmetric
-    kernels, with bit-identical outputs. A grouped Conv and one with 4 channels are left alone."""
+    kernels, with bit-identical outputs. A grouped Conv, one with 8 channels and one reading another
+    Conv's output are left alone."""
     import onnxruntime as ort
 
     inits: list = []
-    for name, shape in (("rgb_w", (8, 3, 3, 3)), ("dw_w", (8, 1, 3, 3)), ("pw_w", (4, 8, 1, 1))):
+    for name, shape in (("rgb_w", (8, 3, 3, 3)), ("dw_w", (8, 1, 3, 3)), ("narrow_w", (6, 8, 1, 1)), ("pw_w", (4, 6, 1, 1))):
         inits.append(numpy_helper.from_array(RNG.normal(0, 0.3, shape).astype(np.float32), name))
     nodes = [helper.make_node("Conv", ["x", "rgb_w"], ["c1"], name="rgb", pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "dw_w"], ["c2"], name="dw", pads=[1, 1, 1, 1], group=8),
-             helper.make_node("Conv", ["c2", "pw_w"], ["y"], name="pw")]
+             helper.make_node("Conv", ["c2", "narrow_w"], ["c3"], name="narrow"),
+             helper.make_node("Conv", ["c3", "pw_w"], ["y"], name="pw")]
     graph = helper.make_graph(nodes, "rgb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -100,7 +102,8 @@ def test_onnx_runtime_gets_convs_with_input_channels_padded_to_its_kernels_align
     onnx.checker.check_model(aligned)
     weights = {n.name: numpy_helper.to_array(i).shape for n in aligned.graph.node if n.op_type == "Conv"
                for i in aligned.graph.initializer if i.name in {p.input[0] for p in aligned.graph.node if p.output[0] == n.input[1]}}
-    assert weights == {"rgb": (8, 4, 3, 3), "dw": (8, 1, 3, 3), "pw": (4, 8, 1, 1)}
+    # 6 channels inside the graph stay: a Pad there would split "narrow" from its QuantizeLinear
+    assert weights == {"rgb": (8, 4, 3, 3), "dw": (8, 1, 3, 3), "narrow": (6, 8, 1, 1), "pw": (4, 6, 1, 1)}
     x = {"x": RNG.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
     runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0] for m in (qdq, aligned)]
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -108,7 +111,7 @@ def test_onnx_runtime_gets_convs_with_input_channels_padded_to_its_kernels_align
     for name, graph_ in (("qdq", qdq), ("aligned", aligned)):
         onnx.save(graph_, str(tmp_path / f"{name}.onnx"))
         integer.append(integer_op_report(tmp_path / f"{name}.onnx", model)["integer_compute_ops"])
-    assert integer[1] == integer[0] >= 2  # the padded Conv still fuses into a QLinearConv
+    assert integer[1] == integer[0] >= 3  # the padded Conv still fuses into a QLinearConv, and nothing else changed
 
 
 def test_output_placement_quantizes_after_a_relu_that_is_the_only_reader():
