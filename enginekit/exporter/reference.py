@@ -110,7 +110,7 @@ def exporter_source_hash() -> str:
     import hashlib
 
     root = Path(__file__).parents[1]
-    files = sorted([*root.joinpath("exporter").glob("*.py"), root / "onnx" / "graph.py", root / "onnx" / "nodes.py", root / "onnx" / "prequantized.py"])
+    files = sorted([*root.joinpath("exporter").glob("*.py"), *root.joinpath("onnx").glob("*.py")])  # graph preparation: folding too
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 

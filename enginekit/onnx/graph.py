@@ -11,7 +11,8 @@ import onnx
 from enginekit.core.errors import InputError
 from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
-from enginekit.onnx.folding import fold_into_conv_transpose
+from enginekit.onnx.folding import fold_affine_into_convolutions
+from enginekit.onnx.nodes import attribute
 
 DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
 
@@ -200,9 +201,36 @@ def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
     graph goes through this."""
-    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_into_conv_transpose(fold_into_compute(simplify(model)))))
-    model = infer_shapes(model, origin)
+    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
+    model = _spatial_means_as_global_pools(infer_shapes(model, origin))
     check(model, origin)
+    return model
+
+
+def _spatial_means_as_global_pools(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ReduceMean over every spatial axis of an NC... tensor, keeping dims (PyTorch's
+    x.mean((2, 3), keepdim=True)) -> GlobalAveragePool, in place: the same values, and the op
+    ONNX Runtime runs on integers (QLinearGlobalAveragePool, channels-last) where it runs a
+    ReduceMean in float behind a DequantizeLinear and a Transpose back to channels-first."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.value_info, *model.graph.input)
+             if v.type.tensor_type.HasField("shape")}
+    initializers = {t.name: t for t in model.graph.initializer}
+    replaced = 0
+    for index, node in enumerate(model.graph.node):
+        rank = ranks.get(node.input[0], 0) if node.op_type == "ReduceMean" and node.input else 0
+        if rank < 3 or attribute(node, "keepdims", 1) != 1:
+            continue
+        if len(node.input) > 1 and node.input[1]:  # opset 18: axes as an input
+            axes = initializers.get(node.input[1])
+            axes = None if axes is None else [int(a) for a in onnx.numpy_helper.to_array(axes).ravel()]
+        else:
+            axes = attribute(node, "axes", None)
+        if axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
+            continue
+        model.graph.node[index].CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+        replaced += 1
+    if replaced:
+        drop_unused_initializers(model)  # opset 18's axes constants
     return model
 
 
