@@ -102,18 +102,22 @@ def test_an_affine_step_that_would_broadcast_the_output_is_not_folded():
     assert [node.op_type for node in fold_affine_into_convolutions(model).graph.node] == before
 
 
-@pytest.mark.parametrize("opset, axes, keepdims, becomes_pool", [(17, [2, 3], 1, True), (18, [-1, -2], 1, True), (17, [2, 3], 0, False),
-                                                                 (17, [1], 1, False)])
-def test_a_spatial_mean_becomes_a_global_average_pool(opset, axes, keepdims, becomes_pool):
+@pytest.mark.parametrize("opset, axes, keepdims, becomes_pool, tokens", [(17, [2, 3], 1, True, False), (18, [-1, -2], 1, True, False),
+                                                                         (17, [2, 3], 0, False, False), (17, [1], 1, False, False),
+                                                                         (17, [2], 1, False, True)])
+def test_a_spatial_mean_becomes_a_global_average_pool(opset, axes, keepdims, becomes_pool, tokens):
     """x.mean((2, 3), keepdim=True) is GlobalAveragePool, which ONNX Runtime runs on integers;
-    a mean over other axes, or one that drops them, stays a ReduceMean."""
+    a mean over other axes, one that drops them, or the last axis of [N, tokens, C] (a
+    LayerNorm's mean, which the TFLite lowering failed on as a pooling) stays a ReduceMean."""
     inits = [numpy_helper.from_array(RNG.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32), "w")]
     if opset >= 18:
         inits.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
         mean = helper.make_node("ReduceMean", ["r", "axes"], ["y"], name="mean", keepdims=keepdims)
     else:
         mean = helper.make_node("ReduceMean", ["r"], ["y"], name="mean", axes=axes, keepdims=keepdims)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]), mean]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r4"]),
+             helper.make_node("Reshape", ["r4", "tokens"], ["r"]) if tokens else helper.make_node("Identity", ["r4"], ["r"]), mean]
+    inits.append(numpy_helper.from_array(np.array([0, 6, 64], np.int64), "tokens"))
     graph = helper.make_graph(nodes, "mean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

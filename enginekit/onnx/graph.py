@@ -208,7 +208,7 @@ def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
 
 
 def _spatial_means_as_global_pools(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ReduceMean over every spatial axis of an NC... tensor, keeping dims (PyTorch's
+    """ReduceMean over both spatial axes of an NCHW tensor, keeping dims (PyTorch's
     x.mean((2, 3), keepdim=True)) -> GlobalAveragePool, in place: the same values, and the op
     ONNX Runtime runs on integers (QLinearGlobalAveragePool, channels-last) where it runs a
     ReduceMean in float behind a DequantizeLinear and a Transpose back to channels-first."""
@@ -218,7 +218,7 @@ def _spatial_means_as_global_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     replaced = 0
     for index, node in enumerate(model.graph.node):
         rank = ranks.get(node.input[0], 0) if node.op_type == "ReduceMean" and node.input else 0
-        if rank < 3 or attribute(node, "keepdims", 1) != 1:
+        if rank != 4 or attribute(node, "keepdims", 1) != 1:  # images only: [N, tokens, C] means are LayerNorms
             continue
         if len(node.input) > 1 and node.input[1]:  # opset 18: axes as an input
             axes = initializers.get(node.input[1])

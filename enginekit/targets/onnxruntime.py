@@ -73,16 +73,16 @@ def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
 
 def align_input_channels(model: "onnx.ModelProto") -> int:
     """Pad, in place, the input channels of every ungrouped 2-D Q/DQ Conv that reads a graph
-    input, with signed symmetric weights, to a multiple of CHANNEL_ALIGNMENT: zero weights for the new channels and zeros for
-    the float activation before its QuantizeLinear (0 quantizes to the zero point and dequantizes
-    to exactly 0), so the outputs are bit-identical and the graph stays plain Q/DQ pairs (it can
-    be read back as a pre-quantized model). Why: MLAS runs such a QLinearConv in its fast
-    indirect "symmetric" kernels (AVX2, AVX-VNNI, AVX-512) only when the input channels are a
-    multiple of 4; otherwise it takes the generic im2col path. An image model's first Conv (3
-    channels) ran 2x slower in INT8 than in FP32 there (efficientnet_lite0: 0.30 ms of 2.8 ms).
-    Only graph inputs: inside the graph the Pad would sit between the producer and its
-    QuantizeLinear and break the producer's own integer fusion (PP-OCR cls: 7 Convs left float).
-    Returns how many Convs were padded."""
+    input with signed symmetric weights to a multiple of CHANNEL_ALIGNMENT: zero weights for the
+    new channels, zeros for the float input before its QuantizeLinear (0 quantizes to the zero
+    point and dequantizes to exactly 0). The outputs are bit-identical and the graph stays plain
+    Q/DQ pairs (it can be read back as a pre-quantized model). Why: MLAS runs such a QLinearConv
+    in its fast indirect "symmetric" kernels (AVX2, AVX-VNNI, AVX-512) only when the input
+    channels are a multiple of 4, else on the generic im2col path: an image model's first Conv (3
+    channels) ran 2x slower in INT8 than in FP32 (efficientnet_lite0: 0.30 ms of 2.8 ms). Only
+    graph inputs: inside the graph the Pad would sit between the producer and its QuantizeLinear
+    and break the producer's own integer fusion (PP-OCR cls: 7 Convs left float). Returns how
+    many Convs were padded."""
     from onnx import helper, numpy_helper
 
     from enginekit.onnx.nodes import attribute, tensor_producers
@@ -94,16 +94,14 @@ def align_input_channels(model: "onnx.ModelProto") -> int:
     padded = 0
     for conv in [n for n in graph.node if n.op_type == "Conv" and attribute(n, "group", 1) == 1]:
         activation_dq, weight_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
-        if activation_dq is None or weight_dq is None or activation_dq.op_type != "DequantizeLinear" \
-                or weight_dq.op_type != "DequantizeLinear" or weight_dq.input[0] not in initializers or len(weight_dq.input) < 3 \
-                or weight_dq.input[2] not in initializers or len(activation_dq.input) < 3:
+        quantize = producers.get(activation_dq.input[0]) if activation_dq is not None and activation_dq.op_type == "DequantizeLinear" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] not in graph_inputs \
+                or len(activation_dq.input) < 3 or weight_dq is None or weight_dq.op_type != "DequantizeLinear" \
+                or len(weight_dq.input) < 3 or not {weight_dq.input[0], weight_dq.input[2]} <= initializers.keys():
             continue
-        quantize = producers.get(activation_dq.input[0])
         weights = numpy_helper.to_array(initializers[weight_dq.input[0]])
-        zero_points = numpy_helper.to_array(initializers[weight_dq.input[2]])
         missing = -weights.shape[1] % CHANNEL_ALIGNMENT if weights.ndim == 4 else 0
-        if not missing or quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] not in graph_inputs \
-                or weights.dtype != np.int8 or np.any(zero_points != 0):
+        if not missing or weights.dtype != np.int8 or np.any(numpy_helper.to_array(initializers[weight_dq.input[2]]) != 0):
             continue
         stem = f"{conv.name or conv.output[0]}_aligned"
         wide = np.concatenate([weights, np.zeros((weights.shape[0], missing, *weights.shape[2:]), weights.dtype)], axis=1)
