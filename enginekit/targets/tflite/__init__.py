@@ -10,7 +10,7 @@ float in the flatbuffer too (float_layers.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from enginekit.core.machine import toolchain
 from enginekit.onnx.nodes import attribute
 from enginekit.quantization.qdq import BIAS_HEADROOM
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
+from enginekit.targets.tflite.hub_float import JUDGE_BATCH, JUDGE_SAMPLES
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
 
@@ -69,13 +70,17 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
                      feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None,
-                     float_layers: Sequence[str] = (), output_bits: int = 8) -> tuple[bytes, dict[str, Any]]:
+                     float_layers: Sequence[str] = (), output_bits: int = 8, hub_quantized: Collection[str] | None = None,
+                     judge_samples: Iterable = (), threads: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
     INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
     (`more_feeds`: further calibration batches, for tensors measured in TFLite); `float_layers`:
-    ONNX compute layers of `reference` to keep float."""
+    ONNX compute layers of `reference` to keep float; `hub_quantized`: the ONNX tensors the Q/DQ
+    hub quantizes, to judge on `judge_samples` whether to keep float what it keeps float
+    (hub_float.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.float_layers import float_op_outputs
+    from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
     from enginekit.targets.tflite.ranges import map_ranges
 
     if precision in ("fp32", "fp16"):
@@ -85,11 +90,24 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
     model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
+    hub_choice = None
+    extra = hub_float_tensors(ranges, hub_quantized, float_ops) if hub_quantized is not None else []
+    if extra:
+        model, hub_choice = choose(float_model, model, lambda: quantize_int8(float_model, ranges.ranges, io_type, [*float_ops, *extra], output_bits),
+                                   extra, judge_samples, threads)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
+    if hub_choice is not None:
+        info["hub_float_ops"] = hub_choice
     if float_layers:
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": float_ops,
                                 "not_found_in_tflite": not_found}
     return model, info
+
+
+def quantized_tensors(qdq: onnx.ModelProto) -> set[str]:
+    """The activations a Q/DQ graph quantizes (what its QuantizeLinear nodes read)."""
+    constants = {t.name for t in qdq.graph.initializer}
+    return {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
 
 
 def unavailable_reason() -> str | None:
@@ -164,7 +182,9 @@ class TfliteTarget(Target):
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
                                        more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
                                        io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else (),
-                                       output_bits=inputs.options["output_bits"])
+                                       output_bits=inputs.options["output_bits"], threads=inputs.threads,
+                                       hub_quantized=quantized_tensors(inputs.qdq(inputs.encoding).model) if int8 and keras_model is None else None,
+                                       judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if int8 and keras_model is None else ())
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:
             notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"

@@ -150,7 +150,8 @@ def _int16_activations(qtyping: Any) -> Any:
 LAYOUT_OPS = {"RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS"}  # what the lowering puts between an op and a graph output
 
 
-WIDENED_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+COMPUTE_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+WIDENED_OPS = COMPUTE_OPS  # the compute layers are the ops LiteRT's 16x8 kernels are established for
 
 
 def output_ops(model: bytes) -> list[str]:

@@ -51,10 +51,10 @@ def float_op_outputs(model: onnx.ModelProto, nodes: Sequence[str], ranges: Range
             found += [t for t in by_onnx[tensor] if t not in found]
         else:
             missing.append(name)
-    return found + _moved_after(found, ranges), missing
+    return found + moved_after(found, ranges), missing
 
 
-def _moved_after(float_tensors: Sequence[str], ranges: RangeMap) -> list[str]:
+def moved_after(float_tensors: Sequence[str], ranges: RangeMap) -> list[str]:
     """Outputs of FLOAT_FOLLOWING_OPS whose data input is a float op's output (transitively)."""
     floating, moved = set(float_tensors), []
     changed = True

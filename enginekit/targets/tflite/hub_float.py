@@ -1,0 +1,94 @@
+"""TFLite keeps float what the Q/DQ hub keeps float, where that pays: the choice per model.
+
+TFLite's quantizer makes every op it can int8, the arithmetic around the compute layers included;
+the Q/DQ hub (what ONNX Runtime, OpenVINO and TensorRT run) keeps float what it does not place
+Q/DQ pairs around: LayerNormalization and Softmax, a transformer's residual stream, hard-swish and
+the other activations between integer layers. Measured (corpus, 128 held-out samples):
+vit_classifier's TFLite top-1 agreement 0.81 full-integer, 0.92 with the hub's float ops (ONNX
+Runtime and OpenVINO: 0.98); PP-OCRv4 det's map cosine 0.974 -> 0.983; MTCNN P-Net 0.994 ->
+0.9999. But on PP-OCR cls the same choice cost 25 % of the speed for the same accuracy (its int8
+arithmetic loses nothing there). So both flatbuffers are quantized from the one float conversion
+and judged on calibration samples against the float flatbuffer: the hub's float ops are kept only
+where the full-integer one loses more than NEGLIGIBLE_ERROR of cosine and the hub's choice is
+better on every part of the samples and divides the mean error by HUB_GAIN (float islands cost
+speed: they must buy a clear gain, not noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from enginekit.core.tensors import Feeds
+from enginekit.targets.tflite.convert import COMPUTE_OPS, DATA_MOVEMENT_OPS
+from enginekit.targets.tflite.float_layers import moved_after
+from enginekit.targets.tflite.ranges import RangeMap
+
+NEGLIGIBLE_ERROR = 0.002  # 1 - cosine to the float flatbuffer below which full-integer is kept as it is
+HUB_GAIN = 1.5  # the hub's float ops must divide the mean error at least by this (and be better on every part)
+JUDGE_SAMPLES, JUDGE_BATCH = 32, 8  # calibration samples, in parts of JUDGE_BATCH
+
+
+def hub_float_tensors(ranges: RangeMap, hub_quantized: Collection[str], already_float: Sequence[str]) -> list[str]:
+    """The TFLite tensors to keep float so that the flatbuffer is integer where the Q/DQ hub is:
+    outputs of every op that is neither a compute layer nor data movement, unless the tensor's
+    ONNX twin is one the hub quantizes (a residual Add inside an integer region, a pooling) or a
+    compute layer reads it; then the data movement after them that no compute layer reads."""
+    # what a compute layer reads is int8 in the hub by definition, whichever op writes it (the
+    # converter folds a LayerNorm's scale into the next FULLY_CONNECTED, which then reads its MUL)
+    compute_inputs = {ranges.inputs_of[t][0] for t, op in ranges.producers.items() if op in COMPUTE_OPS and ranges.inputs_of.get(t)}
+    # the quantizer finds an op by the ;-separated names of its output: a float op named like a part
+    # of a fused layer's name ("Mul_2" of "Mul_2;MatMul;Add_31") would take that layer float with it
+    compute_names = {part for t, op in ranges.producers.items() if op in COMPUTE_OPS for part in t.split(";")}
+    extra = [tensor for tensor, op in ranges.producers.items()
+             if op not in COMPUTE_OPS and op not in DATA_MOVEMENT_OPS and ranges.matched.get(tensor) not in hub_quantized
+             and tensor not in already_float and tensor not in compute_inputs and tensor not in compute_names]
+    if not extra:
+        return []
+    floating = [*already_float, *extra]
+    return extra + [t for t in moved_after(floating, ranges) if t not in floating and t not in compute_inputs and t not in compute_names]
+
+
+def cosine_errors(float_model: bytes, candidate: bytes, samples: Sequence[Feeds], threads: int | None = None) -> list[float]:
+    """1 - the lowest cosine over the outputs between `candidate` and the float flatbuffer, per
+    batch of `samples` (each output compared whole: its batch axis need not be known)."""
+    from enginekit.targets.tflite.runner import TfliteRunner
+
+    reference, runner = TfliteRunner(float_model, threads=threads), TfliteRunner(candidate, threads=threads)
+    errors = []
+    for feeds in samples:
+        worst = 1.0
+        for expected, got in zip(reference.run(feeds), runner.run(feeds)):
+            a, b = np.asarray(expected, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+            norm = np.linalg.norm(a) * np.linalg.norm(b)
+            worst = min(worst, float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b)))
+        errors.append(1.0 - worst)
+    runner.close()
+    reference.close()
+    return errors
+
+
+def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], extra: Sequence[str], samples: Iterable[Feeds],
+           threads: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The full-integer flatbuffer, or the one with the hub's float ops (`make_hub()`), as the
+    module docstring says; with the record for the manifest."""
+    record: dict[str, Any] = {"tensors": len(extra), "chosen": False}
+    samples = list(samples)
+    record["errors_integer"] = [round(e, 6) for e in cosine_errors(float_model, integer, samples, threads)]
+    if max(record["errors_integer"]) <= NEGLIGIBLE_ERROR:
+        record["why"] = f"full-integer within {NEGLIGIBLE_ERROR} cosine of float"
+        return integer, record
+    try:
+        hub = make_hub()
+        record["errors_hub"] = [round(e, 6) for e in cosine_errors(float_model, hub, samples, threads)]
+    except Exception as exc:  # the quantizer or LiteRT refusing this mix: full-integer stays, and the record says why
+        record["why"] = f"the flatbuffer with the hub's float ops failed: {' '.join(str(exc).split())[:200]}"
+        return integer, record
+    hub_errors, integer_errors = record["errors_hub"], record["errors_integer"]
+    gains = all(h < i for h, i in zip(hub_errors, integer_errors)) and np.mean(hub_errors) * HUB_GAIN <= np.mean(integer_errors)
+    record["chosen"] = bool(gains)
+    record["why"] = (f"the hub's float ops {'are' if gains else 'are not'} better on every part with the mean error divided by "
+                     f"{HUB_GAIN} or more ({np.mean(integer_errors):.5f} -> {np.mean(hub_errors):.5f})")
+    return (hub if gains else integer), record
