@@ -258,3 +258,31 @@ def test_a_transformer_keeps_the_hubs_float_ops_on_tflite_where_they_pay(tmp_pat
     assert "SOFTMAX" in floating and "FULLY_CONNECTED" not in floating and "BATCH_MATMUL" not in floating
     # full-integer: 0.81 on these 128 samples (measured here); ONNX Runtime and OpenVINO: 0.98
     assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.88, manifest["accuracy"]["metrics"]
+
+
+@pytest.mark.parametrize("hub_noise, smoke_fails, chosen", [(0.2, False, True), (0.95, False, False), (0.2, True, False), (None, False, False)])
+def test_the_hubs_float_ops_are_chosen_only_for_a_clear_gain_and_never_after_a_failed_smoke_run(monkeypatch, hub_noise, smoke_fails, chosen):
+    """Outputs scripted per flatbuffer: full-integer with noise 1.0 (error well above 0.002), the
+    hub's flatbuffer with `hub_noise` (None: full-integer within 0.002 of float, never judged)."""
+    from enginekit.targets.tflite import hub_float
+
+    rng = np.random.default_rng(0)
+    base = [[rng.normal(0, 1, (8, 100))] for _ in range(4)]
+    noise = [[rng.normal(0, 1, (8, 100))] for _ in range(4)]
+    integer_noise = 0.01 if hub_noise is None else 0.1
+
+    def outputs_on(model, samples, threads=None):
+        scale = {b"float": 0.0, b"integer": integer_noise, b"hub": (hub_noise or 0.0) * 0.1}[model]
+        return [[b[0] + scale * n[0]] for b, n in zip(base, noise)]
+
+    def smoke(model, what):
+        if smoke_fails:
+            raise InputError("LiteRT crashed (SIGABRT) running the int8 flatbuffer")
+
+    made = []
+    monkeypatch.setattr(hub_float, "outputs_on", outputs_on)
+    model, record = hub_float.choose(b"float", b"integer", lambda: made.append(1) or b"hub", ["t"], [{}] * 4, smoke=smoke)
+    assert record["chosen"] is chosen and model == (b"hub" if chosen else b"integer")
+    assert made == ([] if hub_noise is None else [1])  # within 0.002: the second flatbuffer is not even made
+    if smoke_fails:
+        assert "failed" in record["why"] and "SIGABRT" in record["why"]

@@ -10,7 +10,7 @@ float in the flatbuffer too (float_layers.py).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.hub_float import JUDGE_BATCH, JUDGE_SAMPLES
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
+from enginekit.targets.tflite.smoke import smoke_run
 
 __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
 
@@ -71,13 +72,15 @@ def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
                      feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None,
                      float_layers: Sequence[str] = (), output_bits: int = 8, hub_quantized: Collection[str] | None = None,
-                     judge_samples: Iterable = (), threads: int | None = None) -> tuple[bytes, dict[str, Any]]:
+                     judge_samples: Iterable = (), threads: int | None = None,
+                     smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
     INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
     (`more_feeds`: further calibration batches, for tensors measured in TFLite); `float_layers`:
     ONNX compute layers of `reference` to keep float; `hub_quantized`: the ONNX tensors the Q/DQ
     hub quantizes, to judge on `judge_samples` whether to keep float what it keeps float
-    (hub_float.py)."""
+    (hub_float.py); `smoke`: runs an int8 flatbuffer in a child process before this one does
+    (smoke.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.float_layers import float_op_outputs
     from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
@@ -90,11 +93,13 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
     model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
+    if smoke is not None:
+        smoke(model, precision)
     hub_choice = None
     extra = hub_float_tensors(ranges, hub_quantized, float_ops) if hub_quantized is not None else []
     if extra:
         model, hub_choice = choose(float_model, model, lambda: quantize_int8(float_model, ranges.ranges, io_type, [*float_ops, *extra], output_bits),
-                                   extra, judge_samples, threads)
+                                   extra, judge_samples, threads, smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:
         info["hub_float_ops"] = hub_choice
@@ -184,15 +189,12 @@ class TfliteTarget(Target):
                                        io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else (),
                                        output_bits=inputs.options["output_bits"], threads=inputs.threads,
                                        hub_quantized=quantized_tensors(inputs.qdq(inputs.encoding).model) if int8 and keras_model is None else None,
-                                       judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if int8 and keras_model is None else ())
+                                       judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if int8 and keras_model is None else (),
+                                       smoke=lambda flatbuffer, what: smoke_run(flatbuffer, inputs.calibration_feeds(2), inputs.stage, what))
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:
             notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
-        if int8:
-            from enginekit.targets.tflite.smoke import smoke_run
-
-            smoke_run(model, inputs.calibration_feeds(2), inputs.stage, f"{precision}")
         (inputs.stage / MODEL_FILE).write_bytes(model)
         runner = TfliteRunner(model, threads=inputs.threads)
         fields: dict[str, Any] = {"tflite": {"route": route, **info, "notes": notes}}

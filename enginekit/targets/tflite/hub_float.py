@@ -51,38 +51,49 @@ def hub_float_tensors(ranges: RangeMap, hub_quantized: Collection[str], already_
     return extra + [t for t in moved_after(floating, ranges) if t not in floating and t not in compute_inputs and t not in compute_names]
 
 
-def cosine_errors(float_model: bytes, candidate: bytes, samples: Sequence[Feeds], threads: int | None = None) -> list[float]:
-    """1 - the lowest cosine over the outputs between `candidate` and the float flatbuffer, per
-    batch of `samples` (each output compared whole: its batch axis need not be known)."""
+def outputs_on(model: bytes, samples: Sequence[Feeds], threads: int | None = None) -> list[list[np.ndarray]]:
+    """The flatbuffer's outputs (dequantized) on each batch of `samples`."""
     from enginekit.targets.tflite.runner import TfliteRunner
 
-    reference, runner = TfliteRunner(float_model, threads=threads), TfliteRunner(candidate, threads=threads)
+    runner = TfliteRunner(model, threads=threads)
+    try:
+        return [runner.run(feeds) for feeds in samples]
+    finally:
+        runner.close()
+
+
+def cosine_errors(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]) -> list[float]:
+    """1 - the lowest cosine over the outputs between `candidate` and `reference`, per batch (each
+    output compared whole: its batch axis need not be known)."""
     errors = []
-    for feeds in samples:
+    for expected_batch, got_batch in zip(reference, candidate):
         worst = 1.0
-        for expected, got in zip(reference.run(feeds), runner.run(feeds)):
+        for expected, got in zip(expected_batch, got_batch):
             a, b = np.asarray(expected, np.float64).ravel(), np.asarray(got, np.float64).ravel()
             norm = np.linalg.norm(a) * np.linalg.norm(b)
             worst = min(worst, float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b)))
-        errors.append(1.0 - worst)
-    runner.close()
-    reference.close()
+        errors.append(round(1.0 - worst, 6))
     return errors
 
 
 def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], extra: Sequence[str], samples: Iterable[Feeds],
-           threads: int | None = None) -> tuple[bytes, dict[str, Any]]:
+           threads: int | None = None, smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The full-integer flatbuffer, or the one with the hub's float ops (`make_hub()`), as the
-    module docstring says; with the record for the manifest."""
+    module docstring says; with the record for the manifest. `smoke` runs a flatbuffer in a child
+    process first (LiteRT aborts the process on some int8 graphs): the full-integer one has passed
+    it already; the other, failing it, is not used."""
     record: dict[str, Any] = {"tensors": len(extra), "chosen": False}
     samples = list(samples)
-    record["errors_integer"] = [round(e, 6) for e in cosine_errors(float_model, integer, samples, threads)]
+    reference = outputs_on(float_model, samples, threads)
+    record["errors_integer"] = cosine_errors(reference, outputs_on(integer, samples, threads))
     if max(record["errors_integer"]) <= NEGLIGIBLE_ERROR:
         record["why"] = f"full-integer within {NEGLIGIBLE_ERROR} cosine of float"
         return integer, record
     try:
         hub = make_hub()
-        record["errors_hub"] = [round(e, 6) for e in cosine_errors(float_model, hub, samples, threads)]
+        if smoke is not None:
+            smoke(hub, "int8 (the hub's float ops)")
+        record["errors_hub"] = cosine_errors(reference, outputs_on(hub, samples, threads))
     except Exception as exc:  # the quantizer or LiteRT refusing this mix: full-integer stays, and the record says why
         record["why"] = f"the flatbuffer with the hub's float ops failed: {' '.join(str(exc).split())[:200]}"
         return integer, record
