@@ -286,3 +286,4 @@ def test_the_hubs_float_ops_are_chosen_only_for_a_clear_gain_and_never_after_a_f
     assert made == ([] if hub_noise is None else [1])  # within 0.002: the second flatbuffer is not even made
     if smoke_fails:
         assert "failed" in record["why"] and "SIGABRT" in record["why"]
+    assert hub_float.choose(b"float", b"integer", lambda: b"hub", ["t"], [])[0] == b"integer"  # nothing to judge on

@@ -84,6 +84,9 @@ def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], ex
     it already; the other, failing it, is not used."""
     record: dict[str, Any] = {"tensors": len(extra), "chosen": False}
     samples = list(samples)
+    if not samples:
+        record["why"] = "no calibration samples to judge on"
+        return integer, record
     reference = outputs_on(float_model, samples, threads)
     record["errors_integer"] = cosine_errors(reference, outputs_on(integer, samples, threads))
     if max(record["errors_integer"]) <= NEGLIGIBLE_ERROR:
