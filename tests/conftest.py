@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from enginekit.cli import main
@@ -62,3 +63,23 @@ def assert_nothing_written(folder: Path) -> None:
     if folder.parent.exists():
         leftovers = [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
         assert not leftovers, f"staging leftovers: {leftovers}"
+
+
+def weight_integers(path: Path) -> dict[str, np.ndarray]:
+    """A Q/DQ ONNX file's weight integers (value minus zero point) by weight name ("__int8" cut).
+    ONNX Runtime's artifact pads a first Conv's input channels with zero weights
+    (targets.onnxruntime.align_input_channels, weight named "<name>_aligned"): cut the padding
+    off with `[:, :channels]` where the original channel count matters."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        weight = node.input[0] if node.op_type == "DequantizeLinear" else None
+        if weight in initializers and initializers[weight].ndim >= 2 and len(node.input) > 2:
+            value = initializers[weight].astype(np.int32)
+            zero_point = initializers[node.input[2]].astype(np.int32).reshape([-1] + [1] * (value.ndim - 1))
+            found[weight.removesuffix("_aligned").removesuffix("__int8")] = value - zero_point
+    return found

@@ -20,6 +20,7 @@ from enginekit.targets.tflite.lowering import to_tf_function  # noqa: E402
 from enginekit.targets.tflite.ranges import map_ranges, tflite_range  # noqa: E402
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner  # noqa: E402
 from enginekit.core.errors import InputError  # noqa: E402
+from tests.conftest import weight_integers  # noqa: E402
 
 # Ops allowed to touch float32 in an int8 flatbuffer, and why: Keras' Flatten reads the dynamic
 # batch size with SHAPE, and ai-edge-quantizer hands SHAPE a DEQUANTIZE'd copy of the tensor.
@@ -132,30 +133,22 @@ def test_percentile_and_minmax_give_their_own_scales():
 def test_int8_weights_are_the_integers_of_the_qdq_hub(int8_builds, tmp_path):
     """TFLite quantizes float weights itself (per channel, max|w|/127): given the hub's GPTQ-rounded
     integers dequantized, it finds exactly those integers again (the ONNX Runtime artifact holds them)."""
-    from onnx import numpy_helper
-
     from enginekit.targets.tflite.runner import require_litert
 
     folder, manifest = int8_builds("digits_cnn")
     # the convolutions; the two linear layers see one row per sample, too few to trust H: nearest
     assert manifest["quantization"]["weight_rounding"]["method"] == "gptq" and manifest["quantization"]["weight_rounding"]["layers"] == 3
     build("digits_cnn", "onnxruntime", "int8", tmp_path / "ort", BuildOptions())
-    hub_model = onnx.load(tmp_path / "ort" / "model.int8.onnx")
-    initializers = {t.name: numpy_helper.to_array(t).astype(np.int32) for t in hub_model.graph.initializer}
-    # every weight DequantizeLinear; ONNX Runtime's first Conv has its input channel padded to 4 with
-    # zero weights (targets.onnxruntime.align_input_channels): those are cut off again below
-    hub = {node.input[0]: initializers[node.input[0]] - initializers[node.input[2]].reshape([-1] + [1] * (initializers[node.input[0]].ndim - 1))
-           for node in hub_model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in initializers
-           and initializers[node.input[0]].ndim >= 2}
+    hub = weight_integers(tmp_path / "ort" / "model.int8.onnx")
     interpreter = require_litert().Interpreter(model_content=(folder / MODEL_FILE).read_bytes())
     weights = [interpreter.get_tensor(t["index"]).astype(np.int32) for t in interpreter.get_tensor_details()
                if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) > 1]
     assert len(hub) == 5 and len(weights) == 5
     for name, value in hub.items():  # ONNX OIHW / (out, in) -> TFLite OHWI, depthwise 1HWO, (out, in)
         layouts = [value] if value.ndim == 2 else [value.transpose(0, 2, 3, 1), value.transpose(1, 2, 3, 0)]
-        if name.endswith("_aligned_weight"):  # OHWI with zero channels after the model's own
-            padded = layouts[0]
-            layouts = [padded[..., :w.shape[-1]] for w in weights if w.shape[:-1] == padded.shape[:-1] and not padded[..., w.shape[-1]:].any()]
+        if value.ndim == 4:  # ONNX Runtime's first Conv: OHWI with zero input channels after the model's own
+            layouts += [layouts[0][..., :w.shape[-1]] for w in weights
+                        if w.shape[:-1] == layouts[0].shape[:-1] and not layouts[0][..., w.shape[-1]:].any()]
         assert any(w.shape == v.shape and np.array_equal(w, v) for w in weights for v in layouts), name
 
 

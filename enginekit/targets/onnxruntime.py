@@ -105,12 +105,12 @@ def align_input_channels(model: "onnx.ModelProto") -> int:
             continue
         stem = f"{conv.name or conv.output[0]}_aligned"
         wide = np.concatenate([weights, np.zeros((weights.shape[0], missing, *weights.shape[2:]), weights.dtype)], axis=1)
-        graph.initializer.extend([numpy_helper.from_array(wide, f"{stem}_weight"),
+        graph.initializer.extend([numpy_helper.from_array(wide, f"{weight_dq.input[0]}_aligned"),
                                   numpy_helper.from_array(np.array([0, 0, 0, 0, 0, missing, 0, 0], np.int64), f"{stem}_pads")])
         new_nodes = [helper.make_node("Pad", [quantize.input[0], f"{stem}_pads"], [f"{stem}_float"], name=f"{stem}_pad", mode="constant"),
                      helper.make_node("QuantizeLinear", [f"{stem}_float", *quantize.input[1:]], [f"{stem}_q"], name=f"{stem}_q"),
                      helper.make_node("DequantizeLinear", [f"{stem}_q", *activation_dq.input[1:]], [f"{stem}_input"], name=f"{stem}_dq"),
-                     helper.make_node("DequantizeLinear", [f"{stem}_weight", *weight_dq.input[1:]], [f"{stem}_weight_dq"],
+                     helper.make_node("DequantizeLinear", [f"{weight_dq.input[0]}_aligned", *weight_dq.input[1:]], [f"{stem}_weight_dq"],
                                       name=f"{stem}_weight_dq", axis=attribute(weight_dq, "axis", 1))]
         conv.input[0], conv.input[1] = f"{stem}_input", f"{stem}_weight_dq"
         position = list(graph.node).index(conv)
