@@ -373,6 +373,20 @@ def test_int16_outputs_with_uint8_io_are_refused_in_one_line():
         quantize_int8(float_model, {}, "uint8", output_bits=16)
 
 
+def test_an_unbuildable_tflite_option_is_refused_before_any_calibration(run_cli, tmp_path, monkeypatch):
+    """The same refusal from the command line comes before the calibration pass, naming the flag."""
+    from enginekit.builder.session import ModelSession
+
+    def calibrated(self):
+        raise AssertionError("calibration ran before the options were checked")
+
+    monkeypatch.setattr(ModelSession, "table", calibrated)
+    result = run_cli("build", "--model", "digits_cnn", "--targets", "onnxruntime,tflite", "--precisions", "int8",
+                     "--tflite-io", "uint8", "--tflite-output-bits", "16", "-o", tmp_path / "out")
+    assert result.code == 2 and "need io 'int8'" in result.error_line and "--tflite-io" in result.error_line, result.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_int16_outputs_leave_an_output_computed_by_an_elementwise_op_int8():
     """Only compute layers get the 16x8 kernels: an output written by an ADD of two activations (a
     LayerNorm's last op in BERT, which lost cosine 0.9994 -> 0.9403 in int16) stays int8."""

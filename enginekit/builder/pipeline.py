@@ -298,8 +298,10 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
     plan = plan_cells(targets, precisions)
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, BUILD_ROOT), options)
-    for cell in plan.runnable:  # what the graph alone rules out, before any calibration
-        cell.failed = get_target(cell.target).preflight(session.fp32, cell.precision)
+    for cell in plan.runnable:  # what the options or the graph alone rule out, before any calibration
+        target = get_target(cell.target)
+        target.options(options.target_options.get(target.name))  # a value it cannot build with: one line, nothing built
+        cell.failed = target.preflight(session.fp32, cell.precision)
         cell.exit_code = 2 if cell.failed else 0
     pending = [cell for cell in plan.runnable if not cell.failed]
     int8_targets = [get_target(c.target) for c in pending if c.precision == "int8"]

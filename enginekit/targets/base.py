@@ -173,7 +173,13 @@ class Target:
         if unknown:
             raise InputError(f"the {self.name} target has no option(s) {', '.join(unknown)} "
                              f"(it has {', '.join(sorted(self.option_defaults)) or 'none'})")
-        return {**self.option_defaults, **(given or {})}
+        options = {**self.option_defaults, **(given or {})}
+        self.check_options(options)
+        return options
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise an InputError for an option value this target cannot build with (checked before
+        any calibration, as `options` resolves them)."""
 
     def preflight(self, fp32: "Fp32Model", precision: str) -> str | None:
         """Why this target cannot build this model at all (an op it cannot convert, ...), found

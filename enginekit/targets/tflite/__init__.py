@@ -142,6 +142,11 @@ class TfliteTarget(Target):
     def unavailable(self, precision: str) -> str | None:
         return unavailable_reason()
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        from enginekit.targets.tflite.convert import check_io
+
+        check_io(options["io"], options["output_bits"])
+
     def preflight(self, fp32, precision: str) -> str | None:
         """ONNX sources are lowered op by op: an op without a lowering is known before any work."""
         if fp32.is_keras:

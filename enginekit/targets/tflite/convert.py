@@ -94,12 +94,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
         from ai_edge_quantizer import quantizer, recipe
     except ImportError:
         raise MissingDependencyError("int8 .tflite needs ai-edge-quantizer (pip install 'enginekit[tflite]')") from None
-    if io_type not in IO_TYPES:
-        raise InputError(f"tflite input/output type '{io_type}' is not one of {', '.join(IO_TYPES)}")
-    if output_bits not in (8, 16):
-        raise InputError(f"tflite output_bits must be 8 or 16, not {output_bits!r}")
-    if output_bits == 16 and io_type == "uint8":
-        raise InputError("tflite int16 outputs (output_bits 16) need io 'int8': uint8 I/O requantizes the outputs to 8 bits")
+    check_io(io_type, output_bits)
     qsv = {name: {"min": np.array(low, np.float32), "max": np.array(high, np.float32)} for name, (low, high) in ranges.items()}
     import contextlib
     import io
@@ -131,6 +126,17 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
     if io_type == "uint8":
         model = _uint8_io(model)
     return model
+
+
+def check_io(io_type: str, output_bits: int) -> None:
+    """Raise an InputError for an I/O type or output width this module cannot build."""
+    if io_type not in IO_TYPES:
+        raise InputError(f"tflite input/output type '{io_type}' is not one of {', '.join(IO_TYPES)}", option="tflite_io")
+    if output_bits not in (8, 16):
+        raise InputError(f"tflite output_bits must be 8 or 16, not {output_bits!r}", option="tflite_output_bits")
+    if output_bits == 16 and io_type == "uint8":
+        raise InputError("tflite int16 outputs (output_bits 16) need io 'int8': uint8 I/O requantizes the outputs to 8 bits",
+                         option="tflite_io")
 
 
 def _scope(tensor: str) -> str:
