@@ -30,8 +30,6 @@ from enginekit.targets.tflite.smoke import smoke_run
 __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
 
 
-
-
 def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
     """Rewrite, in place, Conv/Gemm output channels whose weights are (nearly) all zero.
 
@@ -109,12 +107,6 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     return model, info
 
 
-def quantized_tensors(qdq: onnx.ModelProto) -> set[str]:
-    """The activations a Q/DQ graph quantizes (what its QuantizeLinear nodes read)."""
-    constants = {t.name for t in qdq.graph.initializer}
-    return {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
-
-
 def unavailable_reason() -> str | None:
     """Why .tflite files cannot be built here (TensorFlow's converter or LiteRT absent), or None."""
     from enginekit.core.errors import MissingDependencyError
@@ -167,6 +159,7 @@ class TfliteTarget(Target):
         """Keras sources are traced by TensorFlow directly; others lowered from the (bias-corrected) ONNX."""
         precision, fp32 = inputs.precision, inputs.fp32
         reference, notes = fp32.proto, []
+        hub_quantized = None  # the activations the Q/DQ hub quantizes (ONNX route, INT8): hub_float.py
         keras_model = fp32.keras_model() if fp32.is_keras else None
         if keras_model is not None:
             from enginekit.exporter.keras_export import tf_function
@@ -181,7 +174,9 @@ class TfliteTarget(Target):
                 from enginekit.quantization.bias_correction import corrected_float_model
 
                 # the hub's biases (bias correction) and weight integers (GPTQ rounding), as floats
-                reference = corrected_float_model(fp32.proto, inputs.qdq(inputs.encoding), biases=inputs.bias_correction)
+                hub = inputs.qdq(inputs.encoding)
+                hub_quantized = set(hub.activations)
+                reference = corrected_float_model(fp32.proto, hub, biases=inputs.bias_correction)
                 changed = keep_biases_representable(reference, inputs.table())
                 if changed:
                     notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
@@ -193,8 +188,8 @@ class TfliteTarget(Target):
                                        more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
                                        io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else (),
                                        output_bits=inputs.options["output_bits"], threads=inputs.threads,
-                                       hub_quantized=quantized_tensors(inputs.qdq(inputs.encoding).model) if int8 and keras_model is None else None,
-                                       judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if int8 and keras_model is None else (),
+                                       hub_quantized=hub_quantized,
+                                       judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if hub_quantized is not None else (),
                                        smoke=lambda flatbuffer, what: smoke_run(flatbuffer, inputs.calibration_feeds(2), inputs.stage, what))
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:

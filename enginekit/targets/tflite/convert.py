@@ -157,13 +157,12 @@ LAYOUT_OPS = {"RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS"}  # what the lowe
 
 
 COMPUTE_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "TRANSPOSE_CONV"}
-WIDENED_OPS = COMPUTE_OPS  # the compute layers are the ops LiteRT's 16x8 kernels are established for
 
 
 def output_ops(model: bytes) -> list[str]:
     """The output tensor names of the ops that compute the graph's outputs: from each output back
     through layout ops (the lowering's NHWC -> NCHW transpose, a reshape) to the op that computed
-    it, that op included, where that op is a compute layer (WIDENED_OPS: LiteRT's 16x8 kernels
+    it, that op included, where that op is a compute layer (COMPUTE_OPS: LiteRT's 16x8 kernels
     for them are the established ones; a BERT encoder whose output is a LayerNorm's ADD fell from
     cosine 0.9994 to 0.9403 with that ADD in int16)."""
     from enginekit.targets.tflite.runner import require_litert
@@ -178,7 +177,7 @@ def output_ops(model: bytes) -> list[str]:
         while index in producer and producer[index]["op_name"] in LAYOUT_OPS:
             chain.append(names[index])
             index = producer[index]["inputs"][0]
-        if index in producer and producer[index]["op_name"] in WIDENED_OPS:
+        if index in producer and producer[index]["op_name"] in COMPUTE_OPS:
             found += [name for name in (*chain, names[index]) if name not in found]
     return found
 
