@@ -226,10 +226,14 @@ def test_hub_float_tensors_follow_the_hub_and_spare_compute_layers_and_its_integ
     # float there, and so is a reshape that moves the float output, unless a layer reads it
     assert hub_float_tensors(ranges, {"add_1", "c1"}, []) == ["mean", "norm"]  # "moved" feeds the FULLY_CONNECTED: int8
     ranges.inputs_of["fc"] = ["norm"]
-    assert hub_float_tensors(ranges, {"add_1", "c1"}, []) == ["mean"]  # as does "norm" when the layer reads it
-    ranges.inputs_of["fc"] = ["x"]
+    # a float op a layer reads stays float, as in the hub: a QUANTIZE writes the layer's input
+    # (the LayerNorm's MUL whose scale the converter folded into the FULLY_CONNECTED); the reshape no layer reads moves floats
     assert hub_float_tensors(ranges, {"add_1", "c1"}, []) == ["mean", "norm", "moved"]
     assert hub_float_tensors(ranges, {"add_1", "c1", "ln_out"}, ["mean"]) == []
+    # an op named like a part of a fused layer's name stays int8 (the quantizer would take the layer float with it)
+    ranges.producers["Mul_2;MatMul;Add_31"] = "FULLY_CONNECTED"
+    ranges.producers["Mul_2"] = "MUL"
+    assert "Mul_2" not in hub_float_tensors(ranges, {"add_1", "c1"}, [])
 
 
 def test_a_transformer_keeps_the_hubs_float_ops_on_tflite_where_they_pay(tmp_path):
@@ -249,8 +253,9 @@ def test_a_transformer_keeps_the_hubs_float_ops_on_tflite_where_they_pay(tmp_pat
     assert all(h < i for h, i in zip(choice["errors_hub"], choice["errors_integer"]))
     floating = manifest["tflite"]["types"]["float32_compute_ops"]
     assert "SOFTMAX" in floating and "FULLY_CONNECTED" not in floating and "BATCH_MATMUL" not in floating
-    # full-integer: 0.81 on these 128 samples (measured here); ONNX Runtime and OpenVINO: 0.98
-    assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.88, manifest["accuracy"]["metrics"]
+    # full-integer: 0.81 on these 128 samples (measured here), 0.898 with the LayerNorms' normalising
+    # MUL int8, 0.914 with it float; ONNX Runtime and OpenVINO: 0.98; the corpus's gate: 0.90
+    assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.90, manifest["accuracy"]["metrics"]
 
 
 @pytest.mark.parametrize("hub_noise, smoke_fails, chosen", [(0.2, False, True), (0.95, False, False), (0.2, True, False), (None, False, False)])

@@ -4,7 +4,7 @@ TFLite's quantizer makes every op it can int8, the arithmetic around the compute
 the Q/DQ hub (what ONNX Runtime, OpenVINO and TensorRT run) keeps float what it does not place
 Q/DQ pairs around: LayerNormalization and Softmax, a transformer's residual stream, hard-swish and
 the other activations between integer layers. Measured (corpus, 128 held-out samples):
-vit_classifier's TFLite top-1 agreement 0.81 full-integer, 0.92 with the hub's float ops (ONNX
+vit_classifier's TFLite top-1 agreement 0.81 full-integer, 0.91 with the hub's float ops (ONNX
 Runtime and OpenVINO: 0.98); PP-OCRv4 det's map cosine 0.974 -> 0.983; MTCNN P-Net 0.994 ->
 0.9999. But on PP-OCR cls the same choice cost 25 % of the speed for the same accuracy (its int8
 arithmetic loses nothing there). So both flatbuffers are quantized from the one float conversion
@@ -34,20 +34,26 @@ JUDGE_SAMPLES, JUDGE_BATCH = 32, 8  # calibration samples, in parts of JUDGE_BAT
 def hub_float_tensors(ranges: RangeMap, hub_quantized: Collection[str], already_float: Sequence[str]) -> list[str]:
     """The TFLite tensors to keep float so that the flatbuffer is integer where the Q/DQ hub is:
     outputs of every op that is neither a compute layer nor data movement, unless the tensor's
-    ONNX twin is one the hub quantizes (a residual Add inside an integer region, a pooling) or a
-    compute layer reads it; then the data movement after them that no compute layer reads."""
-    # what a compute layer reads is int8 in the hub by definition, whichever op writes it (the
-    # converter folds a LayerNorm's scale into the next FULLY_CONNECTED, which then reads its MUL)
+    ONNX twin is one the hub quantizes (a residual Add inside an integer region, a pooling); then
+    the data movement after them that no compute layer reads.
+
+    A float op whose output a compute layer reads stays float too: a QUANTIZE then writes the
+    layer's int8 input, which is the hub's own order (float op, then the Q/DQ pair at the layer's
+    input). Why it matters: the converter folds a LayerNorm's scale and shift into the next
+    FULLY_CONNECTED, which then reads the normalisation's MUL; as an int8 MUL, its input x - mean
+    was quantized with one step for rows whose spread differs tenfold (vit_classifier: 31 dB where
+    the hub's quantized LayerNorm output has 40), top-1 agreement 0.898; float, 0.914."""
     compute_inputs = {ranges.inputs_of[t][0] for t, op in ranges.producers.items() if op in COMPUTE_OPS and ranges.inputs_of.get(t)}
     # the quantizer finds an op by the ;-separated names of its output: a float op named like a part
     # of a fused layer's name ("Mul_2" of "Mul_2;MatMul;Add_31") would take that layer float with it
     compute_names = {part for t, op in ranges.producers.items() if op in COMPUTE_OPS for part in t.split(";")}
     extra = [tensor for tensor, op in ranges.producers.items()
              if op not in COMPUTE_OPS and op not in DATA_MOVEMENT_OPS and ranges.matched.get(tensor) not in hub_quantized
-             and tensor not in already_float and tensor not in compute_inputs and tensor not in compute_names]
+             and tensor not in already_float and tensor not in compute_names]
     if not extra:
         return []
     floating = [*already_float, *extra]
+    # data movement a layer reads moves int8 (the QUANTIZE before it, not after: the same values)
     return extra + [t for t in moved_after(floating, ranges) if t not in floating and t not in compute_inputs and t not in compute_names]
 
 
