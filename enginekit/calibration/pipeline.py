@@ -22,6 +22,7 @@ from enginekit.calibration.collect import collect_histograms
 from enginekit.calibration.data import (DataArg, DataSource, DataStats, batch_size_for, joined_digest, open_data,
                                         short_data_warning, stream)
 from enginekit.calibration.histogram import TensorHistogram
+from enginekit.calibration.live_ranges import bound_table, reader_bounds
 from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS, compute_amax
 from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.console import markdown_table
@@ -105,6 +106,7 @@ def calibrate(
             collected.stats.warnings.insert(0, short_data_warning(num_samples, source.origin, total))
     histograms, stats, means = collected.histograms, collected.stats, collected.means
     parameters = {"percentile": percentile, "bins": next(iter(histograms.values())).bins, "batch_size": batch_size}
+    bounds = reader_bounds(fp32.proto)  # what the readers of each tensor tell apart (live_ranges.py)
     tables = {}
     for method in methods:
         table = CalibrationTable(
@@ -115,6 +117,9 @@ def calibrate(
         for name, hist in histograms.items():
             amax = compute_amax(hist, method, percentile)
             table.tensors[name] = TensorRange(hist.minimum, hist.maximum, amax, hist.signed, hist.fraction_above(amax))
+        narrowed = bound_table(table, bounds)
+        if narrowed:
+            table.parameters["cut_to_live_span"] = narrowed
         tables[method] = table
     notes = list(stats.warnings)
     if stats.skipped_nonfinite:
