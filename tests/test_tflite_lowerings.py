@@ -427,3 +427,22 @@ def test_a_signed_input_takes_the_grid_that_rounds_its_calibration_values_least(
         from enginekit.targets.tflite.runner import io_parameters
 
         assert io_parameters(quantize_int8(float_model, found.ranges))["x"]["zero_point"] == 0
+
+
+def test_a_multiple_of_a_tensor_takes_its_range_times_the_factor_instead_of_a_measured_one():
+    """The int8 HardSwish lowering's x / 6 is a MUL by a constant: its int8 kernel can only output
+    x's grid over 6, so that is its range. Measured instead, it kept the values x's range had cut
+    away (x is read only by the HardSwish, calibration/live_ranges.py: dead below -3)."""
+    from enginekit.calibration.live_ranges import bound_table, reader_bounds
+
+    model = CASES["HardSwish"]
+    feeds = _feeds(model)
+    table = _table(model, feeds)
+    assert bound_table(table, reader_bounds(model)) >= 1 and table.tensors["c"].min > -3.5
+    for_int8 = convert_function(to_tf_function(model, "hswish.onnx", integer=True), "hswish.onnx")
+    ranges = map_ranges(for_int8, model, table, feeds[0], feeds[1:])
+    assert ranges.scaled, ranges.summary()
+    for tensor, source in ranges.scaled.items():
+        assert ranges.producers[tensor] == "MUL"
+        np.testing.assert_allclose(ranges.ranges[tensor], np.array(ranges.ranges[source]) / 6, rtol=1e-5)
+    assert tensor not in ranges.measured and ranges.summary()["scaled_from_input"] == len(ranges.scaled)

@@ -43,6 +43,7 @@ class RangeMap:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)  # tflite tensor -> onnx tensor
     inherited: dict[str, str] = field(default_factory=dict)  # tflite tensor -> tflite tensor it copies
+    scaled: dict[str, str] = field(default_factory=dict)  # tflite tensor -> the tensor it is a positive multiple of
     measured: list[str] = field(default_factory=list)  # no twin: min-max on the calibration feeds
     softmax_clipped: list[str] = field(default_factory=list)  # softmax inputs cut to their top SOFTMAX_SPAN
     zero_centred_inputs: list[str] = field(default_factory=list)  # graph inputs given the zero-point-0 grid (input_grid)
@@ -51,6 +52,7 @@ class RangeMap:
 
     def summary(self) -> dict[str, int]:
         return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
+                "scaled_from_input": len(self.scaled),
                 "measured_in_tflite": len(self.measured), "softmax_inputs_clipped": len(self.softmax_clipped),
                 "zero_centred_inputs": len(self.zero_centred_inputs)}
 
@@ -154,6 +156,12 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
                 result.ranges[name] = result.ranges[index_name[current]]
                 result.inherited[name] = index_name[current]
                 break
+    for name in values:
+        source = None if name in result.ranges else _scaled_source(name, values, producer.get(name_index[name]), index_name, result.ranges)
+        if source is not None:
+            factor = _positive_factor(values[name], values[source])
+            result.ranges[name] = tuple(sorted(bound * factor for bound in result.ranges[source]))  # type: ignore[assignment]
+            result.scaled[name] = source
     missing = [name for name in values if name not in result.ranges]
     lows = {name: float(values[name].min()) if values[name].size else 0.0 for name in missing}
     highs = {name: float(values[name].max()) if values[name].size else 0.0 for name in missing}
@@ -169,6 +177,35 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
     _clip_softmax_inputs(result, ops, index_name, producer)
     _choose_input_grids(result, fp32, feeds)
     return result
+
+
+def _scaled_source(name: str, values: dict[str, np.ndarray], op: dict | None, index_name: dict[int, str],
+                   ranges: dict[str, tuple[float, float]]) -> str | None:
+    """The input of which `name` is a positive multiple, where a MUL by a constant made it from a
+    tensor with a range. Why: its int8 kernel can only ever output that input's grid times the
+    constant, so that is its range; min-max of the float values would also count values the
+    int8 input has already clipped away. The lowering's HardSwish, (x / 6) * relu6(x + 3), read
+    PP-OCRv4 det's Conv outputs, whose ranges are cut to their live span (calibration/live_ranges.py):
+    measured, x / 6 kept the dead values' range."""
+    if op is None or op["op_name"] != "MUL" or len(op["inputs"]) != 2:
+        return None
+    names = [index_name.get(i) for i in op["inputs"]]
+    data = [n for n in names if n in values and n in ranges]
+    constants = [n for n in names if n is not None and n not in values]
+    if len(data) != 1 or len(constants) != 1 or values[data[0]].shape != values[name].shape:
+        return None
+    return data[0] if _positive_factor(values[name], values[data[0]]) is not None else None
+
+
+def _positive_factor(output: np.ndarray, source: np.ndarray) -> float | None:
+    """c > 0 with output == c * source (to float rounding), or None."""
+    a, b = source.astype(np.float64).ravel(), output.astype(np.float64).ravel()
+    energy = float(a @ a)
+    if energy == 0.0:
+        return None
+    factor = float(a @ b) / energy
+    scale = float(np.abs(b).max()) or 1.0
+    return factor if factor > 0 and float(np.abs(b - factor * a).max()) <= 1e-5 * scale else None
 
 
 def int8_rounding_error(values: np.ndarray, low: float, high: float) -> float:
