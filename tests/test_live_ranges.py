@@ -102,3 +102,26 @@ def test_cut_ranges_are_lossless_and_finer_and_dead_values_stay_exactly_dead():
             for r, g in zip(reference, got):
                 assert np.all(g["h1"][r["a1"] <= -3.05] == 0.0)
     assert errors["cut"] < 0.8 * errors["full"], errors
+
+
+def test_a_tensor_a_subgraph_reads_is_never_bounded():
+    """An If body that reads the HardSwish input from the outer scope sees every value of it."""
+    model = affine_hardswish_model()
+    body = helper.make_graph([helper.make_node("Identity", ["a1"], ["inner"])], "body", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
+    model.graph.node.append(helper.make_node("If", ["flag"], ["chosen"], then_branch=body, else_branch=body))
+    model.graph.output.append(helper.make_tensor_value_info("chosen", TensorProto.FLOAT, None))
+    bounds = reader_bounds(model)
+    assert "a1" not in bounds and "c1" not in bounds
+
+
+def test_a_long_chain_of_constant_arithmetic_ends_unbounded_instead_of_recursing_without_end():
+    inits = [_scalar("one", 1.0)]
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i}", "one"], [f"t{i + 1}"]) for i in range(3000)]
+    nodes.append(helper.make_node("Relu", ["t3000"], ["r"]))
+    nodes.append(helper.make_node("Identity", ["r"], ["y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+    bounds = reader_bounds(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert bounds["t3000"] == (0.0, math.inf) and bounds["t2999"] == (-1.0, math.inf)

@@ -25,12 +25,14 @@ from enginekit.calibration.table import CalibrationTable, TensorRange
 Bounds = tuple[float, float]
 _UNBOUNDED: Bounds = (-math.inf, math.inf)
 GRID_MARGIN = 1.0  # steps of the grid a cut range keeps beyond the live span (bound_table)
+MAX_CHAIN = 64  # constant Add/Sub/Mul/Div followed towards a saturating reader; longer chains stay unbounded
 
 
 def reader_bounds(model: onnx.ModelProto) -> dict[str, Bounds]:
     """Tensor -> the (low, high) outside which no reader's output changes, for every tensor all
     of whose readers saturate (directly or through arithmetic with a constant). Graph outputs
-    are never bounded: the user reads them whole."""
+    and tensors a subgraph (If, Loop, Scan) reads are never bounded: the user, or a body this
+    does not look into, sees them whole."""
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -40,13 +42,15 @@ def reader_bounds(model: onnx.ModelProto) -> dict[str, Bounds]:
         for name in node.input:
             if name:
                 readers.setdefault(name, []).append(node)
-    outputs = {value.name for value in model.graph.output}
+    seen_whole = {value.name for value in model.graph.output} | _subgraph_reads(model.graph)
     found: dict[str, Bounds | None] = {}
 
-    def bounds_of(tensor: str) -> Bounds | None:
+    def bounds_of(tensor: str, depth: int = 0) -> Bounds | None:
         if tensor not in found:
-            found[tensor] = None  # a cycle (none in an ONNX graph) or a tensor still being resolved
-            found[tensor] = _tensor_bounds(tensor, readers.get(tensor, []), tensor in outputs, constants, bounds_of)
+            found[tensor] = None  # while it resolves (an ONNX graph has no cycle; this also ends one)
+            if depth < MAX_CHAIN:
+                found[tensor] = _tensor_bounds(tensor, readers.get(tensor, []), tensor in seen_whole, constants,
+                                               lambda name: bounds_of(name, depth + 1))
         return found[tensor]
 
     result = {}
@@ -56,6 +60,16 @@ def reader_bounds(model: onnx.ModelProto) -> dict[str, Bounds]:
             if bound is not None and bound != _UNBOUNDED:
                 result[name] = bound
     return result
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name the nodes of `graph`'s subgraphs read (outer-scope tensors among them)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+                names |= {name for inner in body.node for name in inner.input if name} | _subgraph_reads(body)
+    return names
 
 
 def _tensor_bounds(tensor: str, readers: list[onnx.NodeProto], is_output: bool, constants: Mapping[str, np.ndarray],
