@@ -157,10 +157,11 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
                 result.inherited[name] = index_name[current]
                 break
     for name in values:
-        source = None if name in result.ranges else _scaled_source(name, values, producer.get(name_index[name]), index_name, result.ranges)
-        if source is not None:
-            factor = _positive_factor(values[name], values[source])
-            result.ranges[name] = tuple(sorted(bound * factor for bound in result.ranges[source]))  # type: ignore[assignment]
+        scaled = None if name in result.ranges else _scaled_source(name, values, producer.get(name_index[name]), index_name, result.ranges)
+        if scaled is not None:
+            source, factor = scaled
+            low, high = result.ranges[source]
+            result.ranges[name] = (low * factor, high * factor)
             result.scaled[name] = source
     missing = [name for name in values if name not in result.ranges]
     lows = {name: float(values[name].min()) if values[name].size else 0.0 for name in missing}
@@ -180,9 +181,9 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
 
 
 def _scaled_source(name: str, values: dict[str, np.ndarray], op: dict | None, index_name: dict[int, str],
-                   ranges: dict[str, tuple[float, float]]) -> str | None:
-    """The input of which `name` is a positive multiple, where a MUL by a constant made it from a
-    tensor with a range. Why: its int8 kernel can only ever output that input's grid times the
+                   ranges: dict[str, tuple[float, float]]) -> tuple[str, float] | None:
+    """The input of which `name` is a positive multiple, and the factor, where a MUL by a
+    constant made it from a tensor with a range. Why: its int8 kernel can only ever output that input's grid times the
     constant, so that is its range; min-max of the float values would also count values the
     int8 input has already clipped away. The lowering's HardSwish, (x / 6) * relu6(x + 3), read
     PP-OCRv4 det's Conv outputs, whose ranges are cut to their live span (calibration/live_ranges.py):
@@ -194,7 +195,8 @@ def _scaled_source(name: str, values: dict[str, np.ndarray], op: dict | None, in
     constants = [n for n in names if n is not None and n not in values]
     if len(data) != 1 or len(constants) != 1 or values[data[0]].shape != values[name].shape:
         return None
-    return data[0] if _positive_factor(values[name], values[data[0]]) is not None else None
+    factor = _positive_factor(values[name], values[data[0]])
+    return (data[0], factor) if factor is not None else None
 
 
 def _positive_factor(output: np.ndarray, source: np.ndarray) -> float | None:
