@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.calibration.table import CalibrationTable, TensorRange
+from enginekit.onnx.nodes import attribute, node_inputs
 
 Bounds = tuple[float, float]
 _UNBOUNDED: Bounds = (-math.inf, math.inf)
@@ -39,17 +40,16 @@ def reader_bounds(model: onnx.ModelProto) -> dict[str, Bounds]:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        for name in node.input:
-            if name:
-                readers.setdefault(name, []).append(node)
-    seen_whole = {value.name for value in model.graph.output} | _subgraph_reads(model.graph)
+        for name in node_inputs(node):  # an If/Loop/Scan reads what its bodies read: as a reader that sees every value
+            readers.setdefault(name, []).append(node)
+    outputs = {value.name for value in model.graph.output}
     found: dict[str, Bounds | None] = {}
 
     def bounds_of(tensor: str, depth: int = 0) -> Bounds | None:
         if tensor not in found:
             found[tensor] = None  # while it resolves (an ONNX graph has no cycle; this also ends one)
             if depth < MAX_CHAIN:
-                found[tensor] = _tensor_bounds(tensor, readers.get(tensor, []), tensor in seen_whole, constants,
+                found[tensor] = _tensor_bounds(tensor, readers.get(tensor, []), tensor in outputs, constants,
                                                lambda name: bounds_of(name, depth + 1))
         return found[tensor]
 
@@ -60,16 +60,6 @@ def reader_bounds(model: onnx.ModelProto) -> dict[str, Bounds]:
             if bound is not None and bound != _UNBOUNDED:
                 result[name] = bound
     return result
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """Every name the nodes of `graph`'s subgraphs read (outer-scope tensors among them)."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-                names |= {name for inner in body.node for name in inner.input if name} | _subgraph_reads(body)
-    return names
 
 
 def _tensor_bounds(tensor: str, readers: list[onnx.NodeProto], is_output: bool, constants: Mapping[str, np.ndarray],
@@ -85,13 +75,6 @@ def _tensor_bounds(tensor: str, readers: list[onnx.NodeProto], is_output: bool, 
     return low, high
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return float(onnx.helper.get_attribute_value(attribute))
-    return default
-
-
 def _reader_bound(node: onnx.NodeProto, tensor: str, constants: Mapping[str, np.ndarray], bounds_of) -> Bounds | None:
     """The span of `tensor` that `node` tells apart, or None where it sees every value."""
     op, data = node.op_type, node.input[0] == tensor
@@ -100,7 +83,7 @@ def _reader_bound(node: onnx.NodeProto, tensor: str, constants: Mapping[str, np.
     if op == "HardSwish":
         return -3.0, math.inf
     if op == "HardSigmoid":  # max(0, min(1, alpha x + beta))
-        alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
+        alpha, beta = float(attribute(node, "alpha", 0.2)), float(attribute(node, "beta", 0.5))
         return (-beta / alpha, (1 - beta) / alpha) if alpha > 0 else None
     if op == "Clip" and data:
         return _clip_bounds(node, constants)
@@ -117,7 +100,7 @@ def _reader_bound(node: onnx.NodeProto, tensor: str, constants: Mapping[str, np.
 
 def _clip_bounds(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> Bounds | None:
     if len(node.input) == 1 and node.attribute:  # opset < 11: bounds are attributes
-        return _attribute(node, "min", -math.inf), _attribute(node, "max", math.inf)
+        return float(attribute(node, "min", -math.inf)), float(attribute(node, "max", math.inf))
     limits = []
     for index, default in ((1, -math.inf), (2, math.inf)):
         name = node.input[index] if len(node.input) > index else ""
@@ -156,9 +139,9 @@ def bound_table(table: CalibrationTable, bounds: Mapping[str, Bounds]) -> int:
 
     Why the margin: a dead value lands on the grid's end level, and where neither end of the
     range is zero the zero point's rounding can put that level up to half a step inside the live
-    span: a HardSwish then gives -0.03 for
-    every negative pre-activation instead of 0, a bias over most of the tensor (PP-OCRv4 rec on
-    ONNX Runtime: output SQNR 15.6 -> 14.6 dB without the margin)."""
+    span: a HardSwish then gives -0.03 for every negative pre-activation instead of 0, a bias over
+    most of the tensor (PP-OCRv4 rec on ONNX Runtime: output SQNR 15.6 -> 14.6 dB without the
+    margin)."""
     narrowed = 0
     for name, rng in table.tensors.items():
         if name not in bounds or rng.grid:

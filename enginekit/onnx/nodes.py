@@ -17,6 +17,16 @@ def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
+    names = [name for name in node.input if name]
+    for value in node.attribute:
+        for graph in [value.g] if value.type == onnx.AttributeProto.GRAPH else list(value.graphs):
+            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+            names += [name for n in graph.node for name in node_inputs(n) if name not in defined]
+    return list(dict.fromkeys(names))
+
+
 def tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that outputs it."""
     return {name: node for node in graph.node for name in node.output}

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from enginekit.core import limits
 from enginekit.core.progress import report
 from enginekit.core.tensors import ChannelMeans, Feeds, batch_size, take
+from enginekit.onnx.nodes import node_inputs
 from enginekit.onnx.probe import probe
 from enginekit.onnx.session import Session
 from enginekit.quantization.qdq import BiasOwners, QdqGraph, bias_axis, biased_nodes, ensure_bias, matmul_bias_adds, rounded_float_weights
@@ -48,16 +49,6 @@ def correctable_outputs(model: onnx.ModelProto) -> dict[str, int]:
     adds = matmul_bias_adds(model)
     return {n.output[0]: bias_axis(n) for n in model.graph.node
             if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and n.name in adds and n.input[1] in initializers)}
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
-    names = [name for name in node.input if name]
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-            names += [name for n in graph.node for name in node_inputs(n) if name not in defined]
-    return list(dict.fromkeys(names))
 
 
 def _segment_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], outputs: list[str],

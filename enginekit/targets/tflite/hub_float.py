@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.core.tensors import Feeds
+from enginekit.exporter.parity import cosine_similarity
 from enginekit.targets.tflite.convert import COMPUTE_OPS, DATA_MOVEMENT_OPS
 from enginekit.targets.tflite.float_layers import moved_after
 from enginekit.targets.tflite.ranges import RangeMap
@@ -71,15 +72,8 @@ def outputs_on(model: bytes, samples: Sequence[Feeds], threads: int | None = Non
 def cosine_errors(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]) -> list[float]:
     """1 - the lowest cosine over the outputs between `candidate` and `reference`, per batch (each
     output compared whole: its batch axis need not be known)."""
-    errors = []
-    for expected_batch, got_batch in zip(reference, candidate):
-        worst = 1.0
-        for expected, got in zip(expected_batch, got_batch):
-            a, b = np.asarray(expected, np.float64).ravel(), np.asarray(got, np.float64).ravel()
-            norm = np.linalg.norm(a) * np.linalg.norm(b)
-            worst = min(worst, float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b)))
-        errors.append(round(1.0 - worst, 6))
-    return errors
+    return [round(1.0 - min((cosine_similarity(expected, got) for expected, got in zip(expected_batch, got_batch)), default=1.0), 6)
+            for expected_batch, got_batch in zip(reference, candidate)]
 
 
 def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], extra: Sequence[str], samples: Iterable[Feeds],
