@@ -83,3 +83,19 @@ def weight_integers(path: Path) -> dict[str, np.ndarray]:
             zero_point = initializers[node.input[2]].astype(np.int32).reshape([-1] + [1] * (value.ndim - 1))
             found[weight.removesuffix("_aligned").removesuffix("__int8")] = value - zero_point
     return found
+
+
+def minmax_table(model, names: list[str], feeds: list[dict[str, np.ndarray]]):
+    """A min-max CalibrationTable of `names` in `model` over `feeds`, for tests on small graphs."""
+    from enginekit.calibration.table import CalibrationTable, TensorRange
+    from enginekit.onnx.probe import probe
+
+    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for outputs in probe(model, names, feeds):
+        for name in names:
+            values[name].append(outputs[name].ravel())
+    table = CalibrationTable("minmax", {}, len(feeds), "random", "", "")
+    for name, chunks in values.items():
+        data = np.concatenate(chunks)
+        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
+    return table

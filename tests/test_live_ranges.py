@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from enginekit.calibration.live_ranges import bound_table, reader_bounds
-from enginekit.calibration.table import CalibrationTable, TensorRange
+from enginekit.calibration.table import CalibrationTable
 from enginekit.onnx.probe import probe
 from enginekit.quantization.placement import plan_quantization
 from enginekit.quantization.qdq import insert_qdq
+from tests.conftest import minmax_table
 
 RNG = np.random.default_rng(0)
 
@@ -69,16 +70,7 @@ def test_a_negative_scale_on_the_way_leaves_the_tensor_unbounded():
 
 
 def _minmax_table(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> CalibrationTable:
-    names = [o for n in model.graph.node for o in n.output] + ["x"]
-    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for outputs in probe(model, names, feeds):
-        for name in names:
-            values[name].append(outputs[name].ravel())
-    table = CalibrationTable("minmax", {}, len(feeds), "random", "", "")
-    for name, chunks in values.items():
-        data = np.concatenate(chunks)
-        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
-    return table
+    return minmax_table(model, [o for n in model.graph.node for o in n.output] + ["x"], feeds)
 
 
 def test_cut_ranges_are_lossless_and_finer_and_dead_values_stay_exactly_dead():

@@ -13,6 +13,7 @@ from enginekit.quantization.encoding import activation_qparams
 from enginekit.quantization.placement import plan_quantization
 from enginekit.quantization.qdq import DQ_SUFFIX, insert_qdq
 from enginekit.targets.onnxruntime import align_input_channels, integer_op_report
+from tests.conftest import minmax_table
 
 RNG = np.random.default_rng(0)
 
@@ -38,16 +39,7 @@ def conv_prelu_relu_model() -> onnx.ModelProto:
 
 def _table(model: onnx.ModelProto, shape: tuple[int, ...] = (1, 4, 8, 8)) -> CalibrationTable:
     feeds = [{"x": RNG.normal(0, 1, shape).astype(np.float32)} for _ in range(8)]
-    names = [o for n in model.graph.node for o in n.output] + ["x"]
-    table = CalibrationTable("minmax", {}, 8, "random", "", "")
-    values = {name: [] for name in names}
-    for outputs in probe(model, names, feeds):
-        for name in names:
-            values[name].append(outputs[name])
-    for name, chunks in values.items():
-        data = np.concatenate([c.ravel() for c in chunks])
-        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
-    return table
+    return minmax_table(model, [o for n in model.graph.node for o in n.output] + ["x"], feeds)
 
 
 def _ort_report(model: onnx.ModelProto, placement: str, tmp_path) -> tuple[dict, onnx.ModelProto]:

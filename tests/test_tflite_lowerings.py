@@ -14,13 +14,13 @@ pytest.importorskip("ai_edge_litert", reason="the tflite extra (ai-edge-litert) 
 pytest.importorskip("ai_edge_quantizer", reason="the tflite extra (ai-edge-quantizer) is not installed")
 
 from enginekit.calibration.pipeline import calibration_tensors  # noqa: E402
-from enginekit.calibration.table import CalibrationTable, TensorRange  # noqa: E402
-from enginekit.onnx.probe import probe  # noqa: E402
+from enginekit.calibration.table import CalibrationTable  # noqa: E402
 from enginekit.onnx.session import Session  # noqa: E402
 from enginekit.targets.tflite.convert import convert_function, op_types, quantize_int8  # noqa: E402
 from enginekit.targets.tflite.lowering import to_tf_function  # noqa: E402
 from enginekit.targets.tflite.ranges import map_ranges  # noqa: E402
 from enginekit.targets.tflite.runner import TfliteRunner  # noqa: E402
+from tests.conftest import minmax_table  # noqa: E402
 
 RNG = np.random.default_rng(1)
 
@@ -150,16 +150,7 @@ def _feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
 
 
 def _table(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> CalibrationTable:
-    names = calibration_tensors(model, [])
-    table = CalibrationTable("minmax", {}, len(feeds), "random", "", "")
-    values: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for outputs in probe(model, names, feeds):
-        for name in names:
-            values[name].append(outputs[name].ravel())
-    for name, chunks in values.items():
-        data = np.concatenate(chunks)
-        table.tensors[name] = TensorRange(float(data.min()), float(data.max()), float(np.abs(data).max()), bool(data.min() < 0))
-    return table
+    return minmax_table(model, calibration_tensors(model, []), feeds)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
