@@ -14,57 +14,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from enginekit.core.machine import toolchain
-from enginekit.onnx.nodes import attribute
-from enginekit.quantization.qdq import BIAS_HEADROOM
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.hub_float import JUDGE_BATCH, JUDGE_SAMPLES
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
 from enginekit.targets.tflite.smoke import smoke_run
 
-__all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer", "keep_biases_representable"]
-
-
-def keep_biases_representable(model: onnx.ModelProto, table) -> list[str]:
-    """Rewrite, in place, Conv/Gemm output channels whose weights are (nearly) all zero.
-
-    TFLite stores a bias as int32 at scale input_scale x weight_scale. A channel whose weights
-    are ~0 (a dead channel after batch-norm folding: EfficientNet-Lite0 has dozens) gets a ~1e-11
-    weight scale, and its bias overflows int32 into garbage, saturating a channel that should be
-    constant. Such a channel becomes zeros plus one weight delta = 127 |b| / (input_scale x 2^24):
-    its bias then fits in 24 bits, and the output moves by at most delta x max|input|, about
-    0.2 % of the bias."""
-    from enginekit.targets.tflite.ranges import tflite_range
-
-    initializers = {t.name: t for t in model.graph.initializer}
-    changed = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
-            continue
-        if node.input[1] not in initializers or node.input[0] not in table.tensors:
-            continue
-        low, high = tflite_range(table.tensors[node.input[0]])
-        input_scale = (high - low) / 255.0
-        axis = 0 if node.op_type == "Conv" or attribute(node, "transB", 0) else 1
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
-        channels = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1).astype(np.float64)
-        weight_scale = np.maximum(np.abs(channels).max(axis=1), 1e-9) / 127.0
-        bad = np.flatnonzero(np.abs(bias) / (input_scale * weight_scale) >= BIAS_HEADROOM)
-        if bad.size == 0:
-            continue
-        for channel in bad:
-            channels[channel] = 0.0
-            channels[channel, channels.shape[1] // 2] = 127.0 * max(abs(bias[channel]), 1e-6) / (input_scale * BIAS_HEADROOM)
-        shaped = np.moveaxis(channels.reshape(np.moveaxis(weight, axis, 0).shape), 0, axis).astype(weight.dtype)
-        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(shaped, node.input[1]))
-        changed.append(f"{node.name}: {bad.size} channel(s)")
-    return changed
+__all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer"]
 
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
@@ -170,17 +129,13 @@ class TfliteTarget(Target):
         else:
             from enginekit.targets.tflite.lowering import to_tf_function
 
-            if precision == "int8":  # a copy: the bias fix below rewrites weights in place
+            if precision == "int8":
                 from enginekit.quantization.bias_correction import corrected_float_model
 
                 # the hub's biases (bias correction) and weight integers (GPTQ rounding), as floats
                 hub = inputs.qdq(inputs.encoding)
                 hub_quantized = set(hub.activations)
                 reference = corrected_float_model(fp32.proto, hub, biases=inputs.bias_correction)
-                changed = keep_biases_representable(reference, inputs.table())
-                if changed:
-                    notes.append(f"near-zero weight channels given one small weight so their int32 bias fits: {'; '.join(changed[:5])}"
-                                 + (" ..." if len(changed) > 5 else ""))
             function, route, owner = to_tf_function(reference, fp32.origin, precision == "int8"), "onnx lowered to TensorFlow ops", None
         int8 = precision == "int8"
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,

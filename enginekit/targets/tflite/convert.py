@@ -95,7 +95,11 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
     except ImportError:
         raise MissingDependencyError("int8 .tflite needs ai-edge-quantizer (pip install 'enginekit[tflite]')") from None
     check_io(io_type, output_bits)
+    from enginekit.targets.tflite.bias_fit import bias_safe_weight_ranges
+
     qsv = {name: {"min": np.array(low, np.float32), "max": np.array(high, np.float32)} for name, (low, high) in ranges.items()}
+    wide_ops = output_ops(float_model) if output_bits == 16 else []
+    qsv.update(bias_safe_weight_ranges(float_model, ranges, skip={*float_ops, *wide_ops}))
     import contextlib
     import io
     import warnings
@@ -109,7 +113,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
 
             if output_bits == 16:
                 wide = _int16_activations(qtyping)
-                for tensor in output_ops(float_model):  # the graph output among them is int16 too (OUTPUT)
+                for tensor in wide_ops:  # the graph output among them is int16 too (OUTPUT)
                     for operation in (qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.TFLOperationName.OUTPUT):
                         engine.update_quantization_recipe(regex=_scope(tensor), operation_name=operation, op_config=wide)
             for tensor in float_ops:
