@@ -49,6 +49,27 @@ def test_keras_files_export_with_parity(run_cli, tmp_path, suffix):
     assert manifest["inputs"][0]["shape"] == ["batch", 8, 8, 1]
 
 
+def test_grouped_convolutions_and_exact_gelu_export_with_parity(run_cli, tmp_path):
+    """Keras's TensorFlow backend runs a grouped Conv2D (ConvNeXt's depthwise, RegNet's groups)
+    in a tf.function(jit_compile=True); the call must be inlined, not left as an op ONNX lacks.
+    ConvNeXt's exact GELU is written with Erfc, which tf2onnx lacks."""
+    import onnx
+    from keras import layers
+
+    image = keras.Input((8, 8, 4), name="image")
+    x = layers.Conv2D(4, 3, groups=4, padding="same")(image)  # depthwise, as ConvNeXt writes it
+    x = layers.Conv2D(8, 3, groups=2, padding="same", activation="gelu")(x)  # exact GELU: TF writes it with Erfc
+    path = tmp_path / "grouped.keras"
+    keras.Model(image, layers.Conv2D(2, 1, name="scores")(x)).save(str(path))
+    result = run_cli("export", "--model", path, "-o", tmp_path / "onnx")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    groups = sorted(next((a.i for a in n.attribute if a.name == "group"), 1) for n in graph.node if n.op_type == "Conv")
+    assert groups == [1, 2, 4]
+
+
 def test_keras_factory_exports(run_cli, tmp_path, monkeypatch):
     (tmp_path / "kfactory.py").write_text(textwrap.dedent("""
         import keras

@@ -131,7 +131,7 @@ def _convert_frozen(function, model: KerasModel, opset: int, tf2onnx) -> Any:
     frozen = convert_variables_to_constants_v2(concrete)
     inputs = [t.name for t in frozen.inputs]
     outputs = [t.name for t in frozen.outputs]
-    proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=inputs, output_names=outputs, opset=opset)
+    proto, _ = tf2onnx.convert.from_graph_def(for_tf2onnx(frozen.graph.as_graph_def()), input_names=inputs, output_names=outputs, opset=opset)
     flat_names = sorted(model.output_names)  # a returned dict flattens in sorted key order
     mapping = {tf_name: spec.name for tf_name, spec in zip(inputs, model.inputs)}
     mapping.update({tf_name: name for tf_name, name in zip(outputs, flat_names)})
@@ -141,6 +141,45 @@ def _convert_frozen(function, model: KerasModel, opset: int, tf2onnx) -> Any:
     del proto.graph.output[:]
     proto.graph.output.extend(ordered)
     return proto
+
+
+XLA_ONLY_ATTRIBUTES = ("_XlaMustCompile", "_noinline")
+
+
+def for_tf2onnx(graph_def: Any) -> Any:
+    """`graph_def` made convertible by tf2onnx, in place (what it lacks, written with what it has):
+    - XLA-only marks dropped from function calls and functions, so that tf2onnx's grappler pass
+      inlines them. Keras's TensorFlow backend wraps every grouped convolution (ConvNeXt's
+      depthwise, RegNet's group convs: Conv2D(groups=...)) in a tf.function(jit_compile=True),
+      because TF's CPU kernels lack it; the call stayed a StatefulPartitionedCall and the ONNX
+      checker refused the graph. Inlined, it is a Conv2D that tf2onnx writes as a Conv with `group`.
+    - Erfc(x) as 1 - Erf(x): Keras's exact GELU (ConvNeXt) is 0.5 x erfc(-x / sqrt 2)."""
+    bodies = [(graph_def.node, False), *((function.node_def, True) for function in graph_def.library.function)]
+    for function in graph_def.library.function:
+        for name in XLA_ONLY_ATTRIBUTES:
+            function.attr.pop(name, None)
+    for nodes, in_function in bodies:
+        for node in list(nodes):
+            for name in XLA_ONLY_ATTRIBUTES:
+                node.attr.pop(name, None)
+            if node.op == "Erfc":
+                _erfc_as_one_minus_erf(nodes, node, in_function)
+    return graph_def
+
+
+def _erfc_as_one_minus_erf(nodes: Any, node: Any, in_function: bool) -> None:
+    """Rewrite `node` (Erfc) into Sub(1, Erf(x)) under the same name, so its readers are unchanged
+    (inside a function body a node's output is named `node:output_arg:index`)."""
+    tf = require_tensorflow()
+    dtype = tf.dtypes.as_dtype(node.attr["T"].type)
+    erf = nodes.add(name=f"{node.name}/erf", op="Erf", input=[node.input[0]])
+    erf.attr["T"].CopyFrom(node.attr["T"])
+    one = nodes.add(name=f"{node.name}/one", op="Const")
+    one.attr["dtype"].type = dtype.as_datatype_enum
+    one.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0, dtype=dtype))
+    node.op = "Sub"
+    del node.input[:]
+    node.input.extend([f"{one.name}:output:0", f"{erf.name}:y:0"] if in_function else [one.name, erf.name])
 
 
 def _converter_problem(text: str) -> str:
