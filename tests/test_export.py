@@ -151,6 +151,50 @@ def test_factory_with_state_dict_pt(run_cli, user_package):
     assert result.code == 0, result.err
 
 
+def test_parity_failure_on_generated_inputs_says_what_they_were_and_which_flag_declares_them(run_cli, user_package, tmp_path):
+    """Random inputs are not always inputs the model is defined on (a causal model's 0/1 mask with
+    holes): the failure names what was drawn and the flag that declares real ranges; a failure on
+    the model's own data names that data instead."""
+    out = user_package / "out"
+    result = run_cli("export", "--model", "userpkg.nets:build", "--input-shape", "x=batchx3x16x16:float32:-1..1", "--atol", "0", "-o", out)
+    assert result.code == 1
+    assert "seeded random inputs drawn from x float32 uniform -1..1" in result.error_line and "--input-shape" in result.error_line
+    assert_nothing_written(out)
+    zoo = run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", tmp_path / "zoo")
+    assert zoo.code == 1 and "parity failed on digits_cnn evaluation split" in zoo.error_line
+    assert "seeded random" not in zoo.error_line and "--input-shape" not in zoo.error_line
+
+
+def test_a_module_the_dynamo_exporter_refuses_is_exported_by_torchscript_with_a_note(run_cli, tmp_path, monkeypatch):
+    """torch.export cannot guard on a tensor's value (a data-dependent `if`); the TorchScript
+    exporter traces the branch taken, the manifest says so (and where), and parity checks it."""
+    (tmp_path / "branchy.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Branchy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(4, 3)
+
+            def forward(self, x):
+                if x.abs().sum() >= 0:
+                    return self.lin(x)
+                return -self.lin(x)
+
+        def build():
+            torch.manual_seed(0)
+            return Branchy()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run_cli("export", "--model", "branchy:build", "--input-shape", "x=batchx4", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["parity"]["passed"]
+    assert manifest["outputs"] == [{"name": "output", "shape": ["batch", 3], "dtype": "float32"}]
+    note = next(n for n in manifest["notes"] if "TorchScript exporter" in n)
+    assert "data-dependent" in note and "branchy.py:10" in note  # the `if` line
+
+
 def test_factory_without_input_shape_is_refused(run_cli, user_package):
     result = run_cli("export", "--model", "userpkg.nets:build", "-o", user_package / "out")
     assert result.code == 2 and "--input-shape" in result.error_line

@@ -53,6 +53,20 @@ class TensorSpec:
 Feeds = dict[str, np.ndarray]
 
 
+RANDOM_INTEGER_RANGE = (0, 99)  # integers without a declared range
+
+
+def random_feed_text(spec: TensorSpec) -> str:
+    """What `random_feeds` draws for `spec`, in words (for messages)."""
+    if spec.dtype == "bool":
+        return f"{spec.name} random bools"
+    low, high = spec.range or (None, None)
+    if np.issubdtype(np.dtype(spec.dtype), np.floating):
+        return f"{spec.name} {spec.dtype} uniform {low:g}..{high:g}" if spec.range else f"{spec.name} {spec.dtype} N(0,1)"
+    low, high = (int(low), int(high)) if spec.range else RANDOM_INTEGER_RANGE
+    return f"{spec.name} {spec.dtype} {low}..{high}"
+
+
 def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> Feeds:
     """Seeded inputs for sources that bring no data of their own: inside each input's declared
     value range where it has one (token ids inside the vocabulary), else N(0,1) floats and small
@@ -75,7 +89,7 @@ def random_feeds(inputs: Sequence[TensorSpec], dims: Mapping[str, int], seed: in
         elif floating:
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
-            feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
+            feeds[spec.name] = rng.integers(RANDOM_INTEGER_RANGE[0], RANDOM_INTEGER_RANGE[1] + 1, shape).astype(spec.dtype)
     return feeds
 
 

@@ -11,6 +11,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,15 @@ _EXAMPLE_SIZE = {"batch": 2}
 _DEFAULT_EXAMPLE_SIZE = 16
 
 
-def export_torch(source: Source, opset: int) -> onnx.ModelProto:
+TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+
+def export_torch(source: Source, opset: int, notes: list[str] | None = None) -> onnx.ModelProto:
+    """The module as ONNX through the dynamo exporter; where that fails, through torch's
+    TorchScript exporter (`notes` says so, with the dynamo exporter's reason). Why the second
+    route: torch.export still fails on some published architectures whose TorchScript export
+    works (transformers' Swin: a view of a transposed attention output cannot be decomposed;
+    exported by TorchScript, its parity is 4e-7)."""
     torch = require_torch("exporting PyTorch models")
 
     symbols = sorted({d for spec in source.inputs for d in spec.symbolic_dims})
@@ -46,17 +55,74 @@ def export_torch(source: Source, opset: int) -> onnx.ModelProto:
                 external_data=False, optimize=True, verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean "this model did not export"
-        message = " ".join(str(exc).split())[:400]
-        raise InputError(f"torch.onnx.export failed ({type(exc).__name__}): {message}", source.name) from None
-    model = program.model_proto
+        reason = exporter_problem(exc)
+        model, frozen = _torchscript_export(source, args, opset, reason)
+        if notes is not None:
+            notes.append(f"exported by torch's TorchScript exporter: the dynamo exporter failed ({reason[:200]})"
+                         + (f"; the trace fixed {len(frozen)} Python decision(s) on tensor values (first at {frozen[0]}), "
+                            "which the parity check tests at its shapes only" if frozen else ""))
+    else:
+        model = program.model_proto
     _name_io(model, source)
     return model
+
+
+def exporter_problem(exc: Exception) -> str:
+    """The exporter's own reason in one line: torch.onnx wraps it in boilerplate ("Next steps:
+    create an issue ..."), with the actual exception after '## Exception summary'."""
+    text = str(exc)
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].split("(Refer to the full stack trace", 1)[0]
+        text = text.split("Original traceback:", 1)[0]
+    return f"{type(exc).__name__}: {' '.join(text.split())}"[:400]
+
+
+def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The TorchScript exporter's graph (symbolic dims as dynamic axes, inputs and outputs named
+    as the specs) and where its trace fixed a Python decision on a tensor (TracerWarning:
+    "file:line", distinct); an InputError with both exporters' reasons where it fails too."""
+    torch = require_torch("exporting PyTorch models")
+    dynamic_axes = {spec.name: {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in source.inputs}
+    output_names, batched = _output_batches(source, args)
+    dynamic_axes.update({name: {0: "batch"} for name in batched})
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), quiet_loggers():
+            warnings.simplefilter("always")
+            torch.onnx.export(source.module, args, buffer, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamo=False,
+                              input_names=[spec.name for spec in source.inputs], output_names=output_names,
+                              dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes})
+    except Exception as exc:
+        raise InputError(f"torch.onnx.export failed ({dynamo_reason}); the TorchScript exporter too "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", source.name) from None
+    frozen = [f"{Path(w.filename).name}:{w.lineno}" for w in caught
+              if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)]
+    return onnx.load_from_string(buffer.getvalue()), list(dict.fromkeys(frozen))
+
+
+def _output_batches(source: Source, args: tuple) -> tuple[list[str] | None, list[str]]:
+    """The output names the export should write and those whose axis 0 is the batch (its size
+    there is the example's batch), as the TorchScript exporter needs them declared (the dynamo
+    exporter finds them itself; an output without a "batch" dim would count as unbatched)."""
+    torch = require_torch()
+    batch = next((a.shape[axis] for a, spec in zip(args, source.inputs) for axis, d in enumerate(spec.shape) if d == "batch"), None)
+    with torch.inference_mode():
+        produced = source.module(*args)
+    outputs = list(produced) if isinstance(produced, (tuple, list)) else [produced]
+    if not all(isinstance(o, torch.Tensor) for o in outputs):
+        return None, []
+    if len(source.outputs) == len(outputs):
+        names = [spec.name for spec in source.outputs]
+    else:
+        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    return names, [name for name, out in zip(names, outputs) if batch is not None and out.ndim and out.shape[0] == batch]
 
 
 def _name_io(model: onnx.ModelProto, source: Source) -> None:
     """Inputs take the spec names (in forward order); outputs the spec names, else output/output_N."""
     graph_inputs = [v.name for v in model.graph.input]
-    mapping = {old: spec.name for old, spec in zip(graph_inputs, source.inputs)}
+    named = set(graph_inputs) <= {spec.name for spec in source.inputs}  # the TorchScript route names them (and drops unused ones)
+    mapping = {} if named else {old: spec.name for old, spec in zip(graph_inputs, source.inputs)}
     outputs = [v.name for v in model.graph.output]
     if source.outputs and len(source.outputs) == len(outputs):
         mapping.update({old: spec.name for old, spec in zip(outputs, source.outputs)})
