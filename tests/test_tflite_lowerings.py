@@ -263,6 +263,56 @@ def test_a_slice_whose_end_is_computed_at_run_time_lowers_to_a_strided_slice():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_traced_shape_arithmetic_folds_where_the_dims_are_known_and_divides_like_onnx_where_not():
+    """A TorchScript-traced export (transformers' Swin) computes its window padding from the
+    tensor's own shape: Shape -> Gather(H) -> Mod -> Concat -> Pad. With a dynamic batch the Shape
+    is a run-time tensor, but H is known at lowering, so the pads fold to the constants TFLite's
+    PAD needs. The batch is divided at run time (an integer Div truncates, as in ONNX, not
+    TF's float division), and a [N, C, L] tensor is pooled by GlobalAveragePool."""
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node("Shape", ["c"], ["shape"], name="shape"),
+             node("Gather", ["shape", "two"], ["height"], name="height", axis=0),
+             node("Mod", ["height", "four"], ["rest"], name="mod"), node("Sub", ["four", "rest"], ["missing"], name="missing"),
+             node("Mod", ["missing", "four"], ["pad"], name="pad_amount"), node("Unsqueeze", ["pad", "zero"], ["pad_1d"], name="pad_1d"),
+             node("Concat", ["six_zeros", "pad_1d", "pad_1d"], ["pads"], name="pads", axis=0),
+             node("Pad", ["c", "pads"], ["padded"], name="pad"),
+             node("Gather", ["shape", "zero_scalar"], ["batch"], name="batch", axis=0),
+             node("Div", ["batch", "one"], ["same_batch"], name="batch_div"), node("Unsqueeze", ["same_batch", "zero"], ["batch_1d"], name="batch_1d"),
+             node("Concat", ["batch_1d", "four_minus_one"], ["target"], name="target", axis=0),
+             node("Reshape", ["padded", "target"], ["tokens"], name="to_tokens"),
+             node("GlobalAveragePool", ["tokens"], ["y"], name="pool")]
+    inits = [_const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)), _const("two", np.array(2, np.int64)),
+             _const("four", np.array(4, np.int64)), _const("zero", np.array([0], np.int64)), _const("zero_scalar", np.array(0, np.int64)),
+             _const("one", np.array(1, np.int64)), _const("six_zeros", np.zeros(6, np.int64)), _const("four_minus_one", np.array([4, -1], np.int64))]
+    graph = helper.make_graph(nodes, "traced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 1])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, "traced.onnx"), "traced.onnx")
+    for batch in (2, 3):
+        feeds = {"x": RNG.normal(0, 1, (batch, 3, 6, 6)).astype(np.float32)}
+        got, expected = TfliteRunner(float_model).infer(feeds)["y"], Session(model).run(feeds)["y"]
+        assert got.shape == expected.shape == (batch, 4, 1)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmod", [0, 1])
+def test_mod_and_integer_division_keep_onnx_signs(fmod):
+    """Mod fmod 0 takes the divisor's sign, fmod 1 the dividend's; an integer Div truncates toward
+    zero. Checked on run-time integer tensors with every sign combination, against ONNX Runtime."""
+    node = helper.make_node
+    kind = TensorProto.FLOAT if fmod else TensorProto.INT64
+    nodes = [node("Mod", ["a", "b"], ["mod"], name="mod", fmod=fmod)] + ([] if fmod else [node("Div", ["a", "b"], ["div"], name="div")])
+    outputs = [helper.make_tensor_value_info("mod", kind, [6])] + ([] if fmod else [helper.make_tensor_value_info("div", kind, [6])])
+    graph = helper.make_graph(nodes, "mod", [helper.make_tensor_value_info(n, kind, [6]) for n in ("a", "b")], outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    dtype = np.float32 if fmod else np.int64
+    feeds = {"a": np.array([7, -7, 7, -7, 6, -1], dtype), "b": np.array([3, 3, -3, -3, 3, 4], dtype)}
+    float_model = convert_function(to_tf_function(model, "mod.onnx"), "mod.onnx")
+    got, expected = TfliteRunner(float_model).infer(feeds), Session(model).run(feeds)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
 def test_a_computed_reshape_with_allowzero_lowers_as_tf_reshape():
     """PyTorch's view exports Reshape(allowzero=1) with a shape computed from Shape (minilm's head
     split): TF's reshape has the same meaning of 0 and -1, so it lowers as it is."""

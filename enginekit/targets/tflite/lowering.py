@@ -34,6 +34,7 @@ class Value:
 
     data: Any
     nhwc: bool = False
+    known: tuple[int | None, ...] | None = None  # a run-time Shape's dims known at lowering (None: run-time)
 
     @property
     def const(self) -> bool:
@@ -220,6 +221,8 @@ def _same_windows(x: Any, kernel: tuple[int, ...], strides: list[int], pads: lis
 def _global_pool(node, args, attrs):
     tf = _tf()
     reduce = tf.reduce_mean if node.op_type == "GlobalAveragePool" else tf.reduce_max
+    if args[0].rank != 4:  # [N, C, L...] (a sequence pooled: PyTorch's AdaptiveAvgPool1d(1)): every axis after C
+        return [Value(reduce(nchw(args[0]), axis=list(range(2, args[0].rank)), keepdims=True))]
     return [Value(reduce(nhwc(args[0]), axis=[1, 2], keepdims=True), nhwc=True)]
 
 
@@ -272,11 +275,36 @@ def _same_layout(a: Value, b: Value) -> tuple[Any, Any, bool]:
 def _binary(node, args, attrs):
     tf = _tf()
     a, b, layout = _same_layout(args[0], args[1])
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):  # folded here (shape arithmetic): ONNX's semantics
+        return [Value(np.asarray(_NUMPY_BINARY[node.op_type](a, b)), nhwc=layout)]
     op = {"Add": tf.add, "Sub": tf.subtract, "Mul": tf.multiply, "Div": tf.divide, "Pow": tf.pow,
           "Max": tf.maximum, "Min": tf.minimum}[node.op_type]
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return [Value(np.asarray(op(a, b).numpy()), nhwc=layout)]
+    if node.op_type == "Div" and all(np.issubdtype(np.dtype(getattr(v.dtype, "as_numpy_dtype", v.dtype)), np.integer) for v in (a, b)):
+        op = _truncating_divide  # tf.divide of integers is a float division; ONNX's truncates
     return [Value(op(a, b), nhwc=layout)]
+
+
+def _truncating_divide(a: Any, b: Any) -> Any:
+    """Integer a / b rounded toward zero from kernels TFLite has (no TRUNCATE_DIV; FLOOR_DIV only
+    for int32): the floor quotient in int32, plus one where the remainder is not zero and the
+    signs differ. Integer division in a lowered graph is shape arithmetic, which int32 holds."""
+    tf = _tf()
+    dtype = a.dtype
+    a, b = tf.cast(a, "int32"), tf.cast(b, "int32")
+    quotient = tf.math.floordiv(a, b)
+    inexact = tf.logical_and(tf.not_equal(tf.math.floormod(a, b), 0), tf.not_equal(tf.less(a, 0), tf.less(b, 0)))
+    return tf.cast(quotient + tf.cast(inexact, "int32"), dtype)
+
+
+def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX Div: integers divide truncating toward zero (as ONNX Runtime does), keeping their type."""
+    if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
+        return (np.trunc(a / b)).astype(np.result_type(a, b))
+    return np.divide(a, b)
+
+
+_NUMPY_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _divide, "Pow": np.power,
+                 "Max": np.maximum, "Min": np.minimum}
 
 
 def _unary(fn: Callable[[Any, dict[str, Any]], Any]):
@@ -383,6 +411,8 @@ def _flatten(node, args, attrs):
 
 
 def _transpose(node, args, attrs):
+    if args[0].const:  # folded (a traced export's pads: Concat -> Reshape -> Slice -> Transpose)
+        return [Value(np.transpose(args[0].data, attrs.get("perm")))]
     return [Value(_tf().transpose(nchw(args[0]), attrs.get("perm")))]
 
 
@@ -398,6 +428,8 @@ def _softmax(node, args, attrs):
 def _concat(node, args, attrs):
     tf = _tf()
     axis = attrs["axis"]
+    if all(a.const for a in args):
+        return [Value(np.concatenate([a.data for a in args], axis))]
     if all(a.rank == 4 for a in args) and any(a.nhwc for a in args):
         return [Value(tf.concat([nhwc(a) for a in args], NHWC_AXIS[axis % 4]), nhwc=True)]
     return [Value(tf.concat([nchw(a) for a in args], axis))]
@@ -569,13 +601,16 @@ def _cast(node, args, attrs):
 
 
 def _shape(node, args, attrs):
-    """The NCHW shape, cut to [start, end) (opset 15): a constant where every dim is known."""
+    """The NCHW shape, cut to [start, end) (opset 15): a constant where every dim is known; else a
+    run-time shape that remembers the dims known now, so that a Gather of those folds (a traced
+    PyTorch export computes Swin's window paddings from Shape -> Gather(H) -> Mod, and TFLite's
+    PAD needs them constant)."""
     x = args[0]
     data = x.data if x.const else nchw(x)
     window = slice(attrs.get("start", 0), attrs.get("end"))
     if x.const or None not in data.shape:
         return [Value(np.array(list(data.shape), np.int64)[window])]
-    return [Value(_tf().cast(_tf().shape(data), "int64")[window])]
+    return [Value(_tf().cast(_tf().shape(data), "int64")[window], known=tuple(data.shape)[window])]
 
 
 def _gather(node, args, attrs):
@@ -584,6 +619,10 @@ def _gather(node, args, attrs):
     axis = attrs.get("axis", 0)
     if data.const and indices.const:
         return [Value(np.take(data.data, indices.data, axis=axis))]
+    if data.known is not None and indices.const:  # dims of a run-time Shape that are known now fold to constants
+        picked = np.take(np.array(data.known, dtype=object), indices.data.astype(np.int64), axis=0)
+        if all(d is not None for d in np.ravel(picked)):
+            return [Value(np.asarray(picked, np.int64))]
     source = data.data if data.const else nchw(data)
     return [Value(tf.gather(source, indices.data, axis=axis))]
 
@@ -676,6 +715,21 @@ def _elementwise(numpy_op: Callable, tf_op: Callable) -> Callable:
     return lower
 
 
+def _mod(node, args, attrs):
+    """ONNX Mod: fmod 0 (integers) takes the divisor's sign, as FLOOR_MOD does; fmod 1 (C fmod,
+    which floats need) the dividend's: a - b * trunc(a / b), from kernels LiteRT has. A traced
+    PyTorch export computes window paddings this way (transformers' Swin: height % window)."""
+    tf = _tf()
+    if not attrs.get("fmod", 0):
+        return _elementwise(np.mod, lambda a, b: tf.math.floormod(a, b))(node, args, attrs)
+
+    def truncated(a, b):
+        quotient = a / b
+        return a - b * tf.where(quotient >= 0, tf.floor(quotient), tf.math.ceil(quotient))
+
+    return _elementwise(np.fmod, truncated)(node, args, attrs)
+
+
 def _expand(node, args, attrs):
     tf = _tf()
     x, shape = args[0], args[1]
@@ -721,7 +775,7 @@ LOWERINGS: dict[str, Callable] = {
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
     "Sqrt": _unary(lambda x, a: _tf().sqrt(x)), "Neg": _unary(lambda x, a: x * np.float32(-1.0)),  # NEG has no int8 kernel
     "LayerNormalization": _layer_norm, "Gelu": _gelu, "Expand": _expand, "Range": _range, "GatherND": _gather_nd,
-    "Where": _elementwise(np.where, _tf_where),
+    "Where": _elementwise(np.where, _tf_where), "Mod": _mod,
     "IsNaN": _elementwise(np.isnan, lambda x: _tf().math.not_equal(x, x)),  # x != x: TFLite has no IS_NAN
     "Equal": _elementwise(np.equal, lambda a, b: _tf().math.equal(a, b)),
     "And": _elementwise(np.logical_and, lambda a, b: _tf().math.logical_and(a, b)),
