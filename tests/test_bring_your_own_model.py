@@ -71,6 +71,27 @@ def test_a_failed_cell_is_not_a_failed_build(run_cli, tmp_path):
     assert time.perf_counter() - started < 300
 
 
+def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_gate(run_cli, tmp_path):
+    """A network whose activations shrink to ~1e-20 (fresh weights of a deep net): its INT8 output
+    is 0 on every target, and the failure says the FP32 output is the cause, not a layer; the
+    FP32 cell passes and its report row carries the flag."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 1e-20).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["features"])]
+    graph = helper.make_graph(nodes, "vanishing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "vanishing.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    result = run_cli("build", "-m", tmp_path / "vanishing.onnx", "--targets", "onnxruntime", "--precisions", "fp32,int8",
+                     "--calib-data", tmp_path / "d.npz", "--eval-data", tmp_path / "d.npz", "-n", "16", "-o", tmp_path / "out")
+    assert result.code == 1 and "1 of 2 artifact(s) failed: onnxruntime int8" in result.error_line
+    assert "the FP32 output 'features' (largest |value| " in result.out and "vanishes on this data" in result.out
+    manifest = json.loads((tmp_path / "out" / "onnxruntime-fp32" / "manifest.json").read_text())
+    assert 0 < manifest["vanishing_outputs"]["features"] <= 1e-12
+    assert "FP32 output 'features' vanishes on the data" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path):
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")

@@ -205,6 +205,7 @@ class ArtifactBench:
             "float_islands": (manifest.get("integer_ops") or {}).get("float_islands") or {},
             "outside_delegate": ((manifest.get("tflite") or {}).get("types") or {}).get("outside_xnnpack") or {},
             "constant_outputs": manifest.get("constant_outputs", []),
+            "vanishing_outputs": manifest.get("vanishing_outputs", {}),
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }
 

@@ -224,6 +224,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             "accuracy": {"reference": "fp32-onnx", "data": evaluation.description, "metrics": metrics, **verdict},
             "data_shapes": evaluation.shapes,
             **({"constant_outputs": session.constant_outputs()} if session.constant_outputs() else {}),
+            **({"vanishing_outputs": session.vanishing_outputs()} if session.vanishing_outputs() else {}),
             "notes": fp32.notes + session.notes + inputs.notes,
             "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
             "machine": machine_info(),
@@ -240,6 +241,13 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
     try:
         return gate(metrics, conditions, what, precision)
     except GateError as exc:
+        vanishing = session.vanishing_outputs() if precision == "int8" else {}
+        if vanishing:  # the cause is the FP32 model itself, not a layer
+            message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+            found = ", ".join(f"'{name}' (largest |value| {value:.2g})" for name, value in vanishing.items())
+            raise GateError(f"{message}; the FP32 output {found} vanishes on this data (an 8-bit grid holds it as 0): "
+                            "the network's activations shrink to nothing (untrained weights, or inputs it does not expect?)",
+                            exc.path, exc.option) from None
         if precision != "int8" or inputs.qdq_details is None:  # no Q/DQ graph behind this artifact
             raise
         graph, _ = session.qdq(inputs.encoding, inputs.placement)

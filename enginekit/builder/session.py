@@ -322,6 +322,16 @@ class ModelSession:
         runner = Session(model, threads=self.options.threads, spinning=False)
         return collect_outputs(runner.run, batches, None, self.input_axes, self.output_axes)
 
+    def vanishing_outputs(self) -> dict[str, float]:
+        """FP32 outputs whose every value on the evaluation data is within VANISHING of zero, with
+        their largest magnitude: an 8-bit grid holds them as zero (quantization/encoding.py), so
+        INT8 cannot agree with them. A network whose activations shrink layer by layer to
+        nothing (transformers' MobileViT with fresh weights ends at 1e-40) does this."""
+        from enginekit.quantization.encoding import VANISHING
+
+        largest = {name: float(np.abs(value).max()) if value.size else 0.0 for name, value in self.reference_outputs().items()}
+        return {name: value for name, value in largest.items() if 0.0 < value <= VANISHING}  # all zeros: constant_outputs
+
     def constant_outputs(self) -> list[str]:
         """FP32 outputs that do not change from sample to sample on the evaluation data: agreement
         with them says nothing (the data may not fit the model)."""

@@ -36,7 +36,7 @@ ENCODINGS = ("int8", "uint8", "mixed")
 GRID_FAMILY = {"int8": "int8", "uint8": "u8-grid", "mixed": "u8-grid"}
 TARGET_ENCODING = {"tensorrt": "int8", "onnxruntime": "uint8", "openvino": "mixed", "tflite": "mixed"}
 WEIGHT_TYPES = ("auto", "int8", "uint8")
-_TINY = 1e-12
+VANISHING = 1e-12  # a range no wider than this is taken as constant zero (scale 1.0)
 ONE_SIDED_STEP_RATIO = 2 ** -0.5  # asymmetric where its step is at most this share of the symmetric one (half a bit)
 
 
@@ -59,7 +59,7 @@ def activation_qparams(name: str, rng: TensorRange, encoding: str) -> QParams:
         if exact is not None:
             return exact
     amax = rng.amax
-    if not np.isfinite(amax) or amax <= _TINY:
+    if not np.isfinite(amax) or amax <= VANISHING:
         warnings.warn(f"tensor '{name}' is constant zero in the calibration data; using scale 1.0", stacklevel=2)
         amax = 127.0
     non_negative = not rng.signed
@@ -96,7 +96,7 @@ def asymmetric_range(rng: TensorRange, amax: float) -> tuple[float, float]:
 
 def _asymmetric_uint8(rng: TensorRange, amax: float) -> QParams:
     low, high = asymmetric_range(rng, amax)
-    if not (np.isfinite(low) and np.isfinite(high)) or high - low <= _TINY:
+    if not (np.isfinite(low) and np.isfinite(high)) or high - low <= VANISHING:
         low, high = -amax, amax
     scale = np.float32((high - low) / 255.0).item()
     zero_point = int(np.clip(np.round(-low / scale), 0, 255))
@@ -135,7 +135,7 @@ def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8",
     else:
         reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
         amax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
-    scale = np.where(amax > _TINY, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > VANISHING, amax / 127.0, 1.0).astype(np.float32)
     shaped = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)])
     values = np.clip(np.round(weight / shaped), -127, 127).astype(np.int8) if rounded is None else rounded.astype(np.int8)
     if kind == "uint8":
