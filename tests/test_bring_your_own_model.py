@@ -86,10 +86,13 @@ def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_
     result = run_cli("build", "-m", tmp_path / "vanishing.onnx", "--targets", "onnxruntime", "--precisions", "fp32,int8",
                      "--calib-data", tmp_path / "d.npz", "--eval-data", tmp_path / "d.npz", "-n", "16", "-o", tmp_path / "out")
     assert result.code == 1 and "1 of 2 artifact(s) failed: onnxruntime int8" in result.error_line
-    assert "the FP32 output 'features' (largest |value| " in result.out and "vanishes on this data" in result.out
+    assert "the FP32 output 'features' (largest magnitude " in result.out and "vanishes on this data" in result.out
     manifest = json.loads((tmp_path / "out" / "onnxruntime-fp32" / "manifest.json").read_text())
     assert 0 < manifest["vanishing_outputs"]["features"] <= 1e-12
-    assert "FP32 output 'features' vanishes on the data" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "FP32 output 'features' vanishes on the data" in report
+    row = next(line for line in report.splitlines() if "vanishes" in line and line.startswith("|"))
+    assert row.count("|") == report.splitlines()[next(i for i, l in enumerate(report.splitlines()) if l.startswith("|"))].count("|")  # no cell split
 
 
 def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path):

@@ -244,7 +244,7 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
         vanishing = session.vanishing_outputs() if precision == "int8" else {}
         if vanishing:  # the cause is the FP32 model itself, not a layer
             message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
-            found = ", ".join(f"'{name}' (largest |value| {value:.2g})" for name, value in vanishing.items())
+            found = ", ".join(f"'{name}' (largest magnitude {value:.2g})" for name, value in vanishing.items())
             raise GateError(f"{message}; the FP32 output {found} vanishes on this data (an 8-bit grid holds it as 0): "
                             "the network's activations shrink to nothing (untrained weights, or inputs it does not expect?)",
                             exc.path, exc.option) from None
