@@ -14,8 +14,8 @@ Its other channels keep max |w| / 127, the scale ai-edge-quantizer would have ch
 
 The limit is int32's, less what the kernel adds to the bias in the same accumulator: the products
 (up to K x 255 x 127 for K weights per channel) and the input zero point's term (K x 128 x 127).
-Not the hub's 2^24 (quantization/qdq.py, for ONNX Runtime's kernels): here it coarsened live
-channels whose biases fit, and cost Keras ResNet50's TFLite top-1 agreement 0.930 -> 0.906.
+Not the hub's 2^24 (quantization/qdq.py, for ONNX Runtime's kernels): LiteRT adds in int32, and
+a live channel whose bias fits there needs no coarser weights.
 """
 
 from __future__ import annotations
