@@ -173,6 +173,23 @@ def test_shard_histograms_merge_into_the_whole_in_any_order():
         TensorHistogram(bins=100)
 
 
+def test_infinities_are_counted_apart_and_a_nan_is_refused():
+    """An additive attention mask of -inf (transformers' RoBERTa): the range is that of the finite
+    values, the same histogram as without the infinities; a NaN still stops calibration."""
+    values = np.random.default_rng(0).normal(0, 2, 10_000).astype(np.float32)
+    masked = np.concatenate([values, np.full(50, -np.inf, np.float32), np.full(3, np.inf, np.float32)])
+    plain, with_inf = TensorHistogram(), TensorHistogram()
+    plain.update(values)
+    with_inf.update(masked)
+    assert with_inf.infinite == 53 and (with_inf.minimum, with_inf.maximum) == (plain.minimum, plain.maximum)
+    assert np.array_equal(with_inf.counts, plain.counts) and with_inf.total == plain.total
+    only_inf = TensorHistogram()
+    only_inf.update(np.full(8, -np.inf, np.float32))
+    assert only_inf.total == 0 and only_inf.infinite == 8
+    with pytest.raises(ValueError, match="NaN"):
+        TensorHistogram().update(np.array([1.0, np.nan], np.float32))
+
+
 def test_clipped_fraction(gaussian_with_outlier):
     assert gaussian_with_outlier.fraction_above(50.0) == 0.0
     assert gaussian_with_outlier.fraction_above(3.0) == pytest.approx(0.0027, abs=0.0008)

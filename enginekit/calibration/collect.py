@@ -47,7 +47,18 @@ def collect_histograms(
             done += sizes[-1]
             report("calibrating", done, total, "samples")
         _finish(*pending)
+    _refuse_infinite_outputs(model, histograms)
     return histograms
+
+
+def _refuse_infinite_outputs(model: onnx.ModelProto, histograms: Mapping[str, TensorHistogram]) -> None:
+    """An infinity inside the model may be meant (an attention mask of -inf: histogram.py leaves it
+    out), but one in a graph output means the data overflowed what the model computes in float32."""
+    for output in model.graph.output:
+        histogram = histograms.get(output.name)
+        if histogram is not None and histogram.infinite:
+            raise InputError(f"output '{output.name}' of the model holds {histogram.infinite} infinite value(s) on the calibration data; "
+                             "the data is out of the range the model computes in float32")
 
 
 def histogram_workers() -> int:
@@ -56,7 +67,7 @@ def histogram_workers() -> int:
 
 
 def _finish(first: int, count: int, updates: list[tuple[str, Future]]) -> None:
-    """Wait for a batch's histogram updates; a NaN/Inf names the tensor and the samples."""
+    """Wait for a batch's histogram updates; a NaN names the tensor and the samples."""
     for name, future in updates:
         try:
             future.result()

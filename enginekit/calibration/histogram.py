@@ -48,6 +48,7 @@ class TensorHistogram:
     minimum: float = math.inf
     maximum: float = -math.inf
     unbinned: int = 0  # non-zero values counted but not binned (a min-max-only pass)
+    infinite: int = 0  # +-inf values, left out of every statistic (`_finite`)
 
     def __post_init__(self) -> None:
         if self.bins < 1 or self.bins & (self.bins - 1):
@@ -80,7 +81,10 @@ class TensorHistogram:
             return
         low, high = float(values.min()), float(values.max())
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("values that are NaN or infinite")
+            values = self._finite(values)
+            if values.size == 0:
+                return
+            low, high = float(values.min()), float(values.max())
         self.minimum = min(self.minimum, low)
         self.maximum = max(self.maximum, high)
         zeros = values.size - int(np.count_nonzero(values))
@@ -107,6 +111,18 @@ class TensorHistogram:
             self.counts += np.bincount(index, minlength=self.bins)
         self.counts[0] -= zeros
 
+    def _finite(self, values: np.ndarray) -> np.ndarray:
+        """The finite values; the infinite ones are counted apart (`infinite`), a NaN is an error.
+        Why: a model may compute with infinities on purpose (an additive attention mask of -inf,
+        as transformers' RoBERTa and ALBERT build it; T5's log of a zero distance): no grid holds
+        them, the range is that of the values a grid can hold, and an int8 -inf saturates to the
+        grid's end. A NaN has no such meaning."""
+        if np.isnan(values).any():
+            raise ValueError("values that are NaN")
+        finite = values[np.isfinite(values)]
+        self.infinite += values.size - finite.size
+        return finite
+
     def _cover(self, edge: float) -> None:
         """Make the edge at least `edge` (both powers of two)."""
         if self.edge == 0.0:
@@ -127,6 +143,7 @@ class TensorHistogram:
         self.counts = self.counts + counts
         self.zeros += other.zeros
         self.unbinned += other.unbinned
+        self.infinite += other.infinite
         self.minimum = min(self.minimum, other.minimum)
         self.maximum = max(self.maximum, other.maximum)
 

@@ -509,7 +509,25 @@ def test_calibration_data_that_overflows_the_model_is_one_line(run_cli, tmp_path
     data = tmp_path / "huge.npy"
     np.save(data, np.full((8, 1, 8, 8), 3e38, np.float32))
     result = run_cli("calibrate", "-m", "digits_cnn", "--data", data, "-o", tmp_path / "r.json")
-    assert result.code == 2 and "NaN or infinite" in result.error_line and not (tmp_path / "r.json").exists()
+    assert result.code == 2 and "NaN" in result.error_line and "out of the range" in result.error_line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_an_infinite_model_output_is_refused_though_infinities_inside_the_model_are_not(run_cli, tmp_path):
+    """-inf inside the model (an attention mask) is left out of the ranges; in a graph output it
+    means the data overflowed, and the calibration says so in one line."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Mul", ["x", "big"], ["scaled"]), helper.make_node("MatMul", ["scaled", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                              [numpy_helper.from_array(np.array(1e30, np.float32), "big"),
+                               numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "d.npy", np.full((8, 4), 1e10, np.float32))
+    result = run_cli("calibrate", "-m", tmp_path / "m.onnx", "--data", tmp_path / "d.npy", "-o", tmp_path / "r.json")
+    assert result.code == 2 and "output 'y' of the model holds 32 infinite value(s)" in result.error_line
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_an_external_data_location_that_is_too_long_is_one_line(run_cli, tmp_path):

@@ -164,13 +164,14 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
             result.ranges[name] = (low * factor, high * factor)
             result.scaled[name] = source
     missing = [name for name in values if name not in result.ranges]
-    lows = {name: float(values[name].min()) if values[name].size else 0.0 for name in missing}
-    highs = {name: float(values[name].max()) if values[name].size else 0.0 for name in missing}
+    bounds = {name: _finite_bounds(values[name]) for name in missing}
     for batch in more_feeds if missing else ():
         seen = tflite_activations(float_tflite, batch)[0]
         for name in missing:
-            if seen[name].size:
-                lows[name], highs[name] = min(lows[name], float(seen[name].min())), max(highs[name], float(seen[name].max()))
+            low, high = _finite_bounds(seen[name])
+            bounds[name] = (min(bounds[name][0], low), max(bounds[name][1], high))
+    lows = {name: low if np.isfinite(low) else 0.0 for name, (low, _) in bounds.items()}
+    highs = {name: high if np.isfinite(high) else 0.0 for name, (_, high) in bounds.items()}
     for name in missing:
         low, high = lows[name], highs[name]
         result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
@@ -178,6 +179,13 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
     _clip_softmax_inputs(result, ops, index_name, producer)
     _choose_input_grids(result, fp32, feeds)
     return result
+
+
+def _finite_bounds(values: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values ((inf, -inf) when there are none): an attention mask of
+    -inf has no grid, as in calibration (calibration/histogram.py)."""
+    finite = values[np.isfinite(values)] if values.size else values
+    return (float(finite.min()), float(finite.max())) if finite.size else (np.inf, -np.inf)
 
 
 def _scaled_source(name: str, values: dict[str, np.ndarray], op: dict | None, index_name: dict[int, str],
