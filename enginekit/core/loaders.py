@@ -91,6 +91,18 @@ def load_onnx(path: str | Path) -> "onnx.ModelProto":
     return model
 
 
+def parse_exported_onnx(data: bytes, origin: str) -> "onnx.ModelProto":
+    """An ONNX graph an exporter just wrote in this process (torch's TorchScript exporter writes
+    bytes, not a ModelProto); kept here with the other parsers. It holds no external data."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load_from_string(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"the exporter wrote no valid ONNX graph ({_first_line(exc)})", origin) from None
+
+
 def check_external_data_location(
     folder: Path, location: str, offset: int | None, length: int | None, tensor: str, model_path: Path
 ) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from enginekit.core.errors import InputError
+from enginekit.core.loaders import parse_exported_onnx
 from enginekit.core.optional import require_torch
 from enginekit.core.quiet import quiet_loggers
 from enginekit.onnx.graph import rename_values, set_symbolic_dims
@@ -97,7 +98,7 @@ def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: 
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", source.name) from None
     frozen = [f"{Path(w.filename).name}:{w.lineno}" for w in caught
               if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)]
-    return onnx.load_from_string(buffer.getvalue()), list(dict.fromkeys(frozen))
+    return parse_exported_onnx(buffer.getvalue(), source.name), list(dict.fromkeys(frozen))
 
 
 def _output_batches(source: Source, args: tuple) -> tuple[list[str] | None, list[str]]:
