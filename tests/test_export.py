@@ -195,6 +195,24 @@ def test_a_module_the_dynamo_exporter_refuses_is_exported_by_torchscript_with_a_
     assert "data-dependent" in note and "branchy.py:10" in note  # the `if` line
 
 
+def test_a_module_neither_exporter_takes_fails_in_one_line_with_both_reasons(run_cli, tmp_path, monkeypatch):
+    (tmp_path / "broken_net.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Broken(torch.nn.Module):
+            def forward(self, x):
+                raise RuntimeError("this module cannot run")
+
+        def build():
+            return Broken()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run_cli("export", "--model", "broken_net:build", "--input-shape", "x=batchx4", "-o", tmp_path / "out")
+    assert result.code == 2 and "torch.onnx.export failed" in result.error_line
+    assert "the TorchScript exporter too (RuntimeError: this module cannot run)" in result.error_line
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_factory_without_input_shape_is_refused(run_cli, user_package):
     result = run_cli("export", "--model", "userpkg.nets:build", "-o", user_package / "out")
     assert result.code == 2 and "--input-shape" in result.error_line

@@ -84,12 +84,12 @@ def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: 
     "file:line", distinct); an InputError with both exporters' reasons where it fails too."""
     torch = require_torch("exporting PyTorch models")
     dynamic_axes = {spec.name: {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in source.inputs}
-    output_names, batched = _output_batches(source, args)
-    dynamic_axes.update({name: {0: "batch"} for name in batched})
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), quiet_loggers():
             warnings.simplefilter("always")
+            output_names, batched = _output_batches(source, args)  # runs the module: inside the one-line failure
+            dynamic_axes.update({name: {0: "batch"} for name in batched})
             torch.onnx.export(source.module, args, buffer, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamo=False,
                               input_names=[spec.name for spec in source.inputs], output_names=output_names,
                               dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes})
