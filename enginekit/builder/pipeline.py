@@ -223,8 +223,8 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             **fields, **built.manifest,
             "accuracy": {"reference": "fp32-onnx", "data": evaluation.description, "metrics": metrics, **verdict},
             "data_shapes": evaluation.shapes,
-            **({"constant_outputs": session.constant_outputs()} if session.constant_outputs() else {}),
-            **({"vanishing_outputs": session.vanishing_outputs()} if session.vanishing_outputs() else {}),
+            **({"constant_outputs": constant} if (constant := session.constant_outputs()) else {}),
+            **({"vanishing_outputs": vanishing} if (vanishing := session.vanishing_outputs()) else {}),
             "notes": fp32.notes + session.notes + inputs.notes,
             "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
             "machine": machine_info(),
@@ -241,9 +241,9 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
     try:
         return gate(metrics, conditions, what, precision)
     except GateError as exc:
+        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
         vanishing = session.vanishing_outputs() if precision == "int8" else {}
         if vanishing:  # the cause is the FP32 model itself, not a layer
-            message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
             found = ", ".join(f"'{name}' (largest magnitude {value:.2g})" for name, value in vanishing.items())
             raise GateError(f"{message}; the FP32 output {found} vanishes on this data (an 8-bit grid holds it as 0): "
                             "the network's activations shrink to nothing (untrained weights, or inputs it does not expect?)",
@@ -255,7 +255,6 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
         names = costliest_layers(rows)
         if not names:
             raise
-        message = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
         raise GateError(f"{message}; the layers adding the most error: {names}", exc.path, exc.option) from None
 
 

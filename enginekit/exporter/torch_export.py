@@ -94,8 +94,8 @@ def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: 
                               input_names=[spec.name for spec in source.inputs], output_names=output_names,
                               dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes})
     except Exception as exc:
-        raise InputError(f"torch.onnx.export failed ({dynamo_reason}); the TorchScript exporter too "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})", source.name) from None
+        raise InputError(f"torch.onnx.export failed ({dynamo_reason}); the TorchScript exporter too ({exporter_problem(exc)})",
+                         source.name) from None
     frozen = [f"{Path(w.filename).name}:{w.lineno}" for w in caught
               if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)]
     return parse_exported_onnx(buffer.getvalue(), source.name), list(dict.fromkeys(frozen))

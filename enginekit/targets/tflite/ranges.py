@@ -170,10 +170,8 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
         for name in missing:
             low, high = _finite_bounds(seen[name])
             bounds[name] = (min(bounds[name][0], low), max(bounds[name][1], high))
-    lows = {name: low if np.isfinite(low) else 0.0 for name, (low, _) in bounds.items()}
-    highs = {name: high if np.isfinite(high) else 0.0 for name, (_, high) in bounds.items()}
     for name in missing:
-        low, high = lows[name], highs[name]
+        low, high = bounds[name] if bounds[name][0] <= bounds[name][1] else (0.0, 0.0)  # no finite value seen
         result.ranges[name] = tflite_range(TensorRange(low, high, max(abs(low), abs(high)), low < 0))
         result.measured.append(name)
     _clip_softmax_inputs(result, ops, index_name, producer)
