@@ -60,6 +60,17 @@ def _audio_model() -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def _instance_norm_model() -> onnx.ModelProto:
+    """silero's Conv1d front end, then InstanceNormalization over the length (wav2vec2's first
+    feature-extractor layer)."""
+    model = _audio_model()
+    model.graph.node[-1].output[0] = "conv_out"
+    model.graph.node.append(helper.make_node("InstanceNormalization", ["conv_out", "norm_scale", "norm_bias"], ["y"], name="norm", epsilon=1e-5))
+    model.graph.initializer.extend([_const("norm_scale", RNG.uniform(0.5, 1.5, 4).astype(np.float32)),
+                                    _const("norm_bias", RNG.normal(0, 0.2, 4).astype(np.float32))])
+    return onnx.shape_inference.infer_shapes(model)
+
+
 def _cases() -> dict[str, onnx.ModelProto]:
     node = helper.make_node
     return {
@@ -136,6 +147,10 @@ def _cases() -> dict[str, onnx.ModelProto]:
              node("Reshape", ["g", "flat"], ["pooled"], name="reshape"), node("Concat", ["tokens", "pooled"], ["y"], name="cat", axis=1)],
             [_const("one", np.array([1], np.int64)), _const("token", RNG.normal(0, 1, (1, 1, 4)).astype(np.float32)),
              _const("flat", np.array([0, 1, 4], np.int64))], ["batch", 2, 4], batch="batch"),
+        "Grouped Conv (group 2)": _model([node("Conv", ["c", "wg", "bg"], ["y"], name="grouped", group=2, pads=[1, 1, 1, 1])],
+                                         [_const("wg", RNG.normal(0, 0.4, (6, 2, 3, 3)).astype(np.float32)),
+                                          _const("bg", RNG.normal(0, 0.2, 6).astype(np.float32))], [1, 6, 16, 16]),
+        "InstanceNormalization (audio)": _instance_norm_model(),
         "Sqrt+Neg": _model([node("Relu", ["c"], ["r"], name="relu"), node("Sqrt", ["r"], ["q"], name="sqrt"),
                             node("Neg", ["q"], ["y"], name="neg")], [], [1, 4, 16, 16]),
     }
@@ -311,6 +326,62 @@ def test_mod_and_integer_division_keep_onnx_signs(fmod):
     got, expected = TfliteRunner(float_model).infer(feeds), Session(model).run(feeds)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def _token_arithmetic_model() -> onnx.ModelProto:
+    """What transformers compute from token ids, with a dynamic sequence: RoBERTa's position ids
+    (a CumSum of the tokens that are not padding), token types gathered from a buffer by position
+    (ConstantOfShape + GatherElements), T5's relative-position buckets (Abs of int64 distances,
+    Log, comparisons against bucket bounds), and the remaining pointwise ops on the way."""
+    node = helper.make_node
+    nodes = [node("Equal", ["ids", "pad"], ["is_pad"], name="is_pad"), node("Not", ["is_pad"], ["real"], name="real"),
+             node("Cast", ["real"], ["mask"], name="mask", to=TensorProto.INT64),
+             node("CumSum", ["mask", "axis1"], ["count"], name="cumsum"), node("Mul", ["count", "mask"], ["counted"], name="counted"),
+             node("Add", ["counted", "pad"], ["positions"], name="positions"),
+             node("Shape", ["ids"], ["shape"], name="shape"),
+             node("ConstantOfShape", ["shape"], ["zeros"], name="zeros", value=helper.make_tensor("v", TensorProto.INT64, [1], [0])),
+             node("Add", ["zeros", "positions"], ["index"], name="index"),
+             node("GatherElements", ["types", "index"], ["token_types"], name="gather_types", axis=1),
+             node("Sub", ["positions", "four"], ["distance"], name="distance"), node("Abs", ["distance"], ["far"], name="abs"),
+             node("GreaterOrEqual", ["far", "two"], ["large"], name="large"), node("Less", ["positions", "three"], ["early"], name="early"),
+             node("LessOrEqual", ["far", "five"], ["near"], name="near"), node("Greater", ["token_types", "one"], ["typed"], name="typed"),
+             node("Cast", ["far"], ["far_f"], name="far_f", to=TensorProto.FLOAT),
+             node("Add", ["far_f", "one_f"], ["far_1"], name="far_1"), node("Log", ["far_1"], ["log"], name="log"),
+             node("Neg", ["log"], ["minus_log"], name="minus_log"), node("Exp", ["minus_log"], ["inverse"], name="exp"),
+             node("Reciprocal", ["far_1"], ["reciprocal"], name="reciprocal"),
+             node("Mul", ["log", "three_f"], ["log3"], name="log3"), node("Floor", ["log3"], ["floor"], name="floor"),
+             node("Ceil", ["log3"], ["ceil"], name="ceil"),
+             node("Where", ["large", "floor", "ceil"], ["bucket"], name="bucket"), node("Where", ["early", "inverse", "reciprocal"], ["weight"], name="weight"),
+             node("Where", ["near", "bucket", "weight"], ["mixed"], name="mixed"),
+             node("Cast", ["typed"], ["typed_f"], name="typed_f", to=TensorProto.FLOAT), node("Add", ["mixed", "typed_f"], ["y"], name="y")]
+    inits = [_const("pad", np.array(1, np.int64)), _const("axis1", np.array(1, np.int64)), _const("four", np.array(4, np.int64)),
+             _const("two", np.array(2, np.int64)), _const("three", np.array(3, np.int64)), _const("five", np.array(5, np.int64)),
+             _const("one", np.array(1, np.int64)), _const("one_f", np.array(1.0, np.float32)), _const("three_f", np.array(3.0, np.float32)),
+             _const("types", (np.arange(64, dtype=np.int64) * 3 % 5).reshape(1, 64))]
+    graph = helper.make_graph(nodes, "token_arithmetic", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "sequence"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "sequence"])], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_token_arithmetic_of_transformers_lowers_and_matches_onnxruntime_at_two_lengths():
+    """RoBERTa, ALBERT and T5 encoders failed the tflite target on CumSum, GatherElements,
+    ConstantOfShape, comparisons, Abs of int64 and Log. The float flatbuffer now computes what
+    ONNX Runtime does, exactly, at two sequence lengths (padding included), through TFLite's own
+    CUMSUM, GATHER_ND and FILL; the int8 flatbuffer of the same graph builds."""
+    model = _token_arithmetic_model()
+    float_model = convert_function(to_tf_function(model, "tokens.onnx"), "tokens.onnx")
+    assert {"CUMSUM", "GATHER_ND", "FILL"} <= {op["op"] for op in op_types(float_model)}
+    feeds = []
+    for length in (7, 12):
+        ids = RNG.integers(2, 30, (1, length)).astype(np.int64)
+        ids[0, length - 2:] = 1  # right padding
+        feeds.append({"ids": ids})
+        got, expected = TfliteRunner(float_model).infer(feeds[-1])["y"], Session(model).run(feeds[-1])["y"]
+        assert got.shape == expected.shape == (1, length)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    for_int8 = convert_function(to_tf_function(model, "tokens.onnx", integer=True), "tokens.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[1], feeds[:1]).ranges)
+    assert _cosine(TfliteRunner(int8).infer(feeds[1])["y"], expected) > 0.98
 
 
 def test_a_computed_reshape_with_allowzero_lowers_as_tf_reshape():

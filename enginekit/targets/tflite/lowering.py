@@ -141,6 +141,14 @@ def _conv(node, args, attrs):
         multiplier = out_channels // group
         kernel = weight.reshape(group, multiplier, *weight.shape[2:]).transpose(2, 3, 0, 1)
         y = tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), padding, dilations=dilations)
+    elif out_channels % group == 0 and x.shape[-1] == in_per_group * group:
+        # grouped (wav2vec2's positional convolution, ResNeXt): one CONV_2D per group on its slice
+        # of the channels, concatenated, so each is the plain CONV_2D every TFLite kernel takes
+        # (TensorFlow's CPU Conv2D refuses a grouped filter)
+        per_group = out_channels // group
+        kernels = weight.transpose(2, 3, 1, 0)
+        y = tf.concat([tf.nn.conv2d(part, kernels[..., g * per_group:(g + 1) * per_group], (1, *strides, 1), padding, dilations=(1, *dilations, 1))
+                       for g, part in enumerate(tf.split(x, group, axis=-1))], axis=-1)
     else:
         raise InputError(f"node {node.name} (Conv): grouped convolution with group={group} is not supported by the tflite target")
     return _biased(y, node, args)
@@ -759,6 +767,90 @@ def _tf_where(condition, a, b):
     return _tf().where(condition, a, b)
 
 
+def _pointwise(numpy_op: Callable, tf_op: Callable) -> Callable:
+    """A one-input elementwise op that keeps the operand's layout (no transpose around it inside
+    an image network); numpy when the operand is a constant."""
+    def lower(node, args, attrs):
+        x = args[0]
+        if x.const:
+            return [Value(np.asarray(numpy_op(x.data)).astype(x.data.dtype))]
+        return [Value(tf_op(x.data), nhwc=x.nhwc)]
+
+    return lower
+
+
+def _integer_abs(x: Any) -> Any:
+    """|x| of an integer tensor as a SELECT: TFLite's ABS has no int64 kernel, and T5's
+    relative-position buckets take the absolute distance between int64 positions."""
+    return _tf().where(x < 0, -x, x)
+
+
+def _comparison(numpy_op: Callable, tf_name: str) -> Callable:
+    """Greater, Less and their -OrEqual forms (a relative-position bucket, an attention mask)."""
+    return _elementwise(numpy_op, lambda a, b: getattr(_tf().math, tf_name)(a, b))
+
+
+def _constant_of_shape(node, args, attrs):
+    """A tensor of one value in the shape of input 0: a constant where the shape is (a constant,
+    or a run-time Shape whose dims are all known now), else TF's FILL."""
+    fill = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
+    shape = args[0]
+    if shape.const:
+        return [Value(np.full(shape.data.astype(np.int64), fill[0], fill.dtype))]
+    if shape.known is not None and None not in shape.known:
+        return [Value(np.full(np.asarray(shape.known, np.int64), fill[0], fill.dtype))]
+    return [Value(_tf().fill(_tf().cast(shape.data, "int32"), _tf().constant(fill[0], dtype=fill.dtype.name)))]
+
+
+def _cumsum(node, args, attrs):
+    """ONNX CumSum along a constant axis (RoBERTa's position ids: a cumulative count of the
+    tokens that are not padding); TFLite has CUMSUM with the same exclusive/reverse flags."""
+    x, axis = args[0], int(_constant(args[1], node, "the axis").reshape(-1)[0])
+    exclusive, reverse = bool(attrs.get("exclusive", 0)), bool(attrs.get("reverse", 0))
+    if x.const:
+        data = np.flip(x.data, axis) if reverse else x.data
+        summed = np.cumsum(data, axis=axis, dtype=data.dtype)
+        if exclusive:
+            summed = summed - data
+        return [Value(np.flip(summed, axis) if reverse else summed)]
+    source = nchw(x)
+    return [Value(_tf().math.cumsum(source, axis=axis % len(source.shape), exclusive=exclusive, reverse=reverse))]
+
+
+def _gather_elements(node, args, attrs):
+    """ONNX GatherElements (torch.gather): out[i][j][k] = data[i][index[i][j][k]][k] along `axis`,
+    as a GATHER_ND whose coordinates are the index's own position with the axis replaced
+    (transformers' token-type ids, gathered from a buffer by position)."""
+    tf = _tf()
+    data, indices = args[0], args[1]
+    rank = data.rank
+    axis = attrs.get("axis", 0) % rank
+    if data.const and indices.const:
+        return [Value(np.take_along_axis(data.data, indices.data.astype(np.int64), axis=axis))]
+    source = data.data if data.const else nchw(data)
+    index = tf.cast(indices.data if indices.const else nchw(indices), "int32")
+    index = tf.where(index < 0, index + tf.shape(source)[axis], index)  # ONNX allows negative indices
+    grids = tf.meshgrid(*[tf.range(tf.shape(index)[d]) for d in range(rank)], indexing="ij")
+    grids[axis] = index
+    return [Value(tf.gather_nd(source, tf.stack(grids, axis=-1)))]
+
+
+def _instance_norm(node, args, attrs):
+    """Per sample and channel, normalisation over the spatial axes, then the channel's scale and
+    bias (wav2vec2's first feature-extractor layer, on [N, C, L])."""
+    tf = _tf()
+    x = args[0]
+    scale, bias = _constant(args[1], node, "the scale"), _constant(args[2], node, "the bias")
+    data = x.data
+    axes = [1, 2] if x.nhwc else list(range(2, x.rank))
+    shape = (-1,) if x.nhwc else (-1,) + (1,) * (x.rank - 2)
+    mean = tf.reduce_mean(data, axis=axes, keepdims=True)
+    centered = data - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
+    y = centered * tf.math.rsqrt(variance + np.float32(attrs.get("epsilon", 1e-5)))
+    return [Value(y * scale.reshape(shape).astype(np.float32) + bias.reshape(shape).astype(np.float32), nhwc=x.nhwc)]
+
+
 LOWERINGS: dict[str, Callable] = {
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
@@ -781,6 +873,13 @@ LOWERINGS: dict[str, Callable] = {
     "And": _elementwise(np.logical_and, lambda a, b: _tf().math.logical_and(a, b)),
     "Or": _elementwise(np.logical_or, lambda a, b: _tf().math.logical_or(a, b)),
     "Not": _elementwise(np.logical_not, lambda a: _tf().math.logical_not(a)),
+    "Greater": _comparison(np.greater, "greater"), "Less": _comparison(np.less, "less"),
+    "GreaterOrEqual": _comparison(np.greater_equal, "greater_equal"), "LessOrEqual": _comparison(np.less_equal, "less_equal"),
+    "Abs": _pointwise(np.abs, lambda x: _integer_abs(x) if x.dtype.is_integer else _tf().abs(x)), "Exp": _pointwise(np.exp, lambda x: _tf().exp(x)),
+    "Log": _pointwise(np.log, lambda x: _tf().math.log(x)), "Floor": _pointwise(np.floor, lambda x: _tf().floor(x)),
+    "Ceil": _pointwise(np.ceil, lambda x: _tf().math.ceil(x)), "Reciprocal": _pointwise(np.reciprocal, lambda x: _tf().math.reciprocal(x)),
+    "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
+    "InstanceNormalization": _instance_norm,
 }
 # For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
 INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}
