@@ -31,6 +31,15 @@ def test_missing_path(run_cli, tmp_path):
     _expect_refusal(run_cli, tmp_path / "out", "--model", missing, needle="file not found", names=str(missing))
 
 
+def test_a_missing_data_file_is_refused_even_where_no_cell_reads_it(run_cli, tmp_path):
+    """An FP32-only build never opens --calib-data: a typo in its path went by without a word."""
+    missing, out = tmp_path / "calib.npz", tmp_path / "out"
+    result = run_cli("build", "--model", "digits_cnn", "--targets", "onnxruntime", "--precisions", "fp32", "--calib-data", missing, "-o", out)
+    assert result.code == 2, (result.code, result.err)
+    assert result.error_line == f"enginekit: error: {missing}: data not found"
+    assert_nothing_written(out)
+
+
 def test_file_that_is_not_onnx(run_cli, tmp_path):
     bogus = tmp_path / "notes.onnx"
     bogus.write_text("this is a shopping list, not a model\n" * 20)

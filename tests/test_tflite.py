@@ -236,6 +236,20 @@ def test_hub_float_tensors_follow_the_hub_and_spare_compute_layers_and_its_integ
     assert "Mul_2" not in hub_float_tensors(ranges, {"add_1", "c1"}, [])
 
 
+def test_an_op_reading_a_float_tensor_is_float_as_in_the_hub_though_its_output_is_quantized():
+    """silero's magnitude: Sqrt of a sum of squares the hub keeps float, its output quantized at
+    the next Conv's input. The hub runs the Sqrt on floats; an int8 SQRT quantized the squares
+    first, and silero's TFLite INT8 output had cosine 0.908 (0.995 with the SQRT float). An op
+    reading only quantized tensors (the Mul after the Sqrt) stays int8."""
+    from enginekit.targets.tflite.hub_float import hub_float_tensors
+    from enginekit.targets.tflite.ranges import RangeMap
+
+    ranges = RangeMap(matched={"squares": "add_50", "magnitude": "sqrt", "scaled": "mul_3", "conv": "c1"},
+                      producers={"squares": "ADD", "magnitude": "SQRT", "scaled": "MUL", "conv": "CONV_2D"},
+                      inputs_of={"magnitude": ["squares"], "scaled": ["magnitude"], "conv": ["scaled"]})
+    assert hub_float_tensors(ranges, {"sqrt", "mul_3", "c1"}, []) == ["squares", "magnitude"]
+
+
 def test_a_transformer_keeps_the_hubs_float_ops_on_tflite_where_they_pay(tmp_path):
     """A ViT (4 layers, seeded weights): full-integer LiteRT quantizes LayerNorm, Softmax and the
     residual stream, which ONNX Runtime and OpenVINO run in float; judged on calibration samples,

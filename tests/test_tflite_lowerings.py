@@ -384,6 +384,40 @@ def test_token_arithmetic_of_transformers_lowers_and_matches_onnxruntime_at_two_
     assert _cosine(TfliteRunner(int8).infer(feeds[1])["y"], expected) > 0.98
 
 
+def test_a_conv_behind_a_computed_reshape_and_a_resize_to_another_tensors_size_lower():
+    """SegFormer's shapes: tokens are turned back into an image by a Reshape to a shape computed
+    from the run-time batch (TF then knows no channel count, and the converter had no builtin
+    for the Conv reading it), and the decoder upsamples to the size of another tensor, read from
+    its Shape (the Resize was refused: sizes not constant). The channels come from the Conv's
+    weight, the sizes from the dims known at lowering; the float flatbuffer matches ONNX Runtime
+    at two batch sizes and the int8 one stays close."""
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             node("Shape", ["c"], ["shape"], name="shape"), node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+             node("Unsqueeze", ["batch", "axis0"], ["batch_1d"], name="batch_1d"),
+             node("Concat", ["batch_1d", "rest"], ["target"], name="target", axis=0), node("Reshape", ["c", "target"], ["image"], name="to_image"),
+             node("Conv", ["image", "w2"], ["down"], name="down", strides=[2, 2], pads=[1, 1, 1, 1]),
+             node("Shape", ["down"], ["down_shape"], name="down_shape"), node("Slice", ["down_shape", "start0", "end2"], ["leading"], name="leading"),
+             node("Slice", ["shape", "end2", "end4"], ["size"], name="size"), node("Concat", ["leading", "size"], ["sizes"], name="sizes", axis=0),
+             node("Resize", ["down", "", "", "sizes"], ["up"], name="upsample", mode="linear", coordinate_transformation_mode="half_pixel"),
+             node("Add", ["up", "c"], ["y"], name="fuse")]
+    inits = [_const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)), _const("w2", RNG.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32)),
+             _const("zero", np.array(0, np.int64)), _const("axis0", np.array([0], np.int64)), _const("rest", np.array([-1, 8, 8], np.int64)),
+             _const("start0", np.array([0], np.int64)), _const("end2", np.array([2], np.int64)), _const("end4", np.array([4], np.int64))]
+    graph = helper.make_graph(nodes, "segformer_shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, "segformer.onnx"), "segformer.onnx")
+    feeds = [{"x": RNG.normal(0, 1, (batch, 3, 8, 8)).astype(np.float32)} for batch in (1, 2, 1, 1)]
+    for sample in feeds[:2]:
+        got, expected = TfliteRunner(float_model).infer(sample)["y"], Session(model).run(sample)["y"]
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    for_int8 = convert_function(to_tf_function(model, "segformer.onnx", integer=True), "segformer.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[2:]).ranges)
+    assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], Session(model).run(feeds[0])["y"]) > 0.98
+
+
 def test_a_computed_reshape_with_allowzero_lowers_as_tf_reshape():
     """PyTorch's view exports Reshape(allowzero=1) with a shape computed from Shape (minilm's head
     split): TF's reshape has the same meaning of 0 and -1, so it lowers as it is."""

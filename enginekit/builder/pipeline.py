@@ -68,9 +68,14 @@ class Cell:
 
 
 def _inputs(model: str | Path, options: BuildOptions) -> list[Any]:
-    """Every path a build reads (outputs must not overwrite or contain them)."""
-    return [model if isinstance(model, (str, Path)) else None, options.table, options.weights,
-            *(d for d in (options.calib_data, options.eval_data) if isinstance(d, (str, Path)))]
+    """Every path a build reads (outputs must not overwrite or contain them). A data path that
+    does not exist is refused here, before any work, even where no cell reads it: an FP32-only
+    build never opens --calib-data, and a typo in it went by without a word."""
+    data = [d for d in (options.calib_data, options.eval_data) if isinstance(d, (str, Path)) and str(d) != "zoo"]
+    for path in data:
+        if not Path(path).exists():
+            raise InputError("data not found", path)
+    return [model if isinstance(model, (str, Path)) else None, options.table, options.weights, *data]
 
 
 def check_cell(target: Target, precision: str) -> None:

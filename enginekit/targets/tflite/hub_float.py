@@ -53,6 +53,14 @@ def hub_float_tensors(ranges: RangeMap, hub_quantized: Collection[str], already_
              and tensor not in already_float and tensor not in compute_names]
     if not extra:
         return []
+    # an op reading such a float tensor runs float in the hub whatever its output: the Q/DQ pair
+    # comes after it (silero's magnitude: Sqrt of a float sum of squares, then the pair at the
+    # Conv's input; as an int8 SQRT, the squares, whose range spans the quiet and the loud chunks,
+    # were quantized first)
+    floating_inputs = set(extra)
+    extra += [tensor for tensor, op in ranges.producers.items()
+              if op not in COMPUTE_OPS and op not in DATA_MOVEMENT_OPS and tensor not in floating_inputs and tensor not in already_float
+              and tensor not in compute_names and any(source in floating_inputs for source in ranges.inputs_of.get(tensor, ()))]
     floating = [*already_float, *extra]
     # data movement a layer reads moves int8 (the QUANTIZE before it, not after: the same values)
     return extra + [t for t in moved_after(floating, ranges) if t not in floating and t not in compute_inputs and t not in compute_names]

@@ -14,6 +14,7 @@ every target. A node whose op is not lowered here raises an InputError naming th
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ class Value:
     data: Any
     nhwc: bool = False
     known: tuple[int | None, ...] | None = None  # a run-time Shape's dims known at lowering (None: run-time)
+    onnx_dims: tuple[int | None, ...] | None = None  # the tensor's (NCHW) dims as ONNX shape inference knows them
 
     @property
     def const(self) -> bool:
@@ -128,7 +130,7 @@ def _conv(node, args, attrs):
     weight = _constant(args[1], node, "the weight")
     if weight.ndim == 3 and not args[0].const and args[0].rank == 3:
         return _conv1d(node, args, attrs)
-    x = nhwc(args[0])
+    x = nhwc(_with_channels(args[0], weight.shape[1] * attrs.get("group", 1)))
     if weight.ndim != 4:
         raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
     padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
@@ -438,9 +440,12 @@ def _concat(node, args, attrs):
     axis = attrs["axis"]
     if all(a.const for a in args):
         return [Value(np.concatenate([a.data for a in args], axis))]
+    known = None
+    if all(a.rank == 1 and (a.const or a.known is not None) for a in args):  # a shape put together: what is known of it
+        known = tuple(d for a in args for d in (a.data.tolist() if a.const else a.known))
     if all(a.rank == 4 for a in args) and any(a.nhwc for a in args):
         return [Value(tf.concat([nhwc(a) for a in args], NHWC_AXIS[axis % 4]), nhwc=True)]
-    return [Value(tf.concat([nchw(a) for a in args], axis))]
+    return [Value(tf.concat([nchw(a) for a in args], axis), known=known)]
 
 
 def _split(node, args, attrs):
@@ -566,7 +571,8 @@ def _slice(node, args, attrs):
         limit = 2**31 - 1
         index[axis % rank] = slice(max(min(start, limit), -limit), max(min(end, limit), -limit - 1) if step < 0 else min(end, limit), step)
     data = x.data if x.const else nchw(x)
-    return [Value(data[tuple(index)])]
+    known = tuple(np.array(x.known, dtype=object)[tuple(index)]) if x.known is not None and rank == 1 else None
+    return [Value(data[tuple(index)], known=known)]
 
 
 def _dynamic_slice(node, args):
@@ -616,9 +622,12 @@ def _shape(node, args, attrs):
     x = args[0]
     data = x.data if x.const else nchw(x)
     window = slice(attrs.get("start", 0), attrs.get("end"))
-    if x.const or None not in data.shape:
-        return [Value(np.array(list(data.shape), np.int64)[window])]
-    return [Value(_tf().cast(_tf().shape(data), "int64")[window], known=tuple(data.shape)[window])]
+    dims = tuple(data.shape)
+    if x.onnx_dims is not None and len(x.onnx_dims) == len(dims):  # TF lost what ONNX knows behind a run-time Reshape
+        dims = tuple(d if d is not None else o for d, o in zip(dims, x.onnx_dims))
+    if x.const or None not in dims:
+        return [Value(np.array(list(dims), np.int64)[window])]
+    return [Value(_tf().cast(_tf().shape(data), "int64")[window], known=dims[window])]
 
 
 def _gather(node, args, attrs):
@@ -645,6 +654,8 @@ def _resize(node, args, attrs):
     x = nhwc(args[0])
     scales = args[2].data if len(args) > 2 and args[2] is not None and args[2].const and args[2].data.size else None
     sizes = args[3].data if len(args) > 3 and args[3] is not None and args[3].const and args[3].data.size else None
+    if sizes is None and len(args) > 3 and args[3] is not None and args[3].known is not None and None not in args[3].known[2:]:
+        sizes = np.array(args[3].known, dtype=object)  # sizes read from another tensor's shape, its H and W known now (SegFormer's head)
     if sizes is not None:
         size = [int(sizes[2]), int(sizes[3])]
     elif scales is not None and list(scales[:2]) == [1.0, 1.0]:
@@ -903,6 +914,7 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
     """Evaluate the ONNX graph with TF ops on TF tensors (NCHW in, NCHW out)."""
     tf = _tf()
     lowerings = lowerings or LOWERINGS
+    onnx_dims = _inferred_dims(model)
     values: dict[str, Value] = {t.name: Value(numpy_helper.to_array(t)) for t in model.graph.initializer}
     for name, tensor in feeds.items():
         values[name] = Value(tensor)
@@ -913,8 +925,54 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
         except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
             raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
         for name, value in zip(node.output, outputs):
+            if not value.const and name in onnx_dims:
+                value.onnx_dims = onnx_dims[name]
             values[name] = value
     return {o.name: tf.identity(nchw(values[o.name])) for o in model.graph.output}
+
+
+def _restore_static_dims(value: Value) -> None:
+    """A RESHAPE to the dims ONNX knows where TF lost them: after a Reshape to a computed shape
+    every dim is unknown to the TFLite converter, which then has no builtin for a convolution
+    reading the tensor (SegFormer). Only where at most one dim (the batch) stays unknown, so
+    the RESHAPE's shape is a constant."""
+    dims = value.onnx_dims
+    shape = value.data.shape
+    if shape.rank is None or shape.rank != len(dims) or None not in shape.as_list() or sum(d is None for d in dims) > 1:
+        return
+    if value.nhwc and len(dims) == 4:
+        dims = tuple(dims[axis] for axis in TO_NHWC)
+    if any(known is not None and known != d for known, d in zip(shape.as_list(), dims)):
+        return  # TF and ONNX disagree: TF's own shape stands
+    value.data = _tf().reshape(value.data, [-1 if d is None else d for d in dims])
+
+
+def _with_channels(value: Value, channels: int) -> Value:
+    """`value` (an NCHW image a convolution reads) with the dims TF lost restored, its channel
+    count taken from the weight where ONNX shape inference did not know it either (SegFormer
+    turns tokens back into an image with a Reshape to a computed shape). Only a convolution's
+    input: a RESHAPE after every op that lost dims made BERT's int8 flatbuffer abort in LiteRT."""
+    dims = value.onnx_dims
+    if value.const or dims is None or len(dims) != 4:
+        return value
+    completed = dataclasses.replace(value, onnx_dims=(dims[0], channels if dims[1] is None else dims[1], *dims[2:]))
+    _restore_static_dims(completed)
+    return completed
+
+
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Each tensor's dims from ONNX shape inference (None where symbolic): a traced export's
+    run-time Reshapes hide from TF static dims that ONNX still knows (SegFormer's decoder reads
+    its upsampling sizes from such a tensor's Shape)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # data_prop: through Shape -> Gather -> Concat -> Reshape
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):  # a help here, not a requirement
+        return {}
+    found = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            found[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+    return found
 
 
 def to_tf_function(model: onnx.ModelProto, origin: str, integer: bool = False):
