@@ -264,12 +264,26 @@ def test_a_transformer_keeps_the_hubs_float_ops_on_tflite_where_they_pay(tmp_pat
     manifest = build(entry.source(), "tflite", "int8", tmp_path / "out", options).manifest
     choice = manifest["tflite"]["hub_float_ops"]
     assert choice["chosen"], choice
-    assert all(h < i for h, i in zip(choice["errors_hub"], choice["errors_integer"]))
+    assert all(h < i + 0.002 for h, i in zip(choice["errors_hub"], choice["errors_integer"]))
     floating = manifest["tflite"]["types"]["float32_compute_ops"]
     assert "SOFTMAX" in floating and "FULLY_CONNECTED" not in floating and "BATCH_MATMUL" not in floating
     # full-integer: 0.81 on these 128 samples (measured here), 0.898 with the LayerNorms' normalising
     # MUL int8, 0.914 with it float; ONNX Runtime and OpenVINO: 0.98; the corpus's gate: 0.90
     assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.90, manifest["accuracy"]["metrics"]
+
+
+@pytest.mark.parametrize("errors_integer, errors_hub, chosen", [
+    ([0.058, 0.0185, 0.076, 0.030], [0.0085, 0.0196, 0.0070, 0.0164], True),  # PP-OCRv4 rec: one part 0.001 worse, mean / 3.5
+    ([0.058, 0.0185, 0.076, 0.030], [0.0085, 0.0300, 0.0070, 0.0164], False),  # one part clearly worse
+    ([0.010, 0.012, 0.011, 0.010], [0.008, 0.009, 0.008, 0.008], False)])  # better everywhere, but not by 1.5
+def test_the_hubs_float_ops_need_a_clear_mean_gain_and_no_part_clearly_worse(monkeypatch, errors_integer, errors_hub, chosen):
+    from enginekit.targets.tflite import hub_float
+
+    errors = iter([errors_integer, errors_hub])
+    monkeypatch.setattr(hub_float, "outputs_on", lambda model, samples, threads=None: model)
+    monkeypatch.setattr(hub_float, "cosine_errors", lambda reference, candidate: next(errors) if candidate != b"float" else None)
+    _, record = hub_float.choose(b"float", b"integer", lambda: b"hub", ["t"], [{}] * 4)
+    assert record["chosen"] is chosen, record
 
 
 @pytest.mark.parametrize("hub_noise, smoke_fails, chosen", [(0.2, False, True), (0.95, False, False), (0.2, True, False), (None, False, False)])

@@ -9,9 +9,11 @@ Runtime and OpenVINO: 0.98); PP-OCRv4 det's map cosine 0.974 -> 0.983; MTCNN P-N
 0.9999. But on PP-OCR cls the same choice cost 25 % of the speed for the same accuracy (its int8
 arithmetic loses nothing there). So both flatbuffers are quantized from the one float conversion
 and judged on calibration samples against the float flatbuffer: the hub's float ops are kept only
-where the full-integer one loses more than NEGLIGIBLE_ERROR of cosine and the hub's choice is
-better on every part of the samples and divides the mean error by HUB_GAIN (float islands cost
-speed: they must buy a clear gain, not noise).
+where the full-integer one loses more than NEGLIGIBLE_ERROR of cosine and the hub's choice
+divides the mean error by HUB_GAIN with no part of the samples worse by more than
+NEGLIGIBLE_ERROR (float islands cost speed: they must buy a clear gain, not noise; a part worse
+by less is noise too: PP-OCRv4 rec's hub choice divided the mean error by 3.5 and lost 0.001 on
+one part of four, and "better on every part" kept it full-integer at cosine 0.966, gate 0.98).
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], ex
         record["why"] = f"the flatbuffer with the hub's float ops failed: {' '.join(str(exc).split())[:200]}"
         return integer, record
     hub_errors, integer_errors = record["errors_hub"], record["errors_integer"]
-    gains = all(h < i for h, i in zip(hub_errors, integer_errors)) and np.mean(hub_errors) * HUB_GAIN <= np.mean(integer_errors)
+    gains = all(h < i + NEGLIGIBLE_ERROR for h, i in zip(hub_errors, integer_errors)) and np.mean(hub_errors) * HUB_GAIN <= np.mean(integer_errors)
     record["chosen"] = bool(gains)
-    record["why"] = (f"the hub's float ops {'are' if gains else 'are not'} better on every part with the mean error divided by "
-                     f"{HUB_GAIN} or more ({np.mean(integer_errors):.5f} -> {np.mean(hub_errors):.5f})")
+    record["why"] = (f"the hub's float ops {'are' if gains else 'are not'} within {NEGLIGIBLE_ERROR} of full-integer or better on every "
+                     f"part with the mean error divided by {HUB_GAIN} or more ({np.mean(integer_errors):.5f} -> {np.mean(hub_errors):.5f})")
     return (hub if gains else integer), record
