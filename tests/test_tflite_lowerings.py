@@ -418,6 +418,55 @@ def test_a_conv_behind_a_computed_reshape_and_a_resize_to_another_tensors_size_l
     assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], Session(model).run(feeds[0])["y"]) > 0.98
 
 
+def test_a_pooling_behind_a_reshape_to_its_inputs_shape_keeps_same_padding():
+    """PoolFormer: a GroupNorm reshapes to groups and back to its input's Shape, which leaves TF
+    no spatial size, and the AveragePool after it (3x3, pads 1, padding not counted) was refused
+    ("this padding is not supported"). With the size restored it is TF's SAME pooling."""
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node("Reshape", ["c", "groups"], ["grouped"], name="to_groups"),
+             node("Mul", ["grouped", "half"], ["scaled"], name="scale"), node("Shape", ["c"], ["shape"], name="shape"),
+             node("Reshape", ["scaled", "shape"], ["back"], name="back"),
+             node("AveragePool", ["back"], ["y"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)]
+    inits = [_const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)), _const("groups", np.array([0, 2, -1], np.int64)),
+             _const("half", np.array(0.5, np.float32))]
+    _assert_float_matches_at_two_batches(nodes, inits, "poolformer")
+
+
+def test_ops_on_constants_and_shapes_are_folded_at_lowering():
+    """DINOv2 resizes its position embeddings (a constant) bicubically to a size read from the
+    image's Shape, BEiT-style graphs build indices with ScatterND from constants, and MPNet negates
+    an int64 constant on its way to a Gather's indices (it became float64 and the Gather failed).
+    None of those has a TF form here; with every input constant at lowering they are evaluated
+    by ONNX's reference implementation, and the flatbuffer matches ONNX Runtime."""
+    node = helper.make_node
+    embeddings = RNG.normal(0, 1, (1, 4, 3, 3)).astype(np.float32)
+    nodes = [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node("Shape", ["c"], ["shape"], name="shape"),
+             node("Slice", ["shape", "two", "four"], ["size"], name="size"), node("Concat", ["leading", "size"], ["sizes"], name="sizes", axis=0),
+             node("Resize", ["embeddings", "", "", "sizes"], ["resized"], name="bicubic", mode="cubic", coordinate_transformation_mode="half_pixel"),
+             node("ScatterND", ["zeros", "where", "updates"], ["scattered"], name="scatter"),
+             node("Neg", ["minus_one"], ["one"], name="negate"), node("Gather", ["scattered", "one"], ["picked"], name="pick", axis=1),
+             node("Add", ["c", "resized"], ["with_positions"], name="add_positions"),
+             node("Unsqueeze", ["picked", "axes"], ["bias"], name="bias_4d"), node("Add", ["with_positions", "bias"], ["y"], name="add_bias")]
+    inits = [_const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)), _const("embeddings", embeddings),
+             _const("two", np.array([2], np.int64)), _const("four", np.array([4], np.int64)), _const("leading", np.array([1, 4], np.int64)),
+             _const("zeros", np.zeros((4, 3), np.float32)), _const("where", np.array([[1, 2], [3, 0]], np.int64)),
+             _const("updates", np.array([0.5, -0.25], np.float32)), _const("minus_one", np.array(-1, np.int64)),
+             _const("axes", np.array([1, 2], np.int64))]
+    _assert_float_matches_at_two_batches(nodes, inits, "folded")
+
+
+def _assert_float_matches_at_two_batches(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], name: str) -> None:
+    """x [batch, 3, 8, 8] -> `nodes` -> y [batch, 4, 8, 8]: the float flatbuffer equals ONNX Runtime at batch 1 and 2."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, f"{name}.onnx"), f"{name}.onnx")
+    for batch in (1, 2):
+        sample = {"x": RNG.normal(0, 1, (batch, 3, 8, 8)).astype(np.float32)}
+        got, expected = TfliteRunner(float_model).infer(sample)["y"], Session(model).run(sample)["y"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_computed_reshape_with_allowzero_lowers_as_tf_reshape():
     """PyTorch's view exports Reshape(allowzero=1) with a shape computed from Shape (minilm's head
     split): TF's reshape has the same meaning of 0 and -1, so it lowers as it is."""

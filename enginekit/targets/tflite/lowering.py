@@ -180,7 +180,7 @@ def _biased(y: Any, node: onnx.NodeProto, args: list) -> list[Value]:
 
 def _pool(node, args, attrs):
     tf = _tf()
-    x = nhwc(args[0])
+    x = nhwc(_with_channels(args[0]))
     kernel = tuple(attrs["kernel_shape"])
     padding, strides, dilations, explicit = _window_args(node, attrs, x, kernel)
     if any(d != 1 for d in dilations):
@@ -443,6 +443,8 @@ def _concat(node, args, attrs):
     known = None
     if all(a.rank == 1 and (a.const or a.known is not None) for a in args):  # a shape put together: what is known of it
         known = tuple(d for a in args for d in (a.data.tolist() if a.const else a.known))
+        if None not in known:
+            return [Value(np.array(known, np.int64))]
     if all(a.rank == 4 for a in args) and any(a.nhwc for a in args):
         return [Value(tf.concat([nhwc(a) for a in args], NHWC_AXIS[axis % 4]), nhwc=True)]
     return [Value(tf.concat([nchw(a) for a in args], axis), known=known)]
@@ -572,6 +574,8 @@ def _slice(node, args, attrs):
         index[axis % rank] = slice(max(min(start, limit), -limit), max(min(end, limit), -limit - 1) if step < 0 else min(end, limit), step)
     data = x.data if x.const else nchw(x)
     known = tuple(np.array(x.known, dtype=object)[tuple(index)]) if x.known is not None and rank == 1 else None
+    if known is not None and None not in known:  # the dims of a run-time Shape that are known now: a constant
+        return [Value(np.array(known, np.int64))]
     return [Value(data[tuple(index)], known=known)]
 
 
@@ -876,7 +880,8 @@ LOWERINGS: dict[str, Callable] = {
     "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
     "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
-    "Sqrt": _unary(lambda x, a: _tf().sqrt(x)), "Neg": _unary(lambda x, a: x * np.float32(-1.0)),  # NEG has no int8 kernel
+    "Sqrt": _unary(lambda x, a: _tf().sqrt(x)),
+    "Neg": _pointwise(np.negative, lambda x: x * np.float32(-1.0) if x.dtype.is_floating else -x),  # NEG has no int8 kernel
     "LayerNormalization": _layer_norm, "Gelu": _gelu, "Expand": _expand, "Range": _range, "GatherND": _gather_nd,
     "Where": _elementwise(np.where, _tf_where), "Mod": _mod,
     "IsNaN": _elementwise(np.isnan, lambda x: _tf().math.not_equal(x, x)),  # x != x: TFLite has no IS_NAN
@@ -897,7 +902,40 @@ INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard
 
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")]
+    """Nodes with no lowering, except those that compute from constants and tensor shapes only:
+    those are folded at lowering (`_fold_constant_node`)."""
+    shape_only = _shape_only_tensors(model)
+    return [n for n in model.graph.node
+            if (n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")) and not all(not name or name in shape_only for name in n.input)]
+
+
+def _shape_only_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from initializers, Constant nodes and the shapes of other tensors, never
+    from an input's values: with the dims fixed at lowering they are constants there (DINOv2
+    resizes its position embeddings to the image's size; BEiT builds its relative-position index
+    with ScatterND)."""
+    found = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Shape" or all(not name or name in found for name in node.input):
+            found.update(node.output)
+    return found
+
+
+def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:
+    """Evaluate a node whose inputs are all constants with ONNX's reference implementation (for
+    ops the lowering has no TF form of, or not for these attributes: a bicubic Resize)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [name if arg is not None else "" for name, arg in zip(node.input, args)]
+    inputs = [_value_info(name, arg.data) for name, arg in zip(names, args) if arg is not None]
+    graph = onnx.helper.make_graph([node], "fold", inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output])
+    evaluator = ReferenceEvaluator(onnx.helper.make_model(graph))
+    results = evaluator.run(None, {name: arg.data for name, arg in zip(names, args) if arg is not None})
+    return [Value(np.asarray(r)) for r in results]
+
+
+def _value_info(name: str, data: np.ndarray) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(data.dtype), data.shape)
 
 
 def check_lowerable(model: onnx.ModelProto, origin: str) -> None:
@@ -920,8 +958,20 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
         values[name] = Value(tensor)
     for node in model.graph.node:
         args = [values[name] if name else None for name in node.input]
+        constant = all(arg is None or arg.const for arg in args)
+        if node.op_type not in lowerings and not constant:
+            raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and its inputs are not "
+                             "constants at lowering (they depend on a dim not known there)")
         try:
-            outputs = lowerings[node.op_type](node, args, _attrs(node))
+            if node.op_type not in lowerings:
+                outputs = _fold_constant_node(node, args)
+            else:
+                try:
+                    outputs = lowerings[node.op_type](node, args, _attrs(node))
+                except InputError:
+                    if not constant:
+                        raise
+                    outputs = _fold_constant_node(node, args)
         except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
             raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
         for name, value in zip(node.output, outputs):
@@ -947,11 +997,13 @@ def _restore_static_dims(value: Value) -> None:
     value.data = _tf().reshape(value.data, [-1 if d is None else d for d in dims])
 
 
-def _with_channels(value: Value, channels: int) -> Value:
-    """`value` (an NCHW image a convolution reads) with the dims TF lost restored, its channel
-    count taken from the weight where ONNX shape inference did not know it either (SegFormer
-    turns tokens back into an image with a Reshape to a computed shape). Only a convolution's
-    input: a RESHAPE after every op that lost dims made BERT's int8 flatbuffer abort in LiteRT."""
+def _with_channels(value: Value, channels: int | None = None) -> Value:
+    """`value` (an NCHW image a convolution or a pooling reads) with the dims TF lost restored,
+    its channel count taken from the weight where ONNX shape inference did not know it either
+    (SegFormer turns tokens back into an image with a Reshape to a computed shape; PoolFormer's
+    GroupNorm reshapes back to its input's Shape, and its pooling's SAME padding needs the size).
+    Only those inputs: a RESHAPE after every op that lost dims made BERT's int8 flatbuffer abort
+    in LiteRT."""
     dims = value.onnx_dims
     if value.const or dims is None or len(dims) != 4:
         return value
