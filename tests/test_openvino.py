@@ -152,3 +152,56 @@ def test_bench_sweeps_openvino_streams(digits_builds):
     assert all(s["throughput_per_s"] > 0 and s["requests"] >= s["streams"] for s in entry["stream_throughput"])
     assert entry["best_throughput_per_s"] == max(s["throughput_per_s"] for s in entry["throughput"] + entry["stream_throughput"])
     assert stream_counts(6) == [1, 2, 4, 6] and stream_counts(1) == [1]
+
+
+def _two_conv_qdq_graph():
+    """x -> Q/DQ -> Conv a (weights through a per-channel DequantizeLinear) -> Q/DQ -> Conv b -> y,
+    written as the hub writes it."""
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    inits, nodes = [], [node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="qx"), node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dqx")]
+    for layer, source, result in (("a", "xd", "ya"), ("b", "yad", "y")):
+        weights = rng.integers(-127, 128, (4, 4, 3)).astype(np.int8)
+        inits += [helper.make_tensor(f"w{layer}", TensorProto.INT8, weights.shape, weights.ravel().tolist()),
+                  onnx.numpy_helper.from_array(rng.uniform(0.002, 0.01, 4).astype(np.float32), f"s{layer}")]
+        nodes += [node("DequantizeLinear", [f"w{layer}", f"s{layer}"], [f"w{layer}d"], name=f"dqw{layer}", axis=0),
+                  node("Conv", [source, f"w{layer}d"], [result], name=f"conv_{layer}", pads=[1, 1])]
+        if layer == "a":
+            nodes += [node("QuantizeLinear", ["ya", "sx", "zx"], ["yaq"], name="qa"), node("DequantizeLinear", ["yaq", "sx", "zx"], ["yad"], name="dqa")]
+    inits += [onnx.numpy_helper.from_array(np.array(0.02, np.float32), "sx"), onnx.numpy_helper.from_array(np.array(0, np.int8), "zx")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_openvino_computes_unlike_the_qdq_graph_is_found_and_only_that_one():
+    """A kernel defect (scripted: OpenVINO's real outputs, with conv_a's replaced by noise) is the
+    layer whose output disagrees although its input agrees; conv_b, which reads conv_a's error,
+    is not blamed. HuBERT's positional Conv on this Xeon: 0.13 -> the IR runs it in float."""
+    from enginekit.targets.openvino_kernels import kernel_defects
+
+    graph = _two_conv_qdq_graph()
+    feeds = {"x": np.random.default_rng(1).normal(0, 1, (2, 4, 16)).astype(np.float32)}
+
+    def defective(model, sample):
+        outputs = ov_target._compile_and_run(model, sample)
+        outputs["ya"] = np.random.default_rng(2).normal(0, 1, outputs["ya"].shape).astype(np.float32)
+        outputs["yad"] = outputs["ya"]
+        return outputs
+
+    assert kernel_defects(graph, feeds, ov_target._compile_and_run) == {}
+    found = kernel_defects(graph, feeds, defective)
+    assert list(found) == ["conv_a"] and found["conv_a"] < 0.5
+
+
+def test_dequantized_weights_compute_what_the_qdq_graph_does():
+    from enginekit.onnx.session import Session
+    from enginekit.targets.openvino_kernels import dequantize_weights
+
+    graph = _two_conv_qdq_graph()
+    feeds = {"x": np.random.default_rng(1).normal(0, 1, (2, 4, 16)).astype(np.float32)}
+    fixed = dequantize_weights(graph, ["conv_a"])
+    assert [n.input[1] for n in fixed.graph.node if n.name == "conv_a"] == ["wad/float_for_openvino"]
+    np.testing.assert_allclose(Session(fixed).run(feeds)["y"], Session(graph).run(feeds)["y"], rtol=1e-5, atol=1e-6)
+    outputs = ov_target._compile_and_run(fixed, feeds)
+    np.testing.assert_allclose(outputs["y"], Session(graph).run(feeds)["y"], rtol=1e-3, atol=0.05)

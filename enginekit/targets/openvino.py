@@ -254,6 +254,27 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), shape, np.dtype(port.get_element_type().to_dtype()).name)
 
 
+KERNEL_CHECK_SAMPLES = 4  # calibration samples each INT8 build's layers are compared on (openvino_kernels)
+
+
+def _compile_and_run(graph: "onnx.ModelProto", feeds: Feeds) -> dict[str, np.ndarray]:
+    """`graph` converted and compiled as an INT8 build's IR is, run once: every output by name."""
+    import tempfile
+
+    import onnx
+
+    ov = require_openvino()
+    with tempfile.TemporaryDirectory(prefix="enginekit-ov-check-") as folder:
+        source = Path(folder) / "model.onnx"
+        onnx.save(graph, str(source))
+        try:
+            compiled = ov.Core().compile_model(ov.convert_model(str(source)), "CPU", compile_config("int8"))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own failure types
+            raise InputError(f"OpenVINO cannot compile the probed graph: {' '.join(str(exc).split())[:300]}") from None
+        results = compiled(dict(feeds))
+        return {name: np.asarray(results[port]) for port in compiled.outputs for name in port.get_names()}
+
+
 class OpenVinoTarget(Target):
     name = "openvino"
     precisions = PRECISIONS
@@ -271,15 +292,29 @@ class OpenVinoTarget(Target):
         import onnx
 
         source = inputs.fp32.path
+        defects: dict[str, float] = {}
         if inputs.precision == "int8":
+            from enginekit.targets.openvino_kernels import dequantize_weights, kernel_defects
+
             source = inputs.stage / "model.int8.onnx"
-            onnx.save(inputs.qdq(inputs.encoding).model, str(source))
+            graph = inputs.qdq(inputs.encoding).model
+            try:
+                defects = kernel_defects(graph, inputs.calibration_feeds(KERNEL_CHECK_SAMPLES), _compile_and_run, inputs.threads)
+            except InputError as exc:  # the probe (the graph with extra outputs) refused: the build itself goes on and says so
+                inputs.notes.append(f"the layer check of OpenVINO's int8 kernels did not run: {exc}")
+            if defects:
+                graph = dequantize_weights(graph, list(defects))
+                inputs.notes.append(f"OpenVINO's int8 kernels compute {len(defects)} layer(s) unlike the Q/DQ graph they come from, "
+                                    f"with the same input: {', '.join(f'{n} (cosine {c})' for n, c in defects.items())}; "
+                                    "they run in float on the int8 grid's values")
+            onnx.save(graph, str(source))
         convert(source, inputs.precision, inputs.stage)
         if source.parent == inputs.stage:
             source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
         runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
         executed = executed_precisions(runner.compiled)
-        fields: dict[str, Any] = {"openvino": {**device_info(), "compile_config": runner.config, "executed": executed}}
+        fields: dict[str, Any] = {"openvino": {**device_info(), "compile_config": runner.config, "executed": executed,
+                                               **({"float_by_kernel_check": defects} if defects else {})}}
         if inputs.precision == "int8":
             fields["integer_share"] = executed["integer_share"]
         return Built(runner, fields)

@@ -1,0 +1,102 @@
+"""OpenVINO's int8 kernels checked layer by layer against the Q/DQ graph they were built from.
+
+The Q/DQ graph run as written (the reference executor: each DequantizeLinear -> float op ->
+QuantizeLinear) is what every target's integer kernels should compute, to rounding. On this
+Xeon (AVX-512 VNNI, AMX) OpenVINO 2026.4's CPU plugin computes some int8 convolutions wrongly: a 1-D
+Conv of 16 channels with a kernel of 8 or 16 comes out at cosine 0.24-0.43 to the graph (15 or 3
+taps, or 32 channels: 0.9999), and transformers' HuBERT and wav2vec2, whose positional
+convolution is one, lost their INT8 gate on OpenVINO only (cosine 0.96 and 0.95; ONNX Runtime
+0.998 from the same graph). The same layers with uint8 weights, which OpenVINO runs in float,
+are right.
+
+So an INT8 build compiles the graph once more with every compute layer's input and output as
+extra outputs, runs a few calibration samples through it and through the reference executor,
+and a layer whose output disagrees (cosine below DEFECT_COSINE) although its input agrees is a
+kernel defect, not quantization error: that layer's weights are dequantized in the IR's source
+graph, so OpenVINO runs it in float on the int8 grid's values, and the manifest names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from enginekit.core.tensors import Feeds
+from enginekit.exporter.parity import cosine_similarity
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+DEFECT_COSINE = 0.99  # a layer's output this far from the graph's is not rounding (a healthy int8 layer: > 0.999)
+INPUT_AGREES = 0.999  # ... when its input agrees this well: the kernel, not what it was fed
+
+
+def kernel_defects(graph: onnx.ModelProto, feeds: Feeds, compile_and_run, threads: int | None = None) -> dict[str, float]:
+    """Compute layers of `graph` (a Q/DQ ONNX model) whose OpenVINO output disagrees with the
+    reference executor's although their data input agrees: node name -> output cosine.
+    `compile_and_run(model, feeds)` returns OpenVINO's outputs by tensor name."""
+    from enginekit.onnx.session import Session
+
+    constant = {t.name for t in graph.graph.initializer}
+    for node in graph.graph.node:  # weights: a DequantizeLinear of an initializer
+        if node.op_type == "DequantizeLinear" and node.input[0] in constant:
+            constant.update(node.output)
+    layers = [(node.name, [t for t in node.input if t and t not in constant], node.output[0])
+              for node in graph.graph.node if node.op_type in COMPUTE_OPS and node.input]
+    if not layers:
+        return {}
+    probed = onnx.ModelProto()
+    probed.CopyFrom(graph)
+    present = {output.name for output in probed.graph.output}
+    for name in dict.fromkeys(t for _, sources, result in layers for t in (*sources, result)):
+        if name not in present:
+            probed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    expected = Session(probed, threads=threads).run(feeds)
+    got = compile_and_run(probed, feeds)
+    defects = {}
+    for node, sources, result in layers:
+        if any(t not in got or t not in expected for t in (*sources, result)):
+            continue
+        agreement = cosine_similarity(expected[result], got[result])
+        # every activation it reads agrees (a layer downstream of a defect reads its error, it has none of its own)
+        if agreement < DEFECT_COSINE and all(cosine_similarity(expected[t], got[t]) >= INPUT_AGREES for t in sources):
+            defects[node] = round(float(agreement), 4)
+    return defects
+
+
+def dequantize_weights(graph: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto:
+    """`graph` with the weights of `nodes` given as float initializers (their int8 values times
+    their scales) instead of through a DequantizeLinear: the runtime then runs those layers in
+    float on the same values, their inputs still on the int8 grid."""
+    initializers = {t.name: t for t in graph.graph.initializer}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(graph)
+    chosen = set(nodes)
+    for node in fixed.graph.node:
+        if node.name not in chosen or len(node.input) < 2:
+            continue
+        dequantize = producers.get(node.input[1])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in initializers:
+            continue
+        values = _dequantized(dequantize, initializers)
+        name = f"{node.input[1]}/float_for_openvino"
+        fixed.graph.initializer.append(numpy_helper.from_array(values, name))
+        node.input[1] = name
+    return fixed
+
+
+def _dequantized(node: onnx.NodeProto, initializers: dict[str, Any]) -> np.ndarray:
+    """The float values a DequantizeLinear of constant integers produces (per tensor or per axis)."""
+    integers = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+    zero_point = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] else 0.0
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if np.ndim(scale) == 1 and scale.size > 1:
+        shape = [1] * integers.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+        zero_point = np.reshape(zero_point, shape) if np.ndim(zero_point) == 1 else zero_point
+    return ((integers - zero_point) * scale).astype(np.float32)
