@@ -921,7 +921,7 @@ def _shape_only_tensors(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None]) -> list[Value]:
+def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None], opset: int) -> list[Value]:
     """Evaluate a node whose inputs are all constants with ONNX's reference implementation (for
     ops the lowering has no TF form of, or not for these attributes: a bicubic Resize)."""
     from onnx.reference import ReferenceEvaluator
@@ -929,9 +929,14 @@ def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None]) -> list[
     names = [name if arg is not None else "" for name, arg in zip(node.input, args)]
     inputs = [_value_info(name, arg.data) for name, arg in zip(names, args) if arg is not None]
     graph = onnx.helper.make_graph([node], "fold", inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output])
-    evaluator = ReferenceEvaluator(onnx.helper.make_model(graph))
-    results = evaluator.run(None, {name: arg.data for name, arg in zip(names, args) if arg is not None})
+    try:
+        evaluator = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+        results = evaluator.run(None, {name: arg.data for name, arg in zip(names, args) if arg is not None})
+    except Exception as exc:  # noqa: BLE001 - the reference implementation raises what its op does
+        raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and ONNX's reference "
+                         f"implementation could not fold it: {' '.join(str(exc).split())[:200]}") from None
     return [Value(np.asarray(r)) for r in results]
+
 
 
 def _value_info(name: str, data: np.ndarray) -> onnx.ValueInfoProto:
@@ -953,6 +958,7 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
     tf = _tf()
     lowerings = lowerings or LOWERINGS
     onnx_dims = _inferred_dims(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), onnx.defs.onnx_opset_version())
     values: dict[str, Value] = {t.name: Value(numpy_helper.to_array(t)) for t in model.graph.initializer}
     for name, tensor in feeds.items():
         values[name] = Value(tensor)
@@ -964,14 +970,14 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
                              "constants at lowering (they depend on a dim not known there)")
         try:
             if node.op_type not in lowerings:
-                outputs = _fold_constant_node(node, args)
+                outputs = _fold_constant_node(node, args, opset)
             else:
                 try:
                     outputs = lowerings[node.op_type](node, args, _attrs(node))
                 except InputError:
                     if not constant:
                         raise
-                    outputs = _fold_constant_node(node, args)
+                    outputs = _fold_constant_node(node, args, opset)
         except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
             raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
         for name, value in zip(node.output, outputs):
