@@ -103,7 +103,7 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
         elif node.op_type == "DequantizeLinear" and node.output[0] in renames:
             dropped.add(index)
         elif node.op_type == "DequantizeLinear":
-            value = _constant_value(node, producers, initializers)
+            value = dequantized_constant(node, producers, initializers)
             if value is not None:
                 constants.append(numpy_helper.from_array(value, node.output[0]))
                 result.weights += 1
@@ -160,7 +160,7 @@ def _grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], origi
     return QuantGrid(float(scales[0]), z, _TYPES[data_type][0])
 
 
-def _constant_value(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+def dequantized_constant(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
     """The float value a DequantizeLinear of a constant computes: (q - z) * s of an integer
     constant, or DQ(Q(float constant)) as PyTorch's QAT export writes a weight (the constant
     rounded to its grid); None when the input is not constant."""

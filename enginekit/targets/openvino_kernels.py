@@ -19,9 +19,6 @@ graph, so OpenVINO runs it in float on the int8 grid's values, and the manifest 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -70,33 +67,19 @@ def dequantize_weights(graph: onnx.ModelProto, nodes: Sequence[str]) -> onnx.Mod
     """`graph` with the weights of `nodes` given as float initializers (their int8 values times
     their scales) instead of through a DequantizeLinear: the runtime then runs those layers in
     float on the same values, their inputs still on the int8 grid."""
+    from enginekit.onnx.prequantized import dequantized_constant
+
     initializers = {t.name: t for t in graph.graph.initializer}
     producers = {output: node for node in graph.graph.node for output in node.output}
     fixed = onnx.ModelProto()
     fixed.CopyFrom(graph)
     chosen = set(nodes)
     for node in fixed.graph.node:
-        if node.name not in chosen or len(node.input) < 2:
+        dequantize = producers.get(node.input[1]) if node.name in chosen and len(node.input) > 1 else None
+        values = dequantized_constant(dequantize, producers, initializers) if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+        if values is None:
             continue
-        dequantize = producers.get(node.input[1])
-        if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in initializers:
-            continue
-        values = _dequantized(dequantize, initializers)
         name = f"{node.input[1]}/float_for_openvino"
         fixed.graph.initializer.append(numpy_helper.from_array(values, name))
         node.input[1] = name
     return fixed
-
-
-def _dequantized(node: onnx.NodeProto, initializers: dict[str, Any]) -> np.ndarray:
-    """The float values a DequantizeLinear of constant integers produces (per tensor or per axis)."""
-    integers = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-    zero_point = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32) if len(node.input) > 2 and node.input[2] else 0.0
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    if np.ndim(scale) == 1 and scale.size > 1:
-        shape = [1] * integers.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
-        zero_point = np.reshape(zero_point, shape) if np.ndim(zero_point) == 1 else zero_point
-    return ((integers - zero_point) * scale).astype(np.float32)

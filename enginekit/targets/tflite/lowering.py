@@ -130,7 +130,7 @@ def _conv(node, args, attrs):
     weight = _constant(args[1], node, "the weight")
     if weight.ndim == 3 and not args[0].const and args[0].rank == 3:
         return _conv1d(node, args, attrs)
-    x = nhwc(_with_channels(args[0], weight.shape[1] * attrs.get("group", 1)))
+    x = nhwc(_with_static_dims(args[0], weight.shape[1] * attrs.get("group", 1)))
     if weight.ndim != 4:
         raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
     padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
@@ -180,7 +180,7 @@ def _biased(y: Any, node: onnx.NodeProto, args: list) -> list[Value]:
 
 def _pool(node, args, attrs):
     tf = _tf()
-    x = nhwc(_with_channels(args[0]))
+    x = nhwc(_with_static_dims(args[0]))
     kernel = tuple(attrs["kernel_shape"])
     padding, strides, dilations, explicit = _window_args(node, attrs, x, kernel)
     if any(d != 1 for d in dilations):
@@ -938,7 +938,6 @@ def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None], opset: i
     return [Value(np.asarray(r)) for r in results]
 
 
-
 def _value_info(name: str, data: np.ndarray) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(data.dtype), data.shape)
 
@@ -964,27 +963,29 @@ def run_graph(model: onnx.ModelProto, feeds: dict[str, Any], lowerings: dict[str
         values[name] = Value(tensor)
     for node in model.graph.node:
         args = [values[name] if name else None for name in node.input]
-        constant = all(arg is None or arg.const for arg in args)
-        if node.op_type not in lowerings and not constant:
-            raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and its inputs are not "
-                             "constants at lowering (they depend on a dim not known there)")
-        try:
-            if node.op_type not in lowerings:
-                outputs = _fold_constant_node(node, args, opset)
-            else:
-                try:
-                    outputs = lowerings[node.op_type](node, args, _attrs(node))
-                except InputError:
-                    if not constant:
-                        raise
-                    outputs = _fold_constant_node(node, args, opset)
-        except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
-            raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
+        outputs = _lower_node(node, args, lowerings.get(node.op_type), opset)
         for name, value in zip(node.output, outputs):
             if not value.const and name in onnx_dims:
                 value.onnx_dims = onnx_dims[name]
             values[name] = value
     return {o.name: tf.identity(nchw(values[o.name])) for o in model.graph.output}
+
+
+def _lower_node(node: onnx.NodeProto, args: list[Value | None], lower: Callable | None, opset: int) -> list[Value]:
+    """The node's outputs from its lowering; a node whose inputs are all constants and that has
+    no lowering, or one its lowering refuses (a bicubic Resize), is folded instead."""
+    constant = all(arg is None or arg.const for arg in args)
+    if lower is None and not constant:
+        raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and its inputs are not "
+                         "constants at lowering (they depend on a dim not known there)")
+    try:
+        return lower(node, args, _attrs(node)) if lower is not None else _fold_constant_node(node, args, opset)
+    except InputError:
+        if lower is None or not constant:
+            raise
+        return _fold_constant_node(node, args, opset)
+    except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
+        raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _restore_static_dims(value: Value) -> None:
@@ -1003,7 +1004,7 @@ def _restore_static_dims(value: Value) -> None:
     value.data = _tf().reshape(value.data, [-1 if d is None else d for d in dims])
 
 
-def _with_channels(value: Value, channels: int | None = None) -> Value:
+def _with_static_dims(value: Value, channels: int | None = None) -> Value:
     """`value` (an NCHW image a convolution or a pooling reads) with the dims TF lost restored,
     its channel count taken from the weight where ONNX shape inference did not know it either
     (SegFormer turns tokens back into an image with a Reshape to a computed shape; PoolFormer's
