@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,11 +80,11 @@ def main() -> None:
     from enginekit.models.spec import iter_batches
     from enginekit.onnx.session import Session
     from enginekit.targets import openvino as ov_target
-    from studies.common import latency_by_name, score, wrap_artifact, write_json
+    from studies.common import latency_by_name, score, wrap_artifact, work_folder, write_json
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     fp32 = load_fp32(MODEL)
-    work = Path(tempfile.mkdtemp(prefix="ek-accuracy-control-"))
+    work = work_folder("ek-accuracy-control-")
     batches = list(iter_batches(fp32.spec.dataset(), "evaluation", args.eval_samples, 32))
     reference = collect_outputs(Session(fp32.path).run, batches)
     agreed = reference["logits"].argmax(axis=1)

@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,11 +70,11 @@ def main() -> None:
     from enginekit.exporter.reference import load_fp32
     from enginekit.onnx.session import Session
     from enginekit.targets.onnxruntime import OrtRunner
-    from studies.common import score, write_json
+    from studies.common import score, work_folder, write_json
 
     fp32 = load_fp32(MODEL)  # export once, outside the timed runs
     results: dict = {"model": MODEL, "samples": args.samples, "calibration": {}, "accuracy": {}, "rss_scaling": {}}
-    work = Path(tempfile.mkdtemp(prefix="ek-bench-"))
+    work = work_folder("ek-bench-")
     print(f"calibrating {MODEL} with {args.samples} crops (each run in its own process)...", file=sys.stderr)
     results["calibration"]["enginekit (4 methods, one pass)"] = _run_worker("ours", args.samples, work)
     for method in ORT_METHODS:

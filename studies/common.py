@@ -4,8 +4,10 @@ the JSON + table each study prints."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,14 @@ from enginekit.accuracy import collect_outputs, compare_outputs
 from enginekit.core.artifacts import write_manifest
 from enginekit.core.tensors import Feeds
 from enginekit.targets.base import Runner
+
+
+def work_folder(prefix: str) -> Path:
+    """A scratch folder for a study's builds, removed when the study exits (a full study writes
+    hundreds of MB of artifacts that nothing reads afterwards)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def wrap_artifact(folder: Path, files: Mapping[str, Path | bytes], model: str, target: str, precision: str,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +50,10 @@ def main() -> None:
     from enginekit.models.spec import iter_batches
     from enginekit.onnx.session import Session
     from enginekit.targets import openvino as ov_target
-    from studies.common import latency_by_name, score, wrap_artifact, write_json
+    from studies.common import latency_by_name, score, wrap_artifact, work_folder, write_json
 
     fp32 = load_fp32(MODEL)
-    work = Path(tempfile.mkdtemp(prefix="ek-ov-study-"))
+    work = work_folder("ek-ov-study-")
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     log("calibrating once (256 crops, minmax)...")
     table = ek.calibrate(MODEL, None, methods=["minmax"], num_samples=256, output=work / "ranges.json").written[0]

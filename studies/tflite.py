@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 MODELS = ("efficientnet_lite0", "digits_keras")
@@ -54,10 +53,10 @@ def main() -> None:
     from enginekit.exporter.reference import load_fp32
     from enginekit.models.spec import iter_batches
     from enginekit.onnx.session import Session
-    from studies.common import latency_by_name, score, wrap_artifact, write_json
+    from studies.common import latency_by_name, score, wrap_artifact, work_folder, write_json
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    work = Path(tempfile.mkdtemp(prefix="ek-tflite-study-"))
+    work = work_folder("ek-tflite-study-")
     results: dict = {"threads": args.threads, "models": {}}
     rows = []
     for model in MODELS:
