@@ -313,3 +313,21 @@ def test_the_hubs_float_ops_are_chosen_only_for_a_clear_gain_and_never_after_a_f
     if smoke_fails:
         assert "failed" in record["why"] and "SIGABRT" in record["why"]
     assert hub_float.choose(b"float", b"integer", lambda: b"hub", ["t"], [])[0] == b"integer"  # nothing to judge on
+
+
+def test_the_runner_quantizes_io_as_round_half_even_plus_zero_point_saturated_whatever_the_size():
+    """The runner's quantize takes one path for small inputs and another for large ones (speed):
+    both give round(x / scale) + zero_point saturated to the type, the ends included."""
+    from enginekit.targets.tflite.runner import LARGE_IO, quantize
+
+    rng = np.random.default_rng(0)
+    for size in (1, 10, LARGE_IO, 224 * 224 * 3):
+        values = (rng.standard_normal(size) * 4).astype(np.float32)
+        values[0], values[-1] = -1e6, 1e6  # beyond every grid: saturate at both ends (size 1: high)
+        for zero_point, dtype in ((-3, np.int8), (128, np.uint8), (0, np.int16)):
+            info = np.iinfo(dtype)
+            expected = np.clip(np.rint(values / np.float32(0.0187)) + zero_point, info.min, info.max).astype(dtype)
+            got = quantize(values, 0.0187, zero_point, dtype)
+            assert got.dtype == dtype and np.array_equal(got, expected), (size, dtype)
+            assert got[-1] == info.max and (size == 1 or got[0] == info.min)
+    assert quantize(np.float32(0.5), 0.25, 1, np.int8) == 3  # a 0-d input
