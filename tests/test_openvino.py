@@ -86,6 +86,24 @@ def test_runner_specialises_each_batch_shape_and_matches_the_dynamic_model(digit
     assert fast.compiled_for({"image": np.zeros((50, 1, 8, 8), np.float32)})[0] is fast.compiled
 
 
+
+def test_a_static_copy_the_plugin_refuses_leaves_the_dynamic_model_serving(digits_builds, monkeypatch):
+    """OpenVINO's CPU plugin failed on the static copy of DETR's INT8 graph ("empty child edge")
+    that it compiled dynamic; the RuntimeError aborted the whole build. Now the dynamic model runs."""
+    folder, _ = digits_builds["fp32"]
+    runner = ov_target.OpenVinoRunner(folder, "fp32", threads=2)
+    dynamic_compile = runner.core.compile_model
+
+    def refusing(model, *args, **kwargs):
+        if all(port.get_partial_shape().is_static for port in model.inputs):
+            raise RuntimeError("Node node_MatMul_745/DequantizationMultiply contains empty child edge for index 0")
+        return dynamic_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "core", type("Core", (), {"compile_model": staticmethod(refusing)})())
+    feeds = {"image": np.ones((2, 1, 8, 8), np.float32)}
+    assert runner.infer(feeds)["logits"].shape == (2, 10)
+    assert runner.compiled_for(feeds)[0] is runner.compiled
+
 @pytest.mark.slow
 def test_efficientnet_int8_ir_is_integer_and_accurate(tmp_path):
     manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov").manifest
