@@ -40,6 +40,19 @@ def test_a_missing_data_file_is_refused_even_where_no_cell_reads_it(run_cli, tmp
     assert_nothing_written(out)
 
 
+def test_a_model_from_outside_the_zoo_without_eval_data_stops_in_one_line_naming_the_flag(run_cli, tmp_path):
+    """Every cell is judged on held-out data: without --eval-data each cell failed on its own
+    (exit 1, the code of a failed gate) and no line said which flag gives it."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model, data, out = tmp_path / "relu.onnx", tmp_path / "calib.npy", tmp_path / "out"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    np.save(data, np.ones((4, 4), np.float32))
+    result = run_cli("build", "--model", model, "--targets", "onnxruntime", "--precisions", "fp32,int8", "--calib-data", data, "-o", out)
+    assert result.code == 2, (result.code, result.err)
+    assert "evaluation data is required" in result.error_line and "--eval-data" in result.error_line, result.error_line
+    assert_nothing_written(out)
+
 def test_file_that_is_not_onnx(run_cli, tmp_path):
     bogus = tmp_path / "notes.onnx"
     bogus.write_text("this is a shopping list, not a model\n" * 20)

@@ -316,6 +316,8 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
         cell.failed = target.preflight(session.fp32, cell.precision)
         cell.exit_code = 2 if cell.failed else 0
     pending = [cell for cell in plan.runnable if not cell.failed]
+    if pending:  # every cell is judged on it: missing (a model from outside the zoo, no eval data) is one line before any work, not a failure per cell
+        session.evaluation()
     int8_targets = [get_target(c.target) for c in pending if c.precision == "int8"]
     session.int8_pairs = {int8_pair(t, options) for t in int8_targets} or session.int8_pairs
     problem, failing = auto_fallback_search(session, int8_targets, conditions)
