@@ -299,3 +299,19 @@ def test_a_quantized_conv_transpose_matches_float_and_runs_as_an_integer_deconvo
     precisions = {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
                   if op.get_rt_info()["layerType"].astype(str) == "Deconvolution"}
     assert len(precisions) == 2 and sorted(precisions.values()) == ["f32", "u8"]  # deconv1 integer, deconv2 float
+
+
+def test_excluded_nodes_are_named_by_node_or_by_the_tensor_they_write_and_unknown_names_are_refused():
+    """A failed gate names the tensors adding the most error; passed to --exclude-node they kept
+    nothing float, without a word. A tensor name now keeps its writer float; a name that is
+    neither a node nor a node's output is refused in one line naming it."""
+    from enginekit.core.errors import InputError
+
+    model = conv_prelu_relu_model()
+    assert "conv2" in plan_quantization(model).nodes
+    assert "conv2" not in plan_quantization(model, exclude_nodes=["conv2"]).nodes
+    by_tensor = plan_quantization(model, exclude_nodes=["c2"])  # conv2's output
+    assert "conv2" not in by_tensor.nodes and "conv3" in by_tensor.nodes
+    with pytest.raises(InputError, match="'conv_9'") as refused:
+        plan_quantization(model, exclude_nodes=["conv2", "conv_9"])
+    assert refused.value.option == "exclude_nodes"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from enginekit.core.errors import InputError
 from enginekit.onnx.nodes import attribute, tensor_readers
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -77,6 +78,20 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
+def excluded_node_names(graph: onnx.GraphProto, names: Iterable[str]) -> set[str]:
+    """The nodes `names` keep float: a node's name, or the name of a tensor a node writes (what
+    a failed gate's message names: "the layers adding the most error"). A name that is neither
+    is refused: it had kept nothing float without a word (a user passing the tensor names of the
+    gate's message got the same all-INT8 graph and the same message back)."""
+    nodes = {n.name for n in graph.node}
+    writers = {output: n.name for n in graph.node for output in n.output}
+    unknown = [name for name in names if name not in nodes and name not in writers]
+    if unknown:
+        raise InputError(f"no node or node output of the model is named {', '.join(map(repr, unknown[:3]))}"
+                         f"{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}", option="exclude_nodes")
+    return {name if name in nodes else writers[name] for name in names}
+
+
 def plan_quantization(
     model: onnx.ModelProto,
     exclude_nodes: Iterable[str] = (),
@@ -95,7 +110,7 @@ def plan_quantization(
     initializers = {t.name: t for t in graph.initializer}
     constants = set(initializers) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     readers = tensor_readers(graph)
-    excluded_names, excluded_ops = set(exclude_nodes), set(exclude_ops)
+    excluded_names, excluded_ops = excluded_node_names(graph, exclude_nodes), set(exclude_ops)
     compute = [n for n in graph.node if is_quantizable_compute(n, placement)]
     if keep_first_last_float and compute:
         excluded_names |= {compute[0].name, compute[-1].name}
