@@ -641,3 +641,23 @@ def test_a_multiple_of_a_tensor_takes_its_range_times_the_factor_instead_of_a_me
         assert ranges.producers[tensor] == "MUL"
         np.testing.assert_allclose(ranges.ranges[tensor], np.array(ranges.ranges[source]) / 6, rtol=1e-5)
     assert tensor not in ranges.measured and ranges.summary()["scaled_from_input"] == len(ranges.scaled)
+
+
+def test_sine_and_cosine_lower_and_stay_float_between_integer_ops_in_int8():
+    """DETR's sine position embedding failed the tflite target ("cannot lower Cos"). SIN and COS
+    are TFLite builtins: the float flatbuffer matches ONNX Runtime; LiteRT has no int8 kernels
+    for them, so in the int8 flatbuffer they alone run float (a DEQUANTIZE before, QUANTIZEs
+    after) and the Conv and Concat stay integer."""
+    node = helper.make_node
+    model = _model([node("Sin", ["c"], ["s"], name="sin"), node("Cos", ["c"], ["k"], name="cos"),
+                    node("Concat", ["s", "k"], ["y"], name="cat", axis=1)], [], [1, 8, 16, 16])
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])["y"]
+    float_model = convert_function(to_tf_function(model, "sincos.onnx"), "sincos.onnx")
+    assert {"SIN", "COS"} <= {op["op"] for op in op_types(float_model)}
+    np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds[0])["y"], expected, atol=1e-5)
+    for_int8 = convert_function(to_tf_function(model, "sincos.onnx", integer=True), "sincos.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    float_ops = {op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]}
+    assert float_ops == {"SIN", "COS", "QUANTIZE", "DEQUANTIZE"}, float_ops
+    assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], expected) > 0.99

@@ -894,6 +894,7 @@ LOWERINGS: dict[str, Callable] = {
     "Abs": _pointwise(np.abs, lambda x: _integer_abs(x) if x.dtype.is_integer else _tf().abs(x)), "Exp": _pointwise(np.exp, lambda x: _tf().exp(x)),
     "Log": _pointwise(np.log, lambda x: _tf().math.log(x)), "Floor": _pointwise(np.floor, lambda x: _tf().floor(x)),
     "Ceil": _pointwise(np.ceil, lambda x: _tf().math.ceil(x)), "Reciprocal": _pointwise(np.reciprocal, lambda x: _tf().math.reciprocal(x)),
+    "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm,
 }
