@@ -126,3 +126,24 @@ def test_a_spatial_mean_becomes_a_global_average_pool(opset, axes, keepdims, bec
     exported = finalize(onnx.ModelProto.FromString(model.SerializeToString()), "mean.onnx")
     assert ("GlobalAveragePool" in [n.op_type for n in exported.graph.node]) == becomes_pool
     np.testing.assert_allclose(Session(exported).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool, becomes_global", [({"kernel_shape": [640, 640], "strides": [640, 640], "ceil_mode": 1, "count_include_pad": 1}, True),
+                                                  ({"kernel_shape": [4, 4]}, True),
+                                                  ({"kernel_shape": [4, 4], "pads": [1, 1, 1, 1], "count_include_pad": 1}, False),
+                                                  ({"kernel_shape": [2, 2], "strides": [2, 2]}, False)])
+def test_an_average_pool_whose_window_covers_its_whole_input_becomes_global(pool, becomes_global):
+    """transformers' EfficientNet pools its 2x2 map with AveragePool(kernel 640, ceil_mode=1):
+    OpenVINO refused the kernel and TFLite the ceil mode. One window over the whole map is
+    GlobalAveragePool; a window that counts padding, or several windows, stay as they are."""
+    inits = [numpy_helper.from_array(RNG.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[4, 4]),
+             helper.make_node("AveragePool", ["c"], ["y"], name="pooler", **pool)]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = RNG.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    expected = Session(model).run({"x": x})["y"]
+    exported = finalize(onnx.ModelProto.FromString(model.SerializeToString()), "pool.onnx")
+    assert ("GlobalAveragePool" in [n.op_type for n in exported.graph.node]) == becomes_global
+    np.testing.assert_allclose(Session(exported).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)

@@ -202,7 +202,7 @@ def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
     graph goes through this."""
     model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
-    model = _spatial_means_as_global_pools(infer_shapes(model, origin))
+    model = _whole_input_average_pools_as_global(_spatial_means_as_global_pools(infer_shapes(model, origin)))
     check(model, origin)
     return model
 
@@ -231,6 +231,30 @@ def _spatial_means_as_global_pools(model: onnx.ModelProto) -> onnx.ModelProto:
         replaced += 1
     if replaced:
         drop_unused_initializers(model)  # opset 18's axes constants
+    return model
+
+
+def _whole_input_average_pools_as_global(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An AveragePool whose one window covers its whole (static) input -> GlobalAveragePool, in
+    place: the same values. transformers' EfficientNet pools its last map with AveragePool(kernel
+    = the configured hidden size, ceil_mode=1); ONNX Runtime runs it, but OpenVINO refuses a
+    kernel larger than the map ("larger than the data shape after padding") and TFLite has no
+    ceil mode. Only where the window cannot reach a pad the average would count."""
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output) if v.type.tensor_type.HasField("shape")}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
+            continue
+        dims, out = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
+        spatial, kernel = dims[2:], list(attribute(node, "kernel_shape", []))
+        pads = list(attribute(node, "pads", [0] * 2 * len(kernel))) or [0] * 2 * len(kernel)
+        if (len(dims) < 3 or len(kernel) != len(spatial) or None in spatial or out[2:] != [1] * len(spatial)
+                or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+                or any(d != 1 for d in attribute(node, "dilations", [1] * len(kernel)))
+                or (any(pads) and attribute(node, "count_include_pad", 0))
+                or any(k < size + begin for k, size, begin in zip(kernel, spatial, pads))):
+            continue
+        model.graph.node[index].CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
     return model
 
 
