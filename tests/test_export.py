@@ -195,6 +195,33 @@ def test_a_module_the_dynamo_exporter_refuses_is_exported_by_torchscript_with_a_
     assert "data-dependent" in note and "branchy.py:10" in note  # the `if` line
 
 
+def test_a_forward_of_star_args_exports_through_the_dynamo_exporter(run_cli, tmp_path, monkeypatch):
+    """torch.export matches dynamic shapes to forward's parameters: `*args` takes one entry, the
+    tuple of its inputs' specs. The flat tuple sent every such wrapper to TorchScript (and a
+    transformers DETR wrapped so failed the checker there)."""
+    (tmp_path / "varargs.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(4, 3)
+
+            def forward(self, scale, *args):
+                return self.lin(args[0] * scale + args[1])
+
+        def build():
+            torch.manual_seed(0)
+            return Wrapper()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shapes = ["scale=batchx4", "x=batchx4", "bias=batchx4"]
+    result = run_cli("export", "--model", "varargs:build", *[f for s in shapes for f in ("--input-shape", s)], "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["parity"]["passed"] and not any("TorchScript" in n for n in manifest.get("notes", []))
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", 4]] * 3
+
 def test_a_module_neither_exporter_takes_fails_in_one_line_with_both_reasons(run_cli, tmp_path, monkeypatch):
     (tmp_path / "broken_net.py").write_text(textwrap.dedent("""
         import torch

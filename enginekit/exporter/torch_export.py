@@ -30,6 +30,26 @@ _EXAMPLE_SIZE = {"batch": 2}
 _DEFAULT_EXAMPLE_SIZE = 16
 
 
+def _matched_to_parameters(module: Any, shapes: tuple) -> tuple:
+    """`shapes` (one per input) as torch.export matches them, to forward's parameters: a `*args`
+    parameter takes one entry, the tuple of the specs of the inputs it collects. A flat tuple
+    made every `forward(*args)` wrapper fail the dynamo exporter ("inputs has 1 elements, but
+    dynamic_shapes has 2") and fall back to TorchScript."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the flat tuple, as before
+        return shapes
+    named = 0
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            return (*shapes[:named], tuple(shapes[named:]))
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            named += 1
+    return shapes
+
+
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 
 
@@ -52,7 +72,7 @@ def export_torch(source: Source, opset: int, notes: list[str] | None = None) -> 
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 source.module, args, None, opset_version=opset, dynamo=True,
-                dynamic_shapes=dynamic_shapes if symbols else None,
+                dynamic_shapes=_matched_to_parameters(source.module, dynamic_shapes) if symbols else None,
                 external_data=False, optimize=True, verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean "this model did not export"
