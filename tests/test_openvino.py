@@ -223,3 +223,20 @@ def test_dequantized_weights_compute_what_the_qdq_graph_does():
     np.testing.assert_allclose(Session(fixed).run(feeds)["y"], Session(graph).run(feeds)["y"], rtol=1e-5, atol=1e-6)
     outputs = ov_target._compile_and_run(fixed, feeds)
     np.testing.assert_allclose(outputs["y"], Session(graph).run(feeds)["y"], rtol=1e-3, atol=0.05)
+
+
+def test_a_node_openvino_cannot_convert_is_named_with_the_reason_at_the_end_of_its_report(tmp_path):
+    """OpenVINO's report nests "Check ... failed at file:line" messages; its first 300
+    characters ended before the reason. The line names the op, its node and the reason."""
+    from enginekit.core.errors import InputError
+
+    pool = helper.make_node("AveragePool", ["x"], ["y"], name="pooler", kernel_shape=[640, 640], strides=[640, 640], ceil_mode=1)
+    graph = helper.make_graph([pool], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 1, 1])])
+    path = tmp_path / "pool.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(InputError) as refused:
+        ov_target.convert(path, "fp32", tmp_path)
+    message = str(refused.value)
+    assert "OpenVINO cannot convert the model: AveragePool (the node writing y): " in message, message
+    assert "larger than the data shape" in message and "failed at" not in message

@@ -106,7 +106,7 @@ def _conversion_problem(text: str, onnx_path: Path) -> str:
     flat = " ".join(text.split())
     match = re.search(r"No conversion rule found for operations?: ([^\n]+?)(?: --|$)", flat)
     if not match:
-        return flat[:300]
+        return _failed_conversion(flat)
     from enginekit.core.loaders import load_onnx
 
     op_names = [o.strip() for o in match.group(1).split(",") if o.strip()]
@@ -117,6 +117,19 @@ def _conversion_problem(text: str, onnx_path: Path) -> str:
             nodes.append(node.name or "(unnamed)")
     where = f" (node{'s' if len(nodes) > 1 else ''} {', '.join(nodes[:5])})" if nodes else ""
     return f"no conversion rule for op {', '.join(op_names)}{where}"
+
+
+def _failed_conversion(flat: str) -> str:
+    """The op, its ONNX node (OpenVINO names it by its output) and the reason at the end of
+    OpenVINO's nested "Check ... failed at file:line" report, whose first 300 characters ended
+    before the reason ("... Conversion failed for AveragePool-20 While valida")."""
+    detail = re.search(r"Failed operations detailed log: -- (\S+) with a message: (.*?)(?: Summary:|$)", flat)
+    if not detail:
+        return flat[:300]
+    op, message = detail.groups()
+    node = re.search(r"While validating ONNX node '<Node\([^)]*\): ([^>]*)>'", message)
+    reason = re.sub(r"Check '.*?' failed at \S+?:\d+: ", "", message).rsplit("': ", 1)[-1]
+    return f"{op.rsplit('-', 1)[0]}{f' (the node writing {node.group(1)})' if node else ''}: {reason}"[:400]
 
 
 def compile_config(precision: str, hint: str = "LATENCY", streams: int | None = None, threads: int | None = None) -> dict[str, str]:
