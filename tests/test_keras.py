@@ -141,3 +141,32 @@ def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
     manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options).manifest
     assert manifest["tflite"]["route"].startswith("keras")
     assert manifest["accuracy"]["metrics"]["cosine"] > 0.99
+
+
+def test_a_flat_softmax_classifier_keeps_its_top_1_on_tflite_int8(tmp_path):
+    """LiteRT's int8 SOFTMAX writes on a fixed 1/256 grid: a near-flat distribution over 300
+    classes (small weights, as a fresh Keras application has) ties its top classes, and argmax
+    takes the lowest index. Full-integer gave top-1 agreement near 0 at cosine 0.9999; the Keras
+    route now judges the hub's float ops (the SOFTMAX among them) by top-1 too, and chooses them."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    import numpy as np
+    from keras import layers
+
+    from enginekit.builder import BuildOptions, build
+    from enginekit.exporter.pipeline import export_model
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((8, 8, 3), name="image")
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(16, 3, activation="relu")(image))
+    scores = layers.Dense(300, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(stddev=0.05), name="predictions")(x)
+    path = tmp_path / "flat.keras"
+    keras.Model(image, scores).save(str(path))
+    export_model(str(path), tmp_path / "onnx")
+    data = tmp_path / "data.npy"
+    np.save(data, np.random.default_rng(0).random((64, 8, 8, 3), dtype=np.float32))
+    options = BuildOptions(calib_data=str(data), num_samples=64, eval_data=str(data), min_accuracy="none")
+    manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options).manifest
+    choice = manifest["tflite"]["hub_float_ops"]
+    assert choice["chosen"] and max(choice["errors_integer"]) > 0.5, choice  # full-integer: top-1 lost on most rows
+    assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.95
+

@@ -331,3 +331,19 @@ def test_the_runner_quantizes_io_as_round_half_even_plus_zero_point_saturated_wh
             assert got.dtype == dtype and np.array_equal(got, expected), (size, dtype)
             assert got[-1] == info.max and (size == 1 or got[0] == info.min)
     assert quantize(np.float32(0.5), 0.25, 1, np.int8) == 3  # a 0-d input
+
+
+def test_the_hub_float_judge_counts_top_1_disagreements_of_probability_rows_only():
+    """cosine barely sees a flat softmax whose int8 copy ties its top classes; the share of rows
+    whose argmax moved does. Rows that are not probabilities (logits, maps) keep 1 - cosine."""
+    from enginekit.targets.tflite.hub_float import cosine_errors
+
+    rng = np.random.default_rng(0)
+    flat = np.full((4, 300), 1 / 300) + rng.normal(0, 1e-5, (4, 300))
+    flat /= flat.sum(1, keepdims=True)
+    tied = np.round(flat * 256) / 256  # every row ties: argmax takes index 0
+    assert 1 - np.dot(flat.ravel(), tied.ravel()) / np.linalg.norm(flat) / np.linalg.norm(tied) < 0.01
+    assert cosine_errors([[flat]], [[tied]]) == [1.0]
+    logits = np.log(flat)
+    error = cosine_errors([[logits]], [[np.round(logits * 4) / 4]])[0]
+    assert error < 0.01  # not probability rows: cosine only, though the argmax moved
