@@ -170,3 +170,21 @@ def test_a_flat_softmax_classifier_keeps_its_top_1_on_tflite_int8(tmp_path):
     assert choice["chosen"] and max(choice["errors_integer"]) > 0.5, choice  # full-integer: top-1 lost on most rows
     assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.95
 
+
+def test_an_unnamed_input_has_the_same_name_at_every_load_in_a_process():
+    """Keras names an unnamed input after a process-wide counter ('keras_tensor_182' the second
+    time a factory runs): data keyed by the first export's name no longer matched the second."""
+    from keras import layers
+
+    from enginekit.exporter.keras_export import from_keras_model
+
+    def factory(inputs: int):
+        tensors = [keras.Input((4,)) for _ in range(inputs)]
+        merged = tensors[0] if inputs == 1 else layers.Concatenate()(tensors)
+        return keras.Model(tensors if inputs > 1 else tensors[0], layers.Dense(2)(merged))
+
+    for inputs, expected in ((1, ["keras_tensor"]), (2, ["keras_tensor_0", "keras_tensor_1"])):
+        names = [[spec.name for spec in from_keras_model(factory(inputs)).inputs] for _ in range(2)]
+        assert names == [expected, expected]
+    named = keras.Input((4,), name="image")
+    assert [s.name for s in from_keras_model(keras.Model(named, layers.Dense(2)(named))).inputs] == ["image"]

@@ -57,6 +57,20 @@ def _tf_name(name: str, fallback: str) -> str:
     return cleaned if re.match(r"[A-Za-z0-9.]", cleaned) else f"x{cleaned}"
 
 
+_KERAS_COUNTER_NAME = re.compile(r"keras_tensor(_\d+)?")
+
+
+def _stable_input_name(name: str, index: int, count: int) -> str:
+    """An input's name, the same at every load: Keras names an unnamed input "keras_tensor_N"
+    after a counter global to the process, so the same factory exported twice in one process
+    gave 'keras_tensor', then 'keras_tensor_182', and data keyed by the first name no longer
+    matched (the corpus's MobileNetV3Small failed every cell that way). Such a name becomes
+    'keras_tensor' (one input) or 'keras_tensor_<position>'."""
+    if _KERAS_COUNTER_NAME.fullmatch(name.split(":")[0]):
+        return "keras_tensor" if count == 1 else f"keras_tensor_{index}"
+    return _tf_name(name, f"input_{index}")
+
+
 def _shape(dims: Sequence[Any]) -> tuple[int | str, ...]:
     return tuple("batch" if i == 0 and d is None else (d if d is not None else "?") for i, d in enumerate(dims))
 
@@ -65,7 +79,7 @@ def from_keras_model(model: Any) -> KerasModel:
     keras = require_keras()
     if not isinstance(model, keras.Model):
         raise InputError(f"expected a keras.Model, got {type(model).__name__}")
-    inputs = tuple(TensorSpec(_tf_name(t.name, f"input_{i}"), _shape(t.shape), str(np.dtype(t.dtype)))
+    inputs = tuple(TensorSpec(_stable_input_name(t.name, i, len(model.inputs)), _shape(t.shape), str(np.dtype(t.dtype)))
                    for i, t in enumerate(model.inputs))
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(model.outputs):
