@@ -661,3 +661,21 @@ def test_sine_and_cosine_lower_and_stay_float_between_integer_ops_in_int8():
     float_ops = {op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]}
     assert float_ops == {"SIN", "COS", "QUANTIZE", "DEQUANTIZE"}, float_ops
     assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], expected) > 0.99
+
+
+def test_a_tile_whose_repeats_depend_on_the_batch_lowers_and_runs_at_two_batches():
+    """DETR repeats its query embeddings once per sample: Tile(embedding, [batch, 1, 1]) with
+    the batch read at run time, which the tflite target refused. It lowers to TILE."""
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["shape"], name="shape", start=0, end=1),
+             node("Concat", ["shape", "ones"], ["repeats"], name="repeats", axis=0),
+             node("Tile", ["queries", "repeats"], ["tiled"], name="tile"), node("Add", ["tiled", "x"], ["y"], name="add")]
+    inits = [_const("ones", np.array([1, 1], np.int64)), _const("queries", RNG.normal(0, 1, (1, 5, 8)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "tile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    float_model = convert_function(to_tf_function(model, "tile.onnx"), "tile.onnx")
+    assert "TILE" in {op["op"] for op in op_types(float_model)}
+    for batch in (1, 3):
+        feeds = {"x": RNG.normal(0, 1, (batch, 5, 8)).astype(np.float32)}
+        np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds)["y"], Session(model).run(feeds)["y"], atol=1e-6)

@@ -763,6 +763,14 @@ def _expand(node, args, attrs):
     return [Value(tf.broadcast_to(source, target))]
 
 
+def _tile(node, args, attrs):
+    """Tile with repeats computed at run time (DETR repeats its query embeddings per batch
+    sample); constant repeats of a constant tensor are folded before this."""
+    x, repeats = args[0], args[1]
+    source = x.data if x.const else nchw(x)
+    return [Value(_tf().tile(source, _tf().cast(repeats.data, "int32")))]
+
+
 def _range(node, args, attrs):
     start, limit, delta = args
     if start.const and limit.const and delta.const:
@@ -894,7 +902,7 @@ LOWERINGS: dict[str, Callable] = {
     "Abs": _pointwise(np.abs, lambda x: _integer_abs(x) if x.dtype.is_integer else _tf().abs(x)), "Exp": _pointwise(np.exp, lambda x: _tf().exp(x)),
     "Log": _pointwise(np.log, lambda x: _tf().math.log(x)), "Floor": _pointwise(np.floor, lambda x: _tf().floor(x)),
     "Ceil": _pointwise(np.ceil, lambda x: _tf().math.ceil(x)), "Reciprocal": _pointwise(np.reciprocal, lambda x: _tf().math.reciprocal(x)),
-    "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
+    "Tile": _tile, "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm,
 }
