@@ -240,3 +240,20 @@ def test_a_node_openvino_cannot_convert_is_named_with_the_reason_at_the_end_of_i
     message = str(refused.value)
     assert "OpenVINO cannot convert the model: AveragePool (the node writing y): " in message, message
     assert "larger than the data shape" in message and "failed at" not in message
+
+
+def test_an_int8_graph_openvino_cannot_convert_is_reported_against_the_users_model(tmp_path, monkeypatch):
+    """The INT8 Q/DQ graph is converted from the staging folder, which is gone when the user
+    reads the line: the failure names the model the user gave, and says it was its INT8 graph."""
+    from enginekit.core.errors import InputError
+
+    pool = helper.make_node("AveragePool", ["x"], ["y"], name="pooler", kernel_shape=[640, 640], strides=[640, 640], ceil_mode=1)
+    graph = helper.make_graph([pool], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 1, 1])])
+    staged, user_model = tmp_path / "stage" / "model.int8.onnx", tmp_path / "model.onnx"
+    staged.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), staged)
+    with pytest.raises(InputError) as refused:
+        ov_target.convert(staged, "int8", staged.parent, made_from=user_model)
+    assert refused.value.path == str(user_model)
+    assert "OpenVINO cannot convert the model's INT8 Q/DQ graph: AveragePool (the node writing y)" in str(refused.value)

@@ -61,13 +61,16 @@ def unavailable_reason(precision: str) -> str | None:
     return None
 
 
-def convert(onnx_path: Path, precision: str, folder: Path) -> None:
-    """ONNX -> IR in `folder` (model.xml + model.bin); FP16 compresses the weights."""
+def convert(onnx_path: Path, precision: str, folder: Path, made_from: Path | None = None) -> None:
+    """ONNX -> IR in `folder` (model.xml + model.bin); FP16 compresses the weights. `made_from`:
+    the user's model when `onnx_path` is a graph made from it in the staging folder (the INT8
+    Q/DQ graph), which is what a failure names: the staged file is gone when the user reads it."""
     ov = require_openvino()
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:  # OpenVINO raises its own OpConversionFailure / GeneralFailure types
-        raise InputError(f"OpenVINO cannot convert the model: {_conversion_problem(str(exc), onnx_path)}", onnx_path) from None
+        what = "the model" if made_from is None else "the model's INT8 Q/DQ graph"
+        raise InputError(f"OpenVINO cannot convert {what}: {_conversion_problem(str(exc), onnx_path)}", made_from or onnx_path) from None
     name_generated_ops(model, onnx_names(onnx_path))
     ov.save_model(model, str(folder / XML), compress_to_fp16=precision == "fp16")
 
@@ -328,7 +331,7 @@ class OpenVinoTarget(Target):
                                     f"with the same input: {', '.join(f'{n} (cosine {c})' for n, c in defects.items())}; "
                                     "they run in float on the int8 grid's values")
             onnx.save(graph, str(source))
-        convert(source, inputs.precision, inputs.stage)
+        convert(source, inputs.precision, inputs.stage, made_from=inputs.fp32.path if source.parent == inputs.stage else None)
         if source.parent == inputs.stage:
             source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
         runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
