@@ -207,7 +207,7 @@ _weight_type_option = click.option(
 @click.option("--encoding", type=click.Choice(["uint8", "int8", "mixed"]), default=None, help="Override: uint8 (ORT CPU), int8 (TensorRT), mixed (OpenVINO), where the target accepts it.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Sequential bias correction on the calibration data.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
-@click.option("--exclude-node", multiple=True, help="Keep this node in float (repeatable).")
+@click.option("--exclude-node", multiple=True, help="Keep this node, or the node writing this tensor, in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable).")
 @click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (e.g. Gelu).")
 @click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
