@@ -30,7 +30,7 @@ from enginekit.onnx.graph import tensor_specs
 from enginekit.onnx.session import Session
 from enginekit.quantization.bias_correction import layer_biases
 from enginekit.quantization.encoding import GRID_FAMILY
-from enginekit.quantization.pipeline import QuantizeSettings, build_qdq, excluded_nodes, round_weights
+from enginekit.quantization.pipeline import QuantizeSettings, build_qdq, excluded_nodes, plan_for, round_weights
 from enginekit.quantization.qdq import QdqGraph
 
 EVAL_BATCH = 32
@@ -366,6 +366,9 @@ class CellInputs:
 
     def float_layers(self) -> list[str]:
         return excluded_nodes(self.fp32, self.session.int8_settings(self.placement), self.placement)
+
+    def quantized_tensors(self) -> list[str]:
+        return plan_for(self.fp32, self.session.int8_settings(self.placement), self.placement)[0].activations
 
     def calibration_feeds(self, count: int) -> Feeds:
         return self.session.calibration_feeds(count)

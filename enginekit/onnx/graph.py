@@ -212,8 +212,7 @@ def _spatial_means_as_global_pools(model: onnx.ModelProto) -> onnx.ModelProto:
     x.mean((2, 3), keepdim=True)) -> GlobalAveragePool, in place: the same values, and the op
     ONNX Runtime runs on integers (QLinearGlobalAveragePool, channels-last) where it runs a
     ReduceMean in float behind a DequantizeLinear and a Transpose back to channels-first."""
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*model.graph.value_info, *model.graph.input)
-             if v.type.tensor_type.HasField("shape")}
+    ranks = {name: len(dims) for name, dims in value_dims(model).items()}
     initializers = {t.name: t for t in model.graph.initializer}
     replaced = 0
     for index, node in enumerate(model.graph.node):
@@ -240,15 +239,14 @@ def _whole_input_average_pools_as_global(model: onnx.ModelProto) -> onnx.ModelPr
     = the configured hidden size, ceil_mode=1); ONNX Runtime runs it, but OpenVINO refuses a
     kernel larger than the map ("larger than the data shape after padding") and TFLite has no
     ceil mode. Only where the window cannot reach a pad the average would count."""
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output) if v.type.tensor_type.HasField("shape")}
+    shapes = value_dims(model)
     for index, node in enumerate(model.graph.node):
         if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
             continue
-        dims, out = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
+        dims, out = shapes.get(node.input[0], ()), shapes.get(node.output[0], ())
         spatial, kernel = dims[2:], list(attribute(node, "kernel_shape", []))
         pads = list(attribute(node, "pads", [0] * 2 * len(kernel))) or [0] * 2 * len(kernel)
-        if (len(dims) < 3 or len(kernel) != len(spatial) or None in spatial or out[2:] != [1] * len(spatial)
+        if (len(dims) < 3 or len(kernel) != len(spatial) or None in spatial or out[2:] != (1,) * len(spatial)
                 or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
                 or any(d != 1 for d in attribute(node, "dilations", [1] * len(kernel)))
                 or (any(pads) and attribute(node, "count_include_pad", 0))
@@ -256,6 +254,14 @@ def _whole_input_average_pools_as_global(model: onnx.ModelProto) -> onnx.ModelPr
             continue
         model.graph.node[index].CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
     return model
+
+
+def value_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Each tensor's dims as the graph records them (inputs, value_info, outputs; None where a
+    dim is symbolic or unknown)."""
+    return {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+            for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from enginekit.core.errors import InputError
-from enginekit.onnx.nodes import attribute, tensor_readers
+from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Quantized only under the "inputs" placement: OpenVINO runs a Q/DQ ConvTranspose as an int8
@@ -84,12 +84,12 @@ def excluded_node_names(graph: onnx.GraphProto, names: Iterable[str]) -> set[str
     is refused: it had kept nothing float without a word (a user passing the tensor names of the
     gate's message got the same all-INT8 graph and the same message back)."""
     nodes = {n.name for n in graph.node}
-    writers = {output: n.name for n in graph.node for output in n.output}
+    writers = tensor_producers(graph)
     unknown = [name for name in names if name not in nodes and name not in writers]
     if unknown:
         raise InputError(f"no node or node output of the model is named {', '.join(map(repr, unknown[:3]))}"
                          f"{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}", option="exclude_nodes")
-    return {name if name in nodes else writers[name] for name in names}
+    return {name if name in nodes else writers[name].name for name in names}
 
 
 def plan_quantization(

@@ -123,6 +123,11 @@ class BuildInputs(Protocol):
         for a target that quantizes the float graph itself."""
         ...
 
+    def quantized_tensors(self) -> list[str]:
+        """The activations the Q/DQ graph quantizes (from its placement plan alone: no Q/DQ
+        graph is built), for a target that quantizes the float graph itself."""
+        ...
+
     def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
         """The first `count` calibration samples in batches of `batch` (bounded memory)."""
         ...

@@ -331,8 +331,9 @@ class OpenVinoTarget(Target):
                                     f"with the same input: {', '.join(f'{n} (cosine {c})' for n, c in defects.items())}; "
                                     "they run in float on the int8 grid's values")
             onnx.save(graph, str(source))
-        convert(source, inputs.precision, inputs.stage, made_from=inputs.fp32.path if source.parent == inputs.stage else None)
-        if source.parent == inputs.stage:
+        staged = source.parent == inputs.stage  # the INT8 Q/DQ graph, written above
+        convert(source, inputs.precision, inputs.stage, made_from=inputs.fp32.path if staged else None)
+        if staged:
             source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
         runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
         executed = executed_precisions(runner.compiled)

@@ -126,7 +126,7 @@ class TfliteTarget(Target):
             function, route, owner = tf_function(keras_model), "keras (traced by TensorFlow)", keras_model.owner
             if precision == "int8":
                 notes.append("Keras source converted directly: the ranges are the table's, bias correction and weight rounding are not carried over")
-                hub_quantized = set(inputs.qdq(inputs.encoding).activations)  # the hub's float ops are a choice here too
+                hub_quantized = set(inputs.quantized_tensors())  # the hub's float ops are a choice here too
         else:
             from enginekit.targets.tflite.lowering import to_tf_function
 

@@ -1036,11 +1036,9 @@ def _inferred_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # data_prop: through Shape -> Gather -> Concat -> Reshape
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):  # a help here, not a requirement
         return {}
-    found = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            found[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
-    return found
+    from enginekit.onnx.graph import value_dims
+
+    return value_dims(inferred)
 
 
 def to_tf_function(model: onnx.ModelProto, origin: str, integer: bool = False):
