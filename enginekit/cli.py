@@ -60,7 +60,7 @@ def _data_options(command):
     for option in reversed([
         click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once."),
         click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse", "auto"]), default="minmax", show_default=True,
-                     help="auto: all four from one pass, the one whose INT8 agrees best with FP32 on calibration samples."),
+                     help="auto: all four from one pass, plus the best of them per tensor; the one whose INT8 agrees best with FP32 on calibration samples."),
         click.option("--calib-data", default=None, help="Calibration data (default: the zoo's)."),
         click.option("--num-samples", "-n", type=int, default=256, show_default=True),
         click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split)."),

@@ -2,7 +2,8 @@
 quantized model's outputs.
 
 One calibration pass yields all four tables (min-max, percentile, entropy, MSE come from the same
-histograms); each table's Q/DQ graph, for every (encoding, placement) the build's INT8 targets
+histograms), and a fifth takes per tensor the method whose error reaches its readers the least
+(tensor_choice.py); each table's Q/DQ graph, for every (encoding, placement) the build's INT8 targets
 use, runs in the reference executor on calibration samples against the FP32 model, and min-max is
 replaced only by a table that agrees better with FP32 on every part of those samples (see
 `choose_table`). Chosen on
@@ -25,6 +26,7 @@ from enginekit.accuracy.metrics import lowest_cosine
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.tensors import batch_size, take
+from enginekit.builder.tensor_choice import PER_TENSOR, per_tensor_table
 from enginekit.quantization.pipeline import build_qdq
 
 AUTO = "auto"
@@ -48,8 +50,10 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
     samples = sum(batch_size(b, session.input_axes) for b in batches)
     folds = [(i * samples // FOLDS, (i + 1) * samples // FOLDS) for i in range(FOLDS)] if samples >= FOLDS else [(0, samples)]
     settings = dataclasses.replace(session.options.quantize, bias_correction=False)
+    tables = {**tables, PER_TENSOR: per_tensor_table(session, fp32, tables, pairs)}
+    candidates = [m for m in (*METHODS, PER_TENSOR) if m in tables]
     scores: dict[str, list[float]] = {}
-    for method in (m for m in METHODS if m in tables):
+    for method in candidates:
         worst = [float("inf")] * len(folds)
         for encoding, placement in pairs:
             graph, _ = build_qdq(fp32, tables[method], settings, encoding, (), threads, placement)
@@ -61,10 +65,11 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
         scores[method] = worst
     baseline = METHODS[0]
     better = [m for m in scores if m == baseline or all(a > b for a, b in zip(scores[m], scores[baseline]))]
-    chosen = max(better, key=lambda m: (float(np.mean(scores[m])), -METHODS.index(m)))
+    chosen = max(better, key=lambda m: (float(np.mean(scores[m])), -candidates.index(m)))
     table = tables[chosen]
     table.parameters = {**table.parameters, AUTO: {
         "chosen": chosen, "scores": {m: [round(v, 5) for v in folds_scores] for m, folds_scores in scores.items()},
+        "per_tensor_wins": tables[PER_TENSOR].parameters[PER_TENSOR],
         "judged_on": f"{samples} calibration samples in {len(folds)} parts: lowest output cosine vs FP32, worst encoding; "
                      f"a method replaces {baseline} only if it scores higher on every part"}}
     return table
