@@ -660,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     from enginekit.core.progress import reporting
-    from enginekit.core.console import ProgressPrinter
+    from enginekit.core.console import ProgressPrinter, print_warnings_on_one_line
     from enginekit.core.interrupt import install_signal_wakeup, request_stop, stop_requested
 
     # TensorFlow's C++ start-up chatter would bury enginekit's one-line messages
@@ -668,6 +668,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("ENGINEKIT_DEBUG"))
     args = [a for a in args if a != "--debug"]
+    if not debug:
+        print_warnings_on_one_line()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, request_stop)  # SIGTERM unwinds like Ctrl-C: nothing partial is left
         signal.signal(signal.SIGINT, request_stop)

@@ -67,3 +67,43 @@ class ProgressPrinter:
             self._last = now
         self._task = None if finished else event.task
         self.stream.flush()
+
+
+def print_warnings_on_one_line() -> None:
+    """Show Python warnings as `enginekit: warning: ...` lines: a user reads what happened, not
+    the file path and source line of the `warnings.warn` call (`--debug` keeps Python's format)."""
+    import warnings
+
+    warnings.showwarning = _show_warning
+
+
+def prints_warnings_on_one_line() -> bool:
+    """Whether this process shows warnings as one line (a spawned worker is set up the same way)."""
+    import warnings
+
+    return warnings.showwarning is _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' signature
+    import sys
+
+    origin = warning_origin(str(filename))
+    text = " ".join(str(message).split())
+    stream = file or sys.stderr
+    if stream is not None:
+        stream.write(f"enginekit: warning: {'' if origin == 'enginekit' else f'({origin}) '}{text}\n")
+
+
+def warning_origin(filename: str) -> str:
+    """The package a warning was raised in: `enginekit`, the installed package holding the file
+    (`torch`, `onnx`), else the file's name."""
+    from pathlib import Path
+
+    path = Path(filename)
+    if Path(__file__).parents[1] in path.parents:
+        return "enginekit"
+    parts = path.parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return path.name

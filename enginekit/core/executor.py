@@ -168,7 +168,11 @@ def _pool(workers: int) -> Any:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    from enginekit.core.console import print_warnings_on_one_line, prints_warnings_on_one_line
+
+    one_line = prints_warnings_on_one_line()  # a worker's warnings read like the parent's
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=print_warnings_on_one_line if one_line else None)
 
 
 def _run_alone(task: Task) -> Any:

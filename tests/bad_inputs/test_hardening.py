@@ -440,6 +440,37 @@ def test_a_cached_artifact_that_lost_a_hash_is_rebuilt(tmp_path):
         assert not build("digits_cnn", "onnxruntime", "fp32", out).cache_hit
 
 
+def test_a_warning_reaches_the_cli_user_as_one_line_without_a_path(run_cli, tmp_path):
+    """A cached artifact the CLI rebuilds says so in one `enginekit: warning:` line, not with the
+    file path and source line of the `warnings.warn` call (DETR's build printed qdq.py:50: ...)."""
+    out = tmp_path / "fp32"
+    assert run_cli("build", "-m", "digits_cnn", "--target", "onnxruntime", "-o", out).code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"][0]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("build", "-m", "digits_cnn", "--target", "onnxruntime", "-o", out)
+    assert result.code == 0
+    lines = [line for line in result.err.splitlines() if "rebuilding" in line]
+    assert len(lines) == 1 and lines[0].startswith("enginekit: warning: artifact at ") and ".py:" not in result.err
+
+
+def test_a_library_warning_names_its_package():
+    import io
+    import warnings
+
+    from enginekit.core.console import print_warnings_on_one_line, prints_warnings_on_one_line
+
+    stream = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        print_warnings_on_one_line()
+        assert prints_warnings_on_one_line()
+        warnings.showwarning("old opset\n  converted", DeprecationWarning, "/x/lib/python3.11/site-packages/torch/onnx/utils.py", 12, stream)
+        warnings.showwarning("dead tensor", UserWarning, str(ROOT / "enginekit" / "quantization" / "encoding.py"), 63, stream)
+    assert not prints_warnings_on_one_line()
+    assert stream.getvalue() == "enginekit: warning: (torch) old opset converted\nenginekit: warning: dead tensor\n"
+
+
 # -------------------------------------------------------------------------------- network
 
 
