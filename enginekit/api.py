@@ -31,7 +31,7 @@ from enginekit.calibration.histogram import TensorHistogram
 from enginekit.calibration.methods import DEFAULT_PERCENTILE, METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.artifacts import Manifest
-from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
+from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, DEFAULT_RTOL
 from enginekit.exporter.reference import SourceOptions
 from enginekit.onnx.smoothing import DEFAULT_ALPHA
 from enginekit.targets.base import Runner
@@ -39,12 +39,12 @@ from enginekit.targets.base import Runner
 
 def export(model: str, output: str | Path, *, weights: str | Path | None = None, input_shapes: Sequence[str] = (),
            opset: int | None = None, dynamic_batch: bool = True, max_abs: float = DEFAULT_MAX_ABS,
-           min_cosine: float = DEFAULT_MIN_COSINE, allow_unsafe_keras: bool = False) -> Manifest:
+           min_cosine: float = DEFAULT_MIN_COSINE, rtol: float = DEFAULT_RTOL, allow_unsafe_keras: bool = False) -> Manifest:
     """`model` (zoo name, `module:factory`, .onnx, Keras file or SavedModel) -> checked ONNX in the
     artifact folder `output`, published only when its parity with the source passes."""
     from enginekit.exporter.pipeline import ExportOptions, export_model
 
-    options = ExportOptions(opset, dynamic_batch, max_abs, min_cosine)
+    options = ExportOptions(opset, dynamic_batch, max_abs, min_cosine, rtol)
     return Manifest(export_model(model, Path(output), str(weights) if weights else None, input_shapes, options,
                                  allow_unsafe_keras=allow_unsafe_keras))
 

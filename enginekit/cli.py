@@ -126,18 +126,20 @@ def cli() -> None:
 @click.option("--opset", type=click.IntRange(13, 25), help="ONNX opset (default 20 for PyTorch sources: the newest ONNX Runtime, OpenVINO and TensorRT 10 all read; an ONNX file keeps its own).")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True, help="Keep the batch dim symbolic, or fix it to 1.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS[:DTYPE[:LOW..HIGH]]", help="Input shape, dtype and value range, e.g. image=1x3x256x256 or input_ids=batchxsequence:int64:0..30521 (repeatable). Required for factories.")
-@click.option("--atol", type=float, default=None, help="Parity gate: largest allowed |onnx - source| (default 1e-3).")
+@click.option("--atol", type=float, default=None, help="Parity gate: largest allowed |onnx - source|, plus --rtol x the output's largest magnitude (default 1e-3).")
+@click.option("--rtol", type=float, default=None, help="Parity gate: the share of each output's largest magnitude it may differ by, beyond --atol (default 1e-4).")
 @click.option("--min-cosine", type=float, default=None, help="Parity gate: smallest allowed cosine similarity (default 0.99999).")
 @click.option("--unsafe-allow-lambda", is_flag=True, help="Load a Keras file whose Lambda/custom layers run Python code from the file (only for files you trust).")
 @_with_run_limit
-def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, min_cosine, unsafe_allow_lambda) -> None:
+def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, rtol, min_cosine, unsafe_allow_lambda) -> None:
     """Export a model to ONNX, check it, and prove parity with its source."""
     from enginekit import api
-    from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE
+    from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, DEFAULT_RTOL
 
     out = Path(output) if output else Path("artifacts") / _safe_name(model) / "onnx"
     manifest = api.export(model, out, weights=weights, input_shapes=input_shapes, opset=opset, dynamic_batch=dynamic_batch,
-                          max_abs=DEFAULT_MAX_ABS if atol is None else atol, min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
+                          max_abs=DEFAULT_MAX_ABS if atol is None else atol, rtol=DEFAULT_RTOL if rtol is None else rtol,
+                          min_cosine=DEFAULT_MIN_COSINE if min_cosine is None else min_cosine,
                           allow_unsafe_keras=unsafe_allow_lambda)
     parity = manifest["parity"]
     io = ", ".join(f"{i['name']}{list(i['shape'])}" for i in manifest["inputs"])

@@ -69,7 +69,7 @@ def test_static_batch_fixes_the_batch_dim(run_cli, tmp_path):
 
 def test_parity_gate_failure_exits_1_and_publishes_nothing(run_cli, tmp_path):
     out = tmp_path / "gated"
-    result = run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", out)
+    result = run_cli("export", "--model", "digits_cnn", "--atol", "0", "--rtol", "0", "-o", out)
     assert result.code == 1
     assert "parity failed" in result.error_line and "max_abs" in result.error_line
     assert_nothing_written(out)
@@ -79,7 +79,7 @@ def test_failed_reexport_leaves_the_previous_artifact_intact(run_cli, tmp_path):
     out = tmp_path / "digits"
     assert run_cli("export", "--model", "digits_cnn", "-o", out).code == 0
     before = (out / "manifest.json").read_text()
-    assert run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", out).code == 1
+    assert run_cli("export", "--model", "digits_cnn", "--atol", "0", "--rtol", "0", "-o", out).code == 1
     assert (out / "manifest.json").read_text() == before
     verify_files(out, json.loads(before))
 
@@ -156,11 +156,11 @@ def test_parity_failure_on_generated_inputs_says_what_they_were_and_which_flag_d
     holes): the failure names what was drawn and the flag that declares real ranges; a failure on
     the model's own data names that data instead."""
     out = user_package / "out"
-    result = run_cli("export", "--model", "userpkg.nets:build", "--input-shape", "x=batchx3x16x16:float32:-1..1", "--atol", "0", "-o", out)
+    result = run_cli("export", "--model", "userpkg.nets:build", "--input-shape", "x=batchx3x16x16:float32:-1..1", "--atol", "0", "--rtol", "0", "-o", out)
     assert result.code == 1
     assert "seeded random inputs drawn from x float32 uniform -1..1" in result.error_line and "--input-shape" in result.error_line
     assert_nothing_written(out)
-    zoo = run_cli("export", "--model", "digits_cnn", "--atol", "0", "-o", tmp_path / "zoo")
+    zoo = run_cli("export", "--model", "digits_cnn", "--atol", "0", "--rtol", "0", "-o", tmp_path / "zoo")
     assert zoo.code == 1 and "parity failed on digits_cnn evaluation split" in zoo.error_line
     assert "seeded random" not in zoo.error_line and "--input-shape" not in zoo.error_line
 
@@ -315,9 +315,44 @@ def test_parity_judges_an_all_but_zero_output_by_its_difference_alone():
     rng = np.random.default_rng(0)
     reference = rng.uniform(0, 2e-7, (1, 1, 8, 8)).astype(np.float32)
     candidate = np.flip(reference).copy()
-    worst_abs, worst_cos = compare_outputs([reference], [candidate], negligible=1e-3)
+    worst_abs, worst_cos, _ = compare_outputs([reference], [candidate], negligible=1e-3)
     assert worst_abs < 1e-6 and worst_cos == 1.0
     assert compare_outputs([reference], [candidate])[1] < 0.99  # without the tolerance the cosine would fail it
     # an output with real values still needs its direction: a flipped map is caught
     big = rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
     assert compare_outputs([big], [np.flip(big).copy()], negligible=1e-3)[1] < 0.99
+
+
+def test_parity_allows_a_difference_that_grows_with_the_outputs_scale():
+    """A re-initialised LeViT's logits reach ~629 and its export differs by 0.0088 with cosine
+    1.00000000: float32 rounding is relative. The limit is atol + rtol x the output's largest
+    magnitude, per output, so a small output keeps the tight absolute limit."""
+    from enginekit.exporter.parity import check_parity
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 200, (2, 1000)).astype(np.float32)
+    logits[0, 0] = 629.0
+    small = rng.normal(0, 1, (2, 10)).astype(np.float32)
+    rounded = logits + np.float32(0.0088) * np.sign(rng.normal(size=logits.shape)).astype(np.float32)
+
+    def judge(outputs: list[np.ndarray], **limits: float):
+        return check_parity(lambda feeds: [logits, small], lambda feeds: outputs, [({}, {})], "torch", "test", **limits)
+
+    passed = judge([rounded, small])
+    assert passed.passed and passed.max_abs == pytest.approx(0.0088, rel=1e-3) and passed.cosine > 0.9999999
+    assert not judge([rounded, small], rtol=0.0).passed  # the absolute limit alone refused it
+    assert not judge([logits, small + np.float32(0.0088)]).passed  # the same difference on a small output fails
+    wrong = logits.copy()
+    wrong[1, 5] += 1.0  # one wrong logit of a large output: beyond 1e-3 + 1e-4 x 629
+    failed = judge([wrong, small])
+    assert not failed.passed and "the output's largest magnitude" in failed.summary()
+    assert failed.to_json()["tolerance"]["rtol"] == 1e-4
+
+
+def test_parity_fails_a_nan_output():
+    from enginekit.exporter.parity import compare_outputs
+
+    reference = np.ones((1, 4), np.float32)
+    broken = reference.copy()
+    broken[0, 2] = np.nan
+    assert compare_outputs([reference], [broken], negligible=1e-3, rtol=1e-4) == (float("inf"), 0.0, float("inf"))

@@ -14,7 +14,7 @@ from enginekit.core.artifacts import staged_artifact, write_manifest
 from enginekit.core.errors import EnginekitError, GateError, InputError, naming
 from enginekit.onnx import graph as onnx_graph
 from enginekit.onnx.session import Session
-from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, ParityResult, check_parity
+from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, DEFAULT_RTOL, ParityResult, check_parity
 from enginekit.exporter.sources import Source, resolve_source
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, Output, check_outputs
@@ -33,6 +33,7 @@ class ExportOptions:
     dynamic_batch: bool = True
     max_abs: float = DEFAULT_MAX_ABS
     min_cosine: float = DEFAULT_MIN_COSINE
+    rtol: float = DEFAULT_RTOL  # of each output's largest magnitude, added to max_abs
 
 
 def export_model(
@@ -249,7 +250,7 @@ def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportO
         reference, name = _onnx_reference(source), "onnxruntime (source ONNX file)"
     try:
         return check_parity(reference, lambda feeds: list(exported.run(feeds).values()), cases, name, "; ".join(sorted(descriptions)),
-                            options.max_abs, options.min_cosine)
+                            options.max_abs, options.min_cosine, options.rtol)
     except InputError as exc:
         if all(d.startswith("seeded random") for d in descriptions) and exc.option is None:
             shapes = ", ".join(f"{n}={'x'.join(map(str, a.shape)) or 'scalar'}" for n, a in cases[-1][1].items())
