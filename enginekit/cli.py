@@ -59,8 +59,9 @@ def _data_options(command):
     sensitivity ranking) calibrates and evaluates with."""
     for option in reversed([
         click.option("--table", "-t", default=None, type=click.Path(dir_okay=False), help="Reuse a CalibrationTable (INT8); default: calibrate here once."),
-        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse", "auto"]), default="minmax", show_default=True,
-                     help="auto: all four from one pass, plus the best of them per tensor; the one whose INT8 agrees best with FP32 on calibration samples."),
+        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile", "mse", "auto", "per-tensor"]), default="minmax", show_default=True,
+                     help="auto: all four from one pass, the one whose INT8 agrees best with FP32 on calibration samples; per-tensor: per tensor, "
+                          "the one whose error reaches the tensor's readers the least."),
         click.option("--calib-data", default=None, help="Calibration data (default: the zoo's)."),
         click.option("--num-samples", "-n", type=int, default=256, show_default=True),
         click.option("--eval-data", default=None, help="Held-out data for the accuracy gate (default: the zoo's evaluation split)."),

@@ -2,15 +2,17 @@
 quantized model's outputs.
 
 One calibration pass yields all four tables (min-max, percentile, entropy, MSE come from the same
-histograms), and a fifth takes per tensor the method whose error reaches its readers the least
-(tensor_choice.py); each table's Q/DQ graph, for every (encoding, placement) the build's INT8 targets
+histograms); each table's Q/DQ graph, for every (encoding, placement) the build's INT8 targets
 use, runs in the reference executor on calibration samples against the FP32 model, and min-max is
 replaced only by a table that agrees better with FP32 on every part of those samples (see
 `choose_table`). Chosen on
 calibration data, never on the evaluation data the gate then judges. Why per model: no method wins
 everywhere (measured here: percentile lifts PP-OCRv4 det on ONNX Runtime from cosine 0.950 to
 0.981 and rec from 0.959 to 0.986, where entropy is far worse; MSE costs minilm_l6 0.994 -> 0.983
-against min-max).
+against min-max). The per-tensor table (tensor_choice.py, `--calib-method per-tensor`) is not a
+candidate: in the corpus it lost a cell's gate on TFLite (ViT top-1 0.914 -> 0.883; the Q/DQ
+graph it is judged on does not quantize what LiteRT's full-integer graph does) while winning one
+crop on ONNX Runtime, and it gave nothing on efficientnet_lite0.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from enginekit.accuracy.metrics import lowest_cosine
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.tensors import batch_size, take
-from enginekit.builder.tensor_choice import PER_TENSOR, per_tensor_table
 from enginekit.quantization.pipeline import build_qdq
 
 AUTO = "auto"
@@ -50,8 +51,7 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
     samples = sum(batch_size(b, session.input_axes) for b in batches)
     folds = [(i * samples // FOLDS, (i + 1) * samples // FOLDS) for i in range(FOLDS)] if samples >= FOLDS else [(0, samples)]
     settings = dataclasses.replace(session.options.quantize, bias_correction=False)
-    tables = {**tables, PER_TENSOR: per_tensor_table(session, fp32, tables, pairs)}
-    candidates = [m for m in (*METHODS, PER_TENSOR) if m in tables]
+    candidates = [m for m in METHODS if m in tables]
     scores: dict[str, list[float]] = {}
     for method in candidates:
         worst = [float("inf")] * len(folds)
@@ -69,7 +69,6 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
     table = tables[chosen]
     table.parameters = {**table.parameters, AUTO: {
         "chosen": chosen, "scores": {m: [round(v, 5) for v in folds_scores] for m, folds_scores in scores.items()},
-        "per_tensor_wins": tables[PER_TENSOR].parameters[PER_TENSOR],
         "judged_on": f"{samples} calibration samples in {len(folds)} parts: lowest output cosine vs FP32, worst encoding; "
                      f"a method replaces {baseline} only if it scores higher on every part"}}
     return table

@@ -18,6 +18,7 @@ from enginekit.accuracy import collect_outputs
 from enginekit.builder.calibration import calibrate_model
 from enginekit.builder.fallback import Fallback
 from enginekit.builder.method_choice import AUTO, choose_table
+from enginekit.builder.tensor_choice import PER_TENSOR, per_tensor_table
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
 from enginekit.calibration.data import open_data, stream
 from enginekit.calibration.methods import METHODS
@@ -161,8 +162,8 @@ class ModelSession:
             from enginekit.calibration.imported import imported_table
 
             return imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
-        auto = options.calib_method == AUTO
-        run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if auto else [options.calib_method],
+        every = options.calib_method in (AUTO, PER_TENSOR)  # the tables each choice is made among
+        run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if every else [options.calib_method],
                               num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant)
         self.warnings += run.warnings
         self.calibrated_here = True
@@ -170,7 +171,9 @@ class ModelSession:
         if run.smoothed is not None:  # the twin the pass ran through is the graph INT8 starts from
             self._int8_model = run.model
             self.smoothing = {"alpha": options.quantize.smoothquant, **run.smoothed}
-        return choose_table(self, run.model, run.tables, sorted(self.int8_pairs)) if auto else run.tables[options.calib_method]
+        if options.calib_method == PER_TENSOR:
+            return per_tensor_table(self, run.model, run.tables, sorted(self.int8_pairs))
+        return choose_table(self, run.model, run.tables, sorted(self.int8_pairs)) if every else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
         """The calibration samples (as many as the table was made from) that bias correction runs on."""
