@@ -20,7 +20,8 @@ class CliResult:
 
     @property
     def error_line(self) -> str:
-        lines = [line for line in self.err.splitlines() if line.strip()]
+        """The one error line; warnings before it may stand beside it, each one `enginekit: warning:` line."""
+        lines = [line for line in self.err.splitlines() if line.strip() and not line.startswith("enginekit: warning: ")]
         assert len(lines) == 1, f"expected one line on stderr, got: {self.err!r}"
         return lines[0]
 
