@@ -356,3 +356,11 @@ def test_parity_fails_a_nan_output():
     broken = reference.copy()
     broken[0, 2] = np.nan
     assert compare_outputs([reference], [broken], negligible=1e-3, rtol=1e-4) == (float("inf"), 0.0, float("inf"))
+
+
+@pytest.mark.parametrize("flag", ["--atol", "--rtol"])
+def test_a_negative_parity_tolerance_is_refused_before_any_work(run_cli, tmp_path, flag):
+    out = tmp_path / "out"
+    result = run_cli("export", "--model", "digits_cnn", flag, "-1", "-o", out)
+    assert result.code == 2 and "must be 0 or more" in result.error_line and f"(see {flag})" in result.error_line
+    assert_nothing_written(out)

@@ -162,8 +162,8 @@ class ModelSession:
             from enginekit.calibration.imported import imported_table
 
             return imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
-        every = options.calib_method in (AUTO, PER_TENSOR)  # the tables each choice is made among
-        run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if every else [options.calib_method],
+        choose = {AUTO: choose_table, PER_TENSOR: per_tensor_table}.get(options.calib_method)  # made among every method's table
+        run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if choose else [options.calib_method],
                               num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant)
         self.warnings += run.warnings
         self.calibrated_here = True
@@ -171,9 +171,7 @@ class ModelSession:
         if run.smoothed is not None:  # the twin the pass ran through is the graph INT8 starts from
             self._int8_model = run.model
             self.smoothing = {"alpha": options.quantize.smoothquant, **run.smoothed}
-        if options.calib_method == PER_TENSOR:
-            return per_tensor_table(self, run.model, run.tables, sorted(self.int8_pairs))
-        return choose_table(self, run.model, run.tables, sorted(self.int8_pairs)) if every else run.tables[options.calib_method]
+        return choose(self, run.model, run.tables, sorted(self.int8_pairs)) if choose else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
         """The calibration samples (as many as the table was made from) that bias correction runs on."""

@@ -30,7 +30,7 @@ class ParityCase:
     dims: dict[str, int]
     max_abs: float
     cosine: float
-    excess: float = 0.0  # the worst output's |difference| over the limit its scale allows (<= 1 passes)
+    of_limit: float = 0.0  # the worst output's |difference| over the limit its scale allows (<= 1 passes)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ParityResult:
 
     @property
     def passed(self) -> bool:
-        return max(c.excess for c in self.cases) <= 1.0 and self.cosine >= self.min_cosine
+        return max(c.of_limit for c in self.cases) <= 1.0 and self.cosine >= self.min_cosine
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,12 +62,12 @@ class ParityResult:
             "passed": self.passed,
             "tolerance": {"max_abs": self.max_abs_limit, "rtol": self.rtol, "min_cosine": self.min_cosine},
             "data": self.data,
-            "cases": [{"dims": c.dims, "max_abs": c.max_abs, "cosine": c.cosine, "of_limit": c.excess} for c in self.cases],
+            "cases": [{"dims": c.dims, "max_abs": c.max_abs, "cosine": c.cosine, "of_limit": c.of_limit} for c in self.cases],
         }
 
     def summary(self) -> str:
-        worst = max(self.cases, key=lambda c: c.excess)
-        return (f"max_abs {self.max_abs:.3g} ({worst.excess:.3g}x the limit {self.max_abs_limit:g} + {self.rtol:g} x the output's "
+        worst = max(self.cases, key=lambda c: c.of_limit)
+        return (f"max_abs {self.max_abs:.3g} ({worst.of_limit:.3g}x the limit {self.max_abs_limit:g} + {self.rtol:g} x the output's "
                 f"largest magnitude), cosine {self.cosine:.8f} (min {self.min_cosine})")
 
 
@@ -86,24 +86,25 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     output's largest reference magnitude)) over all outputs; a shape mismatch is infinitely bad.
     An output that lies entirely within `negligible` of zero on both sides (a detector's map on
     random input: every value ~1e-7) has no direction to compare: only its difference counts."""
-    worst_abs, worst_cos, worst_excess = 0.0, 1.0, 0.0
+    worst_abs, worst_cos, worst_of_limit = 0.0, 1.0, 0.0
     for ref, got in zip(reference, candidate, strict=True):
         ref, got = np.asarray(ref), np.asarray(got)
         if ref.shape != got.shape:
             return float("inf"), 0.0, float("inf")
         if not ref.size:
             continue
-        diff = float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max())
-        scale = float(np.abs(ref.astype(np.float64)).max())
+        reference64 = ref.astype(np.float64)
+        diff = float(np.abs(reference64 - got.astype(np.float64)).max())
         if not np.isfinite(diff):  # NaN or Inf on either side: max() and cosine would skip a NaN
             return float("inf"), 0.0, float("inf")
+        scale = float(np.abs(reference64).max())
         worst_abs = max(worst_abs, diff)
-        allowed = negligible + rtol * scale if np.isfinite(scale) else 0.0
-        worst_excess = max(worst_excess, diff / allowed if allowed > 0 else (0.0 if diff == 0 else float("inf")))
+        allowed = negligible + rtol * scale
+        worst_of_limit = max(worst_of_limit, diff / allowed if allowed > 0 else (0.0 if diff == 0 else float("inf")))
         if max(scale, float(np.abs(got).max())) <= negligible:
             continue
         worst_cos = min(worst_cos, cosine_similarity(ref, got))
-    return worst_abs, worst_cos, worst_excess
+    return worst_abs, worst_cos, worst_of_limit
 
 
 def check_parity(
@@ -118,6 +119,6 @@ def check_parity(
 ) -> ParityResult:
     result = ParityResult(reference=reference_name, max_abs_limit=max_abs, min_cosine=min_cosine, data=data, rtol=rtol)
     for dims, feeds in cases:
-        worst_abs, worst_cos, excess = compare_outputs(reference(feeds), candidate(feeds), negligible=max_abs, rtol=rtol)
-        result.cases.append(ParityCase(dict(dims), worst_abs, worst_cos, excess))
+        worst_abs, worst_cos, of_limit = compare_outputs(reference(feeds), candidate(feeds), negligible=max_abs, rtol=rtol)
+        result.cases.append(ParityCase(dict(dims), worst_abs, worst_cos, of_limit))
     return result

@@ -35,6 +35,11 @@ class ExportOptions:
     min_cosine: float = DEFAULT_MIN_COSINE
     rtol: float = DEFAULT_RTOL  # of each output's largest magnitude, added to max_abs
 
+    def __post_init__(self) -> None:
+        for option, value in (("max_abs", self.max_abs), ("rtol", self.rtol)):
+            if not value >= 0:  # NaN too
+                raise InputError(f"the parity tolerance {option} must be 0 or more, not {value:g}", option=option)
+
 
 def export_model(
     model: str, out_dir: str | Path, weights: str | None = None, input_shapes: Sequence[str] = (),
