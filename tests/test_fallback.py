@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import enginekit as ek
-from enginekit.core.errors import GateError
+from enginekit.core.errors import GateError, InputError
 
 RNG = np.random.default_rng(3)
 
@@ -135,7 +135,7 @@ def test_tflite_keeps_the_fallback_layers_float_and_the_rest_integer(case):
     manifest = next(cell.manifest for cell in cells if cell.target == "tflite")
     layers = manifest["fallback"]["float_layers"]
     assert manifest["tflite"]["float_layers"]["kept_float"] == layers and not manifest["tflite"]["float_layers"]["not_found_in_tflite"]
-    assert manifest["fallback"]["judged_on"]["mixed/inputs"] == ["reference executor"]  # a TFLite candidate is a whole conversion
+    assert manifest["fallback"]["judged_on"]["mixed/inputs"] == ["tflite"]  # each gate check converted and run on LiteRT
     types = manifest["tflite"]["types"]
     assert types["float32_compute_ops"] == ["CONV_2D"] * len(layers) and types["ops"]["CONV_2D"] == 3, types
     assert manifest["accuracy"]["passed"] and manifest["accuracy"]["metrics"]["cosine"] >= 0.99
@@ -172,16 +172,21 @@ class _Runtime:
     """A target whose runtime is scripted: it runs the FP32 graph (`exact`) or the all-INT8 one
     (`ignores_float_layers`) whatever candidate it is given; `name=None`: it cannot run candidates."""
 
-    def __init__(self, name, graph=None):
-        self.name, self.graph, self.opened = name, graph, 0
+    def __init__(self, name, graph=None, error=None):
+        self.name, self.graph, self.opened, self.error = name, graph, 0, error
 
-    def candidate_runner(self, graph, threads=None):
+    def options(self, given):
+        return {}
+
+    def candidate_runner(self, candidate):
         from enginekit.targets.onnxruntime import OrtRunner
 
+        if self.error is not None:
+            raise self.error
         if self.graph is None:
             return None
         self.opened += 1
-        return OrtRunner(self.graph, threads=threads)
+        return OrtRunner(self.graph, threads=candidate.threads)
 
 
 def _search_session(folder, calibration, evaluation):
@@ -217,6 +222,9 @@ def test_the_search_judges_its_gate_checks_on_the_targets_runtime(case):
     shared = find_float_layers(session, [pair], gate, targets={pair: [exact, _Runtime("no-candidates")]})
     assert shared.passed and shared.float_nodes == on_graph.float_nodes
     assert shared.judged_on == {"uint8/outputs": ["exact", "reference executor"]}
+    with pytest.warns(UserWarning, match="judges broken on the Q/DQ graph: a candidate failed to build .no kernel for X."):
+        broken = find_float_layers(session, [pair], gate, targets={pair: [_Runtime("broken", error=InputError("no kernel for X"))]})
+    assert broken.passed and broken.float_nodes == on_graph.float_nodes and broken.judged_on == {"uint8/outputs": ["reference executor"]}
 
 
 EMBEDDING = {"c3": "embedding"}  # a cosine per vector, averaged: one extreme sample cannot dominate it
@@ -399,3 +407,40 @@ def test_tflite_keeps_a_units_add_and_the_padding_between_float_layers_float(cas
         kinds[op["op"]].append("float32" if "float32" in op["outputs"] else op["outputs"][0])
     assert kinds["ADD"] == ["float32"] and kinds["PAD"] == ["float32"], kinds
     assert kinds["CONV_2D"].count("float32") == 2 and kinds["CONV_2D"].count("int8") == 2, kinds  # conv3 and conv4 stay int8
+
+
+def test_a_tflite_candidate_is_the_artifact_its_float_set_builds(case, tmp_path):
+    """The search judges a TFLite float set on LiteRT by building it as the artifact is built:
+    same float layers, same biases (corrected for that set), so the same outputs to the bit as
+    the artifact a build keeping those layers float writes."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    from enginekit.accuracy import parse_conditions
+    from enginekit.builder.fallback import _Search
+    from enginekit.builder.session import ModelSession
+    from enginekit.exporter.reference import load_fp32
+    from enginekit.targets.tflite import TARGET
+
+    folder, calibration, evaluation = case
+    quantize = ek.QuantizeSettings(bias_correction=True)
+    options = _options(calibration, evaluation, quantize=quantize)
+    session = ModelSession(load_fp32(str(folder / "model.onnx"), options.source_options()), options)
+    pair = ("mixed", "inputs")
+    session.int8_pairs = {pair}
+    search = _Search(session, [pair], parse_conditions(options.min_accuracy), {pair: [TARGET]})
+    feeds = {"x": np.load(evaluation)["x"][:8]}
+    candidate = session.candidate_inputs(TARGET, search.graph(["conv1"], pair, fresh=True), ["conv1"], pair, tmp_path)
+    assert candidate.float_layers() == ["conv1"]
+    with TARGET.candidate_runner(candidate) as runner:
+        judged = runner.infer(feeds)["c3"]
+    kept = ek.QuantizeSettings(bias_correction=True, exclude_nodes=("conv1",))
+    built = ek.build(str(folder / "model.onnx"), "tflite", "int8", folder / "kept", _options(calibration, evaluation, quantize=kept, min_accuracy="none"))
+    assert built.manifest["tflite"]["float_layers"]["kept_float"] == ["conv1"]
+    with TARGET.open(folder / "kept", built.manifest) as runner:
+        assert np.array_equal(runner.infer(feeds)["c3"], judged)
+    with TARGET.candidate_runner(session.candidate_inputs(TARGET, search.graph([], pair, fresh=True), [], pair, _folder(tmp_path / "none"))) as runner:
+        assert not np.array_equal(runner.infer(feeds)["c3"], judged)  # all-INT8 is another flatbuffer
+
+
+def _folder(path):
+    path.mkdir()
+    return path

@@ -5,11 +5,13 @@ Why on the Q/DQ graph: which layers must stay float is a property of the quantiz
 a runtime, so one set serves every target of the build (each target then verifies the gate on
 its own runtime, as always). Every distinct (encoding, placement) of the build's INT8 targets is
 evaluated and the worst decides. The gate checks on the whole evaluation data (steps 2 and 3)
-are judged on each target's own runtime where it can open a candidate graph cheaply
-(`Target.candidate_runner`: ONNX Runtime, OpenVINO), and in the reference executor for a target
-that cannot (TFLite: a candidate is a whole conversion): ONNX Runtime's fused requantization
-rounds differently from the exact simulation, and efficientnet_lite0's 0.98 top-1 set passed on
-the graph by 0.0005 and failed on ORT's kernels by 0.0025.
+are judged on each target's own runtime (`Target.candidate_runner`: ONNX Runtime and OpenVINO
+open the candidate graph, TFLite converts it as its build does), and in the reference executor
+for a target that cannot (TensorRT: an engine build per candidate): ONNX Runtime's fused
+requantization rounds differently from the exact simulation (efficientnet_lite0's 0.98 top-1 set
+passed on the graph by 0.0005 and failed on ORT's kernels by 0.0025), and TFLite's full-integer
+graph quantizes tensors the Q/DQ graph leaves float (its 0.96 set passed on the graph and failed
+on LiteRT).
 
 The search: (1) rank — for each quantized tensor, the unit that frees it (the compute op that
 made it and the quantized ops that read it, so the tensor has no Q/DQ left) is kept float alone,
@@ -30,8 +32,11 @@ error that is gone, and with all-INT8's biases a larger float set scored below a
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +44,8 @@ import onnx
 
 from enginekit.accuracy import Condition, collect_outputs, compare_outputs, gate_margin, headline
 from enginekit.accuracy.metrics import lowest_cosine
-from enginekit.core.errors import GateError
+from enginekit.core.errors import EnginekitError, GateError
+from enginekit.core.profile import stage
 from enginekit.core.progress import report
 from enginekit.quantization.pipeline import build_qdq, plan_for
 from enginekit.core.tensors import batch_size, pick, take
@@ -120,8 +126,8 @@ class _Search:
         batches, reference, labels = self.quick if quick else self.full
         result = {}
         for pair in pairs or self.pairs:
-            model = self.graph(float_nodes, pair, fresh=not quick).model
-            runs = [("reference executor", session.outputs_of(model, batches))] if quick else self.judged_runs(model, pair, batches)
+            graph = self.graph(float_nodes, pair, fresh=not quick)
+            runs = [("reference executor", session.outputs_of(graph.model, batches))] if quick else self.judged_runs(graph, float_nodes, pair, batches)
             judged = []
             for _, candidate in runs:
                 metrics = compare_outputs(reference, candidate, labels, session.options.output_kinds, self.axes)
@@ -133,23 +139,34 @@ class _Search:
             self.evaluations += 1
         return result
 
-    def judged_runs(self, model: onnx.ModelProto, pair: tuple[str, str], batches: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
-        """(judge, outputs) of a candidate Q/DQ graph on the whole evaluation data: on the runtime of
-        every target built from `pair` that can open it (`Target.candidate_runner`), and in the
-        reference executor when one cannot (or no target is given)."""
+    def judged_runs(self, graph: Any, float_nodes: Sequence[str], pair: tuple[str, str], batches: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
+        """(judge, outputs) of a candidate Q/DQ graph (`float_nodes` float) on the whole evaluation
+        data: on the runtime of every target built from `pair` that can open it
+        (`Target.candidate_runner`, given the candidate's build inputs in a throwaway folder),
+        and in the reference executor when one cannot (or no target is given)."""
         session, runs, reference_needed = self.session, [], not self.targets[pair]
         for target in self.targets[pair]:
-            runner = None if target.name in self.unjudged else target.candidate_runner(model, session.options.threads)
-            if runner is None:
-                self.unjudged.add(target.name)
+            if target.name in self.unjudged:
                 reference_needed = True
                 continue
-            try:
-                runs.append((target.name, collect_outputs(runner.infer, batches, runner.max_batch, session.input_axes, session.output_axes)))
-            finally:
-                runner.close()
+            with tempfile.TemporaryDirectory(prefix=f"enginekit-{target.name}-candidate-") as folder:
+                with stage(f"fallback candidates ({target.name})"):
+                    try:
+                        runner = target.candidate_runner(session.candidate_inputs(target, graph, float_nodes, pair, Path(folder)))
+                    except EnginekitError as exc:  # its own cell says why when built; the other targets' search goes on
+                        warnings.warn(f"the float-fallback search judges {target.name} on the Q/DQ graph: a candidate failed to build ({exc})",
+                                      stacklevel=2)
+                        runner = None
+                if runner is None:
+                    self.unjudged.add(target.name)
+                    reference_needed = True
+                    continue
+                try:
+                    runs.append((target.name, collect_outputs(runner.infer, batches, runner.max_batch, session.input_axes, session.output_axes)))
+                finally:
+                    runner.close()
         if reference_needed:
-            runs.append(("reference executor", session.outputs_of(model, batches)))
+            runs.append(("reference executor", session.outputs_of(graph.model, batches)))
         self.judged_on[pair] = [name for name, _ in runs]
         return runs
 

@@ -317,6 +317,12 @@ class ModelSession:
                 self._reference = self.outputs_of(self.fp32.proto, batches)
         return self._reference
 
+    def candidate_inputs(self, target: Any, graph: QdqGraph, float_nodes: Sequence[str], pair: tuple[str, str],
+                         stage: Path) -> "CandidateInputs":
+        """The BuildInputs `target` builds a fallback candidate from (`Target.candidate_runner`)."""
+        options = target.options(self.options.target_options.get(target.name))
+        return CandidateInputs(self, graph, float_nodes, pair[0], stage, options, pair[1])
+
     def outputs_of(self, model: Any, batches: Sequence[Feeds]) -> dict[str, np.ndarray]:
         """`model` (the FP32 graph or a Q/DQ graph of it) run in the reference executor over
         `batches`, every output joined along its batch axis."""
@@ -365,17 +371,43 @@ class CellInputs:
         graph, self.qdq_details = self.session.qdq(encoding, self.placement)
         return graph
 
+    def settings(self) -> QuantizeSettings:
+        """The quantization settings of this cell's Q/DQ graph (the build's, fallback included)."""
+        return self.session.int8_settings(self.placement)
+
     def float_layers(self) -> list[str]:
-        return excluded_nodes(self.fp32, self.session.int8_settings(self.placement), self.placement)
+        return excluded_nodes(self.fp32, self.settings(), self.placement)
 
     def quantized_tensors(self) -> list[str]:
-        return plan_for(self.fp32, self.session.int8_settings(self.placement), self.placement)[0].activations
+        return plan_for(self.fp32, self.settings(), self.placement)[0].activations
 
     def calibration_feeds(self, count: int) -> Feeds:
         return self.session.calibration_feeds(count)
 
     def calibration_samples(self, count: int, batch: int) -> Iterator[Feeds]:
         return self.session.calibration_samples(count, batch)
+
+
+class CandidateInputs(CellInputs):
+    """What a target's INT8 build sees for one candidate float set of the fallback search
+    (`Target.candidate_runner`): the Q/DQ graph the search judges (biases corrected for that set)
+    and those layers float on top of the build's own, staged in a throwaway folder."""
+
+    def __init__(self, session: ModelSession, graph: QdqGraph, float_nodes: Sequence[str], encoding: str, stage: Path,
+                 options: dict[str, Any], placement: str):
+        super().__init__(session, "int8", encoding, stage, options, placement)
+        self.graph, self.float_nodes = graph, list(float_nodes)
+
+    def settings(self) -> QuantizeSettings:
+        import dataclasses
+
+        settings = super().settings()
+        return dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self.float_nodes))
+
+    def qdq(self, encoding: str) -> QdqGraph:
+        if encoding != self.encoding:
+            raise ValueError(f"a fallback candidate is a '{self.encoding}' graph, not '{encoding}'")
+        return copy.deepcopy(self.graph)
 
 
 def _grid_family(encoding: str, settings: QuantizeSettings) -> str:

@@ -202,11 +202,14 @@ class Target:
         """The artifact in `folder` (files already verified against `manifest`) as a Runner."""
         raise NotImplementedError
 
-    def candidate_runner(self, graph: "onnx.ModelProto", threads: int | None = None) -> Runner | None:
-        """The Q/DQ graph `graph` (this target's encoding and placement) opened as this target's
-        INT8 artifact would run it, for the float-fallback search to judge its gate checks on the
-        runtime itself; None where that costs a whole build (the search then judges the Q/DQ graph
-        in the reference executor, and the built artifact alone is checked on the runtime).
+    def candidate_runner(self, candidate: BuildInputs) -> Runner | None:
+        """A candidate of the float-fallback search opened as this target's INT8 artifact would
+        run, for the search to judge its gate checks on the runtime itself: `candidate` is the
+        build inputs of that float set (`qdq(candidate.encoding)`: the Q/DQ graph judged,
+        `float_layers()`: the layers kept float), `candidate.stage` a throwaway folder deleted
+        once the runner is closed. None where the target cannot (the search then judges the Q/DQ
+        graph in the reference executor, and the built artifact alone is checked on the runtime).
         Why: runtimes round differently from the exact Q/DQ simulation (ONNX Runtime's fused
-        requantization), and a set that passes by a hair on the graph can fail on the runtime."""
+        requantization), and a target may quantize more than the Q/DQ graph does (TFLite's
+        full-integer graph): a set that passes on the graph can fail on the runtime."""
         return None

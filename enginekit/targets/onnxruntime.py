@@ -170,8 +170,9 @@ class OnnxRuntimeTarget(Target):
             raise InputError("artifact has no ONNX model", folder)
         return OrtRunner(path, threads=threads)
 
-    def candidate_runner(self, graph: "onnx.ModelProto", threads: int | None = None) -> Runner | None:
-        return OrtRunner(graph, threads=threads)  # its artifact is the Q/DQ graph itself, run by ORT's fused kernels
+    def candidate_runner(self, candidate: BuildInputs) -> Runner | None:
+        # its artifact is the Q/DQ graph itself, run by ORT's fused kernels
+        return OrtRunner(candidate.qdq(candidate.encoding).model, threads=candidate.threads)
 
 
 TARGET = OnnxRuntimeTarget()

@@ -346,17 +346,14 @@ class OpenVinoTarget(Target):
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
         return OpenVinoRunner(folder, manifest.get("precision", "fp32"), threads=threads, **runtime)
 
-    def candidate_runner(self, graph: "onnx.ModelProto", threads: int | None = None) -> Runner | None:
-        """Converted and compiled as `build` does, in a folder deleted once the IR is compiled."""
-        import tempfile
-
+    def candidate_runner(self, candidate: BuildInputs) -> Runner | None:
+        """Converted and compiled as `build` does, in the candidate's throwaway folder."""
         import onnx
 
-        with tempfile.TemporaryDirectory(prefix="enginekit-ov-candidate-") as folder:
-            source = Path(folder) / "model.int8.onnx"
-            onnx.save(graph, str(source))
-            convert(source, "int8", Path(folder))
-            return OpenVinoRunner(folder, "int8", threads=threads)
+        source = candidate.stage / "model.int8.onnx"
+        onnx.save(candidate.qdq(candidate.encoding).model, str(source))
+        convert(source, "int8", candidate.stage)
+        return OpenVinoRunner(candidate.stage, "int8", threads=candidate.threads)
 
 
 TARGET = OpenVinoTarget()
