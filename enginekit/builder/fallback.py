@@ -103,7 +103,7 @@ class _Search:
         self.corrected = {pair: session.corrected_biases(*pair) for pair in self.pairs}
 
     def settings(self, float_nodes: Sequence[str], corrected: bool = False):
-        return dataclasses.replace(self.base, exclude_nodes=(*self.base.exclude_nodes, *float_nodes), bias_correction=corrected)
+        return dataclasses.replace(self.base.keeping_float(float_nodes), bias_correction=corrected)
 
     def graph(self, float_nodes: Sequence[str], pair: tuple[str, str], fresh: bool = False) -> Any:
         """The Q/DQ graph of `pair` with `float_nodes` kept float; biases as corrected all-INT8,
@@ -146,29 +146,35 @@ class _Search:
         and in the reference executor when one cannot (or no target is given)."""
         session, runs, reference_needed = self.session, [], not self.targets[pair]
         for target in self.targets[pair]:
-            if target.name in self.unjudged:
+            outputs = None if target.name in self.unjudged else self.candidate_outputs(target, graph, float_nodes, pair, batches)
+            if outputs is None:
+                self.unjudged.add(target.name)
                 reference_needed = True
-                continue
-            with tempfile.TemporaryDirectory(prefix=f"enginekit-{target.name}-candidate-") as folder:
-                with stage(f"fallback candidates ({target.name})"):
-                    try:
-                        runner = target.candidate_runner(session.candidate_inputs(target, graph, float_nodes, pair, Path(folder)))
-                    except EnginekitError as exc:  # its own cell says why when built; the other targets' search goes on
-                        warnings.warn(f"the float-fallback search judges {target.name} on the Q/DQ graph: a candidate failed to build ({exc})",
-                                      stacklevel=2)
-                        runner = None
-                if runner is None:
-                    self.unjudged.add(target.name)
-                    reference_needed = True
-                    continue
-                try:
-                    runs.append((target.name, collect_outputs(runner.infer, batches, runner.max_batch, session.input_axes, session.output_axes)))
-                finally:
-                    runner.close()
+            else:
+                runs.append((target.name, outputs))
         if reference_needed:
             runs.append(("reference executor", session.outputs_of(graph.model, batches)))
         self.judged_on[pair] = [name for name, _ in runs]
         return runs
+
+    def candidate_outputs(self, target: Any, graph: Any, float_nodes: Sequence[str], pair: tuple[str, str],
+                          batches: Sequence[Any]) -> dict[str, Any] | None:
+        """`target`'s runtime's outputs for the candidate (its build inputs staged in a throwaway
+        folder), or None where it cannot open one or the candidate fails to build (its own cell
+        says why when built; the search goes on)."""
+        session = self.session
+        with tempfile.TemporaryDirectory(prefix=f"enginekit-{target.name}-candidate-") as folder:
+            with stage(f"fallback candidates ({target.name})"):
+                try:
+                    runner = target.candidate_runner(session.candidate_inputs(target, graph, float_nodes, pair, Path(folder)))
+                except EnginekitError as exc:
+                    warnings.warn(f"the float-fallback search judges {target.name} on the Q/DQ graph: a candidate failed to build ({exc})",
+                                  stacklevel=2)
+                    return None
+            if runner is None:
+                return None
+            with runner:
+                return collect_outputs(runner.infer, batches, runner.max_batch, session.input_axes, session.output_axes)
 
     @property
     def quick(self) -> tuple[list[Any], dict[str, Any], Any]:

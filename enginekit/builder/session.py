@@ -126,9 +126,7 @@ class ModelSession:
             return
         self.fallback = found
         if found.float_nodes:
-            quantize = self.options.quantize
-            quantize = dataclasses.replace(quantize, exclude_nodes=(*quantize.exclude_nodes, *found.float_nodes))
-            self.options = dataclasses.replace(self.options, quantize=quantize)
+            self.options = dataclasses.replace(self.options, quantize=self.options.quantize.keeping_float(found.float_nodes))
 
     def table(self) -> CalibrationTable:
         """The given table (checked against this model), else one calibration pass here."""
@@ -230,14 +228,12 @@ class ModelSession:
         the fallback's float layers, and for a pre-quantized source what it left float."""
         settings = self.options.quantize
         if self.imported:  # what the source left float stays float
-            import dataclasses
-
             from enginekit.quantization.pipeline import nodes_without_ranges
 
             left = json.dumps([placement, settings.key()], sort_keys=True)
             if left not in self._left_float:
                 self._left_float[left] = nodes_without_ranges(self.int8_model(), self.table(), settings, placement)
-            settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self._left_float[left]))
+            settings = settings.keeping_float(self._left_float[left])
         return settings
 
     def rounded_weights(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -271,12 +267,10 @@ class ModelSession:
         same correction `qdq` would run then, kept under the same key, so adopting the set reuses
         it). Layers downstream of a float layer need other biases than all-INT8's: theirs
         compensated an upstream error that is gone. None when bias correction is off."""
-        import dataclasses
-
         settings = self.int8_settings("inputs")
         if not settings.bias_correction or not float_nodes or self.imported:
             return self.corrected_biases(encoding)
-        settings = dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *float_nodes))
+        settings = settings.keeping_float(float_nodes)
         family = _grid_family(encoding, settings)
         if family not in self._biases:
             with stage(f"bias correction ({encoding}, {len(float_nodes)} float layers)"):
@@ -399,10 +393,7 @@ class CandidateInputs(CellInputs):
         self.graph, self.float_nodes = graph, list(float_nodes)
 
     def settings(self) -> QuantizeSettings:
-        import dataclasses
-
-        settings = super().settings()
-        return dataclasses.replace(settings, exclude_nodes=(*settings.exclude_nodes, *self.float_nodes))
+        return super().settings().keeping_float(self.float_nodes)
 
     def qdq(self, encoding: str) -> QdqGraph:
         if encoding != self.encoding:

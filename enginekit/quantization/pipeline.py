@@ -40,6 +40,10 @@ class QuantizeSettings:
     smoothquant: float = DEFAULT_ALPHA  # SmoothQuant's alpha for token MatMuls (onnx/smoothing.py); 0: off
     weight_rounding: str = "gptq"  # gptq: each layer's output error minimised on the calibration data (rounding.py) | nearest
 
+    def keeping_float(self, nodes: Sequence[str]) -> "QuantizeSettings":
+        """These settings with `nodes` also kept float (after the nodes already excluded)."""
+        return replace(self, exclude_nodes=(*self.exclude_nodes, *nodes))
+
     def key(self) -> dict[str, Any]:
         """What changes the graph (for build keys and caches)."""
         return {"bias_correction": self.bias_correction, "per_channel": self.per_channel,
