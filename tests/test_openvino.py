@@ -257,3 +257,20 @@ def test_an_int8_graph_openvino_cannot_convert_is_reported_against_the_users_mod
         ov_target.convert(staged, "int8", staged.parent, made_from=user_model)
     assert refused.value.path == str(user_model)
     assert "OpenVINO cannot convert the model's INT8 Q/DQ graph: AveragePool (the node writing y)" in str(refused.value)
+
+
+def test_the_kernel_probe_failing_at_run_time_is_an_input_error_the_build_notes():
+    """The INT8 build's layer check (openvino_kernels) runs a probed copy of the graph; OpenVINO
+    refusing it at inference (seen on MTCNN R-Net with three layers float: a MaxPool shape check)
+    must end the check, like a refused compile, not the build with a RuntimeError."""
+    from enginekit.core.errors import InputError
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                               helper.make_node("MaxPool", ["c"], ["y"], name="pool", kernel_shape=[2, 2], ceil_mode=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert ov_target._compile_and_run(model, {"x": np.ones((1, 3, 8, 8), np.float32)})["y"].shape == (1, 4, 5, 5)
+    with pytest.raises(InputError, match="cannot compile or run the probed graph"):
+        ov_target._compile_and_run(model, {"x": np.ones((0, 3, 8, 8), np.float32)})

@@ -292,9 +292,9 @@ def _compile_and_run(graph: "onnx.ModelProto", feeds: Feeds) -> dict[str, np.nda
         onnx.save(graph, str(source))
         try:
             compiled = ov.Core().compile_model(ov.convert_model(str(source)), "CPU", compile_config("int8"))
+            results = compiled(dict(feeds))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own failure types
-            raise InputError(f"OpenVINO cannot compile the probed graph: {' '.join(str(exc).split())[:300]}") from None
-        results = compiled(dict(feeds))
+            raise InputError(f"OpenVINO cannot compile or run the probed graph: {' '.join(str(exc).split())[:300]}") from None
         return {name: np.asarray(results[port]) for port in compiled.outputs for name in port.get_names()}
 
 
