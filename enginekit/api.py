@@ -65,12 +65,13 @@ def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str]
               num_samples: int = 256, batch_size: int = 4, skip_nonfinite: bool = False, threads: int | None = None,
               output: str | Path | None = None, trt_cache: str | Path | None = None, source: SourceOptions | None = None,
               shards: int = 1, executor: str = "local", address: str | None = None, workers: int | None = None,
-              smoothquant: float = DEFAULT_ALPHA) -> Calibration:
+              smoothquant: float = DEFAULT_ALPHA, equalize: bool = False) -> Calibration:
     """Activation ranges of `model` from one streaming pass over `data`, every method from the
     same histograms. With `output`, the tables are written (ranges.json, or ranges.<method>.json).
     With `shards` > 1 the pass is split over `executor`'s workers ("local" processes, or "ray" at
     `address`): byte-identical tables. `smoothquant` (alpha; 0: off) first smooths the inputs of
-    token MatMuls (onnx.smoothing): the tables then carry the divisors and belong to that graph."""
+    token MatMuls (onnx.smoothing), and `equalize` cross-layer equalises consecutive convolutions
+    (onnx.equalization): the tables then carry the divisors and belong to that graph."""
     from enginekit.builder.calibration import calibrate_model
     from enginekit.calibration.pipeline import table_outputs, write_tables
     from enginekit.core.executor import get_executor
@@ -84,7 +85,8 @@ def calibrate(model: str | Path, data: DataArg = None, *, methods: Sequence[str]
         check_outputs(table_outputs(Path(output), methods, Path(trt_cache) if trt_cache else None), sources)
     fp32 = load_fp32(model, source)
     pool = get_executor(executor, workers, address) if shards > 1 else None
-    run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads, shards, pool, smoothquant)
+    run = calibrate_model(fp32, data, methods, percentile, num_samples, batch_size, skip_nonfinite, threads, shards, pool, smoothquant,
+                          equalize)
     result = Calibration(fp32.name, run.tables, run.histograms, list(run.warnings))
     if output is not None:
         result.written = write_tables(run.tables, Path(output), Path(trt_cache) if trt_cache else None, inputs=[fp32.path])

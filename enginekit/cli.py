@@ -30,6 +30,10 @@ _smoothquant_option = click.option(
     "--smoothquant", type=click.FloatRange(0, 1), default=DEFAULT_SMOOTHQUANT_ALPHA, show_default=True, metavar="ALPHA",
     help="SmoothQuant: divide the inputs of transformer MatMuls (tokens x channels) per channel by "
          "peak^ALPHA / weight_peak^(1-ALPHA) and fold that into the weights, before calibrating; 0: off.")
+_equalize_option = click.option(
+    "--equalize", is_flag=True,
+    help="Cross-layer equalisation: rescale consecutive convolutions (through Relu, PRelu, LeakyRelu or MaxPool) so their "
+         "per-channel weight ranges match, before calibrating (same function; the divisors go into the table). Off by default.")
 
 
 
@@ -162,18 +166,20 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, rto
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
 @click.option("--shards", type=click.IntRange(1), default=1, show_default=True, help="Split the pass over this many workers (the table is byte-identical).")
 @_smoothquant_option
+@_equalize_option
 @_executor_options
 @_with_run_limit
 @_source_options
-def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, shards, smoothquant, executor,
-              address, workers, source) -> None:
+def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite, output, trt_cache, threads, shards, smoothquant, equalize,
+              executor, address, workers, source) -> None:
     """Collect activation ranges in one streaming pass; every method from the same histograms."""
     from enginekit import api
     from enginekit.calibration.pipeline import side_by_side
 
     result = api.calibrate(model, data, methods=[method], percentile=pct, num_samples=num_samples, batch_size=batch_size,
                            skip_nonfinite=skip_nonfinite, threads=threads, output=output, trt_cache=trt_cache, source=source,
-                           shards=shards, executor=executor or "local", address=address, workers=workers, smoothquant=smoothquant)
+                           shards=shards, executor=executor or "local", address=address, workers=workers, smoothquant=smoothquant,
+                           equalize=equalize)
     for note in result.warnings:
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))
@@ -285,6 +291,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_weight_type_option
 @_weight_rounding_option
 @_smoothquant_option
+@_equalize_option
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
@@ -300,7 +307,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, tflite_output_bits, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, weight_type, weight_rounding, smoothquant, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          auto_fallback, max_float_layers, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -321,7 +328,8 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, table, cali
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
-                           quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant, weight_rounding=weight_rounding),
+                           quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant, weight_rounding=weight_rounding,
+                                                     equalize=equalize),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     matrix = click.get_current_context().meta.get("matrix")

@@ -1,7 +1,8 @@
 """Study: enginekit's `--auto-fallback` against NNCF's `quantize_with_accuracy_control` on the same
 model, data and gate, side by side in one run.
 
-    python -m studies.accuracy_control [--gate 0.98] [--eval-samples 1024] [--rounds 3] [--max-float-layers 16] [--json out.json]
+    python -m studies.accuracy_control [--gate 0.98] [--eval-samples 1024] [--rounds 3] [--max-float-layers 16]
+        [--only enginekit|nncf] [--json out.json]
 
 efficientnet_lite0; calibration: the zoo's 256 calibration crops for both; the gate: top-1
 agreement with the FP32 model >= `--gate` on the same `--eval-samples` held-out crops, which both
@@ -16,6 +17,8 @@ Per artifact: the layers kept float (enginekit: the fallback's units, each a lay
 quantized readers; both: the compute layers OpenVINO executes in float, read from the compiled
 model the same way), top-1 agreement, batch-1 latency (product harness, interleaved rounds) and the
 wall time of the search. Prints the table and writes JSON (default artifacts/benchmarks/accuracy_control.json).
+`--only` runs one side (with OpenVINO FP32 beside it): each search can take the better part of an
+hour at a high gate, and the two sides do not share state.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-float-layers", type=int, default=16, help="enginekit's bound (its build default: 16)")
+    parser.add_argument("--only", choices=["enginekit", "nncf"], help="run one side only (the other's row is left out)")
     parser.add_argument("--json", default="artifacts/benchmarks/accuracy_control.json")
     args = parser.parse_args()
 
@@ -90,29 +94,38 @@ def main() -> None:
     agreed = reference["logits"].argmax(axis=1)
     gate = f"top1_agreement>={args.gate}"
 
-    log(f"enginekit: build --auto-fallback --min-accuracy '{gate}' for onnxruntime, openvino, tflite...")
-    options = ek.BuildOptions(num_samples=256, eval_samples=args.eval_samples, min_accuracy=gate, auto_fallback=True,
-                              max_float_layers=args.max_float_layers)
-    started = time.perf_counter()
-    cells = ek.build_many(MODEL, ["onnxruntime", "openvino", "tflite"], ["int8"], work / "enginekit", options)
-    enginekit_s = time.perf_counter() - started
-    folders = {f"enginekit {c.target}": c.folder for c in cells if c.result is not None}
-    failures = {f"enginekit {c.target}": c.failed or c.skipped for c in cells if c.result is None}
-    log(f"enginekit: {enginekit_s:.0f} s; failed: {failures or 'none'}")
+    folders: dict[str, Path] = {}
+    failures: dict[str, str | None] = {}
+    search_seconds: dict[str, float] = {}
+    if args.only != "nncf":
+        log(f"enginekit: build --auto-fallback --min-accuracy '{gate}' for onnxruntime, openvino, tflite...")
+        options = ek.BuildOptions(num_samples=256, eval_samples=args.eval_samples, min_accuracy=gate, auto_fallback=True,
+                                  max_float_layers=args.max_float_layers)
+        started = time.perf_counter()
+        cells = ek.build_many(MODEL, ["onnxruntime", "openvino", "tflite"], ["int8"], work / "enginekit", options)
+        search_seconds["enginekit (3 targets, one search)"] = time.perf_counter() - started
+        folders.update({f"enginekit {c.target}": c.folder for c in cells if c.result is not None})
+        failures.update({f"enginekit {c.target}": c.failed or c.skipped for c in cells if c.result is None})
+        log(f"enginekit: {search_seconds['enginekit (3 targets, one search)']:.0f} s; failed: {failures or 'none'}")
 
-    log(f"NNCF: quantize_with_accuracy_control, max_drop {1 - args.gate:.3f} (absolute)...")
-    calibration = fp32.spec.dataset().samples("calibration", 256)["image"]
-    nncf_raw, nncf_s, validations = _nncf_accuracy_control(fp32.path, calibration, batches, agreed, 1 - args.gate, work / "nncf-raw")
-    log(f"NNCF: {nncf_s:.0f} s, {validations} validations")
+    validations = None
+    if args.only != "enginekit":
+        log(f"NNCF: quantize_with_accuracy_control, max_drop {1 - args.gate:.3f} (absolute)...")
+        calibration = fp32.spec.dataset().samples("calibration", 256)["image"]
+        nncf_raw, nncf_s, validations = _nncf_accuracy_control(fp32.path, calibration, batches, agreed, 1 - args.gate,
+                                                               work / "nncf-raw")
+        search_seconds["NNCF (OpenVINO)"] = nncf_s
+        log(f"NNCF: {nncf_s:.0f} s, {validations} validations")
     ov_fp32 = ek.build(MODEL, "openvino", "fp32", work / "openvino-fp32", ek.BuildOptions(eval_samples=args.eval_samples)).folder
-    manifest = read_manifest(ov_fp32)
-    folders["NNCF openvino"] = wrap_artifact(work / "nncf", {"model.xml": nncf_raw / "model.xml", "model.bin": nncf_raw / "model.bin"},
-                                             MODEL, "openvino", "int8", manifest["inputs"], manifest["outputs"],
-                                             "nncf.quantize_with_accuracy_control")
+    if args.only != "enginekit":
+        manifest = read_manifest(ov_fp32)
+        folders["NNCF openvino"] = wrap_artifact(work / "nncf", {"model.xml": nncf_raw / "model.xml", "model.bin": nncf_raw / "model.bin"},
+                                                 MODEL, "openvino", "int8", manifest["inputs"], manifest["outputs"],
+                                                 "nncf.quantize_with_accuracy_control")
     folders["openvino fp32"] = ov_fp32
 
     rows, results = [], {"model": MODEL, "gate": gate, "eval_samples": args.eval_samples, "device": ov_target.device_info(),
-                         "search_seconds": {"enginekit (3 targets, one search)": enginekit_s, "NNCF (OpenVINO)": nncf_s},
+                         "search_seconds": search_seconds,
                          "nncf_validations": validations, "failed": failures, "rows": {}}
     names = [n for n in ("enginekit onnxruntime", "enginekit openvino", "enginekit tflite", "NNCF openvino", "openvino fp32") if n in folders]
     log("measuring latency with the product harness (interleaved rounds)...")
@@ -131,8 +144,9 @@ def main() -> None:
         results["rows"][name] = entry
         rows.append([name, "-" if float_units is None else float_units, entry["float_compute_layers"] if executed else "-",
                      entry["top1_agreement"], entry["latency_p50_ms"], str(entry["executed"] or "-")])
-    print(f"\n{MODEL}, gate {gate} on {args.eval_samples} held-out crops; enginekit's search {enginekit_s:.0f} s "
-          f"(3 targets), NNCF's {nncf_s:.0f} s ({validations} validations); {ov_target.device_info()['full_name']}\n")
+    searches = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in search_seconds.items())
+    print(f"\n{MODEL}, gate {gate} on {args.eval_samples} held-out crops; searches: {searches}"
+          f"{f' (NNCF: {validations} validations)' if validations is not None else ''}; {ov_target.device_info()['full_name']}\n")
     print(markdown_table(["artifact", "float units (enginekit)", "compute layers OpenVINO runs in f32", "top-1 agreement",
                           "latency p50 ms", "executed compute layers"], rows))
     write_json(args.json, results)

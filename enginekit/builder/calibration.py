@@ -15,6 +15,7 @@ from enginekit.calibration.pipeline import DEFAULT_BATCH, DEFAULT_SAMPLES, Calib
 from enginekit.core.errors import InputError
 from enginekit.core.profile import stage
 from enginekit.exporter.reference import Fp32Model
+from enginekit.onnx.equalization import equalization_divisors
 from enginekit.onnx.smoothing import smoothable_inputs, smoothing_scales
 from enginekit.quantization.bias_correction import correctable_outputs
 from enginekit.quantization.placement import plan_quantization
@@ -22,12 +23,17 @@ from enginekit.quantization.placement import plan_quantization
 
 def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], percentile: float = DEFAULT_PERCENTILE,
                     num_samples: int = DEFAULT_SAMPLES, batch_size: int = DEFAULT_BATCH, skip_nonfinite: bool = False,
-                    threads: int | None = None, shards: int = 1, executor: Any = None, smoothquant: float = 0.0) -> CalibrationRun:
+                    threads: int | None = None, shards: int = 1, executor: Any = None, smoothquant: float = 0.0,
+                    equalize: bool = False) -> CalibrationRun:
     """One calibration pass; it also measures the FP32 channel means of every layer output bias
     correction may adjust, its reference (so that needs no FP32 pass of its own). With
     `smoothquant` (alpha > 0) and token MatMuls in the model, a pass for their inputs' channel
-    peaks comes first, and the calibration runs through the smoothed graph (onnx.smoothing)."""
+    peaks comes first, and the calibration runs through the smoothed graph (onnx.smoothing); with
+    `equalize`, consecutive convolutions are cross-layer equalised first (onnx.equalization, from
+    the weights alone), and the divisors travel in the table beside SmoothQuant's."""
     smoothing = smoothing_divisors(fp32, data, smoothquant, num_samples, batch_size, threads) if smoothquant > 0 else {}
+    equalized = equalization_divisors(fp32.proto) if equalize and not fp32.is_keras else {}
+    smoothing.update(equalized)
     smoothing = dict(sorted(smoothing.items()))  # the table's order: a twin remade from a table is this one, byte for byte
     graph, record = smoothed_twin(fp32, smoothing) if smoothing else (fp32, None)
     plan = plan_quantization(graph.proto)
@@ -37,9 +43,14 @@ def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], perc
                     mean_tensors=correctable_outputs(graph.proto), shards=shards, executor=executor, smoothing=smoothing,
                     twin=graph if smoothing else None)
     run.smoothed = record
-    if smoothing:
-        for table in run.tables.values():
+    if equalize and fp32.is_keras:
+        run.warnings.append("--equalize was not applied: a Keras source's TFLite INT8 is converted from Keras, which the "
+                            "equalised ONNX graph would no longer match")
+    for table in run.tables.values():
+        if len(smoothing) > len(equalized):
             table.parameters["smoothquant"] = smoothquant
+        if equalize:
+            table.parameters["equalization"] = {"pairs": len(equalized)}
     return run
 
 

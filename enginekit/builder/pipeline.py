@@ -200,8 +200,8 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             fields["calibration"] = {"method": table.method, "parameters": table.parameters, "num_samples": table.num_samples,
                                      "data": table.data, "data_sha256": table.data_sha256, "table": TABLE_FILE}
             fields["quantization"] = inputs.qdq_details or {"encoding": encoding, "from": "the table's ranges only (no Q/DQ graph)"}
-            if session.int8_model() is not fp32:  # SmoothQuant: what it did (the divisors are in the table)
-                fields["quantization"]["smoothquant"] = session.smoothing
+            if session.int8_model() is not fp32:  # SmoothQuant, equalisation: what they did (the divisors are in the table)
+                fields["quantization"].update(session.smoothing or {})
             if session.fallback is not None and target.float_layers:
                 fields["fallback"] = session.fallback.manifest()
             elif options.auto_fallback and not target.float_layers:

@@ -91,7 +91,7 @@ class ModelSession:
         self._left_float: dict[str, tuple[str, ...]] = {}  # (placement, settings) -> nodes a pre-quantized source left float
         self._int8_model: Fp32Model | None = None  # the FP32 graph INT8 starts from (SmoothQuant's smoothed twin)
         self._rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None  # GPTQ's weight integers and record
-        self.smoothing: dict[str, Any] | None = None  # what SmoothQuant did, for INT8 manifests
+        self.smoothing: dict[str, Any] | None = None  # what SmoothQuant and cross-layer equalisation did, for INT8 manifests
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
@@ -145,7 +145,7 @@ class ModelSession:
                 from enginekit.calibration.pipeline import smoothed_twin
 
                 self._int8_model, record = smoothed_twin(self.fp32, table.smoothing)
-                self.smoothing = {"alpha": table.parameters.get("smoothquant"), **record}
+                self.smoothing = twin_record(table.parameters.get("smoothquant"), record)
             else:
                 self._int8_model = self.fp32
         return self._int8_model
@@ -162,13 +162,14 @@ class ModelSession:
             return imported_table(self.fp32.prequantized, self.fp32.sha256, self.fp32.name, self.fp32.origin)
         choose = {AUTO: choose_table, PER_TENSOR: per_tensor_table}.get(options.calib_method)  # made among every method's table
         run = calibrate_model(self.fp32, options.calib_data, list(METHODS) if choose else [options.calib_method],
-                              num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant)
+                              num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant,
+                              equalize=options.quantize.equalize)
         self.warnings += run.warnings
         self.calibrated_here = True
         self._fp32_means = run.channel_means
         if run.smoothed is not None:  # the twin the pass ran through is the graph INT8 starts from
             self._int8_model = run.model
-            self.smoothing = {"alpha": options.quantize.smoothquant, **run.smoothed}
+            self.smoothing = twin_record(options.quantize.smoothquant, run.smoothed)
         return choose(self, run.model, run.tables, sorted(self.int8_pairs)) if choose else run.tables[options.calib_method]
 
     def calibration_batches(self) -> list[Feeds]:
@@ -406,3 +407,12 @@ def _grid_family(encoding: str, settings: QuantizeSettings) -> str:
     grid, with the same settings, shares it (and the fallback's corrected checks are found by it
     when their float set is adopted)."""
     return json.dumps([GRID_FAMILY[encoding], settings.key()], sort_keys=True)
+
+
+def twin_record(alpha: float | None, record: dict[str, int]) -> dict[str, Any]:
+    """The manifest's account of the twin INT8 starts from: SmoothQuant's (with its alpha) where
+    it smoothed tensors, cross-layer equalisation's where it equalised pairs."""
+    equalized = record.get("equalized_pairs", 0)
+    smoothquant = {key: value for key, value in record.items() if key != "equalized_pairs"}
+    return {**({"smoothquant": {"alpha": alpha, **smoothquant}} if smoothquant["tensors"] else {}),
+            **({"equalization": {"pairs": equalized}} if equalized else {})}

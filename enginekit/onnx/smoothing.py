@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from enginekit.onnx.equalization import apply_equalization, equalizable_pairs
 from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 
 DEFAULT_ALPHA = 0.8
@@ -67,8 +68,10 @@ def smoothing_scales(model: onnx.ModelProto, peaks: Mapping[str, np.ndarray], al
 
 def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A copy of `model` whose MatMul inputs in `scales` are divided by them (folded into a
-    LayerNormalization, else one inserted Mul) and whose weights are multiplied by them; and what
-    was done. The table carries `scales`, so a given table rebuilds the same graph without data."""
+    LayerNormalization, else one inserted Mul) and whose weights are multiplied by them, and whose
+    other tensors in `scales` are cross-layer equalised (onnx/equalization.py: the same per-channel
+    divisor, folded into the convolution that writes the tensor); and what was done. The table
+    carries `scales`, so a given table rebuilds the same graph without data."""
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
     graph = smoothed.graph
@@ -76,11 +79,17 @@ def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) ->
     producers = tensor_producers(graph)
     readers = tensor_readers(graph)
     matmuls = smoothable_inputs(smoothed)
+    others = {tensor: values for tensor, values in scales.items() if tensor not in matmuls}
+    unknown = sorted(set(others) - set(equalizable_pairs(smoothed)))
+    if unknown:
+        raise ValueError(f"'{unknown[0]}' is not an input of a MatMul with constant weights, nor a convolution's output "
+                         "that convolutions read, in this model")
+    equalized = apply_equalization(smoothed, others)
     folded = inserted = 0
     for tensor, values in scales.items():
         nodes, scale = matmuls.get(tensor), np.asarray(values, dtype=np.float32)
         if not nodes:
-            raise ValueError(f"'{tensor}' is not an input of a MatMul with constant weights in this model")
+            continue  # equalised above
         for node in nodes:
             weight = numpy_helper.to_array(constants[node.input[1]])
             if weight.shape[0] != scale.shape[0]:
@@ -96,7 +105,8 @@ def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) ->
         else:
             _insert_scale(graph, tensor, nodes, (1.0 / scale).astype(np.float32))
             inserted += 1
-    return smoothed, {"tensors": folded + inserted, "folded_into_layernorm": folded, "scale_ops_inserted": inserted}
+    record = {"tensors": folded + inserted, "folded_into_layernorm": folded, "scale_ops_inserted": inserted}
+    return smoothed, {**record, "equalized_pairs": equalized} if equalized else record
 
 
 def _foldable(producer: onnx.NodeProto | None, tensor: str, nodes: list[onnx.NodeProto], readers: dict[str, list[onnx.NodeProto]],

@@ -39,6 +39,7 @@ class QuantizeSettings:
     weight_type: str = "auto"  # int8 | uint8 (same grid, zero point 128) | auto: uint8 where this CPU's u8 x s8 kernels saturate
     smoothquant: float = DEFAULT_ALPHA  # SmoothQuant's alpha for token MatMuls (onnx/smoothing.py); 0: off
     weight_rounding: str = "gptq"  # gptq: each layer's output error minimised on the calibration data (rounding.py) | nearest
+    equalize: bool = False  # cross-layer equalisation of consecutive convolutions before calibrating (onnx/equalization.py)
 
     def keeping_float(self, nodes: Sequence[str]) -> "QuantizeSettings":
         """These settings with `nodes` also kept float (after the nodes already excluded)."""
@@ -50,7 +51,8 @@ class QuantizeSettings:
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
                 "exclude_after": None if self.exclude_after is None else list(self.exclude_after),
                 "keep_first_last_float": self.keep_first_last_float, "weight_type": self.weight_type,
-                "smoothquant": self.smoothquant, "weight_rounding": self.weight_rounding}
+                "smoothquant": self.smoothquant, "weight_rounding": self.weight_rounding,
+                **({"equalize": True} if self.equalize else {})}
 
 
 def plan_for(fp32: Fp32Model, settings: QuantizeSettings, placement: str = "inputs") -> tuple[QuantPlan, list[str]]:
