@@ -184,6 +184,8 @@ def calibrate(model, data, method, pct, num_samples, batch_size, skip_nonfinite,
         click.echo(f"warning: {note}", err=True)
     table = next(iter(result.tables.values()))
     click.echo(f"{result.model}: {len(result.histograms)} tensors, {table.num_samples} samples, data sha256 {table.data_sha256[:12]}")
+    if "equalization" in table.parameters:
+        click.echo(f"cross-layer equalisation: {table.parameters['equalization']['pairs']} convolution pairs rescaled (divisors in the table)")
     click.echo(side_by_side(result.tables, result.histograms))
     for path in result.written:
         click.echo(f"wrote {path}")

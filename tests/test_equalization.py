@@ -113,6 +113,21 @@ def test_calibrate_equalize_writes_the_divisors_into_the_table(tmp_path, run_cli
     np.savez(tmp_path / "calib.npz", x=_samples(16, 10))
     result = run_cli("calibrate", "--model", path, "--data", tmp_path / "calib.npz", "-n", "16", "--equalize", "-o", tmp_path / "t.json")
     assert result.code == 0, result.err
+    assert "cross-layer equalisation: 2 convolution pairs rescaled" in result.out
     table = CalibrationTable.load(tmp_path / "t.json")
     assert sorted(table.smoothing) == ["c1", "c2"] and table.parameters["equalization"] == {"pairs": 2}
     np.testing.assert_allclose(table.smoothing["c1"], equalization_divisors(_net())["c1"])
+
+
+def test_a_keras_source_is_not_equalised_and_the_calibration_says_so(tmp_path):
+    import dataclasses
+
+    from enginekit.builder.calibration import calibrate_model
+    from enginekit.exporter.reference import load_fp32
+
+    path = tmp_path / "cle.onnx"
+    onnx.save(_net(), str(path))
+    keras_like = dataclasses.replace(load_fp32(str(path)), keras_file=tmp_path / "model.keras")  # its TFLite comes from Keras
+    run = calibrate_model(keras_like, [{"x": _samples(8, 3)}], ["minmax"], num_samples=8, equalize=True)
+    assert not run.tables["minmax"].smoothing and run.tables["minmax"].parameters["equalization"] == {"pairs": 0}
+    assert any("--equalize was not applied" in warning for warning in run.warnings)
