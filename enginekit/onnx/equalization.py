@@ -110,15 +110,13 @@ def equalization_divisors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {tensor: value.astype(np.float32) for tensor, value in divisors.items() if not np.all(value == 1)}
 
 
-def apply_equalization(model: onnx.ModelProto, divisors: Mapping[str, np.ndarray]) -> int:
+def apply_equalization(model: onnx.ModelProto, divisors: Mapping[str, np.ndarray], pairs: Mapping[str, Pair]) -> int:
     """Divide, in place, each tensor in `divisors` (a pair's Conv1 output: its weights and bias)
-    and multiply its readers' weights back; returns how many pairs were equalised."""
-    pairs = equalizable_pairs(model)
+    and multiply its readers' weights back; returns how many pairs were equalised. `pairs`:
+    `equalizable_pairs(model)`, which the caller has checked holds every tensor of `divisors`."""
     constants = {init.name: init for init in model.graph.initializer}
     for tensor, values in divisors.items():
-        pair, scale = pairs.get(tensor), np.asarray(values, dtype=np.float64)
-        if pair is None:
-            raise ValueError(f"'{tensor}' is not the output of a convolution that convolutions read through homogeneous ops in this model")
+        pair, scale = pairs[tensor], np.asarray(values, dtype=np.float64)
         first = constants[pair.first.input[1]]
         if first.dims[0] != scale.shape[0]:
             raise ValueError(f"'{tensor}' has {first.dims[0]} channels, the equalisation {scale.shape[0]}")

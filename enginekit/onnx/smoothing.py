@@ -80,11 +80,12 @@ def apply_smoothing(model: onnx.ModelProto, scales: Mapping[str, np.ndarray]) ->
     readers = tensor_readers(graph)
     matmuls = smoothable_inputs(smoothed)
     others = {tensor: values for tensor, values in scales.items() if tensor not in matmuls}
-    unknown = sorted(set(others) - set(equalizable_pairs(smoothed)))
+    pairs = equalizable_pairs(smoothed)
+    unknown = sorted(set(others) - set(pairs))
     if unknown:
         raise ValueError(f"'{unknown[0]}' is not an input of a MatMul with constant weights, nor a convolution's output "
                          "that convolutions read, in this model")
-    equalized = apply_equalization(smoothed, others)
+    equalized = apply_equalization(smoothed, others, pairs)
     folded = inserted = 0
     for tensor, values in scales.items():
         nodes, scale = matmuls.get(tensor), np.asarray(values, dtype=np.float32)
