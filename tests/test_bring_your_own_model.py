@@ -253,3 +253,31 @@ def test_an_input_declared_to_take_one_value_folds_the_branch_on_it(tmp_path):
     assert plan_quantization(exported).weights  # the Conv is in the main graph now
     assert any("declared to take only the value 16000" in note for note in manifest["notes"])
     assert manifest["parity"]["cosine"] > 0.99999
+
+
+def test_a_factory_whose_checkpoint_changed_is_exported_again_not_served_from_the_cache(tmp_path, monkeypatch):
+    """The factory's file is the same; the checkpoint it loads is not. The cached export of the
+    old weights must not stand in for the new model (found by a new user retraining)."""
+    pytest.importorskip("torch", reason="PyTorch factories need torch")
+    from enginekit.exporter.reference import SourceOptions, load_fp32
+    from enginekit.onnx.session import Session
+
+    (tmp_path / "ckptnet.py").write_text(textwrap.dedent("""
+        import pathlib
+        import torch
+
+        def build():
+            torch.manual_seed(int((pathlib.Path(__file__).parent / "seed.txt").read_text()))
+            return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ENGINEKIT_CACHE", str(tmp_path / "cache"))
+    source = SourceOptions(input_shapes=("input=batchx8",))
+    x = {"input": np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)}
+    outputs = []
+    for seed in ("0", "1", "0"):
+        (tmp_path / "seed.txt").write_text(seed)
+        fp32 = load_fp32("ckptnet:build", source)
+        outputs.append((fp32.path, next(iter(Session(fp32.path).run(x).values()))))
+    assert outputs[0][0] != outputs[1][0] and not np.allclose(outputs[0][1], outputs[1][1])
+    assert outputs[2][0] == outputs[0][0] and np.array_equal(outputs[2][1], outputs[0][1])  # the first export, reused

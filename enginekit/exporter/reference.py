@@ -165,7 +165,7 @@ def _source_identity(model: str) -> tuple[str, str]:
 
     from enginekit.core.loaders import require_file
     from enginekit.exporter.keras_export import is_keras_path
-    from enginekit.exporter.sources import looks_like_factory
+    from enginekit.exporter.sources import factory_fingerprint, looks_like_factory
 
     path = Path(model)
     digest = hashlib.sha256()
@@ -181,7 +181,7 @@ def _source_identity(model: str) -> tuple[str, str]:
         except (ImportError, ValueError):
             spec = None
         origin = Path(spec.origin) if spec is not None and spec.origin and Path(spec.origin).is_file() else None
-        digest.update(model.encode() + (origin.read_bytes() if origin else b"unresolved"))
+        digest.update(model.encode() + (origin.read_bytes() if origin else b"unresolved") + factory_fingerprint(model).encode())
         return "factory", digest.hexdigest()
     if path.suffix.lower() == ".onnx" or path.exists() or "/" in model:
         digest.update(load_onnx(path).SerializeToString())  # external data included, checked by the loader

@@ -184,9 +184,9 @@ def _zoo_source(spec, weights: str | None, overrides) -> Source:
 # ----------------------------------------------------------------------------------- factory
 
 
-def _factory_source(target: str, weights: str | None, overrides) -> Source:
-    torch = require_torch("PyTorch factories")
-
+def instantiate_factory(target: str):
+    """Import `module:function` (the working folder on the path) and call it: the model it builds
+    now (a torch.nn.Module or a keras.Model, unchecked); failures of the user's code are a bad --model."""
     module_name, _, attr = target.partition(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
@@ -202,6 +202,39 @@ def _factory_source(target: str, weights: str | None, overrides) -> Source:
             net = factory()
     except Exception as exc:
         raise InputError(f"factory raised {type(exc).__name__}: {exc}", target) from None
+    return net
+
+
+def factory_fingerprint(target: str) -> str:
+    """A digest of what the factory builds now: the module's structure and every parameter and
+    buffer (torch), or its config and weights (Keras). The factory's file alone does not say when
+    a checkpoint it loads, a seed or a helper module has changed the model; this does, so a cached
+    export of an older model is not served for a new one."""
+    import hashlib
+
+    net = instantiate_factory(target)
+    digest = hashlib.sha256(type(net).__qualname__.encode())
+    if hasattr(net, "state_dict"):  # torch.nn.Module
+        import torch
+
+        digest.update(repr(net).encode())
+        for name, value in net.state_dict().items():
+            raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 included
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode() + raw.numpy().tobytes())
+    elif hasattr(net, "get_weights"):  # keras.Model
+        try:
+            digest.update(net.to_json().encode())
+        except Exception:  # a subclassed model without a config: its weights still tell
+            pass
+        for array in net.get_weights():
+            digest.update(str(array.shape).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
+def _factory_source(target: str, weights: str | None, overrides) -> Source:
+    torch = require_torch("PyTorch factories")
+    net = instantiate_factory(target)
+    module_name, _, attr = target.partition(":")
     if not isinstance(net, torch.nn.Module):
         if type(net).__module__.split(".")[0] == "keras":
             return _keras_factory_source(net, target, weights, overrides)
