@@ -84,6 +84,8 @@ def _cases() -> dict[str, onnx.ModelProto]:
                          _const("ax", np.array([1, 3], np.int64)), _const("sp", np.array([1, 2], np.int64))], [1, 2, 16, 7]),
         "Gather": _model([node("GlobalAveragePool", ["c"], ["g"], name="gap"), node("Flatten", ["g"], ["f"], name="flatten"),
                           node("Gather", ["f", "idx"], ["y"], name="gather", axis=1)], [_const("idx", np.array([3, 0], np.int64))], [1, 2]),
+        "Gather of a negative index (x[:, -1])": _token_model([node("Gather", ["m", "last"], ["y"], name="last_token", axis=1)],
+                                                               [_const("last", np.array(-1, np.int64))], [1, 16]),
         "Resize nearest": _model([node("Resize", ["c", "", "scales"], ["y"], name="resize", mode="nearest",
                                        coordinate_transformation_mode="asymmetric", nearest_mode="floor")],
                                  [_const("scales", np.array([1, 1, 2, 2], np.float32))], [1, 4, 32, 32]),
@@ -679,3 +681,20 @@ def test_a_tile_whose_repeats_depend_on_the_batch_lowers_and_runs_at_two_batches
     for batch in (1, 3):
         feeds = {"x": RNG.normal(0, 1, (batch, 5, 8)).astype(np.float32)}
         np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds)["y"], Session(model).run(feeds)["y"], atol=1e-6)
+
+
+def test_a_kernel_that_refuses_its_input_at_run_time_is_an_input_error_not_a_runtime_error():
+    """LiteRT's GATHER checks its indices at run time; its RuntimeError ended the whole build
+    (every other cell's result lost), now it is this cell's one-line failure."""
+    from enginekit.core.errors import InputError
+
+    graph = helper.make_graph([helper.make_node("Gather", ["x", "idx"], ["y"], name="pick", axis=1)], "pick",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    runner = TfliteRunner(convert_function(to_tf_function(model, "pick.onnx"), "pick.onnx"))
+    x = np.arange(8, dtype=np.float32)[None]
+    np.testing.assert_array_equal(runner.infer({"x": x, "idx": np.array([7, 1])})["y"], [[7.0, 1.0]])
+    with pytest.raises(InputError, match="LiteRT failed running the model: .*gather"):
+        runner.infer({"x": x, "idx": np.array([0, 99])})

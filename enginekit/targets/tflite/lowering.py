@@ -645,7 +645,13 @@ def _gather(node, args, attrs):
         if all(d is not None for d in np.ravel(picked)):
             return [Value(np.asarray(picked, np.int64))]
     source = data.data if data.const else nchw(data)
-    return [Value(tf.gather(source, indices.data, axis=axis))]
+    index = indices.data
+    if indices.const and np.any(index < 0):  # x[:, -1]: ONNX counts from the end, LiteRT's GATHER refuses it at run time
+        rank = len(source.shape)
+        size = source.shape[axis % rank]
+        index = np.where(index < 0, index + size, index) if size is not None else \
+            tf.where(index < 0, index + tf.shape(source, out_type=index.dtype)[axis % rank], index)
+    return [Value(tf.gather(source, index, axis=axis))]
 
 
 def _resize(node, args, attrs):

@@ -136,7 +136,10 @@ class TfliteRunner(Runner):
                 scale, zero_point = detail["quantization"]
                 value = quantize(value, scale, zero_point, dtype)
             self.interpreter.set_tensor(detail["index"], np.asarray(value, dtype=dtype, order="C"))  # ascontiguousarray makes scalars 1-D
-        self.interpreter.invoke()
+        try:
+            self.interpreter.invoke()
+        except RuntimeError as exc:  # a kernel's check (an index out of bounds, a shape it refuses): this cell fails, the build goes on
+            raise InputError(f"LiteRT failed running the model: {' '.join(str(exc).split())[:300]}") from None
         results = []
         for name in self._outputs:
             detail = self._outputs[name]
