@@ -323,3 +323,31 @@ def test_a_dead_channels_bias_fits_int32_and_onnx_runtime_runs_it_like_fp32(tmp_
     runner = ek.load(tmp_path / "out")
     got = runner.infer({"x": data[:4]})["y"]
     assert np.allclose(got[:, 1], 0.0, atol=1e-3) and np.allclose(got[:, 3], 2.5, atol=0.02)  # dead channels as in FP32
+
+
+def test_a_generator_as_calibration_and_evaluation_data_serves_every_pass_of_the_build(tmp_path):
+    """The calibration, bias correction and evaluation each read the data: a generator handed to
+    BuildOptions was spent by the first and the INT8 cell failed with "the data set is empty".
+    The build from generators is the build from lists, byte for byte."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [weight])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+
+    def batches():
+        for start in range(0, 64, 8):
+            yield {"x": x[start:start + 8]}
+
+    built = {}
+    for kind, data in (("generator", batches), ("list", lambda: list(batches()))):
+        options = ek.BuildOptions(calib_data=data(), eval_data=data(), num_samples=64, min_accuracy="cosine>=0.99")
+        result = ek.build(path, "onnxruntime", "int8", tmp_path / kind, options)
+        built[kind] = (result.folder / "model.int8.onnx").read_bytes()
+        assert result.manifest["accuracy"]["metrics"]["samples"] == 64
+    assert built["generator"] == built["list"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.calibration.collect import collect_channel_peaks
-from enginekit.calibration.data import DataArg, batch_size_for, open_data, stream
+from enginekit.calibration.data import DataArg, batch_size_for, open_data, reusable, stream
 from enginekit.calibration.methods import DEFAULT_PERCENTILE
 from enginekit.calibration.pipeline import DEFAULT_BATCH, DEFAULT_SAMPLES, CalibrationRun, calibrate, smoothed_twin
 from enginekit.core.errors import InputError
@@ -31,6 +31,7 @@ def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], perc
     peaks comes first, and the calibration runs through the smoothed graph (onnx.smoothing); with
     `equalize`, consecutive convolutions are cross-layer equalised first (onnx.equalization, from
     the weights alone), and the divisors travel in the table beside SmoothQuant's."""
+    data = reusable(data, fp32.inputs)  # read by the SmoothQuant pass and the calibration pass
     smoothing = smoothing_divisors(fp32, data, smoothquant, num_samples, batch_size, threads) if smoothquant > 0 else {}
     equalized = equalization_divisors(fp32.proto) if equalize and not fp32.is_keras else {}
     smoothing.update(equalized)

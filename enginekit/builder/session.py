@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from enginekit.builder.fallback import Fallback
 from enginekit.builder.method_choice import AUTO, choose_table
 from enginekit.builder.tensor_choice import PER_TENSOR, per_tensor_table
 from enginekit.builder.options import DEFAULT_EVAL_SAMPLES, BuildOptions
-from enginekit.calibration.data import open_data, stream
+from enginekit.calibration.data import open_data, reusable, stream
 from enginekit.calibration.methods import METHODS
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
@@ -73,9 +74,10 @@ class ModelSession:
         # INT8 from the source's own grids, unless the user asks for a calibration (data or a table)
         self.imported = fp32.prequantized is not None and not options.table and options.calib_data is None
         if self.imported:  # nothing to calibrate; its quantizer (or training) already chose the ranges
-            import dataclasses
-
             self.options = dataclasses.replace(options, quantize=dataclasses.replace(options.quantize, bias_correction=False))
+        # a generator given as data is read by several passes (calibration, bias correction, evaluation)
+        self.options = dataclasses.replace(self.options, calib_data=reusable(options.calib_data, fp32.inputs),
+                                           eval_data=reusable(options.eval_data, fp32.inputs))
         self.user_metric = load_user_metric(options.metric)
         self.input_axes = batch_axes(fp32.inputs)
         self.output_axes = batch_axes(tensor_specs(fp32.proto.graph.output))
@@ -120,7 +122,6 @@ class ModelSession:
     def adopt_fallback(self, found: Fallback) -> None:
         """Keep the layers the fallback search chose in float for every INT8 artifact of this build
         (nothing changes when the search found no set that passes)."""
-        import dataclasses
 
         if not found.passed:
             return
@@ -246,8 +247,6 @@ class ModelSession:
         if self.imported or settings.weight_rounding == "nearest":
             return None
         if self._rounded is None:
-            import dataclasses
-
             every_layer = dataclasses.replace(settings, exclude_nodes=())
             self._rounded = round_weights(self.int8_model(), self.table(), every_layer, self.calibration_batches(), self.input_axes,
                                          self.options.threads)

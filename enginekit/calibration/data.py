@@ -201,6 +201,16 @@ def _spec_module(spec: ModelSpec):
     return importlib.import_module(spec.architecture.__module__)
 
 
+def reusable(data: DataArg, inputs: Sequence[TensorSpec]) -> DataArg:
+    """`data` as something every pass of a build can read again: a one-shot iterable (a
+    generator) becomes one FeedsData, which keeps what it reads; each later `open_data` of a
+    generator itself would find it spent ("the data set is empty"). A path, "zoo", a sequence or
+    a DataSource is returned as it is."""
+    if data is None or isinstance(data, (str, Path, DataSource, Sequence)):
+        return data
+    return FeedsData(data, inputs)
+
+
 def open_data(data: DataArg, inputs: Sequence[TensorSpec], spec: ModelSpec | None, split: str = "calibration") -> DataSource:
     """A path (npy, npz, image folder), "zoo" / None (the zoo model's own split), a DataSource, or
     an iterable of feed dicts."""
