@@ -281,3 +281,24 @@ def test_a_factory_whose_checkpoint_changed_is_exported_again_not_served_from_th
         outputs.append((fp32.path, next(iter(Session(fp32.path).run(x).values()))))
     assert outputs[0][0] != outputs[1][0] and not np.allclose(outputs[0][1], outputs[1][1])
     assert outputs[2][0] == outputs[0][0] and np.array_equal(outputs[2][1], outputs[0][1])  # the first export, reused
+
+
+def test_a_build_says_when_an_fp32_output_is_constant_and_when_the_calibration_data_is_short(run_cli, tmp_path):
+    """A new user's MobileViT (fresh weights) output exact zeros: every INT8 cell 'passed' at
+    cosine 1.0000 and only the benchmark report's flags said why that means nothing. And the
+    calibration's 'asked for 256 samples but ... has 8' was printed by calibrate, never by build."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w")
+    bias = numpy_helper.from_array(np.array([0.5, -1.0, 2.0, 0.0], np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "dead",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [weight, bias])
+    path = tmp_path / "dead.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "x.npz", x=rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32))
+    result = run_cli("build", "-m", path, "--target", "onnxruntime", "--precision", "int8", "--calib-data", tmp_path / "x.npz",
+                     "--eval-data", tmp_path / "x.npz", "-n", "32", "--no-bench", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if line.startswith("enginekit: warning: ")]
+    assert any("FP32 output 'y' is the same for every evaluation sample" in line for line in warnings), result.err
+    assert any("asked for 32 samples" in line for line in warnings), result.err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ class ModelSession:
                               num_samples=options.num_samples, threads=options.threads, smoothquant=options.quantize.smoothquant,
                               equalize=options.quantize.equalize)
         self.warnings += run.warnings
+        for text in run.warnings:  # calibrate prints them itself; a build says them here (data shorter than asked, ...)
+            warnings.warn(text, stacklevel=2)
         self.calibrated_here = True
         self._fp32_means = run.channel_means
         if run.smoothed is not None:  # the twin the pass ran through is the graph INT8 starts from
@@ -309,6 +312,9 @@ class ModelSession:
             batches = self.evaluation().batches
             with stage("fp32 reference outputs"):
                 self._reference = self.outputs_of(self.fp32.proto, batches)
+            for name in self.constant_outputs():  # said once per build, not only as a report flag
+                warnings.warn(f"the FP32 output '{name}' is the same for every evaluation sample: agreement with it says "
+                              "nothing about a target (untrained weights, or data the model does not expect?)", stacklevel=2)
         return self._reference
 
     def candidate_inputs(self, target: Any, graph: QdqGraph, float_nodes: Sequence[str], pair: tuple[str, str],
