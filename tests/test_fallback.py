@@ -94,6 +94,20 @@ def test_a_bound_no_set_meets_fails_in_one_line_with_the_best_found(case):
     assert not (folder / "bounded").exists()
 
 
+def test_a_gate_no_helpful_layer_can_meet_does_not_point_at_the_bound(case, run_cli):
+    """Every unit the ranking found helpful was tried within the bound: a larger
+    --max-float-layers cannot help, so the line names the gate instead (a new user raised the
+    bound from 16 to 40 on the message's word and got the same result)."""
+    folder, calibration, evaluation = case
+    result = run_cli("build", "-m", folder / "model.onnx", "--targets", "onnxruntime", "--precisions", "int8",
+                     "--calib-data", calibration, "--eval-data", evaluation, "-n", "32", "--min-accuracy", "cosine>=0.9999999",
+                     "--auto-fallback", "--max-float-layers", "64", "-o", folder / "unreachable")
+    assert result.code == 1
+    line = result.error_line
+    assert "every layer whose float helped alone was tried, within the bound of 64" in line and line.endswith("(see --min-accuracy)")
+    assert "--max-float-layers" not in line and not (folder / "unreachable").exists()
+
+
 def test_the_command_line_builds_with_fallback_and_names_the_float_layers(case, run_cli):
     folder, calibration, evaluation = case
     common = ["build", "-m", folder / "model.onnx", "--targets", "onnxruntime", "--precisions", "int8", "--calib-data", calibration,

@@ -71,6 +71,7 @@ class Fallback:
     encodings: list[str] = field(default_factory=list)
     failing: list[tuple[str, str]] = field(default_factory=list)  # (encoding, placement) below the gate all-INT8
     judged_on: dict[str, list[str]] = field(default_factory=dict)  # per encoding: the runtimes (or "reference executor") its gate checks ran on
+    bounded: bool = False  # the bound left out units the ranking proposed (a larger bound would try more)
 
     def manifest(self) -> dict[str, Any]:
         return {"float_layers": self.float_nodes, "passed": self.passed, "all_int8": self.before, "with_fallback": self.after,
@@ -311,10 +312,11 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
     margin, metrics = min(margins.values(), key=lambda m: m[0])
     failing = [pair for pair, (m, _) in margins.items() if m < 0]  # the encodings the ranking is measured on
     before = headline(metrics)
-    best = (margin, [], metrics)
+    best, bounded = (margin, [], metrics), False
     if margin < 0 and max_float_layers > 0:
         ranked = [row["float_layers"] for row in search.ranking(failing) if row["margin_gain"] > 0 or row["cosine_gain"] > 0]
-        best = max([best, *_grow(search, _growing_sets(ranked, max_float_layers, search.leaves_int8))], key=lambda found: found[0])
+        sets, bounded = _growing_sets(ranked, max_float_layers, search.leaves_int8)
+        best = max([best, *_grow(search, sets)], key=lambda found: found[0])
     margin, chosen, metrics = best
     if margin >= 0:
         for name in list(reversed(chosen)):  # give back every layer the gate does not need
@@ -324,20 +326,24 @@ def find_float_layers(session: Any, pairs: Sequence[tuple[str, str]], conditions
                 chosen, margin, metrics = trial, trial_margin, trial_metrics
     return Fallback(chosen, margin >= 0, before, headline(metrics), margin, search.evaluations,
                     [f"{encoding}/{placement}" for encoding, placement in pairs], failing,
-                    {f"{encoding}/{placement}": judges for (encoding, placement), judges in search.judged_on.items()})
+                    {f"{encoding}/{placement}": judges for (encoding, placement), judges in search.judged_on.items()}, bounded)
 
 
-def _growing_sets(units: Sequence[Sequence[str]], bound: int, leaves_int8: Callable[[list[str]], bool]) -> list[list[str]]:
+def _growing_sets(units: Sequence[Sequence[str]], bound: int, leaves_int8: Callable[[list[str]], bool]) -> tuple[list[list[str]], bool]:
     """The float sets the ranking proposes, each the one before plus the next unit that still
     fits within `bound` layers and leaves something quantized (a set that frees every layer is
-    not an INT8 build)."""
-    sets, chosen = [], []
+    not an INT8 build); and whether the bound left a unit out."""
+    sets, chosen, bounded = [], [], False
     for unit in units:
         added = [name for name in unit if name not in chosen]
-        if added and len(chosen) + len(added) <= bound and leaves_int8(chosen + added):
+        if not added:
+            continue
+        if len(chosen) + len(added) > bound:
+            bounded = True
+        elif leaves_int8(chosen + added):
             chosen = chosen + added
             sets.append(chosen)
-    return sets
+    return sets, bounded
 
 
 def _grow(search: _Search, sets: Sequence[list[str]]) -> list[tuple[float, list[str], dict[str, Any]]]:
@@ -382,7 +388,9 @@ def sensitivity_ranking(session: Any, pairs: Sequence[tuple[str, str]], conditio
 def fallback_error(result: Fallback, what: str, max_float_layers: int) -> GateError:
     """The one line for a gate no set of at most `max_float_layers` float layers meets."""
     kept = ", ".join(result.float_nodes[:6]) + (" ..." if len(result.float_nodes) > 6 else "")
-    error = GateError(f"no fallback of at most {max_float_layers} float layers meets the accuracy gate: the best found keeps "
-                      f"{len(result.float_nodes)} in float ({kept or 'none'}) and reaches {result.after} (all-INT8: {result.before})", what)
-    error.option = "max_float_layers"
-    return error
+    found = (f"the best found keeps {len(result.float_nodes)} in float ({kept or 'none'}) and reaches {result.after} "
+             f"(all-INT8: {result.before})")
+    if not result.bounded:  # every layer the ranking found helpful was tried: a larger bound changes nothing
+        return GateError(f"no fallback meets the accuracy gate: every layer whose float helped alone was tried, within the bound of "
+                         f"{max_float_layers}; {found}", what, "min_accuracy")
+    return GateError(f"no fallback of at most {max_float_layers} float layers meets the accuracy gate: {found}", what, "max_float_layers")
