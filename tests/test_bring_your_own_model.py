@@ -302,3 +302,32 @@ def test_a_build_says_when_an_fp32_output_is_constant_and_when_the_calibration_d
     warnings = [line for line in result.err.splitlines() if line.startswith("enginekit: warning: ")]
     assert any("FP32 output 'y' is the same for every evaluation sample" in line for line in warnings), result.err
     assert any("asked for 32 samples" in line for line in warnings), result.err
+
+
+def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_cli, tmp_path, monkeypatch):
+    """A module returning {"logits": ..., "probs": ...} ended in "'dict' object has no attribute
+    'detach'" after the export itself had worked (a new user's GPT-2 wrapper)."""
+    pytest.importorskip("torch", reason="PyTorch factories need torch")
+    (tmp_path / "dictnet.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Net(torch.nn.Linear):
+            def forward(self, x):
+                logits = super().forward(x)
+                return {"logits": logits, "probs": torch.softmax(logits, -1)}
+
+        def build():
+            torch.manual_seed(0)
+            return Net(8, 5).eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENGINEKIT_CACHE", str(tmp_path / "cache"))
+    result = run_cli("export", "-m", "dictnet:build", "--input-shape", "x=batchx8", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "probs"]
+    assert manifest["parity"]["passed"]  # each ONNX output checked against the dict value of its name
+    from enginekit.onnx.session import Session
+
+    outputs = Session(tmp_path / "out" / "model.onnx").run({"x": np.ones((2, 8), np.float32)})
+    np.testing.assert_allclose(outputs["probs"].sum(axis=1), 1.0, rtol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def export_torch(source: Source, opset: int, notes: list[str] | None = None) -> 
                             "which the parity check tests at its shapes only" if frozen else ""))
     else:
         model = program.model_proto
-    _name_io(model, source)
+    _name_io(model, source, _output_names(source, args))
     return model
 
 
@@ -129,26 +129,47 @@ def _output_batches(source: Source, args: tuple) -> tuple[list[str] | None, list
     batch = next((a.shape[axis] for a, spec in zip(args, source.inputs) for axis, d in enumerate(spec.shape) if d == "batch"), None)
     with torch.inference_mode():
         produced = source.module(*args)
-    outputs = list(produced) if isinstance(produced, (tuple, list)) else [produced]
+    outputs = flat_outputs(produced)
     if not all(isinstance(o, torch.Tensor) for o in outputs):
         return None, []
-    if len(source.outputs) == len(outputs):
-        names = [spec.name for spec in source.outputs]
-    else:
-        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    names = _names_for(len(outputs), source, _keys(produced, [spec.name for spec in source.inputs]))
     return names, [name for name, out in zip(names, outputs) if batch is not None and out.ndim and out.shape[0] == batch]
 
 
-def _name_io(model: onnx.ModelProto, source: Source) -> None:
-    """Inputs take the spec names (in forward order); outputs the spec names, else output/output_N."""
+def _output_names(source: Source, args: tuple) -> list[str] | None:
+    """The keys of a module that returns a dict of tensors (a transformers ModelOutput too), as
+    its output names; None for any other output (one forward at the example's shapes)."""
+    torch = require_torch()
+    with torch.inference_mode():
+        produced = source.module(*args)
+    return _keys(produced, [spec.name for spec in source.inputs])
+
+
+def _keys(produced: Any, inputs: Sequence[str]) -> list[str] | None:
+    if not isinstance(produced, Mapping) or not produced:
+        return None
+    keys = [str(key) for key, value in produced.items() if value is not None]
+    single = all(len(flat_outputs(value)) == 1 for value in produced.values() if value is not None)
+    return keys if single and not set(keys) & set(inputs) else None
+
+
+def _names_for(count: int, source: Source, keys: list[str] | None) -> list[str]:
+    """Output names: the declared specs', else a dict output's keys, else output / output_N."""
+    if source.outputs and len(source.outputs) == count:
+        return [spec.name for spec in source.outputs]
+    if keys is not None and len(keys) == count:
+        return keys
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _name_io(model: onnx.ModelProto, source: Source, keys: list[str] | None = None) -> None:
+    """Inputs take the spec names (in forward order); outputs the spec names, else a dict
+    output's `keys`, else output/output_N."""
     graph_inputs = [v.name for v in model.graph.input]
     named = set(graph_inputs) <= {spec.name for spec in source.inputs}  # the TorchScript route names them (and drops unused ones)
     mapping = {} if named else {old: spec.name for old, spec in zip(graph_inputs, source.inputs)}
     outputs = [v.name for v in model.graph.output]
-    if source.outputs and len(source.outputs) == len(outputs):
-        mapping.update({old: spec.name for old, spec in zip(outputs, source.outputs)})
-    else:
-        mapping.update({old: ("output" if len(outputs) == 1 else f"output_{i}") for i, old in enumerate(outputs)})
+    mapping.update(dict(zip(outputs, _names_for(len(outputs), source, keys))))
     rename_values(model, mapping)
     set_symbolic_dims(model, {spec.name: spec for spec in (*source.inputs, *source.outputs)})
 
@@ -163,7 +184,19 @@ def torch_call(module: Any, compiled: bool = False) -> Callable[[Sequence[np.nda
     def call(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
             out = target(*(torch.from_numpy(a) for a in arrays))
-        return [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        return [o.detach().numpy() for o in flat_outputs(out)]
 
     return call
+
+
+def flat_outputs(out: Any) -> list[Any]:
+    """A module's outputs in the order the ONNX exporters flatten them: tuples and lists in
+    order, a dict's (or a transformers ModelOutput's) values in key order, Nones dropped."""
+    if out is None:
+        return []
+    if isinstance(out, Mapping):
+        return [item for value in out.values() for item in flat_outputs(value)]
+    if isinstance(out, (tuple, list)):
+        return [item for value in out for item in flat_outputs(value)]
+    return [out]
 
