@@ -212,6 +212,18 @@ _weight_type_option = click.option(
          "whose u8 x s8 kernels (ONNX Runtime, OpenVINO) saturate.")
 
 
+def _exclusion_options(command):
+    """The manual float switches, on `quantize` and `build` alike (a failing INT8 gate names
+    layers: these keep them float)."""
+    for option in reversed([
+            click.option("--exclude-node", multiple=True, help="Keep this node, or the node writing this tensor, in float (repeatable)."),
+            click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable)."),
+            click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (e.g. Gelu)."),
+            click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")]):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.option("--model", "-m", required=True, help="The FP32 model the table was made for (artifact folder, .onnx, zoo name).")
 @click.option("--table", "-t", "table_path", required=True, type=click.Path(dir_okay=False), help="CalibrationTable from `enginekit calibrate`.")
@@ -219,10 +231,7 @@ _weight_type_option = click.option(
 @click.option("--encoding", type=click.Choice(["uint8", "int8", "mixed"]), default=None, help="Override: uint8 (ORT CPU), int8 (TensorRT), mixed (OpenVINO), where the target accepts it.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True, help="Sequential bias correction on the calibration data.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weight scales instead of per-channel.")
-@click.option("--exclude-node", multiple=True, help="Keep this node, or the node writing this tensor, in float (repeatable).")
-@click.option("--exclude-op", multiple=True, help="Keep every node of this op type in float (repeatable).")
-@click.option("--exclude-after", multiple=True, help="Keep compute ops that read this op type's output in float (e.g. Gelu).")
-@click.option("--keep-first-last-float", is_flag=True, help="Keep the first and last compute layers in float.")
+@_exclusion_options
 @_weight_type_option
 @_weight_rounding_option
 @click.option("--data", "-d", default=None, help="Calibration data for bias correction (default: the zoo's).")
@@ -290,6 +299,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")
+@_exclusion_options
 @_weight_type_option
 @_weight_rounding_option
 @_smoothquant_option
@@ -309,7 +319,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, tflite_output_bits, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          auto_fallback, max_float_layers, exclude_node, exclude_op, exclude_after, keep_first_last_float, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -331,7 +341,8 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, table, cali
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
                            quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant, weight_rounding=weight_rounding,
-                                                     equalize=equalize),
+                                                     equalize=equalize, exclude_nodes=tuple(exclude_node), exclude_ops=tuple(exclude_op),
+                                                     exclude_after=tuple(exclude_after) or None, keep_first_last_float=keep_first_last_float),
                            weights=source.weights, input_shapes=source.input_shapes, opset=source.opset,
                            allow_unsafe_keras=source.allow_unsafe_keras)
     matrix = click.get_current_context().meta.get("matrix")
@@ -665,6 +676,9 @@ def _message(exc: EnginekitError, argv: list[str]) -> str:
     """The error's own line, plus the flag that fixes it where the error names a setting."""
     command = next((a for a in argv if not a.startswith("-")), "")
     flag = {**_FLAGS, **_COMMAND_FLAGS.get(command, {})}.get(exc.option or "")
+    known = cli.commands.get(command)
+    if flag and known is not None and not any(flag in param.opts for param in known.params):
+        flag = None  # a setting this command does not take (build has no --skip-nonfinite): no flag to point at
     return f"{exc} (see {flag})" if flag and flag not in str(exc) else str(exc)
 
 

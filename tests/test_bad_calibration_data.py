@@ -53,6 +53,21 @@ def test_nan_names_the_sample(calibrate_cli, tmp_path):
     _refused(*calibrate_cli(data), "sample 5 of input 'image' contains NaN or Inf", str(data))
 
 
+def test_nan_in_build_data_points_at_no_flag_build_does_not_take(calibrate_cli, run_cli, tmp_path):
+    """calibrate's NaN line ends "(see --skip-nonfinite)"; build has no such flag, so its line must
+    not send the user to it (a new user got "No such option")."""
+    values = _digits()
+    values[5, 0, 3, 3] = np.nan
+    data = tmp_path / "d.npz"
+    np.savez(data, image=values)
+    calibrated, _ = calibrate_cli(data)
+    assert calibrated.error_line.endswith("(see --skip-nonfinite)")
+    built = run_cli("build", "-m", "digits_cnn", "--target", "onnxruntime", "--precision", "int8", "--calib-data", data,
+                    "--no-bench", "-o", tmp_path / "out")
+    assert built.code == 2 and "sample 5 of input 'image' contains NaN or Inf" in built.error_line
+    assert "--skip-nonfinite" not in built.error_line and not (tmp_path / "out").exists()
+
+
 def test_skip_nonfinite_drops_and_counts(calibrate_cli, tmp_path):
     values = _digits()
     values[[2, 7], 0, 0, 0] = np.inf

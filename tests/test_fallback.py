@@ -458,3 +458,17 @@ def test_a_tflite_candidate_is_the_artifact_its_float_set_builds(case, tmp_path)
 def _folder(path):
     path.mkdir()
     return path
+
+
+def test_build_takes_the_manual_float_switches_a_failing_gate_points_at(case, run_cli):
+    """A failing gate names the layers adding the most error; build now takes --exclude-node
+    (and --exclude-op, --exclude-after, --keep-first-last-float) as quantize did, so the user
+    does not need a table and a second command to act on it."""
+    folder, calibration, evaluation = case
+    result = run_cli("build", "-m", folder / "model.onnx", "--targets", "onnxruntime", "--precisions", "int8",
+                     "--calib-data", calibration, "--eval-data", evaluation, "-n", "32", "--min-accuracy", "none",
+                     "--exclude-node", "conv2", "--no-bench", "-o", folder / "manual")
+    assert result.code == 0, result.err
+    manifest = json.loads((folder / "manual" / "manifest.json").read_text())
+    assert manifest["quantization"]["exclude_nodes"] == ["conv2"]
+    assert manifest["integer_ops"]["float_compute_ops"] == 1 and manifest["integer_ops"]["integer_compute_ops"] == 2
