@@ -53,6 +53,16 @@ def test_nan_names_the_sample(calibrate_cli, tmp_path):
     _refused(*calibrate_cli(data), "sample 5 of input 'image' contains NaN or Inf", str(data))
 
 
+def test_an_npz_of_one_unnamed_array_feeds_a_single_input_model(calibrate_cli, tmp_path):
+    """np.savez(file, x) names its array arr_0: for a one-input model that is unambiguous (a new
+    user's file was refused as "data has inputs ['arr_0']"); a named array must still match."""
+    data = tmp_path / "d.npz"
+    np.savez(data, _digits())
+    result, out = calibrate_cli(data)
+    assert result.code == 0, result.err
+    assert __import__("json").loads(out.read_text())["num_samples"] == 32
+
+
 def test_nan_in_build_data_points_at_no_flag_build_does_not_take(calibrate_cli, run_cli, tmp_path):
     """calibrate's NaN line ends "(see --skip-nonfinite)"; build has no such flag, so its line must
     not send the user to it (a new user got "No such option")."""

@@ -86,9 +86,12 @@ class ArrayFileData(DataSource):
         from enginekit.core.loaders import load_arrays
 
         arrays = load_arrays(path)
-        if path.suffix.lower() == ".npy":
+        unnamed = list(arrays) == ["arr_0"] and [i.name for i in inputs] != ["arr_0"]  # np.savez(file, x) names its one array arr_0
+        if path.suffix.lower() == ".npy" or unnamed:
             if len(inputs) != 1:
-                raise InputError(f"a .npy holds one array but the model has inputs {[i.name for i in inputs]}; use an .npz keyed by input name", path)
+                what = "an .npz of one unnamed array (arr_0)" if unnamed else "a .npy"
+                raise InputError(f"{what} holds one array but the model has inputs {[i.name for i in inputs]}; "
+                                 "use an .npz keyed by input name", path)
             arrays = {inputs[0].name: next(iter(arrays.values()))}
         self.arrays, self.origin = arrays, str(path)
         self.axes = {name: axis for name, axis in batch_axes(inputs).items() if name in arrays}
