@@ -478,7 +478,8 @@ def _echo_build(result) -> None:
     for name, output in outputs.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in output.items() if k not in ("samples", "finite", "kind"))
         what = f" {name} ({output.get('kind')})" if name else ""
-        click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} held-out samples{what}: {shown}")
+        which = "held-out samples" if manifest["accuracy"].get("held_out", True) else "samples of the calibration data"
+        click.echo(f"accuracy vs FP32 on {int(metrics['samples'])} {which}{what}: {shown}")
     if metrics.get("user"):
         click.echo("user metric: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["user"].items()))
     if "quantization" in manifest:

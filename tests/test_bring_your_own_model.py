@@ -283,13 +283,12 @@ def test_a_factory_whose_checkpoint_changed_is_exported_again_not_served_from_th
     assert outputs[2][0] == outputs[0][0] and np.array_equal(outputs[2][1], outputs[0][1])  # the first export, reused
 
 
-def test_a_build_says_when_an_fp32_output_is_constant_and_when_the_calibration_data_is_short(run_cli, tmp_path):
-    """A new user's MobileViT (fresh weights) output exact zeros: every INT8 cell 'passed' at
-    cosine 1.0000 and only the benchmark report's flags said why that means nothing. And the
-    calibration's 'asked for 256 samples but ... has 8' was printed by calibrate, never by build."""
+def _one_conv_build(run_cli, tmp_path, weight_scale: float):
+    """A 3->4 Conv whose weights are `weight_scale` times N(0, 1) and whose biases are large,
+    built for ONNX Runtime INT8 from 8 samples (calibration = evaluation data, -n 32)."""
     rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w")
-    bias = numpy_helper.from_array(np.array([0.5, -1.0, 2.0, 0.0], np.float32), "b")
+    weight = numpy_helper.from_array((weight_scale * rng.normal(0, 1, (4, 3, 3, 3))).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.array([0.5, -1.0, 2.0, 0.7], np.float32), "b")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "dead",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])], [weight, bias])
@@ -300,8 +299,37 @@ def test_a_build_says_when_an_fp32_output_is_constant_and_when_the_calibration_d
                      "--eval-data", tmp_path / "x.npz", "-n", "32", "--no-bench", "-o", tmp_path / "out")
     assert result.code == 0, result.err
     warnings = [line for line in result.err.splitlines() if line.startswith("enginekit: warning: ")]
+    return result, warnings, json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def test_a_build_says_when_an_fp32_output_is_constant_and_when_the_calibration_data_is_short(run_cli, tmp_path):
+    """A new user's MobileViT (fresh weights) output exact zeros: every INT8 cell 'passed' at
+    cosine 1.0000 and only the benchmark report's flags said why that means nothing. And the
+    calibration's 'asked for 256 samples but ... has 8' was printed by calibrate, never by build."""
+    result, warnings, manifest = _one_conv_build(run_cli, tmp_path, 0.0)
     assert any("FP32 output 'y' is the same for every evaluation sample" in line for line in warnings), result.err
+    assert manifest["constant_outputs"] == ["y"] and "nearly_constant_outputs" not in manifest  # said once, not twice
     assert any("asked for 32 samples" in line for line in warnings), result.err
+    # the same file for both: not held-out samples, and the build says so (it printed "held-out")
+    assert any("the evaluation data is the calibration data" in line for line in warnings), result.err
+    assert "on 8 samples of the calibration data" in result.out and "held-out" not in result.out
+    assert manifest["accuracy"]["held_out"] is False
+
+
+@pytest.mark.parametrize("weight_scale", [1e-7, 1.0])
+def test_a_build_says_when_an_fp32_output_barely_changes_between_samples(run_cli, tmp_path, weight_scale):
+    """Untrained Keras EfficientNetB0: softmax 0.001 +- 1e-9, top-1 decided by float noise, and the
+    INT8 cells failed or passed on it with nothing said. Outputs that move with the input are not flagged."""
+    result, warnings, manifest = _one_conv_build(run_cli, tmp_path, weight_scale)
+    flagged = [line for line in warnings if "FP32 output 'y' barely changes between evaluation samples" in line]
+    assert bool(flagged) == (weight_scale < 1e-3), result.err
+    assert ("nearly_constant_outputs" in manifest) == (weight_scale < 1e-3)
+    if flagged:
+        from enginekit.benchmark.report import flags
+
+        assert 0 < manifest["nearly_constant_outputs"]["y"] < 1e-5
+        entry = {"precision": "int8", "nearly_constant_outputs": manifest["nearly_constant_outputs"]}
+        assert any(text.startswith("FP32 output 'y' barely changes on the data") for text in flags(entry, None))
 
 
 def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_cli, tmp_path, monkeypatch):
@@ -331,3 +359,38 @@ def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_c
 
     outputs = Session(tmp_path / "out" / "model.onnx").run({"x": np.ones((2, 8), np.float32)})
     np.testing.assert_allclose(outputs["probs"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_recurrent_layer_left_float_counts_against_the_integer_share(run_cli, tmp_path):
+    """A GRU classifier's INT8 artifacts quantize only the head: ONNX Runtime and OpenVINO both
+    reported integer_share 1.0 because a GRU was not counted as a compute op (a new user's
+    GRU/LSTM models). Now the share is 1 of 2 compute ops and the GRU is named as float."""
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 6
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name) for name, shape in
+             (("W", (1, 3 * hidden, features)), ("R", (1, 3 * hidden, hidden)), ("B", (1, 6 * hidden)), ("head", (hidden, 4)))]
+    inits.append(numpy_helper.from_array(np.array([-1, hidden], np.int64), "flat"))
+    nodes = [helper.make_node("GRU", ["x", "W", "R", "B"], ["", "h"], name="gru", hidden_size=hidden),
+             helper.make_node("Reshape", ["h", "flat"], ["hf"], name="flatten"), helper.make_node("MatMul", ["hf", "head"], ["y"], name="classify")]
+    graph = helper.make_graph(nodes, "gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, "batch", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    path = tmp_path / "gru.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    for name in ("calibration", "evaluation"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.normal(0, 1, (10, 32, features)).astype(np.float32))
+    targets = "onnxruntime,openvino" if _has("openvino") else "onnxruntime"
+    result = run_cli("build", "-m", path, "--targets", targets, "--precisions", "int8", "--calib-data", tmp_path / "calibration.npz",
+                     "--eval-data", tmp_path / "evaluation.npz", "--min-accuracy", "none", "--no-bench", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    ort = json.loads((tmp_path / "out" / "onnxruntime-int8" / "manifest.json").read_text())
+    assert ort["integer_ops"]["compute_ops"] == 2 and ort["integer_ops"]["integer_share"] == 0.5
+    assert ort["integer_ops"]["optimized_op_types"]["GRU"] == 1 and ort["integer_ops"]["float_compute_ops"] == 1
+    if _has("openvino"):
+        executed = json.loads((tmp_path / "out" / "openvino-int8" / "manifest.json").read_text())["openvino"]["executed"]
+        assert executed["compute_layers"] == 2 and executed["integer_share"] == 0.5
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -206,6 +206,7 @@ class ArtifactBench:
             "outside_delegate": ((manifest.get("tflite") or {}).get("types") or {}).get("outside_xnnpack") or {},
             "constant_outputs": manifest.get("constant_outputs", []),
             "vanishing_outputs": manifest.get("vanishing_outputs", {}),
+            "nearly_constant_outputs": manifest.get("nearly_constant_outputs", {}),
             "manifest_sha": {f["path"]: f["sha256"][:16] for f in manifest.get("files", [])},
         }
 

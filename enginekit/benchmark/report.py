@@ -152,6 +152,8 @@ def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
         # a slower or float-running artifact, and the CPU it was built for
         found.append("uint8 weights (int8 ones saturate u8 x s8 kernels on a CPU without VNNI)")
     found += [f"FP32 output '{name}' is constant on the data" for name in entry.get("constant_outputs") or []]
+    found += [f"FP32 output '{name}' barely changes on the data ({value:.1e} of its magnitude)"
+              for name, value in (entry.get("nearly_constant_outputs") or {}).items()]
     found += [f"FP32 output '{name}' vanishes on the data (largest magnitude {value:.2g})" for name, value in (entry.get("vanishing_outputs") or {}).items()]
     return found
 

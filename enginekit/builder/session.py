@@ -67,6 +67,9 @@ class SessionState:
     rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None
 
 
+NEARLY_CONSTANT = 1e-3  # an FP32 output that moves less than this share of its magnitude between samples is flagged
+
+
 class ModelSession:
     def __init__(self, fp32: Fp32Model, options: BuildOptions):
         from enginekit.accuracy import load_user_metric
@@ -289,7 +292,20 @@ class ModelSession:
                 self._evaluation = self._load_evaluation()
         return self._evaluation
 
+    def evaluated_on_calibration_data(self) -> bool:
+        """Whether the evaluation data is the calibration file itself: its figures are then not on
+        held-out samples (the gate sees the samples the ranges and biases were fitted to)."""
+        from enginekit.core.artifacts import sha256_file
+
+        calibration, evaluation = self.options.calib_data, self.options.eval_data
+        if not all(isinstance(d, (str, Path)) and Path(d).is_file() for d in (calibration, evaluation)):
+            return False
+        return Path(calibration).resolve() == Path(evaluation).resolve() or sha256_file(calibration) == sha256_file(evaluation)
+
     def _load_evaluation(self) -> Evaluation:
+        if self.evaluated_on_calibration_data():
+            warnings.warn(f"the evaluation data is the calibration data ({self.options.eval_data}): the accuracy gate is "
+                          "measured on the samples the INT8 ranges were fitted to, not on held-out ones", stacklevel=2)
         fp32, options = self.fp32, self.options
         source = open_data(options.eval_data, fp32.inputs, fp32.spec, "evaluation")
         zoo = options.eval_data is None and fp32.spec is not None
@@ -312,10 +328,32 @@ class ModelSession:
             batches = self.evaluation().batches
             with stage("fp32 reference outputs"):
                 self._reference = self.outputs_of(self.fp32.proto, batches)
-            for name in self.constant_outputs():  # said once per build, not only as a report flag
+            constant = self.constant_outputs()
+            for name in constant:  # said once per build, not only as a report flag
                 warnings.warn(f"the FP32 output '{name}' is the same for every evaluation sample: agreement with it says "
                               "nothing about a target (untrained weights, or data the model does not expect?)", stacklevel=2)
+            for name, spread in self.nearly_constant_outputs().items():
+                if name not in constant:
+                    warnings.warn(f"the FP32 output '{name}' barely changes between evaluation samples (by {spread:.1e} of its "
+                                  "magnitude): its agreement figures are decided by rounding noise (untrained weights, or data "
+                                  "the model does not expect?)", stacklevel=2)
         return self._reference
+
+    def nearly_constant_outputs(self) -> dict[str, float]:
+        """FP32 outputs none of whose values moves between evaluation samples by more than
+        NEARLY_CONSTANT of the output's magnitude, with that largest move: an untrained network
+        whose softmax is 0.001 +- 1e-9 everywhere, whose top-1 (and INT8's agreement with it) is
+        then float noise. Exact constants included (a move of 0)."""
+        found = {}
+        for name, value in self.reference_outputs().items():
+            axis = self.output_axes.get(name)
+            if axis is None or value.size == 0 or value.shape[axis] < 2:
+                continue
+            magnitude = float(np.abs(value).max())
+            spread = float((value.max(axis=axis) - value.min(axis=axis)).max()) / magnitude if magnitude > 0 else 0.0
+            if spread <= NEARLY_CONSTANT:
+                found[name] = spread
+        return found
 
     def candidate_inputs(self, target: Any, graph: QdqGraph, float_nodes: Sequence[str], pair: tuple[str, str],
                          stage: Path) -> "CandidateInputs":

@@ -31,6 +31,9 @@ from enginekit.core.errors import InputError
 from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# Compute ops the hub leaves float (no Q/DQ placement for a recurrent cell here): an INT8 artifact's
+# integer share counts them, so a GRU model whose only quantized layer is its head is not "100 %".
+RECURRENT_OPS = {"GRU", "LSTM", "RNN"}
 # Quantized only under the "inputs" placement: OpenVINO runs a Q/DQ ConvTranspose as an int8
 # Deconvolution (TensorRT and TFLite have int8 transposed convolutions too), while ONNX Runtime's
 # CPU provider (1.32) fuses no Q/DQ ConvTranspose and would run it in float behind a DequantizeLinear.

@@ -14,6 +14,7 @@ from enginekit.core.errors import InputError
 from enginekit.core.machine import toolchain
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.session import Session
+from enginekit.quantization.placement import COMPUTE_OPS, RECURRENT_OPS
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 
 if TYPE_CHECKING:
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 ONNX_FILES = ("model.int8.onnx", "model.onnx")
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
-               "DynamicQuantizeMatMul"}
-FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv"}
+               "DynamicQuantizeMatMul", "QLinearConvTranspose"}
+FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv", "ConvTranspose", *RECURRENT_OPS}
 CHANNEL_ALIGNMENT = 4  # MLAS's symmetric int8 convolution (x86) takes input channels in multiples of 4
 
 
@@ -52,7 +53,7 @@ def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
 
     nodes = list(optimized_graph(path).graph.node)
     ops = Counter(node.op_type for node in nodes)
-    compute = sum(1 for node in fp32.graph.node if node.op_type in ("Conv", "Gemm", "MatMul"))
+    compute = sum(1 for node in fp32.graph.node if node.op_type in COMPUTE_OPS | RECURRENT_OPS)
     integer = sum(count for op, count in ops.items() if op in INTEGER_OPS)
     floating = sum(count for op, count in ops.items() if op in FLOAT_COMPUTE_OPS)
     return {"compute_ops": compute, "integer_compute_ops": integer, "float_compute_ops": floating,

@@ -25,7 +25,7 @@ from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Serving,
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 XML, BIN = "model.xml", "model.bin"
-_COMPUTE_LAYERS = ("Convolution", "Deconvolution", "MatMul", "FullyConnected")
+_COMPUTE_LAYERS = ("Convolution", "Deconvolution", "MatMul", "FullyConnected", "RNNSeq", "RNNCell")  # RNN*: GRU/LSTM/RNN, left float
 _INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "int8": "f32", "bf16": "bf16"}
 
 
@@ -145,7 +145,7 @@ def compile_config(precision: str, hint: str = "LATENCY", streams: int | None = 
 
 
 def executed_precisions(compiled) -> dict[str, Any]:
-    """Share of compute layers (Convolution/Deconvolution/MatMul/FullyConnected) per executed precision."""
+    """Share of compute layers (Convolution/Deconvolution/MatMul/FullyConnected, recurrent sequences) per executed precision."""
     counts: Counter[str] = Counter()
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
