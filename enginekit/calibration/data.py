@@ -276,7 +276,7 @@ def stream(
                 if bad.any() and (axis is None or not skip_nonfinite):
                     first = index + int(np.flatnonzero(bad)[0]) if axis is not None else index
                     what = f"sample {first} of input '{name}'" if axis is not None else f"input '{name}' (one value for every sample)"
-                    raise InputError(f"{what} contains NaN or Inf (such samples can be skipped)", source.origin, option="skip_nonfinite")
+                    raise InputError(f"{what} contains NaN or Inf", source.origin, option="skip_nonfinite")  # calibrate can skip them (--skip-nonfinite)
                 if axis is not None:
                     keep &= ~bad
             if not keep.all():
