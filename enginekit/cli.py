@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from enginekit import __version__
-from enginekit.core.errors import EnginekitError
+from enginekit.core.errors import EnginekitError, unexpected_line
 from enginekit.onnx.smoothing import DEFAULT_ALPHA as DEFAULT_SMOOTHQUANT_ALPHA
 
 # The flag that fixes an error about a setting, per command where the flags differ.
@@ -697,6 +697,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("ENGINEKIT_DEBUG"))
     args = [a for a in args if a != "--debug"]
+    if debug:  # the library raises unexpected errors where they happen (a build's cells no longer catch them)
+        os.environ["ENGINEKIT_DEBUG"] = "1"
     if not debug:
         print_warnings_on_one_line()
     if threading.current_thread() is threading.main_thread():
@@ -734,6 +736,5 @@ def _exit_with_error(exc: Exception, args: list[str], debug: bool) -> None:
         click.echo(f"enginekit: error: {where}{exc.strerror or type(exc).__name__}", err=True)
         sys.exit(2)
     # a bug or an unforeseen library failure
-    text = " ".join(str(exc).split())[:300] or "(no message)"
-    click.echo(f"enginekit: error: unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)", err=True)
+    click.echo(f"enginekit: error: {unexpected_line(exc)}", err=True)
     sys.exit(2)

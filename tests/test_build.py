@@ -132,3 +132,28 @@ def test_the_build_profile_shows_where_time_went_and_no_shared_stage_twice(run_c
     assert "corrected_on" in records["onnxruntime"] and "shared" in records["openvino"]
     assert records["openvino"]["layers"] == records["onnxruntime"]["layers"] == 5
     assert 0 < sum(profile["stages"].values()) <= profile["wall_s"] and all(c.profile == profile for c in cells)
+
+
+def test_an_unexpected_error_in_one_cell_fails_that_cell_and_the_others_are_still_reported(run_cli, tmp_path, monkeypatch):
+    """A LiteRT kernel's RuntimeError ended a new user's whole six-cell build: one 'unexpected'
+    line, the table of the cells already built lost. Now it is that cell's failure; --debug
+    (ENGINEKIT_DEBUG) still raises it where it happens, with its traceback."""
+    from enginekit.builder import pipeline
+
+    real = pipeline.build_cell
+
+    def failing_for_openvino(session, target, precision, out, conditions):
+        if target.name == "openvino":
+            raise RuntimeError("kernel check failed: index out of bounds")
+        return real(session, target, precision, out, conditions)
+
+    monkeypatch.setattr(pipeline, "build_cell", failing_for_openvino)
+    monkeypatch.delenv("ENGINEKIT_DEBUG", raising=False)
+    args = ["build", "-m", "digits_cnn", "--targets", "onnxruntime,openvino", "--precisions", "fp32", "--no-bench"]
+    result = run_cli(*args, "-o", tmp_path / "out")
+    assert result.code != 0 and "Traceback" not in result.err
+    assert "unexpected RuntimeError: kernel check failed: index out of bounds (rerun with --debug" in result.out
+    assert (tmp_path / "out" / "onnxruntime-fp32" / "manifest.json").is_file() and not (tmp_path / "out" / "openvino-fp32").exists()
+    monkeypatch.setenv("ENGINEKIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kernel check failed"):
+        build("digits_cnn", "openvino", "fp32", tmp_path / "debug", BuildOptions())

@@ -10,6 +10,7 @@ already at its path is reused after its files are verified.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from enginekit.builder.session import CellInputs, ModelSession
 from enginekit.calibration.pipeline import write_tables
 from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
 from enginekit.core.executor import fault_point
-from enginekit.core.errors import EnginekitError, GateError, InputError, MissingDependencyError, naming
+from enginekit.core.errors import EnginekitError, GateError, InputError, MissingDependencyError, debugging, naming, unexpected_line
+from enginekit.core.interrupt import stop_requested
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
 from enginekit.core.profile import profiling, stage
@@ -34,6 +36,8 @@ from enginekit.onnx.graph import graph_inputs, tensor_specs
 from enginekit.quantization.report import costliest_layers, layer_report
 from enginekit.targets.base import Target
 from enginekit.targets.registry import get_target
+
+logger = logging.getLogger(__name__)
 
 TABLE_FILE = "calibration.json"
 LAYER_REPORT_FILE = "layers.json"
@@ -336,6 +340,11 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
             cell.result = build_cell(session, target, cell.precision, cell.folder, conditions)
         except EnginekitError as exc:  # this cell failed; the others are still built
             cell.folder, cell.failed, cell.exit_code = None, str(naming(exc, session.fp32.origin)), exc.exit_code
+        except Exception as exc:  # a bug or an unforeseen runtime failure in this cell: the others are still built and reported
+            if debugging() or stop_requested():
+                raise
+            logger.debug("cell %s %s failed", cell.target, cell.precision, exc_info=True)
+            cell.folder, cell.failed, cell.exit_code = None, unexpected_line(exc), 2
     if session.calibrated_here:  # the table every INT8 cell of this build used, for reuse with --table
         write_tables({options.calib_method: session.table()}, out / TABLE_FILE, inputs=[session.fp32.path])
     report("building", len(pending), len(pending), "artifacts")

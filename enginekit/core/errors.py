@@ -6,6 +6,7 @@ fine but a quality gate (parity, accuracy) failed. Anything else is a bug and ke
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -41,3 +42,15 @@ class GateError(EnginekitError):
     """A produced artifact failed a quality gate (parity or accuracy); nothing was published."""
 
     exit_code = 1
+
+
+def debugging() -> bool:
+    """Whether the user asked for tracebacks (--debug sets ENGINEKIT_DEBUG): an unexpected error is
+    then raised where it happens instead of being reported as one line."""
+    return bool(os.environ.get("ENGINEKIT_DEBUG"))
+
+
+def unexpected_line(exc: BaseException) -> str:
+    """The one line for a bug or an unforeseen library failure (no traceback: see `debugging`)."""
+    text = " ".join(str(exc).split())[:300] or "(no message)"
+    return f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)"
