@@ -5,6 +5,7 @@ measured at the data's shape."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -146,6 +147,27 @@ def test_a_token_id_factory_declares_int64_inputs_and_their_range(run_cli, tmp_p
     assert ids.min() >= 0 and ids.max() <= 999 and ids.dtype == np.int64  # parity and benchmark data stay in the vocabulary
     bad = run_cli("export", "-m", "textnet:build", "--input-shape", "input_ids=batchx12:int64:9..1", "-o", tmp_path / "bad")
     assert bad.code == 2 and "not a value range" in bad.error_line
+    # ids past the declared vocabulary: one line naming the file and the range, not a runtime's Gather error
+    np.savez(tmp_path / "oov.npz", input_ids=rng.integers(0, 1200, (48, 12)), attention_mask=np.ones((48, 12), np.int64))
+    oov = run_cli("build", "-m", "textnet:build", *shapes, "--target", "onnxruntime", "--precision", "int8",
+                  "--calib-data", tmp_path / "tokens.npz", "--eval-data", tmp_path / "oov.npz", "-n", "48", "-o", tmp_path / "oov")
+    assert oov.code == 2 and str(tmp_path / "oov.npz") in oov.error_line
+    assert re.search(r"input 'input_ids' has values \d+\.\.1\d\d\d outside its declared range 0\.\.999$", oov.error_line), oov.error_line
+
+
+def test_inputs_that_disagree_on_a_shared_symbolic_dim_are_refused_naming_the_file(run_cli, tmp_path):
+    """input_ids 32 tokens long, attention_mask 16: ONNX Runtime failed in a Reshape naming no
+    input and no file."""
+    weight = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Mul", ["ids", "mask"], ["m"]), helper.make_node("MatMul", ["m", "w"], ["y"])], "pair",
+                              [helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", "sequence", 4]),
+                               helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "sequence", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 2])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "pair.onnx"))
+    np.savez(tmp_path / "d.npz", ids=np.ones((8, 32, 4), np.float32), mask=np.ones((8, 16, 4), np.float32))
+    result = run_cli("calibrate", "-m", tmp_path / "pair.onnx", "--data", tmp_path / "d.npz", "-o", tmp_path / "r.json")
+    assert result.code == 2 and str(tmp_path / "d.npz") in result.error_line
+    assert "inputs 'ids' and 'mask' disagree on their 'sequence' dim (32 and 16)" in result.error_line
 
 
 def test_a_keras_application_with_a_normalization_layer_exports_and_builds(run_cli, tmp_path, monkeypatch):

@@ -331,5 +331,23 @@ def _check_batch(batch: Feeds, expected: dict[str, TensorSpec], axes: Mapping[st
         if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(wanted, sample)):
             shown = "shape" if axis is None else "sample shape"
             raise InputError(f"input '{name}' has {shown} {sample}, the model expects {wanted}", origin)
+        if spec.range is not None and want.kind in "iu" and array.size and (array.min() < spec.range[0] or array.max() > spec.range[1]):
+            # token ids past the vocabulary: a Gather out of bounds deep in a runtime, named by none of them
+            raise InputError(f"input '{name}' has values {array.min()}..{array.max()} outside its declared range "
+                             f"{spec.range[0]:g}..{spec.range[1]:g}", origin)
         checked[name] = array
+    _check_shared_dims(checked, expected, origin)
     return checked
+
+
+def _check_shared_dims(batch: Feeds, expected: dict[str, TensorSpec], origin: str) -> None:
+    """Inputs that share a symbolic dim (input_ids and attention_mask: batch x sequence) must
+    agree on its size; else the model fails inside a Reshape that names no input."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, array in batch.items():
+        for dim, size in zip(expected[name].shape, array.shape):
+            if not isinstance(dim, str) or dim == "?":  # "?": a dim the graph leaves unnamed, tied to no other
+                continue
+            first = seen.setdefault(dim, (name, size))
+            if first[1] != size:
+                raise InputError(f"inputs '{first[0]}' and '{name}' disagree on their '{dim}' dim ({first[1]} and {size})", origin)

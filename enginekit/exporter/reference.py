@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ def load_fp32(model: str | Path, source: SourceOptions | bool | None = None) -> 
         origin = manifest.get("source", {})
         zoo = origin.get("zoo")
         fp32 = _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
+        fp32.inputs = _declared_ranges(fp32.inputs, manifest.get("inputs"))
         fp32.notes = [f"export: {note}" for note in manifest.get("notes") or [] if isinstance(note, str)]
         fp32.prequantized = manifest.get("prequantized") if isinstance(manifest.get("prequantized"), dict) else None
         if origin.get("kind") == "keras" and origin.get("keras"):
@@ -209,6 +210,15 @@ def _cached_source_export(model: str, source: SourceOptions) -> Path:
     options = ExportOptions(opset=source.opset)
     return _cached(folder, lambda out: export_model(model, out, source.weights, source.input_shapes, options,
                                                    allow_unsafe_keras=source.allow_unsafe_keras))
+
+
+def _declared_ranges(inputs: list[TensorSpec], recorded: Any) -> list[TensorSpec]:
+    """The inputs with the value ranges the export recorded (--input-shape ...:int64:0..999), which
+    the ONNX graph cannot hold: data is checked against them."""
+    ranges = {entry["name"]: entry["range"] for entry in recorded or [] if isinstance(entry, dict) and
+              isinstance(entry.get("range"), list) and len(entry["range"]) == 2 and "name" in entry}
+    return [replace(spec, range=(float(ranges[spec.name][0]), float(ranges[spec.name][1])))
+            if spec.name in ranges and spec.range is None else spec for spec in inputs]
 
 
 def _load(path: Path, name: str, spec: ModelSpec | None) -> Fp32Model:
