@@ -267,7 +267,10 @@ def _gate_naming_layers(inputs: CellInputs, target: Target, metrics: dict[str, A
         names = costliest_layers(rows)
         if not names:
             raise
-        raise GateError(f"{message}; the layers adding the most error: {names}", exc.path, exc.option) from None
+        # ranked by the SQNR each loses where it is computed, which is not always what reaches the output (a new
+        # user's wav2vec2 named its layer norms; its feature convs were the cause): say where the output's ranking is
+        raise GateError(f"{message}; the layers adding the most error: {names} (each at its own output; by effect on the "
+                        "model's output: enginekit sensitivity, or --auto-fallback)", exc.path, exc.option) from None
 
 
 @dataclass
