@@ -274,3 +274,35 @@ def test_the_kernel_probe_failing_at_run_time_is_an_input_error_the_build_notes(
     assert ov_target._compile_and_run(model, {"x": np.ones((1, 3, 8, 8), np.float32)})["y"].shape == (1, 4, 5, 5)
     with pytest.raises(InputError, match="cannot compile or run the probed graph"):
         ov_target._compile_and_run(model, {"x": np.ones((0, 3, 8, 8), np.float32)})
+
+
+@pytest.mark.parametrize("index", [-1, 2])
+def test_a_last_token_gather_after_an_int8_matmul_runs_as_slice_and_squeeze(tmp_path, index):
+    """OpenVINO 2026.4 gave `logits[:, -1]` after a GPT-2 wrapper's int8 LM head the shape
+    [1, batch, vocab]. The INT8 build rewrites a one-index Gather from a compute layer as Slice +
+    Squeeze: the same values (reference executor, every index sign), the right shape on OpenVINO."""
+    from onnx import numpy_helper
+
+    from enginekit.onnx.session import Session
+    from enginekit.targets.openvino_kernels import scalar_gathers_as_slices
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (16, 24)).astype(np.float32), "w"), numpy_helper.from_array(np.array(index, np.int64), "i")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+             helper.make_node("Gather", ["logits", "i"], ["picked"], name="pick", axis=1), helper.make_node("Softmax", ["picked"], ["last"], axis=-1)]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6, 24]),
+                               helper.make_tensor_value_info("last", TensorProto.FLOAT, ["batch", 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(0, 1, (5, 6, 16)).astype(np.float32)}
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert scalar_gathers_as_slices(rewritten) == 1 and "Gather" not in {n.op_type for n in rewritten.graph.node}
+    np.testing.assert_array_equal(Session(rewritten).run(x)["last"], Session(model).run(x)["last"])
+    onnx.save(model, str(tmp_path / "lm.onnx"))
+    np.savez(tmp_path / "x.npz", x=rng.normal(0, 1, (32, 6, 16)).astype(np.float32))
+    result = build(str(tmp_path / "lm.onnx"), "openvino", "int8", tmp_path / "int8",
+                   BuildOptions(calib_data=str(tmp_path / "x.npz"), eval_data=str(tmp_path / "x.npz"), num_samples=32, min_accuracy="none"))
+    assert any("1 Gather(s) of one index from a compute layer run as Slice + Squeeze" in note for note in result.manifest["notes"])
+    with ov_target.OpenVinoRunner(tmp_path / "int8", "int8") as runner:
+        assert runner.infer(x)["last"].shape == (5, 24)

@@ -317,10 +317,13 @@ class OpenVinoTarget(Target):
         source = inputs.fp32.path
         defects: dict[str, float] = {}
         if inputs.precision == "int8":
-            from enginekit.targets.openvino_kernels import dequantize_weights, kernel_defects
+            from enginekit.targets.openvino_kernels import dequantize_weights, kernel_defects, scalar_gathers_as_slices
 
             source = inputs.stage / "model.int8.onnx"
             graph = inputs.qdq(inputs.encoding).model
+            if gathers := scalar_gathers_as_slices(graph):
+                inputs.notes.append(f"{gathers} Gather(s) of one index from a compute layer run as Slice + Squeeze (OpenVINO's CPU "
+                                    "plugin gave such a Gather after an int8 MatMul a wrong shape)")
             try:
                 defects = kernel_defects(graph, inputs.calibration_feeds(KERNEL_CHECK_SAMPLES), _compile_and_run, inputs.threads)
             except InputError as exc:  # the probe (the graph with extra outputs) refused: the build itself goes on and says so

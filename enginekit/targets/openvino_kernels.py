@@ -19,6 +19,8 @@ graph, so OpenVINO runs it in float on the int8 grid's values, and the manifest 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -83,3 +85,33 @@ def dequantize_weights(graph: onnx.ModelProto, nodes: Sequence[str]) -> onnx.Mod
         fixed.graph.initializer.append(numpy_helper.from_array(values, name))
         node.input[1] = name
     return fixed
+
+
+def scalar_gathers_as_slices(graph: onnx.ModelProto) -> int:
+    """Rewrite, in place, every Gather of one constant index (a rank-0 index: `logits[:, -1]`)
+    from a compute layer's output as Slice + Squeeze, which compute the same values; returns how
+    many. OpenVINO 2026.4's CPU plugin gave such a Gather after an int8 MatMul the wrong shape
+    ([1, batch, vocab] for [batch, vocab]: a GPT-2 wrapper's last-token output, 128 samples
+    compared against 4 batches), while the FP32 graph, the reference executor and the same
+    graph with a float weight were right; Slice + Squeeze runs right on the int8 MatMul."""
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    nodes, rewritten = [], 0
+    for node in graph.graph.node:
+        index = constants.get(node.input[1]) if node.op_type == "Gather" and len(node.input) > 1 else None
+        source = producers.get(node.input[0])
+        if index is None or index.ndim != 0 or source is None or source.op_type not in COMPUTE_OPS:
+            nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        start = int(index)
+        stem = f"{node.name or node.output[0]}/as_slice"
+        graph.graph.initializer.extend([numpy_helper.from_array(np.array([value], np.int64), f"{stem}/{part}") for part, value in
+                                        (("start", start), ("end", start + 1 if start != -1 else np.iinfo(np.int64).max), ("axis", axis))])
+        nodes += [onnx.helper.make_node("Slice", [node.input[0], f"{stem}/start", f"{stem}/end", f"{stem}/axis"], [f"{stem}/sliced"], name=f"{stem}/slice"),
+                  onnx.helper.make_node("Squeeze", [f"{stem}/sliced", f"{stem}/axis"], list(node.output), name=f"{stem}/squeeze")]
+        rewritten += 1
+    if rewritten:
+        del graph.graph.node[:]
+        graph.graph.node.extend(nodes)
+    return rewritten
