@@ -416,3 +416,33 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_a_symbolic_dim_the_model_needs_larger_is_traced_at_the_size_declared_with_it(run_cli, tmp_path, monkeypatch):
+    """A raw-audio model (wav2vec2's feature convolutions) cannot be traced at 16 samples, the size
+    every symbolic dim but the batch was traced at: `samples@400` keeps the dim dynamic and traces
+    (and checks parity) at 400; without it the failure says how."""
+    pytest.importorskip("torch", reason="PyTorch factories need torch")
+    (tmp_path / "audionet.py").write_text(textwrap.dedent("""
+        import torch
+
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Conv1d(1, 4, 10, stride=5), torch.nn.GELU(), torch.nn.Conv1d(4, 4, 10, stride=5),
+                                       torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten()).eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENGINEKIT_CACHE", str(tmp_path / "cache"))
+    short = run_cli("export", "-m", "audionet:build", "--input-shape", "audio=batchx1xsamples", "-o", tmp_path / "short")
+    assert short.code == 2 and "traced at audio [2, 1, 16]" in short.error_line and "samples@16000" in short.error_line
+    result = run_cli("export", "-m", "audionet:build", "--input-shape", "audio=batchx1xsamples@400", "-o", tmp_path / "long")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "long" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == ["batch", 1, "samples"] and manifest["parity"]["passed"]
+    from enginekit.onnx.session import Session
+
+    for length in (400, 1000):  # dynamic: any length the convolutions can take
+        out = Session(tmp_path / "long" / "model.onnx").run({"audio": np.ones((2, 1, length), np.float32)})
+        assert next(iter(out.values())).shape == (2, 4)
+    bad = run_cli("export", "-m", "audionet:build", "--input-shape", "audio=batchx1xsamples@0", "-o", tmp_path / "bad")
+    assert bad.code == 2 and "NAME@SIZE" in bad.error_line

@@ -31,17 +31,20 @@ def quiet_stderr() -> Iterator[None]:
 # Third-party loggers whose warnings are internal chatter, not something a user can act on:
 # onnxscript logs every constant it could not fold (the node simply stays in the graph).
 CHATTY_LOGGERS = ("onnxscript.optimizer._constant_folding", "torch.onnx")
+# torch.export logs its own failures at ERROR ("E1204 ... _trace.py:1323] always_classified is unsupported",
+# with tracebacks) before raising them; enginekit reports the exception in one line, or exports another way
+EXPORT_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch._guards", "torch.fx.experimental.symbolic_shapes")
 
 
 @contextlib.contextmanager
-def quiet_loggers(names: tuple[str, ...] = CHATTY_LOGGERS) -> Iterator[None]:
-    """Raise these loggers to ERROR for the block, restoring their levels after."""
+def quiet_loggers(names: tuple[str, ...] = CHATTY_LOGGERS, level: int = 40) -> Iterator[None]:
+    """Raise these loggers to `level` (default ERROR) for the block, restoring their levels after."""
     import logging
 
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(level)
     try:
         yield
     finally:

@@ -227,7 +227,7 @@ def _runs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> bool:
 
 def _fill_dims(source: Source, dims: Mapping[str, int]) -> dict[str, int]:
     symbols = {d for s in source.inputs for d in s.symbolic_dims}
-    return {s: int(dims.get(s, _UNNAMED_DIM_SIZE)) for s in symbols}
+    return {s: int(dims.get(s, source.dim_sizes.get(s, _UNNAMED_DIM_SIZE))) for s in symbols}
 
 
 def parity_cases(source: Source) -> list[dict[str, int]]:

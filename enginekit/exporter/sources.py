@@ -43,6 +43,7 @@ class Source:
     onnx_path: Path | None = None
     origin: dict[str, Any] = field(default_factory=dict)
     prequantized: Any = None  # onnx.prequantized.Dequantized of an ONNX source that holds Q/DQ
+    dim_sizes: Mapping[str, int] = field(default_factory=dict)  # symbolic dims' trace and parity size (--input-shape NAME@SIZE)
 
     def sample(self, dims: Mapping[str, int]) -> tuple[Feeds, str]:
         """Inputs of the current specs at `dims`, from the evaluation data when it fits, with a
@@ -66,18 +67,19 @@ def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str],
     from enginekit.models import get_spec
 
     overrides = parse_input_shapes(input_shapes)
+    sizes = {dim: size for declared in overrides.values() for dim, size in declared.sizes.items()}
     if looks_like_factory(model):
-        return _factory_source(model, weights, overrides)
+        return replace(_factory_source(model, weights, overrides), dim_sizes=sizes)
     path = Path(model)
     if is_keras_path(path):
         if weights:
             raise InputError("weights apply to PyTorch zoo and factory models; a Keras file carries its own", model, option="weights")
-        return _keras_file_source(path, overrides, allow_unsafe_keras)
+        return replace(_keras_file_source(path, overrides, allow_unsafe_keras), dim_sizes=sizes)
     if path.suffix.lower() == ".onnx" or path.exists() or "/" in model or "\\" in model:
         if weights:
             raise InputError("weights apply to zoo and factory models, not to an ONNX file", model, option="weights")
-        return _onnx_source(path, overrides)
-    return _zoo_source(get_spec(model), weights, overrides)  # an unknown name raises with suggestions
+        return replace(_onnx_source(path, overrides), dim_sizes=sizes)
+    return replace(_zoo_source(get_spec(model), weights, overrides), dim_sizes=sizes)  # an unknown name raises with suggestions
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class InputDeclaration:
     shape: tuple[Dim, ...]
     dtype: str | None = None
     range: tuple[float, float] | None = None
+    sizes: Mapping[str, int] = field(default_factory=dict)  # symbolic dim -> the size it is traced and checked at (NAME@SIZE)
 
 
 _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
@@ -94,8 +97,9 @@ _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "
 
 def parse_input_shapes(values: Sequence[str]) -> dict[str | None, InputDeclaration]:
     """`NAME=1x3x224x224` (or just `1x3x224x224` for a single-input model); symbols such as
-    `batch` or `sequence` keep a dim dynamic; `scalar` is a rank-0 input. A dtype and a value
-    range may follow: `input_ids=batchxsequence:int64:0..30521`."""
+    `batch` or `sequence` keep a dim dynamic, `samples@16000` too, traced and parity-checked at
+    16000 instead of 16 (a raw-audio model whose convolutions need more); `scalar` is a rank-0
+    input. A dtype and a value range may follow: `input_ids=batchxsequence:int64:0..30521`."""
     declared: dict[str | None, InputDeclaration] = {}
     for value in values:
         name, _, spec = value.rpartition("=")
@@ -105,17 +109,24 @@ def parse_input_shapes(values: Sequence[str]) -> dict[str | None, InputDeclarati
         if not parts:
             raise InputError(f"input shape '{value}' has no dims (expected e.g. image=1x3x224x224)", option="input_shapes")
         parsed: list[Dim] = []
+        sizes: dict[str, int] = {}
         for part in [] if parts == ["scalar"] else parts:
+            sized = re.fullmatch(r"([A-Za-z_]\w*)@([1-9]\d*)", part)
             if part.isdigit() and int(part) > 0:
                 parsed.append(int(part))
             elif re.fullmatch(r"[A-Za-z_]\w*", part):
                 parsed.append(part)
+            elif sized:
+                parsed.append(sized.group(1))
+                sizes[sized.group(1)] = int(sized.group(2))
             else:
-                raise InputError(f"input shape '{value}': '{part}' is neither a positive size nor a dim name", option="input_shapes")
+                raise InputError(f"input shape '{value}': '{part}' is neither a positive size, a dim name nor NAME@SIZE",
+                                 option="input_shapes")
         dtype = dtype_text.strip() or None
         if dtype is not None and dtype not in _DTYPES:
             raise InputError(f"input shape '{value}': dtype '{dtype}' is not one of {', '.join(sorted(_DTYPES))}", option="input_shapes")
-        declared[name or None] = InputDeclaration(tuple(parsed), dtype, _value_range(range_text.strip(), value) if range_text.strip() else None)
+        declared[name or None] = InputDeclaration(tuple(parsed), dtype, _value_range(range_text.strip(), value) if range_text.strip() else None,
+                                                  sizes)
     return declared
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import onnx
 from enginekit.core.errors import InputError
 from enginekit.core.loaders import parse_exported_onnx
 from enginekit.core.optional import require_torch
-from enginekit.core.quiet import quiet_loggers
+from enginekit.core.quiet import EXPORT_LOGGERS, quiet_loggers
 from enginekit.onnx.graph import rename_values, set_symbolic_dims
 from enginekit.exporter.sources import Source
 from enginekit.core.tensors import random_feeds
@@ -62,13 +63,15 @@ def export_torch(source: Source, opset: int, notes: list[str] | None = None) -> 
     torch = require_torch("exporting PyTorch models")
 
     symbols = sorted({d for spec in source.inputs for d in spec.symbolic_dims})
-    example_dims = {s: min(_EXAMPLE_SIZE.get(s, _DEFAULT_EXAMPLE_SIZE), source.dim_max.get(s, 1 << 30)) for s in symbols}
+    example_dims = {s: source.dim_sizes.get(s) or min(_EXAMPLE_SIZE.get(s, _DEFAULT_EXAMPLE_SIZE), source.dim_max.get(s, 1 << 30))
+                    for s in symbols}
     feeds = random_feeds(source.inputs, example_dims)
     args = tuple(torch.from_numpy(feeds[spec.name]) for spec in source.inputs)
     dims = {s: torch.export.Dim(s, min=1, max=source.dim_max.get(s, 1 << 20)) for s in symbols}
     dynamic_shapes = tuple({axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in source.inputs)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers(), \
+                quiet_loggers(EXPORT_LOGGERS, logging.CRITICAL + 1):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 source.module, args, None, opset_version=opset, dynamo=True,
@@ -114,7 +117,11 @@ def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: 
                               input_names=[spec.name for spec in source.inputs], output_names=output_names,
                               dynamic_axes={name: axes for name, axes in dynamic_axes.items() if axes})
     except Exception as exc:
-        raise InputError(f"torch.onnx.export failed ({dynamo_reason}); the TorchScript exporter too ({exporter_problem(exc)})",
+        traced = ", ".join(f"{spec.name} {list(a.shape)}" for spec, a in zip(source.inputs, args))
+        hint = ("" if not any(d != "batch" for spec in source.inputs for d in spec.symbolic_dims) or source.dim_sizes else
+                f"; traced at {traced}: a symbolic dim the model needs larger takes its size as NAME@SIZE in --input-shape "
+                "(e.g. samples@16000)")
+        raise InputError(f"torch.onnx.export failed ({dynamo_reason}); the TorchScript exporter too ({exporter_problem(exc)}){hint}",
                          source.name) from None
     frozen = [f"{Path(w.filename).name}:{w.lineno}" for w in caught
               if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)]
