@@ -67,7 +67,7 @@ class SessionState:
     rounded: tuple[dict[str, np.ndarray], dict[str, Any]] | None
 
 
-NEARLY_CONSTANT = 1e-3  # an FP32 output that moves less than this share of its magnitude between samples is flagged
+NEARLY_CONSTANT = 1e-4  # an FP32 output that moves less than this share of its magnitude between samples is flagged
 
 
 class ModelSession:
@@ -335,8 +335,8 @@ class ModelSession:
             for name, spread in self.nearly_constant_outputs().items():
                 if name not in constant:
                     warnings.warn(f"the FP32 output '{name}' barely changes between evaluation samples (by {spread:.1e} of its "
-                                  "magnitude): its agreement figures are decided by rounding noise (untrained weights, or data "
-                                  "the model does not expect?)", stacklevel=2)
+                                  "magnitude): agreement with it says little, and a top-1 on it may be rounding noise (untrained "
+                                  "weights, data the model does not expect, or evaluation data all of one kind?)", stacklevel=2)
         return self._reference
 
     def nearly_constant_outputs(self) -> dict[str, float]:
