@@ -100,6 +100,7 @@ class ModelSession:
         self.smoothing: dict[str, Any] | None = None  # what SmoothQuant and cross-layer equalisation did, for INT8 manifests
         self._evaluation: Evaluation | None = None
         self._reference: dict[str, np.ndarray] | None = None
+        self._on_calibration_data: bool | None = None  # the evaluation file is the calibration file (hashed once)
         self.fallback: Fallback | None = None  # what --auto-fallback found, for INT8 manifests
         self.int8_pairs: set[tuple[str, str]] = {("int8", "inputs")}  # (encoding, placement) of the build's INT8 targets
 
@@ -297,10 +298,12 @@ class ModelSession:
         held-out samples (the gate sees the samples the ranges and biases were fitted to)."""
         from enginekit.core.artifacts import sha256_file
 
-        calibration, evaluation = self.options.calib_data, self.options.eval_data
-        if not all(isinstance(d, (str, Path)) and Path(d).is_file() for d in (calibration, evaluation)):
-            return False
-        return Path(calibration).resolve() == Path(evaluation).resolve() or sha256_file(calibration) == sha256_file(evaluation)
+        if self._on_calibration_data is None:  # asked by every cell's manifest: the files are hashed once
+            calibration, evaluation = self.options.calib_data, self.options.eval_data
+            files = all(isinstance(d, (str, Path)) and Path(d).is_file() for d in (calibration, evaluation))
+            self._on_calibration_data = files and (Path(calibration).resolve() == Path(evaluation).resolve()
+                                                   or sha256_file(calibration) == sha256_file(evaluation))
+        return self._on_calibration_data
 
     def _load_evaluation(self) -> Evaluation:
         if self.evaluated_on_calibration_data():
@@ -328,32 +331,37 @@ class ModelSession:
             batches = self.evaluation().batches
             with stage("fp32 reference outputs"):
                 self._reference = self.outputs_of(self.fp32.proto, batches)
-            constant = self.constant_outputs()
-            for name in constant:  # said once per build, not only as a report flag
+            for name in self.constant_outputs():  # said once per build, not only as a report flag
                 warnings.warn(f"the FP32 output '{name}' is the same for every evaluation sample: agreement with it says "
                               "nothing about a target (untrained weights, or data the model does not expect?)", stacklevel=2)
             for name, spread in self.nearly_constant_outputs().items():
-                if name not in constant:
-                    warnings.warn(f"the FP32 output '{name}' barely changes between evaluation samples (by {spread:.1e} of its "
-                                  "magnitude): agreement with it says little, and a top-1 on it may be rounding noise (untrained "
-                                  "weights, data the model does not expect, or evaluation data all of one kind?)", stacklevel=2)
+                warnings.warn(f"the FP32 output '{name}' barely changes between evaluation samples (by {spread:.1e} of its "
+                              "magnitude): agreement with it says little, and a top-1 on it may be rounding noise (untrained "
+                              "weights, data the model does not expect, or evaluation data all of one kind?)", stacklevel=2)
         return self._reference
 
-    def nearly_constant_outputs(self) -> dict[str, float]:
+    def _still_outputs(self) -> dict[str, float]:
         """FP32 outputs none of whose values moves between evaluation samples by more than
-        NEARLY_CONSTANT of the output's magnitude, with that largest move: an untrained network
-        whose softmax is 0.001 +- 1e-9 everywhere, whose top-1 (and INT8's agreement with it) is
-        then float noise. Exact constants included (a move of 0)."""
-        found = {}
+        NEARLY_CONSTANT of the output's magnitude, with that largest move as a share of it (0.0:
+        the output is constant)."""
+        moves = {}
         for name, value in self.reference_outputs().items():
             axis = self.output_axes.get(name)
-            if axis is None or value.size == 0 or value.shape[axis] < 2:
+            if axis is None or value.shape[axis] < 2:
                 continue
-            magnitude = float(np.abs(value).max())
-            spread = float((value.max(axis=axis) - value.min(axis=axis)).max()) / magnitude if magnitude > 0 else 0.0
-            if spread <= NEARLY_CONSTANT:
-                found[name] = spread
-        return found
+            magnitude = float(np.abs(value).max()) if value.size else 0.0
+            if not np.isfinite(magnitude):  # NaN/Inf outputs fail the gate on their own
+                continue
+            move = float(np.ptp(value, axis=axis).max()) / magnitude if magnitude > 0 else 0.0
+            if move <= NEARLY_CONSTANT:
+                moves[name] = move
+        return moves
+
+    def nearly_constant_outputs(self) -> dict[str, float]:
+        """FP32 outputs that move between samples, but by no more than NEARLY_CONSTANT of their
+        magnitude, with that move: an untrained network whose softmax is 0.001 +- 1e-9
+        everywhere, whose top-1 (and INT8's agreement with it) is then float noise."""
+        return {name: move for name, move in self._still_outputs().items() if move > 0}
 
     def candidate_inputs(self, target: Any, graph: QdqGraph, float_nodes: Sequence[str], pair: tuple[str, str],
                          stage: Path) -> "CandidateInputs":
@@ -380,13 +388,7 @@ class ModelSession:
     def constant_outputs(self) -> list[str]:
         """FP32 outputs that do not change from sample to sample on the evaluation data: agreement
         with them says nothing (the data may not fit the model)."""
-        outputs = self.reference_outputs()
-        constant = []
-        for name, value in outputs.items():
-            axis = self.output_axes.get(name)
-            if axis is not None and value.shape[axis] > 1 and np.all(value == np.take(value, [0], axis=axis)):
-                constant.append(name)
-        return constant
+        return [name for name, move in self._still_outputs().items() if move == 0.0]
 
 
 class CellInputs:
