@@ -4,6 +4,7 @@ before any log level applies), so enginekit's one-line messages stay readable.""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -37,10 +38,8 @@ EXPORT_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch._guar
 
 
 @contextlib.contextmanager
-def quiet_loggers(names: tuple[str, ...] = CHATTY_LOGGERS, level: int = 40) -> Iterator[None]:
-    """Raise these loggers to `level` (default ERROR) for the block, restoring their levels after."""
-    import logging
-
+def quiet_loggers(names: tuple[str, ...] = CHATTY_LOGGERS, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise these loggers to `level` for the block, restoring their levels after."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

@@ -3,8 +3,8 @@ feeds (input name -> array)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,14 @@ class TensorSpec:
 
 
 Feeds = dict[str, np.ndarray]
+
+
+def with_ranges(specs: Sequence[TensorSpec], declared: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """`specs` with the value range `declared` gives the input of the same name, where a spec has
+    none: an ONNX graph cannot hold a range (token ids 0..vocabulary-1), its source and the export
+    manifest do, and data is checked against it."""
+    ranges = {spec.name: spec.range for spec in declared if spec.range is not None}
+    return [replace(spec, range=ranges[spec.name]) if spec.range is None and spec.name in ranges else spec for spec in specs]
 
 
 RANDOM_INTEGER_RANGE = (0, 99)  # integers without a declared range

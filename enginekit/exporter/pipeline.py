@@ -18,7 +18,7 @@ from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, DEFAU
 from enginekit.exporter.sources import Source, resolve_source
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, Output, check_outputs
-from enginekit.core.tensors import Feeds, TensorSpec, random_feed_text
+from enginekit.core.tensors import Feeds, random_feed_text, with_ranges
 
 MODEL_FILE = "model.onnx"
 # Older ONNX files are upgraded to this opset: per-channel DequantizeLinear (the Q/DQ hub's weights)
@@ -83,7 +83,7 @@ def _export(model: str, out_dir: Path, weights: str | None, input_shapes: Sequen
             "precision": "fp32",
             "source": {"kind": source.kind, **source.origin},
             "opset": onnx_graph.opset_of(proto),
-            "inputs": [_declared(s, source).to_json() for s in onnx_graph.tensor_specs(onnx_graph.graph_inputs(proto))],
+            "inputs": [s.to_json() for s in with_ranges(onnx_graph.tensor_specs(onnx_graph.graph_inputs(proto)), source.inputs)],
             "outputs": [s.to_json() for s in onnx_graph.tensor_specs(proto.graph.output)],
             "parity": parity.to_json(),
             **_prequantized_record(source, proto),
@@ -238,13 +238,6 @@ def parity_cases(source: Source) -> list[dict[str, int]]:
         if case not in cases:
             cases.append(case)
     return cases
-
-
-def _declared(spec: TensorSpec, source: Source) -> TensorSpec:
-    """A graph input with the value range its source declared (token ids 0..vocabulary-1): the
-    ONNX graph cannot hold it, the manifest does, and data is checked against it."""
-    declared = next((s.range for s in source.inputs if s.name == spec.name and s.range is not None), None)
-    return replace(spec, range=declared) if declared is not None and spec.range is None else spec
 
 
 def _parity(source: Source, path: Path, proto: onnx.ModelProto, options: ExportOptions) -> ParityResult:

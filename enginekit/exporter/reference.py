@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from enginekit.core.errors import InputError
 from enginekit.onnx.graph import graph_inputs, tensor_specs
 from enginekit.core.loaders import load_onnx
 from enginekit.models.spec import ModelSpec
-from enginekit.core.tensors import TensorSpec
+from enginekit.core.tensors import TensorSpec, with_ranges
 
 
 @dataclass
@@ -90,7 +90,7 @@ def load_fp32(model: str | Path, source: SourceOptions | bool | None = None) -> 
         origin = manifest.get("source", {})
         zoo = origin.get("zoo")
         fp32 = _load(onnx_path, manifest.get("model", path.name), get_spec(zoo) if zoo else None)
-        fp32.inputs = _declared_ranges(fp32.inputs, manifest.get("inputs"))
+        fp32.inputs = with_ranges(fp32.inputs, _recorded_ranges(manifest.get("inputs")))
         fp32.notes = [f"export: {note}" for note in manifest.get("notes") or [] if isinstance(note, str)]
         fp32.prequantized = manifest.get("prequantized") if isinstance(manifest.get("prequantized"), dict) else None
         if origin.get("kind") == "keras" and origin.get("keras"):
@@ -212,13 +212,11 @@ def _cached_source_export(model: str, source: SourceOptions) -> Path:
                                                    allow_unsafe_keras=source.allow_unsafe_keras))
 
 
-def _declared_ranges(inputs: list[TensorSpec], recorded: Any) -> list[TensorSpec]:
-    """The inputs with the value ranges the export recorded (--input-shape ...:int64:0..999), which
-    the ONNX graph cannot hold: data is checked against them."""
-    ranges = {entry["name"]: entry["range"] for entry in recorded or [] if isinstance(entry, dict) and
-              isinstance(entry.get("range"), list) and len(entry["range"]) == 2 and "name" in entry}
-    return [replace(spec, range=(float(ranges[spec.name][0]), float(ranges[spec.name][1])))
-            if spec.name in ranges and spec.range is None else spec for spec in inputs]
+def _recorded_ranges(recorded: Any) -> list[TensorSpec]:
+    """The value ranges an export manifest recorded for its inputs (--input-shape ...:int64:0..999),
+    as specs that carry only them; malformed entries are passed over."""
+    return [TensorSpec(entry["name"], (), range=(float(entry["range"][0]), float(entry["range"][1]))) for entry in recorded or []
+            if isinstance(entry, dict) and isinstance(entry.get("range"), list) and len(entry["range"]) == 2 and "name" in entry]
 
 
 def _load(path: Path, name: str, spec: ModelSpec | None) -> Fp32Model:

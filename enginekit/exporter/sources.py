@@ -63,23 +63,28 @@ def looks_like_factory(model: str) -> bool:
 
 
 def resolve_source(model: str, weights: str | None, input_shapes: Sequence[str], allow_unsafe_keras: bool = False) -> Source:
+    overrides = parse_input_shapes(input_shapes)
+    sizes = {dim: size for declared in overrides.values() for dim, size in declared.sizes.items()}
+    return replace(_source_of_kind(model, weights, overrides, allow_unsafe_keras), dim_sizes=sizes)
+
+
+def _source_of_kind(model: str, weights: str | None, overrides: Mapping[str | None, InputDeclaration],
+                    allow_unsafe_keras: bool) -> Source:
     from enginekit.exporter.keras_export import is_keras_path
     from enginekit.models import get_spec
 
-    overrides = parse_input_shapes(input_shapes)
-    sizes = {dim: size for declared in overrides.values() for dim, size in declared.sizes.items()}
     if looks_like_factory(model):
-        return replace(_factory_source(model, weights, overrides), dim_sizes=sizes)
+        return _factory_source(model, weights, overrides)
     path = Path(model)
     if is_keras_path(path):
         if weights:
             raise InputError("weights apply to PyTorch zoo and factory models; a Keras file carries its own", model, option="weights")
-        return replace(_keras_file_source(path, overrides, allow_unsafe_keras), dim_sizes=sizes)
+        return _keras_file_source(path, overrides, allow_unsafe_keras)
     if path.suffix.lower() == ".onnx" or path.exists() or "/" in model or "\\" in model:
         if weights:
             raise InputError("weights apply to zoo and factory models, not to an ONNX file", model, option="weights")
-        return replace(_onnx_source(path, overrides), dim_sizes=sizes)
-    return replace(_zoo_source(get_spec(model), weights, overrides), dim_sizes=sizes)  # an unknown name raises with suggestions
+        return _onnx_source(path, overrides)
+    return _zoo_source(get_spec(model), weights, overrides)  # an unknown name raises with suggestions
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,14 @@ def export_torch(source: Source, opset: int, notes: list[str] | None = None) -> 
             )
     except Exception as exc:  # the exporter raises many types; all mean "this model did not export"
         reason = exporter_problem(exc)
-        model, frozen = _torchscript_export(source, args, opset, reason)
+        model, frozen, keys = _torchscript_export(source, args, opset, reason)
         if notes is not None:
             notes.append(f"exported by torch's TorchScript exporter: the dynamo exporter failed ({reason[:200]})"
                          + (f"; the trace fixed {len(frozen)} Python decision(s) on tensor values (first at {frozen[0]}), "
                             "which the parity check tests at its shapes only" if frozen else ""))
     else:
-        model = program.model_proto
-    _name_io(model, source, _output_names(source, args))
+        model, keys = program.model_proto, _keys(_forward(source, args), source)
+    _name_io(model, source, keys)
     return model
 
 
@@ -101,17 +101,18 @@ def exporter_problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {' '.join(text.split())}"[:400]
 
 
-def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: str) -> tuple[onnx.ModelProto, list[str]]:
+def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: str) -> tuple[onnx.ModelProto, list[str], list[str] | None]:
     """The TorchScript exporter's graph (symbolic dims as dynamic axes, inputs and outputs named
-    as the specs) and where its trace fixed a Python decision on a tensor (TracerWarning:
-    "file:line", distinct); an InputError with both exporters' reasons where it fails too."""
+    as the specs), where its trace fixed a Python decision on a tensor (TracerWarning:
+    "file:line", distinct) and a dict output's keys; an InputError with both exporters' reasons
+    where it fails too."""
     torch = require_torch("exporting PyTorch models")
     dynamic_axes = {spec.name: {axis: d for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in source.inputs}
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), quiet_loggers():
             warnings.simplefilter("always")
-            output_names, batched = _output_batches(source, args)  # runs the module: inside the one-line failure
+            output_names, batched, keys = _output_batches(source, args)  # runs the module: inside the one-line failure
             dynamic_axes.update({name: {0: "batch"} for name in batched})
             torch.onnx.export(source.module, args, buffer, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamo=False,
                               input_names=[spec.name for spec in source.inputs], output_names=output_names,
@@ -125,39 +126,39 @@ def _torchscript_export(source: Source, args: tuple, opset: int, dynamo_reason: 
                          source.name) from None
     frozen = [f"{Path(w.filename).name}:{w.lineno}" for w in caught
               if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)]
-    return parse_exported_onnx(buffer.getvalue(), source.name), list(dict.fromkeys(frozen))
+    return parse_exported_onnx(buffer.getvalue(), source.name), list(dict.fromkeys(frozen)), keys
 
 
-def _output_batches(source: Source, args: tuple) -> tuple[list[str] | None, list[str]]:
+def _output_batches(source: Source, args: tuple) -> tuple[list[str] | None, list[str], list[str] | None]:
     """The output names the export should write and those whose axis 0 is the batch (its size
     there is the example's batch), as the TorchScript exporter needs them declared (the dynamo
-    exporter finds them itself; an output without a "batch" dim would count as unbatched)."""
+    exporter finds them itself; an output without a "batch" dim would count as unbatched), and
+    a dict output's keys: one forward serves all three."""
     torch = require_torch()
     batch = next((a.shape[axis] for a, spec in zip(args, source.inputs) for axis, d in enumerate(spec.shape) if d == "batch"), None)
-    with torch.inference_mode():
-        produced = source.module(*args)
-    outputs = flat_outputs(produced)
+    produced = _forward(source, args)
+    outputs, keys = flat_outputs(produced), _keys(produced, source)
     if not all(isinstance(o, torch.Tensor) for o in outputs):
-        return None, []
-    names = _names_for(len(outputs), source, _keys(produced, [spec.name for spec in source.inputs]))
-    return names, [name for name, out in zip(names, outputs) if batch is not None and out.ndim and out.shape[0] == batch]
+        return None, [], keys
+    names = _names_for(len(outputs), source, keys)
+    return names, [name for name, out in zip(names, outputs) if batch is not None and out.ndim and out.shape[0] == batch], keys
 
 
-def _output_names(source: Source, args: tuple) -> list[str] | None:
-    """The keys of a module that returns a dict of tensors (a transformers ModelOutput too), as
-    its output names; None for any other output (one forward at the example's shapes)."""
+def _forward(source: Source, args: tuple) -> Any:
+    """The module's output on the example inputs (inference mode)."""
     torch = require_torch()
     with torch.inference_mode():
-        produced = source.module(*args)
-    return _keys(produced, [spec.name for spec in source.inputs])
+        return source.module(*args)
 
 
-def _keys(produced: Any, inputs: Sequence[str]) -> list[str] | None:
+def _keys(produced: Any, source: Source) -> list[str] | None:
+    """The keys of a module output that is a dict of tensors (a transformers ModelOutput too), as
+    its output names; None for any other output, or keys that would clash with an input's name."""
     if not isinstance(produced, Mapping) or not produced:
         return None
     keys = [str(key) for key, value in produced.items() if value is not None]
     single = all(len(flat_outputs(value)) == 1 for value in produced.values() if value is not None)
-    return keys if single and not set(keys) & set(inputs) else None
+    return keys if single and not set(keys) & {spec.name for spec in source.inputs} else None
 
 
 def _names_for(count: int, source: Source, keys: list[str] | None) -> list[str]:
