@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "int8")
 
 
 def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, auto_fallback: bool = False,
-              calib_method: str = "auto", equalize: bool = False) -> list[dict[str, Any]]:
+              calib_method: str = "auto", equalize: bool = False, weight_rounding: str = "gptq") -> list[dict[str, Any]]:
     """One model's cells: built or the one-line reason, with accuracy, speed-up and integer share."""
     import enginekit as ek
     from enginekit.accuracy.metrics import headline
@@ -44,7 +44,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, 
             np.savez(data_files[split], **arrays)
         options = ek.BuildOptions(calib_data=str(data_files["calibration"]), eval_data=str(data_files["evaluation"]), num_samples=samples,
                                   weights=weights, input_shapes=entry.input_shapes, output_kinds=entry.output_kinds, auto_fallback=auto_fallback,
-                                  calib_method=calib_method, quantize=QuantizeSettings(equalize=equalize))
+                                  calib_method=calib_method, quantize=QuantizeSettings(equalize=equalize, weight_rounding=weight_rounding))
         built = ek.build_many(model, list(targets), list(precisions), folder / "artifacts", options)
     except EnginekitError as exc:
         for cell in cells:
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-method", default="auto", help="calibration method for every model (default auto: chosen per model)")
     parser.add_argument("--auto-fallback", action="store_true", help="INT8 below its gate keeps the fewest float layers that pass (build --auto-fallback)")
     parser.add_argument("--equalize", action="store_true", help="cross-layer equalisation before calibrating (build --equalize)")
+    parser.add_argument("--weight-rounding", default="gptq", choices=["gptq", "gptaq", "nearest"], help="INT8 weight integers (build --weight-rounding)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BY_NAME))
@@ -145,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[corpus] {name}: {BY_NAME[name].what}", file=sys.stderr, flush=True)
         cells += run_model(BY_NAME[name], out, args.targets.split(","), args.precisions.split(","), args.samples, not args.no_bench,
-                           args.auto_fallback, args.calib_method, args.equalize)
+                           args.auto_fallback, args.calib_method, args.equalize, args.weight_rounding)
     result = {"models": names, "targets": args.targets.split(","), "precisions": args.precisions.split(","), "samples": args.samples,
               "auto_fallback": args.auto_fallback, "calib_method": args.calib_method, "equalize": args.equalize,
+              "weight_rounding": args.weight_rounding,
               "seconds": round(time.perf_counter() - started, 1), "summary": summary(cells), "cells": cells}
     (out / "matrix.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     text = markdown(cells) + f"\n\n{result['summary']}; {result['seconds']:.0f} s in all.\n"

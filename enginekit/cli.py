@@ -202,9 +202,10 @@ def _quantize_settings(encoding, bias_correction, per_tensor, exclude_node, excl
 
 
 _weight_rounding_option = click.option(
-    "--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+    "--weight-rounding", type=click.Choice(["gptq", "gptaq", "nearest"]), default="gptq", show_default=True,
     help="INT8 weight integers: gptq rounds each layer's weights to minimise its output error on the calibration data "
-         "(same grid and scales as nearest); nearest rounds each weight alone.")
+         "(same grid and scales as nearest); gptaq also makes each layer's weights absorb the error its quantized inputs "
+         "carry (layer by layer: slower to build); nearest rounds each weight alone.")
 
 _weight_type_option = click.option(
     "--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,

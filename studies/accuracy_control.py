@@ -2,7 +2,7 @@
 model, data and gate, side by side in one run.
 
     python -m studies.accuracy_control [--gate 0.98] [--eval-samples 1024] [--rounds 3] [--max-float-layers 16]
-        [--only enginekit|nncf] [--json out.json]
+        [--weight-rounding gptq|gptaq|nearest] [--only enginekit|nncf] [--json out.json]
 
 efficientnet_lite0; calibration: the zoo's 256 calibration crops for both; the gate: top-1
 agreement with the FP32 model >= `--gate` on the same `--eval-samples` held-out crops, which both
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-float-layers", type=int, default=16, help="enginekit's bound (its build default: 16)")
+    parser.add_argument("--weight-rounding", default="gptq", choices=["gptq", "gptaq", "nearest"], help="enginekit's (build --weight-rounding)")
     parser.add_argument("--only", choices=["enginekit", "nncf"], help="run one side only (the other's row is left out)")
     parser.add_argument("--json", default="artifacts/benchmarks/accuracy_control.json")
     args = parser.parse_args()
@@ -100,7 +101,8 @@ def main() -> None:
     if args.only != "nncf":
         log(f"enginekit: build --auto-fallback --min-accuracy '{gate}' for onnxruntime, openvino, tflite...")
         options = ek.BuildOptions(num_samples=256, eval_samples=args.eval_samples, min_accuracy=gate, auto_fallback=True,
-                                  max_float_layers=args.max_float_layers)
+                                  max_float_layers=args.max_float_layers,
+                                  quantize=ek.QuantizeSettings(weight_rounding=args.weight_rounding))
         started = time.perf_counter()
         cells = ek.build_many(MODEL, ["onnxruntime", "openvino", "tflite"], ["int8"], work / "enginekit", options)
         search_seconds["enginekit (3 targets, one search)"] = time.perf_counter() - started
@@ -125,6 +127,7 @@ def main() -> None:
     folders["openvino fp32"] = ov_fp32
 
     rows, results = [], {"model": MODEL, "gate": gate, "eval_samples": args.eval_samples, "device": ov_target.device_info(),
+                         "weight_rounding": args.weight_rounding,
                          "search_seconds": search_seconds,
                          "nncf_validations": validations, "failed": failures, "rows": {}}
     names = [n for n in ("enginekit onnxruntime", "enginekit openvino", "enginekit tflite", "NNCF openvino", "openvino fp32") if n in folders]

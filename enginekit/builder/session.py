@@ -246,7 +246,7 @@ class ModelSession:
         return settings
 
     def rounded_weights(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-        """The integers GPTQ chose for the weights (quantization.rounding) and its record, measured
+        """The integers GPTQ (or GPTAQ) chose for the weights (quantization.rounding) and its record, measured
         once per build on the calibration data for every layer that may be quantized (the layers
         a fallback keeps float simply do not use theirs); None with nearest rounding, or for a
         pre-quantized source, whose weights are already integers."""

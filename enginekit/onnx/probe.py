@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from enginekit.core.tensors import Feeds
+from enginekit.onnx.nodes import node_inputs, tensor_producers
 from enginekit.onnx.session import Session
 
 
@@ -33,10 +34,37 @@ def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelPr
     return augmented
 
 
-def probe(model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds], threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def upstream(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that computes `tensors` alone (its outputs): only the nodes they depend
+    on and the initializers those read, so a tensor early in the graph costs a fraction of a run."""
+    producers = tensor_producers(model.graph)
+    needed, wanted, stack = set(), set(tensors), list(tensors)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(node_inputs(node))
+        wanted.update(node_inputs(node))
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    graph = pruned.graph
+    kept = [n for n in model.graph.node if id(n) in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    return with_outputs(pruned, tensors)
+
+
+def probe(model: onnx.ModelProto, tensors: Sequence[str], batches: Iterable[Feeds], threads: int | None = None,
+          pruned: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """{tensor: value} of `tensors` for each batch, from one session of `model` (memory arena off:
-    many large outputs would otherwise stay pinned in it)."""
-    session = Session(with_outputs(model, tensors), threads=threads, memory_arena=False, spinning=False)
+    many large outputs would otherwise stay pinned in it); `pruned`: of the `upstream` part alone."""
+    session = Session(upstream(model, tensors) if pruned else with_outputs(model, tensors), threads=threads,
+                      memory_arena=False, spinning=False)
     names = list(dict.fromkeys(tensors))
     for feeds in batches:
         yield session.run(feeds, names)

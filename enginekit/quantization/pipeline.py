@@ -14,6 +14,7 @@ from enginekit.core.errors import InputError
 from enginekit.core.profile import stage
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.reference import Fp32Model
+from enginekit.quantization.compensation import compensated_weights
 from enginekit.quantization.bias_correction import correct_biases, keep_if_closer, layer_biases, set_biases
 from enginekit.quantization.placement import QuantPlan, plan_quantization
 from enginekit.quantization.qdq import QdqGraph, biased_nodes, insert_qdq, integerize_biases
@@ -22,6 +23,9 @@ from enginekit.quantization.encoding import activation_qparams, weight_type
 from enginekit.onnx.smoothing import DEFAULT_ALPHA
 
 
+# nearest | gptq: each layer's output error minimised on the calibration data (rounding.py) |
+# gptaq: the same, also for the error the layer's quantized inputs carry (rounding.compensated_weight)
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "gptaq")
 CHECK_BATCHES = 2  # calibration batches (of 32) a bias correction is checked on before it is kept
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class QuantizeSettings:
     layer_report: bool = False  # write layers.json (range, clipped share, SQNR per tensor) into INT8 artifacts
     weight_type: str = "auto"  # int8 | uint8 (same grid, zero point 128) | auto: uint8 where this CPU's u8 x s8 kernels saturate
     smoothquant: float = DEFAULT_ALPHA  # SmoothQuant's alpha for token MatMuls (onnx/smoothing.py); 0: off
-    weight_rounding: str = "gptq"  # gptq: each layer's output error minimised on the calibration data (rounding.py) | nearest
+    weight_rounding: str = "gptq"  # one of WEIGHT_ROUNDINGS
     equalize: bool = False  # cross-layer equalisation of consecutive convolutions before calibrating (onnx/equalization.py)
 
     def keeping_float(self, nodes: Sequence[str]) -> "QuantizeSettings":
@@ -147,17 +151,22 @@ def build_qdq(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettin
 
 def round_weights(fp32: Fp32Model, table: CalibrationTable, settings: QuantizeSettings, batches: Sequence[Feeds],
                   axes: dict[str, int | None], threads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The integers GPTQ gives the weights of every layer `settings` quantizes (quantization.rounding),
+    """The integers GPTQ gives the weights of every layer `settings` quantizes (quantization.rounding;
+    with "gptaq", then compensated layer by layer for their quantized inputs: quantization.compensation),
     measured on `batches` (the calibration data), and its record; None when `settings` asks for
     nearest rounding. One set serves every encoding and placement: the weight grid is theirs; the
     inputs' quantization noise is that of the CPU encodings' grid (`table` in "mixed")."""
     if settings.weight_rounding == "nearest":
         return None
-    if settings.weight_rounding != "gptq":
-        raise InputError(f"unknown weight rounding '{settings.weight_rounding}'; choose gptq or nearest", option="weight_rounding")
+    if settings.weight_rounding not in WEIGHT_ROUNDINGS:
+        raise InputError(f"unknown weight rounding '{settings.weight_rounding}'; choose one of {', '.join(WEIGHT_ROUNDINGS)}",
+                         option="weight_rounding")
     plan, _ = plan_for(fp32, settings, "inputs")
     with stage("weight rounding"):
         steps = {tensor: activation_qparams(tensor, table.tensors[plan.same_scale.get(tensor, tensor)], "mixed").scale
                  for tensor in plan.activations}
         values, samples = rounded_weights(fp32.proto, plan, batches, axes, steps, settings.per_channel, threads)
-    return values, {"method": "gptq", "samples": samples}
+        record: dict[str, Any] = {"method": settings.weight_rounding, "samples": samples}
+        if settings.weight_rounding == "gptaq":
+            values, record["compensated_on"] = compensated_weights(fp32.proto, plan, table, batches, axes, values, settings.per_channel, threads)
+    return values, record

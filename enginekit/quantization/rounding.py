@@ -114,7 +114,7 @@ def rounded_weights(model: onnx.ModelProto, plan: QuantPlan, batches: Iterable[F
 
 def _rounded_weights(model: onnx.ModelProto, layers: list[Layer], batches: Iterable[Feeds], axes: Mapping[str, int | None],
                      steps: Mapping[str, float], per_channel: bool, threads: int | None) -> tuple[dict[str, np.ndarray], int]:
-    samples = list(_split(batches, SAMPLES, axes))
+    samples = list(first_samples(batches, SAMPLES, axes))
     count = sum(batch_size(feeds, axes) for feeds in samples)
     initializers = {t.name: t for t in model.graph.initializer}
     rounded: dict[str, np.ndarray] = {}
@@ -131,19 +131,28 @@ def _rounded_weights(model: onnx.ModelProto, layers: list[Layer], batches: Itera
     return rounded, count
 
 
-def round_layer(layer: Layer, weight: np.ndarray, hessian: np.ndarray, per_channel: bool = True) -> np.ndarray:
-    """`weight` in its own layout -> integer values (int8) of the same shape."""
-    rows = _as_rows(layer, weight)  # (out, columns)
-    amax = np.abs(rows).max(axis=1) if per_channel else np.full(rows.shape[0], np.abs(rows).max())
-    scale = np.where(amax > 1e-12, amax.astype(np.float32) / 127.0, 1.0).astype(np.float32)
+def round_layer(layer: Layer, weight: np.ndarray, hessian: np.ndarray, per_channel: bool = True,
+                target: np.ndarray | None = None) -> np.ndarray:
+    """`weight` in its own layout -> integer values (int8) of the same shape, on `weight`'s grid;
+    `target`: the float values to round instead (`compensated_weight`), on that same grid."""
+    rows = as_rows(layer, weight)  # (out, columns)
+    scale = grid_scale(rows, per_channel)
     g = layer.groups
-    values = gptq(rows.reshape(g, rows.shape[0] // g, -1), hessian, scale.reshape(g, -1)).reshape(rows.shape)
+    goal = rows if target is None else as_rows(layer, target)
+    values = gptq(goal.reshape(g, goal.shape[0] // g, -1), hessian, scale.reshape(g, -1)).reshape(rows.shape)
     # each channel's largest weight keeps +-127, so a target that requantizes the dequantized
     # weights (TFLite) finds the same scale, hence the same integers
     top = np.abs(rows).argmax(axis=1)
     index = np.arange(rows.shape[0])
     values[index, top] = np.clip(np.round(rows[index, top] / scale), -LIMIT, LIMIT)
-    return _from_rows(layer, values.astype(np.int8), weight.shape)
+    return from_rows(layer, values.astype(np.int8), weight.shape)
+
+
+def grid_scale(rows: np.ndarray, per_channel: bool = True) -> np.ndarray:
+    """The weight grid's step per output channel of `rows` (out, columns): max|w|/127, as
+    `encoding.quantize_weight` sets it (per tensor: one max for all)."""
+    amax = np.abs(rows).max(axis=1) if per_channel else np.full(rows.shape[0], np.abs(rows).max())
+    return np.where(amax > 1e-12, amax.astype(np.float32) / 127.0, 1.0).astype(np.float32)
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -257,7 +266,7 @@ def _spread(rows: int, width: int) -> np.ndarray:
     return np.arange(rows) if rows <= limit else np.linspace(0, rows - 1, limit).astype(np.int64)
 
 
-def _as_rows(layer: Layer, weight: np.ndarray) -> np.ndarray:
+def as_rows(layer: Layer, weight: np.ndarray) -> np.ndarray:
     """The weight as (output channels, input columns): a Conv's (out, in/g*kh*kw), a Gemm's
     (out, in), a MatMul's (N, K)."""
     if layer.node.op_type == "Conv":
@@ -267,7 +276,7 @@ def _as_rows(layer: Layer, weight: np.ndarray) -> np.ndarray:
     return weight.T
 
 
-def _from_rows(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def from_rows(layer: Layer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if layer.node.op_type == "Conv" or (layer.node.op_type == "Gemm" and attribute(layer.node, "transB", 0)):
         return np.ascontiguousarray(rows.reshape(shape))
     return np.ascontiguousarray(rows.T)
@@ -289,7 +298,7 @@ def _chunks(layers: Sequence[Layer], initializers: Mapping[str, onnx.TensorProto
         yield chunk
 
 
-def _split(batches: Iterable[Feeds], samples: int, axes: Mapping[str, int | None], size: int = 8) -> Iterable[Feeds]:
+def first_samples(batches: Iterable[Feeds], samples: int, axes: Mapping[str, int | None], size: int = 8) -> Iterable[Feeds]:
     """The first `samples` samples of `batches`, in batches of at most `size` (the probed
     activations of every layer input are held for one batch at a time)."""
     left = samples
@@ -301,4 +310,3 @@ def _split(batches: Iterable[Feeds], samples: int, axes: Mapping[str, int | None
             stop = start + min(size, count - start, left)
             yield take(feeds, start, stop, axes)
             left -= stop - start
-
