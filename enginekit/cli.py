@@ -23,7 +23,7 @@ _FLAGS = {"min_accuracy": "--min-accuracy", "num_samples": "--num-samples", "eva
           "builder": "--builder", "timeout": "--timeout", "max_float_layers": "--max-float-layers",
           "name": "--name", "max_batch_size": "--max-batch-size", "weight_type": "--weight-type",
           "tflite_io": "--tflite-io", "tflite_output_bits": "--tflite-output-bits", "exclude_nodes": "--exclude-node",
-          "max_abs": "--atol", "rtol": "--rtol"}
+          "max_abs": "--atol", "rtol": "--rtol", "weight_rounding": "--weight-rounding"}
 _COMMAND_FLAGS = {"calibrate": {"calibration_data": "--data"}, "quantize": {"calibration_data": "--data", "targets": "--target"}}
 
 _smoothquant_option = click.option(

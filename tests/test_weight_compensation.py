@@ -98,3 +98,15 @@ def test_a_build_with_gptaq_has_a_lower_output_error_than_gptq_on_the_same_grid(
     sqnr = {m["quantization"]["weight_rounding"]["method"]: m["accuracy"]["metrics"]["sqnr_db"] for m in (gptq, gptaq)}
     print(f"output SQNR on held-out images: {sqnr}")
     assert sqnr["gptaq"] > sqnr["gptq"] + 0.4, sqnr  # 48.7 -> 49.3 dB measured
+
+
+def test_gptaq_with_the_automatic_fallback_is_refused_in_one_line_naming_the_flag(tmp_path, run_cli):
+    """A float fallback changes the inputs gptaq fitted the later layers to: refused before any work."""
+    _coarse_cnn(tmp_path / "cnn.onnx")
+    np.save(tmp_path / "calib.npy", _smooth_images(16, seed=7))
+    result = run_cli("build", "--model", tmp_path / "cnn.onnx", "--targets", "onnxruntime", "--precisions", "int8",
+                     "--calib-data", tmp_path / "calib.npy", "--auto-fallback", "--weight-rounding", "gptaq", "-o", tmp_path / "out")
+    assert result.code == 2
+    line = result.error_line
+    assert "fallback cannot use gptaq" in line and "--weight-rounding" in line, line
+    assert not (tmp_path / "out").exists()

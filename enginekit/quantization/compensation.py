@@ -22,6 +22,7 @@ Measured (2048 held-out crops, 256 calibration samples, min-max): efficientnet_l
 +2.7 dB over GPTQ on ONNX Runtime, OpenVINO and TFLite alike. Not the default: minilm_l6's INT8
 cosine falls 0.998 -> 0.988, for a reason not yet found (its calibration-data SQNR falls too, so
 it is not over-fitting), and the build takes one pass per layer (+3 min on efficientnet_lite0).
+A float fallback breaks its premise (every earlier layer INT8), so the builder refuses the two together.
 """
 
 from __future__ import annotations
