@@ -24,7 +24,7 @@ from enginekit.onnx.smoothing import DEFAULT_ALPHA
 
 
 # nearest | gptq: each layer's output error minimised on the calibration data (rounding.py) |
-# gptaq: the same, also for the error the layer's quantized inputs carry (rounding.compensated_weight)
+# gptaq: the same, also for the error the layer's quantized inputs carry (compensation.py)
 WEIGHT_ROUNDINGS = ("nearest", "gptq", "gptaq")
 CHECK_BATCHES = 2  # calibration batches (of 32) a bias correction is checked on before it is kept
 
