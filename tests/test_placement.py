@@ -315,3 +315,79 @@ def test_excluded_nodes_are_named_by_node_or_by_the_tensor_they_write_and_unknow
     with pytest.raises(InputError, match="'conv_9'") as refused:
         plan_quantization(model, exclude_nodes=["conv2", "conv_9"])
     assert refused.value.option == "exclude_nodes"
+
+
+def hard_sigmoid_model() -> onnx.ModelProto:
+    """The three spellings of a hard sigmoid between integer convolutions: conv1 -> HardSwish; a
+    squeeze-excitation gate HardSigmoid(alpha 0.2, beta 0.5) (PP-LCNet); and tf2onnx's Keras
+    hard sigmoid Mul(Clip(Add(x, 3), 0, 6), 1/6) multiplying conv2's output."""
+    inits: list = [numpy_helper.from_array(np.array(value, np.float32), name)
+                   for name, value in (("three", 3.0), ("zero", 0.0), ("six", 6.0), ("sixth", 1 / 6))]
+    se = numpy_helper.from_array(RNG.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "se_w")
+    inits.append(se)
+    nodes = [_conv("conv1", "x", "c1", 8, inits), helper.make_node("HardSwish", ["c1"], ["h1"], name="hswish"),
+             helper.make_node("GlobalAveragePool", ["h1"], ["pooled"], name="gap"),
+             helper.make_node("Conv", ["pooled", "se_w"], ["squeezed"], name="se"),
+             helper.make_node("HardSigmoid", ["squeezed"], ["gate"], name="hsigmoid", alpha=0.2, beta=0.5),
+             helper.make_node("Mul", ["h1", "gate"], ["excited"], name="excite"),
+             _conv("conv2", "excited", "c2", 8, inits), helper.make_node("Add", ["c2", "three"], ["shifted"], name="add3"),
+             helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"], name="relu6"),
+             helper.make_node("Mul", ["clipped", "sixth"], ["keras_gate"], name="over6"),
+             helper.make_node("Mul", ["c2", "keras_gate"], ["swished"], name="keras_swish"),
+             _conv("conv3", "swished", "y", 8, inits)]
+    graph = helper.make_graph(nodes, "hard_sigmoids", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnx_runtime_runs_hard_sigmoids_and_hard_swishes_as_integer_adds_and_muls(tmp_path):
+    """ORT has no integer HardSigmoid/HardSwish: in the hub's graph each runs DequantizeLinear ->
+    float op(s) -> QuantizeLinear between QLinearConvs. The ONNX Runtime artifact writes each as
+    an Add of the constant (QLinearAdd) quantized on [0, m] (saturation is the clip) and read
+    with gain times that step, and the products as QLinearMul: none of them runs float, and
+    the outputs stay as close to FP32 as the hub's (the last Conv, which computes the graph's
+    output, is float in both)."""
+    import onnxruntime as ort
+
+    from enginekit.targets.onnxruntime import artifact_graph
+
+    model = hard_sigmoid_model()
+    qdq = insert_qdq(model, plan_quantization(model, placement="outputs"), _table(model, (1, 8, 8, 8)), "uint8").model
+    rewritten, count = artifact_graph(qdq)
+    assert count == 3
+    onnx.checker.check_model(rewritten)
+    reports = []
+    for name, graph_ in (("hub", qdq), ("artifact", rewritten)):
+        onnx.save(graph_, str(tmp_path / f"{name}.onnx"))
+        reports.append(integer_op_report(tmp_path / f"{name}.onnx", model))
+    hub, artifact = reports
+    assert {"HardSigmoid", "Mul"} <= hub["float_islands"].keys()  # what the hub's graph alone leaves float
+    # conv3 computes the graph output, which stays float in the hub (its own float Conv)
+    assert artifact["float_islands"] == {"Conv": 1} and artifact["integer_compute_ops"] == hub["integer_compute_ops"] == 3
+    ops = artifact["optimized_op_types"]
+    assert ops.get("QLinearMul", 0) == 3 and ops.get("QLinearAdd", 0) == 3 and not {"HardSigmoid", "HardSwish", "Clip", "Mul"} & ops.keys()
+    x = {"x": RNG.normal(0, 1, (16, 8, 8, 8)).astype(np.float32)}
+    reference, hub_out, ours = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                                for m in (model, qdq, rewritten))
+    assert float(np.abs(reference[:, :, 2:6, 2:6]).max()) > 3  # values beyond the clip: a missing saturation would show
+    error = [float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) for out in (hub_out, ours)]
+    assert error[1] < max(1.5 * error[0], 0.02), error
+
+
+def test_the_onnx_runtime_artifacts_rescaled_pairs_read_back_as_clip_and_gain():
+    """A QuantizeLinear -> DequantizeLinear pair on two grids (the artifact's integer hard
+    sigmoid) reads back as the float ops it computes: the clip to the written grid and the gain
+    to the read one. Renamed as an ordinary pair, the hard swish would lose its saturation."""
+    import onnxruntime as ort
+
+    from enginekit.onnx.prequantized import strip_qdq
+    from enginekit.targets.onnxruntime import artifact_graph
+
+    model = hard_sigmoid_model()
+    qdq = insert_qdq(model, plan_quantization(model, placement="outputs"), _table(model, (1, 8, 8, 8)), "uint8").model
+    twin = strip_qdq(artifact_graph(qdq)[0]).model
+    assert sum(n.op_type == "Clip" for n in twin.graph.node) == 3
+    x = {"x": RNG.normal(0, 1, (16, 8, 8, 8)).astype(np.float32)}
+    reference, floating = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                           for m in (model, twin))
+    assert np.corrcoef(reference.ravel(), floating.ravel())[0, 1] > 0.999

@@ -698,3 +698,32 @@ def test_a_kernel_that_refuses_its_input_at_run_time_is_an_input_error_not_a_run
     np.testing.assert_array_equal(runner.infer({"x": x, "idx": np.array([7, 1])})["y"], [[7.0, 1.0]])
     with pytest.raises(InputError, match="LiteRT failed running the model: .*gather"):
         runner.infer({"x": x, "idx": np.array([0, 99])})
+
+
+def test_int8_ops_xnnpack_leaves_out_are_kept_float_where_it_runs_their_float_twins():
+    """Self-attention on tokens: XNNPACK runs no int8 BATCH_MATMUL between two activations and no
+    int8 SOFTMAX, so in the full-integer flatbuffer each runs in LiteRT's reference kernels
+    between delegate partitions. Kept float (delegate_float.py), they run inside the delegate,
+    the projection stays int8, and the outputs are no further from FP32."""
+    from enginekit.targets.tflite.convert import outside_xnnpack
+    from enginekit.targets.tflite.delegate_float import keep_delegated, undelegated_int8_ops
+
+    tail = [helper.make_node("Transpose", ["m"], ["mt"], name="keys", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["m", "mt"], ["scores"], name="scores"),
+            helper.make_node("Softmax", ["scores"], ["weights"], name="softmax", axis=-1),
+            helper.make_node("MatMul", ["weights", "m"], ["y"], name="attend")]
+    model = _token_model(tail, [], [1, 8, 16])
+    feeds = [{"x": RNG.normal(0, 1, (1, 8, 16)).astype(np.float32)} for _ in range(4)]
+    float_model = convert_function(to_tf_function(model, "attention.onnx", integer=True), "attention.onnx")
+    ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:])
+    integer = quantize_int8(float_model, ranges.ranges)
+    slow = undelegated_int8_ops(float_model, integer)
+    assert {"BATCH_MATMUL", "SOFTMAX"} <= set(slow.values()), slow
+    chosen, record = keep_delegated(float_model, integer, lambda tensors: quantize_int8(float_model, ranges.ranges, float_ops=tensors))
+    assert record["chosen"] and record["outside_after"] < record["outside_before"]
+    assert not {"BATCH_MATMUL", "SOFTMAX"} & outside_xnnpack(chosen).keys()
+    integer_ops = [op["op"] for op in op_types(chosen) if op["op"] in ("FULLY_CONNECTED", "BATCH_MATMUL") and "int8" in op["inputs"]]
+    assert integer_ops, op_types(chosen)  # the projection by a constant weight is still int8
+    expected = Session(model).run(feeds[0])["y"]
+    errors = [1 - _cosine(TfliteRunner(flatbuffer).infer(feeds[0])["y"], expected) for flatbuffer in (integer, chosen)]
+    assert errors[1] <= errors[0] + 1e-4, errors

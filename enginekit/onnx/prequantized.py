@@ -78,6 +78,7 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     relu_after: dict[int, onnx.NodeProto] = {}  # id(producer) -> the Relu restored after it
     constants: list[onnx.TensorProto] = []
     dropped: set[int] = set()
+    rescaled: dict[str, list[onnx.NodeProto]] = {}  # a DQ output read on another grid than its Q's -> the float ops it is
     for index, node in enumerate(graph.node):
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
             grid, source = _grid(node, initializers, origin), node.input[0]
@@ -95,7 +96,13 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
                 if reader.op_type != "DequantizeLinear":
                     raise InputError(f"QuantizeLinear '{node.name}' feeds {reader.op_type} '{reader.name}', not a DequantizeLinear; "
                                      "only QDQ pairs are read", origin)
-                renames[reader.output[0]] = read_as
+                read_grid = _grid(reader, initializers, origin)
+                if read_grid == grid:
+                    renames[reader.output[0]] = read_as
+                else:
+                    rescaled[reader.output[0]], values = _rescaling(read_as, grid, read_grid, reader)
+                    constants += values
+                    result.activations[reader.output[0]] = read_grid
             result.activations[source] = grid
             dropped.add(index)
         elif node.op_type == "QuantizeLinear" and all(r.op_type == "DequantizeLinear" for r in readers.get(node.output[0], [])):
@@ -109,11 +116,14 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
                 result.weights += 1
                 dropped.add(index)
     left = [node for i, node in enumerate(graph.node) if i not in dropped]
-    stray = sorted({node.op_type for node in left if node.op_type in QDQ_OPS})
+    stray = sorted({node.op_type for node in left if node.op_type in QDQ_OPS and node.output[0] not in rescaled})
     if stray:
         raise InputError(f"holds {', '.join(stray)} nodes that are not activation or weight QDQ pairs; they cannot be read", origin)
     nodes = []
     for node in left:
+        if node.op_type == "DequantizeLinear" and node.output[0] in rescaled:
+            nodes += rescaled[node.output[0]]
+            continue
         kept = onnx.NodeProto()
         kept.CopyFrom(node)
         for i, name in enumerate(kept.input):
@@ -126,6 +136,23 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     graph.initializer.extend(constants)
     drop_unused_initializers(result.model)
     return result
+
+
+def _rescaling(source: str, written: QuantGrid, read: QuantGrid,
+               dequantize: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The float ops a QuantizeLinear -> DequantizeLinear pair on two grids computes:
+    clip(x, bounds of the written grid) * s_read / s_written + (z_written - z_read) * s_read,
+    named by the DequantizeLinear's output (ONNX Runtime's artifact writes a hard sigmoid so: the
+    clip is the saturation, the rescale its gain; targets/onnxruntime_graph.py)."""
+    from onnx import helper
+
+    stem, low, high = dequantize.output[0], *written.bounds()
+    constants = [numpy_helper.from_array(np.array(value, np.float32), f"{stem}__{name}")
+                 for name, value in (("low", low), ("high", high), ("gain", read.scale / written.scale),
+                                     ("offset", (written.zero_point - read.zero_point) * read.scale))]
+    return [helper.make_node("Clip", [source, f"{stem}__low", f"{stem}__high"], [f"{stem}__clipped"], name=f"{stem}__clip"),
+            helper.make_node("Mul", [f"{stem}__clipped", f"{stem}__gain"], [f"{stem}__scaled"], name=f"{stem}__gain"),
+            helper.make_node("Add", [f"{stem}__scaled", f"{stem}__offset"], [stem], name=f"{stem}__offset")], constants
 
 
 SIGN_KEEPING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze",

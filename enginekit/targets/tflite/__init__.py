@@ -39,6 +39,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     (hub_float.py); `smoke`: runs an int8 flatbuffer in a child process before this one does
     (smoke.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
+    from enginekit.targets.tflite.delegate_float import keep_delegated
     from enginekit.targets.tflite.float_layers import float_op_outputs
     from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
     from enginekit.targets.tflite.ranges import map_ranges
@@ -57,9 +58,14 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     if extra:
         model, hub_choice = choose(float_model, model, lambda: quantize_int8(float_model, ranges.ranges, io_type, [*float_ops, *extra], output_bits),
                                    extra, judge_samples, threads, smoke)
+    kept_float = [*float_ops, *(extra if hub_choice and hub_choice["chosen"] else [])]
+    model, delegate_choice = keep_delegated(float_model, model, lambda slow: quantize_int8(float_model, ranges.ranges, io_type,
+                                                                                          [*kept_float, *slow], output_bits), smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:
         info["hub_float_ops"] = hub_choice
+    if delegate_choice is not None:
+        info["float_for_xnnpack"] = delegate_choice
     if float_layers:
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": float_ops,
                                 "not_found_in_tflite": not_found}
@@ -147,6 +153,10 @@ class TfliteTarget(Target):
                                        hub_quantized=hub_quantized,
                                        judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if hub_quantized is not None else (),
                                        smoke=lambda flatbuffer, what: smoke_run(flatbuffer, inputs.calibration_feeds(2), inputs.stage, what))
+        delegated = info.get("float_for_xnnpack") or {}
+        if delegated.get("chosen"):
+            notes.append("kept float where XNNPACK runs only the float op: "
+                         + ", ".join(f"{op} x{count}" for op, count in delegated["ops"].items()))
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:
             notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"

@@ -216,6 +216,11 @@ def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
     a standalone int8 RELU is such an op). Dynamic dimensions are taken as 1."""
     from collections import Counter
 
+    return dict(Counter(outside_xnnpack_outputs(model, threads).values()).most_common())
+
+
+def outside_xnnpack_outputs(model: bytes, threads: int = 1) -> dict[str, str]:
+    """The ops LiteRT runs outside its XNNPACK delegate: their first output tensor's name -> op type."""
     from enginekit.targets.tflite.runner import require_litert
 
     with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
@@ -226,6 +231,7 @@ def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
     with quiet_stderr():
         interpreter.allocate_tensors()
     ops = interpreter._get_ops_details()
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     producer = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
     inside: set[int] = set()
     for delegate in (op for op in ops if op["op_name"] == "DELEGATE"):
@@ -236,8 +242,8 @@ def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
                 continue
             inside.add(op["index"])
             pending += [t for t in op["inputs"] if t >= 0 and t not in boundary]
-    left = Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE" and op["index"] not in inside)
-    return dict(left.most_common())
+    return {names.get(op["outputs"][0], str(op["outputs"][0])): op["op_name"] for op in ops
+            if op["op_name"] != "DELEGATE" and op["index"] not in inside and op["outputs"]}
 
 
 def float_compute_ops(ops: list[dict[str, Any]]) -> list[str]:
