@@ -123,6 +123,12 @@ def weight_type(requested: str, encoding: str) -> str:
     return requested
 
 
+def symmetric_weight_scale(amax: np.ndarray) -> np.ndarray:
+    """The symmetric int8 weight grid's step for the largest magnitude `amax` (per channel or
+    per tensor): amax/127, so the largest weight is +-127; 1.0 where the weights vanish."""
+    return np.where(amax > VANISHING, amax / 127.0, 1.0).astype(np.float32)
+
+
 def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8",
                     rounded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric per channel along `axis` (per tensor when None), as `kind` ("int8", or "uint8"
@@ -135,7 +141,7 @@ def quantize_weight(weight: np.ndarray, axis: int | None, kind: str = "int8",
     else:
         reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
         amax = np.abs(weight).max(axis=reduce_axes).astype(np.float32)
-    scale = np.where(amax > VANISHING, amax / 127.0, 1.0).astype(np.float32)
+    scale = symmetric_weight_scale(amax)
     shaped = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)])
     values = np.clip(np.round(weight / shaped), -127, 127).astype(np.int8) if rounded is None else rounded.astype(np.int8)
     if kind == "uint8":

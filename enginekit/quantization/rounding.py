@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from enginekit.core.tensors import Feeds, batch_size, take
 from enginekit.onnx.nodes import attribute
 from enginekit.onnx.probe import probe
+from enginekit.quantization.encoding import symmetric_weight_scale
 from enginekit.quantization.placement import QuantPlan
 
 SAMPLES = 128  # calibration samples H is measured on (each gives many rows: positions, tokens)
@@ -149,10 +150,10 @@ def round_layer(layer: Layer, weight: np.ndarray, hessian: np.ndarray, per_chann
 
 
 def grid_scale(rows: np.ndarray, per_channel: bool = True) -> np.ndarray:
-    """The weight grid's step per output channel of `rows` (out, columns): max|w|/127, as
+    """The weight grid's step per output channel of `rows` (out, columns), as
     `encoding.quantize_weight` sets it (per tensor: one max for all)."""
     amax = np.abs(rows).max(axis=1) if per_channel else np.full(rows.shape[0], np.abs(rows).max())
-    return np.where(amax > 1e-12, amax.astype(np.float32) / 127.0, 1.0).astype(np.float32)
+    return symmetric_weight_scale(amax.astype(np.float32))
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray) -> np.ndarray:
