@@ -340,6 +340,29 @@ def hard_sigmoid_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _gates_rewritten(model: onnx.ModelProto, tmp_path) -> dict:
+    """The hub's Q/DQ graph of `model` ("outputs" placement, uint8) and ONNX Runtime's artifact
+    graph of it: the gate counts, ORT's integer op reports of both, and each one's relative
+    output error to FP32 on 16 random inputs (with the FP32 output)."""
+    import onnxruntime as ort
+
+    from enginekit.targets.onnxruntime import artifact_graph
+
+    qdq = insert_qdq(model, plan_quantization(model, placement="outputs"), _table(model, (1, 8, 8, 8)), "uint8").model
+    rewritten, counts = artifact_graph(qdq)
+    onnx.checker.check_model(rewritten)
+    reports = []
+    for name, graph_ in (("hub", qdq), ("artifact", rewritten)):
+        onnx.save(graph_, str(tmp_path / f"{name}.onnx"))
+        reports.append(integer_op_report(tmp_path / f"{name}.onnx", model))
+    x = {"x": RNG.normal(0, 1, (16, 8, 8, 8)).astype(np.float32)}
+    reference, hub_out, ours = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                                for m in (model, qdq, rewritten))
+    errors = [float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) for out in (hub_out, ours)]
+    return {"counts": counts, "hub": reports[0], "artifact": reports[1], "errors": errors, "reference": reference}
+
+
+
 def test_onnx_runtime_runs_hard_sigmoids_and_hard_swishes_as_integer_adds_and_muls(tmp_path):
     """ORT has no integer HardSigmoid/HardSwish: in the hub's graph each runs DequantizeLinear ->
     float op(s) -> QuantizeLinear between QLinearConvs. The ONNX Runtime artifact writes each as
@@ -347,30 +370,15 @@ def test_onnx_runtime_runs_hard_sigmoids_and_hard_swishes_as_integer_adds_and_mu
     with gain times that step, and the products as QLinearMul: none of them runs float, and
     the outputs stay as close to FP32 as the hub's (the last Conv, which computes the graph's
     output, is float in both)."""
-    import onnxruntime as ort
-
-    from enginekit.targets.onnxruntime import artifact_graph
-
-    model = hard_sigmoid_model()
-    qdq = insert_qdq(model, plan_quantization(model, placement="outputs"), _table(model, (1, 8, 8, 8)), "uint8").model
-    rewritten, count = artifact_graph(qdq)
-    assert count == 3
-    onnx.checker.check_model(rewritten)
-    reports = []
-    for name, graph_ in (("hub", qdq), ("artifact", rewritten)):
-        onnx.save(graph_, str(tmp_path / f"{name}.onnx"))
-        reports.append(integer_op_report(tmp_path / f"{name}.onnx", model))
-    hub, artifact = reports
+    found = _gates_rewritten(hard_sigmoid_model(), tmp_path)
+    hub, artifact, error = found["hub"], found["artifact"], found["errors"]
+    assert found["counts"] == {"hard_sigmoids": 3, "sigmoids": 0}
     assert {"HardSigmoid", "Mul"} <= hub["float_islands"].keys()  # what the hub's graph alone leaves float
     # conv3 computes the graph output, which stays float in the hub (its own float Conv)
     assert artifact["float_islands"] == {"Conv": 1} and artifact["integer_compute_ops"] == hub["integer_compute_ops"] == 3
     ops = artifact["optimized_op_types"]
     assert ops.get("QLinearMul", 0) == 3 and ops.get("QLinearAdd", 0) == 3 and not {"HardSigmoid", "HardSwish", "Clip", "Mul"} & ops.keys()
-    x = {"x": RNG.normal(0, 1, (16, 8, 8, 8)).astype(np.float32)}
-    reference, hub_out, ours = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
-                                for m in (model, qdq, rewritten))
-    assert float(np.abs(reference[:, :, 2:6, 2:6]).max()) > 3  # values beyond the clip: a missing saturation would show
-    error = [float(np.linalg.norm(out - reference) / np.linalg.norm(reference)) for out in (hub_out, ours)]
+    assert float(np.abs(found["reference"][:, :, 2:6, 2:6]).max()) > 3  # values beyond the clip: a missing saturation would show
     assert error[1] < max(1.5 * error[0], 0.02), error
 
 
@@ -391,3 +399,32 @@ def test_the_onnx_runtime_artifacts_rescaled_pairs_read_back_as_clip_and_gain():
     reference, floating = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
                            for m in (model, twin))
     assert np.corrcoef(reference.ravel(), floating.ravel())[0, 1] > 0.999
+
+
+def swish_model() -> onnx.ModelProto:
+    """conv1 -> swish x * Sigmoid(x) (EfficientNet, SiLU) -> squeeze-excitation gate Sigmoid ->
+    x * gate -> conv2 (the graph output)."""
+    inits: list = [numpy_helper.from_array(RNG.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32), "se_w")]
+    nodes = [_conv("conv1", "x", "c1", 8, inits), helper.make_node("Sigmoid", ["c1"], ["s1"], name="sigmoid"),
+             helper.make_node("Mul", ["c1", "s1"], ["swish"], name="swish"),
+             helper.make_node("GlobalAveragePool", ["swish"], ["pooled"], name="gap"),
+             helper.make_node("Conv", ["pooled", "se_w"], ["squeezed"], name="se"),
+             helper.make_node("Sigmoid", ["squeezed"], ["gate"], name="se_sigmoid"),
+             helper.make_node("Mul", ["swish", "gate"], ["excited"], name="excite"), _conv("conv2", "excited", "y", 8, inits)]
+    graph = helper.make_graph(nodes, "swish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnx_runtime_runs_swish_and_squeeze_excitation_sigmoids_as_qlinear_sigmoid_and_mul(tmp_path):
+    """The hub keeps a swish's and an SE gate's Sigmoid float; the artifact quantizes its output
+    on [0, 1], which ORT fuses into QLinearSigmoid, and the products become QLinearMul: no float
+    island is left, at the hub's error."""
+    found = _gates_rewritten(swish_model(), tmp_path)
+    hub, artifact, error = found["hub"], found["artifact"], found["errors"]
+    assert found["counts"] == {"hard_sigmoids": 0, "sigmoids": 2}
+    assert {"Sigmoid", "Mul"} <= hub["float_islands"].keys()
+    assert artifact["float_islands"] == {"Conv": 1}  # conv2 computes the graph output, float in both
+    ops = artifact["optimized_op_types"]
+    assert ops.get("QLinearSigmoid", 0) == 2 and ops.get("QLinearMul", 0) == 2 and not {"Sigmoid", "Mul"} & ops.keys()
+    assert error[1] < max(1.5 * error[0], 0.02), error

@@ -15,7 +15,7 @@ from enginekit.core.machine import toolchain
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.session import Session
 from enginekit.quantization.placement import COMPUTE_OPS, RECURRENT_OPS
-from enginekit.targets.onnxruntime_graph import align_input_channels, integer_hard_sigmoids
+from enginekit.targets.onnxruntime_graph import align_input_channels, integer_gates
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 
 if TYPE_CHECKING:
@@ -72,16 +72,16 @@ def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
     return dict(islands.most_common())
 
 
-def artifact_graph(qdq: "onnx.ModelProto") -> "tuple[onnx.ModelProto, int]":
+def artifact_graph(qdq: "onnx.ModelProto") -> "tuple[onnx.ModelProto, dict[str, int]]":
     """The INT8 artifact's graph: a copy of the Q/DQ hub's with the first convolutions' input
-    channels aligned and the hard sigmoids made integer (onnxruntime_graph.py), and how many of
-    those it rewrote."""
+    channels aligned and the gates of hard-swish, swish and squeeze-excitation blocks made
+    integer (onnxruntime_graph.py), and how many gates of each kind it rewrote."""
     import onnx
 
     graph = onnx.ModelProto()
     graph.CopyFrom(qdq)
     align_input_channels(graph)
-    return graph, integer_hard_sigmoids(graph)
+    return graph, integer_gates(graph)
 
 
 class OnnxRuntimeTarget(Target):
@@ -104,10 +104,10 @@ class OnnxRuntimeTarget(Target):
         import onnx
 
         path = inputs.stage / "model.int8.onnx"
-        graph, hard_sigmoids = artifact_graph(inputs.qdq(inputs.encoding).model)
+        graph, gates = artifact_graph(inputs.qdq(inputs.encoding).model)
         onnx.save(graph, str(path))
         report = integer_op_report(path, inputs.fp32.proto)
-        report["integer_hard_sigmoids"] = hard_sigmoids
+        report["integer_gates"] = gates
         return Built(OrtRunner(path, threads=inputs.threads), {"integer_ops": report, "integer_share": report["integer_share"]})
 
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
