@@ -200,7 +200,7 @@ def test_int8_lowering_of_the_op_runs_entirely_inside_xnnpack(case):
     """Forms XNNPACK delegates in int8: a fused HARD_SWISH, a standalone RELU (the old PReLU) and
     a PADV2 of -inf (ceil_mode) each ran outside it, splitting the graph, and made INT8 slower
     than FP32 (PP-OCR cls 0.23x)."""
-    from enginekit.targets.tflite.convert import outside_xnnpack
+    from enginekit.targets.tflite.convert import outside_xnnpack, outside_xnnpack_outputs
 
     model = CASES[case]
     feeds = _feeds(model)
@@ -705,7 +705,7 @@ def test_int8_ops_xnnpack_leaves_out_are_kept_float_where_it_runs_their_float_tw
     int8 SOFTMAX, so in the full-integer flatbuffer each runs in LiteRT's reference kernels
     between delegate partitions. Kept float (delegate_float.py), they run inside the delegate,
     the projection stays int8, and the outputs are no further from FP32."""
-    from enginekit.targets.tflite.convert import outside_xnnpack
+    from enginekit.targets.tflite.convert import outside_xnnpack, outside_xnnpack_outputs
     from enginekit.targets.tflite.delegate_float import keep_delegated, undelegated_int8_ops
 
     tail = [helper.make_node("Transpose", ["m"], ["mt"], name="keys", perm=[0, 2, 1]),
@@ -717,7 +717,7 @@ def test_int8_ops_xnnpack_leaves_out_are_kept_float_where_it_runs_their_float_tw
     float_model = convert_function(to_tf_function(model, "attention.onnx", integer=True), "attention.onnx")
     ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:])
     integer = quantize_int8(float_model, ranges.ranges)
-    slow = undelegated_int8_ops(float_model, integer)
+    slow = undelegated_int8_ops(float_model, outside_xnnpack_outputs(integer))
     assert {"BATCH_MATMUL", "SOFTMAX"} <= set(slow.values()), slow
     chosen, record = keep_delegated(float_model, integer, lambda tensors: quantize_int8(float_model, ranges.ranges, float_ops=tensors))
     assert record["chosen"] and record["outside_after"] < record["outside_before"]

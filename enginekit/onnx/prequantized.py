@@ -175,13 +175,13 @@ def _grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], origi
     scale = initializers.get(node.input[1])
     zero_point = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if scale is None or (len(node.input) > 2 and node.input[2] and zero_point is None):
-        raise InputError(f"QuantizeLinear '{node.name}': its scale or zero point is computed, not a constant", origin)
+        raise InputError(f"{node.op_type} '{node.name}': its scale or zero point is computed, not a constant", origin)
     scales = numpy_helper.to_array(scale).ravel()
     if scales.size != 1:
-        raise InputError(f"QuantizeLinear '{node.name}' quantizes an activation per channel; activations are per tensor", origin)
+        raise InputError(f"{node.op_type} '{node.name}' quantizes an activation per channel; activations are per tensor", origin)
     data_type = zero_point.data_type if zero_point is not None else TensorProto.UINT8
     if data_type not in _TYPES:
-        raise InputError(f"QuantizeLinear '{node.name}' quantizes to {TensorProto.DataType.Name(data_type)}; "
+        raise InputError(f"{node.op_type} '{node.name}' quantizes to {TensorProto.DataType.Name(data_type)}; "
                          "int8 and uint8 grids are read", origin)
     z = int(numpy_helper.to_array(zero_point).ravel()[0]) if zero_point is not None else 0
     return QuantGrid(float(scales[0]), z, _TYPES[data_type][0])

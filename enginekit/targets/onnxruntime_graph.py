@@ -108,7 +108,7 @@ def integer_hard_sigmoids(model: onnx.ModelProto) -> int:
     initializers = {t.name: t for t in graph.initializer}
     for found in _clipped_shifts(graph):
         integer, highest = _grid_top(producers[found.x], initializers)
-        low = -128 if integer == TensorProto.INT8 else 0
+        low = _lowest(integer)
         stem = f"{found.replaced[0].name or found.output}_integer"
         # x + c never exceeds x's largest grid value + c: a grid up to there is finer and clips the same
         step = (min(found.top, highest + found.shift) if highest + found.shift > 0 else found.top) / GRID_STEPS
@@ -153,7 +153,7 @@ def integer_sigmoids(model: onnx.ModelProto) -> int:
         integer, _ = _grid_top(source, initializers)
         stem = f"{node.name or gate}_integer"
         graph.initializer.extend([_scalar(f"{stem}_step", 1 / GRID_STEPS, TensorProto.FLOAT),
-                                  _scalar(f"{stem}_zero", -128 if integer == TensorProto.INT8 else 0, integer)])
+                                  _scalar(f"{stem}_zero", _lowest(integer), integer)])
         for reader in readers.get(gate, []):
             for i, name in enumerate(reader.input):
                 if name == gate:
@@ -238,6 +238,12 @@ def _grid_top(dequantize: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
         return integer, float("inf")
     z = float(numpy_helper.to_array(zero).ravel()[0]) if zero is not None else 0.0
     return integer, ((127 if integer == TensorProto.INT8 else 255) - z) * float(numpy_helper.to_array(scale).ravel()[0])
+
+
+def _lowest(integer: int) -> int:
+    """The lowest integer of an 8-bit grid of this type: a zero point that puts 0.0 at the grid's
+    bottom, for ranges that start at zero (a clip's, a sigmoid's)."""
+    return -128 if integer == TensorProto.INT8 else 0
 
 
 def _scalar(name: str, value: float, data_type: int) -> onnx.TensorProto:

@@ -22,8 +22,9 @@ from typing import Any
 from enginekit.targets.tflite.convert import outside_xnnpack_outputs
 
 
-def undelegated_int8_ops(float_model: bytes, integer: bytes) -> dict[str, str]:
-    """The integer flatbuffer's ops outside XNNPACK whose twin in the float flatbuffer (the op
+def undelegated_int8_ops(float_model: bytes, integer_outside: dict[str, str]) -> dict[str, str]:
+    """Of the integer flatbuffer's ops outside XNNPACK (`integer_outside`, as
+    `outside_xnnpack_outputs` gives them), those whose twin in the float flatbuffer (the op
     writing the same tensor) runs inside it: output tensor name -> op type. An op whose name is
     one part of another op's ";"-joined name is left out (the quantizer's recipe finds an op by
     the parts of its name, and would take that other op float with it)."""
@@ -32,7 +33,7 @@ def undelegated_int8_ops(float_model: bytes, integer: bytes) -> dict[str, str]:
     def alone(name: str) -> bool:
         return not any(f";{name};" in f";{other};" for other in written if other != name)
 
-    return {name: op for name, op in outside_xnnpack_outputs(integer).items()
+    return {name: op for name, op in integer_outside.items()
             if name in written and name not in float_outside and alone(name)}
 
 
@@ -41,7 +42,8 @@ def keep_delegated(float_model: bytes, integer: bytes, requantize: Callable[[Seq
     """`integer`, or the flatbuffer `requantize(tensors)` builds with `undelegated_int8_ops` float
     where that leaves fewer ops outside the delegate; with the record for the manifest (None when
     every int8 op that can run in XNNPACK does)."""
-    slow = undelegated_int8_ops(float_model, integer)
+    outside = outside_xnnpack_outputs(integer)  # one XNNPACK interpreter per flatbuffer
+    slow = undelegated_int8_ops(float_model, outside)
     if not slow:
         return integer, None
     record: dict[str, Any] = {"ops": dict(Counter(slow.values()).most_common()), "chosen": False}
@@ -52,7 +54,7 @@ def keep_delegated(float_model: bytes, integer: bytes, requantize: Callable[[Seq
     except Exception as exc:  # the quantizer or LiteRT refusing this mix: the flatbuffer stays as it was
         record["why"] = f"the flatbuffer with them float failed: {' '.join(str(exc).split())[:200]}"
         return integer, record
-    before, after = len(outside_xnnpack_outputs(integer)), len(outside_xnnpack_outputs(candidate))
+    before, after = len(outside), len(outside_xnnpack_outputs(candidate))
     record.update(outside_before=before, outside_after=after, chosen=after < before)
     return (candidate if after < before else integer), record
 
