@@ -26,15 +26,16 @@ def undelegated_int8_ops(float_model: bytes, integer_outside: dict[str, str]) ->
     """Of the integer flatbuffer's ops outside XNNPACK (`integer_outside`, as
     `outside_xnnpack_outputs` gives them), those whose twin in the float flatbuffer (the op
     writing the same tensor) runs inside it: output tensor name -> op type. An op whose name is
-    one part of another op's ";"-joined name is left out (the quantizer's recipe finds an op by
-    the parts of its name, and would take that other op float with it)."""
+    one part of another op's ";"-joined name is left out unless that other op is kept float too
+    (the quantizer's recipe finds an op by the parts of its name, and would take the other op
+    float with it): a LayerNorm's SUB `sub_5` goes with its SQUARED_DIFFERENCE `Square_3;sub_5`."""
     float_outside, written = outside_xnnpack_outputs(float_model), op_output_names(float_model)
+    slow = {name: op for name, op in integer_outside.items() if name in written and name not in float_outside}
 
     def alone(name: str) -> bool:
-        return not any(f";{name};" in f";{other};" for other in written if other != name)
+        return not any(f";{name};" in f";{other};" for other in written if other != name and other not in slow)
 
-    return {name: op for name, op in integer_outside.items()
-            if name in written and name not in float_outside and alone(name)}
+    return {name: op for name, op in slow.items() if alone(name)}
 
 
 def keep_delegated(float_model: bytes, integer: bytes, requantize: Callable[[Sequence[str]], bytes],
