@@ -30,6 +30,28 @@ def test_kinds_are_inferred_from_shape_values_and_names():
     assert infer_kind("score", RNG.standard_normal((8, 1))) == "generic"
 
 
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_log_probabilities_are_scores_compared_as_probabilities():
+    """A LogSoftmax output (a PyTorch CTC model's) is a sequence, not a generic tensor, and is
+    compared as probabilities: over log-probabilities, rows perturbed until 62 % of positions
+    keep their arg-max still have cosine 0.988, above the default gate's 0.98."""
+    logits = RNG.normal(0, 2, (16, 32, 37))
+    logits[..., 0] += 4  # the CTC blank dominates
+    ref, got = _log_softmax(logits), _log_softmax(logits + RNG.normal(0, 1, logits.shape))
+    assert infer_kind("output", ref) == "sequence" and infer_kind("output", ref[:, 0]) == "classification"
+    assert infer_kind("output", logits) == "generic"  # raw scores with no telling name stay generic
+    metrics = kind_metrics("sequence", ref, got)
+    assert metrics["position_agreement"] < 0.7
+    assert metrics["cosine"] < 0.9, metrics  # the log-probabilities' own cosine is above 0.98
+    rows = ref.reshape(-1, 37), got.reshape(-1, 37)
+    assert np.mean(np.sum(rows[0] * rows[1], 1) / np.linalg.norm(rows[0], axis=1) / np.linalg.norm(rows[1], axis=1)) > 0.98
+    assert kind_metrics("sequence", ref, ref)["cosine"] == pytest.approx(1.0)
+
 def test_classification_metrics_have_known_answers():
     ref = np.array([[0.1, 0.9, 0, 0, 0, 0], [0.8, 0.1, 0.1, 0, 0, 0], [0, 0, 0, 0, 0.3, 0.7], [0.5, 0.4, 0.1, 0, 0, 0]])
     got = ref.copy()

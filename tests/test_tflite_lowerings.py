@@ -755,3 +755,21 @@ def test_a_layer_norms_sub_goes_float_with_the_squared_difference_named_after_it
     assert set(undelegated_int8_ops(float_model, outside).values()) == set(outside.values())
     chosen, record = keep_delegated(float_model, integer, lambda tensors: quantize_int8(float_model, ranges.ranges, float_ops=tensors))
     assert record["chosen"] and not outside_xnnpack(chosen), record
+
+
+def test_log_softmax_lowers_and_its_int8_flatbuffer_keeps_the_scores():
+    """LogSoftmax (a PyTorch CTC or NLL model's output) lowers to LOG_SOFTMAX, exact in float; in
+    the int8 flatbuffer the quantizer leaves it float after an int8 FULLY_CONNECTED, and the
+    probabilities it stands for keep their arg-max."""
+    model = _token_model([helper.make_node("LogSoftmax", ["m"], ["y"], name="log_probabilities", axis=-1)], [], [1, 8, 16])
+    feeds = [{"x": RNG.normal(0, 1, (1, 8, 16)).astype(np.float32)} for _ in range(4)]
+    expected = Session(model).run(feeds[0])["y"]
+    float_model = convert_function(to_tf_function(model, "logp.onnx"), "logp.onnx")
+    assert [op["op"] for op in op_types(float_model)] == ["FULLY_CONNECTED", "LOG_SOFTMAX"]
+    np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds[0])["y"], expected, atol=1e-5)
+    for_int8 = convert_function(to_tf_function(model, "logp.onnx", integer=True), "logp.onnx")
+    integer = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    assert any(op["op"] == "FULLY_CONNECTED" and op["inputs"] == ["int8", "int8"] for op in op_types(integer)), op_types(integer)
+    got = TfliteRunner(integer).infer(feeds[0])["y"]
+    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+    assert _cosine(np.exp(got), np.exp(expected)) > 0.99

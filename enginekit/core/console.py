@@ -25,8 +25,8 @@ def cell_text(value: object, escape: bool = False) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     text = " ".join(str(value).split())
-    if escape:
-        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|").replace("`", "\\`")
+    if escape:  # no tag opens without "<", so ">" stays readable: a gate's "needs >=0.9" in the terminal
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|").replace("`", "\\`")
     return text
 
 

@@ -427,12 +427,14 @@ def _transpose(node, args, attrs):
 
 
 def _softmax(node, args, attrs):
+    """Softmax, and LogSoftmax (the output of a PyTorch CTC or NLL model) as LiteRT's LOG_SOFTMAX."""
     tf = _tf()
     x = args[0]
     axis = attrs.get("axis", -1)
+    function = tf.nn.log_softmax if node.op_type == "LogSoftmax" else tf.nn.softmax
     if x.nhwc and axis % 4 == 1:
-        return [Value(tf.nn.softmax(x.data, axis=-1), nhwc=True)]
-    return [Value(tf.nn.softmax(nchw(x), axis=axis))]
+        return [Value(function(x.data, axis=-1), nhwc=True)]
+    return [Value(function(nchw(x), axis=axis))]
 
 
 def _concat(node, args, attrs):
@@ -890,7 +892,7 @@ LOWERINGS: dict[str, Callable] = {
     "Sigmoid": _unary(lambda x, a: _tf().sigmoid(x)), "Tanh": _unary(lambda x, a: _tf().tanh(x)),
     "HardSwish": _unary(_hard_swish), "HardSigmoid": _unary(_hard_sigmoid),
     "Clip": _clip, "Gemm": _gemm, "MatMul": _matmul, "Reshape": _reshape, "Flatten": _flatten,
-    "Transpose": _transpose, "Softmax": _softmax, "Concat": _concat, "Split": _split, "BatchNormalization": _batch_norm,
+    "Transpose": _transpose, "Softmax": _softmax, "LogSoftmax": _softmax, "Concat": _concat, "Split": _split, "BatchNormalization": _batch_norm,
     "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
     "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
