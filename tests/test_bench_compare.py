@@ -207,6 +207,44 @@ def test_a_keras_source_gets_keras_rows_and_an_onnx_source_says_it_has_none(tmp_
     assert "cannot be measured here" in report["source_note"] and "no_such_module_here" in report["source_note"]
 
 
+def test_the_source_row_is_measured_at_the_shapes_the_artifacts_were(tmp_path, monkeypatch):
+    """A sentence model with 32 positions, evaluated on 20-token sentences: the artifacts are
+    measured at 20 tokens (their manifests' data_shapes); the PyTorch row was measured at the
+    harness's default 128 and skipped ("index out of range in self", a GPT-2 of 64 positions)."""
+    import textwrap
+
+    from enginekit import api
+    from enginekit.benchmark.harness import BenchSettings
+    from enginekit.builder import BuildOptions, build
+
+    (tmp_path / "posnet.py").write_text(textwrap.dedent("""
+        import torch
+
+        class PositionNet(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.tokens, self.positions = torch.nn.Embedding(100, 8), torch.nn.Embedding(32, 8)
+
+            def forward(self, input_ids):
+                where = torch.arange(input_ids.shape[1]).unsqueeze(0)
+                return (self.tokens(input_ids) + self.positions(where)).mean(dim=1)
+
+        def build():
+            return PositionNet().eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "tokens.npz", input_ids=np.random.default_rng(0).integers(0, 100, (16, 20)))
+    shapes = ("input_ids=batchxsequence:int64:0..99",)
+    built = build("posnet:build", "onnxruntime", "fp32", tmp_path / "fp32", BuildOptions(eval_data=tmp_path / "tokens.npz", input_shapes=shapes))
+    source = BuildOptions(input_shapes=shapes).source_options()
+    report = api.bench([built.folder], settings=BenchSettings(batch_sizes=(1,), min_iterations=5, min_seconds=0.05, rounds=1),
+                       source="posnet:build", source_options=source)
+    eager = next(e for e in report["artifacts"] if e["target"] == "pytorch")
+    artifact = next(e for e in report["artifacts"] if e["target"] == "onnxruntime")
+    assert eager["latency_shapes"] == artifact["latency_shapes"] == {"input_ids": [1, 20]}, report["skipped"]
+
 @pytest.mark.parametrize("n", [1, 2, 7, 250, 2001, 2500])
 def test_bootstrap_medians_follow_the_resampled_medians(n):
     """The exact draw of a bootstrap median (order statistics of uniforms) against materialised

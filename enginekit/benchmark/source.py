@@ -37,6 +37,9 @@ class SourceSpec:
     input_shapes: tuple[str, ...] = ()
     allow_unsafe_keras: bool = False
     outputs: tuple[str, ...] = field(default_factory=tuple)  # output names of the FP32 ONNX, in order
+    # the input shapes the artifacts were evaluated and measured at (their manifests' data_shapes),
+    # so the row is measured at the same sentence length or image size as they are
+    data_shapes: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
 
     def to_argument(self) -> str:
         return PREFIX + json.dumps(asdict(self))
@@ -44,7 +47,11 @@ class SourceSpec:
     @classmethod
     def from_argument(cls, text: str) -> "SourceSpec":
         fields = json.loads(text[len(PREFIX):])
-        return cls(**{**fields, "input_shapes": tuple(fields["input_shapes"]), "outputs": tuple(fields["outputs"])})
+        return cls(**{**fields, "input_shapes": tuple(fields["input_shapes"]), "outputs": tuple(fields["outputs"]),
+                      "data_shapes": tuple((name, tuple(shape)) for name, shape in fields.get("data_shapes", ()))})
+
+    def __str__(self) -> str:  # how errors name the row
+        return f"the {self.runtime} row of {self.model}"
 
 
 def source_rows(model: str | Path, options: SourceOptions | None, manifest: dict[str, Any]) -> tuple[list[SourceSpec], str | None]:
@@ -57,7 +64,8 @@ def source_rows(model: str | Path, options: SourceOptions | None, manifest: dict
     framework, source = origin
     common = dict(model=source, name=str(manifest.get("model") or Path(str(model)).stem), weights=weights,
                   input_shapes=tuple(options.input_shapes), allow_unsafe_keras=options.allow_unsafe_keras,
-                  outputs=tuple(o["name"] for o in manifest.get("outputs") or []))
+                  outputs=tuple(o["name"] for o in manifest.get("outputs") or []),
+                  data_shapes=tuple((name, tuple(shape)) for name, shape in (manifest.get("data_shapes") or {}).items()))
     if framework == "keras":
         return [SourceSpec(runtime=KERAS, **common), SourceSpec(runtime=KERAS_FUNCTION, **common)], None
     return [SourceSpec(runtime=EAGER, **common), SourceSpec(runtime=COMPILED, **common)], None
@@ -165,7 +173,7 @@ def open_source(spec: SourceSpec, threads: int | None = None) -> tuple[SourceRun
         raise unrunnable(spec, exc) from None
     manifest = {"model": spec.name, "target": spec.runtime, "precision": "fp32", "source": True,
                 "inputs": [s.to_json() for s in runner.inputs], "outputs": [{"name": o.name, "shape": [], "dtype": "float32"} for o in runner.outputs],
-                "files": [], "weights_bytes": runner.weights_bytes}
+                "files": [], "weights_bytes": runner.weights_bytes, "data_shapes": {name: list(shape) for name, shape in spec.data_shapes}}
     return runner, manifest
 
 
