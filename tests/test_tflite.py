@@ -350,6 +350,7 @@ def test_the_hub_float_judge_counts_top_1_disagreements_of_probability_rows_only
     tied = np.round(flat * 256) / 256  # every row ties: argmax takes index 0
     assert 1 - np.dot(flat.ravel(), tied.ravel()) / np.linalg.norm(flat) / np.linalg.norm(tied) < 0.01
     assert cosine_errors([[flat]], [[tied]]) == [1.0]
-    logits = np.log(flat)
+    logits = np.log(flat) + 3.0  # a classifier's raw scores (log(flat) alone are log-probabilities: scores, judged by argmax too)
     error = cosine_errors([[logits]], [[np.round(logits * 4) / 4]])[0]
     assert error < 0.01  # not probability rows: cosine only, though the argmax moved
+    assert cosine_errors([[np.log(flat)]], [[np.round(np.log(flat) * 4) / 4]]) == [1.0]

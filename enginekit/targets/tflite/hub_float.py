@@ -95,7 +95,7 @@ def cosine_errors(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence
 def output_error(expected: np.ndarray, got: np.ndarray) -> float:
     """1 - cosine, or the share of top-1 disagreements of a classifier's probabilities where larger (see cosine_errors)."""
     error = 1.0 - cosine_similarity(expected, got)
-    if infer_kind("", expected) == "classification":  # rows of probabilities (no name: logits are not judged by argmax here; a sequence's gate is its cosine)
+    if infer_kind("", expected) == "classification":  # rows of probabilities or log-probabilities (no name: raw logits are not judged by argmax here; a sequence's gate is its cosine)
         rows, got_rows = expected.reshape(-1, expected.shape[-1]), got.reshape(-1, expected.shape[-1])
         error = max(error, float(np.mean(rows.argmax(1) != got_rows.argmax(1))))
     return error
