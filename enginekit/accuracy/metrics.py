@@ -79,8 +79,11 @@ def infer_kind(name: str, reference: np.ndarray) -> str:
 def log_probabilities(values: np.ndarray) -> bool:
     """Rows along the last axis that are log-probabilities (a LogSoftmax: a PyTorch CTC or NLL
     model's output): none above 0, and each row's exponentials sum to 1."""
-    rows = np.asarray(values, np.float64).reshape(-1, values.shape[-1]) if np.ndim(values) >= 2 else None
-    if rows is None or rows.size == 0 or rows.shape[1] < 2 or not np.isfinite(rows).all() or np.any(rows > 1e-6):
+    values = np.asarray(values, np.float64)
+    if values.ndim < 2 or values.size == 0 or values.shape[-1] < 2:
+        return False
+    rows = values.reshape(-1, values.shape[-1])
+    if not np.isfinite(rows).all() or np.any(rows > 1e-6):
         return False
     top = rows.max(axis=1)
     return bool(np.allclose(top + np.log(np.exp(rows - top[:, None]).sum(axis=1)), 0.0, atol=1e-3))
