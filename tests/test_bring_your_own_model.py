@@ -96,10 +96,13 @@ def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_
     assert row.count("|") == report.splitlines()[next(i for i, l in enumerate(report.splitlines()) if l.startswith("|"))].count("|")  # no cell split
 
 
-def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path):
+@pytest.mark.parametrize("batch", [-1, 1], ids=["batch-made-dynamic", "batch-stays-fixed"])
+def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path, batch):
+    """A Reshape to a batch of 1 keeps the batch fixed: the upgrade must survive that retreat
+    (it was lost, and INT8's per-channel DequantizeLinear then had no 'axis' at opset 11)."""
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
-    shape = numpy_helper.from_array(np.array([-1, 4 * 8 * 8], np.int64), "shape")
+    shape = numpy_helper.from_array(np.array([batch, 4 * 8 * 8], np.int64), "shape")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Reshape", ["r", "shape"], ["y"])]
     graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
@@ -110,6 +113,8 @@ def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["opset"] == 14 and any("upgraded from opset 11 to 14" in note for note in manifest["notes"])
     assert manifest["parity"]["passed"] and manifest["parity"]["reference"].startswith("onnxruntime")
+    assert ("stays fixed" in " ".join(manifest["notes"])) == (batch == 1)
+    assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == 14
 
 
 def test_a_token_id_factory_declares_int64_inputs_and_their_range(run_cli, tmp_path, monkeypatch):

@@ -133,6 +133,8 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     _apply_input_specs(proto, source)
     _fold_single_valued_inputs(proto, source, notes)
     if options.dynamic_batch and not _batch_is_dynamic(source):
+        fixed_batch = onnx.ModelProto()  # the graph as normalised so far (opset upgraded): kept if the batch must stay fixed
+        fixed_batch.CopyFrom(proto)
         if onnx_graph.make_batch_dynamic(proto):
             fixed_inputs = source.inputs
             source.inputs = tuple(replace(s, shape=("batch", *s.shape[1:])) for s in fixed_inputs)
@@ -142,10 +144,7 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
                 return candidate
             source.inputs = fixed_inputs
             notes.append("the batch dim stays fixed: the graph does not run with another batch size")
-            proto = onnx.ModelProto()
-            proto.CopyFrom(source.onnx_model)
-            _apply_input_specs(proto, source)
-            _fold_single_valued_inputs(proto, source, [])
+            proto = fixed_batch
         else:
             notes.append("the batch dim stays fixed: inputs and outputs do not share one leading dim")
     return onnx_graph.finalize(proto, origin)
