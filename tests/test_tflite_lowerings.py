@@ -153,6 +153,9 @@ def _cases() -> dict[str, onnx.ModelProto]:
                                          [_const("wg", RNG.normal(0, 0.4, (6, 2, 3, 3)).astype(np.float32)),
                                           _const("bg", RNG.normal(0, 0.2, 6).astype(np.float32))], [1, 6, 16, 16]),
         "InstanceNormalization (audio)": _instance_norm_model(),
+        "SpaceToDepth (YOLOX's Focus stem)": _model([node("SpaceToDepth", ["c"], ["y"], name="focus", blocksize=2)], [], [1, 16, 8, 8]),
+        "DepthToSpace DCR": _model([node("DepthToSpace", ["c"], ["y"], name="d2s", blocksize=2)], [], [1, 1, 32, 32]),
+        "DepthToSpace CRD (PixelShuffle)": _model([node("DepthToSpace", ["c"], ["y"], name="shuffle", blocksize=2, mode="CRD")], [], [1, 1, 32, 32]),
         "Sqrt+Neg": _model([node("Relu", ["c"], ["r"], name="relu"), node("Sqrt", ["r"], ["q"], name="sqrt"),
                             node("Neg", ["q"], ["y"], name="neg")], [], [1, 4, 16, 16]),
     }

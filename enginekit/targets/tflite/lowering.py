@@ -489,6 +489,34 @@ def _identity(node, args, attrs):
     return [args[0]]
 
 
+def _space_to_depth(node, args, attrs):
+    """ONNX SpaceToDepth orders the new channels (row offset, column offset, channel), as
+    TensorFlow's channel-last SPACE_TO_DEPTH does: one op, int8 in TFLite (YOLOX's Focus stem)."""
+    return [Value(_tf().nn.space_to_depth(nhwc(_image(args[0], node)), attrs["blocksize"]), nhwc=True)]
+
+
+def _depth_to_space(node, args, attrs):
+    """A reshape to [N, H, W, b, b, C] (DCR, the default: channels read as row offset, column
+    offset, channel) or [N, H, W, C, b, b] (CRD, PyTorch's PixelShuffle) and a transpose: both
+    run on integers in int8, where ai-edge-quantizer leaves a DEPTH_TO_SPACE float."""
+    tf, block = _tf(), attrs["blocksize"]
+    x = nhwc(_image(args[0], node))
+    h, w = (tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in (1, 2))
+    channels = x.shape[3] // (block * block)
+    if attrs.get("mode", b"DCR") in ("DCR", b"DCR"):
+        split, order = [-1, h, w, block, block, channels], [0, 1, 3, 2, 4, 5]
+    else:
+        split, order = [-1, h, w, channels, block, block], [0, 1, 4, 2, 5, 3]
+    y = tf.transpose(tf.reshape(x, split), order)
+    return [Value(tf.reshape(y, [-1, h * block, w * block, channels]), nhwc=True)]
+
+
+def _image(value: Value, node: onnx.NodeProto) -> Value:
+    if value.rank != 4:
+        raise InputError(f"node {node.name} ({node.op_type}): the tflite target lowers it on 4-D [N, C, H, W] tensors only")
+    return value
+
+
 def _constant_node(node, args, attrs):
     return [Value(numpy_helper.to_array(attrs["value"]))]
 
@@ -912,7 +940,7 @@ LOWERINGS: dict[str, Callable] = {
     "Ceil": _pointwise(np.ceil, lambda x: _tf().math.ceil(x)), "Reciprocal": _pointwise(np.reciprocal, lambda x: _tf().math.reciprocal(x)),
     "Tile": _tile, "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
-    "InstanceNormalization": _instance_norm,
+    "InstanceNormalization": _instance_norm, "SpaceToDepth": _space_to_depth, "DepthToSpace": _depth_to_space,
 }
 # For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
 INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}
