@@ -117,6 +117,28 @@ def test_an_old_opset_is_upgraded_and_checked_by_parity(run_cli, tmp_path, batch
     assert onnx.load(str(tmp_path / "out" / "model.onnx")).opset_import[0].version == 14
 
 
+def test_an_old_opset_whose_file_declares_a_wrong_output_rank_is_upgraded_with_the_computed_one(run_cli, tmp_path):
+    """ddddocr's CRNN (opset 12) declares its output [1, seqlen] and computes [seqlen, 1, classes]
+    through a Reshape to a shape built from Shape/Gather/Concat: ONNX's shape inference at opset 14
+    sees the rank, so the upgrade failed; then the declared shape, set back on the graph, made
+    the export compute [1, seqlen * classes] and fail parity."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i3"], ["w0"], axis=0),
+             helper.make_node("Unsqueeze", ["w0"], ["w"], axes=[0]), helper.make_node("Concat", ["w", "one", "minus"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "i3"), numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus")]
+    graph = helper.make_graph(nodes, "crnn_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, "width"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])], inits)
+    path = tmp_path / "declared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7), str(path))
+    result = run_cli("export", "--model", path, "-o", tmp_path / "out")
+    assert result.code == 0, result.out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["opset"] == 14 and manifest["parity"]["passed"]
+    assert len(manifest["outputs"][0]["shape"]) == 3
+    assert any("declared shapes of the outputs ['y'] contradict" in note for note in manifest["notes"])
+
+
 def test_a_token_id_factory_declares_int64_inputs_and_their_range(run_cli, tmp_path, monkeypatch):
     (tmp_path / "textnet.py").write_text(textwrap.dedent("""
         import torch

@@ -125,11 +125,12 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     proto = _dequantize_source(proto, source, notes)
     own = onnx_graph.opset_of(proto)
     if options.opset:
-        proto = onnx_graph.convert_opset(proto, options.opset, origin)
+        proto = onnx_graph.convert_opset(proto, options.opset, origin, notes)
     elif own < MIN_OPSET:
-        proto = onnx_graph.convert_opset(proto, MIN_OPSET, origin)
+        proto = onnx_graph.convert_opset(proto, MIN_OPSET, origin, notes)
         notes.append(f"upgraded from opset {own} to {MIN_OPSET} with ONNX's version converter (per-channel "
                      "quantization needs opset 13, the graph optimizer's rewrites 14); parity checked against the original file")
+    _outputs_as_converted(proto, source)
     _apply_input_specs(proto, source)
     _fold_single_valued_inputs(proto, source, notes)
     if options.dynamic_batch and not _batch_is_dynamic(source):
@@ -148,6 +149,15 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
         else:
             notes.append("the batch dim stays fixed: inputs and outputs do not share one leading dim")
     return onnx_graph.finalize(proto, origin)
+
+
+def _outputs_as_converted(proto: onnx.ModelProto, source: Source) -> None:
+    """An output whose rank the opset conversion corrected (the file declared another one, see
+    `convert_opset`) takes the converted graph's spec: the declared one, set back on the graph,
+    would have let simplification fold the graph into the declared, wrong, shape."""
+    converted = {spec.name: spec for spec in onnx_graph.tensor_specs(proto.graph.output)}
+    source.outputs = tuple(converted[spec.name] if spec.name in converted and len(converted[spec.name].shape) != len(spec.shape) else spec
+                           for spec in source.outputs)
 
 
 def _dequantize_source(proto: onnx.ModelProto, source: Source, notes: list[str]) -> onnx.ModelProto:

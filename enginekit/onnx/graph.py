@@ -281,15 +281,41 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def convert_opset(model: onnx.ModelProto, opset: int, origin: str) -> onnx.ModelProto:
+def convert_opset(model: onnx.ModelProto, opset: int, origin: str, notes: list[str] | None = None) -> onnx.ModelProto:
+    """`model` at `opset` (ONNX's version converter, then a full check). A file whose declared
+    output shapes contradict what its graph computes (ddddocr's CRNN declares [1, seqlen] and
+    returns [seqlen, 1, classes]; the newer opset's shape inference sees it) is converted with
+    the inferred shapes instead, and `notes` says so."""
     if opset_of(model) == opset:
         return model
-    source_opset = opset_of(model)
     try:
-        converted = onnx.version_converter.convert_version(model, opset)
-        onnx.checker.check_model(converted, full_check=True)
+        return _converted(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
-        raise InputError(f"cannot convert from opset {source_opset} to {opset}: {_one_line(exc)}", origin) from None
+        failure = exc
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    declared = [o.name for o in relaxed.graph.output if o.type.tensor_type.HasField("shape")]
+    for output in relaxed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    if declared and "existing shape" in str(failure):
+        try:
+            converted = _converted(relaxed, opset, infer_outputs=True)
+        except Exception:
+            pass
+        else:
+            if notes is not None:
+                notes.append(f"the declared shapes of the outputs {declared} contradict what the graph computes at opset {opset}: "
+                             "they were replaced by the inferred ones")
+            return converted
+    raise InputError(f"cannot convert from opset {opset_of(model)} to {opset}: {_one_line(failure)}", origin) from None
+
+
+def _converted(model: onnx.ModelProto, opset: int, infer_outputs: bool = False) -> onnx.ModelProto:
+    """`infer_outputs`: outputs declared without a shape get the inferred one (the checker needs one)."""
+    converted = onnx.version_converter.convert_version(model, opset)
+    if infer_outputs:
+        converted = onnx.shape_inference.infer_shapes(converted)
+    onnx.checker.check_model(converted, full_check=True)
     return converted
 
 
