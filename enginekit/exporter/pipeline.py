@@ -125,14 +125,14 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     proto = _dequantize_source(proto, source, notes)
     own = onnx_graph.opset_of(proto)
     if options.opset:
-        proto = onnx_graph.convert_opset(proto, options.opset, origin, notes)
+        proto = onnx_graph.convert_opset(proto, options.opset, origin)
     elif own < MIN_OPSET:
-        proto = onnx_graph.convert_opset(proto, MIN_OPSET, origin, notes)
+        proto = onnx_graph.convert_opset(proto, MIN_OPSET, origin)
         notes.append(f"upgraded from opset {own} to {MIN_OPSET} with ONNX's version converter (per-channel "
                      "quantization needs opset 13, the graph optimizer's rewrites 14); parity checked against the original file")
-    _outputs_as_converted(proto, source)
     _apply_input_specs(proto, source)
     _fold_single_valued_inputs(proto, source, notes)
+    _outputs_as_run(proto, source, notes)
     if options.dynamic_batch and not _batch_is_dynamic(source):
         fixed_batch = onnx.ModelProto()  # the graph as normalised so far (opset upgraded): kept if the batch must stay fixed
         fixed_batch.CopyFrom(proto)
@@ -151,13 +151,24 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     return onnx_graph.finalize(proto, origin)
 
 
-def _outputs_as_converted(proto: onnx.ModelProto, source: Source) -> None:
-    """An output whose rank the opset conversion corrected (the file declared another one, see
-    `convert_opset`) takes the converted graph's spec: the declared one, set back on the graph,
-    would have let simplification fold the graph into the declared, wrong, shape."""
-    converted = {spec.name: spec for spec in onnx_graph.tensor_specs(proto.graph.output)}
-    source.outputs = tuple(converted[spec.name] if spec.name in converted and len(converted[spec.name].shape) != len(spec.shape) else spec
-                           for spec in source.outputs)
+def _outputs_as_run(proto: onnx.ModelProto, source: Source, notes: list[str]) -> None:
+    """Output ranks as one run of the file computes them, where its declarations say otherwise.
+    ddddocr's CRNNs declare [1, seqlen] and return [seqlen, 1, classes]: the declared shape, set
+    on the graph, let simplification fold the graph into [1, seqlen x classes] (parity failed),
+    and ONNX's shape inference at a newer opset refuses the contradiction (`convert_opset`)."""
+    try:
+        feeds, _ = source.sample(_fill_dims(source, {"batch": 1}))
+        computed = Session(proto).run(feeds)
+    except EnginekitError:  # the parity check runs it again and says what fails
+        return
+    wrong = [spec for spec in source.outputs if spec.name in computed and computed[spec.name].ndim != len(spec.shape)]
+    if not wrong:
+        return
+    fixed = {spec.name: replace(spec, shape=("?",) * computed[spec.name].ndim) for spec in wrong}
+    source.outputs = tuple(fixed.get(spec.name, spec) for spec in source.outputs)
+    onnx_graph.set_symbolic_dims(proto, fixed)
+    notes.append("the file declares " + ", ".join(f"output '{spec.name}' of rank {len(spec.shape)}" for spec in wrong)
+                 + ", but computes " + ", ".join(f"rank {computed[spec.name].ndim}" for spec in wrong) + ": the computed ranks are kept")
 
 
 def _dequantize_source(proto: onnx.ModelProto, source: Source, notes: list[str]) -> onnx.ModelProto:

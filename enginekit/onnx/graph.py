@@ -281,11 +281,11 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def convert_opset(model: onnx.ModelProto, opset: int, origin: str, notes: list[str] | None = None) -> onnx.ModelProto:
+def convert_opset(model: onnx.ModelProto, opset: int, origin: str) -> onnx.ModelProto:
     """`model` at `opset` (ONNX's version converter, then a full check). A file whose declared
     output shapes contradict what its graph computes (ddddocr's CRNN declares [1, seqlen] and
     returns [seqlen, 1, classes]; the newer opset's shape inference sees it) is converted with
-    the inferred shapes instead, and `notes` says so."""
+    the inferred shapes instead (the export then keeps the ranks a run computes)."""
     if opset_of(model) == opset:
         return model
     try:
@@ -294,19 +294,14 @@ def convert_opset(model: onnx.ModelProto, opset: int, origin: str, notes: list[s
         failure = exc
     relaxed = onnx.ModelProto()
     relaxed.CopyFrom(model)
-    declared = [o.name for o in relaxed.graph.output if o.type.tensor_type.HasField("shape")]
+    declared = any(o.type.tensor_type.HasField("shape") for o in relaxed.graph.output)
     for output in relaxed.graph.output:
         output.type.tensor_type.ClearField("shape")
     if declared and "existing shape" in str(failure):
         try:
-            converted = _converted(relaxed, opset, infer_outputs=True)
+            return _converted(relaxed, opset, infer_outputs=True)
         except Exception:
             pass
-        else:
-            if notes is not None:
-                notes.append(f"the declared shapes of the outputs {declared} contradict what the graph computes at opset {opset}: "
-                             "they were replaced by the inferred ones")
-            return converted
     raise InputError(f"cannot convert from opset {opset_of(model)} to {opset}: {_one_line(failure)}", origin) from None
 
 
