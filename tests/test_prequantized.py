@@ -154,3 +154,20 @@ def test_a_qoperator_model_is_refused_in_one_line(exported, tmp_path, run_cli):
     result = run_cli("export", "--model", path, "-o", tmp_path / "out")
     assert result.code == 2 and "QOperator-format ops" in result.error_line and "QLinearConv" in result.error_line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dynamically_quantized_model_builds_in_float_and_its_int8_says_it_is_quantized_already(exported, tmp_path, run_cli):
+    """ONNX Runtime's quantize_dynamic (ddddocr ships such a CRNN) leaves ConvInteger and
+    DynamicQuantizeLinear and no float weights: the file runs as it is, but INT8 has nothing to
+    calibrate; its cell said 'no Conv, Gemm or MatMul', which sent users looking for a bug."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(exported("digits_cnn")[0] / "model.onnx"), str(path), weight_type=QuantType.QUInt8,
+                     op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    np.savez(tmp_path / "d.npz", image=_digits(16))
+    result = run_cli("build", "--model", path, "--targets", "onnxruntime", "--precisions", "fp32,int8", "--calib-data", tmp_path / "d.npz",
+                     "--eval-data", tmp_path / "d.npz", "-n", "16", "-o", tmp_path / "out")
+    assert result.code == 1 and (tmp_path / "out" / "onnxruntime-fp32" / "manifest.json").exists()
+    assert "the model is quantized already (ConvInteger" in result.out and "DynamicQuantizeLinear" in result.out
+    assert not (tmp_path / "out" / "onnxruntime-int8").exists()

@@ -16,6 +16,7 @@ from enginekit.core.errors import InputError
 from enginekit.core.profile import stage
 from enginekit.exporter.reference import Fp32Model
 from enginekit.onnx.equalization import equalization_divisors
+from enginekit.onnx.prequantized import quantized_operators
 from enginekit.onnx.smoothing import smoothable_inputs, smoothing_scales
 from enginekit.quantization.bias_correction import correctable_outputs
 from enginekit.quantization.placement import plan_quantization
@@ -39,6 +40,10 @@ def calibrate_model(fp32: Fp32Model, data: DataArg, methods: Sequence[str], perc
     graph, record = smoothed_twin(fp32, smoothing) if smoothing else (fp32, None)
     plan = plan_quantization(graph.proto)
     if not plan.activations:
+        quantized = quantized_operators(graph.proto)
+        if quantized:
+            raise InputError(f"the model is quantized already ({', '.join(quantized)}): INT8 starts from its float original, "
+                             "or from a QDQ model (QuantizeLinear/DequantizeLinear around float ops)", fp32.origin)
         raise InputError("the model has no tensors to quantize (no Conv, Gemm or MatMul with activations)", fp32.origin)
     run = calibrate(fp32, data, methods, plan.activations, percentile, num_samples, batch_size, skip_nonfinite, threads,
                     mean_tensors=correctable_outputs(graph.proto), shards=shards, executor=executor, smoothing=smoothing,

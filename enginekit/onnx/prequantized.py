@@ -57,6 +57,12 @@ class Dequantized:
     weights: int = 0  # weight (and bias) tensors dequantized into float initializers
 
 
+def quantized_operators(model: onnx.ModelProto) -> list[str]:
+    """The QOperator-format and dynamic-quantization ops of `model` (ConvInteger, DynamicQuantizeLSTM...):
+    a graph already quantized by ONNX Runtime's tools, whose float weights are gone."""
+    return sorted({node.op_type for node in model.graph.node if node.op_type in QOPERATOR_OPS or node.op_type.startswith("DynamicQuantize")})
+
+
 def has_qdq(model: onnx.ModelProto) -> bool:
     return any(node.op_type in QDQ_OPS for node in model.graph.node)
 
@@ -64,7 +70,7 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     """The float twin of a QDQ graph, with the grid of every quantized activation (`model`
     itself is left as it was)."""
-    qoperator = sorted({node.op_type for node in model.graph.node if node.op_type in QOPERATOR_OPS})
+    qoperator = quantized_operators(model)
     if qoperator:
         raise InputError(f"holds QOperator-format ops ({', '.join(qoperator)}); enginekit reads pre-quantized models in the "
                          "QDQ format (QuantizeLinear/DequantizeLinear around float ops)", origin)
