@@ -704,13 +704,13 @@ def _resize(node, args, attrs):
             else [int(np.floor(d * s)) for d, s in zip(spatial, scales[2:])]
     else:
         raise InputError(f"node {node.name} (Resize): only constant spatial scales or sizes are supported by the tflite target")
-    v1 = tf.compat.v1.image
+    raw = tf.raw_ops  # the kernels tf.compat.v1.image wraps, without its deprecation lines on the user's terminal
     if mode == "nearest" and transform == "asymmetric" and nearest_mode == "floor":
-        y = v1.resize_nearest_neighbor(x, size, align_corners=False, half_pixel_centers=False)
+        y = raw.ResizeNearestNeighbor(images=x, size=size, align_corners=False, half_pixel_centers=False)
     elif mode == "nearest" and transform in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn") and nearest_mode in ("round_prefer_ceil", "floor"):
-        y = v1.resize_nearest_neighbor(x, size, align_corners=False, half_pixel_centers=True)
+        y = raw.ResizeNearestNeighbor(images=x, size=size, align_corners=False, half_pixel_centers=True)
     elif mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
-        y = v1.resize_bilinear(x, size, align_corners=transform == "align_corners", half_pixel_centers=transform.endswith("half_pixel"))
+        y = raw.ResizeBilinear(images=x, size=size, align_corners=transform == "align_corners", half_pixel_centers=transform.endswith("half_pixel"))
     else:
         raise InputError(f"node {node.name} (Resize): mode {mode} with {transform}/{nearest_mode} is not supported by the tflite target")
     return [Value(y, nhwc=True)]
