@@ -785,3 +785,18 @@ def test_a_resize_lowers_without_tensorflows_deprecation_lines(case, caplog):
     with caplog.at_level("WARNING"):
         convert_function(to_tf_function(CASES[case], f"{case}.onnx"), f"{case}.onnx")
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_an_op_with_several_outputs_outside_xnnpack_is_counted():
+    """A SPLIT into five (a grouped convolution of RegNet's, one CONV_2D per group) runs outside
+    XNNPACK; the count of such ops tested its output array's truth and the build failed with
+    numpy's 'truth value of an array ... is ambiguous'."""
+    from enginekit.targets.tflite.convert import outside_xnnpack_outputs
+
+    parts = [f"part{i}" for i in range(5)]
+    nodes = [helper.make_node("Split", ["x"], parts, name="split", axis=1), helper.make_node("Concat", parts[::-1], ["y"], name="concat", axis=1)]
+    graph = helper.make_graph(nodes, "split5", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10, 8, 8])])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    outside = outside_xnnpack_outputs(convert_function(to_tf_function(model, "split5.onnx"), "split5.onnx"))
+    assert list(outside.values()) == ["SPLIT"]

@@ -243,7 +243,7 @@ def outside_xnnpack_outputs(model: bytes, threads: int = 1) -> dict[str, str]:
             inside.add(op["index"])
             pending += [t for t in op["inputs"] if t >= 0 and t not in boundary]
     return {names.get(op["outputs"][0], str(op["outputs"][0])): op["op_name"] for op in ops
-            if op["op_name"] != "DELEGATE" and op["index"] not in inside and op["outputs"]}
+            if op["op_name"] != "DELEGATE" and op["index"] not in inside and len(op["outputs"])}
 
 
 def float_compute_ops(ops: list[dict[str, Any]]) -> list[str]:
