@@ -800,3 +800,32 @@ def test_an_op_with_several_outputs_outside_xnnpack_is_counted():
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     outside = outside_xnnpack_outputs(convert_function(to_tf_function(model, "split5.onnx"), "split5.onnx"))
     assert list(outside.values()) == ["SPLIT"]
+
+
+@pytest.mark.parametrize("batch", ["batch", 1])
+def test_a_shape_computation_on_a_symbolic_dim_names_the_input_shape_option_and_folds_once_fixed(batch):
+    """BEiT's relative position bias ends in a ScatterND computed from its input's shape: with a
+    symbolic batch it cannot fold and has no lowering, and the refusal now says that fixing the
+    dim (--input-shape) lets it fold; with the batch fixed it folds and the model lowers."""
+    from enginekit.core.errors import InputError
+
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["shape"], name="shape"), node("Gather", ["shape", "zero"], ["n"], name="batch_dim", axis=0),
+             node("Cast", ["n"], ["nf"], name="cast", to=TensorProto.FLOAT), node("Reshape", ["nf", "one"], ["update"], name="as_update"),
+             node("ScatterND", ["base", "index", "update"], ["bias"], name="scatter"), node("Add", ["x", "bias"], ["y"], name="add")]
+    inits = [_const("zero", np.array(0, np.int64)), _const("one", np.array([1], np.int64)), _const("base", np.zeros((1, 3), np.float32)),
+             _const("index", np.array([[0, 2]], np.int64))]
+    graph = helper.make_graph(nodes, "scatter", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    if batch == 1:  # the export's simplifier folds the shape computation, as it did BEiT's
+        from enginekit.onnx.graph import simplify
+
+        feeds = {"x": RNG.normal(0, 1, (1, 3)).astype(np.float32)}
+        got = TfliteRunner(convert_function(to_tf_function(simplify(model), "scatter.onnx"), "scatter.onnx")).infer(feeds)["y"]
+        np.testing.assert_allclose(got, feeds["x"] + np.array([[0, 0, 1]], np.float32), rtol=1e-6)
+        return
+    with pytest.raises(InputError) as refused:
+        convert_function(to_tf_function(model, "scatter.onnx"), "scatter.onnx")
+    assert "node scatter (ScatterND)" in str(refused.value) and "with that dim fixed they fold" in str(refused.value)
+    assert refused.value.option == "input_shapes"

@@ -1022,7 +1022,8 @@ def _lower_node(node: onnx.NodeProto, args: list[Value | None], lower: Callable 
     constant = all(arg is None or arg.const for arg in args)
     if lower is None and not constant:
         raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and its inputs are not "
-                         "constants at lowering (they depend on a dim not known there)")
+                         "constants at lowering: they depend on a dim not known there (a symbolic one, such as the batch); "
+                         "with that dim fixed they fold", option="input_shapes")
     try:
         return lower(node, args, _attrs(node)) if lower is not None else _fold_constant_node(node, args, opset)
     except InputError:
