@@ -829,3 +829,34 @@ def test_a_shape_computation_on_a_symbolic_dim_names_the_input_shape_option_and_
         convert_function(to_tf_function(model, "scatter.onnx"), "scatter.onnx")
     assert "node scatter (ScatterND)" in str(refused.value) and "with that dim fixed they fold" in str(refused.value)
     assert refused.value.option == "input_shapes"
+
+
+def _with_slice_size(model: bytes, size: list[int]) -> bytes:
+    """`model` with its SLICE's size constant rewritten (as the converter writes a Keras
+    Cropping2D of NASNetMobile: INT_MAX - begin for "to the end")."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = tree.subgraphs[0]
+    tensor = graph.tensors[graph.operators[0].inputs[2]]
+    tree.buffers[tensor.buffer].data = np.frombuffer(np.array(size, np.int32).tobytes(), np.uint8)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
+def test_a_slice_to_the_end_written_as_int_max_runs_on_litert_builtin_kernels():
+    """XNNPACK clamps a SLICE size of INT_MAX - begin, LiteRT's builtin kernel refuses it
+    ('Invalid begin and size'): NASNetMobile's TFLite INT8 failed in the range matching, which
+    runs without delegates. Such sizes become -1, TFLite's 'to the end'."""
+    import tensorflow as tf
+
+    from enginekit.targets.tflite.convert import slices_to_the_end
+    from enginekit.targets.tflite.ranges import tflite_activations
+
+    function = tf.function(lambda x: tf.slice(x, [0, 0, 1, 1], [-1, -1, 5, 5]), input_signature=[tf.TensorSpec([None, 4, 6, 6], tf.float32)])
+    as_converted = _with_slice_size(convert_function(function, "crop.onnx"), [-1, -1, 2**31 - 2, 2**31 - 2])
+    feeds = {"x": RNG.normal(0, 1, (2, 4, 6, 6)).astype(np.float32)}
+    with pytest.raises(RuntimeError, match="Invalid begin and size"):
+        tflite_activations(as_converted, feeds)
+    repaired = slices_to_the_end(as_converted)
+    tflite_activations(repaired, feeds)
+    np.testing.assert_array_equal(TfliteRunner(repaired).infer(feeds)["output_0"], feeds["x"][:, :, 1:, 1:])

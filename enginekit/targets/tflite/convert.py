@@ -54,9 +54,54 @@ def convert_function(function, origin: str, precision: str = "fp32", owner: Any 
             raise ValueError(f"convert_function makes float flatbuffers, not {precision}")
         try:
             with quiet_stderr():
-                return bytes(converter.convert())
+                converted = bytes(converter.convert())
         except Exception as exc:  # ConverterError and friends; their text names the failing TF ops
             raise InputError(f"the TFLite converter failed: {_converter_problem(str(exc))}", origin) from None
+    return slices_to_the_end(converted)
+
+
+SLICE_OPCODE = 65  # BuiltinOperator.SLICE
+_TO_THE_END = 1 << 30  # a SLICE size this large can only mean "to the end" (no tensor dim is that long)
+
+
+def slices_to_the_end(model: bytes) -> bytes:
+    """SLICE sizes written as INT_MAX - begin (the converter's form of a strided slice to the end,
+    e.g. Keras' Cropping2D in NASNetMobile) become -1, TFLite's own "to the end": XNNPACK clamps
+    them, but LiteRT's builtin kernel refuses them ("Invalid begin and size"), so the int8 range
+    matching, which runs without delegates, and any SLICE left outside XNNPACK failed. Each fixed
+    size gets a tensor and buffer of its own (constants may be shared); other models are
+    returned unchanged."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if SLICE_OPCODE.to_bytes(1, "little") not in model:  # cheap pre-check: most models have no SLICE
+        return model
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in tree.operatorCodes]
+    changed = False
+    for graph in tree.subgraphs:
+        for op in graph.operators:
+            if codes[op.opcodeIndex] != SLICE_OPCODE or len(op.inputs) < 3:
+                continue
+            size = graph.tensors[op.inputs[2]]
+            data = tree.buffers[size.buffer].data if size.buffer < len(tree.buffers) else None
+            if data is None or size.type not in (schema.TensorType.INT32, schema.TensorType.INT64):
+                continue
+            values = np.frombuffer(bytes(bytearray(data)), np.int32 if size.type == schema.TensorType.INT32 else np.int64)
+            if not (values >= _TO_THE_END).any():
+                continue
+            fixed = np.where(values >= _TO_THE_END, -1, values).astype(values.dtype)
+            buffer = schema.BufferT()
+            buffer.data = np.frombuffer(fixed.tobytes(), np.uint8)
+            tree.buffers.append(buffer)
+            tensor = schema.TensorT()
+            tensor.shape, tensor.type, tensor.buffer = size.shape, size.type, len(tree.buffers) - 1
+            name = size.name.decode() if isinstance(size.name, bytes) else str(size.name)
+            tensor.name = f"{name}/to_the_end_{len(graph.tensors)}"  # names must be unique (ai-edge-quantizer keys by them)
+            graph.tensors.append(tensor)
+            op.inputs[2] = len(graph.tensors) - 1
+            changed = True
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree)) if changed else model
 
 
 def _save_with_owner(owner: Any, holder: Any, function, folder: str) -> None:
