@@ -74,7 +74,7 @@ def slices_to_the_end(model: bytes) -> bytes:
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    if SLICE_OPCODE.to_bytes(1, "little") not in model:  # cheap pre-check: most models have no SLICE
+    if not _has_huge_slice_size(model):  # read in place: unpacking copies every weight
         return model
     tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
     codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in tree.operatorCodes]
@@ -102,6 +102,23 @@ def slices_to_the_end(model: bytes) -> bytes:
             op.inputs[2] = len(graph.tensors) - 1
             changed = True
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tree)) if changed else model
+
+
+def _has_huge_slice_size(model: bytes) -> bool:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    root = schema.Model.GetRootAsModel(model, 0)
+    codes = [max(root.OperatorCodes(i).BuiltinCode(), root.OperatorCodes(i).DeprecatedBuiltinCode()) for i in range(root.OperatorCodesLength())]
+    widths = {schema.TensorType.INT32: np.int32, schema.TensorType.INT64: np.int64}
+    for graph in (root.Subgraphs(g) for g in range(root.SubgraphsLength())):
+        for op in (graph.Operators(o) for o in range(graph.OperatorsLength())):
+            if codes[op.OpcodeIndex()] != SLICE_OPCODE or op.InputsLength() < 3:
+                continue
+            size = graph.Tensors(op.Inputs(2))
+            data = root.Buffers(size.Buffer()).DataAsNumpy() if size.Buffer() < root.BuffersLength() else 0
+            if size.Type() in widths and isinstance(data, np.ndarray) and (np.frombuffer(data.tobytes(), widths[size.Type()]) >= _TO_THE_END).any():
+                return True
+    return False
 
 
 def _save_with_owner(owner: Any, holder: Any, function, folder: str) -> None:
