@@ -70,55 +70,51 @@ def slices_to_the_end(model: bytes) -> bytes:
     them, but LiteRT's builtin kernel refuses them ("Invalid begin and size"), so the int8 range
     matching, which runs without delegates, and any SLICE left outside XNNPACK failed. Each fixed
     size gets a tensor and buffer of its own (constants may be shared); other models are
-    returned unchanged."""
+    returned unchanged (found by reading the flatbuffer in place: unpacking copies every weight)."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    if not _has_huge_slice_size(model):  # read in place: unpacking copies every weight
+    found = _huge_slice_sizes(model)
+    if not found:
         return model
     tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in tree.operatorCodes]
-    changed = False
-    for graph in tree.subgraphs:
-        for op in graph.operators:
-            if codes[op.opcodeIndex] != SLICE_OPCODE or len(op.inputs) < 3:
-                continue
-            size = graph.tensors[op.inputs[2]]
-            data = tree.buffers[size.buffer].data if size.buffer < len(tree.buffers) else None
-            if data is None or size.type not in (schema.TensorType.INT32, schema.TensorType.INT64):
-                continue
-            values = np.frombuffer(bytes(bytearray(data)), np.int32 if size.type == schema.TensorType.INT32 else np.int64)
-            if not (values >= _TO_THE_END).any():
-                continue
-            fixed = np.where(values >= _TO_THE_END, -1, values).astype(values.dtype)
-            buffer = schema.BufferT()
-            buffer.data = np.frombuffer(fixed.tobytes(), np.uint8)
-            tree.buffers.append(buffer)
-            tensor = schema.TensorT()
-            tensor.shape, tensor.type, tensor.buffer = size.shape, size.type, len(tree.buffers) - 1
-            name = size.name.decode() if isinstance(size.name, bytes) else str(size.name)
-            tensor.name = f"{name}/to_the_end_{len(graph.tensors)}"  # names must be unique (ai-edge-quantizer keys by them)
-            graph.tensors.append(tensor)
-            op.inputs[2] = len(graph.tensors) - 1
-            changed = True
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree)) if changed else model
+    for graph_index, op_index, values in found:
+        graph = tree.subgraphs[graph_index]
+        op = graph.operators[op_index]
+        size = graph.tensors[op.inputs[2]]
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(np.where(values >= _TO_THE_END, -1, values).astype(values.dtype).tobytes(), np.uint8)
+        tree.buffers.append(buffer)
+        tensor = schema.TensorT()
+        tensor.shape, tensor.type, tensor.buffer = size.shape, size.type, len(tree.buffers) - 1
+        name = size.name.decode() if isinstance(size.name, bytes) else str(size.name)
+        tensor.name = f"{name}/to_the_end_{len(graph.tensors)}"  # names must be unique (ai-edge-quantizer keys by them)
+        graph.tensors.append(tensor)
+        op.inputs[2] = len(graph.tensors) - 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
-def _has_huge_slice_size(model: bytes) -> bool:
+def _huge_slice_sizes(model: bytes) -> list[tuple[int, int, np.ndarray]]:
+    """(subgraph, operator, size values) of every SLICE whose constant size holds a value of at least _TO_THE_END."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     root = schema.Model.GetRootAsModel(model, 0)
     codes = [max(root.OperatorCodes(i).BuiltinCode(), root.OperatorCodes(i).DeprecatedBuiltinCode()) for i in range(root.OperatorCodesLength())]
     widths = {schema.TensorType.INT32: np.int32, schema.TensorType.INT64: np.int64}
-    for graph in (root.Subgraphs(g) for g in range(root.SubgraphsLength())):
-        for op in (graph.Operators(o) for o in range(graph.OperatorsLength())):
+    found = []
+    for graph_index in range(root.SubgraphsLength()):
+        graph = root.Subgraphs(graph_index)
+        for op_index in range(graph.OperatorsLength()):
+            op = graph.Operators(op_index)
             if codes[op.OpcodeIndex()] != SLICE_OPCODE or op.InputsLength() < 3:
                 continue
             size = graph.Tensors(op.Inputs(2))
             data = root.Buffers(size.Buffer()).DataAsNumpy() if size.Buffer() < root.BuffersLength() else 0
-            if size.Type() in widths and isinstance(data, np.ndarray) and (np.frombuffer(data.tobytes(), widths[size.Type()]) >= _TO_THE_END).any():
-                return True
-    return False
+            if size.Type() in widths and isinstance(data, np.ndarray):
+                values = np.frombuffer(data.tobytes(), widths[size.Type()])
+                if (values >= _TO_THE_END).any():
+                    found.append((graph_index, op_index, values))
+    return found
 
 
 def _save_with_owner(owner: Any, holder: Any, function, folder: str) -> None:

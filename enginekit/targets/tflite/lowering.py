@@ -492,7 +492,7 @@ def _identity(node, args, attrs):
 def _space_to_depth(node, args, attrs):
     """ONNX SpaceToDepth orders the new channels (row offset, column offset, channel), as
     TensorFlow's channel-last SPACE_TO_DEPTH does: one op, int8 in TFLite (YOLOX's Focus stem)."""
-    return [Value(_tf().nn.space_to_depth(nhwc(_image(args[0], node)), attrs["blocksize"]), nhwc=True)]
+    return [Value(_tf().nn.space_to_depth(nhwc(_four_d(args[0], node)), attrs["blocksize"]), nhwc=True)]
 
 
 def _depth_to_space(node, args, attrs):
@@ -500,7 +500,7 @@ def _depth_to_space(node, args, attrs):
     offset, channel) or [N, H, W, C, b, b] (CRD, PyTorch's PixelShuffle) and a transpose: both
     run on integers in int8, where ai-edge-quantizer leaves a DEPTH_TO_SPACE float."""
     tf, block = _tf(), attrs["blocksize"]
-    x = nhwc(_image(args[0], node))
+    x = nhwc(_four_d(args[0], node))
     h, w = (tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in (1, 2))
     channels = x.shape[3] // (block * block)
     if attrs.get("mode", b"DCR") in ("DCR", b"DCR"):
@@ -511,7 +511,7 @@ def _depth_to_space(node, args, attrs):
     return [Value(tf.reshape(y, [-1, h * block, w * block, channels]), nhwc=True)]
 
 
-def _image(value: Value, node: onnx.NodeProto) -> Value:
+def _four_d(value: Value, node: onnx.NodeProto) -> Value:
     if value.rank != 4:
         raise InputError(f"node {node.name} ({node.op_type}): the tflite target lowers it on 4-D [N, C, H, W] tensors only")
     return value
