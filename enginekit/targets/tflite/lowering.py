@@ -94,8 +94,7 @@ def _window_args(node: onnx.NodeProto, attrs: dict[str, Any], x: Any, kernel: tu
         raise InputError(f"node {node.name} ({node.op_type}): ceil_mode=1 is not supported by the tflite target")
     strides = tuple(attrs.get("strides", (1, 1)))
     dilations = tuple(attrs.get("dilations", (1, 1)))
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _text(attrs.get("auto_pad", b"NOTSET"))
     if auto_pad == "VALID":
         return "VALID", strides, dilations, None
     spatial = (x.shape[1], x.shape[2])
@@ -503,7 +502,7 @@ def _depth_to_space(node, args, attrs):
     x = nhwc(_four_d(args[0], node))
     h, w = (tf.shape(x)[axis] if x.shape[axis] is None else x.shape[axis] for axis in (1, 2))
     channels = x.shape[3] // (block * block)
-    if attrs.get("mode", b"DCR") in ("DCR", b"DCR"):
+    if _text(attrs.get("mode", b"DCR")) == "DCR":
         split, order = [-1, h, w, block, block, channels], [0, 1, 3, 2, 4, 5]
     else:
         split, order = [-1, h, w, channels, block, block], [0, 1, 4, 2, 5, 3]
@@ -543,8 +542,7 @@ def _axes(node, args, attrs, index: int = 1) -> list[int] | None:
 
 def _pad_op(node, args, attrs):
     tf = _tf()
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _text(attrs.get("mode", b"constant"))
     x = args[0]
     pads = list(attrs["pads"]) if "pads" in attrs else _constant(args[1], node, "the pads").astype(np.int64).tolist()
     value = float(_constant(args[2], node, "the pad value").reshape(())) if len(args) > 2 and args[2] is not None else float(attrs.get("value", 0.0))
