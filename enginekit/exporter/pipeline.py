@@ -157,8 +157,7 @@ def _outputs_as_run(proto: onnx.ModelProto, source: Source, notes: list[str]) ->
     on the graph, let simplification fold the graph into [1, seqlen x classes] (parity failed),
     and ONNX's shape inference at a newer opset refuses the contradiction (`convert_opset`)."""
     try:
-        feeds, _ = source.sample(_fill_dims(source, {"batch": 1}))
-        computed = Session(proto).run(feeds)
+        computed = _outputs_at_batch(proto, source, 1)
     except EnginekitError:  # the parity check runs it again and says what fails
         return
     wrong = [spec for spec in source.outputs if spec.name in computed and computed[spec.name].ndim != len(spec.shape)]
@@ -237,12 +236,16 @@ def _batch_is_dynamic(source: Source) -> bool:
 
 def _runs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> bool:
     try:
-        dims = _fill_dims(source, {"batch": batch})
-        feeds, _ = source.sample(dims)
-        outputs = list(Session(proto).run(feeds).values())
+        outputs = list(_outputs_at_batch(proto, source, batch).values())
     except Exception:  # any failure means "not batch-polymorphic"
         return False
     return all(o.shape[:1] == (batch,) for o in outputs)
+
+
+def _outputs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> dict[str, np.ndarray]:
+    """The graph's outputs on the source's sample inputs at `batch` (other dims at their sizes)."""
+    feeds, _ = source.sample(_fill_dims(source, {"batch": batch}))
+    return Session(proto).run(feeds)
 
 
 def _fill_dims(source: Source, dims: Mapping[str, int]) -> dict[str, int]:

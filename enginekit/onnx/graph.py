@@ -292,12 +292,11 @@ def convert_opset(model: onnx.ModelProto, opset: int, origin: str) -> onnx.Model
         return _converted(model, opset)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         failure = exc
-    relaxed = onnx.ModelProto()
-    relaxed.CopyFrom(model)
-    declared = any(o.type.tensor_type.HasField("shape") for o in relaxed.graph.output)
-    for output in relaxed.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    if declared and "existing shape" in str(failure):
+    if "existing shape" in str(failure) and any(o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        relaxed = onnx.ModelProto()
+        relaxed.CopyFrom(model)
+        for output in relaxed.graph.output:
+            output.type.tensor_type.ClearField("shape")
         try:
             return _converted(relaxed, opset, infer_outputs=True)
         except Exception:
