@@ -72,6 +72,28 @@ def test_a_failed_cell_is_not_a_failed_build(run_cli, tmp_path):
     assert time.perf_counter() - started < 300
 
 
+def test_a_single_cell_that_fails_names_the_model_as_a_cell_of_several_does(run_cli, tmp_path):
+    """One target and precision whose cell fails inside its build (the TFLite lowering meets a
+    ScatterND computed from the symbolic batch): the error line starts with the model's path, as
+    the FAILED row of a build of several cells does, and nothing is written."""
+    pytest.importorskip("ai_edge_quantizer", reason="the tflite extra is not installed")
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "zero"], ["n"], axis=0), node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+             node("Reshape", ["nf", "one"], ["update"]), node("ScatterND", ["base", "index", "update"], ["bias"], name="scatter"),
+             node("Add", ["x", "bias"], ["y"])]
+    constants = {"zero": np.array(0, np.int64), "one": np.array([1], np.int64), "base": np.zeros((1, 3), np.float32), "index": np.array([[0, 2]], np.int64)}
+    graph = helper.make_graph(nodes, "scatter", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+                              [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "scatter.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32))
+    result = run_cli("build", "-m", tmp_path / "scatter.onnx", "--targets", "tflite", "--precisions", "fp32",
+                     "--eval-data", tmp_path / "d.npz", "-o", tmp_path / "out")
+    assert result.code == 2
+    assert result.error_line.startswith(f"enginekit: error: {tmp_path / 'scatter.onnx'}: node scatter (ScatterND)"), result.error_line
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_gate(run_cli, tmp_path):
     """A network whose activations shrink to ~1e-20 (fresh weights of a deep net): its INT8 output
     is 0 on every target, and the failure says the FP32 output is the cause, not a layer; the

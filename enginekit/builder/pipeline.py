@@ -101,12 +101,15 @@ def build(model: str | Path, target: str, precision: str, out: str | Path, optio
     check_cell(chosen, precision)
     conditions = parse_conditions(options.min_accuracy)
     session = ModelSession(_load(model, options, out, ARTIFACT), options)
-    if precision == "int8":
-        session.int8_pairs = {int8_pair(chosen, options)}
-        problem, _ = auto_fallback_search(session, [chosen], conditions)
-        if problem is not None:
-            raise problem
-    return build_cell(session, chosen, precision, out, conditions)
+    try:
+        if precision == "int8":
+            session.int8_pairs = {int8_pair(chosen, options)}
+            problem, _ = auto_fallback_search(session, [chosen], conditions)
+            if problem is not None:
+                raise problem
+        return build_cell(session, chosen, precision, out, conditions)
+    except EnginekitError as exc:  # named against the model the user gave, as build_many's cells are
+        raise naming(exc, session.fp32.origin) from None
 
 
 def sensitivity(model: str | Path, targets: list[str], options: BuildOptions, output: str | Path | None = None) -> dict[str, Any]:
