@@ -279,15 +279,14 @@ def outside_xnnpack(model: bytes, threads: int = 1) -> dict[str, int]:
 
 def outside_xnnpack_outputs(model: bytes, threads: int = 1) -> dict[str, str]:
     """The ops LiteRT runs outside its XNNPACK delegate: their first output tensor's name -> op type."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import allocate, require_litert
 
     with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
         interpreter = require_litert().Interpreter(model_content=model, num_threads=threads)
     for detail in interpreter.get_input_details():
         shape = [max(int(d), 1) for d in detail["shape_signature"]]
         interpreter.resize_tensor_input(detail["index"], shape, strict=False)
-    with quiet_stderr():
-        interpreter.allocate_tensors()
+    allocate(interpreter)
     ops = interpreter._get_ops_details()
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     producer = {t: op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}

@@ -21,6 +21,7 @@ import onnx
 
 from enginekit.onnx.nodes import tensor_readers
 from enginekit.targets.tflite.ranges import RangeMap
+from enginekit.targets.tflite.recurrent import SCOPE as RECURRENCE_SCOPE
 
 FUSED_FOLLOWERS = {"Relu", "Clip", "Add", "BatchNormalization", "LeakyRelu", "Tanh", "Sigmoid"}
 MAX_FOLLOWERS = 2  # a bias Add and an activation
@@ -66,3 +67,12 @@ def moved_after(float_tensors: Sequence[str], ranges: RangeMap) -> list[str]:
                 moved.append(tensor)
                 changed = True
     return moved
+
+
+def recurrence_outputs(ranges: RangeMap) -> list[str]:
+    """The outputs of the ops an LSTM or GRU was unrolled into (and the data movement after
+    them): they stay float in int8, as the Q/DQ hub keeps the recurrence float on every other
+    target. Quantized, each step's gate SPLIT took output scales XNNPACK refuses ("failed to
+    prepare"), and a state requantized at every step compounds its rounding along the sequence."""
+    inside = [tensor for tensor in ranges.producers if any(part.startswith(RECURRENCE_SCOPE + "/") for part in tensor.split(";"))]
+    return inside + moved_after(inside, ranges)

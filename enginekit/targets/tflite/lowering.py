@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,34 +22,11 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.core.errors import InputError
+from enginekit.targets.tflite.recurrent import gru, lstm
+from enginekit.targets.tflite.values import Value, attributes as _attrs, require_constant as _constant, tf_module as _tf
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}  # where an NCHW axis lives in the channel-last tensor
-
-
-@dataclass
-class Value:
-    """A tensor during lowering: a TF tensor or a numpy constant; `nhwc` marks 4-D tensors held
-    channel-last."""
-
-    data: Any
-    nhwc: bool = False
-    known: tuple[int | None, ...] | None = None  # a run-time Shape's dims known at lowering (None: run-time)
-    onnx_dims: tuple[int | None, ...] | None = None  # the tensor's (NCHW) dims as ONNX shape inference knows them
-
-    @property
-    def const(self) -> bool:
-        return isinstance(self.data, np.ndarray)
-
-    @property
-    def rank(self) -> int:
-        return len(self.data.shape)
-
-
-def _tf():
-    from enginekit.core.tf_support import require_tensorflow
-
-    return require_tensorflow()
 
 
 def nchw(value: Value) -> Any:
@@ -63,16 +39,6 @@ def nhwc(value: Value) -> Any:
     if value.const:
         return np.ascontiguousarray(value.data.transpose(TO_NHWC))
     return _tf().transpose(value.data, TO_NHWC)
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _constant(value: Value, node: onnx.NodeProto, what: str) -> np.ndarray:
-    if not value.const:
-        raise InputError(f"node {node.name} ({node.op_type}): {what} must be a constant for the tflite target")
-    return value.data
 
 
 # ----------------------------------------------------------------------------- windows, pads
@@ -939,6 +905,7 @@ LOWERINGS: dict[str, Callable] = {
     "Tile": _tile, "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm, "SpaceToDepth": _space_to_depth, "DepthToSpace": _depth_to_space,
+    "LSTM": lstm, "GRU": gru,
 }
 # For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
 INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}

@@ -69,6 +69,19 @@ def io_parameters(model: bytes) -> dict[str, dict[str, Any]]:
     return params
 
 
+def allocate(interpreter: Any) -> None:
+    """Allocate an interpreter's tensors (again, after a resize). The XNNPACK delegate prepares its
+    kernels here and refuses a quantization it does not take here (a SPLIT whose outputs' scales
+    differ): the model's problem, so one line naming it, as a kernel failing at run time is."""
+    from enginekit.core.quiet import quiet_stderr
+
+    try:
+        with quiet_stderr():  # (re-)allocating creates the XNNPACK delegate, which says so on stderr
+            interpreter.allocate_tensors()
+    except RuntimeError as exc:
+        raise InputError(f"LiteRT cannot prepare the model: {' '.join(str(exc).split())[:300]}") from None
+
+
 def _spec(name: str, detail: dict[str, Any]) -> TensorSpec:
     """A signature tensor as the runner presents it: LiteRT's -1 (the dynamic batch) becomes
     'batch', and integer-quantized I/O is float32 (the runner scales it)."""
@@ -110,8 +123,7 @@ class TfliteRunner(Runner):
         self.inputs = [_spec(name, detail) for name, detail in self._inputs.items()]
         self.outputs = [_spec(name, detail) for name, detail in self._outputs.items()]
         self._shapes: dict[str, tuple[int, ...]] = {}
-        with quiet_stderr():
-            self.interpreter.allocate_tensors()
+        allocate(self.interpreter)
 
     def _prepare(self, feeds: Feeds) -> None:
         changed = False
@@ -122,10 +134,7 @@ class TfliteRunner(Runner):
                 self._shapes[name] = shape
                 changed = True
         if changed:
-            from enginekit.core.quiet import quiet_stderr
-
-            with quiet_stderr():  # re-allocating creates the XNNPACK delegate again, which says so on stderr
-                self.interpreter.allocate_tensors()
+            allocate(self.interpreter)
 
     def run(self, feeds: Feeds) -> list[np.ndarray]:
         self._prepare(feeds)
