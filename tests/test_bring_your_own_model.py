@@ -94,6 +94,40 @@ def test_a_single_cell_that_fails_names_the_model_as_a_cell_of_several_does(run_
     assert_nothing_written(tmp_path / "out")
 
 
+def _branching_model(path) -> None:
+    """x -> Conv -> If(mean > 0: Conv with w_a, else Conv with w_b) -> y: each branch reads its
+    weight from the main graph's initializers (as torch.cond exports)."""
+    rng = np.random.default_rng(2)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) * 0.3 for name, shape in
+               (("w_stem", (4, 3, 3, 3)), ("w_a", (2, 4, 1, 1)), ("w_b", (2, 4, 3, 3)))}
+
+    def branch(name: str, weight: str, pads: list[int]) -> onnx.GraphProto:
+        conv = helper.make_node("Conv", ["h", weight], [f"{name}_y"], pads=pads)
+        return helper.make_graph([conv], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["mean"], keepdims=0), helper.make_node("Greater", ["mean", "threshold"], ["high"]),
+             helper.make_node("If", ["high"], ["y"], name="branch", then_branch=branch("then", "w_a", [0, 0, 0, 0]),
+                              else_branch=branch("else", "w_b", [1, 1, 1, 1]))]
+    initializers = [numpy_helper.from_array(value, name) for name, value in weights.items()] + [numpy_helper.from_array(np.array(0.3, np.float32), "threshold")]
+    graph = helper.make_graph(nodes, "branching", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_weights_read_only_inside_an_if_branch_survive_quantization(run_cli, tmp_path):
+    """The Q/DQ graph dropped initializers no main-graph node read, the If branches' weights
+    among them: ONNX Runtime then refused the INT8 model as invalid ('a.0.weight ... is not
+    output of any previous nodes'), blaming the user's file."""
+    _branching_model(tmp_path / "branching.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).random((16, 3, 8, 8), dtype=np.float32))
+    result = run_cli("build", "-m", tmp_path / "branching.onnx", "--targets", "onnxruntime", "--precisions", "int8", "--input-shape", "x=1x3x8x8",
+                     "--calib-data", tmp_path / "d.npz", "--eval-data", tmp_path / "d.npz", "-n", "16", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["accuracy"]["metrics"]["outputs"]["y"]["cosine"] > 0.98
+
+
 def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_gate(run_cli, tmp_path):
     """A network whose activations shrink to ~1e-20 (fresh weights of a deep net): its INT8 output
     is 0 on every target, and the failure says the FP32 output is the cause, not a layer; the

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from enginekit.onnx.nodes import attribute, tensor_readers
+from enginekit.onnx.nodes import attribute, graph_reads, tensor_readers
 
 
 def fold_affine_into_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -75,7 +75,7 @@ def fold_affine_into_convolutions(model: onnx.ModelProto) -> onnx.ModelProto:
         kept = [node for node in graph.node if id(node) not in dropped]
         del graph.node[:]
         graph.node.extend(kept)
-        read = {name for node in graph.node for name in node.input} | outputs
+        read = graph_reads(graph) | outputs
         unread = [t for t in graph.initializer if t.name not in read and t.name in replaced]
         for tensor in unread:  # the folded constants no other node reads
             graph.initializer.remove(tensor)

@@ -12,7 +12,7 @@ from enginekit.core.errors import InputError
 from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
 from enginekit.onnx.folding import fold_affine_into_convolutions
-from enginekit.onnx.nodes import attribute
+from enginekit.onnx.nodes import attribute, graph_reads
 
 DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
 
@@ -267,7 +267,7 @@ def value_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers no node (nor graph output) reads, and shape info of values no node
     produces any more (what a rewrite that replaced nodes leaves behind)."""
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    used = graph_reads(model.graph) | {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

@@ -27,6 +27,12 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def graph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor some node of `graph` reads, its subgraphs' outer-scope reads included (an If's
+    branches read their weights from the main graph's initializers)."""
+    return {name for node in graph.node for name in node_inputs(node)}
+
+
 def tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that outputs it."""
     return {name: node for node in graph.node for name in node.output}

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from enginekit.calibration.table import CalibrationTable
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
-from enginekit.onnx.nodes import attribute, tensor_readers
+from enginekit.onnx.nodes import attribute, graph_reads, tensor_readers
 from enginekit.quantization.encoding import QParams, activation_qparams, quantize_weight
 from enginekit.quantization.placement import QuantPlan
 
@@ -100,7 +100,7 @@ def insert_qdq(fp32: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, 
                 nodes += qdq_nodes(output)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
+    used = graph_reads(graph)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_initializers)

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from enginekit.onnx.graph import drop_unused_initializers
-from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
+from enginekit.onnx.nodes import attribute, graph_reads, tensor_producers, tensor_readers
 
 CHANNEL_ALIGNMENT = 4  # MLAS's symmetric int8 convolution (x86) takes input channels in multiples of 4
 GRID_STEPS = 255  # an 8-bit grid's steps from its lowest to its highest integer
@@ -259,7 +259,7 @@ def _drop_unread(model: onnx.ModelProto) -> None:
     """Remove Q/DQ nodes nothing reads any more, and the initializers only they read."""
     graph = model.graph
     while True:
-        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        read = graph_reads(graph) | {o.name for o in graph.output}
         unread = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not read & set(n.output)]
         if not unread:
             break
