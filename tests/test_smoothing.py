@@ -147,3 +147,16 @@ def test_a_table_whose_smoothing_does_not_fit_the_model_is_refused_in_one_line(t
     (tmp_path / "t.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="smoothing of tensor 'g' is not a list of positive finite numbers"):
         CalibrationTable.load(tmp_path / "t.json")
+
+
+def test_the_layer_report_of_a_smoothed_model_reads_the_smoothed_graph(tmp_path):
+    """--report compared the Q/DQ graph with the unsmoothed FP32 model, whose graph has no
+    '.../smoothquant/output' tensors: ONNX Runtime refused it ('Graph output ... does not exist')
+    and every SmoothQuant build with --report failed."""
+    path = _files(tmp_path)
+    settings = QuantizeSettings(smoothquant=0.8, layer_report=True)
+    manifest = ek.build(path, "onnxruntime", "int8", tmp_path / "report", ek.BuildOptions(
+        calib_data=str(tmp_path / "calib.npz"), eval_data=str(tmp_path / "eval.npz"), num_samples=64, min_accuracy="none",
+        quantize=settings)).manifest
+    report = json.loads((tmp_path / "report" / manifest["layer_report"]).read_text())
+    assert any("smoothquant" in row["tensor"] for row in report), [row["tensor"] for row in report]

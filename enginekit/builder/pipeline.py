@@ -215,7 +215,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
                 inputs.notes.append(f"--auto-fallback does not apply: {target.name} INT8 is full-integer (no layer is kept float)")
             if options.quantize.layer_report:
                 graph, _ = session.qdq(encoding, target.placement)
-                layer_report(fp32, graph, table, evaluation.batches[:1], stage_folder / LAYER_REPORT_FILE, options.threads)
+                layer_report(session.int8_model(), graph, table, evaluation.batches[:1], stage_folder / LAYER_REPORT_FILE, options.threads)
                 fields["layer_report"] = LAYER_REPORT_FILE
         try:
             with stage("evaluation", cell):
