@@ -306,3 +306,28 @@ def test_a_last_token_gather_after_an_int8_matmul_runs_as_slice_and_squeeze(tmp_
     assert any("1 Gather(s) of one index from a compute layer run as Slice + Squeeze" in note for note in result.manifest["notes"])
     with ov_target.OpenVinoRunner(tmp_path / "int8", "int8") as runner:
         assert runner.infer(x)["last"].shape == (5, 24)
+
+
+def test_a_gemm_bias_of_shape_1xn_is_integerized_as_a_vector_and_one_of_mxn_stays_float(tmp_path):
+    """skl2onnx writes an MLP's biases as [1, N]: their int32 DequantizeLinear took a [1, N]
+    scale, which OpenVINO refuses ('scale needs to be a scalar or a vector'). Now [N]; a bias
+    varying along the rows too has no vector form and stays float."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(4)
+    constants = {"w1": rng.normal(0, 0.4, (8, 16)), "c1": rng.normal(0, 0.2, (1, 16)),
+                 "w2": rng.normal(0, 0.4, (16, 3)), "c2": rng.normal(0, 0.2, (4, 3))}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["h"], name="hidden"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "c2"], ["y"], name="rows")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mlp.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 8)).astype(np.float32))
+    result = build(str(tmp_path / "mlp.onnx"), "openvino", "int8", tmp_path / "out",
+                   BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none"))
+    assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.99
+    hub = onnx.load(str(build(str(tmp_path / "mlp.onnx"), "onnxruntime", "int8", tmp_path / "ort", BuildOptions(
+        calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none")).folder / "model.int8.onnx"))
+    scales = {t.name: numpy_helper.to_array(t).shape for t in hub.graph.initializer if t.name.endswith("__int32_scale")}
+    assert list(scales.values()) == [(16,)], scales  # the [1, N] bias as a vector; the [M, N] one float

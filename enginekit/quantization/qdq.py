@@ -228,8 +228,8 @@ def integerize_biases(qdq: QdqGraph) -> None:
             bias_tensor = owners.own(node, 2, f"{node.name}__bias")  # one int32 bias per node: its scale is that node's
             activation = node.input[0].removesuffix(DQ_SUFFIX)
             weight = node.input[1].removesuffix(DQ_SUFFIX)
-            if node.input[0].endswith(DQ_SUFFIX) and activation in qdq.activations and weight in qdq.weight_scales:
-                bias = numpy_helper.to_array(bias_tensor).astype(np.float64)
+            bias = _bias_vector(numpy_helper.to_array(bias_tensor), qdq.weight_scales[weight].size) if weight in qdq.weight_scales else None
+            if node.input[0].endswith(DQ_SUFFIX) and activation in qdq.activations and bias is not None:
                 widen_dead_channels(qdq, owners.initializers, weight, bias, qdq.activations[activation].scale, weight_axes[node.input[1]])
                 scale = (qdq.activations[activation].scale * qdq.weight_scales[weight].astype(np.float64)).astype(np.float32)
                 scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
@@ -247,6 +247,18 @@ def integerize_biases(qdq: QdqGraph) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     drop_unused_initializers(model)
+
+
+def _bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:
+    """A Conv/Gemm bias as the 1-D vector an int32 DequantizeLinear takes (a scale of more than
+    one dim is invalid: OpenVINO refused skl2onnx's Gemm bias of shape [1, N]): [1, N] and a
+    scalar broadcast over per-channel weights become [N]; a bias that varies along the rows too
+    ([M, N]) has no such form and stays float."""
+    if bias.size == 1 and channels > 1:
+        return np.full(channels, float(bias.reshape(-1)[0]))
+    if bias.ndim == 0 or bias.size != bias.shape[-1]:
+        return bias.reshape(1).astype(np.float64) if bias.size == 1 else None
+    return bias.reshape(-1).astype(np.float64)
 
 
 def widen_dead_channels(qdq: QdqGraph, initializers: Mapping[str, onnx.TensorProto], weight: str, bias: np.ndarray,
