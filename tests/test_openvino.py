@@ -254,7 +254,7 @@ def test_an_int8_graph_openvino_cannot_convert_is_reported_against_the_users_mod
     staged.parent.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), staged)
     with pytest.raises(InputError) as refused:
-        ov_target.convert(staged, "int8", staged.parent, made_from=user_model)
+        ov_target.convert(staged, "int8", staged.parent, made_from=user_model, qdq=True)
     assert refused.value.path == str(user_model)
     assert "OpenVINO cannot convert the model's INT8 Q/DQ graph: AveragePool (the node writing y)" in str(refused.value)
 
@@ -331,3 +331,18 @@ def test_a_gemm_bias_of_shape_1xn_is_integerized_as_a_vector_and_one_of_mxn_stay
         calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none")).folder / "model.int8.onnx"))
     scales = {t.name: numpy_helper.to_array(t).shape for t in hub.graph.initializer if t.name.endswith("__int32_scale")}
     assert list(scales.values()) == [(16,)], scales  # the [1, N] bias as a vector; the [M, N] one float
+
+
+def test_a_model_openvino_cannot_convert_is_named_as_the_user_gave_it_not_by_its_cached_export(tmp_path):
+    from enginekit.core.errors import InputError
+
+    node = helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.5] * 4, scale=[2.0] * 4)
+    graph = helper.make_graph([node], "scaler", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    onnx.save(model, str(tmp_path / "scaler.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((8, 4), dtype=np.float32))
+    with pytest.raises(InputError) as refused:
+        build(str(tmp_path / "scaler.onnx"), "openvino", "fp32", tmp_path / "out", BuildOptions(eval_data=str(tmp_path / "d.npz")))
+    assert refused.value.path == str(tmp_path / "scaler.onnx")
+    assert "OpenVINO cannot convert the model: no conversion rule for op ai.onnx.ml.Scaler" in str(refused.value)

@@ -61,15 +61,15 @@ def unavailable_reason(precision: str) -> str | None:
     return None
 
 
-def convert(onnx_path: Path, precision: str, folder: Path, made_from: Path | None = None) -> None:
+def convert(onnx_path: Path, precision: str, folder: Path, made_from: str | Path | None = None, qdq: bool = False) -> None:
     """ONNX -> IR in `folder` (model.xml + model.bin); FP16 compresses the weights. `made_from`:
-    the user's model when `onnx_path` is a graph made from it in the staging folder (the INT8
-    Q/DQ graph), which is what a failure names: the staged file is gone when the user reads it."""
+    the user's model `onnx_path` was made from (the export in the cache, or, with `qdq`, the INT8
+    Q/DQ graph in the staging folder), which is what a failure names: the user knows that file."""
     ov = require_openvino()
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as exc:  # OpenVINO raises its own OpConversionFailure / GeneralFailure types
-        what = "the model" if made_from is None else "the model's INT8 Q/DQ graph"
+        what = "the model's INT8 Q/DQ graph" if qdq else "the model"
         raise InputError(f"OpenVINO cannot convert {what}: {_conversion_problem(str(exc), onnx_path)}", made_from or onnx_path) from None
     name_generated_ops(model, onnx_names(onnx_path))
     ov.save_model(model, str(folder / XML), compress_to_fp16=precision == "fp16")
@@ -335,7 +335,7 @@ class OpenVinoTarget(Target):
                                     "they run in float on the int8 grid's values")
             onnx.save(graph, str(source))
         staged = source.parent == inputs.stage  # the INT8 Q/DQ graph, written above
-        convert(source, inputs.precision, inputs.stage, made_from=inputs.fp32.path if staged else None)
+        convert(source, inputs.precision, inputs.stage, made_from=inputs.fp32.origin, qdq=staged)
         if staged:
             source.unlink()  # the IR is the artifact; the Q/DQ ONNX stays reproducible from the table
         runner = OpenVinoRunner(inputs.stage, inputs.precision, threads=inputs.threads)
