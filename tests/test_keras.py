@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
 
 import pytest
 
@@ -141,6 +142,45 @@ def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
     manifest = build(tmp_path / "onnx", "tflite", "int8", tmp_path / "tflite", options).manifest
     assert manifest["tflite"]["route"].startswith("keras")
     assert manifest["accuracy"]["metrics"]["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_a_keras_factory_builds_tflite_directly_while_it_builds_the_exported_model(tmp_path, monkeypatch, seeded):
+    """A factory returning a keras.Model is a Keras source for TFLite too (its exact GELU has an
+    Erf the ONNX lowering lacks), but only while it builds the model that was exported: an
+    unseeded factory builds another one every call, so TFLite lowers the exported ONNX."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    import numpy as np
+
+    from enginekit.builder import BuildOptions, build
+
+    # unseeded: fresh weights at every call, whatever seed an earlier test left in Keras
+    seed = "0" if seeded else "None"
+    module = f"kfactory_{'seeded' if seeded else 'unseeded'}"  # one module name per case: Python caches an imported module
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import keras
+        import numpy as np
+        def build():
+            image = keras.Input((8, 8, 1), name="image")
+            hidden = keras.layers.Conv2D(4, 3, padding="same", activation="{'gelu' if seeded else 'relu'}")(image)
+            model = keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(hidden)))
+            rng = np.random.default_rng({seed})
+            model.set_weights([rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
+            return model
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "data.npz", image=np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
+    options = BuildOptions(calib_data=str(tmp_path / "data.npz"), num_samples=16, eval_data=str(tmp_path / "data.npz"), min_accuracy="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = build(f"{module}:build", "tflite", "fp32", tmp_path / "tflite", options).manifest
+    if seeded:
+        assert manifest["tflite"]["route"].startswith("keras")
+        assert manifest["accuracy"]["metrics"]["cosine"] > 0.999
+    else:
+        assert manifest["tflite"]["route"].startswith("onnx")
+        assert any("builds another Keras model than the one exported" in str(w.message) for w in caught)
 
 
 def test_a_flat_softmax_classifier_keeps_its_top_1_on_tflite_int8(tmp_path):

@@ -28,7 +28,7 @@ class Fp32Model:
     sha256: str
     spec: ModelSpec | None
     inputs: list[TensorSpec]
-    keras_file: dict | None = None  # {"keras": path, "unsafe_allow_lambda": bool} when exported from a Keras file
+    keras_file: dict | None = None  # {"keras": path, "unsafe_allow_lambda": bool} from a Keras file; {"factory", "fingerprint"} from a factory
     origin: str = ""  # what the user named (a file, a factory, a zoo name): errors name it, not the cache
     notes: list[str] = field(default_factory=list)  # what the export changed (opset upgrade, batch made dynamic)
     prequantized: dict | None = None  # the source's own Q/DQ grids (export manifest), for INT8 without calibration
@@ -47,12 +47,30 @@ class Fp32Model:
 
         if self.spec is not None and self.spec.framework == "keras":
             source = from_keras_model(self.spec.build())
+        elif self.keras_file is not None and self.keras_file.get("factory"):
+            source = _keras_factory_model(self.keras_file["factory"], self.keras_file.get("fingerprint"))
+            if source is None:
+                return None
         elif self.keras_file is not None and Path(self.keras_file["keras"]).exists():
             source = load_keras_source(Path(self.keras_file["keras"]), bool(self.keras_file.get("unsafe_allow_lambda")))
         else:
             return None
         shapes = {s.name: s for s in self.inputs}
         return with_shapes(source, tuple(shapes.get(s.name, s) for s in source.inputs), str(self.path))
+
+
+def _keras_factory_model(factory: str, fingerprint: str | None):
+    """The Keras model a factory builds now, when it is the one exported (same config and
+    weights): an unseeded factory builds another model every call, which the ONNX export's
+    reference outputs would not describe. None otherwise (TFLite then lowers the ONNX)."""
+    from enginekit.exporter.keras_export import from_keras_model
+    from enginekit.exporter.sources import instantiate_factory, model_fingerprint
+
+    net = instantiate_factory(factory)
+    if model_fingerprint(net) != fingerprint:
+        warnings.warn(f"{factory} builds another Keras model than the one exported (unseeded weights?): TFLite lowers the exported ONNX instead")
+        return None
+    return from_keras_model(net)
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,8 @@ def load_fp32(model: str | Path, source: SourceOptions | bool | None = None) -> 
         fp32.prequantized = manifest.get("prequantized") if isinstance(manifest.get("prequantized"), dict) else None
         if origin.get("kind") == "keras" and origin.get("keras"):
             fp32.keras_file = {"keras": origin["keras"], "unsafe_allow_lambda": bool(origin.get("unsafe_allow_lambda"))}
+        elif origin.get("kind") == "keras" and origin.get("factory") and origin.get("fingerprint"):
+            fp32.keras_file = {"factory": origin["factory"], "fingerprint": origin["fingerprint"]}
         return fp32
     if is_keras_path(path) or path.suffix.lower() == ".onnx" or path.exists() or "/" in str(model) or looks_like_factory(str(model)):
         fp32 = load_fp32(_cached_source_export(str(model), source))

@@ -8,6 +8,7 @@ representative inputs that the parity check runs on.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 import sys
@@ -226,9 +227,13 @@ def factory_fingerprint(target: str) -> str:
     buffer (torch), or its config and weights (Keras). The factory's file alone does not say when
     a checkpoint it loads, a seed or a helper module has changed the model; this does, so a cached
     export of an older model is not served for a new one."""
+    return model_fingerprint(instantiate_factory(target))
+
+
+def model_fingerprint(net) -> str:
+    """factory_fingerprint of a model already built."""
     import hashlib
 
-    net = instantiate_factory(target)
     digest = hashlib.sha256(type(net).__qualname__.encode())
     if hasattr(net, "state_dict"):  # torch.nn.Module
         import torch
@@ -238,10 +243,12 @@ def factory_fingerprint(target: str) -> str:
             raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 included
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode() + raw.numpy().tobytes())
     elif hasattr(net, "get_weights"):  # keras.Model
-        try:
-            digest.update(net.to_json().encode())
-        except Exception:  # a subclassed model without a config: its weights still tell
-            pass
+        for layer in getattr(net, "layers", []):  # each layer's config but its name, which a process-wide counter sets
+            try:
+                config = {k: v for k, v in layer.get_config().items() if k != "name"}
+            except Exception:  # a custom layer without a config: its weights still tell
+                config = {}
+            digest.update(type(layer).__qualname__.encode() + json.dumps(config, sort_keys=True, default=str).encode())
         for array in net.get_weights():
             digest.update(str(array.shape).encode() + array.tobytes())
     return digest.hexdigest()
@@ -324,8 +331,9 @@ def _keras_factory_source(net, target: str, weights: str | None, overrides) -> S
     if weights:
         raise InputError("weights apply to PyTorch factories; build the Keras model with its weights", target, option="weights")
     module_name, _, attr = target.partition(":")
+    # the fingerprint lets TFLite convert the Keras model itself later, from the factory, only while it builds this model
     return _keras_source(from_keras_model(net), module_name.rsplit(".", 1)[-1] + "_" + attr, overrides,
-                         {"factory": target, "framework": "keras"}, target)
+                         {"factory": target, "framework": "keras", "fingerprint": model_fingerprint(net)}, target)
 
 
 # -------------------------------------------------------------------------------------- onnx
