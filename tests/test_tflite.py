@@ -354,3 +354,24 @@ def test_the_hub_float_judge_counts_top_1_disagreements_of_probability_rows_only
     error = cosine_errors([[logits]], [[np.round(logits * 4) / 4]])[0]
     assert error < 0.01  # not probability rows: cosine only, though the argmax moved
     assert cosine_errors([[np.log(flat)]], [[np.round(np.log(flat) * 4) / 4]]) == [1.0]
+
+
+@pytest.mark.parametrize("name", ["onnx::Flatten_0", "_features", "input.1"])
+def test_an_input_name_tensorflow_refuses_keeps_its_name_on_the_tflite_artifact(tmp_path, name):
+    """Older torch exports name inputs 'onnx::Flatten_0': TensorFlow refused it as a placeholder
+    name, the converter wrote no signature ('model has 0 Signatures') and INT8 failed with an
+    unexpected ValueError. The signature carries an escaped name; the runner, the manifest and
+    the range matching give the model's own back."""
+    rng = np.random.default_rng(5)
+    weight = onnx.numpy_helper.from_array(rng.normal(0, 0.5, (8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", [name, "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])], "named",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "named.onnx"))
+    np.savez(tmp_path / "d.npz", **{name: rng.normal(0, 1, (32, 8)).astype(np.float32)})
+    options = BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none")
+    for precision in ("fp32", "int8"):
+        result = build(str(tmp_path / "named.onnx"), "tflite", precision, tmp_path / precision, options)
+        assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.99
+        assert [spec.name for spec in TfliteRunner(tmp_path / precision / MODEL_FILE).inputs] == [name]
+    assert name in result.manifest["tflite"]["io"]

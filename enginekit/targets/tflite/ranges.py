@@ -21,7 +21,7 @@ import onnx
 from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.core.tensors import Feeds
 from enginekit.quantization.encoding import asymmetric_range
-from enginekit.targets.tflite.runner import dequantize, quantize
+from enginekit.targets.tflite.runner import dequantize, quantize, signature_inputs
 
 MEASURED_SAMPLES = 32  # calibration samples a tensor without an ONNX twin is measured on
 MATCH_TOLERANCE = 1e-3  # of the tensor's largest magnitude; float kernels differ far less than this
@@ -107,7 +107,7 @@ def input_indices(interpreter) -> dict[str, int]:
     """Signature input name -> tensor index (the signature runner itself pins tensor buffers,
     which would forbid resizing, so it is dropped at once)."""
     signature = interpreter.get_signature_runner()
-    indices = {name: detail["index"] for name, detail in signature.get_input_details().items()}
+    indices = {name: detail["index"] for name, detail in signature_inputs(signature).items()}
     del signature
     return indices
 

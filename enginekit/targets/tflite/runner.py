@@ -62,11 +62,18 @@ def io_parameters(model: bytes) -> dict[str, dict[str, Any]]:
         interpreter = require_litert().Interpreter(model_content=model)
     runner = interpreter.get_signature_runner()
     params = {}
-    for kind, details in (("input", runner.get_input_details()), ("output", runner.get_output_details())):
+    for kind, details in (("input", signature_inputs(runner)), ("output", runner.get_output_details())):
         for name, detail in details.items():
             scale, zero_point = detail["quantization"]
             params[name] = {"role": kind, "dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero_point)}
     return params
+
+
+def signature_inputs(signature: Any) -> dict[str, dict[str, Any]]:
+    """A signature runner's input details by the model's own input names (signature_name undone)."""
+    from enginekit.core.tf_support import model_input_name
+
+    return {model_input_name(name): detail for name, detail in signature.get_input_details().items()}
 
 
 def allocate(interpreter: Any) -> None:
@@ -111,7 +118,7 @@ class TfliteRunner(Runner):
             signature = self.interpreter.get_signature_runner()
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"LiteRT cannot load the model: {' '.join(str(exc).split())[:300]}") from None
-        self._inputs = signature.get_input_details()
+        self._inputs = signature_inputs(signature)
         self._outputs = signature.get_output_details()
         del signature  # it pins tensor buffers, which would forbid resizing inputs
         self.io = io or {}
