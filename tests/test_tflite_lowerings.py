@@ -860,3 +860,17 @@ def test_a_slice_to_the_end_written_as_int_max_runs_on_litert_builtin_kernels():
     repaired = slices_to_the_end(as_converted)
     tflite_activations(repaired, feeds)
     np.testing.assert_array_equal(TfliteRunner(repaired).infer(feeds)["output_0"], feeds["x"][:, :, 1:, 1:])
+
+
+def test_a_3d_convolution_is_refused_naming_the_node_not_in_tensorflows_words():
+    """Conv3d: the lowering moved the 5-D input to channel-last before checking the kernel's
+    rank, and TensorFlow's 'Dimension must be 5 but is 4' reached the user."""
+    from enginekit.core.errors import InputError
+
+    weight = _const("w3", RNG.normal(0, 0.3, (4, 3, 3, 3, 3)).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w3"], ["y"], name="video_conv", pads=[1] * 6)], "video",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 8, 8])], [weight])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(InputError, match=r"^node video_conv \(Conv\): only 1-D and 2-D convolutions are supported by the tflite target$"):
+        convert_function(to_tf_function(model, "video.onnx"), "video.onnx")

@@ -95,9 +95,9 @@ def _conv(node, args, attrs):
     weight = _constant(args[1], node, "the weight")
     if weight.ndim == 3 and not args[0].const and args[0].rank == 3:
         return _conv1d(node, args, attrs)
+    if weight.ndim != 4:  # before the layout change, which a 5-D input (Conv3d) would fail inside TensorFlow
+        raise InputError(f"node {node.name} (Conv): only 1-D and 2-D convolutions are supported by the tflite target")
     x = nhwc(_with_static_dims(args[0], weight.shape[1] * attrs.get("group", 1)))
-    if weight.ndim != 4:
-        raise InputError(f"node {node.name} (Conv): only 2-D convolutions are supported by the tflite target")
     padding, strides, dilations, explicit = _window_args(node, attrs, x, tuple(weight.shape[2:]))
     group = attrs.get("group", 1)
     x = _pad(x, explicit)
