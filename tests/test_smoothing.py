@@ -160,3 +160,17 @@ def test_the_layer_report_of_a_smoothed_model_reads_the_smoothed_graph(tmp_path)
         quantize=settings)).manifest
     report = json.loads((tmp_path / "report" / manifest["layer_report"]).read_text())
     assert any("smoothquant" in row["tensor"] for row in report), [row["tensor"] for row in report]
+
+
+def test_a_channel_silent_on_the_calibration_data_is_not_rescaled():
+    """A channel at 0 on every calibration sample got the divisor MIN_PEAK**alpha / |w|**(1-alpha)
+    (~1e-4): where it fired later it was multiplied ~10^4 past the calibrated range (MobileBERT's
+    ReLU channel: 358 became 3.1e6). Now its divisor is 1; the other channels are smoothed as before."""
+    from enginekit.onnx.smoothing import smoothing_scales
+
+    peaks = {"n": np.abs(np.random.default_rng(0).normal(0, 1, CHANNELS)) + 0.5}
+    peaks["n"][[5, 9]] = 0.0
+    scales = smoothing_scales(_block(), peaks)["n"]
+    assert scales[5] == scales[9] == 1.0
+    live = np.delete(np.arange(CHANNELS), [5, 9])
+    assert np.all(scales[live] != 1.0) and np.all(scales[live] > 0.1)
