@@ -346,3 +346,23 @@ def test_a_model_openvino_cannot_convert_is_named_as_the_user_gave_it_not_by_its
         build(str(tmp_path / "scaler.onnx"), "openvino", "fp32", tmp_path / "out", BuildOptions(eval_data=str(tmp_path / "d.npz")))
     assert refused.value.path == str(tmp_path / "scaler.onnx")
     assert "OpenVINO cannot convert the model: no conversion rule for op ai.onnx.ml.Scaler" in str(refused.value)
+
+
+def test_an_if_whose_condition_is_a_1x1_tensor_converts(tmp_path):
+    """ONNX takes any one-element If condition; OpenVINO refused openwakeword's [1, 1] one ('Rank
+    of If condition input must be equal to 0 or 1'). The export reads it reshaped to a scalar."""
+    from onnx import numpy_helper
+
+    def branch(name: str, factor: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Mul", ["x", factor], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=1), helper.make_node("Greater", ["mean", "half"], ["high"]),
+             helper.make_node("If", ["high"], ["y"], name="gate", then_branch=branch("then", "two"), else_branch=branch("else", "three"))]
+    constants = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("half", 0.5), ("two", 2.0), ("three", 3.0))]
+    graph = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "gated.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((8, 4), dtype=np.float32))
+    result = build(str(tmp_path / "gated.onnx"), "openvino", "fp32", tmp_path / "out", BuildOptions(eval_data=str(tmp_path / "d.npz")))
+    assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.9999

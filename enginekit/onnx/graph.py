@@ -203,7 +203,30 @@ def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     graph goes through this."""
     model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
     model = _whole_input_average_pools_as_global(_spatial_means_as_global_pools(infer_shapes(model, origin)))
+    model = _scalar_if_conditions(model)
     check(model, origin)
+    return model
+
+
+def _scalar_if_conditions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An If whose condition has one element in a tensor of rank 2 or more (openwakeword's
+    hey_jarvis compares a [1, 1] score) reads it reshaped to a scalar, in place: ONNX takes any
+    single-element condition, but OpenVINO refuses one of rank above 1 ("Rank of If condition
+    input must be equal to 0 or 1")."""
+    dims = value_dims(model)
+    nodes = []
+    for node in model.graph.node:
+        shape = dims.get(node.input[0]) if node.op_type == "If" and node.domain in ("", "ai.onnx") else None
+        if shape is not None and len(shape) > 1 and all(d == 1 for d in shape):
+            scalar = f"{node.input[0]}__scalar"
+            if not any(t.name == "enginekit_scalar_shape" for t in model.graph.initializer):
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(0, np.int64), "enginekit_scalar_shape"))
+            nodes.append(onnx.helper.make_node("Reshape", [node.input[0], "enginekit_scalar_shape"], [scalar], name=f"{node.name}_scalar_condition"))
+            node.input[0] = scalar
+        nodes.append(node)
+    if len(nodes) > len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     return model
 
 
