@@ -284,6 +284,22 @@ def test_existing_onnx_that_cannot_change_batch_keeps_it(run_cli, tmp_path):
     assert any("stays fixed" in note for note in manifest["notes"])
 
 
+def test_existing_onnx_whose_samples_mix_keeps_its_fixed_batch(run_cli, tmp_path):
+    """x [2, 4] -> x - mean over every axis: it runs at any batch, but each sample's output
+    depends on the others, so the batch stays fixed (the export had failed parity at batch 4)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=1), helper.make_node("Sub", ["x", "mean"], ["y"])]
+    graph = helper.make_graph(nodes, "mixing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mixing.onnx"))
+    result = run_cli("export", "--model", tmp_path / "mixing.onnx", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["inputs"][0]["shape"] == [2, 4]
+    assert any("stays fixed" in note for note in manifest["notes"])
+
+
 def test_existing_onnx_opset_conversion(run_cli, tmp_path):
     source = _fixed_batch_onnx(tmp_path / "fixed.onnx")
     out = tmp_path / "opset20"

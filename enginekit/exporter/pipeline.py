@@ -235,17 +235,44 @@ def _batch_is_dynamic(source: Source) -> bool:
 
 
 def _runs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> bool:
+    """Whether the graph runs at `batch` and gives each sample the outputs it gives that sample
+    alone. A graph that mixes its samples (a mean over every axis, openwakeword's score gate)
+    runs at any batch, and its export then failed parity instead of keeping the batch fixed."""
     try:
-        outputs = list(_outputs_at_batch(proto, source, batch).values())
+        feeds = _feeds_at_batch(source, batch)
+        session = Session(proto)
+        together = session.run(feeds)
+        alone = [session.run({name: value[i:i + 1] for name, value in feeds.items()}) for i in range(batch)]
     except Exception:  # any failure means "not batch-polymorphic"
         return False
-    return all(o.shape[:1] == (batch,) for o in outputs)
+    for name, value in together.items():
+        if value.shape[:1] != (batch,):
+            return False
+        if not all(_same_outputs(value[i:i + 1], single[name]) for i, single in enumerate(alone)):
+            return False
+    return True
+
+
+def _same_outputs(batched: np.ndarray, alone: np.ndarray) -> bool:
+    """A sample's output computed in a batch against computed alone: equal (integers, booleans)
+    or within the batched kernels' rounding (floats)."""
+    if batched.shape != alone.shape:
+        return False
+    if alone.dtype.kind != "f":
+        return bool(np.array_equal(batched, alone))
+    limit = 1e-3 + 1e-4 * float(np.nanmax(np.abs(alone), initial=0.0))
+    return bool(np.allclose(batched, alone, rtol=1e-3, atol=limit, equal_nan=True))
+
+
+def _feeds_at_batch(source: Source, batch: int) -> dict[str, np.ndarray]:
+    """The source's sample inputs at `batch` (other dims at their sizes)."""
+    feeds, _ = source.sample(_fill_dims(source, {"batch": batch}))
+    return feeds
 
 
 def _outputs_at_batch(proto: onnx.ModelProto, source: Source, batch: int) -> dict[str, np.ndarray]:
-    """The graph's outputs on the source's sample inputs at `batch` (other dims at their sizes)."""
-    feeds, _ = source.sample(_fill_dims(source, {"batch": batch}))
-    return Session(proto).run(feeds)
+    """The graph's outputs on the source's sample inputs at `batch`."""
+    return Session(proto).run(_feeds_at_batch(source, batch))
 
 
 def _fill_dims(source: Source, dims: Mapping[str, int]) -> dict[str, int]:
