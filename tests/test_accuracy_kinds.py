@@ -31,6 +31,26 @@ def test_kinds_are_inferred_from_shape_values_and_names():
 
 
 
+def test_integer_outputs_are_labels_scored_by_the_share_they_get_right():
+    """skl2onnx's int64 class ids and a segmentation net's arg-max mask: by cosine, half the labels
+    wrong scored 0.815 and passed no gate it should fail by; as labels they are right or wrong."""
+    labels = RNG.integers(0, 4, (64,))
+    half_wrong = labels.copy()
+    half_wrong[::2] = (labels[::2] + 1) % 4
+    assert infer_kind("label", labels) == "labels" and infer_kind("mask", labels.reshape(4, 4, 4) > 1) == "labels"
+    metrics = compare_outputs({"label": labels}, {"label": half_wrong})
+    assert metrics["outputs"]["label"]["kind"] == "labels"
+    assert metrics["label_agreement"] == 0.5 and metrics["cosine"] > 0.7  # what cosine would have said
+    assert headline(metrics) == "label_agreement 0.5000"
+    with pytest.raises(GateError, match="label_agreement"):
+        gate(metrics, None, "m", "int8")
+    mask = RNG.integers(0, 3, (8, 16, 16))
+    flipped = mask.copy()
+    flipped[:, :2, :] = (mask[:, :2, :] + 1) % 3  # 12.5 % of the pixels
+    assert compare_outputs({"mask": mask}, {"mask": flipped})["label_agreement"] == pytest.approx(0.875)
+    assert gate(compare_outputs({"mask": mask}, {"mask": mask}), None, "m", "int8")["default_gate"]
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -81,6 +81,8 @@ def default_conditions(metrics: Mapping[str, Any], precision: str) -> list[Condi
             conditions.append(Condition("cosine", ">=", DEFAULT_FP32_COSINE, name or None))
         elif output.get("kind") == "classification":
             conditions.append(Condition("top1_agreement", ">=", DEFAULT_TOP1, name or None))
+        elif output.get("kind") == "labels":
+            conditions.append(Condition("label_agreement", ">=", DEFAULT_TOP1, name or None))
         else:
             conditions.append(Condition("cosine", ">=", DEFAULT_COSINE, name or None))
     return conditions
