@@ -375,3 +375,36 @@ def test_an_input_name_tensorflow_refuses_keeps_its_name_on_the_tflite_artifact(
         assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.99
         assert [spec.name for spec in TfliteRunner(tmp_path / precision / MODEL_FILE).inputs] == [name]
     assert name in result.manifest["tflite"]["io"]
+
+
+@pytest.mark.parametrize("sentinel", [float(np.finfo(np.float32).min), -np.inf])
+def test_an_attention_mask_of_sentinels_stays_float_and_the_int8_flatbuffer_runs(tmp_path, sentinel):
+    """scores + Where(pad, lowest float, 0) -> Softmax, as PyTorch writes a key-padding mask: the
+    mask's range reached from -3.4e38 to the scores' top, a scale of ~1e36 on which LiteRT
+    aborted. The tensors holding the sentinel stay float; the projections stay int8."""
+    rng = np.random.default_rng(6)
+    constants = {"wq": rng.normal(0, 0.5, (16, 16)), "wv": rng.normal(0, 0.5, (16, 16)), "sentinel": np.array(sentinel), "zero": np.array(0.0)}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "xt"], ["scores"]), helper.make_node("Where", ["pad", "sentinel", "zero"], ["mask"]),
+             helper.make_node("Unsqueeze", ["mask", "one"], ["mask3"]), helper.make_node("Add", ["scores", "mask3"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["weights"], axis=-1), helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("MatMul", ["weights", "v"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()] + [onnx.numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 16]),
+                                                helper.make_tensor_value_info("pad", TensorProto.BOOL, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "masked.onnx"))
+    pad = np.zeros((32, 8), bool)
+    pad[:, 6:] = True  # the last two positions of every sample are padding
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 8, 16)).astype(np.float32), pad=pad)
+    options = BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none")
+    result = build(str(tmp_path / "masked.onnx"), "tflite", "int8", tmp_path / "int8", options)
+    assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.98
+    assert result.manifest["tflite"]["mask_float_ops"] >= 2  # the mask and the masked scores
+    from ai_edge_litert import interpreter
+
+    flatbuffer = (tmp_path / "int8" / MODEL_FILE).read_bytes()
+    scales = [t["quantization"][0] for t in interpreter.Interpreter(model_content=flatbuffer).get_tensor_details() if t["dtype"] == np.int8]
+    assert scales and max(scales) < 1.0, max(scales)  # no int8 grid spans the sentinel (it had a step of ~1e36)
+    products = [op for op in op_types(flatbuffer) if op["op"] in ("BATCH_MATMUL", "FULLY_CONNECTED")]
+    assert any("float32" not in op["inputs"] + op["outputs"] for op in products)

@@ -40,7 +40,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     (smoke.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.delegate_float import keep_delegated
-    from enginekit.targets.tflite.float_layers import float_op_outputs, recurrence_outputs
+    from enginekit.targets.tflite.float_layers import float_op_outputs, mask_outputs, recurrence_outputs
     from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
     from enginekit.targets.tflite.ranges import map_ranges
 
@@ -51,7 +51,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     ranges = map_ranges(float_model, reference, table, feeds, more_feeds)
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
     recurrence = [t for t in recurrence_outputs(ranges) if t not in float_ops]
-    float_ops, layer_ops = [*float_ops, *recurrence], float_ops
+    masks = [t for t in mask_outputs(ranges) if t not in float_ops and t not in recurrence]
+    float_ops, layer_ops = [*float_ops, *recurrence, *masks], float_ops
     model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
     if smoke is not None:
         smoke(model, precision)
@@ -70,6 +71,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         info["float_for_xnnpack"] = delegate_choice
     if recurrence:
         info["recurrence_float_ops"] = len(recurrence)
+    if masks:
+        info["mask_float_ops"] = len(masks)
     if float_layers:
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": layer_ops,
                                 "not_found_in_tflite": not_found}

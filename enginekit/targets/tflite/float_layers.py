@@ -76,3 +76,13 @@ def recurrence_outputs(ranges: RangeMap) -> list[str]:
     prepare"), and a state requantized at every step compounds its rounding along the sequence."""
     inside = [tensor for tensor in ranges.producers if any(part.startswith(RECURRENCE_SCOPE + "/") for part in tensor.split(";"))]
     return inside + moved_after(inside, ranges)
+
+
+def mask_outputs(ranges: RangeMap) -> list[str]:
+    """The outputs of the ops writing a mask's sentinels on the calibration feeds (-inf, or
+    float32's lowest as PyTorch's masked_fill writes it, and the attention scores it is added
+    to), and the data movement after them: they stay float in int8, where the Q/DQ hub never
+    puts a grid on them. Quantized, a range from -3.4e38 to the scores' top gave a scale of
+    ~1e36, on which LiteRT aborted (SIGABRT: a PyTorch encoder with a key-padding mask)."""
+    inside = [tensor for tensor in ranges.masks if tensor in ranges.producers]
+    return inside + moved_after(inside, ranges)

@@ -49,6 +49,7 @@ class RangeMap:
     zero_centred_inputs: list[str] = field(default_factory=list)  # graph inputs given the zero-point-0 grid (input_grid)
     producers: dict[str, str] = field(default_factory=dict)  # tflite tensor -> the op type that writes it
     inputs_of: dict[str, list[str]] = field(default_factory=dict)  # tflite tensor -> the inputs of the op that writes it
+    masks: list[str] = field(default_factory=list)  # tensors holding mask sentinels on the calibration feeds (is_mask_sentinel)
 
     def summary(self) -> dict[str, int]:
         return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
@@ -129,6 +130,7 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
         by_size.setdefault(signature.size, []).append(name)
     values, tensors, ops = tflite_activations(float_tflite, feeds)
     result = RangeMap()
+    result.masks = [name for name, value in values.items() if value.size and has_mask_sentinels(value)]
     for name, value in values.items():
         signature = _signature(value)
         scale = float(np.abs(signature).max()) if signature.size else 0.0
@@ -177,6 +179,14 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
     _clip_softmax_inputs(result, ops, index_name, producer)
     _choose_input_grids(result, fp32, feeds)
     return result
+
+
+MASK_SENTINEL = 1e30  # beyond any activation: float32's lowest (-3.4e38, PyTorch's masked_fill) or -inf marks a masked position
+
+
+def has_mask_sentinels(values: np.ndarray) -> bool:
+    """Whether `values` hold a masked-position marker: -inf, NaN, or a magnitude of MASK_SENTINEL or more."""
+    return bool(np.any(~np.isfinite(values)) or np.any(np.abs(values) >= MASK_SENTINEL))
 
 
 def _finite_bounds(values: np.ndarray) -> tuple[float, float]:
