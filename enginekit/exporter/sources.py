@@ -243,15 +243,24 @@ def model_fingerprint(net) -> str:
             raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 included
             digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode() + raw.numpy().tobytes())
     elif hasattr(net, "get_weights"):  # keras.Model
-        for layer in getattr(net, "layers", []):  # each layer's config but its name, which a process-wide counter sets
+        for layer in getattr(net, "layers", []):  # each layer's config but the names a process-wide counter sets
             try:
-                config = {k: v for k, v in layer.get_config().items() if k != "name"}
+                config = _without_names(layer.get_config())
             except Exception:  # a custom layer without a config: its weights still tell
                 config = {}
             digest.update(type(layer).__qualname__.encode() + json.dumps(config, sort_keys=True, default=str).encode())
         for array in net.get_weights():
             digest.update(str(array.shape).encode() + array.tobytes())
     return digest.hexdigest()
+
+
+def _without_names(config: Any) -> Any:
+    """A Keras config without its "name" entries, nested ones too (a Bidirectional's wrapped layer)."""
+    if isinstance(config, dict):
+        return {key: _without_names(value) for key, value in config.items() if key != "name"}
+    if isinstance(config, (list, tuple)):
+        return [_without_names(value) for value in config]
+    return config
 
 
 def _factory_source(target: str, weights: str | None, overrides) -> Source:

@@ -60,7 +60,6 @@ class _Recurrence:
     directions, the optional initial state, and the outputs in the node's layout."""
 
     def __init__(self, node: onnx.NodeProto, args: list[Value | None], attrs: dict[str, Any], gates: int):
-        self.node, self.attrs = node, attrs
         if attrs.get("input_forget", 0):
             raise _refuse(node, "does not lower input_forget=1")
         self.layout = attrs.get("layout", 0)
