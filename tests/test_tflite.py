@@ -381,7 +381,8 @@ def test_an_input_name_tensorflow_refuses_keeps_its_name_on_the_tflite_artifact(
 def test_an_attention_mask_of_sentinels_stays_float_and_the_int8_flatbuffer_runs(tmp_path, sentinel):
     """scores + Where(pad, lowest float, 0) -> Softmax, as PyTorch writes a key-padding mask: the
     mask's range reached from -3.4e38 to the scores' top, a scale of ~1e36 on which LiteRT
-    aborted. The tensors holding the sentinel stay float; the projections stay int8."""
+    aborted. The tensors holding the sentinel stay float, found on any calibration batch (the
+    first ones have no padding here); the projections stay int8."""
     rng = np.random.default_rng(6)
     constants = {"wq": rng.normal(0, 0.5, (16, 16)), "wv": rng.normal(0, 0.5, (16, 16)), "sentinel": np.array(sentinel), "zero": np.array(0.0)}
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
@@ -395,7 +396,7 @@ def test_an_attention_mask_of_sentinels_stays_float_and_the_int8_flatbuffer_runs
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "masked.onnx"))
     pad = np.zeros((32, 8), bool)
-    pad[:, 6:] = True  # the last two positions of every sample are padding
+    pad[4:, 6:] = True  # the last two positions of every sample but the first four are padding
     np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 8, 16)).astype(np.float32), pad=pad)
     options = BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none")
     result = build(str(tmp_path / "masked.onnx"), "tflite", "int8", tmp_path / "int8", options)

@@ -49,7 +49,7 @@ class RangeMap:
     zero_centred_inputs: list[str] = field(default_factory=list)  # graph inputs given the zero-point-0 grid (input_grid)
     producers: dict[str, str] = field(default_factory=dict)  # tflite tensor -> the op type that writes it
     inputs_of: dict[str, list[str]] = field(default_factory=dict)  # tflite tensor -> the inputs of the op that writes it
-    masks: list[str] = field(default_factory=list)  # tensors holding mask sentinels on the calibration feeds (is_mask_sentinel)
+    masks: list[str] = field(default_factory=list)  # tensors holding mask sentinels on the calibration feeds (has_mask_sentinels)
 
     def summary(self) -> dict[str, int]:
         return {"tensors": len(self.ranges), "matched_by_value": len(self.matched), "inherited_from_producer": len(self.inherited),
@@ -122,7 +122,7 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
     """Match every float activation of `float_tflite` to an FP32 ONNX tensor with a table entry
     on `feeds`; a tensor left without a twin takes its min-max over `feeds` and `more_feeds`
     (more calibration samples, in small batches: two samples alone give a range too narrow for
-    the samples that follow)."""
+    the samples that follow). Every batch is also searched for mask sentinels (`masks`)."""
     names = sorted(table.tensors)
     reference = {name: _signature(v) for name, v in onnx_activations(fp32, names, feeds).items()}
     by_size: dict[int, list[str]] = {}
@@ -167,8 +167,9 @@ def map_ranges(float_tflite: bytes, fp32: onnx.ModelProto, table: CalibrationTab
             result.scaled[name] = source
     missing = [name for name in values if name not in result.ranges]
     bounds = {name: _finite_bounds(values[name]) for name in missing}
-    for batch in more_feeds if missing else ():
+    for batch in more_feeds:  # every batch: a mask may show its sentinels only on samples with padding
         seen = tflite_activations(float_tflite, batch)[0]
+        result.masks += [name for name, value in seen.items() if name not in result.masks and value.size and has_mask_sentinels(value)]
         for name in missing:
             low, high = _finite_bounds(seen[name])
             bounds[name] = (min(bounds[name][0], low), max(bounds[name][1], high))
