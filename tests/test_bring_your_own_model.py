@@ -128,6 +128,29 @@ def test_weights_read_only_inside_an_if_branch_survive_quantization(run_cli, tmp
     assert manifest["accuracy"]["metrics"]["outputs"]["y"]["cosine"] > 0.98
 
 
+def test_a_boolean_output_is_scored_as_labels_on_every_target(run_cli, tmp_path):
+    """A segmentation net ending in a threshold (bool mask) and its arg-max (int64): checking
+    whether the FP32 outputs move between samples subtracted booleans, and every cell failed
+    with an unexpected TypeError."""
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.standard_normal((3, 3, 3, 3)).astype(np.float32) * 0.3, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Greater", ["c", "zero"], ["mask"]),
+             helper.make_node("ArgMax", ["c"], ["classes"], axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 3, 8, 8]),
+                               helper.make_tensor_value_info("classes", TensorProto.INT64, ["batch", 8, 8])],
+                              [weight, numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "seg.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    result = run_cli("build", "-m", tmp_path / "seg.onnx", "--targets", "onnxruntime", "--precisions", "fp32,int8", "--no-bench",
+                     "--calib-data", tmp_path / "d.npz", "--eval-data", tmp_path / "d.npz", "-n", "16", "-o", tmp_path / "out")
+    assert result.code == 0, result.out + result.err
+    for cell in ("onnxruntime-fp32", "onnxruntime-int8"):
+        outputs = json.loads((tmp_path / "out" / cell / "manifest.json").read_text())["accuracy"]["metrics"]["outputs"]
+        assert {outputs[name]["kind"] for name in ("mask", "classes")} == {"labels"}
+    assert outputs["mask"]["label_agreement"] > 0.9
+
+
 def test_an_output_that_vanishes_in_fp32_is_named_as_the_cause_of_a_failed_int8_gate(run_cli, tmp_path):
     """A network whose activations shrink to ~1e-20 (fresh weights of a deep net): its INT8 output
     is 0 on every target, and the failure says the FP32 output is the cause, not a layer; the

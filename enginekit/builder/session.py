@@ -356,6 +356,7 @@ class ModelSession:
             axis = self.output_axes.get(name)
             if axis is None or value.shape[axis] < 2:
                 continue
+            value = np.asarray(value, np.float64)  # a boolean mask has no subtraction (np.ptp failed on it)
             magnitude = float(np.abs(value).max()) if value.size else 0.0
             if not np.isfinite(magnitude):  # NaN/Inf outputs fail the gate on their own
                 continue
