@@ -874,3 +874,23 @@ def test_a_3d_convolution_is_refused_naming_the_node_not_in_tensorflows_words():
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(InputError, match=r"^node video_conv \(Conv\): only 1-D and 2-D convolutions are supported by the tflite target$"):
         convert_function(to_tf_function(model, "video.onnx"), "video.onnx")
+
+
+@pytest.mark.parametrize("op,axis,keepdims,last", [("ArgMax", 1, 0, 0), ("ArgMax", 2, 0, 0), ("ArgMin", 3, 1, 0), ("ArgMax", 1, 1, 1)])
+def test_arg_max_and_min_lower_on_a_channel_last_tensor_and_keep_onnx_axes(op, axis, keepdims, last):
+    """A segmentation head's class map: int64 indices equal to ONNX Runtime's, whichever axis of
+    the NCHW tensor (held NHWC inside), with and without keepdims and select_last_index; in int8
+    the indices agree with FP32's on almost every position."""
+    node = helper.make_node(op, ["c"], ["y"], name="arg", axis=axis, keepdims=keepdims, select_last_index=last)
+    weight = _const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node], "arg",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, None)], [weight])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])["y"]
+    got = TfliteRunner(convert_function(to_tf_function(model, "arg.onnx"), "arg.onnx")).infer(feeds[0])["y"]
+    np.testing.assert_array_equal(got, expected)
+    for_int8 = convert_function(to_tf_function(model, "arg.onnx", integer=True), "arg.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    assert np.mean(TfliteRunner(int8).infer(feeds[0])["y"] == expected) > 0.9

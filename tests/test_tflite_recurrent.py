@@ -25,7 +25,7 @@ STEPS, BATCH, FEATURES, HIDDEN = 5, 2, 6, 4
 def _recurrent_model(op: str, direction: str = "forward", initial: bool = False, steps: int | str = STEPS, **attributes) -> onnx.ModelProto:
     """x -> `op` -> Y, Y_h (and Y_c for LSTM), with random weights and biases (peepholes for an
     LSTM when `attributes` asks for them), the initial state a graph input when `initial`."""
-    gates = {"LSTM": 4, "GRU": 3}[op]
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     directions = 2 if direction == "bidirectional" else 1
     peepholes = attributes.pop("peepholes", False)
     x_shape, state_shape = [steps, BATCH, FEATURES], [directions, BATCH, HIDDEN]
@@ -196,3 +196,10 @@ def test_a_sequence_length_tensorflow_lost_is_restored_from_onnx_shape_inference
 
     lowered.get_concrete_function()
     assert shapes == {"known": [STEPS, None, FEATURES], "batch first": [None, STEPS, FEATURES], "unknown": [None, None, None]}
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("initial", [False, True])
+def test_a_plain_rnn_lowers_and_matches_onnxruntime(direction, initial):
+    _assert_float_matches_onnxruntime(_recurrent_model("RNN", direction, initial=initial))
+    _assert_float_matches_onnxruntime(_recurrent_model("RNN", direction, initial=initial, activations=["Relu"] * (2 if direction == "bidirectional" else 1)), layout=1)

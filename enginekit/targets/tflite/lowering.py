@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.core.errors import InputError
-from enginekit.targets.tflite.recurrent import gru, lstm
+from enginekit.targets.tflite.recurrent import gru, lstm, rnn
 from enginekit.targets.tflite.values import Value, attributes as _attrs, require_constant as _constant, tf_module as _tf
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -216,6 +216,28 @@ def _reduce(node, args, attrs):
     if x.nhwc and axes == [2, 3]:  # global pooling that drops H and W: [N,H,W,C] -> [N,C]
         return [Value(reduce(x.data, axis=[1, 2], keepdims=False))]
     return [Value(reduce(nchw(x), axis=axes, keepdims=keepdims))]
+
+
+def _arg_extreme(node, args, attrs):
+    """ArgMax/ArgMin (a segmentation head's class map, a classifier's label): int64 indices along
+    one axis; with select_last_index the last of equal values, found on the reversed tensor."""
+    tf = _tf()
+    x = args[0]
+    axis = attrs.get("axis", 0) % x.rank
+    data, where = (x.data, NHWC_AXIS[axis]) if x.nhwc else (x.data, axis)
+    find = tf.math.argmax if node.op_type == "ArgMax" else tf.math.argmin
+    if attrs.get("select_last_index", 0):
+        size = tf.shape(data, out_type=tf.int64)[where]
+        index = size - 1 - find(tf.reverse(data, [where]), axis=where, output_type=tf.int64)
+    else:
+        index = find(data, axis=where, output_type=tf.int64)
+    if attrs.get("keepdims", 1):
+        return [Value(tf.expand_dims(index, where), nhwc=x.nhwc)]
+    if x.nhwc:  # [N, H, W] or [N, W, C]...: back to the ONNX order of the remaining axes
+        remaining = [a for a in range(4) if a != axis]
+        held = [NHWC_AXIS[a] for a in remaining]  # where each remaining ONNX axis sits, in the NHWC order the result keeps
+        return [Value(tf.transpose(index, [sorted(held).index(h) for h in held]))]
+    return [Value(index)]
 
 
 def _l2_norm(x: Any, axis: Any, keepdims: bool) -> Any:
@@ -905,7 +927,7 @@ LOWERINGS: dict[str, Callable] = {
     "Tile": _tile, "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm, "SpaceToDepth": _space_to_depth, "DepthToSpace": _depth_to_space,
-    "LSTM": lstm, "GRU": gru,
+    "LSTM": lstm, "GRU": gru, "RNN": rnn, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
 }
 # For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
 INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}

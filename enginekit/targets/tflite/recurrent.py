@@ -1,4 +1,4 @@
-"""ONNX LSTM and GRU lowered to TensorFlow ops, unrolled over the sequence.
+"""ONNX LSTM, GRU and RNN lowered to TensorFlow ops, unrolled over the sequence.
 
 Why unrolled: TFLite's fused UNIDIRECTIONAL_SEQUENCE_LSTM comes only from Keras layers the
 converter recognises, and a tf.while_loop becomes a WHILE op that neither XNNPACK nor the int8
@@ -55,6 +55,16 @@ def _with_known_length(value: Value, layout: int, features: int) -> Any:
     return tf_module().reshape(data, (-1, known, features) if layout else (known, -1, features))
 
 
+def _in_scope(lower: Callable) -> Callable:
+    """The lowering with every TF op it makes under SCOPE (the int8 build keeps them float)."""
+    def scoped(node, args, attrs):
+        with tf_module().name_scope(SCOPE):
+            return lower(node, args, attrs)
+
+    scoped.__doc__ = lower.__doc__
+    return scoped
+
+
 class _Recurrence:
     """What LSTM and GRU share: the sequence in [seq, batch, input] order, its static length,
     directions, the optional initial state, and the outputs in the node's layout."""
@@ -84,6 +94,13 @@ class _Recurrence:
         self.initial = [self._state(args, index) for index in (5, 6)]
         clip = attrs.get("clip")
         self.clip = (lambda v: tf.clip_by_value(v, -np.float32(clip), np.float32(clip))) if clip else (lambda v: v)
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto, args: list[Value | None], attrs: dict[str, Any], gates: int,
+           activations: tuple[str, ...]) -> tuple["_Recurrence", list[tuple[Callable, ...]]]:
+        """The recurrence and each direction's activation functions (`activations`: ONNX's defaults)."""
+        run = cls(node, args, attrs, gates)
+        return run, _activations(node, attrs, activations, len(run.reverse))
 
     def _state(self, args: list[Value | None], index: int) -> Any:
         """An initial state [directions, batch, hidden] (layout 1: [batch, directions, hidden]), or None."""
@@ -119,81 +136,91 @@ class _Recurrence:
     def order(self, direction: int) -> range:
         return range(self.steps - 1, -1, -1) if self.reverse[direction] else range(self.steps)
 
+    def unroll(self, step: Callable[[int, Any, tuple], tuple], states: int) -> list[Value]:
+        """Every direction run step by step in its order: `step(direction, projected input,
+        state)` returns the next state (hidden first; None in a state: zero). The node's outputs:
+        Y and the final states."""
+        sequences, finals = [], []
+        for direction in range(len(self.reverse)):
+            inputs = self.projected(direction)
+            state = tuple(self.start(which, direction) for which in range(states))
+            hidden: dict[int, Any] = {}
+            for t in self.order(direction):
+                state = step(direction, inputs[t], state)
+                hidden[t] = state[0]
+            sequences.append([hidden[t] for t in range(self.steps)])
+            finals.append(state)
+        return self.outputs(sequences, finals)
 
+
+@_in_scope
 def lstm(node, args, attrs):
     """ONNX LSTM: i, o, f, c gates; C = f*C' + i*g(c); H = o*h(C); peepholes P (i, o, f)."""
-    with tf_module().name_scope(SCOPE):
-        return _lstm(node, args, attrs)
-
-
-def _lstm(node, args, attrs):
     tf = tf_module()
-    run = _Recurrence(node, args, attrs, gates=4)
-    activations = _activations(node, attrs, ("sigmoid", "tanh", "tanh"), len(run.reverse))
+    run, activations = _Recurrence.of(node, args, attrs, 4, ("sigmoid", "tanh", "tanh"))
     peepholes = args[7] if len(args) > 7 else None
     peepholes = require_constant(peepholes, node, "the peepholes").astype(np.float32) if peepholes is not None else None
-    size = run.hidden
-    sequences, finals = [], []
-    for direction in range(len(run.reverse)):
+
+    def step(direction: int, x: Any, state: tuple) -> tuple:
+        hidden, cell = state
         f, g, h = activations[direction]
-        recurrent_bias = run.bias[direction][4 * size:]
-        inputs = run.projected(direction)
-        hidden, cell = run.start(0, direction), run.start(1, direction)
+        recurrent_bias = run.bias[direction][4 * run.hidden:]
+        gates = x + recurrent_bias if hidden is None else x + tf.matmul(hidden, run.recurrent[direction].T) + recurrent_bias
+        i, o, forget, c = tf.split(gates, 4, axis=1)
         p_i, p_o, p_f = (None, None, None) if peepholes is None else np.split(peepholes[direction], 3)
-        steps: dict[int, Any] = {}
-        for t in run.order(direction):
-            gates = inputs[t] + recurrent_bias if hidden is None else inputs[t] + tf.matmul(hidden, run.recurrent[direction].T) + recurrent_bias
-            i, o, forget, c = tf.split(gates, 4, axis=1)
-            if p_i is not None and cell is not None:
-                i, forget = i + p_i * cell, forget + p_f * cell
-            candidate = f(run.clip(i)) * g(run.clip(c))
-            cell = candidate if cell is None else f(run.clip(forget)) * cell + candidate
-            if p_o is not None:
-                o = o + p_o * cell
-            hidden = f(run.clip(o)) * h(cell)
-            steps[t] = hidden
-        sequences.append([steps[t] for t in range(run.steps)])
-        finals.append((hidden, cell))
-    return run.outputs(sequences, finals)
+        if p_i is not None and cell is not None:
+            i, forget = i + p_i * cell, forget + p_f * cell
+        candidate = f(run.clip(i)) * g(run.clip(c))
+        cell = candidate if cell is None else f(run.clip(forget)) * cell + candidate
+        if p_o is not None:
+            o = o + p_o * cell
+        return f(run.clip(o)) * h(cell), cell
+
+    return run.unroll(step, states=2)
 
 
+@_in_scope
 def gru(node, args, attrs):
     """ONNX GRU: z, r, h gates; H = (1 - z)*h~ + z*H'. With linear_before_reset (PyTorch's form)
     the reset gate scales (H' Rh^T + Rbh), else it scales H' before the product."""
-    with tf_module().name_scope(SCOPE):
-        return _gru(node, args, attrs)
-
-
-def _gru(node, args, attrs):
     tf = tf_module()
-    run = _Recurrence(node, args, attrs, gates=3)
-    activations = _activations(node, attrs, ("sigmoid", "tanh"), len(run.reverse))
+    run, activations = _Recurrence.of(node, args, attrs, 3, ("sigmoid", "tanh"))
     before_reset = attrs.get("linear_before_reset", 0)
     size = run.hidden
-    sequences, finals = [], []
-    for direction in range(len(run.reverse)):
+
+    def step(direction: int, x: Any, state: tuple) -> tuple:
+        (hidden,) = state
         f, g = activations[direction]
         recurrent, recurrent_bias = run.recurrent[direction], run.bias[direction][3 * size:]
-        inputs = run.projected(direction)
-        hidden = run.start(0, direction)
-        steps: dict[int, Any] = {}
-        for t in run.order(direction):
-            x_z, x_r, x_h = tf.split(inputs[t], 3, axis=1)
-            if hidden is None:  # a zero state: its products are the recurrence biases alone
-                h_z, h_r, h_h = np.split(recurrent_bias, 3)
-            elif before_reset:
-                h_z, h_r, h_h = tf.split(tf.matmul(hidden, recurrent.T) + recurrent_bias, 3, axis=1)
-            else:
-                h_z, h_r = tf.split(tf.matmul(hidden, recurrent[:2 * size].T) + recurrent_bias[:2 * size], 2, axis=1)
-            z, r = f(run.clip(x_z + h_z)), f(run.clip(x_r + h_r))
-            if before_reset:
-                candidate = g(run.clip(x_h + r * h_h))
-            elif hidden is None:  # (r * 0) Rh^T + Rbh
-                candidate = g(run.clip(x_h + h_h))
-            else:
-                candidate = g(run.clip(x_h + tf.matmul(r * hidden, recurrent[2 * size:].T) + recurrent_bias[2 * size:]))
-            hidden = candidate - z * candidate if hidden is None else candidate + z * (hidden - candidate)
-            steps[t] = hidden
-        sequences.append([steps[t] for t in range(run.steps)])
-        finals.append((hidden,))
-    return run.outputs(sequences, finals)
+        x_z, x_r, x_h = tf.split(x, 3, axis=1)
+        if hidden is None:  # a zero state: its products are the recurrence biases alone
+            h_z, h_r, h_h = np.split(recurrent_bias, 3)
+        elif before_reset:
+            h_z, h_r, h_h = tf.split(tf.matmul(hidden, recurrent.T) + recurrent_bias, 3, axis=1)
+        else:
+            h_z, h_r = tf.split(tf.matmul(hidden, recurrent[:2 * size].T) + recurrent_bias[:2 * size], 2, axis=1)
+        z, r = f(run.clip(x_z + h_z)), f(run.clip(x_r + h_r))
+        if before_reset:
+            candidate = g(run.clip(x_h + r * h_h))
+        elif hidden is None:  # (r * 0) Rh^T + Rbh
+            candidate = g(run.clip(x_h + h_h))
+        else:
+            candidate = g(run.clip(x_h + tf.matmul(r * hidden, recurrent[2 * size:].T) + recurrent_bias[2 * size:]))
+        return (candidate - z * candidate if hidden is None else candidate + z * (hidden - candidate),)
+
+    return run.unroll(step, states=1)
+
+
+@_in_scope
+def rnn(node, args, attrs):
+    """ONNX RNN (PyTorch's nn.RNN): H = f(x W^T + H' R^T + Wb + Rb), f tanh unless given."""
+    tf = tf_module()
+    run, activations = _Recurrence.of(node, args, attrs, 1, ("tanh",))
+
+    def step(direction: int, x: Any, state: tuple) -> tuple:
+        (hidden,) = state
+        recurrent_bias = run.bias[direction][run.hidden:]
+        product = recurrent_bias if hidden is None else tf.matmul(hidden, run.recurrent[direction].T) + recurrent_bias
+        return (activations[direction][0](run.clip(x + product)),)
+
+    return run.unroll(step, states=1)
