@@ -228,3 +228,29 @@ def test_an_unnamed_input_has_the_same_name_at_every_load_in_a_process():
         assert names == [expected, expected]
     named = keras.Input((4,), name="image")
     assert [s.name for s in from_keras_model(keras.Model(named, layers.Dense(2)(named))).inputs] == ["image"]
+
+
+def test_a_keras_lstm_exports_and_tflite_unrolls_its_onnx_lstm(tmp_path, monkeypatch):
+    """Freezing lowered the LSTM's While into TensorList ops tf2onnx cannot convert: no Keras
+    recurrent model exported. Kept as a While, tf2onnx writes an ONNX LSTM; TFLite lowers that
+    (its own converter meets the loop as TensorList ops with no builtin)."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    import numpy as np
+
+    from enginekit.builder import BuildOptions, build
+
+    (tmp_path / "klstm_factory.py").write_text(textwrap.dedent("""
+        import keras
+        def build():
+            keras.utils.set_random_seed(0)
+            features = keras.Input((6, 4), name="features")
+            return keras.Model(features, keras.layers.Dense(3, name="out")(keras.layers.LSTM(8)(features)))
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "data.npz", features=np.random.default_rng(0).normal(0, 1, (16, 6, 4)).astype(np.float32))
+    options = BuildOptions(eval_data=str(tmp_path / "data.npz"), input_shapes=("features=batchx6x4",))
+    onnx_cell = build("klstm_factory:build", "onnxruntime", "fp32", tmp_path / "ort", options).manifest
+    assert onnx_cell["accuracy"]["metrics"]["cosine"] > 0.9999
+    tflite_cell = build("klstm_factory:build", "tflite", "fp32", tmp_path / "tflite", options).manifest
+    assert tflite_cell["tflite"]["route"].startswith("onnx") and tflite_cell["accuracy"]["metrics"]["cosine"] > 0.9999

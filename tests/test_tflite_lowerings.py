@@ -894,3 +894,32 @@ def test_arg_max_and_min_lower_on_a_channel_last_tensor_and_keep_onnx_axes(op, a
     for_int8 = convert_function(to_tf_function(model, "arg.onnx", integer=True), "arg.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
     assert np.mean(TfliteRunner(int8).infer(feeds[0])["y"] == expected) > 0.9
+
+
+def test_reverse_sequence_lowers_and_a_loop_reading_the_data_is_refused_before_any_work():
+    """tf2onnx writes a Keras Bidirectional layer's backward pass with ReverseSequence (lowered:
+    each sample's first lengths steps reversed, as ONNX Runtime does), and a Keras GRU it does
+    not recognise as a Loop whose body reads the input from the enclosing graph: refused up front
+    as an op the lowering lacks, not as a shape computation that a fixed dim would fold."""
+    from enginekit.core.errors import InputError
+    from enginekit.targets.tflite.lowering import check_lowerable
+
+    lengths = _const("lengths", np.array([5, 3], np.int64))
+    graph = helper.make_graph([helper.make_node("ReverseSequence", ["x", "lengths"], ["y"], name="reverse", batch_axis=1, time_axis=0)],
+                              "reverse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 2, 4])], [lengths])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = {"x": RNG.normal(0, 1, (5, 2, 4)).astype(np.float32)}
+    got = TfliteRunner(convert_function(to_tf_function(model, "reverse.onnx"), "reverse.onnx")).infer(feeds)["y"]
+    np.testing.assert_array_equal(got, Session(model).run(feeds)["y"])
+
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["state", "x"], ["next"])],
+                             "body", [helper.make_tensor_value_info(n, t, s) for n, t, s in
+                                      (("i", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, []), ("state", TensorProto.FLOAT, [2, 4]))],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("next", TensorProto.FLOAT, [2, 4])])
+    loop = helper.make_node("Loop", ["trips", "", "zeros"], ["y"], name="while_loop", body=body)
+    graph = helper.make_graph([loop], "looped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [_const("trips", np.array(3, np.int64)), _const("zeros", np.zeros((2, 4), np.float32))])
+    with pytest.raises(InputError, match=r"cannot lower op Loop \(node while_loop\)"):
+        check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "looped.onnx")

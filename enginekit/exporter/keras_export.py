@@ -142,7 +142,10 @@ def _convert_frozen(function, model: KerasModel, opset: int, tf2onnx) -> Any:
     from enginekit.onnx.graph import rename_values
 
     concrete = function.get_concrete_function()
-    frozen = convert_variables_to_constants_v2(concrete)
+    # a recurrent layer's loop kept as a While, which tf2onnx converts (to a Loop, or an LSTM/GRU it
+    # recognises); lowered, it became TensorList ops tf2onnx cannot convert, and no Keras LSTM exported
+    loops = any(op.type in ("While", "StatelessWhile") for op in concrete.graph.get_operations())
+    frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=not loops)
     inputs = [t.name for t in frozen.inputs]
     outputs = [t.name for t in frozen.outputs]
     proto, _ = tf2onnx.convert.from_graph_def(for_tf2onnx(frozen.graph.as_graph_def()), input_names=inputs, output_names=outputs, opset=opset)

@@ -93,6 +93,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
+RECURRENT_OPS = {"LSTM", "GRU", "RNN", "Loop", "Scan"}
+
+
+def _from_keras(fp32) -> bool:
+    """Whether TFLite converts the Keras source itself. Not where it has a recurrent layer: its
+    converter meets the layer's loop as TensorList ops with no TFLite builtin, while the exported
+    ONNX LSTM/GRU is unrolled by the lowering (recurrent.py)."""
+    return fp32.is_keras and not any(node.op_type in RECURRENT_OPS for node in fp32.proto.graph.node)
+
+
 class TfliteTarget(Target):
     name = "tflite"
     precisions = ("fp32", "fp16", "int8")
@@ -113,7 +123,7 @@ class TfliteTarget(Target):
 
     def preflight(self, fp32, precision: str) -> str | None:
         """ONNX sources are lowered op by op: an op without a lowering is known before any work."""
-        if fp32.is_keras:
+        if _from_keras(fp32):
             return None
         from enginekit.core.errors import InputError
         from enginekit.targets.tflite.lowering import check_lowerable
@@ -132,7 +142,7 @@ class TfliteTarget(Target):
         precision, fp32 = inputs.precision, inputs.fp32
         reference, notes = fp32.proto, []
         hub_quantized = None  # the activations the Q/DQ hub quantizes (ONNX route, INT8): hub_float.py
-        keras_model = fp32.keras_model() if fp32.is_keras else None
+        keras_model = fp32.keras_model() if _from_keras(fp32) else None
         if keras_model is not None:
             from enginekit.exporter.keras_export import tf_function
 

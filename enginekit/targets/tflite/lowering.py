@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from enginekit.core.errors import InputError
+from enginekit.onnx.nodes import node_inputs
 from enginekit.targets.tflite.recurrent import gru, lstm, rnn
 from enginekit.targets.tflite.values import Value, attributes as _attrs, require_constant as _constant, tf_module as _tf
 
@@ -238,6 +239,13 @@ def _arg_extreme(node, args, attrs):
         held = [NHWC_AXIS[a] for a in remaining]  # where each remaining ONNX axis sits, in the NHWC order the result keeps
         return [Value(tf.transpose(index, [sorted(held).index(h) for h in held]))]
     return [Value(index)]
+
+
+def _reverse_sequence(node, args, attrs):
+    """ReverseSequence (tf2onnx writes a Keras Bidirectional layer's backward pass with it): each
+    sample's first `sequence_lens` steps reversed, as TFLite's REVERSE_SEQUENCE does."""
+    lengths = args[1].data if args[1].const else _tf().cast(args[1].data, "int64")
+    return [Value(_tf().reverse_sequence(nchw(args[0]), lengths, seq_axis=attrs.get("time_axis", 0), batch_axis=attrs.get("batch_axis", 1)))]
 
 
 def _l2_norm(x: Any, axis: Any, keepdims: bool) -> Any:
@@ -927,7 +935,7 @@ LOWERINGS: dict[str, Callable] = {
     "Tile": _tile, "Sin": _pointwise(np.sin, lambda x: _tf().math.sin(x)), "Cos": _pointwise(np.cos, lambda x: _tf().math.cos(x)),  # sine position embeddings (DETR)
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm, "SpaceToDepth": _space_to_depth, "DepthToSpace": _depth_to_space,
-    "LSTM": lstm, "GRU": gru, "RNN": rnn, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme,
+    "LSTM": lstm, "GRU": gru, "RNN": rnn, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme, "ReverseSequence": _reverse_sequence,
 }
 # For a float flatbuffer that will be quantized: forms whose int8 kernels XNNPACK delegates.
 INTEGER_LOWERINGS: dict[str, Callable] = {**LOWERINGS, "HardSwish": _unary(_hard_swish_integer)}
@@ -937,8 +945,8 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes with no lowering, except those that compute from constants and tensor shapes only:
     those are folded at lowering (`_fold_constant_node`)."""
     shape_only = _shape_only_tensors(model)
-    return [n for n in model.graph.node
-            if (n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")) and not all(not name or name in shape_only for name in n.input)]
+    return [n for n in model.graph.node  # node_inputs: a Loop's body reads the data from the enclosing graph too
+            if (n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")) and not all(not name or name in shape_only for name in node_inputs(n))]
 
 
 def _shape_only_tensors(model: onnx.ModelProto) -> set[str]:
