@@ -290,7 +290,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--model", "-m", default=None, help="Export artifact folder, .onnx file, or zoo name (or the models of a matrix file given with -c).")
 @click.option("--targets", "--target", "targets", required=True, help="Comma-separated target names (see `enginekit targets`).")
 @click.option("--precisions", "--precision", "precisions", default="fp32", show_default=True, help="Comma-separated: fp32, bf16, fp16, int8.")
-@click.option("--tflite-io", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True, help="Input/output type of int8 .tflite files.")
+@click.option("--tflite-io", type=click.Choice(["float32", "int8", "uint8"]), default=None,
+              help="Input/output type of int8 .tflite files. Default: float32 (the file quantizes its input and dequantizes "
+                   "its outputs itself); int8/uint8 for callers whose data is already integer.")
 @click.option("--tflite-output-bits", type=click.Choice(["8", "16"]), default=None,
               help="16: the ops computing an int8 .tflite's outputs run with int16 activations (16x8) and the outputs are int16 "
                    "(no ties between close logits); 8: int8 outputs. Default: the target's (see README).")
@@ -337,7 +339,7 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, table, cali
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     target_options = {"tensorrt": {"profile": parse_dim_ranges(profiles), "workspace_mb": workspace_mb, "builder": tensorrt_builder},
-                      "tflite": {"io": tflite_io, **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {})}}
+                      "tflite": {**({"io": tflite_io} if tflite_io else {}), **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {})}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,

@@ -63,15 +63,41 @@ def test_int8_flatbuffer_is_full_integer(int8_builds, model):
         assert op["inputs"][0] == "int8" and op["outputs"] == ["int8"], op
         if len(op["inputs"]) > 2 and op["op"] != "ADD":
             assert op["inputs"][1:] == ["int8", "int32"], op  # int8 weights, int32 bias
+    # float I/O (the default): the file's first op quantizes the input, its last dequantizes the output
+    assert (ops[0]["op"], ops[0]["outputs"], ops[-1]["op"], ops[-1]["inputs"]) == ("QUANTIZE", ["int8"], "DEQUANTIZE", ["int8"]), ops
     float_ops = _float_ops(flatbuffer)
+    assert float_ops[:1] == ["QUANTIZE"] and float_ops[-1:] == ["DEQUANTIZE"], float_ops
     if model == "digits_keras":
-        assert set(float_ops) <= SHAPE_ONLY_FLOAT_OPS, float_ops
+        assert set(float_ops[1:-1]) <= SHAPE_ONLY_FLOAT_OPS, float_ops
     else:
-        assert float_ops == [], float_ops
+        assert float_ops[1:-1] == [], float_ops
+    io = manifest["tflite"]["io"]
+    assert {p["dtype"] for p in io.values()} == {"float32"}
+    assert manifest["tflite"]["types"]["float32_compute_ops"] == []
+
+
+def test_int8_io_option_leaves_no_float_op(int8_builds):
+    folder, manifest = int8_builds("digits_cnn", tflite_io="int8")
+    assert _float_ops((folder / MODEL_FILE).read_bytes()) == []
     io = manifest["tflite"]["io"]
     assert {p["dtype"] for p in io.values()} == {"int8"}
     assert all(p["scale"] > 0 and -128 <= p["zero_point"] <= 127 for p in io.values())
-    assert manifest["tflite"]["types"]["float32_compute_ops"] == []
+    metrics = manifest["accuracy"]["metrics"]
+    assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.01
+
+
+def test_float_io_quantizes_inside_the_file_as_the_int8_io_runner_does(int8_builds):
+    """The same calibration, two I/O types: the float-I/O file's QUANTIZE takes the int8 input's
+    own scale and zero point, so both files compute the same integers (outputs equal within one
+    output step: a rounding tie may break differently in C++ and numpy)."""
+    int8_folder, int8_manifest = int8_builds("digits_cnn", tflite_io="int8")
+    float_folder, _ = int8_builds("digits_cnn")
+    feeds = {"image": np.random.default_rng(1).random((16, 1, 8, 8), dtype=np.float32)}
+    by_int8_io = TfliteRunner((int8_folder / MODEL_FILE).read_bytes(), threads=1).infer(feeds)["logits"]
+    by_float_io = TfliteRunner((float_folder / MODEL_FILE).read_bytes(), threads=1).infer(feeds)["logits"]
+    step = int8_manifest["tflite"]["io"]["logits"]["scale"]
+    assert np.abs(by_int8_io - by_float_io).max() <= step * 1.01
+    assert np.mean(by_int8_io == by_float_io) > 0.9
 
 
 @pytest.mark.parametrize("model", ["digits_cnn", "digits_keras"])
@@ -153,7 +179,7 @@ def test_int8_weights_are_the_integers_of_the_qdq_hub(int8_builds, tmp_path):
 
 
 def test_runner_uses_manifest_io_parameters(int8_builds, tmp_path):
-    folder, manifest = int8_builds("digits_cnn")
+    folder, manifest = int8_builds("digits_cnn", tflite_io="int8")
     io = json.loads(json.dumps(manifest["tflite"]["io"]))
     runner = TfliteRunner((folder / MODEL_FILE).read_bytes(), threads=1, io=io)
     feeds = {"image": np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)}

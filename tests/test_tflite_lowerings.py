@@ -569,7 +569,7 @@ def test_int16_outputs_with_uint8_io_are_refused_in_one_line():
 
     model = _classifier_head()
     float_model = convert_function(to_tf_function(model, "head.onnx", integer=True), "head.onnx")
-    with pytest.raises(InputError, match="int16 outputs .* need io 'int8'"):
+    with pytest.raises(InputError, match="int16 outputs .* need io 'float32' or 'int8'"):
         quantize_int8(float_model, {}, "uint8", output_bits=16)
 
 
@@ -583,7 +583,7 @@ def test_an_unbuildable_tflite_option_is_refused_before_any_calibration(run_cli,
     monkeypatch.setattr(ModelSession, "table", calibrated)
     result = run_cli("build", "--model", "digits_cnn", "--targets", "onnxruntime,tflite", "--precisions", "int8",
                      "--tflite-io", "uint8", "--tflite-output-bits", "16", "-o", tmp_path / "out")
-    assert result.code == 2 and "need io 'int8'" in result.error_line and "--tflite-io" in result.error_line, result.err
+    assert result.code == 2 and "need io 'float32' or 'int8'" in result.error_line and "--tflite-io" in result.error_line, result.err
     assert not (tmp_path / "out").exists()
 
 

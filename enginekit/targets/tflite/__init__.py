@@ -18,6 +18,7 @@ import onnx
 
 from enginekit.core.machine import toolchain
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
+from enginekit.targets.tflite.convert import IO_TYPES
 from enginekit.targets.tflite.hub_float import JUDGE_BATCH, JUDGE_SAMPLES
 from enginekit.targets.tflite.ranges import MEASURED_SAMPLES
 from enginekit.targets.tflite.runner import MODEL_FILE, TfliteRunner, io_parameters
@@ -27,7 +28,7 @@ __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer"]
 
 
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
-                     feeds=None, more_feeds: Iterable = (), io_type: str = "int8", owner: Any = None,
+                     feeds=None, more_feeds: Iterable = (), io_type: str = IO_TYPES[0], owner: Any = None,
                      float_layers: Sequence[str] = (), output_bits: int = 8, hub_quantized: Collection[str] | None = None,
                      judge_samples: Iterable = (), threads: int | None = None,
                      smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -109,9 +110,10 @@ class TfliteTarget(Target):
     serving = Serving((MODEL_FILE,), ovms=True)  # Triton has no TFLite backend
     encoding = "mixed"  # its bias correction is that of the "mixed" Q/DQ graph (shared with OpenVINO)
     float_layers = True  # full-integer but for the layers a build keeps float (float_layers.py)
-    # io: int8 .tflite input/output type, "int8" or "uint8"; output_bits: 16 runs the ops computing
-    # the outputs with int16 activations (16x8) and gives int16 outputs (OUTPUT_BITS), 8 keeps them int8
-    option_defaults = {"io": "int8", "output_bits": 8}
+    # io: int8 .tflite input/output type, one of IO_TYPES (float32: QUANTIZE/DEQUANTIZE inside the
+    # flatbuffer); output_bits: 16 runs the ops computing the outputs with int16 activations (16x8)
+    # and gives int16 outputs, 8 keeps them int8
+    option_defaults = {"io": IO_TYPES[0], "output_bits": 8}
 
     def unavailable(self, precision: str) -> str | None:
         return unavailable_reason()

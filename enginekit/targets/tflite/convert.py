@@ -4,8 +4,15 @@ ai-edge-quantizer with OUR activation ranges.
 Why ai-edge-quantizer for int8: the TFLite converter's own int8 path calibrates with its silent
 min-max; ai-edge-quantizer (Google's maintained LiteRT quantizer, public API) takes a range per
 tensor from the caller, quantizes weights symmetric per channel, biases int32 at input x weight
-scale, and keeps int8 input and output. So the flatbuffer carries exactly the ranges of the
-user's CalibrationTable (matched onto TFLite tensors by value, see ranges.py).
+scale. So the flatbuffer carries exactly the ranges of the user's CalibrationTable (matched onto
+TFLite tensors by value, see ranges.py).
+
+Input and output stay float32 by default (IO_TYPES): a QUANTIZE op inside the flatbuffer scales
+the input, a DEQUANTIZE the output, at C++ speed. With int8 I/O every caller quantizes in its own
+code; in Python (numpy) that cost silero-vad's int8 run 14 us of 58 us, and its int8 artifact was
+slower than FP32 (0.88x) where the float-I/O one is faster (1.14x, interleaved, same weights).
+int8 or uint8 I/O remain for pipelines whose data is already integer (microcontrollers, uint8
+camera frames).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from enginekit.core.errors import InputError, MissingDependencyError
 from enginekit.core.quiet import quiet_stderr
 from enginekit.core.tf_support import require_tensorflow
 
-IO_TYPES = ("int8", "uint8")
+IO_TYPES = ("float32", "int8", "uint8")  # the first is the default
 # Ops that move or select data: they may stay float-free by construction, so they are not
 # counted as compute when listing what runs in float.
 DATA_MOVEMENT_OPS = {"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "CONCATENATION", "GATHER",
@@ -141,7 +148,7 @@ def _converter_problem(text: str) -> str:
     return " ".join((lines[0] if lines else text).split())[:300]
 
 
-def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io_type: str = "int8",
+def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io_type: str = IO_TYPES[0],
                   float_ops: Sequence[str] = (), output_bits: int = 8) -> bytes:
     """Full-integer int8 flatbuffer: every activation takes the given (low, high); the ops that
     write `float_ops` (tensor names) stay float, between a DEQUANTIZE and a QUANTIZE.
@@ -169,6 +176,10 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
             from ai_edge_quantizer import qtyping
             from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
+            if io_type in ("uint8", "float32"):  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
+                # int16 outputs stay int16: with a float output, the quantizer left the op computing it float
+                for operation in (qtyping.TFLOperationName.INPUT, *([qtyping.TFLOperationName.OUTPUT] if output_bits == 8 else [])):
+                    engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
             if output_bits == 16:
                 wide = _int16_activations(qtyping)
                 for tensor in wide_ops:  # the graph output among them is int16 too (OUTPUT)
@@ -177,9 +188,6 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
             for regex in _scopes(float_ops):
                 engine.update_quantization_recipe(regex=regex, operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                                   algorithm_key=AlgorithmName.NO_QUANTIZE)
-            if io_type == "uint8":  # float I/O first (QUANTIZE in, DEQUANTIZE out), which TF's io rewriter turns uint8
-                for operation in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
-                    engine.update_quantization_recipe(regex=".*", operation_name=operation, algorithm_key=AlgorithmName.NO_QUANTIZE)
             with contextlib.redirect_stderr(io.StringIO()), quiet_stderr():  # its tqdm bar ignores enable_progress_report; LiteRT's INFO lines
                 result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
@@ -197,7 +205,7 @@ def check_io(io_type: str, output_bits: int) -> None:
     if output_bits not in (8, 16):
         raise InputError(f"tflite output_bits must be 8 or 16, not {output_bits!r}", option="tflite_output_bits")
     if output_bits == 16 and io_type == "uint8":
-        raise InputError("tflite int16 outputs (output_bits 16) need io 'int8': uint8 I/O requantizes the outputs to 8 bits",
+        raise InputError("tflite int16 outputs (output_bits 16) need io 'float32' or 'int8': uint8 I/O requantizes the outputs to 8 bits",
                          option="tflite_io")
 
 
