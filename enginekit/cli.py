@@ -362,7 +362,7 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, table, cali
     rows = []
     for cell in cells:
         if cell.skipped or cell.failed:
-            rows.append([cell.target, cell.precision, "skipped" if cell.skipped else "FAILED", cell.skipped or cell.failed])
+            rows.append([cell.target, cell.precision, "skipped" if cell.skipped else "FAILED", cell.skipped or _hinted(cell.failed, cell.option, "build")])
             continue
         cached = " (cache hit)" if cell.result.cache_hit else ""
         rows.append([cell.target, cell.precision, f"{cell.folder}{cached}", _accuracy_cell(cell.manifest)])
@@ -678,12 +678,16 @@ def _safe_name(model: str) -> str:
 
 def _message(exc: EnginekitError, argv: list[str]) -> str:
     """The error's own line, plus the flag that fixes it where the error names a setting."""
-    command = next((a for a in argv if not a.startswith("-")), "")
-    flag = {**_FLAGS, **_COMMAND_FLAGS.get(command, {})}.get(exc.option or "")
+    return _hinted(str(exc), exc.option, next((a for a in argv if not a.startswith("-")), ""))
+
+
+def _hinted(line: str, option: str | None, command: str) -> str:
+    """`line` plus the flag of `command` that sets `option`, where it has one."""
+    flag = {**_FLAGS, **_COMMAND_FLAGS.get(command, {})}.get(option or "")
     known = cli.commands.get(command)
     if flag and known is not None and not any(flag in param.opts for param in known.params):
         flag = None  # a setting this command does not take (build has no --skip-nonfinite): no flag to point at
-    return f"{exc} (see {flag})" if flag and flag not in str(exc) else str(exc)
+    return f"{line} (see {flag})" if flag and flag not in line else line
 
 
 def main(argv: list[str] | None = None) -> None:

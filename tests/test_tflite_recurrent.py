@@ -203,3 +203,16 @@ def test_a_sequence_length_tensorflow_lost_is_restored_from_onnx_shape_inference
 def test_a_plain_rnn_lowers_and_matches_onnxruntime(direction, initial):
     _assert_float_matches_onnxruntime(_recurrent_model("RNN", direction, initial=initial))
     _assert_float_matches_onnxruntime(_recurrent_model("RNN", direction, initial=initial, activations=["Relu"] * (2 if direction == "bidirectional" else 1)), layout=1)
+
+
+def test_in_a_several_cell_table_a_cell_refused_for_a_symbolic_dim_names_the_flag_that_fixes_it(run_cli, tmp_path):
+    """The refusal comes from inside the TFLite cell's lowering; its table row ends with the flag,
+    as the error line of a one-cell build does (the table dropped it: the row kept only the text)."""
+    model = _recurrent_model("LSTM", steps="time")
+    onnx.save(model, tmp_path / "rnn.onnx")
+    np.savez(tmp_path / "eval.npz", x=RNG.normal(0, 1, (STEPS, BATCH, FEATURES)).astype(np.float32))
+    result = run_cli("build", "--model", tmp_path / "rnn.onnx", "--eval-data", tmp_path / "eval.npz", "--targets", "onnxruntime,tflite",
+                     "--precisions", "fp32", "--no-bench", "-o", tmp_path / "out")
+    rows = {line.split("|")[1].strip(): line for line in result.out.splitlines() if line.startswith("| ")}
+    assert "FAILED" in rows["tflite"] and "symbolic" in rows["tflite"] and rows["tflite"].rstrip(" |").endswith("(see --input-shape)"), rows
+    assert "FAILED" not in rows["onnxruntime"] and result.code != 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from enginekit.builder.options import BuildOptions
-from enginekit.builder.pipeline import TABLE_FILE, BuildResult, Cell, auto_fallback_search, build_cell, cached_artifact, cell_key, int8_pair
+from enginekit.builder.pipeline import TABLE_FILE, BuildResult, Cell, auto_fallback_search, failed_cell, build_cell, cached_artifact, cell_key, int8_pair
 from enginekit.builder.session import ModelSession, SessionState
 from enginekit.core.errors import EnginekitError, InputError, naming
 from enginekit.core.executor import Executor, Task, get_executor
@@ -218,18 +218,18 @@ def prepare_model(model: MatrixModel, cells: list[tuple[str, str, str]], root: s
         for target_name, precision, folder in cells:
             target = get_target(target_name)
             problem = target.preflight(session.fp32, precision)
-            if problem:
-                prepared.settled[(target.name, precision)] = Cell(target.name, precision, failed=problem, exit_code=2)
+            if problem is not None:
+                prepared.settled[(target.name, precision)] = failed_cell(target.name, precision, problem)
             else:
                 pending.append((target, precision, Path(folder)))
         int8_targets = [t for t, p, _ in pending if p == "int8"]
         session.int8_pairs = {int8_pair(t, session.options) for t in int8_targets} or session.int8_pairs
         problem, failing = auto_fallback_search(session, int8_targets, parse_conditions(session.options.min_accuracy))
         if problem is not None:
-            message = str(naming(problem, session.fp32.origin))
+            named = naming(problem, session.fp32.origin)
             for target, precision, _ in pending:
                 if precision == "int8" and int8_pair(target, session.options) in failing:
-                    prepared.settled[(target.name, precision)] = Cell(target.name, precision, failed=message, exit_code=problem.exit_code)
+                    prepared.settled[(target.name, precision)] = failed_cell(target.name, precision, named)
         for target, precision, folder in pending:
             if (target.name, precision) in prepared.settled:
                 continue
@@ -270,7 +270,7 @@ def build_matrix_cell(model: MatrixModel, target_name: str, precision: str, fold
         cell.result = build_cell(session, target, precision, Path(folder), parse_conditions(session.options.min_accuracy))
         cell.folder = cell.result.folder
     except EnginekitError as exc:
-        cell.failed, cell.exit_code = str(naming(exc, model.model)), exc.exit_code
+        cell.fail(naming(exc, model.model))
     return cell
 
 

@@ -64,11 +64,21 @@ class Cell:
     skipped: str | None = None
     failed: str | None = None
     exit_code: int = 0  # of the failure: 1 a gate, 2 an input the target cannot use
+    option: str | None = None  # of the failure: the setting that fixes it (EnginekitError.option)
     profile: dict[str, Any] | None = None  # where the whole build's time went (core.profile), shared by its cells
 
     @property
     def manifest(self) -> Manifest | None:
         return self.result.manifest if self.result else None
+
+    def fail(self, problem: EnginekitError) -> None:
+        self.failed, self.exit_code, self.option = str(problem), problem.exit_code, problem.option
+
+
+def failed_cell(target: str, precision: str, problem: EnginekitError) -> Cell:
+    cell = Cell(target, precision)
+    cell.fail(problem)
+    return cell
 
 
 def _inputs(model: str | Path, options: BuildOptions) -> list[Any]:
@@ -325,8 +335,9 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
     for cell in plan.runnable:  # what the options or the graph alone rule out, before any calibration
         target = get_target(cell.target)
         target.options(options.target_options.get(target.name))  # a value it cannot build with: one line, nothing built
-        cell.failed = target.preflight(session.fp32, cell.precision)
-        cell.exit_code = 2 if cell.failed else 0
+        problem = target.preflight(session.fp32, cell.precision)
+        if problem is not None:
+            cell.fail(problem)
     pending = [cell for cell in plan.runnable if not cell.failed]
     if pending:  # every cell is judged on it: missing (a model from outside the zoo, no eval data) is one line before any work, not a failure per cell
         session.evaluation()
@@ -335,7 +346,7 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
     problem, failing = auto_fallback_search(session, int8_targets, conditions)
     if problem is not None:  # the INT8 cells of the encodings below the gate fail with the search's best; the others build all-INT8
         for cell in (c for c in pending if c.precision == "int8" and int8_pair(get_target(c.target), options) in failing):
-            cell.failed, cell.exit_code = str(naming(problem, session.fp32.origin)), problem.exit_code
+            cell.fail(naming(problem, session.fp32.origin))
         pending = [cell for cell in pending if not cell.failed]
     for index, cell in enumerate(pending, 1):
         target = get_target(cell.target)
@@ -344,7 +355,8 @@ def _build_many(model: str | Path, targets: list[str], precisions: list[str], ou
         try:
             cell.result = build_cell(session, target, cell.precision, cell.folder, conditions)
         except EnginekitError as exc:  # this cell failed; the others are still built
-            cell.folder, cell.failed, cell.exit_code = None, str(naming(exc, session.fp32.origin)), exc.exit_code
+            cell.folder = None
+            cell.fail(naming(exc, session.fp32.origin))
         except Exception as exc:  # a bug or an unforeseen runtime failure in this cell: the others are still built and reported
             if debugging() or stop_requested():
                 raise

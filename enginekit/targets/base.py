@@ -186,9 +186,11 @@ class Target:
         """Raise an InputError for an option value this target cannot build with (checked before
         any calibration, as `options` resolves them)."""
 
-    def preflight(self, fp32: "Fp32Model", precision: str) -> str | None:
+    def preflight(self, fp32: "Fp32Model", precision: str) -> InputError | None:
         """Why this target cannot build this model at all (an op it cannot convert, ...), found
-        from the graph alone, before any calibration; None when nothing is known against it."""
+        from the graph alone, before any calibration; None when nothing is known against it. An
+        error, not raised: the model's other cells are still built, and its `option` names the
+        setting that fixes it (the CLI's flag in the table row)."""
         return None
 
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:

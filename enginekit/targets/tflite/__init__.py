@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from enginekit.core.errors import InputError
 from enginekit.core.machine import toolchain
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 from enginekit.targets.tflite.convert import IO_TYPES
@@ -123,17 +124,16 @@ class TfliteTarget(Target):
 
         check_io(options["io"], options["output_bits"])
 
-    def preflight(self, fp32, precision: str) -> str | None:
+    def preflight(self, fp32, precision: str) -> InputError | None:
         """ONNX sources are lowered op by op: an op without a lowering is known before any work."""
         if _from_keras(fp32):
             return None
-        from enginekit.core.errors import InputError
         from enginekit.targets.tflite.lowering import check_lowerable
 
         try:
             check_lowerable(fp32.proto, fp32.origin)
         except InputError as exc:
-            return str(exc)
+            return exc
         return None
 
     def key_material(self, options: Mapping[str, Any]) -> dict[str, Any]:
