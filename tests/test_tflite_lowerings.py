@@ -923,3 +923,23 @@ def test_reverse_sequence_lowers_and_a_loop_reading_the_data_is_refused_before_a
                               [_const("trips", np.array(3, np.int64)), _const("zeros", np.zeros((2, 4), np.float32))])
     with pytest.raises(InputError, match=r"cannot lower op Loop \(node while_loop\)"):
         check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "looped.onnx")
+
+
+def test_an_op_after_a_loop_reading_the_data_is_refused_up_front_too():
+    """The Loop's outputs depend on the data its body reads from the enclosing graph: an op the
+    lowering lacks after it is named in the same up-front refusal, not counted as a shape
+    computation (the shape-only scan read a node's explicit inputs only)."""
+    from enginekit.core.errors import InputError
+    from enginekit.targets.tflite.lowering import check_lowerable
+
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["state", "x"], ["next"])],
+                             "body", [helper.make_tensor_value_info(n, t, s) for n, t, s in
+                                      (("i", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, []), ("state", TensorProto.FLOAT, [2, 4]))],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("next", TensorProto.FLOAT, [2, 4])])
+    nodes = [helper.make_node("Loop", ["trips", "", "zeros"], ["looped"], name="while_loop", body=body),
+             helper.make_node("Einsum", ["looped"], ["y"], name="transpose_by_einsum", equation="ij->ji")]
+    graph = helper.make_graph(nodes, "looped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])],
+                              [_const("trips", np.array(3, np.int64)), _const("zeros", np.zeros((2, 4), np.float32))])
+    with pytest.raises(InputError, match=r"cannot lower ops Einsum, Loop \(nodes while_loop, transpose_by_einsum\)"):
+        check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "looped.onnx")

@@ -956,7 +956,7 @@ def _shape_only_tensors(model: onnx.ModelProto) -> set[str]:
     with ScatterND)."""
     found = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Shape" or all(not name or name in found for name in node.input):
+        if node.op_type == "Shape" or all(name in found for name in node_inputs(node)):  # a Loop's body reads the enclosing graph
             found.update(node.output)
     return found
 
