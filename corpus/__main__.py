@@ -60,7 +60,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, 
         manifest = outcome.manifest
         cell.update(status="built", accuracy=headline(manifest["accuracy"]["metrics"]), integer_share=manifest.get("integer_share"),
                     calibration=(manifest.get("calibration") or {}).get("method"),
-                    float_layers=(manifest.get("fallback") or {}).get("float_layers", []),
+                    float_layers=(manifest.get("fallback") or {}).get("float_layers", []), float_ops=float_ops(manifest),
                     outputs={name: {k: v for k, v in m.items()} for name, m in manifest["accuracy"]["metrics"].get("outputs", {}).items()})
         folders.append((cell, outcome.folder))
     if bench and folders:
@@ -90,6 +90,37 @@ def short_reason(cell: dict[str, Any], width: int = 230) -> str:
     return reason if len(reason) <= width else reason[: width - 3] + "..."
 
 
+def _counts(ops: dict[str, int], most: int = 4) -> str:
+    listed = sorted(ops.items(), key=lambda item: -item[1])
+    return ", ".join(f"{op} x{count}" for op, count in listed[:most]) + (" ..." if len(listed) > most else "")
+
+
+def float_ops(manifest: dict[str, Any]) -> str:
+    """What an INT8 cell computes in float, with the reason its build recorded: the matrix says
+    why a cell is not all-integer instead of leaving a share below 100 % unexplained."""
+    from collections import Counter
+
+    if manifest.get("precision") != "int8":
+        return ""
+    tflite = manifest.get("tflite")
+    if tflite:
+        ops = Counter((tflite.get("types") or {}).get("float32_compute_ops") or [])
+        delegate = (tflite.get("float_for_xnnpack") or {})
+        for_xnnpack = Counter(delegate.get("ops") or {}) if delegate.get("chosen") else Counter()
+        rest = ops - for_xnnpack
+        parts = [f"{_counts(for_xnnpack)} (XNNPACK runs only their float kernel)"] if for_xnnpack else []
+        if rest:
+            hub = (tflite.get("hub_float_ops") or {}).get("chosen")
+            parts.append(f"{_counts(rest)} ({'float as in the Q/DQ hub: more accurate on LiteRT' if hub else 'no int8 kernel'})")
+        return "; ".join(parts)
+    islands = (manifest.get("integer_ops") or {}).get("float_islands")
+    if islands:
+        return f"{_counts(islands)} (float between integer ops in ONNX Runtime)"
+    executed = (manifest.get("openvino") or {}).get("executed") or {}
+    f32 = {p: n for p, n in (executed.get("by_precision") or {}).items() if not p.startswith(("u8", "i8", "u4", "i4"))}
+    return f"{_counts(f32)} layers (OpenVINO's executed precisions)" if f32 else ""
+
+
 def markdown(cells: list[dict[str, Any]]) -> str:
     from enginekit.core.console import markdown_table
 
@@ -102,6 +133,8 @@ def markdown(cells: list[dict[str, Any]]) -> str:
         share = f"{share:.0%}" if isinstance(share, (int, float)) else "-"
         if cell.get("float_layers"):  # kept float by --auto-fallback: say so and which
             share += f" ({len(cell['float_layers'])} float by fallback: {', '.join(cell['float_layers'][:3])}{' ...' if len(cell['float_layers']) > 3 else ''})"
+        if cell.get("float_ops"):
+            share += f"; float: {cell['float_ops']}"
         accuracy = cell["accuracy"] + (f" [{cell['calibration']}]" if cell.get("calibration") else "")  # INT8: the ranges' method
         rows.append([cell["model"], cell["target"], cell["precision"], "built", accuracy,
                      f"{cell['speedup']:.2f}x" if cell.get("speedup") else "-", share,

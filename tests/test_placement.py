@@ -69,6 +69,34 @@ def test_output_placement_makes_every_conv_an_integer_kernel_in_onnxruntime(tmp_
     assert "y" not in {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}  # graph outputs stay float
 
 
+def test_a_residual_add_followed_by_a_relu_is_an_integer_add_in_onnx_runtime(tmp_path):
+    """A ResNet block ends Add(branch, shortcut) -> Relu, read by the next block's Conv and by its
+    Add: the Add sits inside the integer region through the Relu. It was left float (the region
+    test did not look through the Relu): Keras ResNet50 ran 16 float Adds and Relus between
+    QLinearConvs in ONNX Runtime, and the next block's Add read the float Relu."""
+    inits: list = []
+    nodes = [_conv("stem", "x", "s", 4, inits), helper.make_node("Relu", ["s"], ["r0"], name="stem_relu"),
+             _conv("branch1", "r0", "b1", 4, inits), helper.make_node("Relu", ["b1"], ["rb1"], name="branch_relu"),
+             _conv("branch2", "rb1", "b2", 4, inits), helper.make_node("Add", ["b2", "r0"], ["sum"], name="residual"),
+             helper.make_node("Relu", ["sum"], ["out"], name="block_relu"),
+             _conv("next_branch", "out", "n1", 4, inits), helper.make_node("Add", ["n1", "out"], ["sum2"], name="residual2"),
+             helper.make_node("Relu", ["sum2"], ["out2"], name="block2_relu"), _conv("head", "out2", "y", 4, inits)]
+    graph = helper.make_graph(nodes, "resnet_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert {"residual", "residual2"} <= set(plan_quantization(model, placement="outputs").nodes)
+    report, qdq = _ort_report(model, "outputs", tmp_path)
+    ops = report["optimized_op_types"]
+    assert ops.get("QLinearAdd", 0) == 2 and "Add" not in ops and "Relu" not in ops, ops
+    assert report["float_islands"] == {"Conv": 1}, report  # only the head, whose output is the graph's (float)
+    assert [n.op_type for n in qdq.graph.node if "out" in n.input] == ["QuantizeLinear"]  # both readers read the DQ
+    feeds = {"x": RNG.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)}
+    from enginekit.onnx.session import Session
+
+    reference, quantized = Session(model).run(feeds)["y"], Session(qdq, exact_qdq=False).run(feeds)["y"]
+    assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.99
+
+
 def test_onnx_runtime_gets_convs_with_input_channels_padded_to_its_kernels_alignment_and_the_same_outputs(tmp_path):
     """A 3-channel Conv (an image model's first layer) takes MLAS's generic im2col path; padded to 4
     channels (zero weights, the activation padded with its zero point) it runs in the symmetric

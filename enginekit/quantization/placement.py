@@ -154,8 +154,8 @@ def plan_quantization(
         elif node.op_type in POOL_OPS:
             if not feeds_compute(node.output[0]):
                 continue
-        elif node.op_type == "Add":
-            if len(activation_inputs) != 2 or not feeds_compute(node.output[0]):
+        elif node.op_type == "Add":  # a ResNet's Add -> Relu -> Conv is inside the region as much as MobileNet's Add -> Conv
+            if len(activation_inputs) != 2 or not feeds_compute(node.output[0], through=frozenset(_FUSED_ACTIVATIONS)):
                 continue
         else:
             continue
