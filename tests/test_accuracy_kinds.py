@@ -28,6 +28,10 @@ def test_kinds_are_inferred_from_shape_values_and_names():
     assert infer_kind("out", ctc / ctc.sum(axis=2, keepdims=True)) == "sequence"
     assert infer_kind("last_hidden_state", RNG.standard_normal((2, 40, 30))) == "embedding"
     assert infer_kind("score", RNG.standard_normal((8, 1))) == "generic"
+    # a "pred" in a regression head's name does not make it class scores (YOLOS, depth models)
+    assert infer_kind("pred_boxes", RNG.random((2, 10, 4))) == "generic"
+    assert infer_kind("predicted_depth", RNG.random((2, 16, 16))) == "generic"
+    assert infer_kind("pred_logits", RNG.standard_normal((2, 10, 5))) == "sequence"
 
 
 

@@ -32,6 +32,9 @@ from enginekit.core.tensors import Feeds, batch_size, join, take
 KINDS = ("classification", "embedding", "dense", "sequence", "labels", "generic")
 _CLASSIFICATION_NAMES = re.compile(r"logit|prob|score|class|cls|pred|softmax", re.I)
 _EMBEDDING_NAMES = re.compile(r"embed|pool|hidden|feature|sentence|vector|encod", re.I)
+# quantities a head regresses (YOLOS's pred_boxes, a depth model's predicted_depth): a "pred" in
+# the name does not make them class scores, and an arg-max over box coordinates means nothing
+_REGRESSION_NAMES = re.compile(r"box|coord|depth|offset|regress|landmark|keypoint|disparit|flow", re.I)
 NEAR_EMPTY = 1e-3  # a sample whose energy is below this share of the mean sample's is "near empty"
 
 
@@ -71,7 +74,7 @@ def infer_kind(name: str, reference: np.ndarray) -> str:
     rows = ref.reshape(-1, ref.shape[-1])
     probabilities = bool(np.all(rows >= -1e-6) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3)) or log_probabilities(ref)
     unit_norm = bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3))
-    if probabilities or (_CLASSIFICATION_NAMES.search(name) and not _EMBEDDING_NAMES.search(name)):
+    if probabilities or (_CLASSIFICATION_NAMES.search(name) and not _EMBEDDING_NAMES.search(name) and not _REGRESSION_NAMES.search(name)):
         return "classification" if ref.ndim == 2 else "sequence"
     if unit_norm or _EMBEDDING_NAMES.search(name):
         return "embedding"
