@@ -104,6 +104,66 @@ def test_a_static_copy_the_plugin_refuses_leaves_the_dynamic_model_serving(digit
     assert runner.infer(feeds)["logits"].shape == (2, 10)
     assert runner.compiled_for(feeds)[0] is runner.compiled
 
+def _mish_chain_onnx(path) -> None:
+    """MatMul -> Add -> Softplus -> Tanh -> Mul (a decomposed Mish, which the CPU plugin fuses)
+    -> MatMul -> Add -> Softplus: OpenVINO 2026.4's snippets generator fails on it ("Supported
+    precisions set is not available for Mish operation"; a PyTorch nn.Mish exports this chain)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+               for name, scale, shape in (("w", 0.3, (8, 64)), ("b", 0.1, (64,)), ("w2", 0.3, (64, 64)), ("b2", 0.1, (64,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["a"]),
+             helper.make_node("Softplus", ["a"], ["sp"]), helper.make_node("Tanh", ["sp"], ["t"]), helper.make_node("Mul", ["a", "t"], ["mish"]),
+             helper.make_node("MatMul", ["mish", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
+             helper.make_node("Softplus", ["a2"], ["y"])]
+    graph = helper.make_graph(nodes, "mish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_a_graph_the_plugins_snippets_cannot_compile_runs_with_snippets_off(tmp_path):
+    """The OpenVINO cell of such a model failed as "cannot load this IR (corrupt or mismatched
+    .xml/.bin?)", naming a staging path, its reason cut off. A compile failure is retried with
+    SNIPPETS_MODE=DISABLE (kept in the runner's config, which the manifest records)."""
+    from enginekit.onnx.session import Session
+
+    _mish_chain_onnx(tmp_path / "mish.onnx")
+    ov_target.convert(tmp_path / "mish.onnx", "fp32", tmp_path / "ir")
+    runner = ov_target.OpenVinoRunner(tmp_path / "ir", "fp32", threads=1)
+    feeds = {"x": np.random.default_rng(1).normal(0, 1, (4, 8)).astype(np.float32)}
+    np.testing.assert_allclose(runner.infer(feeds)["y"], Session(str(tmp_path / "mish.onnx")).run(feeds)["y"], rtol=1e-4, atol=1e-5)
+    print("compiled with", runner.config)
+
+
+def test_a_compile_failure_is_retried_without_snippets_and_else_reported_with_openvinos_reason(digits_builds, monkeypatch):
+    folder, _ = digits_builds["fp32"]
+    seen = []
+    real = ov.Core.compile_model
+
+    def snippets_fail(core, model, device, config):
+        seen.append(dict(config))
+        if config.get("SNIPPETS_MODE") != "DISABLE":
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\nCheck 'jitter != jitters.end()' failed at "
+                               "src/common/snippets/src/lowered/target_machine.cpp:31:\nSupported precisions set is not available for Mish operation.")
+        return real(core, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", snippets_fail)
+    runner = ov_target.OpenVinoRunner(folder, "fp32", threads=1)
+    assert runner.config["SNIPPETS_MODE"] == "DISABLE" and len(seen) == 2
+    assert runner.infer({"image": np.ones((1, 1, 8, 8), np.float32)})["logits"].shape == (1, 10)
+
+    def always_fail(core, model, device, config):
+        raise RuntimeError("Exception from src/plugins/intel_cpu/src/graph.cpp:42:\nNode X has an unsupported layout")
+
+    monkeypatch.setattr(ov.Core, "compile_model", always_fail)
+    from enginekit.core.errors import InputError
+
+    with pytest.raises(InputError) as failed:
+        ov_target.OpenVinoRunner(folder, "fp32")
+    assert str(failed.value) == "OpenVINO's CPU plugin cannot compile the model: Node X has an unsupported layout"
+
+
 @pytest.mark.slow
 def test_efficientnet_int8_ir_is_integer_and_accurate(tmp_path):
     manifest = build("efficientnet_lite0", "openvino", "int8", tmp_path / "ov").manifest

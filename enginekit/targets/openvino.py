@@ -9,6 +9,7 @@ an "fp32" IR in bf16 on CPUs that have bf16; BF16 is refused on CPUs without it.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from enginekit.core.machine import toolchain
 from enginekit.core.optional import require
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.targets.base import STREAMS, Built, BuildInputs, Runner, Serving, Target
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 XML, BIN = "model.xml", "model.bin"
@@ -144,6 +147,35 @@ def compile_config(precision: str, hint: str = "LATENCY", streams: int | None = 
     return config
 
 
+def compile_on_cpu(core: Any, model: Any, config: dict[str, str]) -> tuple[Any, dict[str, str]]:
+    """The model compiled for the CPU, and the config that compiled it. When the CPU plugin's
+    "snippets" code generator fails (OpenVINO 2026.4 on a Softplus -> Tanh -> Mul chain it fuses
+    into Mish: "Supported precisions set is not available for Mish operation"), it is compiled
+    again with snippets off, which the plugin documents as a supported mode: the same graph, run
+    by its regular kernels. Any other failure is one line with OpenVINO's reason."""
+    try:
+        return core.compile_model(model, "CPU", config), config
+    except Exception as first:  # noqa: BLE001 - OpenVINO raises its own failure types
+        if config.get("SNIPPETS_MODE") != "DISABLE":
+            retry = {**config, "SNIPPETS_MODE": "DISABLE"}
+            try:
+                compiled = core.compile_model(model, "CPU", retry)
+            except Exception:  # noqa: BLE001 - the first failure is the one to report
+                pass
+            else:
+                logger.info("OpenVINO's CPU plugin failed to compile the model with snippets (%s); compiled with SNIPPETS_MODE=DISABLE",
+                               compile_failure(first))
+                return compiled, retry
+        raise InputError(f"OpenVINO's CPU plugin cannot compile the model: {compile_failure(first)}") from None
+
+
+def compile_failure(exc: Exception) -> str:
+    """OpenVINO's reason without its source-file trail ("Exception from src/...:117:", "Check '...' failed at ...:31:")."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"Exception from \S+?:\d+:\s*", "", text)
+    return re.sub(r"Check '.*?' failed at \S+?:\d+:\s*", "", text)[:300]
+
+
 def executed_precisions(compiled) -> dict[str, Any]:
     """Share of compute layers (Convolution/Deconvolution/MatMul/FullyConnected, recurrent sequences) per executed precision."""
     counts: Counter[str] = Counter()
@@ -190,10 +222,9 @@ class OpenVinoRunner(Runner):
         self.core = ov.Core()
         try:
             self.model = self.core.read_model(str(xml), str(bin_path))
-            self.config = compile_config(precision, hint, streams, threads)
-            self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         except Exception as exc:
             raise InputError(f"OpenVINO cannot load this IR (corrupt or mismatched .xml/.bin?): {' '.join(str(exc).split())[:200]}", xml) from None
+        self.compiled, self.config = compile_on_cpu(self.core, self.model, compile_config(precision, hint, streams, threads))
         self.precision = precision
         self.request = self.compiled.create_infer_request()
         self.inputs = [_spec(p) for p in self.compiled.inputs]
@@ -291,7 +322,7 @@ def _compile_and_run(graph: "onnx.ModelProto", feeds: Feeds) -> dict[str, np.nda
         source = Path(folder) / "model.onnx"
         onnx.save(graph, str(source))
         try:
-            compiled = ov.Core().compile_model(ov.convert_model(str(source)), "CPU", compile_config("int8"))
+            compiled, _ = compile_on_cpu(ov.Core(), ov.convert_model(str(source)), compile_config("int8"))
             results = compiled(dict(feeds))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own failure types
             raise InputError(f"OpenVINO cannot compile or run the probed graph: {' '.join(str(exc).split())[:300]}") from None
