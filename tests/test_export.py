@@ -246,16 +246,16 @@ def test_factory_without_input_shape_is_refused(run_cli, user_package):
     assert_nothing_written(user_package / "out")
 
 
-def _fixed_batch_onnx(path: Path) -> Path:
-    """A batch-1 Conv -> Relu -> GlobalAveragePool -> Flatten graph (it would run at any batch)."""
+def _fixed_batch_onnx(path: Path, batch: int = 1) -> Path:
+    """A fixed-batch Conv -> Relu -> GlobalAveragePool -> Flatten graph (it would run at any batch)."""
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
          helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
-        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], [weight],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -272,6 +272,17 @@ def test_existing_onnx_is_normalized_and_batch_made_dynamic(run_cli, tmp_path):
     assert manifest["parity"]["reference"].startswith("onnxruntime") and manifest["parity"]["passed"]
     assert [c["dims"] for c in manifest["parity"]["cases"]] == [{"batch": 1}, {"batch": 4}]
     assert any("made dynamic" in note for note in manifest["notes"])
+
+
+def test_a_file_fixed_at_batch_4_is_made_dynamic_and_checked_at_batch_1_against_itself(run_cli, tmp_path):
+    """The original runs chunk by chunk at its own batch; a batch-1 parity case was a chunk of one
+    sample, which the original refused ("Got: 1 Expected: 4"), and the export failed."""
+    source = _fixed_batch_onnx(tmp_path / "fixed4.onnx", batch=4)
+    result = run_cli("export", "--model", source, "-o", tmp_path / "normalized")
+    assert result.code == 0, result.err
+    manifest = read_manifest(tmp_path / "normalized")
+    assert manifest["inputs"][0]["shape"] == ["batch", 3, 8, 8] and manifest["parity"]["passed"]
+    assert [c["dims"] for c in manifest["parity"]["cases"]] == [{"batch": 1}, {"batch": 4}]
 
 
 def test_existing_onnx_that_cannot_change_batch_keeps_it(run_cli, tmp_path):

@@ -322,7 +322,9 @@ def _torch_reference(source: Source):
 
 
 def _onnx_reference(source: Source):
-    """The original file in ONNX Runtime; a fixed-batch original runs chunk by chunk."""
+    """The original file in ONNX Runtime; a fixed-batch original runs chunk by chunk, a chunk
+    short of its batch padded with copies of its last sample (the export made the batch dynamic
+    only where samples are independent, so the copies change nothing) and cut back."""
     original = Session(source.onnx_model)
     fixed = original.inputs[0].shape[0] if original.inputs and original.inputs[0].shape else None
 
@@ -333,7 +335,12 @@ def _onnx_reference(source: Source):
         batch = next(iter(feeds.values())).shape[0]
         if not isinstance(fixed, int) or fixed == batch:
             return infer(feeds)
-        chunks = [infer({k: v[i : i + fixed] for k, v in feeds.items()}) for i in range(0, batch, fixed)]
+        chunks = []
+        for start in range(0, batch, fixed):
+            count = min(fixed, batch - start)
+            chunk = {k: v[start : start + count] for k, v in feeds.items()}
+            padded = {k: np.concatenate([v, np.repeat(v[-1:], fixed - count, axis=0)]) for k, v in chunk.items()}
+            chunks.append([value[:count] for value in infer(padded)])
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
     return run
