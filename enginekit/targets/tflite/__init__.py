@@ -81,6 +81,20 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     return model, info
 
 
+def io_notes(io: Mapping[str, Mapping[str, Any]], io_type: str, output_bits: int) -> list[str]:
+    """Where an int8 flatbuffer's input or output type is not the one asked for: the op reading
+    that input or computing that output runs in float (kept float as the Q/DQ hub keeps it, or
+    because XNNPACK runs only its float kernel, such as a 16x8 FULLY_CONNECTED), so there is no
+    integer tensor to give that type to. Said, not silent: a caller feeding uint8 would be wrong."""
+    notes = []
+    for name, parameters in io.items():
+        wanted = "int16" if parameters["role"] == "output" and output_bits == 16 else io_type
+        if parameters["dtype"] == "float32" and wanted != "float32":  # (an int8 output of an elementwise op under 16 bits is by design)
+            op = "reading" if parameters["role"] == "input" else "computing"
+            notes.append(f"{parameters['role']} '{name}' is {parameters['dtype']}, not {wanted}: the op {op} it runs in float")
+    return notes
+
+
 def unavailable_reason() -> str | None:
     """Why .tflite files cannot be built here (TensorFlow's converter or LiteRT absent), or None."""
     from enginekit.core.errors import MissingDependencyError
@@ -176,6 +190,7 @@ class TfliteTarget(Target):
         if delegated.get("chosen"):
             notes.append("kept float where XNNPACK runs only the float op: "
                          + ", ".join(f"{op} x{count}" for op, count in delegated["ops"].items()))
+        notes += io_notes(info["io"], inputs.options["io"], inputs.options["output_bits"]) if int8 else []
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:
             notes.append(f"layers kept float on the other targets but not found in the TFLite graph (they stay int8): {', '.join(missing[:5])}"
