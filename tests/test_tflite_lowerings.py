@@ -668,6 +668,26 @@ def test_sine_and_cosine_lower_and_stay_float_between_integer_ops_in_int8():
     assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], expected) > 0.99
 
 
+@pytest.mark.parametrize("op, attributes", [("Elu", {}), ("Elu", {"alpha": 0.5}), ("Softplus", {}), ("Sign", {})])
+def test_elu_softplus_and_sign_lower_and_match_onnxruntime(op, attributes):
+    """Refused before ("cannot lower ops Einsum, Elu, Softplus", a new user's MLP with ELU and
+    Softplus; DeBERTa-v2's relative positions use Sign). Softplus is written without overflow:
+    the conv outputs reach +-20 here, where exp would not overflow yet, and 100 is checked too."""
+    node = helper.make_node
+    model = _model([node("Mul", ["c", "scale"], ["wide"], name="widen"), node(op, ["wide"], ["y"], name="op", **attributes)],
+                   [_const("scale", np.array(8.0, np.float32))], [1, 4, 16, 16])
+    feeds = _feeds(model)
+    float_model = convert_function(to_tf_function(model, f"{op}.onnx"), f"{op}.onnx")
+    for feed in feeds[:2]:
+        np.testing.assert_allclose(TfliteRunner(float_model).infer(feed)["y"], Session(model).run(feed)["y"], rtol=1e-5, atol=1e-5)
+    if op == "Softplus":
+        big = {"x": np.full((1, 3, 16, 16), 100.0, np.float32)}
+        np.testing.assert_allclose(TfliteRunner(float_model).infer(big)["y"], Session(model).run(big)["y"], rtol=1e-5)
+    for_int8 = convert_function(to_tf_function(model, f"{op}.onnx", integer=True), f"{op}.onnx")
+    int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], Session(model).run(feeds[0])["y"]) > 0.98
+
+
 def test_a_tile_whose_repeats_depend_on_the_batch_lowers_and_runs_at_two_batches():
     """DETR repeats its query embeddings once per sample: Tile(embedding, [batch, 1, 1]) with
     the batch read at run time, which the tflite target refused. It lowers to TILE."""
@@ -943,3 +963,14 @@ def test_an_op_after_a_loop_reading_the_data_is_refused_up_front_too():
                               [_const("trips", np.array(3, np.int64)), _const("zeros", np.zeros((2, 4), np.float32))])
     with pytest.raises(InputError, match=r"cannot lower ops Einsum, Loop \(nodes while_loop, transpose_by_einsum\)"):
         check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "looped.onnx")
+
+
+def test_an_unnamed_node_the_lowering_lacks_is_named_by_the_tensor_it_writes():
+    from enginekit.core.errors import InputError
+    from enginekit.targets.tflite.lowering import check_lowerable
+
+    graph = helper.make_graph([helper.make_node("Einsum", ["x"], ["y"], equation="ij->ji")], "unnamed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])])
+    with pytest.raises(InputError, match=r"cannot lower op Einsum \(node \(unnamed, writing y\)\)"):
+        check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "unnamed.onnx")

@@ -832,6 +832,20 @@ def _pointwise(numpy_op: Callable, tf_op: Callable) -> Callable:
     return lower
 
 
+def _elu(x: Any, attrs: dict[str, Any]) -> Any:
+    """x where positive, alpha * (exp(x) - 1) elsewhere: TFLite's ELU builtin has alpha 1."""
+    tf = _tf()
+    alpha = float(attrs.get("alpha", 1.0))
+    return tf.nn.elu(x) if alpha == 1.0 else tf.where(x > 0, x, np.float32(alpha) * (tf.exp(x) - 1.0))
+
+
+def _softplus(x: Any, attrs: dict[str, Any]) -> Any:
+    """log(1 + exp(x)) as max(x, 0) + log(1 + exp(-|x|)): no overflow for large x, and builtins
+    only (TFLite has no SOFTPLUS)."""
+    tf = _tf()
+    return tf.maximum(x, 0.0) + tf.math.log(1.0 + tf.exp(tf.abs(x) * np.float32(-1.0)))
+
+
 def _integer_abs(x: Any) -> Any:
     """|x| of an integer tensor as a SELECT: TFLite's ABS has no int64 kernel, and T5's
     relative-position buckets take the absolute distance between int64 positions."""
@@ -918,7 +932,8 @@ LOWERINGS: dict[str, Callable] = {
     "Identity": _identity, "Dropout": _identity, "Constant": _constant_node,
     "PRelu": _prelu, "Pad": _pad_op, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Slice": _slice, "Cast": _cast,
     "Shape": _shape, "Gather": _gather, "Resize": _resize, "ConvTranspose": _conv_transpose,
-    "Sqrt": _unary(lambda x, a: _tf().sqrt(x)),
+    "Sqrt": _unary(lambda x, a: _tf().sqrt(x)), "Elu": _unary(_elu), "Softplus": _unary(_softplus),
+    "Sign": _pointwise(np.sign, lambda x: _tf().math.sign(x)),
     "Neg": _pointwise(np.negative, lambda x: x * np.float32(-1.0) if x.dtype.is_floating else -x),  # NEG has no int8 kernel
     "LayerNormalization": _layer_norm, "Gelu": _gelu, "Expand": _expand, "Range": _range, "GatherND": _gather_nd,
     "Where": _elementwise(np.where, _tf_where), "Mod": _mod,
@@ -987,7 +1002,7 @@ def check_lowerable(model: onnx.ModelProto, origin: str) -> None:
     missing = unsupported_nodes(model)
     if missing:
         ops = sorted({n.op_type for n in missing})
-        nodes = ", ".join(n.name or "(unnamed)" for n in missing[:3])
+        nodes = ", ".join(n.name or f"(unnamed, writing {n.output[0]})" for n in missing[:3])
         raise InputError(f"the tflite target cannot lower op{'s' if len(ops) > 1 else ''} {', '.join(ops)} "
                          f"(node{'s' if len(missing) > 1 else ''} {nodes}{', ...' if len(missing) > 3 else ''})", origin)
 
