@@ -463,7 +463,9 @@ def test_a_build_says_when_an_fp32_output_barely_changes_between_samples(run_cli
 
 def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_cli, tmp_path, monkeypatch):
     """A module returning {"logits": ..., "probs": ...} ended in "'dict' object has no attribute
-    'detach'" after the export itself had worked (a new user's GPT-2 wrapper)."""
+    'detach'" after the export itself had worked (a new user's GPT-2 wrapper). A key holding a
+    tuple names its tensors KEY_0, KEY_1 (one such key made every output output_N, and logits were
+    then scored as a generic tensor, without their top-1 gate)."""
     pytest.importorskip("torch", reason="PyTorch factories need torch")
     (tmp_path / "dictnet.py").write_text(textwrap.dedent("""
         import torch
@@ -471,7 +473,7 @@ def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_c
         class Net(torch.nn.Linear):
             def forward(self, x):
                 logits = super().forward(x)
-                return {"logits": logits, "probs": torch.softmax(logits, -1)}
+                return {"logits": logits, "probs": torch.softmax(logits, -1), "aux": (logits * 2, logits + 1)}
 
         def build():
             torch.manual_seed(0)
@@ -482,7 +484,7 @@ def test_a_factory_returning_a_dict_exports_its_values_named_by_their_keys(run_c
     result = run_cli("export", "-m", "dictnet:build", "--input-shape", "x=batchx8", "-o", tmp_path / "out")
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [o["name"] for o in manifest["outputs"]] == ["logits", "probs"]
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "probs", "aux_0", "aux_1"]
     assert manifest["parity"]["passed"]  # each ONNX output checked against the dict value of its name
     from enginekit.onnx.session import Session
 

@@ -152,13 +152,20 @@ def _forward(source: Source, args: tuple) -> Any:
 
 
 def _keys(produced: Any, source: Source) -> list[str] | None:
-    """The keys of a module output that is a dict of tensors (a transformers ModelOutput too), as
-    its output names; None for any other output, or keys that would clash with an input's name."""
+    """The keys of a module output that is a dict (a transformers ModelOutput too), as its output
+    names: a key holding several tensors (a tuple of hidden states) names them KEY_0, KEY_1...
+    (all of them lost their keys before). None for any other output, or names that would clash
+    with an input's name or with each other."""
     if not isinstance(produced, Mapping) or not produced:
         return None
-    keys = [str(key) for key, value in produced.items() if value is not None]
-    single = all(len(flat_outputs(value)) == 1 for value in produced.values() if value is not None)
-    return keys if single and not set(keys) & {spec.name for spec in source.inputs} else None
+    keys = []
+    for key, value in produced.items():
+        if value is None:
+            continue
+        count = len(flat_outputs(value))
+        keys += [str(key)] if count == 1 else [f"{key}_{index}" for index in range(count)]
+    clash = len(set(keys)) != len(keys) or set(keys) & {spec.name for spec in source.inputs}
+    return None if clash else keys
 
 
 def _names_for(count: int, source: Source, keys: list[str] | None) -> list[str]:
