@@ -211,7 +211,7 @@ def test_a_flat_softmax_classifier_keeps_its_top_1_on_tflite_int8(tmp_path):
     assert manifest["accuracy"]["metrics"]["top1_agreement"] >= 0.95
 
 
-def test_an_unnamed_input_has_the_same_name_at_every_load_in_a_process():
+def test_an_unnamed_input_has_the_same_name_at_every_load_in_a_process(tmp_path):
     """Keras names an unnamed input after a process-wide counter ('keras_tensor_182' the second
     time a factory runs): data keyed by the first export's name no longer matched the second."""
     from keras import layers
@@ -223,9 +223,15 @@ def test_an_unnamed_input_has_the_same_name_at_every_load_in_a_process():
         merged = tensors[0] if inputs == 1 else layers.Concatenate()(tensors)
         return keras.Model(tensors if inputs > 1 else tensors[0], layers.Dense(2)(merged))
 
-    for inputs, expected in ((1, ["keras_tensor"]), (2, ["keras_tensor_0", "keras_tensor_1"])):
+    for inputs, expected in ((1, ["input_layer"]), (2, ["input_layer_0", "input_layer_1"])):
         names = [[spec.name for spec in from_keras_model(factory(inputs)).inputs] for _ in range(2)]
         assert names == [expected, expected]
+    application = keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3), classes=3)
+    saved = tmp_path / "app.keras"
+    application.save(saved)
+    from_factory = [s.name for s in from_keras_model(application).inputs]
+    from_file = [s.name for s in from_keras_model(keras.models.load_model(saved)).inputs]
+    assert from_factory == from_file == ["input_layer"]  # one data file serves both forms of the model
     named = keras.Input((4,), name="image")
     assert [s.name for s in from_keras_model(keras.Model(named, layers.Dense(2)(named))).inputs] == ["image"]
 

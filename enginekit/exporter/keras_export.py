@@ -57,7 +57,7 @@ def _tf_name(name: str, fallback: str) -> str:
     return cleaned if re.match(r"[A-Za-z0-9.]", cleaned) else f"x{cleaned}"
 
 
-_KERAS_COUNTER_NAME = re.compile(r"keras_tensor(_\d+)?")
+_KERAS_COUNTER_NAME = re.compile(r"(keras_tensor|input_layer)(_\d+)?")
 
 
 def _stable_input_name(name: str, index: int, count: int) -> str:
@@ -65,9 +65,12 @@ def _stable_input_name(name: str, index: int, count: int) -> str:
     after a counter global to the process, so the same factory exported twice in one process
     gave 'keras_tensor', then 'keras_tensor_182', and data keyed by the first name no longer
     matched (the corpus's MobileNetV3Small failed every cell that way). Such a name becomes
-    'keras_tensor' (one input) or 'keras_tensor_<position>'."""
+    'input_layer' (one input) or 'input_layer_<position>': the name the same model's input has
+    when loaded from a .keras file (its InputLayer's default name; a Keras application built by a
+    factory called it 'keras_tensor' and from its file 'input_layer', so one data file did not
+    serve both)."""
     if _KERAS_COUNTER_NAME.fullmatch(name.split(":")[0]):
-        return "keras_tensor" if count == 1 else f"keras_tensor_{index}"
+        return "input_layer" if count == 1 else f"input_layer_{index}"
     return _tf_name(name, f"input_{index}")
 
 
