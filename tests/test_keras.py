@@ -183,6 +183,45 @@ def test_a_keras_factory_builds_tflite_directly_while_it_builds_the_exported_mod
         assert any("builds another Keras model than the one exported" in str(w.message) for w in caught)
 
 
+def test_a_keras_factorys_unnamed_outputs_keep_the_exported_names_in_the_tflite_file(tmp_path, monkeypatch):
+    """Built again for TFLite, a factory's layers take the next names of Keras' process-wide
+    counter: the .tflite signature said 'dense_7' where the export (and the manifest's outputs)
+    said 'dense_6', and a caller reading tflite.io by name missed it. The signature now carries
+    the exported names."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    import numpy as np
+
+    from enginekit.builder import BuildOptions, build
+
+    (tmp_path / "kfactory_unnamed.py").write_text(textwrap.dedent("""
+        import keras
+        import numpy as np
+        def build():
+            image = keras.Input((8, 8, 1), name="image")
+            flat = keras.layers.Flatten()(image)
+            model = keras.Model(image, [keras.layers.Dense(3)(flat), keras.layers.Dense(2, activation="softmax")(flat)])
+            rng = np.random.default_rng(0)
+            model.set_weights([rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
+            return model
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "data.npz", image=np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
+    options = BuildOptions(calib_data=str(tmp_path / "data.npz"), num_samples=16, eval_data=str(tmp_path / "data.npz"), min_accuracy="none")
+    monkeypatch.setenv("ENGINEKIT_CACHE", str(tmp_path / "cache"))
+    build("kfactory_unnamed:build", "onnxruntime", "fp32", tmp_path / "first", options)  # the export, cached
+    import keras
+
+    for _ in range(3):  # what a later process (or other models built before) does to the counter
+        keras.layers.Dense(1)
+    manifest = build("kfactory_unnamed:build", "tflite", "int8", tmp_path / "tflite", options).manifest
+    assert manifest["tflite"]["route"].startswith("keras")
+    exported = [o["name"] for o in manifest["outputs"]]
+    assert sorted(name for name, p in manifest["tflite"]["io"].items() if p["role"] == "output") == sorted(exported)
+    assert set(manifest["accuracy"]["metrics"]["outputs"]) == set(exported)
+    assert all(m["cosine"] > 0.99 for m in manifest["accuracy"]["metrics"]["outputs"].values())
+
+
 def test_a_flat_softmax_classifier_keeps_its_top_1_on_tflite_int8(tmp_path):
     """LiteRT's int8 SOFTMAX writes on a fixed 1/256 grid: a near-flat distribution over 300
     classes (small weights, as a fresh Keras application has) ties its top classes, and argmax

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,11 @@ class Fp32Model:
         else:
             return None
         shapes = {s.name: s for s in self.inputs}
-        return with_shapes(source, tuple(shapes.get(s.name, s) for s in source.inputs), str(self.path))
+        source = with_shapes(source, tuple(shapes.get(s.name, s) for s in source.inputs), str(self.path))
+        exported = tuple(o.name for o in self.proto.graph.output)
+        # the exported names: a factory built again names its layers after a process-wide counter
+        # (softmax_2 where the export said softmax_1), and a TFLite signature would carry those
+        return replace(source, output_names=exported) if len(exported) == len(source.output_names) else source
 
 
 def _keras_factory_model(factory: str, fingerprint: str | None):
