@@ -144,26 +144,21 @@ def test_keras_file_builds_tflite_directly(run_cli, tmp_path):
     assert manifest["accuracy"]["metrics"]["cosine"] > 0.99
 
 
-@pytest.mark.parametrize("seeded", [True, False])
-def test_a_keras_factory_builds_tflite_directly_while_it_builds_the_exported_model(tmp_path, monkeypatch, seeded):
-    """A factory returning a keras.Model is a Keras source for TFLite too (its exact GELU has an
-    Erf the ONNX lowering lacks), but only while it builds the model that was exported: an
-    unseeded factory builds another one every call, so TFLite lowers the exported ONNX."""
-    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+def _keras_factory(tmp_path, monkeypatch, module: str, outputs: str, seed: str = "0", activation: str = "relu"):
+    """A module `module` whose build() returns a seeded Keras model on an 8x8x1 'image' (`outputs`:
+    the Python expression of its outputs, from `hidden`: a Conv2D of `image`), importable from tmp_path; 16 samples of
+    data and the build options reading them."""
     import numpy as np
 
-    from enginekit.builder import BuildOptions, build
+    from enginekit.builder import BuildOptions
 
-    # unseeded: fresh weights at every call, whatever seed an earlier test left in Keras
-    seed = "0" if seeded else "None"
-    module = f"kfactory_{'seeded' if seeded else 'unseeded'}"  # one module name per case: Python caches an imported module
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
         import keras
         import numpy as np
         def build():
             image = keras.Input((8, 8, 1), name="image")
-            hidden = keras.layers.Conv2D(4, 3, padding="same", activation="{'gelu' if seeded else 'relu'}")(image)
-            model = keras.Model(image, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(hidden)))
+            hidden = keras.layers.Conv2D(4, 3, padding="same", activation="{activation}")(image)
+            model = keras.Model(image, {outputs})
             rng = np.random.default_rng({seed})
             model.set_weights([rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
             return model
@@ -171,7 +166,22 @@ def test_a_keras_factory_builds_tflite_directly_while_it_builds_the_exported_mod
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     np.savez(tmp_path / "data.npz", image=np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
-    options = BuildOptions(calib_data=str(tmp_path / "data.npz"), num_samples=16, eval_data=str(tmp_path / "data.npz"), min_accuracy="none")
+    return BuildOptions(calib_data=str(tmp_path / "data.npz"), num_samples=16, eval_data=str(tmp_path / "data.npz"), min_accuracy="none")
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_a_keras_factory_builds_tflite_directly_while_it_builds_the_exported_model(tmp_path, monkeypatch, seeded):
+    """A factory returning a keras.Model is a Keras source for TFLite too (its exact GELU has an
+    Erf the ONNX lowering lacks), but only while it builds the model that was exported: an
+    unseeded factory builds another one every call, so TFLite lowers the exported ONNX."""
+    pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
+    from enginekit.builder import build
+
+    # unseeded: fresh weights at every call, whatever seed an earlier test left in Keras
+    seed = "0" if seeded else "None"
+    module = f"kfactory_{'seeded' if seeded else 'unseeded'}"  # one module name per case: Python caches an imported module
+    options = _keras_factory(tmp_path, monkeypatch, module, 'keras.layers.Dense(2, name="out")(keras.layers.Flatten()(hidden))', seed,
+                             "gelu" if seeded else "relu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = build(f"{module}:build", "tflite", "fp32", tmp_path / "tflite", options).manifest
@@ -189,25 +199,11 @@ def test_a_keras_factorys_unnamed_outputs_keep_the_exported_names_in_the_tflite_
     said 'dense_6', and a caller reading tflite.io by name missed it. The signature now carries
     the exported names."""
     pytest.importorskip("ai_edge_litert", reason="the tflite extra is not installed")
-    import numpy as np
+    from enginekit.builder import build
 
-    from enginekit.builder import BuildOptions, build
-
-    (tmp_path / "kfactory_unnamed.py").write_text(textwrap.dedent("""
-        import keras
-        import numpy as np
-        def build():
-            image = keras.Input((8, 8, 1), name="image")
-            flat = keras.layers.Flatten()(image)
-            model = keras.Model(image, [keras.layers.Dense(3)(flat), keras.layers.Dense(2, activation="softmax")(flat)])
-            rng = np.random.default_rng(0)
-            model.set_weights([rng.normal(0, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
-            return model
-    """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    np.savez(tmp_path / "data.npz", image=np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32))
-    options = BuildOptions(calib_data=str(tmp_path / "data.npz"), num_samples=16, eval_data=str(tmp_path / "data.npz"), min_accuracy="none")
+    flat = "keras.layers.Flatten()(hidden)"
+    options = _keras_factory(tmp_path, monkeypatch, "kfactory_unnamed",
+                             f'[keras.layers.Dense(3)({flat}), keras.layers.Dense(2, activation="softmax")({flat})]')
     monkeypatch.setenv("ENGINEKIT_CACHE", str(tmp_path / "cache"))
     build("kfactory_unnamed:build", "onnxruntime", "fp32", tmp_path / "first", options)  # the export, cached
     import keras
