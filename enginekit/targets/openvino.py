@@ -125,6 +125,11 @@ def _conversion_problem(text: str, onnx_path: Path) -> str:
     return f"no conversion rule for op {', '.join(op_names)}{where}"
 
 
+# where OpenVINO's C++ raised and checked: "Exception from src/...:117: ", "Check '...' failed at ...:31: "
+_EXCEPTION_TRAIL = re.compile(r"Exception from \S+?:\d+: ")
+_CHECK_TRAIL = re.compile(r"Check '.*?' failed at \S+?:\d+: ")
+
+
 def _failed_conversion(flat: str) -> str:
     """The op, its ONNX node (OpenVINO names it by its output) and the reason at the end of
     OpenVINO's nested "Check ... failed at file:line" report, whose first 300 characters ended
@@ -134,7 +139,7 @@ def _failed_conversion(flat: str) -> str:
         return flat[:300]
     op, message = detail.groups()
     node = re.search(r"While validating ONNX node '<Node\([^)]*\): ([^>]*)>'", message)
-    reason = re.sub(r"Check '.*?' failed at \S+?:\d+: ", "", message).rsplit("': ", 1)[-1]
+    reason = _CHECK_TRAIL.sub("", message).rsplit("': ", 1)[-1]
     return f"{op.rsplit('-', 1)[0]}{f' (the node writing {node.group(1)})' if node else ''}: {reason}"[:400]
 
 
@@ -171,9 +176,7 @@ def compile_on_cpu(core: Any, model: Any, config: dict[str, str]) -> tuple[Any, 
 
 def compile_failure(exc: Exception) -> str:
     """OpenVINO's reason without its source-file trail ("Exception from src/...:117:", "Check '...' failed at ...:31:")."""
-    text = " ".join(str(exc).split())
-    text = re.sub(r"Exception from \S+?:\d+:\s*", "", text)
-    return re.sub(r"Check '.*?' failed at \S+?:\d+:\s*", "", text)[:300]
+    return _CHECK_TRAIL.sub("", _EXCEPTION_TRAIL.sub("", " ".join(str(exc).split())))[:300]
 
 
 def executed_precisions(compiled) -> dict[str, Any]:
@@ -324,6 +327,8 @@ def _compile_and_run(graph: "onnx.ModelProto", feeds: Feeds) -> dict[str, np.nda
         try:
             compiled, _ = compile_on_cpu(ov.Core(), ov.convert_model(str(source)), compile_config("int8"))
             results = compiled(dict(feeds))
+        except InputError:  # compile_on_cpu's own line
+            raise
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own failure types
             raise InputError(f"OpenVINO cannot compile or run the probed graph: {' '.join(str(exc).split())[:300]}") from None
         return {name: np.asarray(results[port]) for port in compiled.outputs for name in port.get_names()}
