@@ -225,7 +225,7 @@ def _arg_extreme(node, args, attrs):
     tf = _tf()
     x = args[0]
     axis = attrs.get("axis", 0) % x.rank
-    data, where = (x.data, NHWC_AXIS[axis]) if x.nhwc else (x.data, axis)
+    data, where = x.data, (NHWC_AXIS[axis] if x.nhwc else axis)
     find = tf.math.argmax if node.op_type == "ArgMax" else tf.math.argmin
     if attrs.get("select_last_index", 0):
         size = tf.shape(data, out_type=tf.int64)[where]
@@ -961,7 +961,7 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     those are folded at lowering (`_fold_constant_node`)."""
     shape_only = _shape_only_tensors(model)
     return [n for n in model.graph.node  # node_inputs: a Loop's body reads the data from the enclosing graph too
-            if (n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")) and not all(not name or name in shape_only for name in node_inputs(n))]
+            if (n.op_type not in LOWERINGS or n.domain not in ("", "ai.onnx")) and not all(name in shape_only for name in node_inputs(n))]
 
 
 def _shape_only_tensors(model: onnx.ModelProto) -> set[str]:
