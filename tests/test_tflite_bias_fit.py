@@ -43,7 +43,7 @@ def _conv(input_factor: float, dead_channel: int | None) -> onnx.ModelProto:
 
 def _int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]):
     table = minmax_table(model, calibration_tensors(model, []), feeds)
-    float_model = convert_function(to_tf_function(model, "bias.onnx", integer=True), "bias.onnx")
+    float_model = convert_function(to_tf_function(model, "bias.onnx"), "bias.onnx")
     ranges = map_ranges(float_model, model, table, feeds[0], feeds[1:])
     return float_model, ranges.ranges, quantize_int8(float_model, ranges.ranges)
 

@@ -188,7 +188,7 @@ def test_lowered_op_matches_onnxruntime_in_float_and_runs_on_integers_in_int8(ca
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
-    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx", integer=True), f"{case}.onnx")
+    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx"), f"{case}.onnx")
     ranges = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:])
     int8 = quantize_int8(for_int8, ranges.ranges)
     float_ops = [op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]]
@@ -198,16 +198,16 @@ def test_lowered_op_matches_onnxruntime_in_float_and_runs_on_integers_in_int8(ca
     assert _cosine(quantized, expected) > 0.98, case
 
 
-@pytest.mark.parametrize("case", ["PRelu", "PRelu with a slope above 1", "HardSwish", "MaxPool ceil_mode"])
+@pytest.mark.parametrize("case", ["PRelu", "PRelu with a slope above 1", "MaxPool ceil_mode"])
 def test_int8_lowering_of_the_op_runs_entirely_inside_xnnpack(case):
-    """Forms XNNPACK delegates in int8: a fused HARD_SWISH, a standalone RELU (the old PReLU) and
-    a PADV2 of -inf (ceil_mode) each ran outside it, splitting the graph, and made INT8 slower
-    than FP32 (PP-OCR cls 0.23x)."""
+    """Forms XNNPACK delegates in int8: a standalone RELU (the old PReLU) and a PADV2 of -inf
+    (ceil_mode) each ran outside it, splitting the graph, and made INT8 slower than FP32 (PP-OCR
+    cls 0.23x). (An int8 HARD_SWISH runs outside it too: it is kept float, next test.)"""
     from enginekit.targets.tflite.convert import outside_xnnpack, outside_xnnpack_outputs
 
     model = CASES[case]
     feeds = _feeds(model)
-    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx", integer=True), f"{case}.onnx")
+    for_int8 = convert_function(to_tf_function(model, f"{case}.onnx"), f"{case}.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0]).ranges)
     assert outside_xnnpack(int8) == {}
 
@@ -384,7 +384,7 @@ def test_token_arithmetic_of_transformers_lowers_and_matches_onnxruntime_at_two_
         got, expected = TfliteRunner(float_model).infer(feeds[-1])["y"], Session(model).run(feeds[-1])["y"]
         assert got.shape == expected.shape == (1, length)
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    for_int8 = convert_function(to_tf_function(model, "tokens.onnx", integer=True), "tokens.onnx")
+    for_int8 = convert_function(to_tf_function(model, "tokens.onnx"), "tokens.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[1], feeds[:1]).ranges)
     assert _cosine(TfliteRunner(int8).infer(feeds[1])["y"], expected) > 0.98
 
@@ -418,7 +418,7 @@ def test_a_conv_behind_a_computed_reshape_and_a_resize_to_another_tensors_size_l
         got, expected = TfliteRunner(float_model).infer(sample)["y"], Session(model).run(sample)["y"]
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    for_int8 = convert_function(to_tf_function(model, "segformer.onnx", integer=True), "segformer.onnx")
+    for_int8 = convert_function(to_tf_function(model, "segformer.onnx"), "segformer.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[2:]).ranges)
     assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], Session(model).run(feeds[0])["y"]) > 0.98
 
@@ -506,7 +506,7 @@ def test_an_additive_attention_mask_does_not_flatten_the_softmax_input_in_int8(m
                          [_const("mask", mask)], [1, 8, 16])
     feeds = _feeds(model)
     expected = Session(model).run(feeds[0])["y"]
-    for_int8 = convert_function(to_tf_function(model, "mask.onnx", integer=True), "mask.onnx")
+    for_int8 = convert_function(to_tf_function(model, "mask.onnx"), "mask.onnx")
 
     def int8_cosine() -> tuple[float, tflite_ranges.RangeMap]:
         found = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:])
@@ -521,7 +521,7 @@ def test_an_additive_attention_mask_does_not_flatten_the_softmax_input_in_int8(m
     monkeypatch.undo()
     wide = _token_model([node("Mul", ["m", "ten"], ["logits"], name="sharpen"), node("Softmax", ["logits"], ["y"], name="attention", axis=-1)],
                         [_const("ten", np.array(10.0, np.float32))], [1, 8, 16])  # logits spanning ~80, no mask: left alone
-    wide_int8 = convert_function(to_tf_function(wide, "wide.onnx", integer=True), "wide.onnx")
+    wide_int8 = convert_function(to_tf_function(wide, "wide.onnx"), "wide.onnx")
     assert map_ranges(wide_int8, wide, _table(wide, feeds), feeds[0]).summary()["softmax_inputs_clipped"] == 0
     print(f"int8 softmax behind a -1e4 mask: cosine {unclipped:.3f} with the full range, {clipped:.4f} with the top {span:g}")
 
@@ -547,7 +547,7 @@ def test_int16_outputs_run_the_op_computing_each_output_in_16x8_and_lower_its_er
         [helper.make_node("Conv", ["c", "w2"], ["y"], name="head", pads=[1, 1, 1, 1])],
         [_const("w2", RNG.normal(0, 0.4, (4, 4, 3, 3)).astype(np.float32))], [1, 4, 16, 16])
     feeds = _feeds(model)
-    for_int8 = convert_function(to_tf_function(model, "head.onnx", integer=True), "head.onnx")
+    for_int8 = convert_function(to_tf_function(model, "head.onnx"), "head.onnx")
     assert output_ops(for_int8), "no op found computing the output"
     ranges = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges
     narrow, wide = quantize_int8(for_int8, ranges), quantize_int8(for_int8, ranges, output_bits=16)
@@ -568,7 +568,7 @@ def test_int16_outputs_with_uint8_io_are_refused_in_one_line():
     from enginekit.core.errors import InputError
 
     model = _classifier_head()
-    float_model = convert_function(to_tf_function(model, "head.onnx", integer=True), "head.onnx")
+    float_model = convert_function(to_tf_function(model, "head.onnx"), "head.onnx")
     with pytest.raises(InputError, match="int16 outputs .* need io 'float32' or 'int8'"):
         quantize_int8(float_model, {}, "uint8", output_bits=16)
 
@@ -595,7 +595,7 @@ def test_int16_outputs_leave_an_output_computed_by_an_elementwise_op_int8():
     model = _model([helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("Add", ["c", "r"], ["y"], name="residual")],
                    [], [1, 4, 16, 16])
     feeds = _feeds(model)
-    for_int8 = convert_function(to_tf_function(model, "add.onnx", integer=True), "add.onnx")
+    for_int8 = convert_function(to_tf_function(model, "add.onnx"), "add.onnx")
     assert output_ops(for_int8) == []
     ranges = map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges
     assert "int16" not in {t for op in op_types(quantize_int8(for_int8, ranges, output_bits=16)) for t in op["outputs"]}
@@ -614,7 +614,7 @@ def test_a_signed_input_takes_the_grid_that_rounds_its_calibration_values_least(
         feeds = [{"x": ((RNG.integers(0, 256, (1, 3, 16, 16)) - 127.5) / 127.5).astype(np.float32)} for _ in range(4)]
     else:
         feeds = [{"x": RNG.uniform(-0.2, 1.0, (1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
-    float_model = convert_function(to_tf_function(model, "in.onnx", integer=True), "in.onnx")
+    float_model = convert_function(to_tf_function(model, "in.onnx"), "in.onnx")
     table = _table(model, feeds)
     found = map_ranges(float_model, model, table, feeds[0], feeds[1:])
     inputs = [name for name, onnx_name in found.matched.items() if onnx_name == "x"]
@@ -630,21 +630,21 @@ def test_a_signed_input_takes_the_grid_that_rounds_its_calibration_values_least(
 
 
 def test_a_multiple_of_a_tensor_takes_its_range_times_the_factor_instead_of_a_measured_one():
-    """The int8 HardSwish lowering's x / 6 is a MUL by a constant: its int8 kernel can only output
-    x's grid over 6, so that is its range. Measured instead, it kept the values x's range had cut
-    away (x is read only by the HardSwish, calibration/live_ranges.py: dead below -3)."""
-    from enginekit.calibration.live_ranges import bound_table, reader_bounds
-
-    model = CASES["HardSwish"]
+    """A MUL by a positive constant that has no ONNX twin (the hard sigmoid lowering's x * 6
+    alpha) can only output its input's grid times the constant, so that is its range. Measured
+    instead, it kept the values its input's range had cut away (a range bounded by its readers,
+    calibration/live_ranges.py: PP-OCRv4 det's Conv outputs before a hard swish are dead below -3)."""
+    model = _model([helper.make_node("HardSigmoid", ["c"], ["g"], name="gate", alpha=0.2, beta=0.5),
+                    helper.make_node("Mul", ["c", "g"], ["y"], name="gated")], [], [1, 4, 16, 16])
     feeds = _feeds(model)
     table = _table(model, feeds)
-    assert bound_table(table, reader_bounds(model)) >= 1 and table.tensors["c"].min > -3.5
-    for_int8 = convert_function(to_tf_function(model, "hswish.onnx", integer=True), "hswish.onnx")
+    table.tensors["c"].min = float(table.tensors["c"].min) / 2  # a range cut below the values calibration saw
+    for_int8 = convert_function(to_tf_function(model, "scale.onnx"), "scale.onnx")
     ranges = map_ranges(for_int8, model, table, feeds[0], feeds[1:])
     assert ranges.scaled, ranges.summary()
     for tensor, source in ranges.scaled.items():
         assert ranges.producers[tensor] == "MUL"
-        np.testing.assert_allclose(ranges.ranges[tensor], np.array(ranges.ranges[source]) / 6, rtol=1e-5)
+        np.testing.assert_allclose(ranges.ranges[tensor], np.array(ranges.ranges[source]) * 6 * 0.2, rtol=1e-5)
     assert tensor not in ranges.measured and ranges.summary()["scaled_from_input"] == len(ranges.scaled)
 
 
@@ -661,7 +661,7 @@ def test_sine_and_cosine_lower_and_stay_float_between_integer_ops_in_int8():
     float_model = convert_function(to_tf_function(model, "sincos.onnx"), "sincos.onnx")
     assert {"SIN", "COS"} <= {op["op"] for op in op_types(float_model)}
     np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds[0])["y"], expected, atol=1e-5)
-    for_int8 = convert_function(to_tf_function(model, "sincos.onnx", integer=True), "sincos.onnx")
+    for_int8 = convert_function(to_tf_function(model, "sincos.onnx"), "sincos.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
     float_ops = {op["op"] for op in op_types(int8) if "float32" in op["inputs"] + op["outputs"]}
     assert float_ops == {"SIN", "COS", "QUANTIZE", "DEQUANTIZE"}, float_ops
@@ -682,8 +682,10 @@ def test_elu_softplus_and_sign_lower_and_match_onnxruntime(op, attributes):
         np.testing.assert_allclose(TfliteRunner(float_model).infer(feed)["y"], Session(model).run(feed)["y"], rtol=1e-5, atol=1e-5)
     if op == "Softplus":
         big = {"x": np.full((1, 3, 16, 16), 100.0, np.float32)}
-        np.testing.assert_allclose(TfliteRunner(float_model).infer(big)["y"], Session(model).run(big)["y"], rtol=1e-5)
-    for_int8 = convert_function(to_tf_function(model, f"{op}.onnx", integer=True), f"{op}.onnx")
+        # what is checked is that nothing overflows: at inputs of 100 the conv sums terms of ~1e3 (their float32 rounding
+        # differs between the two runtimes by ~1e-4), and where x is near -40 log(1 + exp(x)) is 1e-19 there and 0 here
+        np.testing.assert_allclose(TfliteRunner(float_model).infer(big)["y"], Session(model).run(big)["y"], rtol=1e-5, atol=1e-3)
+    for_int8 = convert_function(to_tf_function(model, f"{op}.onnx"), f"{op}.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
     assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], Session(model).run(feeds[0])["y"]) > 0.98
 
@@ -737,7 +739,7 @@ def test_int8_ops_xnnpack_leaves_out_are_kept_float_where_it_runs_their_float_tw
             helper.make_node("MatMul", ["weights", "m"], ["y"], name="attend")]
     model = _token_model(tail, [], [1, 8, 16])
     feeds = [{"x": RNG.normal(0, 1, (1, 8, 16)).astype(np.float32)} for _ in range(4)]
-    float_model = convert_function(to_tf_function(model, "attention.onnx", integer=True), "attention.onnx")
+    float_model = convert_function(to_tf_function(model, "attention.onnx"), "attention.onnx")
     ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:])
     integer = quantize_int8(float_model, ranges.ranges)
     slow = undelegated_int8_ops(float_model, outside_xnnpack_outputs(integer))
@@ -770,7 +772,7 @@ def test_a_layer_norms_sub_goes_float_with_the_squared_difference_named_after_it
                                 _const("beta", RNG.normal(0, 0.1, 16).astype(np.float32)),
                                 _const("w2", RNG.normal(0, 0.3, (16, 16)).astype(np.float32))], [1, 8, 16])
     feeds = [{"x": RNG.normal(0, 1, (1, 8, 16)).astype(np.float32)} for _ in range(4)]
-    float_model = convert_function(to_tf_function(model, "norm.onnx", integer=True), "norm.onnx")
+    float_model = convert_function(to_tf_function(model, "norm.onnx"), "norm.onnx")
     ranges = map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:])
     integer = quantize_int8(float_model, ranges.ranges)
     outside = outside_xnnpack_outputs(integer)
@@ -790,7 +792,7 @@ def test_log_softmax_lowers_and_its_int8_flatbuffer_keeps_the_scores():
     float_model = convert_function(to_tf_function(model, "logp.onnx"), "logp.onnx")
     assert [op["op"] for op in op_types(float_model)] == ["FULLY_CONNECTED", "LOG_SOFTMAX"]
     np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds[0])["y"], expected, atol=1e-5)
-    for_int8 = convert_function(to_tf_function(model, "logp.onnx", integer=True), "logp.onnx")
+    for_int8 = convert_function(to_tf_function(model, "logp.onnx"), "logp.onnx")
     integer = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
     assert any(op["op"] == "FULLY_CONNECTED" and op["inputs"] == ["int8", "int8"] for op in op_types(integer)), op_types(integer)
     got = TfliteRunner(integer).infer(feeds[0])["y"]
@@ -911,7 +913,7 @@ def test_arg_max_and_min_lower_on_a_channel_last_tensor_and_keep_onnx_axes(op, a
     expected = Session(model).run(feeds[0])["y"]
     got = TfliteRunner(convert_function(to_tf_function(model, "arg.onnx"), "arg.onnx")).infer(feeds[0])["y"]
     np.testing.assert_array_equal(got, expected)
-    for_int8 = convert_function(to_tf_function(model, "arg.onnx", integer=True), "arg.onnx")
+    for_int8 = convert_function(to_tf_function(model, "arg.onnx"), "arg.onnx")
     int8 = quantize_int8(for_int8, map_ranges(for_int8, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
     assert np.mean(TfliteRunner(int8).infer(feeds[0])["y"] == expected) > 0.9
 

@@ -146,7 +146,7 @@ def _int8_build(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> t
     from tests.conftest import minmax_table
 
     table = minmax_table(model, calibration_tensors(model, []), feeds)
-    return build_flatbuffer("int8", to_tf_function(model, "stack.onnx", integer=True), "stack.onnx", table=table,
+    return build_flatbuffer("int8", to_tf_function(model, "stack.onnx"), "stack.onnx", table=table,
                             reference=model, feeds=feeds[0], more_feeds=feeds[1:4])
 
 

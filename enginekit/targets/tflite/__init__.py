@@ -176,7 +176,7 @@ class TfliteTarget(Target):
                 hub = inputs.qdq(inputs.encoding)
                 hub_quantized = set(hub.activations)
                 reference = corrected_float_model(fp32.proto, hub, biases=inputs.bias_correction)
-            function, route, owner = to_tf_function(reference, fp32.origin, precision == "int8"), "onnx lowered to TensorFlow ops", None
+            function, route, owner = to_tf_function(reference, fp32.origin), "onnx lowered to TensorFlow ops", None
         int8 = precision == "int8"
         model, info = build_flatbuffer(precision, function, fp32.origin, table=inputs.table() if int8 else None,
                                        reference=reference, feeds=inputs.calibration_feeds(2) if int8 else None,
