@@ -402,7 +402,10 @@ def _build_matrix(model, matrix, targets, precisions, output, options, executor,
     models, machines = (parse_matrix(matrix[1], options, matrix[0].parent, matrix[0]) if matrix is not None else (model, {}))
     result = api.build_matrix(models, targets, precisions, output, options, executor=executor, address=address, workers=workers,
                               machines=machines)
-    click.echo(matrix_markdown(matrix_document(result)))
+    document = matrix_document(result)
+    for row in document["cells"]:  # a failed cell's reason gets the flag that fixes it, as the one-machine build table's do
+        row["reason"] = row["reason"] and _hinted(row["reason"], row["option"], "build")
+    click.echo(matrix_markdown(document))
     click.echo(f"matrix report: {result.written[0]} ({result.written[1].name}); benchmark the artifacts with `enginekit bench`")
     if result.failed:
         click.echo(f"enginekit: error: {len(result.failed)} of {len(result.cells)} cell(s) failed: "

@@ -216,3 +216,8 @@ def test_in_a_several_cell_table_a_cell_refused_for_a_symbolic_dim_names_the_fla
     rows = {line.split("|")[1].strip(): line for line in result.out.splitlines() if line.startswith("| ")}
     assert "FAILED" in rows["tflite"] and "symbolic" in rows["tflite"] and rows["tflite"].rstrip(" |").endswith("(see --input-shape)"), rows
     assert "FAILED" not in rows["onnxruntime"] and result.code != 0
+    # a matrix build's table (an executor, or -c matrix.yaml) names it too
+    result = run_cli("build", "--model", tmp_path / "rnn.onnx", "--eval-data", tmp_path / "eval.npz", "--targets", "onnxruntime,tflite",
+                     "--precisions", "fp32", "--executor", "local", "--workers", "1", "-o", tmp_path / "matrix")
+    rows = {line.split("|")[2].strip(): line for line in result.out.splitlines() if line.startswith("| ") and "rnn" in line}
+    assert "failed" in rows["tflite"] and "symbolic" in rows["tflite"] and "(see --input-shape) |" in rows["tflite"], result.out

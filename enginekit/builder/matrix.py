@@ -283,7 +283,8 @@ def matrix_document(result: MatrixResult) -> dict[str, Any]:
         manifest = c.cell.manifest
         rows.append({
             "model": c.model, "target": c.target, "precision": c.precision, "machine": c.machine, "status": c.status,
-            "reason": c.cell.skipped or c.cell.failed, "folder": str(c.cell.folder) if c.cell.folder else None,
+            "reason": c.cell.skipped or c.cell.failed, "option": c.cell.option if c.cell.failed else None,  # the setting that fixes it
+            "folder": str(c.cell.folder) if c.cell.folder else None,
             "build_key": manifest.get("build_key") if manifest else None,
             "accuracy": headline(manifest["accuracy"]["metrics"]) if manifest else None,
             "built_on": (manifest.get("machine") or {}).get("cpu") if manifest else None,
