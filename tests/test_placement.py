@@ -460,12 +460,15 @@ def test_onnx_runtime_runs_swish_and_squeeze_excitation_sigmoids_as_qlinear_sigm
 
 def prelu_model() -> onnx.ModelProto:
     """conv1 -> PRelu (a slope per channel, one above 1, one negative) -> conv2 -> PRelu (every
-    slope below 1, [1, C, 1, 1] as PyTorch exports it) -> conv3 (the graph output)."""
+    slope below 1, [1, C, 1, 1] as PyTorch exports it) -> conv3 -> PRelu (one slope, nn.PReLU()'s
+    default) -> conv4 (the graph output)."""
     inits: list = [numpy_helper.from_array(np.array([0.25, -0.5, 1.2, 0.0, 0.1, 0.9, 0.3, 0.6], np.float32).reshape(8, 1, 1), "slope1"),
-                   numpy_helper.from_array(RNG.uniform(-0.3, 0.8, (1, 8, 1, 1)).astype(np.float32), "slope2")]
+                   numpy_helper.from_array(RNG.uniform(-0.3, 0.8, (1, 8, 1, 1)).astype(np.float32), "slope2"),
+                   numpy_helper.from_array(np.array([0.25], np.float32), "slope3")]
     nodes = [_conv("conv1", "x", "c1", 8, inits), helper.make_node("PRelu", ["c1", "slope1"], ["p1"], name="prelu1"),
              _conv("conv2", "p1", "c2", 8, inits), helper.make_node("PRelu", ["c2", "slope2"], ["p2"], name="prelu2"),
-             _conv("conv3", "p2", "y", 8, inits)]
+             _conv("conv3", "p2", "c3", 8, inits), helper.make_node("PRelu", ["c3", "slope3"], ["p3"], name="prelu3"),
+             _conv("conv4", "p3", "y", 8, inits)]
     graph = helper.make_graph(nodes, "prelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -479,11 +482,11 @@ def test_onnx_runtime_runs_prelus_as_an_integer_depthwise_convolution_and_an_add
     QLinearAdd: no float op is left between the convolutions, at the hub's error."""
     found = _gates_rewritten(prelu_model(), tmp_path)
     hub, artifact, error = found["hub"], found["artifact"], found["errors"]
-    assert found["counts"]["prelus"] == 2
-    assert hub["float_islands"].get("PRelu") == 2
-    assert artifact["float_islands"] == {"Conv": 1}  # conv3 computes the graph output, float in both
+    assert found["counts"]["prelus"] == 3
+    assert hub["float_islands"].get("PRelu") == 3
+    assert artifact["float_islands"] == {"Conv": 1}  # conv4 computes the graph output, float in both
     ops = artifact["optimized_op_types"]
-    assert "PRelu" not in ops and ops.get("QLinearAdd", 0) == 2
-    assert ops.get("QLinearConv", 0) == 2 + 2  # conv1, conv2 and each PRelu's product
-    assert artifact["integer_compute_ops"] == 2  # the products are not the model's compute ops: the share stays 2 of 3
+    assert "PRelu" not in ops and ops.get("QLinearAdd", 0) == 2 and ops.get("QLinearLeakyRelu", 0) == 1
+    assert ops.get("QLinearConv", 0) == 3 + 2  # conv1-3 and the two per-channel PRelus' products
+    assert artifact["integer_compute_ops"] == 3  # the products are not the model's compute ops: the share stays 3 of 4
     assert error[1] < 1.1 * error[0], error

@@ -181,7 +181,8 @@ def integer_prelus(model: onnx.ModelProto) -> int:
     run in three PRelus that take 70 us in FP32 (channels-first). Why this form: x passes on its
     own grid and only the negative side is scaled, so the sum is about as exact as the float
     PRelu (slope * x + (1 - slope) * relu(x), two full-range products, cost MTCNN O-Net's box
-    output 4 dB of SQNR), in two kernels where the float PRelu ran three. Returns how many were
+    output 4 dB of SQNR), in two kernels where the float PRelu ran three. A PRelu with one slope
+    is a LeakyRelu, which ORT runs as QLinearLeakyRelu (a lookup table). Returns how many were
     rewritten."""
     graph = model.graph
     producers, readers = tensor_producers(graph), tensor_readers(graph)
@@ -193,13 +194,18 @@ def integer_prelus(model: onnx.ModelProto) -> int:
         if source is None or source.op_type != "DequantizeLinear" or node.input[1] not in initializers \
                 or not _quantized_later(node.output[0], readers):
             continue
+        values = numpy_helper.to_array(initializers[node.input[1]])
+        if values.size == 1 and np.isfinite(values).all():  # one slope (nn.PReLU()'s default): a LeakyRelu, QLinearLeakyRelu in ORT
+            node.CopyFrom(helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name, alpha=float(values.ravel()[0])))
+            rewritten += 1
+            continue
         integer, top = _grid_top(source, initializers)
         bottom = _grid_bottom(source, initializers)
         if not np.isfinite(top) or not bottom < 0:
             continue
         if ranks is None:
             ranks = {name: len(dims) for name, dims in value_dims(onnx.shape_inference.infer_shapes(model)).items()}
-        slope = _channel_slope(numpy_helper.to_array(initializers[node.input[1]]), ranks.get(node.input[0], 0))
+        slope = _channel_slope(values, ranks.get(node.input[0], 0))
         if slope is None or not np.all(np.isfinite(slope)):
             continue
         stem, factor = f"{node.name or node.output[0]}_integer", slope - 1
