@@ -14,8 +14,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from enginekit.onnx.graph import drop_unused_initializers, value_dims
-from enginekit.quantization.placement import SAME_SCALE_OPS
 from enginekit.onnx.nodes import attribute, graph_reads, tensor_producers, tensor_readers
+from enginekit.quantization.placement import SAME_SCALE_OPS
 
 CHANNEL_ALIGNMENT = 4  # MLAS's symmetric int8 convolution (x86) takes input channels in multiples of 4
 GRID_STEPS = 255  # an 8-bit grid's steps from its lowest to its highest integer
@@ -195,18 +195,20 @@ def integer_prelus(model: onnx.ModelProto) -> int:
                 or not _quantized_later(node.output[0], readers):
             continue
         values = numpy_helper.to_array(initializers[node.input[1]])
-        if values.size == 1 and np.isfinite(values).all():  # one slope (nn.PReLU()'s default): a LeakyRelu, QLinearLeakyRelu in ORT
+        if not np.isfinite(values).all():
+            continue
+        if values.size == 1:  # one slope (nn.PReLU()'s default): a LeakyRelu, QLinearLeakyRelu in ORT
             node.CopyFrom(helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name, alpha=float(values.ravel()[0])))
             rewritten += 1
             continue
         integer, top = _grid_top(source, initializers)
-        bottom = _grid_bottom(source, initializers)
+        bottom = _grid_bottom(source, initializers, top)
         if not np.isfinite(top) or not bottom < 0:
             continue
         if ranks is None:
             ranks = {name: len(dims) for name, dims in value_dims(onnx.shape_inference.infer_shapes(model)).items()}
         slope = _channel_slope(values, ranks.get(node.input[0], 0))
-        if slope is None or not np.all(np.isfinite(slope)):
+        if slope is None:
             continue
         stem, factor = f"{node.name or node.output[0]}_integer", slope - 1
         lane = _IntegerLane(graph, integer, ranks[node.input[0]] - 2)
@@ -263,14 +265,12 @@ def _quantized_later(tensor: str, readers: dict[str, list[onnx.NodeProto]]) -> b
 
 
 def _channel_slope(slope: np.ndarray, rank: int) -> np.ndarray | None:
-    """A PRelu slope as one value per channel of a rank-`rank` channel-first input ([C, 1, ...]
-    or [1, C, 1, ...] broadcast from the right; a single value serves every channel), or None."""
+    """A PRelu slope of several values as one value per channel of a rank-`rank` channel-first
+    input ([C, 1, ...] or [1, C, 1, ...] broadcast from the right), or None."""
     if rank < 3 or slope.ndim > rank or slope.dtype != np.float32:
         return None
     shape = (1,) * (rank - slope.ndim) + slope.shape
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[0] != 1:
-        return None
-    return slope.reshape(-1) if shape[1] > 1 else None
+    return slope.reshape(-1) if all(d == 1 for i, d in enumerate(shape) if i != 1) else None
 
 
 def _clipped_shifts(graph: onnx.GraphProto) -> list[ClippedShift]:
@@ -348,10 +348,9 @@ def _grid_top(dequantize: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
     return integer, ((127 if integer == TensorProto.INT8 else 255) - z) * float(numpy_helper.to_array(scale).ravel()[0])
 
 
-def _grid_bottom(dequantize: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> float:
-    """The lowest value a per-tensor DequantizeLinear's grid stands for (-inf where its scale is
-    not a scalar constant)."""
-    integer, highest = _grid_top(dequantize, initializers)
+def _grid_bottom(dequantize: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], highest: float) -> float:
+    """The lowest value a per-tensor DequantizeLinear's grid stands for, given its highest
+    (`_grid_top`; -inf where that is not finite: the scale is not a scalar constant)."""
     if not np.isfinite(highest):
         return float("-inf")
     scale = float(numpy_helper.to_array(initializers[dequantize.input[1]]).ravel()[0])
