@@ -107,8 +107,11 @@ def float_ops(manifest: dict[str, Any]) -> str:
         ops = Counter((tflite.get("types") or {}).get("float32_compute_ops") or [])
         delegate = (tflite.get("float_for_xnnpack") or {})
         for_xnnpack = Counter(delegate.get("ops") or {}) if delegate.get("chosen") else Counter()
-        rest = ops - for_xnnpack
+        speed = (tflite.get("float_for_speed") or {})
+        for_speed = Counter(speed.get("ops") or {}) if speed.get("chosen") else Counter()
+        rest = ops - for_xnnpack - for_speed
         parts = [f"{_counts(for_xnnpack)} (XNNPACK runs only their float kernel)"] if for_xnnpack else []
+        parts += [f"{_counts(for_speed)} (int8 kernel slower on this CPU)"] if for_speed else []
         if rest:
             hub = (tflite.get("hub_float_ops") or {}).get("chosen")
             parts.append(f"{_counts(rest)} ({'float as in the Q/DQ hub: more accurate on LiteRT' if hub else 'no int8 kernel'})")

@@ -296,6 +296,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--tflite-output-bits", type=click.Choice(["8", "16"]), default=None,
               help="16: the ops computing an int8 .tflite's outputs run with int16 activations (16x8) and the outputs are int16 "
                    "(no ties between close logits); 8: int8 outputs. Default: the target's (see README).")
+@click.option("--tflite-speed-check/--no-tflite-speed-check", "tflite_speed_check", default=None,
+              help="Int8 .tflite: time each compute layer's int8 and float kernels here (XNNPACK) and keep float those whose int8 "
+                   "kernel is slower, when the file gets faster (default on; off: every layer int8, e.g. for an NPU delegate or "
+                   "a device whose CPU differs from this one).")
 @_data_options
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'OUTPUT:cosine>=0.99'; default: a task-aware gate for every output; 'none' for no gate.")
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, labels, generic) where inferring it is not right.")
@@ -321,7 +325,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_executor_options
 @_with_run_limit
 @_source_options
-def build(model, targets, precisions, tflite_io, tflite_output_bits, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
+def build(model, targets, precisions, tflite_io, tflite_output_bits, tflite_speed_check, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
           auto_fallback, max_float_layers, exclude_node, exclude_op, exclude_after, keep_first_last_float, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
@@ -339,7 +343,8 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, table, cali
     target_list = [t.strip() for t in targets.split(",") if t.strip()]
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
     target_options = {"tensorrt": {"profile": parse_dim_ranges(profiles), "workspace_mb": workspace_mb, "builder": tensorrt_builder},
-                      "tflite": {**({"io": tflite_io} if tflite_io else {}), **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {})}}
+                      "tflite": {**({"io": tflite_io} if tflite_io else {}), **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {}),
+                                 **({"speed_check": tflite_speed_check} if tflite_speed_check is not None else {})}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
                            min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,

@@ -31,20 +31,22 @@ __all__ = ["MODEL_FILE", "TARGET", "TfliteRunner", "build_flatbuffer"]
 def build_flatbuffer(precision: str, function, origin: str, *, table=None, reference: onnx.ModelProto | None = None,
                      feeds=None, more_feeds: Iterable = (), io_type: str = IO_TYPES[0], owner: Any = None,
                      float_layers: Sequence[str] = (), output_bits: int = 8, hub_quantized: Collection[str] | None = None,
-                     judge_samples: Iterable = (), threads: int | None = None,
+                     judge_samples: Iterable = (), threads: int | None = None, speed_check: bool = False,
                      smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The flatbuffer of `function` (a tf.function) at `precision`, with what the manifest records.
     INT8 needs the CalibrationTable, the FP32 ONNX graph `function` computes and calibration feeds
     (`more_feeds`: further calibration batches, for tensors measured in TFLite); `float_layers`:
     ONNX compute layers of `reference` to keep float; `hub_quantized`: the ONNX tensors the Q/DQ
     hub quantizes, to judge on `judge_samples` whether to keep float what it keeps float
-    (hub_float.py); `smoke`: runs an int8 flatbuffer in a child process before this one does
+    (hub_float.py); `speed_check`: keeps float the layers whose int8 kernel is slower on this CPU
+    (speed_float.py); `smoke`: runs an int8 flatbuffer in a child process before this one does
     (smoke.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.delegate_float import keep_delegated
-    from enginekit.targets.tflite.float_layers import float_op_outputs, mask_outputs, recurrence_outputs
+    from enginekit.targets.tflite.float_layers import float_op_outputs, mask_outputs, moved_after, recurrence_outputs
     from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
     from enginekit.targets.tflite.ranges import map_ranges
+    from enginekit.targets.tflite.speed_float import keep_faster
 
     if precision in ("fp32", "fp16"):
         model = convert_function(function, origin, precision, owner)
@@ -64,13 +66,20 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         model, hub_choice = choose(float_model, model, lambda: quantize_int8(float_model, ranges.ranges, io_type, [*float_ops, *extra], output_bits),
                                    extra, judge_samples, threads, smoke)
     kept_float = [*float_ops, *(extra if hub_choice and hub_choice["chosen"] else [])]
-    model, delegate_choice = keep_delegated(float_model, model, lambda slow: quantize_int8(float_model, ranges.ranges, io_type,
-                                                                                          [*kept_float, *slow], output_bits), smoke)
+    requantize = _Requantizer(lambda tensors: quantize_int8(float_model, ranges.ranges, io_type, tensors, output_bits), kept_float)
+    model, delegate_choice = keep_delegated(float_model, model, requantize, smoke)
+    if delegate_choice and delegate_choice["chosen"]:
+        requantize.kept = requantize.last
+    speed_choice = None
+    if speed_check:
+        model, speed_choice = keep_faster(float_model, model, lambda slow: requantize([*slow, *moved_after(slow, ranges)]), threads, smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:
         info["hub_float_ops"] = hub_choice
     if delegate_choice is not None:
         info["float_for_xnnpack"] = delegate_choice
+    if speed_choice is not None:
+        info["float_for_speed"] = speed_choice
     if recurrence:
         info["recurrence_float_ops"] = len(recurrence)
     if masks:
@@ -79,6 +88,30 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": layer_ops,
                                 "not_found_in_tflite": not_found}
     return model, info
+
+
+class _Requantizer:
+    """Quantizes the float flatbuffer again with `kept` and further tensors float, remembering the
+    last list it was given (what a choice that took its flatbuffer keeps float from then on)."""
+
+    def __init__(self, quantize: Callable[[Sequence[str]], bytes], kept: Sequence[str]):
+        self.quantize, self.kept, self.last = quantize, list(kept), list(kept)
+
+    def __call__(self, more: Sequence[str]) -> bytes:
+        self.last = [*self.kept, *(t for t in more if t not in self.kept)]
+        return self.quantize(self.last)
+
+
+def speed_notes(choice: Mapping[str, Any] | None) -> list[str]:
+    """What the speed check (speed_float.py) kept float, or measured and left int8, in one line."""
+    if not choice:
+        return []
+    ops = ", ".join(f"{op} x{count}" for op, count in choice["ops"].items())
+    if not choice["chosen"]:
+        return [f"int8 kernels slower than float on this CPU ({ops}) stay int8: "
+                + (choice.get("why") or f"the file with them float was not faster ({choice['integer_us']} vs {choice['with_float_us']} us)")]
+    return [f"kept float where the int8 kernel is slower on this CPU: {ops}; the file runs in {choice['with_float_us']} us "
+            f"instead of {choice['integer_us']} us (measured here: other CPUs may differ)"]
 
 
 def io_notes(io: Mapping[str, Mapping[str, Any]], io_type: str, output_bits: int) -> list[str]:
@@ -127,8 +160,9 @@ class TfliteTarget(Target):
     float_layers = True  # full-integer but for the layers a build keeps float (float_layers.py)
     # io: int8 .tflite input/output type, one of IO_TYPES (float32: QUANTIZE/DEQUANTIZE inside the
     # flatbuffer); output_bits: 16 runs the ops computing the outputs with int16 activations (16x8)
-    # and gives int16 outputs, 8 keeps them int8
-    option_defaults = {"io": IO_TYPES[0], "output_bits": 8}
+    # and gives int16 outputs, 8 keeps them int8; speed_check: layers whose int8 kernel is slower
+    # than their float one on the building CPU stay float (speed_float.py), False keeps them int8
+    option_defaults = {"io": IO_TYPES[0], "output_bits": 8, "speed_check": True}
 
     def unavailable(self, precision: str) -> str | None:
         return unavailable_reason()
@@ -183,6 +217,7 @@ class TfliteTarget(Target):
                                        more_feeds=inputs.calibration_samples(MEASURED_SAMPLES, 2) if int8 else (),
                                        io_type=inputs.options["io"], owner=owner, float_layers=inputs.float_layers() if int8 else (),
                                        output_bits=inputs.options["output_bits"], threads=inputs.threads,
+                                       speed_check=inputs.options["speed_check"],
                                        hub_quantized=hub_quantized,
                                        judge_samples=inputs.calibration_samples(JUDGE_SAMPLES, JUDGE_BATCH) if hub_quantized is not None else (),
                                        smoke=lambda flatbuffer, what: smoke_run(flatbuffer, inputs.calibration_feeds(2), inputs.stage, what))
@@ -190,6 +225,7 @@ class TfliteTarget(Target):
         if delegated.get("chosen"):
             notes.append("kept float where XNNPACK runs only the float op: "
                          + ", ".join(f"{op} x{count}" for op, count in delegated["ops"].items()))
+        notes += speed_notes(info.get("float_for_speed"))
         notes += io_notes(info["io"], inputs.options["io"], inputs.options["output_bits"]) if int8 else []
         missing = info.get("float_layers", {}).get("not_found_in_tflite")
         if missing:

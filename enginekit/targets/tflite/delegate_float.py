@@ -48,16 +48,26 @@ def keep_delegated(float_model: bytes, integer: bytes, requantize: Callable[[Seq
     if not slow:
         return integer, None
     record: dict[str, Any] = {"ops": dict(Counter(slow.values()).most_common()), "chosen": False}
-    try:
-        candidate = requantize(list(slow))
-        if smoke is not None:
-            smoke(candidate, "int8 (the ops outside XNNPACK kept float)")
-    except Exception as exc:  # the quantizer or LiteRT refusing this mix: the flatbuffer stays as it was
-        record["why"] = f"the flatbuffer with them float failed: {' '.join(str(exc).split())[:200]}"
+    candidate = float_candidate(requantize, list(slow), smoke, "int8 (the ops outside XNNPACK kept float)", record)
+    if candidate is None:
         return integer, record
     before, after = len(outside), len(outside_xnnpack_outputs(candidate))
     record.update(outside_before=before, outside_after=after, chosen=after < before)
     return (candidate if after < before else integer), record
+
+
+def float_candidate(requantize: Callable[[Sequence[str]], bytes], tensors: Sequence[str], smoke: Callable[[bytes, str], None] | None,
+                    what: str, record: dict[str, Any]) -> bytes | None:
+    """The flatbuffer `requantize(tensors)` builds, run by `smoke` as `what`; None, with the reason
+    in `record["why"]`, where the quantizer or LiteRT refuses that mix (the caller keeps its own)."""
+    try:
+        candidate = requantize(tensors)
+        if smoke is not None:
+            smoke(candidate, what)
+    except Exception as exc:  # the quantizer or LiteRT refusing this mix: the flatbuffer stays as it was
+        record["why"] = f"the flatbuffer with them float failed: {' '.join(str(exc).split())[:200]}"
+        return None
+    return candidate
 
 
 def op_output_names(model: bytes) -> set[str]:

@@ -1,0 +1,166 @@
+"""TFLite keeps float the compute layers whose int8 kernel is slower than their float one on this CPU.
+
+An int8 kernel is not always the faster one. Measured with XNNPACK on a CPU with AMX (a Xeon with
+amx_int8), where the int8 convolutions use 16x64 tiles with input channels padded to blocks of
+4: a 3-to-10-channel 3x3 convolution at 64x64 (MTCNN P-Net's first layer) took 163 us in int8
+and 42 us in float; a 1-channel convolution with a 256-wide kernel (silero VAD's STFT) 118 us
+and 10.5 us; the same CPU runs a 64-channel 3x3 convolution 12x faster in int8. Whole models
+followed their first layer: P-Net INT8 0.63x its FP32 twin, silero 0.35x. On a CPU without AMX
+the same layers were faster in int8. So the choice is measured on the machine that builds, not
+written as a rule about channel counts.
+
+Each int8 compute op and its float twin (the op writing the same tensor in the float flatbuffer)
+are cut out into flatbuffers of their own and timed interleaved with XNNPACK; an op is kept float
+when its int8 kernel is slower by more than SLOWER (timings of single ops drift: a margin is
+there so that noise does not take layers float). The flatbuffer with those ops float is then
+timed against the full-integer one, interleaved, and taken only when it is faster by more than
+FASTER. A float layer is never less accurate than its int8 twin, and the cell's gate still
+judges the result. The choice and every timing go into the manifest: the artifact is fastest on
+CPUs like the one that built it (the manifest's `machine`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from enginekit.targets.tflite.delegate_float import float_candidate
+
+PROBED_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "CONV_3D"}
+SLOWER = 1.25  # an op's int8 kernel must take this many times its float kernel's time to be kept float
+FASTER = 1.05  # the flatbuffer with those ops float must be this much faster than the full-integer one
+ROUNDS, MIN_SECONDS = 5, 0.02  # interleaved rounds; each round runs a model at least this long
+
+
+def single_op_models(model: bytes, names: Sequence[str] | None = None) -> dict[str, tuple[str, bytes]]:
+    """Output tensor name -> (op type, a flatbuffer holding only that op) for every PROBED_OPS op
+    of the main subgraph (only those writing one of `names`, when given). Each flatbuffer keeps
+    only that op's tensors and constant buffers; its other inputs become the graph's inputs."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    graph = tree.subgraphs[0]
+    codes = {index: _op_name(code) for index, code in enumerate(tree.operatorCodes)}
+    found: dict[str, tuple[str, bytes]] = {}
+    for op in graph.operators:
+        kind = codes.get(op.opcodeIndex)
+        output = _text(graph.tensors[op.outputs[0]].name) if len(op.outputs) else ""
+        if kind not in PROBED_OPS or (names is not None and output not in names) or output in found:
+            continue
+        single = schema.ModelT()
+        single.version, single.operatorCodes, single.buffers = tree.version, tree.operatorCodes, [schema.BufferT()]
+        sub, remap = schema.SubGraphT(), {}
+        sub.tensors, sub.inputs = [], []
+        for index in [*op.inputs, *op.outputs]:
+            if index < 0 or index in remap:
+                continue
+            tensor = copy.copy(graph.tensors[index])
+            data = tree.buffers[tensor.buffer].data if tensor.buffer < len(tree.buffers) else None
+            if data is not None and len(data):
+                single.buffers.append(tree.buffers[tensor.buffer])
+                tensor.buffer = len(single.buffers) - 1
+            else:
+                tensor.buffer = 0
+                if index in op.inputs:
+                    sub.inputs.append(len(sub.tensors))
+            remap[index] = len(sub.tensors)
+            sub.tensors.append(tensor)
+        lone = copy.copy(op)
+        lone.inputs = [remap[i] if i >= 0 else -1 for i in op.inputs]
+        lone.outputs = [remap[i] for i in op.outputs]
+        sub.operators, sub.outputs = [lone], [remap[i] for i in op.outputs]
+        single.subgraphs = [sub]
+        found[output] = (kind, bytes(flatbuffer_utils.convert_object_to_bytearray(single)))
+    return found
+
+
+def _op_name(code: Any) -> str:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    number = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return next((name for name, value in vars(schema.BuiltinOperator).items() if value == number), str(number))
+
+
+def _text(name: Any) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+class _Timed:
+    """One flatbuffer in an XNNPACK interpreter, fed zeros (a kernel's time does not depend on its values)."""
+
+    def __init__(self, model: bytes, threads: int | None):
+        from enginekit.core.quiet import quiet_stderr
+        from enginekit.targets.tflite.runner import require_litert
+
+        with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+            self.interpreter = require_litert().Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
+        self.interpreter.allocate_tensors()
+        for detail in self.interpreter.get_input_details():
+            self.interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+        self.interpreter.invoke()  # the delegate's first run packs weights
+        self.seconds: list[float] = []
+
+    def round(self) -> None:
+        runs, started = 0, time.perf_counter()
+        while True:
+            self.interpreter.invoke()
+            runs += 1
+            spent = time.perf_counter() - started
+            if spent >= MIN_SECONDS and runs >= 3:
+                break
+        self.seconds.append(spent / runs)
+
+    def microseconds(self) -> float:
+        return float(np.median(self.seconds)) * 1e6
+
+
+def interleaved_microseconds(models: Sequence[bytes], threads: int | None) -> list[float]:
+    """Median time per run of each flatbuffer, the rounds interleaved so that drift hits all alike."""
+    timed = [_Timed(model, threads) for model in models]
+    for _ in range(ROUNDS):
+        for each in timed:
+            each.round()
+    return [each.microseconds() for each in timed]
+
+
+def slower_int8_ops(float_model: bytes, integer: bytes, threads: int | None) -> dict[str, dict[str, Any]]:
+    """The integer flatbuffer's compute ops whose kernel is slower than their float twin's by more
+    than SLOWER: output tensor name -> op type and both times (us)."""
+    integer_ops = single_op_models(integer)
+    float_ops = single_op_models(float_model, list(integer_ops))
+    slow = {}
+    for name, (kind, probe) in integer_ops.items():
+        if name not in float_ops:
+            continue
+        try:
+            int8_us, float_us = interleaved_microseconds([probe, float_ops[name][1]], threads)
+        except (RuntimeError, ValueError):  # an op LiteRT does not run on its own: not judged
+            continue
+        if int8_us > SLOWER * float_us:
+            slow[name] = {"op": kind, "int8_us": round(int8_us, 1), "float_us": round(float_us, 1)}
+    return slow
+
+
+def keep_faster(float_model: bytes, integer: bytes, requantize: Callable[[Sequence[str]], bytes], threads: int | None,
+                smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any] | None]:
+    """`integer`, or the flatbuffer `requantize(tensors)` builds with `slower_int8_ops` float where
+    it is faster by more than FASTER; with the record for the manifest (None when every int8
+    compute op is at least as fast as its float twin)."""
+    slow = slower_int8_ops(float_model, integer, threads)
+    if not slow:
+        return integer, None
+    record: dict[str, Any] = {"ops": dict(Counter(s["op"] for s in slow.values()).most_common()), "layers": slow, "chosen": False}
+    candidate = float_candidate(requantize, list(slow), smoke, "int8 (the layers with slower int8 kernels kept float)", record)
+    if candidate is None:
+        return integer, record
+    before, after = interleaved_microseconds([integer, candidate], threads)
+    chosen = before > FASTER * after
+    record.update(integer_us=round(before, 1), with_float_us=round(after, 1), chosen=chosen)
+    return (candidate if chosen else integer), record
