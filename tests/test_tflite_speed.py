@@ -20,8 +20,9 @@ from enginekit.targets.tflite.convert import op_types  # noqa: E402
 from enginekit.targets.tflite.runner import MODEL_FILE  # noqa: E402
 
 
-def _convnet(folder, classes: int = 4):
-    """3 -> 8 channels (a first layer with few input channels), 8 -> 16, pooled, a Gemm head."""
+def _convnet(folder, classes: int = 4, size=32):
+    """3 -> 8 channels (a first layer with few input channels), 8 -> 16, pooled, a Gemm head;
+    `size` "any" leaves height and width dynamic (the data is 32 x 32)."""
     rng = np.random.default_rng(11)
     constants = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8), "w2": rng.normal(0, 0.2, (16, 8, 3, 3)),
                  "b2": rng.normal(0, 0.1, 16), "wg": rng.normal(0, 0.3, (16, classes)), "bg": rng.normal(0, 0.1, classes)}
@@ -29,7 +30,7 @@ def _convnet(folder, classes: int = 4):
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="second"), helper.make_node("Relu", ["c2"], ["r2"]),
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="head")]
-    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, *((size, size) if size != "any" else ("h", "w"))])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
                               [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "convnet.onnx"))
@@ -81,9 +82,9 @@ def test_a_layer_whose_int8_kernel_is_slower_stays_float_when_the_file_gets_fast
     real = speed_float.interleaved_microseconds
     calls = []
 
-    def timed(models, threads):
+    def timed(models, threads, shapes=None):
         calls.append(len(models))
-        real(models, threads)  # the probes and files must load and run
+        real(models, threads, shapes)  # the probes and files must load and run
         if len(calls) == 1:  # the first probe pair (the first convolution): int8 then float
             return [400.0, 100.0]
         if len(models) == 2 and len(calls) <= 3:
@@ -106,7 +107,7 @@ def test_the_slower_layers_stay_int8_when_the_file_with_them_float_is_not_faster
     options = _convnet(tmp_path)
     calls = []
 
-    def timed(models, threads):  # the three probe pairs: int8 3x float; then both files alike
+    def timed(models, threads, shapes=None):  # the three probe pairs: int8 3x float; then both files alike
         calls.append(models)
         return [300.0, 100.0] if len(calls) <= 3 else [100.0, 100.0]
 
@@ -122,7 +123,7 @@ def test_the_check_off_keeps_every_layer_int8_and_measures_nothing(tmp_path, mon
     options = _convnet(tmp_path)
     options.target_options = {"tflite": {"speed_check": False}}
 
-    def never(models, threads):
+    def never(models, threads, shapes=None):
         raise AssertionError("timed with the speed check off")
 
     monkeypatch.setattr(speed_float, "interleaved_microseconds", never)
@@ -150,7 +151,7 @@ def test_on_this_cpu_the_record_agrees_with_its_own_timings(tmp_path):
 
 def test_the_command_line_turns_the_check_on_and_off(tmp_path, monkeypatch, run_cli):
     _convnet(tmp_path)
-    monkeypatch.setattr(speed_float, "interleaved_microseconds", lambda models, threads: [300.0, 100.0])
+    monkeypatch.setattr(speed_float, "interleaved_microseconds", lambda models, threads, shapes=None: [300.0, 100.0])
     common = ["build", "-m", tmp_path / "convnet.onnx", "--target", "tflite", "--precision", "int8", "--calib-data", tmp_path / "d.npz",
               "--eval-data", tmp_path / "d.npz", "--num-samples", "32", "--min-accuracy", "none"]
     for flag, expected in (("--tflite-speed-check", True), ("--no-tflite-speed-check", False)):
@@ -158,3 +159,22 @@ def test_the_command_line_turns_the_check_on_and_off(tmp_path, monkeypatch, run_
         assert result.code == 0, result.err
         manifest = json.loads((tmp_path / flag / "manifest.json").read_text())
         assert ("float_for_speed" in manifest["tflite"]) is expected
+
+
+def test_layers_are_timed_at_the_size_the_data_runs_at_when_the_file_leaves_it_dynamic(tmp_path, monkeypatch):
+    """An input whose height and width are dynamic: the file holds placeholder sizes, and PP-OCRv4
+    det's layers were timed at 1 x 1 pixels. Every probe and both files are timed with the
+    tensors at the data's 32 x 32."""
+    options = _convnet(tmp_path, size="any")
+    real, seen = speed_float.interleaved_microseconds, []
+
+    def timed(models, threads, shapes=None):
+        seen.append(shapes)
+        return real(models, threads, shapes)
+
+    monkeypatch.setattr(speed_float, "interleaved_microseconds", timed)
+    result = build(str(tmp_path / "convnet.onnx"), "tflite", "int8", tmp_path / "int8", options)
+    assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.99
+    assert seen and all(shapes is seen[0] for shapes in seen)
+    shapes = list(seen[0].values())
+    assert [1, 32, 32, 8] in shapes and [1, 32, 32, 16] in shapes, shapes  # both convolutions' outputs

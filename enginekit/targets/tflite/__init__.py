@@ -72,7 +72,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         requantize.kept = requantize.last
     speed_choice = None
     if speed_check:
-        model, speed_choice = keep_faster(float_model, model, lambda slow: requantize([*slow, *moved_after(slow, ranges)]), threads, smoke)
+        model, speed_choice = keep_faster(float_model, model, lambda slow: requantize([*slow, *moved_after(slow, ranges)]), threads, feeds, smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:
         info["hub_float_ops"] = hub_choice

@@ -25,7 +25,7 @@ import copy
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,16 +105,46 @@ def _text(name: Any) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-class _Timed:
-    """One flatbuffer in an XNNPACK interpreter, fed zeros (a kernel's time does not depend on its values)."""
+def running_shapes(model: bytes, feeds: Mapping[str, Any] | None) -> dict[str, list[int]]:
+    """Every tensor's shape, by name, when `model` runs one sample of `feeds`: the dims the file
+    leaves dynamic (an OCR detector's height and width) take the data's sizes, the batch 1, so
+    that layers are timed at the size they run at and not at the placeholder size of the file
+    (PP-OCRv4 det's layers were timed at 1 x 1 pixels first). Empty without feeds."""
+    from enginekit.targets.tflite.runner import require_litert, signature_inputs
 
-    def __init__(self, model: bytes, threads: int | None):
+    if not feeds:
+        return {}
+    litert = require_litert()
+    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    inputs = signature_inputs(interpreter.get_signature_runner())
+    for name, detail in inputs.items():
+        if name in feeds:
+            signature, sizes = detail["shape_signature"], np.shape(feeds[name])
+            shape = [(1 if axis == 0 else sizes[axis]) if size < 0 and axis < len(sizes) else int(detail["shape"][axis])
+                     for axis, size in enumerate(signature)]
+            interpreter.resize_tensor_input(detail["index"], shape)
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+    interpreter.invoke()  # shapes computed from data (a RESHAPE reading a SHAPE) are known only now
+    return {detail["name"]: [int(n) for n in detail["shape"]] for detail in interpreter.get_tensor_details()}
+
+
+class _Timed:
+    """One flatbuffer in an XNNPACK interpreter, its inputs at `shapes` (by tensor name) where
+    given, fed zeros (a kernel's time does not depend on its values)."""
+
+    def __init__(self, model: bytes, threads: int | None, shapes: Mapping[str, list[int]]):
         from enginekit.core.quiet import quiet_stderr
         from enginekit.targets.tflite.runner import require_litert
 
         with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
             self.interpreter = require_litert().Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
-        self.interpreter.allocate_tensors()
+        for detail in self.interpreter.get_input_details():
+            if detail["name"] in shapes and list(detail["shape"]) != shapes[detail["name"]]:
+                self.interpreter.resize_tensor_input(detail["index"], shapes[detail["name"]])
+        with quiet_stderr():
+            self.interpreter.allocate_tensors()
         for detail in self.interpreter.get_input_details():
             self.interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
         self.interpreter.invoke()  # the delegate's first run packs weights
@@ -134,18 +164,20 @@ class _Timed:
         return float(np.median(self.seconds)) * 1e6
 
 
-def interleaved_microseconds(models: Sequence[bytes], threads: int | None) -> list[float]:
-    """Median time per run of each flatbuffer, the rounds interleaved so that drift hits all alike."""
-    timed = [_Timed(model, threads) for model in models]
+def interleaved_microseconds(models: Sequence[bytes], threads: int | None, shapes: Mapping[str, list[int]] | None = None) -> list[float]:
+    """Median time per run of each flatbuffer (inputs at `shapes`), the rounds interleaved so that
+    drift hits all alike."""
+    timed = [_Timed(model, threads, shapes or {}) for model in models]
     for _ in range(ROUNDS):
         for each in timed:
             each.round()
     return [each.microseconds() for each in timed]
 
 
-def slower_int8_ops(float_model: bytes, integer: bytes, threads: int | None) -> dict[str, dict[str, Any]]:
+def slower_int8_ops(float_model: bytes, integer: bytes, threads: int | None, shapes: Mapping[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
     """The integer flatbuffer's compute ops whose kernel is slower than their float twin's by more
-    than SLOWER: output tensor name -> op type and both times (us)."""
+    than SLOWER (each probe's input at its size in `shapes`): output tensor name -> op type and
+    both times (us)."""
     integer_ops = single_op_models(integer)
     float_ops = single_op_models(float_model, list(integer_ops))
     slow = {}
@@ -153,7 +185,7 @@ def slower_int8_ops(float_model: bytes, integer: bytes, threads: int | None) -> 
         if name not in float_ops:
             continue
         try:
-            int8_us, float_us = interleaved_microseconds([probe, float_ops[name][1]], threads)
+            int8_us, float_us = interleaved_microseconds([probe, float_ops[name][1]], threads, shapes)
         except (RuntimeError, ValueError):  # an op LiteRT does not run on its own: not judged
             continue
         if int8_us > SLOWER * float_us:
@@ -162,18 +194,20 @@ def slower_int8_ops(float_model: bytes, integer: bytes, threads: int | None) -> 
 
 
 def keep_faster(float_model: bytes, integer: bytes, requantize: Callable[[Sequence[str]], bytes], threads: int | None,
-                smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any] | None]:
+                feeds: Mapping[str, Any] | None = None, smoke: Callable[[bytes, str], None] | None = None) -> tuple[bytes, dict[str, Any] | None]:
     """`integer`, or the flatbuffer `requantize(tensors)` builds with `slower_int8_ops` float where
-    it is faster by more than FASTER; with the record for the manifest (None when every int8
-    compute op is at least as fast as its float twin)."""
-    slow = slower_int8_ops(float_model, integer, threads)
+    it is faster by more than FASTER, all timed at the sizes one sample of `feeds` runs at; with
+    the record for the manifest (None when every int8 compute op is at least as fast as its
+    float twin)."""
+    shapes = {**running_shapes(float_model, feeds), **running_shapes(integer, feeds)}
+    slow = slower_int8_ops(float_model, integer, threads, shapes)
     if not slow:
         return integer, None
     record: dict[str, Any] = {"ops": dict(Counter(s["op"] for s in slow.values()).most_common()), "layers": slow, "chosen": False}
     candidate = float_candidate(requantize, list(slow), smoke, "int8 (the layers with slower int8 kernels kept float)", record)
     if candidate is None:
         return integer, record
-    before, after = interleaved_microseconds([integer, candidate], threads)
+    before, after = interleaved_microseconds([integer, candidate], threads, shapes)
     chosen = before > FASTER * after
     record.update(integer_us=round(before, 1), with_float_us=round(after, 1), chosen=chosen)
     return (candidate if chosen else integer), record
