@@ -178,3 +178,18 @@ def test_layers_are_timed_at_the_size_the_data_runs_at_when_the_file_leaves_it_d
     assert seen and all(shapes is seen[0] for shapes in seen)
     shapes = list(seen[0].values())
     assert [1, 32, 32, 8] in shapes and [1, 32, 32, 16] in shapes, shapes  # both convolutions' outputs
+
+
+def test_a_measurement_that_fails_leaves_the_file_full_integer_and_says_so(tmp_path, monkeypatch):
+    """The speed check is an optimisation: LiteRT refusing a probe's shapes must not fail the cell."""
+    options = _convnet(tmp_path)
+
+    def refuses(model, feeds):
+        raise RuntimeError("tensorflow/lite/kernels/conv.cc: cannot resize")
+
+    monkeypatch.setattr(speed_float, "running_shapes", refuses)
+    result = build(str(tmp_path / "convnet.onnx"), "tflite", "int8", tmp_path / "int8", options)
+    record = result.manifest["tflite"]["float_for_speed"]
+    assert not record["chosen"] and "cannot resize" in record["why"]
+    assert all(t == "int8" for _, t in _compute_types((result.folder / MODEL_FILE).read_bytes()))
+    assert any(note.startswith("the speed check did not run") for note in result.manifest["tflite"]["notes"])

@@ -107,6 +107,8 @@ def speed_notes(choice: Mapping[str, Any] | None) -> list[str]:
     if not choice:
         return []
     ops = ", ".join(f"{op} x{count}" for op, count in choice["ops"].items())
+    if not ops:
+        return [f"the speed check did not run ({choice['why']}): every layer stays int8"]
     if not choice["chosen"]:
         return [f"int8 kernels slower than float on this CPU ({ops}) stay int8: "
                 + (choice.get("why") or f"the file with them float was not faster ({choice['integer_us']} vs {choice['with_float_us']} us)")]

@@ -199,15 +199,26 @@ def keep_faster(float_model: bytes, integer: bytes, requantize: Callable[[Sequen
     it is faster by more than FASTER, all timed at the sizes one sample of `feeds` runs at; with
     the record for the manifest (None when every int8 compute op is at least as fast as its
     float twin)."""
-    shapes = {**running_shapes(float_model, feeds), **running_shapes(integer, feeds)}
-    slow = slower_int8_ops(float_model, integer, threads, shapes)
+    try:
+        shapes = {**running_shapes(float_model, feeds), **running_shapes(integer, feeds)}
+        slow = slower_int8_ops(float_model, integer, threads, shapes)
+    except Exception as exc:  # a speed measurement must not fail the build: the file stays as it was
+        return integer, {"ops": {}, "chosen": False, "why": _failed("the layers could not be timed", exc)}
     if not slow:
         return integer, None
     record: dict[str, Any] = {"ops": dict(Counter(s["op"] for s in slow.values()).most_common()), "layers": slow, "chosen": False}
     candidate = float_candidate(requantize, list(slow), smoke, "int8 (the layers with slower int8 kernels kept float)", record)
     if candidate is None:
         return integer, record
-    before, after = interleaved_microseconds([integer, candidate], threads, shapes)
+    try:
+        before, after = interleaved_microseconds([integer, candidate], threads, shapes)
+    except Exception as exc:
+        record["why"] = _failed("the two files could not be timed", exc)
+        return integer, record
     chosen = before > FASTER * after
     record.update(integer_us=round(before, 1), with_float_us=round(after, 1), chosen=chosen)
     return (candidate if chosen else integer), record
+
+
+def _failed(what: str, exc: Exception) -> str:
+    return f"{what}: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
