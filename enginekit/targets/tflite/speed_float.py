@@ -45,12 +45,12 @@ def single_op_models(model: bytes, names: Sequence[str] | None = None) -> dict[s
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
+    from enginekit.targets.tflite.convert import op_types
+
     tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
     graph = tree.subgraphs[0]
-    codes = {index: _op_name(code) for index, code in enumerate(tree.operatorCodes)}
     found: dict[str, tuple[str, bytes]] = {}
-    for op in graph.operators:
-        kind = codes.get(op.opcodeIndex)
+    for op, kind in zip(graph.operators, [each["op"] for each in op_types(model)]):  # the main subgraph's ops, in order
         output = _text(graph.tensors[op.outputs[0]].name) if len(op.outputs) else ""
         if kind not in PROBED_OPS or (names is not None and output not in names) or output in found:
             continue
@@ -92,13 +92,6 @@ def _buffer_data(model: bytes, buffer: Any) -> np.ndarray | None:
     if getattr(buffer, "offset", 0) > 1 and getattr(buffer, "size", 0):
         return np.frombuffer(model, np.uint8, buffer.size, buffer.offset)
     return None
-
-
-def _op_name(code: Any) -> str:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    number = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return next((name for name, value in vars(schema.BuiltinOperator).items() if value == number), str(number))
 
 
 def _text(name: Any) -> str:
