@@ -314,7 +314,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="Runtime threads for every artifact (default: each artifact's fastest count, see --tune-threads).")
+@click.option("--tune-threads/--no-tune-threads", default=None,
+              help="Time each CPU artifact at its runtime's default thread count, half the cores and one, and keep the fastest in its "
+                   "manifest (default on; measured on this machine; off: the runtime's default, every core).")
 @click.option("--bench/--no-bench", default=True, show_default=True, help="With several artifacts: benchmark them into one report (JSON, Markdown, HTML).")
 @click.option("--source-row/--no-source-row", default=True, show_default=True, help="The report starts with the source model in its own framework (PyTorch eager and torch.compile, or Keras).")
 @click.option("--profile", "show_profile", is_flag=True, help="Print where the build's time went: seconds per stage and per cell, and how often each stage ran (also in report.json).")
@@ -326,7 +329,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @_with_run_limit
 @_source_options
 def build(model, targets, precisions, tflite_io, tflite_output_bits, tflite_speed_check, table, calib_method, calib_data, num_samples, eval_data, min_accuracy, output_kinds, metric,
-          auto_fallback, max_float_layers, exclude_node, exclude_op, exclude_after, keep_first_last_float, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, bench, source_row, show_profile, output,
+          auto_fallback, max_float_layers, exclude_node, exclude_op, exclude_after, keep_first_last_float, weight_type, weight_rounding, smoothquant, equalize, profiles, workspace_mb, tensorrt_builder, threads, tune_threads, bench, source_row, show_profile, output,
           executor, address, workers, source) -> None:
     """Build target x precision artifacts (calibrating once for INT8), each gated on accuracy.
 
@@ -346,7 +349,7 @@ def build(model, targets, precisions, tflite_io, tflite_output_bits, tflite_spee
                       "tflite": {**({"io": tflite_io} if tflite_io else {}), **({"output_bits": int(tflite_output_bits)} if tflite_output_bits else {}),
                                  **({"speed_check": tflite_speed_check} if tflite_speed_check is not None else {})}}
     options = BuildOptions(table=table, calib_method=calib_method, calib_data=calib_data, num_samples=num_samples, eval_data=eval_data,
-                           min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads,
+                           min_accuracy=min_accuracy, output_kinds=_pairs(output_kinds, "--output-kind"), metric=metric, threads=threads, tune_threads=tune_threads,
                            auto_fallback=auto_fallback, max_float_layers=max_float_layers, target_options=target_options,
                            quantize=QuantizeSettings(weight_type=weight_type, smoothquant=smoothquant, weight_rounding=weight_rounding,
                                                      equalize=equalize, exclude_nodes=tuple(exclude_node), exclude_ops=tuple(exclude_op),

@@ -114,3 +114,16 @@ def tflite_layers_stay_int8():
     patch.setitem(TfliteTarget.option_defaults, "speed_check", False)
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtimes_keep_default_threads():
+    """The thread-count tuning (builder/threads.py) times every artifact at several counts: seconds
+    per test build, and manifests that depend on the machine's load. The tests build without it;
+    test_thread_tuning turns it on where it is what is tested."""
+    from enginekit.builder import threads
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(threads, "TUNE_BY_DEFAULT", False)
+    yield
+    patch.undo()

@@ -37,7 +37,7 @@ from enginekit.core.machine import process_memory_mb
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.accuracy.metrics import headline
 from enginekit.targets.base import GPU_TIMING, STREAMS
-from enginekit.targets.registry import get_target
+from enginekit.targets.registry import artifact_threads, get_target
 
 if TYPE_CHECKING:
     from enginekit.benchmark.source import SourceSpec
@@ -194,7 +194,7 @@ class ArtifactBench:
             "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep + streams),
             "rss_mb": process_memory_mb() - self.rss_before if np.isfinite(self.rss_before) else None,
             "peak_rss_mb": process_memory_mb("VmHWM"),  # the whole measuring process, interpreter and imports included
-            "threads": settings.threads or os.cpu_count(),
+            "threads": artifact_threads(manifest, settings.threads) or os.cpu_count(),  # the count it ran at (its build's choice unless asked)
             "cpus": self.cpus,
             "accuracy": {k: v for k, v in accuracy.items() if isinstance(v, (int, float)) and k not in ("samples", "finite")},
             "accuracy_outputs": accuracy.get("outputs", {}),

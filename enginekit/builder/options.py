@@ -31,7 +31,8 @@ class BuildOptions:
     auto_fallback: bool = False  # INT8 below the gate: keep the fewest layers float that make it pass (builder/fallback.py)
     max_float_layers: int | None = None  # bound for auto_fallback (default DEFAULT_MAX_FLOAT_LAYERS)
     target_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"tensorrt": {"workspace_mb": 2048}}
-    threads: int | None = None
+    threads: int | None = None  # runtime threads for every cell; None: each artifact's own, measured (tune_threads)
+    tune_threads: bool | None = None  # time each artifact at fewer threads and keep its fastest (None: builder.threads.TUNE_BY_DEFAULT)
     # how the source becomes its FP32 ONNX (as `export` takes it): weights, input shapes, opset
     weights: str | Path | None = None
     input_shapes: Sequence[str] = ()  # NAME=DIMS[:DTYPE[:LOW..HIGH]], e.g. input_ids=batchxsequence:int64:0..30521
@@ -40,3 +41,8 @@ class BuildOptions:
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(str(self.weights) if self.weights else None, tuple(self.input_shapes), self.opset, self.allow_unsafe_keras)
+
+    def tunes_threads(self) -> bool:
+        from enginekit.builder.threads import TUNE_BY_DEFAULT  # read when asked: tests switch it off
+
+        return TUNE_BY_DEFAULT if self.tune_threads is None else self.tune_threads

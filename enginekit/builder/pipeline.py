@@ -22,6 +22,7 @@ from enginekit.builder.fallback import DEFAULT_MAX_FLOAT_LAYERS, fallback_error,
 from enginekit.builder.key import build_key
 from enginekit.builder.options import BuildOptions
 from enginekit.builder.session import CellInputs, ModelSession
+from enginekit.builder.threads import fastest_threads
 from enginekit.calibration.pipeline import write_tables
 from enginekit.core.artifacts import Manifest, read_manifest, sha256_file, staged_artifact, verify_files, write_manifest
 from enginekit.core.executor import fault_point
@@ -30,6 +31,7 @@ from enginekit.core.interrupt import stop_requested
 from enginekit.core.machine import machine_info, toolchain
 from enginekit.core.outputs import ARTIFACT, BUILD_ROOT, Output, check_outputs
 from enginekit.core.profile import profiling, stage
+from enginekit.core.tensors import take
 from enginekit.core.progress import report
 from enginekit.exporter.reference import Fp32Model, load_fp32
 from enginekit.onnx.graph import graph_inputs, tensor_specs
@@ -237,7 +239,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
         if session.user_metric is not None:
             metrics["user"] = run_user_metric(session.user_metric, session.reference_outputs(), candidate, evaluation.labels)
         verdict = _gate_naming_layers(inputs, target, metrics, conditions, evaluation)
-        manifest = write_manifest(stage_folder, {
+        content = {
             "model": fp32.name, "target": target.name, "precision": precision, "build_key": key,
             "source": {"model": fp32.origin, "fp32": str(fp32.path), "fp32_sha256": fp32.sha256},
             "inputs": [s.to_json() for s in tensor_specs(graph_inputs(fp32.proto))],
@@ -252,7 +254,14 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             "notes": fp32.notes + session.notes + inputs.notes,
             "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
             "machine": machine_info(),
-        })
+        }
+        if options.threads is None and options.tunes_threads() and target.cpu_threads:
+            with stage("thread count", cell):
+                record = fastest_threads(lambda count: target.open(stage_folder, content, threads=count),
+                                         take(evaluation.batches[0], 0, 1, session.input_axes))
+            if record is not None:
+                content["runtime_threads"] = record
+        manifest = write_manifest(stage_folder, content)
     return BuildResult(out, manifest)
 
 

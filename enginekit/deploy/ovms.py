@@ -13,6 +13,7 @@ from typing import Any
 
 from enginekit.core.errors import InputError
 from enginekit.deploy.artifact import DeployArtifact
+from enginekit.targets.registry import artifact_threads
 
 CONFIG = "config.json"
 # keys and types of a model's "config" object: OVMS's schema (model_server src/schema.cpp,
@@ -32,7 +33,7 @@ def ovms_entry(artifact: DeployArtifact, name: str, threads: int | None = None) 
     """One `model_config_list` entry; `base_path` relative to config.json (OVMS resolves it so)."""
     compiled = (artifact.manifest.get("openvino") or {}).get("compile_config") or {}
     plugin = {"PERFORMANCE_HINT": compiled.get("PERFORMANCE_HINT", "LATENCY")}
-    if threads:
+    if threads := artifact_threads(artifact.manifest, threads):  # the caller's, else the count its build measured fastest
         plugin["INFERENCE_NUM_THREADS"] = str(threads)
     if artifact.manifest.precision == "fp32":
         plugin["INFERENCE_PRECISION_HINT"] = "f32"

@@ -18,6 +18,7 @@ from enginekit.core.errors import EnginekitError, InputError
 from enginekit.core.tensors import TensorSpec
 from enginekit.deploy.artifact import TRITON_TYPES, DeployArtifact, served_dims
 from enginekit.deploy.pbtxt import Enum, parameters, to_text
+from enginekit.targets.registry import artifact_threads
 
 DEFAULT_MAX_BATCH = 16  # for CPU artifacts whose batch dim is free: the benchmark's largest batch by default
 # the parameters Triton's OpenVINO backend reads (openvino_backend src/openvino.cc ParseParameters);
@@ -30,7 +31,7 @@ OPENVINO_PARAMETERS = ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "COMPILATION
 class TritonOptions:
     max_batch_size: int | None = None  # None: the TensorRT profile's largest batch, else DEFAULT_MAX_BATCH
     instances: int = 1
-    threads: int | None = None  # OpenVINO's INFERENCE_NUM_THREADS; None: the cores of the machine that measured it
+    threads: int | None = None  # OpenVINO's INFERENCE_NUM_THREADS, ORT's intra_op_thread_count; None: the count the build measured fastest, else (OpenVINO) the cores of the machine that measured it
     max_queue_delay_us: int = 100
 
 
@@ -114,7 +115,7 @@ def _openvino_parameters(artifact: DeployArtifact, options: TritonOptions) -> di
     """The hints the artifact was compiled and measured with: its performance hint and thread
     count (Triton's OpenVINO backend has no key for the f32 precision hint; see `_header`)."""
     compiled = (artifact.manifest.get("openvino") or {}).get("compile_config") or {}
-    threads = options.threads or (artifact.manifest.get("machine") or {}).get("cores") or 1
+    threads = artifact_threads(artifact.manifest, options.threads) or (artifact.manifest.get("machine") or {}).get("cores") or 1
     return {"PERFORMANCE_HINT": compiled.get("PERFORMANCE_HINT", "LATENCY"), "INFERENCE_NUM_THREADS": str(threads)}
 
 
@@ -147,6 +148,8 @@ def triton_config(artifact: DeployArtifact, name: str, options: TritonOptions, b
         config["default_model_filename"] = model_file
     if serving.triton_backend == "openvino":
         config["parameters"] = parameters(_openvino_parameters(artifact, options))
+    elif serving.triton_platform == "onnxruntime_onnx" and (threads := artifact_threads(artifact.manifest, options.threads)):
+        config["parameters"] = parameters({"intra_op_thread_count": str(threads)})  # the count it was measured fastest at
     config["model_warmup"] = [{"name": "enginekit-warmup", "batch_size": 1, "count": 1,
                                "inputs": [{"key": spec.name, "value": _warmup_input(artifact, spec, tensorrt)} for spec in artifact.inputs]}]
     return to_text(config, _header(artifact, planned, tensorrt))

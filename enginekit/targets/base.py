@@ -157,6 +157,7 @@ class Target:
     placement: ClassVar[str] = "inputs"  # where its Q/DQ graph quantizes: "inputs" or also "outputs" (quantization.placement)
     aliases: ClassVar[tuple[str, ...]] = ()  # other names artifacts of this target carry in manifests
     float_layers: ClassVar[bool] = True  # whether its INT8 keeps the Q/DQ graph's float (excluded) layers float
+    cpu_threads: ClassVar[bool] = True  # whether its runner's speed depends on a CPU thread count (builder.threads tunes it)
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     serving: ClassVar[Serving] = Serving()  # how model servers load its artifacts (none by default)
 

@@ -5,6 +5,7 @@ works everywhere with no edit elsewhere."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,16 @@ def verified_artifact(folder: str | Path) -> tuple["Manifest", Target]:
 
 
 def open_artifact(folder: str | Path, threads: int | None = None, **runtime: Any) -> tuple[Runner, dict[str, Any]]:
-    """(runner, manifest) of an artifact folder; its files are verified against the manifest first."""
+    """(runner, manifest) of an artifact folder; its files are verified against the manifest first.
+    `threads` None: the count its build measured fastest (`artifact_threads`)."""
     manifest, target = verified_artifact(folder)
-    return target.open(Path(folder), manifest, threads=threads, **runtime), manifest
+    return target.open(Path(folder), manifest, threads=artifact_threads(manifest, threads), **runtime), manifest
+
+
+def artifact_threads(manifest: Mapping[str, Any], asked: int | None = None) -> int | None:
+    """The thread count an artifact runs at: the caller's, else the one its build measured fastest
+    on its machine (builder.threads), else None (the runtime's default: every core)."""
+    if asked:
+        return asked
+    chosen = (manifest.get("runtime_threads") or {}).get("chosen")
+    return chosen if isinstance(chosen, int) and chosen > 0 else None

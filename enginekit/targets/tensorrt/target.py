@@ -19,6 +19,7 @@ class TensorRTTarget(Target):
     precisions = PRECISIONS
     serving = Serving((PLAN_FILE,), triton_platform="tensorrt_plan", triton_default_file=PLAN_FILE, device="GPU")
     encoding = "int8"  # symmetric int8, zero point 0: the only Q/DQ TensorRT accepts
+    cpu_threads = False  # an engine runs on the GPU
     # profile: {dim: (min, opt, max)} overrides; builder: "api" or "trtexec" (same flags, its timings kept)
     option_defaults = {"profile": {}, "workspace_mb": 4096, "builder": "api"}
 
