@@ -73,6 +73,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     speed_choice = None
     if speed_check:
         model, speed_choice = keep_faster(float_model, model, lambda slow: requantize([*slow, *moved_after(slow, ranges)]), threads, feeds, smoke)
+        requantize.kept = requantize.last if speed_choice and speed_choice["chosen"] else requantize.kept
+    model, pass_through = _without_idle_pairs(model, requantize, smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:
         info["hub_float_ops"] = hub_choice
@@ -80,6 +82,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         info["float_for_xnnpack"] = delegate_choice
     if speed_choice is not None:
         info["float_for_speed"] = speed_choice
+    if pass_through:
+        info["float_pass_through"] = pass_through
     if recurrence:
         info["recurrence_float_ops"] = len(recurrence)
     if masks:
@@ -88,6 +92,26 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": layer_ops,
                                 "not_found_in_tflite": not_found}
     return model, info
+
+
+IDLE_PAIR_PASSES = 3
+
+
+def _without_idle_pairs(model: bytes, requantize: "_Requantizer", smoke: Callable[[bytes, str], None] | None) -> tuple[bytes, list[str]]:
+    """`model` with the data movement that only carries a QUANTIZE's values to DEQUANTIZEs kept
+    float (float_layers.dequantized_only), and the tensors it moved to float."""
+    from enginekit.targets.tflite.float_layers import dequantized_only
+
+    moved: list[str] = []
+    for _ in range(IDLE_PAIR_PASSES):  # a chain kept float can leave the one before it idle
+        idle = [t for t in dequantized_only(model) if t not in moved]
+        if not idle:
+            break
+        moved += idle
+        model = requantize(moved)
+        if smoke is not None:
+            smoke(model, "int8")
+    return model, moved
 
 
 class _Requantizer:

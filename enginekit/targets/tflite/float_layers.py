@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 
 from enginekit.onnx.nodes import tensor_readers
@@ -86,3 +87,45 @@ def mask_outputs(ranges: RangeMap) -> list[str]:
     ~1e36, on which LiteRT aborted (SIGABRT: a PyTorch encoder with a key-padding mask)."""
     inside = [tensor for tensor in ranges.masks if tensor in ranges.producers]
     return inside + moved_after(inside, ranges)
+
+
+PASS_THROUGH_OPS = FLOAT_FOLLOWING_OPS | {"CONCATENATION", "MAX_POOL_2D"}  # ops that only move or select values
+
+
+def dequantized_only(model: bytes) -> list[str]:
+    """Outputs of data movement in an int8 flatbuffer that moves values from a QUANTIZE to
+    DEQUANTIZEs only (through further data movement; never read by an integer op nor returned):
+    each such chain costs a QUANTIZE, a DEQUANTIZE and a rounding for nothing. The choices that
+    keep ops float leave them behind: QUANTIZE -> TRANSPOSE -> DEQUANTIZE in front of a first
+    convolution kept float for speed (MTCNN's nets), QUANTIZE -> RESHAPE -> DEQUANTIZE between a
+    float PReLU and float heads. Kept float, the movement runs on the float values and the pair
+    disappears. (Movement after an integer op is left alone: float, it would only move 4x the
+    bytes.)"""
+    from enginekit.targets.tflite.runner import require_litert
+
+    litert = require_litert()
+    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    writer = {index: op for op in ops for index in op["outputs"]}
+    readers: dict[int, list[dict]] = {}
+    for op in ops:
+        for index in op["inputs"]:
+            readers.setdefault(index, []).append(op)
+    returned = {detail["index"] for detail in interpreter.get_output_details()}
+
+    def quantized(index: int) -> bool:
+        return index in tensors and np.dtype(tensors[index]["dtype"]).kind in "iu" and tensors[index]["dtype"] not in (np.int32, np.int64)
+
+    def from_quantize(index: int) -> bool:
+        op = writer.get(index)
+        return op is not None and (op["op_name"] == "QUANTIZE" or (
+            op["op_name"] in PASS_THROUGH_OPS and all(from_quantize(i) for i in op["inputs"] if quantized(i))))
+
+    def only_dequantized(index: int) -> bool:
+        return index not in returned and bool(readers.get(index)) and all(
+            op["op_name"] == "DEQUANTIZE" or (op["op_name"] in PASS_THROUGH_OPS and all(only_dequantized(o) for o in op["outputs"]))
+            for op in readers[index])
+
+    return [tensors[o]["name"] for op in ops if op["op_name"] in PASS_THROUGH_OPS
+            for o in op["outputs"] if quantized(o) and from_quantize(o) and only_dequantized(o)]
