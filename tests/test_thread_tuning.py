@@ -123,3 +123,14 @@ def test_model_servers_are_configured_with_the_chosen_count(tmp_path, monkeypatc
     assert run_cli("deploy", "ovms", *artifacts, "-o", tmp_path / "ovms").code == 0
     entries = json.loads((tmp_path / "ovms" / "config.json").read_text())["model_config_list"]
     assert [entry["config"]["plugin_config"]["INFERENCE_NUM_THREADS"] for entry in entries] == ["1", "1"]
+
+
+def test_a_matrix_building_cells_side_by_side_does_not_tune_unless_asked():
+    """Two workers build two cells at once: each timing would measure the other build."""
+    from enginekit.builder.matrix import MatrixModel, untuned_beside_others
+    from enginekit.core.executor import LocalExecutor
+
+    models = [MatrixModel("digits_cnn", "a", BuildOptions()), MatrixModel("digits_cnn", "b", BuildOptions(tune_threads=True))]
+    side_by_side = untuned_beside_others(models, LocalExecutor(2))
+    assert [m.options.tune_threads for m in side_by_side] == [False, True]
+    assert [m.options.tune_threads for m in untuned_beside_others(models, LocalExecutor(1))] == [None, True]

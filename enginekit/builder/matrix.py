@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,15 @@ def parse_matrix(document: Mapping[str, Any], base: BuildOptions, folder: Path, 
     return entries, machines
 
 
+def untuned_beside_others(models: Sequence[MatrixModel], executor: Executor) -> list[MatrixModel]:
+    """The models with thread-count tuning (builder/threads.py) off, unless asked for, where the
+    executor builds cells side by side: a timing would measure the neighbouring builds, not the
+    artifact. One worker builds one cell at a time and tunes as a plain build does."""
+    if executor.workers == 1:
+        return list(models)
+    return [replace(m, options=replace(m.options, tune_threads=False)) if m.options.tune_threads is None else m for m in models]
+
+
 def build_matrix(models: Sequence[MatrixModel], targets: Sequence[str], precisions: Sequence[str], out: str | Path,
                  executor: Executor | str = "local", machines: Mapping[str, str] | None = None, flat: bool = False) -> MatrixResult:
     """Every model x target x precision on `executor`, each artifact in `out/<model>/<target>-<precision>`
@@ -141,6 +150,7 @@ def build_matrix(models: Sequence[MatrixModel], targets: Sequence[str], precisio
     out = Path(out)
     executor = get_executor(executor) if isinstance(executor, str) else executor
     machines = dict(machines or {})
+    models = untuned_beside_others(models, executor)
     if flat and len(models) != 1:
         raise ValueError("a flat layout holds one model")
     chosen = [get_target(name) for name in targets]  # an unknown target fails before any work
