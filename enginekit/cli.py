@@ -163,7 +163,7 @@ def export(model, weights, output, opset, dynamic_batch, input_shapes, atol, rto
 @click.option("--skip-nonfinite", is_flag=True, help="Drop samples with NaN/Inf (counted) instead of failing.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="ranges.json", show_default=True, help="Table path; with several methods, <stem>.<method>.json each.")
 @click.option("--trt-cache", type=click.Path(dir_okay=False), default=None, help="Also write a TensorRT-style calibration cache text.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads (default: all cores).")
 @click.option("--shards", type=click.IntRange(1), default=1, show_default=True, help="Split the pass over this many workers (the table is byte-identical).")
 @_smoothquant_option
 @_equalize_option
@@ -242,7 +242,7 @@ def _exclusion_options(command):
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output where inferring it is not right.")
 @click.option("--report", is_flag=True, help="Per-layer report: range, clipped share and SQNR per tensor, worst first.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Artifact folder to write.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
 @_with_run_limit
 def quantize(model, table_path, target, encoding, bias_correction, per_tensor, exclude_node, exclude_op, exclude_after,
              keep_first_last_float, weight_type, weight_rounding, data, eval_data, eval_samples, min_accuracy, output_kinds, report, output, threads) -> None:
@@ -314,7 +314,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--trt-profile", "profiles", multiple=True, metavar="DIM=MIN,OPT,MAX", help="TensorRT optimization profile per symbolic dim (default batch=1,8,32 sequence=1,128,512).")
 @click.option("--workspace-mb", type=click.IntRange(64), default=4096, show_default=True, help="TensorRT workspace limit.")
 @click.option("--builder", "tensorrt_builder", type=click.Choice(["api", "trtexec"]), default="api", show_default=True, help="TensorRT: build through the Python API, or with trtexec (same flags; its timings go into the manifest).")
-@click.option("--threads", type=int, default=None, help="Runtime threads for every artifact (default: each artifact's fastest count, see --tune-threads).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Runtime threads for every artifact (default: each artifact's fastest count, see --tune-threads).")
 @click.option("--tune-threads/--no-tune-threads", default=None,
               help="Time each CPU artifact at its runtime's default thread count, half the cores and one, and keep the fastest in its "
                    "manifest (default on; measured on this machine; off: the runtime's default, every core).")
@@ -427,7 +427,7 @@ def _build_matrix(model, matrix, targets, precisions, output, options, executor,
 @_data_options
 @click.option("--min-accuracy", default=None, help="The gate the margins are measured against (default: the task-aware gate).")
 @click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output where inferring it is not right.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the ranking as JSON here.")
 @_with_run_limit
 @_source_options
@@ -516,7 +516,7 @@ def _echo_build(result) -> None:
 @cli.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="report.json", show_default=True, help="Report JSON (a .md rendering is written beside it).")
-@click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores); recorded.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Runtime threads (default: the count each artifact's build measured fastest, else all cores); recorded.")
 @click.option("--batch-sizes", default="1,4,16", show_default=True, help="Throughput sweep (dynamic-batch artifacts).")
 @click.option("--min-iterations", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--min-seconds", type=click.FloatRange(0), default=2.0, show_default=True, help="Batch-1 latency time per artifact, all rounds together.")
@@ -606,7 +606,7 @@ def zoo_list() -> None:
 
 @cli.command()
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="artifacts/demo", show_default=True)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads (default: all cores).")
 def demo(output, threads) -> None:
     """Export every zoo model and print parity and ONNX Runtime FP32 batch-1 latency."""
     from enginekit.benchmark.demo import run_demo

@@ -134,3 +134,11 @@ def test_a_matrix_building_cells_side_by_side_does_not_tune_unless_asked():
     side_by_side = untuned_beside_others(models, LocalExecutor(2))
     assert [m.options.tune_threads for m in side_by_side] == [False, True]
     assert [m.options.tune_threads for m in untuned_beside_others(models, LocalExecutor(1))] == [None, True]
+
+
+@pytest.mark.parametrize("command", [["build", "-m", "digits_cnn", "--targets", "onnxruntime", "--precisions", "fp32"], ["bench", "."],
+                                     ["calibrate", "-m", "digits_cnn"], ["demo"]])
+def test_a_thread_count_below_one_is_refused_before_any_work(tmp_path, run_cli, command):
+    result = run_cli(*command, "--threads", "0", "-o", tmp_path / "out")
+    assert result.code == 2 and "--threads" in result.err and "0" in result.err
+    assert not (tmp_path / "out").exists()
