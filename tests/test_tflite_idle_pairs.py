@@ -67,3 +67,26 @@ def test_movement_that_feeds_an_integer_op_stays_integer(tmp_path):
     ops = op_types((result.folder / MODEL_FILE).read_bytes())
     assert [(op["op"], op["outputs"]) for op in ops[:3]] == [("QUANTIZE", ["int8"]), ("TRANSPOSE", ["int8"]), ("CONV_2D", ["int8"])]
     assert "float_pass_through" not in result.manifest["tflite"]
+
+
+def test_a_requantization_that_fails_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """Moving the pairs is an improvement, never a reason for a build to fail: a quantizer that
+    refuses the float TRANSPOSE leaves the flatbuffer the earlier choices made."""
+    from enginekit.targets.tflite import convert
+
+    quantize, refused = convert.quantize_int8, []
+
+    def refusing(float_model, ranges, io_type, tensors, *rest):
+        if "transpose" in tensors:
+            refused.append(list(tensors))
+            raise RuntimeError("refused")
+        return quantize(float_model, ranges, io_type, tensors, *rest)
+
+    monkeypatch.setattr(convert, "quantize_int8", refusing)
+    _pooled_net(tmp_path)
+    options = BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none",
+                           quantize=QuantizeSettings(exclude_nodes=("first",)))
+    result = build(str(tmp_path / "pooled.onnx"), "tflite", "int8", tmp_path / "int8", options)
+    ops = op_types((result.folder / MODEL_FILE).read_bytes())
+    assert refused and "float_pass_through" not in result.manifest["tflite"]
+    assert [op["op"] for op in ops[:3]] == ["QUANTIZE", "TRANSPOSE", "DEQUANTIZE"]  # as the earlier choices left it

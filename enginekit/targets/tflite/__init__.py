@@ -107,10 +107,13 @@ def _without_idle_pairs(model: bytes, requantize: "_Requantizer", smoke: Callabl
         idle = [t for t in dequantized_only(model) if t not in moved]
         if not idle:
             break
-        moved += idle
-        model = requantize(moved)
-        if smoke is not None:
-            smoke(model, "int8")
+        try:
+            candidate = requantize([*moved, *idle])
+            if smoke is not None:
+                smoke(candidate, "int8")
+        except Exception:  # a quantizer or LiteRT refusing this float placement: the file stays as it was
+            break
+        model, moved = candidate, [*moved, *idle]
     return model, moved
 
 
