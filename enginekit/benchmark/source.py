@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.core.errors import EnginekitError, InputError
+from enginekit.core.errors import EnginekitError, InputError, one_line
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.exporter.reference import SourceOptions
 from enginekit.targets.base import Runner
@@ -180,4 +180,4 @@ def open_source(spec: SourceSpec, threads: int | None = None) -> tuple[SourceRun
 def unrunnable(spec: SourceSpec, exc: BaseException) -> InputError:
     """torch.compile compiles on the first call (inductor needs a working C++ compiler): where it
     cannot, the row is skipped with this one line."""
-    return InputError(f"{spec.runtime} cannot run {spec.model} here ({' '.join(str(exc).split())[:200]})")
+    return InputError(f"{spec.runtime} cannot run {spec.model} here ({one_line(exc)})")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from enginekit.core.errors import one_line
 from enginekit.core.tensors import Feeds
 from enginekit.targets.base import Runner
 
@@ -63,7 +64,7 @@ def fastest_threads(open_runner: Callable[[int | None], Runner], feeds: Feeds, c
             for count, runner in runners.items():
                 seconds[count].append(_slice_seconds(runner, feeds))
     except Exception as exc:  # a timing must not fail a build that passed its gate
-        return {"chosen": None, "cores": cores, "why": f"not measured: {' '.join(str(exc).split())[:200]}"}
+        return {"chosen": None, "cores": cores, "why": f"not measured: {one_line(exc)}"}
     finally:
         for runner in runners.values():
             runner.close()

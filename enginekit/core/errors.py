@@ -50,6 +50,13 @@ def debugging() -> bool:
     return bool(os.environ.get("ENGINEKIT_DEBUG"))
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's error message on one line, at most `limit` characters, for a message of ours
+    (its type's name where it has no message)."""
+    text = " ".join(str(exc).split())[:limit]
+    return text or type(exc).__name__
+
+
 def unexpected_line(exc: BaseException) -> str:
     """The one line for a bug or an unforeseen library failure (no traceback: see `debugging`)."""
     text = " ".join(str(exc).split())[:300] or "(no message)"

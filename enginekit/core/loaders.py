@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from enginekit.core import limits
-from enginekit.core.errors import InputError
+from enginekit.core.errors import InputError, one_line
 from enginekit.core.optional import require, require_torch
 
 if TYPE_CHECKING:
@@ -502,7 +502,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
         config = yaml.load(text, Loader=NoAliases) or {}
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        raise InputError(f"not valid YAML ({' '.join(str(exc).split())[:200]})", path) from None
+        raise InputError(f"not valid YAML ({one_line(exc)})", path) from None
     if not isinstance(config, dict):
         raise InputError("a build config must be a mapping of option names to values", path)
     return config

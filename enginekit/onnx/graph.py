@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from enginekit.core.errors import InputError
+from enginekit.core.errors import InputError, one_line
 from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
 from enginekit.onnx.folding import fold_affine_into_convolutions
@@ -31,14 +31,14 @@ def check(model: onnx.ModelProto, origin: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InputError(f"fails the ONNX checker: {_one_line(exc)}", origin) from None
+        raise InputError(f"fails the ONNX checker: {one_line(exc, 300)}", origin) from None
 
 
 def infer_shapes(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        raise InputError(f"shape inference failed: {_one_line(exc)}", origin) from None
+        raise InputError(f"shape inference failed: {one_line(exc, 300)}", origin) from None
 
 
 REWRITE_NODE_LIMIT = 4096  # onnxscript's pattern rewriter is quadratic in the node count (3 s at 4k nodes)
@@ -324,7 +324,7 @@ def convert_opset(model: onnx.ModelProto, opset: int, origin: str) -> onnx.Model
             return _converted(relaxed, opset, infer_outputs=True)
         except Exception:
             pass
-    raise InputError(f"cannot convert from opset {opset_of(model)} to {opset}: {_one_line(failure)}", origin) from None
+    raise InputError(f"cannot convert from opset {opset_of(model)} to {opset}: {one_line(failure, 300)}", origin) from None
 
 
 def _converted(model: onnx.ModelProto, opset: int, infer_outputs: bool = False) -> onnx.ModelProto:
@@ -423,11 +423,6 @@ def make_batch_dynamic(model: onnx.ModelProto, name: str = "batch") -> bool:
         value.type.tensor_type.shape.dim[0].dim_param = name
     del model.graph.value_info[:]
     return True
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
 
 
 def topological_sort(model: onnx.ModelProto) -> None:

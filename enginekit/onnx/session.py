@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from enginekit.core.errors import InputError
+from enginekit.core.errors import InputError, one_line
 from enginekit.core.interrupt import run_limit, stoppable_run
 from enginekit.core.tensors import TensorSpec
 
@@ -73,7 +73,7 @@ class Session:
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise InputError(f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}") from None
+            raise InputError(f"ONNX Runtime cannot load the model: {one_line(exc, 300)}") from None
         self.threads = threads
         self._run_options = ort.RunOptions
         self._stop = self._fresh_run_options()
@@ -96,7 +96,7 @@ class Session:
             try:
                 values = self.session.run(names, dict(feeds), self._stop)
             except Exception as exc:  # ORT's Fail/InvalidArgument/RuntimeException at inference time
-                raise InputError(f"ONNX Runtime failed to run the model: {' '.join(str(exc).split())[:300]}") from None
+                raise InputError(f"ONNX Runtime failed to run the model: {one_line(exc, 300)}") from None
         return dict(zip(names, values))
 
 

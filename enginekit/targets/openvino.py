@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.errors import InputError, MissingDependencyError, one_line
 from enginekit.core.machine import toolchain
 from enginekit.core.optional import require
 from enginekit.core.tensors import Feeds, TensorSpec
@@ -226,7 +226,7 @@ class OpenVinoRunner(Runner):
         try:
             self.model = self.core.read_model(str(xml), str(bin_path))
         except Exception as exc:
-            raise InputError(f"OpenVINO cannot load this IR (corrupt or mismatched .xml/.bin?): {' '.join(str(exc).split())[:200]}", xml) from None
+            raise InputError(f"OpenVINO cannot load this IR (corrupt or mismatched .xml/.bin?): {one_line(exc)}", xml) from None
         self.compiled, self.config = compile_on_cpu(self.core, self.model, compile_config(precision, hint, streams, threads))
         self.precision = precision
         self.request = self.compiled.create_infer_request()
@@ -330,7 +330,7 @@ def _compile_and_run(graph: "onnx.ModelProto", feeds: Feeds) -> dict[str, np.nda
         except InputError:  # compile_on_cpu's own line
             raise
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own failure types
-            raise InputError(f"OpenVINO cannot compile or run the probed graph: {' '.join(str(exc).split())[:300]}") from None
+            raise InputError(f"OpenVINO cannot compile or run the probed graph: {one_line(exc, 300)}") from None
         return {name: np.asarray(results[port]) for port in compiled.outputs for name in port.get_names()}
 
 

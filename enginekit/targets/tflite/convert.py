@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.errors import InputError, MissingDependencyError, one_line
 from enginekit.core.quiet import quiet_stderr
 from enginekit.core.tf_support import require_tensorflow
 
@@ -191,7 +191,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
             with contextlib.redirect_stderr(io.StringIO()), quiet_stderr():  # its tqdm bar ignores enable_progress_report; LiteRT's INFO lines
                 result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
-        raise InputError(f"ai-edge-quantizer refused the ranges: {' '.join(str(exc).split())[:300]}") from None
+        raise InputError(f"ai-edge-quantizer refused the ranges: {one_line(exc, 300)}") from None
     model = bytes(result.quantized_model)
     if io_type == "uint8":
         model = _uint8_io(model)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from enginekit.core.errors import one_line
 from enginekit.targets.tflite.convert import outside_xnnpack_outputs
 
 
@@ -65,7 +66,7 @@ def float_candidate(requantize: Callable[[Sequence[str]], bytes], tensors: Seque
         if smoke is not None:
             smoke(candidate, what)
     except Exception as exc:  # the quantizer or LiteRT refusing this mix: the flatbuffer stays as it was
-        record["why"] = f"the flatbuffer with them float failed: {' '.join(str(exc).split())[:200]}"
+        record["why"] = f"the flatbuffer with them float failed: {one_line(exc)}"
         return None
     return candidate
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from enginekit.core.errors import one_line
 from enginekit.accuracy.metrics import infer_kind
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.parity import cosine_similarity
@@ -123,7 +124,7 @@ def choose(float_model: bytes, integer: bytes, make_hub: Callable[[], bytes], ex
             smoke(hub, "int8 (the hub's float ops)")
         record["errors_hub"] = cosine_errors(reference, outputs_on(hub, samples, threads))
     except Exception as exc:  # the quantizer or LiteRT refusing this mix: full-integer stays, and the record says why
-        record["why"] = f"the flatbuffer with the hub's float ops failed: {' '.join(str(exc).split())[:200]}"
+        record["why"] = f"the flatbuffer with the hub's float ops failed: {one_line(exc)}"
         return integer, record
     hub_errors, integer_errors = record["errors_hub"], record["errors_integer"]
     gains = all(h < i + NEGLIGIBLE_ERROR for h, i in zip(hub_errors, integer_errors)) and np.mean(hub_errors) * HUB_GAIN <= np.mean(integer_errors)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from enginekit.core.errors import InputError
+from enginekit.core.errors import InputError, one_line
 from enginekit.onnx.nodes import node_inputs
 from enginekit.targets.tflite.recurrent import gru, lstm, rnn
 from enginekit.targets.tflite.values import Value, attributes as _attrs, require_constant as _constant, tf_module as _tf
@@ -979,7 +979,7 @@ def _fold_constant_node(node: onnx.NodeProto, args: list[Value | None], opset: i
         results = evaluator.run(None, {name: arg.data for name, arg in zip(names, args) if arg is not None})
     except Exception as exc:  # noqa: BLE001 - the reference implementation raises what its op does
         raise InputError(f"node {node.name} ({node.op_type}): the tflite target cannot lower it, and ONNX's reference "
-                         f"implementation could not fold it: {' '.join(str(exc).split())[:200]}") from None
+                         f"implementation could not fold it: {one_line(exc)}") from None
     return [Value(np.asarray(r)) for r in results]
 
 
@@ -1031,7 +1031,7 @@ def _lower_node(node: onnx.NodeProto, args: list[Value | None], lower: Callable 
             raise
         return _fold_constant_node(node, args, opset)
     except (ValueError, TypeError) as exc:  # TensorFlow refusing shapes or dtypes the lowering produced
-        raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"node {node.name} ({node.op_type}): the tflite lowering failed: {one_line(exc)}") from None
 
 
 def _restore_static_dims(value: Value) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from enginekit.core.errors import InputError, MissingDependencyError
+from enginekit.core.errors import InputError, MissingDependencyError, one_line
 from enginekit.core.tensors import Feeds, TensorSpec
 from enginekit.targets.base import Runner
 
@@ -86,7 +86,7 @@ def allocate(interpreter: Any) -> None:
         with quiet_stderr():  # (re-)allocating creates the XNNPACK delegate, which says so on stderr
             interpreter.allocate_tensors()
     except RuntimeError as exc:
-        raise InputError(f"LiteRT cannot prepare the model: {' '.join(str(exc).split())[:300]}") from None
+        raise InputError(f"LiteRT cannot prepare the model: {one_line(exc, 300)}") from None
 
 
 def _spec(name: str, detail: dict[str, Any]) -> TensorSpec:
@@ -117,7 +117,7 @@ class TfliteRunner(Runner):
                 self.interpreter = litert.Interpreter(model_content=model, num_threads=self.threads)
             signature = self.interpreter.get_signature_runner()
         except (ValueError, RuntimeError) as exc:
-            raise InputError(f"LiteRT cannot load the model: {' '.join(str(exc).split())[:300]}") from None
+            raise InputError(f"LiteRT cannot load the model: {one_line(exc, 300)}") from None
         self._inputs = signature_inputs(signature)
         self._outputs = signature.get_output_details()
         del signature  # it pins tensor buffers, which would forbid resizing inputs
@@ -155,7 +155,7 @@ class TfliteRunner(Runner):
         try:
             self.interpreter.invoke()
         except RuntimeError as exc:  # a kernel's check (an index out of bounds, a shape it refuses): this cell fails, the build goes on
-            raise InputError(f"LiteRT failed running the model: {' '.join(str(exc).split())[:300]}") from None
+            raise InputError(f"LiteRT failed running the model: {one_line(exc, 300)}") from None
         results = []
         for name in self._outputs:
             detail = self._outputs[name]

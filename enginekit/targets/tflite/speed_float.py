@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from enginekit.core.errors import one_line
 from enginekit.targets.tflite.delegate_float import float_candidate
 
 PROBED_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "CONV_3D"}
@@ -214,4 +215,4 @@ def keep_faster(float_model: bytes, integer: bytes, requantize: Callable[[Sequen
 
 
 def _failed(what: str, exc: Exception) -> str:
-    return f"{what}: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
+    return f"{what}: {one_line(exc)}"
