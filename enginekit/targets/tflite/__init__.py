@@ -73,7 +73,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     speed_choice = None
     if speed_check:
         model, speed_choice = keep_faster(float_model, model, lambda slow: requantize([*slow, *moved_after(slow, ranges)]), threads, feeds, smoke)
-        requantize.kept = requantize.last if speed_choice and speed_choice["chosen"] else requantize.kept
+        if speed_choice and speed_choice["chosen"]:
+            requantize.kept = requantize.last
     model, pass_through = _without_idle_pairs(model, requantize, smoke)
     info: dict[str, Any] = {"io": io_parameters(model), "ranges": ranges.summary(), "types": type_summary(model)}
     if hub_choice is not None:

@@ -47,11 +47,9 @@ def bias_safe_weight_ranges(float_model: bytes, ranges: Mapping[str, tuple[float
     """Weight tensor name -> {"min", "max"} per channel (shaped as ai-edge-quantizer reduces
     them), only for weights with at least one channel whose bias would not fit; ops writing a
     tensor in `skip` (float or 16x8 ops, whose biases are not int32) are left alone."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=float_model,
-                                     experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(float_model)
     interpreter.allocate_tensors()
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     bounds: dict[str, np.ndarray] = {}

@@ -247,10 +247,9 @@ def output_ops(model: bytes) -> list[str]:
     it, that op included, where that op is a compute layer (COMPUTE_OPS: LiteRT's 16x8 kernels
     for them are the established ones; a BERT encoder whose output is a LayerNorm's ADD fell from
     cosine 0.9994 to 0.9403 with that ADD in int16)."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(model)
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     producer = {index: op for op in interpreter._get_ops_details() for index in op["outputs"]}
     found: list[str] = []
@@ -275,10 +274,9 @@ def _uint8_io(model: bytes) -> bytes:
 
 def op_types(model: bytes) -> list[dict[str, Any]]:
     """Each operator of the flatbuffer (as written, no delegate) with its input/output tensor types."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(model)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
 
     def kind(index: int) -> str:

@@ -73,9 +73,8 @@ def float_candidate(requantize: Callable[[Sequence[str]], bytes], tensors: Seque
 
 def op_output_names(model: bytes) -> set[str]:
     """The names of the tensors the flatbuffer's ops write (as written, no delegate)."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(model)
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     return {names[index] for op in interpreter._get_ops_details() for index in op["outputs"] if index in names}

@@ -101,10 +101,9 @@ def dequantized_only(model: bytes) -> list[str]:
     float PReLU and float heads. Kept float, the movement runs on the float values and the pair
     disappears. (Movement after an integer op is left alone: float, it would only move 4x the
     bytes.)"""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(model)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     writer = {index: op for op in ops for index in op["outputs"]}

@@ -76,15 +76,13 @@ def onnx_activations(model: onnx.ModelProto, names: list[str], feeds: Feeds) -> 
 def tflite_activations(model: bytes, feeds: Feeds) -> tuple[dict[str, np.ndarray], list[dict], list[dict]]:
     """Every float activation of the float model on `feeds` (name -> value), plus the tensor
     and op details of the interpreter (to follow producers)."""
-    from enginekit.targets.tflite.runner import require_litert
+    from enginekit.targets.tflite.runner import undelegated_interpreter
 
     import warnings
 
-    litert = require_litert()
     with warnings.catch_warnings():  # "preserve_all_tensors is for debugging": that is what this is
         warnings.simplefilter("ignore")
-        interpreter = litert.Interpreter(model_content=model, experimental_preserve_all_tensors=True,
-                                         experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter = undelegated_interpreter(model, experimental_preserve_all_tensors=True)
     inputs = input_indices(interpreter)
     for name, index in inputs.items():
         interpreter.resize_tensor_input(index, feeds[name].shape, strict=False)

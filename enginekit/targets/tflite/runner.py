@@ -32,6 +32,14 @@ def require_litert():
     return interpreter
 
 
+def undelegated_interpreter(model: bytes, **options: Any):
+    """A LiteRT interpreter of the flatbuffer as written: builtin kernels, no XNNPACK delegate
+    folding ops away, so every op and tensor the file holds is there to read (and `options`,
+    such as experimental_preserve_all_tensors)."""
+    litert = require_litert()
+    return litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, **options)
+
+
 def quantize(values: np.ndarray, scale: float, zero_point: int, dtype: Any) -> np.ndarray:
     """round(values / scale) + zero_point, saturated to `dtype`. In place on one temporary: the
     runner does this on every call, and on a sub-millisecond model four temporaries (each a fresh

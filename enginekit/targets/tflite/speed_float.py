@@ -104,12 +104,11 @@ def running_shapes(model: bytes, feeds: Mapping[str, Any] | None) -> dict[str, l
     leaves dynamic (an OCR detector's height and width) take the data's sizes, the batch 1, so
     that layers are timed at the size they run at and not at the placeholder size of the file
     (PP-OCRv4 det's layers were timed at 1 x 1 pixels first). Empty without feeds."""
-    from enginekit.targets.tflite.runner import require_litert, signature_inputs
+    from enginekit.targets.tflite.runner import signature_inputs, undelegated_interpreter
 
     if not feeds:
         return {}
-    litert = require_litert()
-    interpreter = litert.Interpreter(model_content=model, experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = undelegated_interpreter(model)
     inputs = signature_inputs(interpreter.get_signature_runner())
     for name, detail in inputs.items():
         if name in feeds:
