@@ -281,3 +281,27 @@ def test_a_scalar_input_is_served_as_dims_1_reshaped_to_a_scalar(tmp_path, run_c
     result = run_cli("deploy", "--check", repo)
     assert result.code == 1 and "input 'sr': empty dims, which Triton refuses" in result.out
 
+
+
+def test_an_onnx_runtime_artifact_running_pools_channels_last_is_refused_by_ovms_and_reads_back_as_a_source(tmp_path):
+    """A MaxPool after a swish (no QLinearConv beside it) is the artifact's NhwcMaxPool, an ONNX
+    Runtime op: OVMS (OpenVINO) cannot read it, so deploying it there is refused before anything is
+    written; the artifact as a pre-quantized source builds OpenVINO INT8 with its pools restored."""
+    import onnx
+
+    from tests.test_placement import swish_max_pool_model
+
+    model, rng = swish_max_pool_model(), np.random.default_rng(5)
+    onnx.save(model, str(tmp_path / "pools.onnx"))
+    for split, count in (("calib", 32), ("eval", 16)):
+        np.savez(tmp_path / f"{split}.npz", x=rng.normal(0, 1, (count, 8, 9, 9)).astype(np.float32))
+    options = ek.BuildOptions(num_samples=32, calib_data=tmp_path / "calib.npz", eval_data=tmp_path / "eval.npz")
+    built = ek.build(tmp_path / "pools.onnx", "onnxruntime", "int8", tmp_path / "ort", options)
+    assert built.manifest["integer_ops"]["channels_last_max_pools"] == 2
+    with pytest.raises(ek.EnginekitError, match="NhwcMaxPool.*serve this model's openvino artifact"):
+        ek.deploy_ovms([built.folder], tmp_path / "ovms")
+    assert not (tmp_path / "ovms").exists()
+    if _has("openvino"):
+        again = ek.build(Path(built.folder) / "model.int8.onnx", "openvino", "int8", tmp_path / "ov",
+                         ek.BuildOptions(eval_data=tmp_path / "eval.npz"))
+        assert again.manifest["calibration"]["method"] == "imported" and again.manifest.accuracy["passed"]

@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 import enginekit as ek
-from enginekit.onnx.prequantized import has_qdq, strip_qdq
+from enginekit.onnx.prequantized import has_qdq, restore_channels_first_pools, strip_qdq
 
 TARGETS = ["onnxruntime", "openvino", "tflite"]
 
@@ -43,8 +43,10 @@ def _ort_quantized(float_path: Path, out: Path, fmt: str = "QDQ") -> Path:
 
 def _activation_scales(path: Path) -> dict[str, tuple[float, int]]:
     """Quantized tensor -> (scale, zero point); a tensor ONNX Runtime's artifact pads with zero
-    channels before quantizing (targets.onnxruntime.align_input_channels) counts as the tensor padded."""
+    channels before quantizing (targets.onnxruntime.align_input_channels) counts as the tensor padded;
+    a channels-last integer MaxPool of the artifact is read as the Q/DQ MaxPool it stands for."""
     model = onnx.load(str(path))
+    restore_channels_first_pools(model)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     padded = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Pad"}
     return {padded.get(n.input[0], n.input[0]): (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)

@@ -82,6 +82,8 @@ def test_rule_check_catches_what_tensorrt_rejects(digits_table):
     zero_point = next(t for t in int8.graph.initializer if t.name.endswith("__zp") and t.data_type == onnx.TensorProto.INT8 and not t.dims)
     zero_point.CopyFrom(onnx.numpy_helper.from_array(np.array(3, np.int8), zero_point.name))
     assert any("non-zero zero point" in p for p in tensorrt_qdq_problems(int8))
+    int8.graph.node.append(onnx.helper.make_node("NhwcMaxPool", ["x"], ["y"], name="pool", domain="com.microsoft", kernel_shape=[2, 2]))
+    assert any("NhwcMaxPool 'pool' is an op of the 'com.microsoft' domain" in p for p in tensorrt_qdq_problems(int8))
 
 
 # ------------------------------------------------------------------ the TensorRT API stand-in

@@ -39,6 +39,9 @@ def ovms_entry(artifact: DeployArtifact, name: str, threads: int | None = None) 
         plugin["INFERENCE_PRECISION_HINT"] = "f32"
     if not artifact.serving.ovms:
         raise InputError(f"OpenVINO Model Server does not load {artifact.target.name} artifacts", artifact.folder)
+    if (artifact.manifest.get("integer_ops") or {}).get("channels_last_max_pools"):
+        raise InputError("its graph runs max pools as ONNX Runtime's own NhwcMaxPool, which OpenVINO Model Server cannot read; "
+                         "serve this model's openvino artifact", artifact.folder)
     return {"config": {"name": name, "base_path": name, "target_device": "CPU", "plugin_config": plugin}}
 
 

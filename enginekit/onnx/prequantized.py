@@ -26,6 +26,7 @@ from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
                  "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")
+NHWC_POOLED_SUFFIX = "__nhwc"  # the channels-last integer output of ONNX Runtime's NhwcMaxPool, named after the float pool's output
 _TYPES = {TensorProto.INT8: ("int8", -128, 127), TensorProto.UINT8: ("uint8", 0, 255)}
 
 
@@ -77,6 +78,7 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     result = Dequantized(onnx.ModelProto())
     result.model.CopyFrom(model)
     graph = result.model.graph
+    restore_channels_first_pools(result.model)
     initializers = {t.name: t for t in graph.initializer}
     producers, readers = tensor_producers(graph), tensor_readers(graph)
     renames: dict[str, str] = {}  # a DQ output -> the float tensor it stands for
@@ -142,6 +144,49 @@ def strip_qdq(model: onnx.ModelProto, origin: str = "") -> Dequantized:
     graph.initializer.extend(constants)
     drop_unused_initializers(result.model)
     return result
+
+
+def restore_channels_first_pools(model: onnx.ModelProto) -> None:
+    """Turn, in place, each Transpose -> com.microsoft NhwcMaxPool -> Transpose of a
+    QuantizeLinear's integers (how enginekit's ONNX Runtime artifact runs an 8-bit max pool,
+    targets/onnxruntime_graph.py) back into the DequantizeLinear -> MaxPool -> QuantizeLinear
+    on that grid it stands for."""
+    from onnx import helper
+
+    graph = model.graph
+    while (pool := _restorable_pool(graph)) is not None:
+        to_nhwc, to_nchw, quantize = pool[1:]
+        pooled = pool[0].output[0].removesuffix(NHWC_POOLED_SUFFIX)  # the float pool's output, as the hub named it
+        pooling = {a.name: helper.get_attribute_value(a) for a in pool[0].attribute}
+        nodes = [helper.make_node("DequantizeLinear", [quantize.output[0], *quantize.input[1:]], [f"{pooled}__input"], name=f"{pooled}__dq"),
+                 helper.make_node("MaxPool", [f"{pooled}__input"], [pooled], name=pool[0].name, **pooling),
+                 helper.make_node("QuantizeLinear", [pooled, *quantize.input[1:]], [to_nchw.output[0]], name=f"{pooled}__q")]
+        position = list(graph.node).index(to_nhwc)
+        for node in pool:
+            if node is not quantize:
+                graph.node.remove(node)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(position + offset, node)
+    if not any(n.domain == "com.microsoft" for n in graph.node):
+        kept = [o for o in model.opset_import if o.domain != "com.microsoft"]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
+def _restorable_pool(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, ...] | None:
+    """The first NhwcMaxPool in enginekit's form (pool, transpose in, transpose out, the
+    QuantizeLinear writing its integers), or None. A pool reading another pool's integers is
+    found once that one is restored."""
+    producers, readers = tensor_producers(graph), tensor_readers(graph)
+    for pool in graph.node:
+        if pool.op_type != "NhwcMaxPool" or pool.domain != "com.microsoft":
+            continue
+        to_nhwc, after = producers.get(pool.input[0]), readers.get(pool.output[0], [])
+        quantize = producers.get(to_nhwc.input[0]) if to_nhwc is not None and to_nhwc.op_type == "Transpose" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear" and len(after) == 1 and after[0].op_type == "Transpose" \
+                and len(readers.get(to_nhwc.output[0], [])) == 1:
+            return pool, to_nhwc, after[0], quantize
+    return None
 
 
 def _rescaling(source: str, written: QuantGrid, read: QuantGrid,

@@ -171,6 +171,9 @@ def plan_quantization(
         producer = producers.get(tensor)
         if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.input[0] in plan.activations:
             plan.same_scale[tensor] = producer.input[0]
+    for tensor in plan.same_scale:  # a chain (YOLO's SPPF: MaxPool -> MaxPool -> MaxPool) shares its first tensor's grid
+        while plan.same_scale[tensor] in plan.same_scale and plan.same_scale[tensor] != tensor:
+            plan.same_scale[tensor] = plan.same_scale[plan.same_scale[tensor]]
     return plan
 
 

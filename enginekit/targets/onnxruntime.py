@@ -14,8 +14,9 @@ from enginekit.core.errors import InputError
 from enginekit.core.machine import toolchain
 from enginekit.core.tensors import Feeds
 from enginekit.onnx.session import Session
+from enginekit.quantization.encoding import TARGET_ENCODING
 from enginekit.quantization.placement import COMPUTE_OPS, RECURRENT_OPS
-from enginekit.targets.onnxruntime_graph import align_input_channels, integer_gates
+from enginekit.targets.onnxruntime_graph import align_input_channels, channels_last_max_pools, integer_gates
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 ONNX_FILES = ("model.int8.onnx", "model.onnx")
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
                "DynamicQuantizeMatMul", "QLinearConvTranspose"}
+TENSORRT_ENCODING = TARGET_ENCODING["tensorrt"]
 FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NchwcConv", "ConvTranspose", *RECURRENT_OPS}
 
 
@@ -73,16 +75,21 @@ def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
     return dict(islands.most_common())
 
 
-def artifact_graph(qdq: "onnx.ModelProto") -> "tuple[onnx.ModelProto, dict[str, int]]":
+def artifact_graph(qdq: "onnx.ModelProto", encoding: str = "uint8") -> "tuple[onnx.ModelProto, dict[str, Any]]":
     """The INT8 artifact's graph: a copy of the Q/DQ hub's with the first convolutions' input
-    channels aligned and the gates of hard-swish, swish and squeeze-excitation blocks made
-    integer (onnxruntime_graph.py), and how many gates of each kind it rewrote."""
+    channels aligned, the gates of hard-swish, swish and squeeze-excitation blocks made integer
+    and 8-bit max pools channels-last (onnxruntime_graph.py), and what it rewrote:
+    {"integer_gates": {kind: count}, "channels_last_max_pools": count}. Not the pools in
+    TensorRT's symmetric "int8" encoding: that graph is the one a TensorRT engine is built from
+    (deploy --plan-tensorrt), and TensorRT's parser reads no ONNX Runtime op."""
     import onnx
 
     graph = onnx.ModelProto()
     graph.CopyFrom(qdq)
     align_input_channels(graph)
-    return graph, integer_gates(graph)
+    gates = integer_gates(graph)
+    pools = channels_last_max_pools(graph) if encoding != TENSORRT_ENCODING else 0
+    return graph, {"integer_gates": gates, "channels_last_max_pools": pools}
 
 
 class OnnxRuntimeTarget(Target):
@@ -105,10 +112,10 @@ class OnnxRuntimeTarget(Target):
         import onnx
 
         path = inputs.stage / "model.int8.onnx"
-        graph, gates = artifact_graph(inputs.qdq(inputs.encoding).model)
+        graph, rewrites = artifact_graph(inputs.qdq(inputs.encoding).model, inputs.encoding)
         onnx.save(graph, str(path))
         report = integer_op_report(path, inputs.fp32.proto)
-        report["integer_gates"] = gates
+        report.update(rewrites)
         return Built(OrtRunner(path, threads=inputs.threads), {"integer_ops": report, "integer_share": report["integer_share"]})
 
     def open(self, folder: Path, manifest: Mapping[str, Any], threads: int | None = None, **runtime: Any) -> Runner:
@@ -119,7 +126,7 @@ class OnnxRuntimeTarget(Target):
 
     def candidate_runner(self, candidate: BuildInputs) -> Runner | None:
         # its artifact is the Q/DQ graph as `build` rewrites it, run by ORT's fused kernels
-        return OrtRunner(artifact_graph(candidate.qdq(candidate.encoding).model)[0], threads=candidate.threads)
+        return OrtRunner(artifact_graph(candidate.qdq(candidate.encoding).model, candidate.encoding)[0], threads=candidate.threads)
 
 
 TARGET = OnnxRuntimeTarget()

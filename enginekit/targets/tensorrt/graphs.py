@@ -38,6 +38,8 @@ def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
     readers = tensor_readers(model.graph)
     problems = []
     for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{node.op_type} '{node.name}' is an op of the '{node.domain}' domain, which TensorRT's ONNX parser does not read")
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         where = f"{node.op_type} '{node.name}'"
