@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from enginekit.calibration.table import CalibrationTable, TensorRange
 from enginekit.onnx.probe import probe
 from enginekit.quantization.encoding import activation_qparams
-from enginekit.quantization.placement import plan_quantization
+from enginekit.quantization.placement import PLACEMENTS, plan_quantization
 from enginekit.quantization.qdq import DQ_SUFFIX, insert_qdq
 from enginekit.targets.onnxruntime import align_input_channels, integer_op_report
 from tests.conftest import minmax_table
@@ -574,50 +574,22 @@ def test_a_chain_of_same_scale_ops_shares_its_first_tensors_grid():
     assert values["halved__scale"] == values["pooled__scale"] == values["swish__scale"]
 
 
-def c2f_model() -> onnx.ModelProto:
-    """YOLOv8's C2f block with an upsampling neck: conv1 -> swish -> Split into halves a, b;
-    b -> conv2 -> residual Add(b, .); Concat(a, b, sum) -> conv3 -> swish -> nearest Resize x2 ->
-    Slice of 4 channels -> Concat with the upsampled input -> conv4 (the graph output)."""
-    inits: list = [numpy_helper.from_array(np.array([4, 4], np.int64), "halves"),
-                   numpy_helper.from_array(RNG.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "conv2_w"),
-                   numpy_helper.from_array(RNG.normal(0, 0.2, (8, 12, 1, 1)).astype(np.float32), "conv3_w"),
-                   numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "twice"),
-                   numpy_helper.from_array(np.array([0], np.int64), "start"), numpy_helper.from_array(np.array([4], np.int64), "end"),
-                   numpy_helper.from_array(np.array([1], np.int64), "channel_axis"),
-                   numpy_helper.from_array(RNG.normal(0, 0.2, (8, 12, 3, 3)).astype(np.float32), "conv4_w")]
-    nodes = [_conv("conv1", "x", "c1", 8, inits), helper.make_node("Sigmoid", ["c1"], ["s1"], name="sigmoid1"),
-             helper.make_node("Mul", ["c1", "s1"], ["swish1"], name="swish1"),
-             helper.make_node("Split", ["swish1", "halves"], ["a", "b"], name="chunk", axis=1),
-             helper.make_node("Conv", ["b", "conv2_w"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["b", "c2"], ["residual"], name="residual"),
-             helper.make_node("Concat", ["a", "b", "residual"], ["joined"], name="join", axis=1),
-             helper.make_node("Conv", ["joined", "conv3_w"], ["c3"], name="conv3"),
-             helper.make_node("Sigmoid", ["c3"], ["s3"], name="sigmoid3"), helper.make_node("Mul", ["c3", "s3"], ["swish3"], name="swish3"),
-             helper.make_node("Resize", ["swish3", "", "twice"], ["up"], name="upsample", mode="nearest"),
-             helper.make_node("Slice", ["up", "start", "end", "channel_axis"], ["part"], name="part"),
-             helper.make_node("Resize", ["x", "", "twice"], ["x_up"], name="upsample_input", mode="nearest"),
-             helper.make_node("Concat", ["part", "x_up"], ["neck"], name="neck", axis=1),
-             helper.make_node("Conv", ["neck", "conv4_w"], ["y"], name="conv4", pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 16, 16])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
-
-def test_data_movement_inside_an_integer_region_runs_integer_in_onnx_runtime(tmp_path):
-    """With "outputs" placement, Split, Slice, Resize and Concat that lead to a quantized compute
-    op are quantized at their inputs: the swish before a Split and the residual Add before a
-    Concat get quantized outputs, so ORT runs them as QLinearMul/QLinearAdd, the Concats as
-    QLinearConcat, and Split/Slice/Resize on the integers (their outputs share their input's
-    grid). Before, the Mul, Add, Split and Concats ran float between the integer convolutions."""
-    model = c2f_model()
-    plan = plan_quantization(model, placement="outputs")
-    assert {"chunk", "join", "upsample", "part", "neck"} <= set(plan.nodes)
-    assert plan.same_scale["a"] == plan.same_scale["b"] == "swish1" and plan.same_scale["part"] == "swish3"
-    assert plan_quantization(model, placement="inputs").nodes == ["conv1", "conv2", "conv3", "conv4"]  # other targets: as before
-    found = _gates_rewritten(model, tmp_path)
-    artifact, error = found["artifact"], found["errors"]
-    assert artifact["float_islands"] == {"Conv": 1}, artifact["float_islands"]  # conv4 computes the graph output
-    ops = artifact["optimized_op_types"]
-    assert ops.get("QLinearConcat", 0) == 2 and ops.get("QLinearAdd", 0) == 1 and ops.get("QLinearMul", 0) == 2
-    assert not {"Mul", "Add", "Concat"} & ops.keys()
-    assert error[1] < 0.05, error
+def test_a_tensor_behind_ops_that_keep_its_grid_shares_the_nearest_quantized_ones():
+    """r1 (read by conv2) -> Transpose -> Transpose -> conv3: the second Transpose's output takes
+    r1's grid although the tensor between them is never quantized (ORT drops Q/DQ pairs around
+    data movement only where both sides are on one grid); a Reshape's shape is not data."""
+    inits: list = [numpy_helper.from_array(RNG.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), "conv2_w"),
+                   numpy_helper.from_array(np.array([0, 4, 8, 8], np.int64), "shape")]
+    nodes = [_conv("conv1", "x", "c1", 4, inits), helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "conv2_w"], ["side"], name="conv2"),
+             helper.make_node("Transpose", ["r1"], ["t1"], name="swap", perm=[0, 1, 3, 2]),
+             helper.make_node("Transpose", ["t1"], ["t2"], name="swap_back", perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["t2", "shape"], ["t3"], name="reshape"), _conv("conv3", "t3", "c3", 4, inits),
+             helper.make_node("Add", ["c3", "side"], ["y"], name="join")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for placement in PLACEMENTS:
+        plan = plan_quantization(model, placement=placement)
+        assert plan.same_scale["t3"] == "r1" and "t1" not in plan.activations and "shape" not in plan.activations

@@ -48,11 +48,6 @@ INTEGER_REGION_ONLY_OPS = {"ConvTranspose"}
 POOL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"}
 SAME_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 PLACEMENTS = ("inputs", "outputs")
-# "outputs" placement: data movement inside an integer region is quantized at its inputs (so the
-# op writing them runs integer: a YOLO C2f's swish before its Split, the residual Add before its
-# Concat); those that only select or repeat values keep their input's grid (ORT drops the pair)
-MOVEMENT_OPS = {"Concat", "Split", "Slice", "Resize"}
-SAME_GRID_MOVEMENT_OPS = MOVEMENT_OPS - {"Concat"}
 INTEGER_OUTPUT_OPS = {"Conv", "Add", "AveragePool", "GlobalAveragePool"}  # "outputs" placement: integer only with a quantized output
 _FUSED_ACTIVATIONS = {"Relu", "Clip"}  # integer kernels clamp to the output range: these vanish behind a Q
 
@@ -130,17 +125,15 @@ def plan_quantization(
     def allowed(node: onnx.NodeProto) -> bool:
         return node.name not in excluded_names and node.op_type not in excluded_ops
 
-    movement = MOVEMENT_OPS if placement == "outputs" else set()
-
     def feeds_compute(tensor: str, depth: int = 0, through: frozenset[str] = frozenset()) -> bool:
         """True if `tensor` reaches a quantized compute op, directly or through data movement
         (and the op types in `through`)."""
         for reader in readers.get(tensor, []):
             if is_quantizable_compute(reader, placement) and allowed(reader):
                 return True
-            if reader.op_type in (SAME_SCALE_OPS | POOL_OPS | movement) - {"Concat"} and reader.input[0] != tensor:
-                continue  # a shape, a Slice's bounds, a Split's sizes: not the data it moves
-            if (depth < 4 and reader.op_type in SAME_SCALE_OPS | POOL_OPS | {"Add"} | movement | through
+            if reader.op_type in SAME_SCALE_OPS | POOL_OPS and reader.input[0] != tensor:
+                continue  # a Reshape's shape: not the data it moves
+            if (depth < 4 and reader.op_type in SAME_SCALE_OPS | POOL_OPS | {"Add"} | through
                     and any(feeds_compute(output, depth + 1, through) for output in reader.output if output)):
                 return True
         return False
@@ -166,10 +159,6 @@ def plan_quantization(
         elif node.op_type == "Add":  # a ResNet's Add -> Relu -> Conv is inside the region as much as MobileNet's Add -> Conv
             if len(activation_inputs) != 2 or not feeds_compute(node.output[0], through=frozenset(_FUSED_ACTIVATIONS)):
                 continue
-        elif node.op_type in movement:
-            activation_inputs = [i for i in (node.input if node.op_type == "Concat" else node.input[:1]) if i and i not in constants]
-            if not activation_inputs or not any(feeds_compute(output) for output in node.output if output):
-                continue
         else:
             continue
         plan.nodes.append(node.name)
@@ -180,14 +169,13 @@ def plan_quantization(
     if placement == "outputs":
         _quantize_outputs(plan, graph, readers)
     producers = {o: n for n in graph.node for o in n.output}
-    sharing = SAME_SCALE_OPS | (SAME_GRID_MOVEMENT_OPS & movement)
     activations = set(plan.activations)
     for tensor in plan.activations:
-        # back through ops that keep their input's grid (Slice -> Squeeze -> a MatMul's input: the
-        # Slice's quantized input), to the nearest quantized tensor: ORT drops a pair around such
-        # an op only where both sides are on one grid
+        # back through ops that keep their input's grid (Reshape -> Transpose -> a compute op's
+        # input) to the nearest quantized tensor: ORT drops a pair around such an op only where
+        # both sides are on one grid
         producer, source = producers.get(tensor), None
-        while producer is not None and producer.op_type in sharing and producer.input and source is None:
+        while producer is not None and producer.op_type in SAME_SCALE_OPS and producer.input and source is None:
             source = producer.input[0] if producer.input[0] in activations else None
             producer = producers.get(producer.input[0])
         if source is not None:
