@@ -142,3 +142,20 @@ def test_a_thread_count_below_one_is_refused_before_any_work(tmp_path, run_cli, 
     result = run_cli(*command, "--threads", "0", "-o", tmp_path / "out")
     assert result.code == 2 and "--threads" in result.err and "0" in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_timed_on_one_cpu_is_rebuilt_on_another_but_an_untimed_one_is_reused(tmp_path, monkeypatch):
+    """The thread count (and TFLite's speed check) are measured on the building CPU: the build key
+    names that CPU for such artifacts, so a cache copied to another machine does not serve them;
+    an artifact that kept nothing timed is reused there."""
+    from enginekit.builder import key
+    from enginekit.core.machine import machine_info
+
+    other = {**machine_info(), "cpu": "another CPU", "isa": ["avx2", "fma"]}
+    tuned, untuned = BuildOptions(tune_threads=True), BuildOptions(tune_threads=False)
+    first = build("digits_cnn", "onnxruntime", "fp32", tmp_path / "tuned", tuned)
+    plain = build("digits_cnn", "onnxruntime", "fp32", tmp_path / "plain", untuned)
+    monkeypatch.setattr(key, "machine_info", lambda: other, raising=False)
+    assert not build("digits_cnn", "onnxruntime", "fp32", tmp_path / "tuned", tuned).cache_hit
+    assert build("digits_cnn", "onnxruntime", "fp32", tmp_path / "plain", untuned).cache_hit
+    assert first.manifest["build_key"] != plain.manifest["build_key"]

@@ -16,7 +16,7 @@ import numpy as np
 from enginekit.builder.options import BuildOptions
 from enginekit.calibration.data import DataArg
 from enginekit.core.artifacts import sha256_file
-from enginekit.core.machine import toolchain
+from enginekit.core.machine import machine_info, toolchain
 from enginekit.exporter.reference import Fp32Model
 from enginekit.quantization.pipeline import resolved_weight_type
 from enginekit.targets.base import Target
@@ -83,6 +83,14 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def _timed_here(target: Target, precision: str, options: BuildOptions, target_options: Mapping[str, Any]) -> bool:
+    """Whether the artifact keeps choices timed on the building CPU: the thread count it runs at
+    (builder/threads.py) or TFLite's layers kept float where their int8 kernel is slower
+    (speed_float.py). Such an artifact is rebuilt, not served from the cache, on another CPU."""
+    tuned = options.threads is None and options.tunes_threads() and target.cpu_threads
+    return tuned or (precision == "int8" and bool(target_options.get("speed_check")))
+
+
 def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOptions, target_options: Mapping[str, Any],
               encoding: str, table_sha256: str | None) -> str:
     """`table_sha256`: the hash of a given table file (None when the table is made from the
@@ -94,6 +102,9 @@ def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOpt
         "eval": data_identity(options.eval_data, fp32), "eval_samples": options.eval_samples,
         "output_kinds": dict(sorted(options.output_kinds.items())), "metric": _metric_identity(options.metric),
     }
+    if _timed_here(target, precision, options, target_options):
+        info = machine_info()
+        material["timed_on"] = {"cpu": info["cpu"], "isa": info["isa"], "cores": info["cores"]}
     if precision == "int8":
         # the calibration data makes the table, unless one is given, and bias correction runs on it either way
         material["calibration"] = ({"table": table_sha256} if table_sha256 else {"method": options.calib_method, "samples": options.num_samples})
