@@ -87,8 +87,7 @@ def _timed_here(target: Target, precision: str, options: BuildOptions, target_op
     """Whether the artifact keeps choices timed on the building CPU: the thread count it runs at
     (builder/threads.py) or TFLite's layers kept float where their int8 kernel is slower
     (speed_float.py). Such an artifact is rebuilt, not served from the cache, on another CPU."""
-    tuned = options.threads is None and options.tunes_threads() and target.cpu_threads
-    return tuned or (precision == "int8" and bool(target_options.get("speed_check")))
+    return options.measures_threads(target) or (precision == "int8" and bool(target_options.get("speed_check")))
 
 
 def build_key(fp32: Fp32Model, target: Target, precision: str, options: BuildOptions, target_options: Mapping[str, Any],

@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enginekit.accuracy import Condition
 from enginekit.calibration.data import DataArg
 from enginekit.exporter.reference import SourceOptions
 from enginekit.quantization.pipeline import QuantizeSettings
+
+if TYPE_CHECKING:
+    from enginekit.targets.base import Target
 
 DEFAULT_EVAL_SAMPLES = 256  # unlabelled data; a labelled evaluation split is used whole
 
@@ -46,3 +49,8 @@ class BuildOptions:
         from enginekit.builder.threads import TUNE_BY_DEFAULT  # read when asked: tests switch it off
 
         return TUNE_BY_DEFAULT if self.tune_threads is None else self.tune_threads
+
+    def measures_threads(self, target: "Target") -> bool:
+        """Whether a build of `target` times its artifact's thread count (builder/threads.py): no
+        count named, tuning on, and a runner whose speed depends on CPU threads."""
+        return self.threads is None and self.tunes_threads() and target.cpu_threads

@@ -255,7 +255,7 @@ def build_cell(session: ModelSession, target: Target, precision: str, out: Path,
             "toolchain": {**toolchain("onnx", "onnxruntime", "numpy"), **target.key_material(target_options).get("toolchain", {})},
             "machine": machine_info(),
         }
-        if options.threads is None and options.tunes_threads() and target.cpu_threads:
+        if options.measures_threads(target):
             with stage("thread count", cell):
                 record = fastest_threads(lambda count: target.open(stage_folder, content, threads=count),
                                          take(evaluation.batches[0], 0, 1, session.input_axes))

@@ -26,6 +26,7 @@ from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
                  "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")
+NHWC_MAX_POOL, MICROSOFT_DOMAIN = "NhwcMaxPool", "com.microsoft"  # ONNX Runtime's channels-last integer MaxPool
 NHWC_POOLED_SUFFIX = "__nhwc"  # the channels-last integer output of ONNX Runtime's NhwcMaxPool, named after the float pool's output
 _TYPES = {TensorProto.INT8: ("int8", -128, 127), TensorProto.UINT8: ("uint8", 0, 255)}
 
@@ -167,8 +168,8 @@ def restore_channels_first_pools(model: onnx.ModelProto) -> None:
                 graph.node.remove(node)
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
-    if not any(n.domain == "com.microsoft" for n in graph.node):
-        kept = [o for o in model.opset_import if o.domain != "com.microsoft"]
+    if not any(n.domain == MICROSOFT_DOMAIN for n in graph.node):
+        kept = [o for o in model.opset_import if o.domain != MICROSOFT_DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(kept)
 
@@ -179,7 +180,7 @@ def _restorable_pool(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, ...] | Non
     found once that one is restored."""
     producers, readers = tensor_producers(graph), tensor_readers(graph)
     for pool in graph.node:
-        if pool.op_type != "NhwcMaxPool" or pool.domain != "com.microsoft":
+        if pool.op_type != NHWC_MAX_POOL or pool.domain != MICROSOFT_DOMAIN:
             continue
         to_nhwc, after = producers.get(pool.input[0]), readers.get(pool.output[0], [])
         quantize = producers.get(to_nhwc.input[0]) if to_nhwc is not None and to_nhwc.op_type == "Transpose" else None
@@ -220,6 +221,15 @@ def _non_negative(tensor: str, producers: dict[str, onnx.NodeProto], renames: di
         return True
     data = [renames.get(name, name) for name in (producer.input if producer.op_type == "Concat" else producer.input[:1]) if name]
     return producer.op_type in SIGN_KEEPING and bool(data) and all(_non_negative(name, producers, renames, nonneg) for name in data)
+
+
+def activation_grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> QuantGrid | None:
+    """The per-tensor 8-bit grid of a QuantizeLinear/DequantizeLinear with constant parameters,
+    or None where it has none (computed or per-channel parameters, another integer type)."""
+    try:
+        return _grid(node, initializers, "")
+    except InputError:
+        return None
 
 
 def _grid(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], origin: str) -> QuantGrid:

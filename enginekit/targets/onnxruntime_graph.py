@@ -16,13 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from enginekit.onnx.graph import drop_unused_initializers, value_dims
 from enginekit.onnx.nodes import attribute, graph_reads, tensor_producers, tensor_readers
-from enginekit.onnx.prequantized import NHWC_POOLED_SUFFIX
+from enginekit.onnx.prequantized import MICROSOFT_DOMAIN, NHWC_MAX_POOL, NHWC_POOLED_SUFFIX, activation_grid
 from enginekit.quantization.placement import SAME_SCALE_OPS
 
-NHWC_MAX_POOL = "NhwcMaxPool"  # ONNX Runtime's channels-last integer MaxPool (com.microsoft domain)
-MICROSOFT_DOMAIN = "com.microsoft"
 NHWC_POOL_ATTRIBUTES = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")  # NhwcMaxPool's attributes
-INTEGER_KEEPING_OPS = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+INTEGER_KEEPING_OPS = frozenset(SAME_SCALE_OPS | {"Identity"})  # ops whose output has their input's integer type
 CHANNEL_ALIGNMENT = 4  # MLAS's symmetric int8 convolution (x86) takes input channels in multiples of 4
 GRID_STEPS = 255  # an 8-bit grid's steps from its lowest to its highest integer
 
@@ -135,16 +133,9 @@ def channels_first_8bit_pools(model: onnx.ModelProto) -> set[str]:
 
 
 def _same_grid(dequantize: onnx.NodeProto, quantize: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
-    """Whether both nodes use one per-tensor 8-bit grid: constant scalar scales and zero points of
-    equal values and type."""
-    if len(dequantize.input) < 3 or len(quantize.input) < 3:
-        return False
-    pairs = list(zip(dequantize.input[1:3], quantize.input[1:3]))
-    if not all(a in initializers and b in initializers for a, b in pairs):
-        return False
-    (scale, other_scale), (zero, other_zero) = ((numpy_helper.to_array(initializers[a]), numpy_helper.to_array(initializers[b])) for a, b in pairs)
-    return (scale.size == 1 and zero.size == 1 and zero.dtype in (np.uint8, np.int8) and zero.dtype == other_zero.dtype
-            and np.array_equal(scale.reshape(-1), other_scale.reshape(-1)) and np.array_equal(zero.reshape(-1), other_zero.reshape(-1)))
+    """Whether both nodes use one per-tensor 8-bit grid, with their zero points given."""
+    grid = activation_grid(dequantize, initializers)
+    return len(dequantize.input) > 2 and len(quantize.input) > 2 and grid is not None and grid == activation_grid(quantize, initializers)
 
 
 @dataclass(frozen=True)

@@ -101,18 +101,14 @@ IDLE_PAIR_PASSES = 3
 def _without_idle_pairs(model: bytes, requantize: "_Requantizer", smoke: Callable[[bytes, str], None] | None) -> tuple[bytes, list[str]]:
     """`model` with the data movement that only carries a QUANTIZE's values to DEQUANTIZEs kept
     float (float_layers.dequantized_only), and the tensors it moved to float."""
+    from enginekit.targets.tflite.delegate_float import float_candidate
     from enginekit.targets.tflite.float_layers import dequantized_only
 
     moved: list[str] = []
     for _ in range(IDLE_PAIR_PASSES):  # a chain kept float can leave the one before it idle
         idle = [t for t in dequantized_only(model) if t not in moved]
-        if not idle:
-            break
-        try:
-            candidate = requantize([*moved, *idle])
-            if smoke is not None:
-                smoke(candidate, "int8")
-        except Exception:  # a quantizer or LiteRT refusing this float placement: the file stays as it was
+        candidate = float_candidate(requantize, [*moved, *idle], smoke, "int8", {}) if idle else None
+        if candidate is None:  # none left, or the quantizer or LiteRT refusing this placement: the file stays as it was
             break
         model, moved = candidate, [*moved, *idle]
     return model, moved
