@@ -384,6 +384,53 @@ def test_an_input_declared_to_take_one_value_folds_the_branch_on_it(tmp_path):
     assert manifest["parity"]["cosine"] > 0.99999
 
 
+def test_a_branch_nested_in_a_folded_branch_folds_on_the_shapes_it_reads(tmp_path):
+    """silero-vad 5 (faster-whisper's copy): inside the branch taken on the sample rate, the audio
+    is padded (torch's F.pad: pads computed from constants) and convolved, then `if
+    conv_out.shape[-1] == 1: squeeze`. That condition is known only once shapes are inferred on
+    the inlined branch; it folds too, so no If is left for TFLite to refuse (fails without the
+    second preparation pass)."""
+    import enginekit as ek
+    from enginekit.core.loaders import load_onnx
+
+    rng = np.random.default_rng(0)
+    initializers = [numpy_helper.from_array(rng.standard_normal((2, 1, 24)).astype(np.float32), "w"),
+                    *(numpy_helper.from_array(np.array(value, np.int64), name)
+                      for name, value in (("rate", 16000), ("last", [2]), ("one", [1]), ("flat", [-1])))]
+
+    def graph(name: str, nodes: list[onnx.NodeProto], output: str, dims: list) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, dims)])
+
+    def constant(name: str, values: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
+
+    squeeze = helper.make_node("If", ["single"], ["inner_y"], name="squeeze_if",
+                               then_branch=graph("squeezed", [helper.make_node("Squeeze", ["c", "last"], ["sq"])], "sq", ["batch", 2]),
+                               else_branch=graph("kept", [helper.make_node("ReduceMax", ["c", "last"], ["mx"], keepdims=0)], "mx", ["batch", 2]))
+    pads = [constant("torch_pad", [0, 8]), constant("rest", [4]), helper.make_node("ConstantOfShape", ["rest"], ["zeros"],
+                                                                                   value=numpy_helper.from_array(np.array([0], np.int64))),
+            helper.make_node("Concat", ["torch_pad", "zeros"], ["pads6"], axis=0), constant("pairs", [-1, 2]),
+            helper.make_node("Reshape", ["pads6", "pairs"], ["by_dim"]), constant("start", [-1]), constant("end", [-(2 ** 62)]),
+            constant("axis0", [0]), constant("back", [-1]), helper.make_node("Slice", ["by_dim", "start", "end", "axis0", "back"], ["reversed"]),
+            helper.make_node("Transpose", ["reversed"], ["begin_end"], perm=[1, 0]), helper.make_node("Reshape", ["begin_end", "flat"], ["onnx_pads"]),
+            helper.make_node("Pad", ["x", "onnx_pads"], ["padded"], mode="reflect")]  # torch.nn.functional.pad as PyTorch exports it
+    taken = graph("then", [*pads, helper.make_node("Conv", ["padded", "w"], ["c"]), helper.make_node("Shape", ["c"], ["shape"]),
+                           helper.make_node("Gather", ["shape", "last"], ["steps"], axis=0), helper.make_node("Equal", ["steps", "one"], ["single"]), squeeze],
+                  "inner_y", ["batch", 2])
+    other = graph("else", [helper.make_node("ReduceMean", ["x", "last"], ["m"], keepdims=0), helper.make_node("Concat", ["m", "m"], ["mm"], axis=1)],
+                  "mm", ["batch", 2])
+    nodes = [helper.make_node("Equal", ["sr", "rate"], ["is16k"]), helper.make_node("If", ["is16k"], ["y"], then_branch=taken, else_branch=other)]
+    main = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 16]),
+                                            helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], initializers)
+    path = tmp_path / "vad5.onnx"
+    onnx.save(helper.make_model(main, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    manifest = ek.export(str(path), tmp_path / "out", input_shapes=["sr=scalar:int64:16000..16000"])
+    ops = {n.op_type for n in load_onnx(tmp_path / "out" / "model.onnx").graph.node}
+    assert "If" not in ops and "Conv" in ops
+    assert manifest["parity"]["cosine"] > 0.99999
+
+
 def test_a_factory_whose_checkpoint_changed_is_exported_again_not_served_from_the_cache(tmp_path, monkeypatch):
     """The factory's file is the same; the checkpoint it loads is not. The cached export of the
     old weights must not stand in for the new model (found by a new user retraining)."""

@@ -59,6 +59,17 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         return _linear_passes(model)
 
 
+def count_branches(graph: onnx.GraphProto) -> int:
+    """If/Loop/Scan nodes in `graph` and, recursively, in their bodies."""
+    total = 0
+    for node in graph.node:
+        total += node.op_type in ("If", "Loop", "Scan")
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                total += count_branches(body)
+    return total
+
+
 def _fuse_hard_swish(model: onnx.ModelProto) -> onnx.ModelProto:
     """x * clip(x + 3, 0, 6) / 6 (four float ops, as PaddlePaddle and older exporters write it)
     -> one HardSwish (opset 14): one float island between integer kernels instead of four, and
@@ -201,11 +212,24 @@ def fold_into_compute(model: onnx.ModelProto) -> onnx.ModelProto:
 def finalize(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplify, fold into compute ops, infer shapes and run the full checker: every exported
     graph goes through this."""
-    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
-    model = _whole_input_average_pools_as_global(_spatial_means_as_global_pools(infer_shapes(model, origin)))
+    model = _prepared(model, origin)
+    branches = count_branches(model.graph)
+    if branches:  # a second pass, with the shapes the first inferred, folds what they decide
+        again = _prepared(model, origin)
+        if count_branches(again.graph) < branches:
+            model = again
     model = _scalar_if_conditions(model)
     check(model, origin)
     return model
+
+
+def _prepared(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
+    """Simplified, folded into compute ops, shapes inferred. An If inlined by the optimizer can
+    hold another whose condition reads a shape only inference after it knows (silero-vad 5:
+    `if x.shape[-1] == 1: squeeze` inside the branch on the input's rank), so `finalize` runs
+    this twice where branches are left: TFLite and quantization then see plain ops."""
+    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
+    return _whole_input_average_pools_as_global(_spatial_means_as_global_pools(infer_shapes(model, origin)))
 
 
 def _scalar_if_conditions(model: onnx.ModelProto) -> onnx.ModelProto:
