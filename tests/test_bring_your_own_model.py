@@ -4,6 +4,7 @@ measured at the data's shape."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import textwrap
@@ -429,6 +430,68 @@ def test_a_branch_nested_in_a_folded_branch_folds_on_the_shapes_it_reads(tmp_pat
     ops = {n.op_type for n in load_onnx(tmp_path / "out" / "model.onnx").graph.node}
     assert "If" not in ops and "Conv" in ops
     assert manifest["parity"]["cosine"] > 0.99999
+
+
+def _tabular_classifier(path, zipmap: bool = False) -> None:
+    """A scikit-learn pipeline as skl2onnx converts it: ColumnTransformer's column pick and the
+    label lookup as ai.onnx.ml ArrayFeatureExtractor (2-D and 1-D data), StandardScaler as Scaler,
+    a linear layer and softmax; with `zipmap` the probabilities leave as ZipMap's list of maps."""
+    rng = np.random.default_rng(0)
+    ml = {"domain": "ai.onnx.ml"}
+    constants = [numpy_helper.from_array(np.array([0, 2, 4, 5], np.int64), "columns"), numpy_helper.from_array(np.array([3, 7, 9], np.int64), "classes"),
+                 numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"), numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+                 numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")]
+    nodes = [helper.make_node("ArrayFeatureExtractor", ["X", "columns"], ["picked"], name="pick", **ml),
+             helper.make_node("Scaler", ["picked"], ["scaled"], name="scaler", offset=[1.0, -2.0, 0.5, 3.0], scale=[0.5, 2.0, 10.0, 0.1], **ml),
+             helper.make_node("MatMul", ["scaled", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1), helper.make_node("ArgMax", ["probabilities"], ["best"], axis=1),
+             helper.make_node("ArrayFeatureExtractor", ["classes", "best"], ["looked_up"], name="label_of", **ml),
+             helper.make_node("Reshape", ["looked_up", "flat"], ["label"])]
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])]
+    if zipmap:
+        nodes.append(helper.make_node("ZipMap", ["probabilities"], ["output_probability"], classlabels_int64s=[3, 7, 9], **ml))
+        maps = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+        outputs.append(helper.make_value_info("output_probability", maps))
+    else:
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]))
+    graph = helper.make_graph(nodes, "pipeline", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 6])], outputs, constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]), str(path))
+
+
+def test_a_scikit_learn_pipelines_ml_ops_become_standard_ops_every_target_reads(run_cli, tmp_path):
+    """OpenVINO has no conversion rule for ai.onnx.ml ops and TFLite cannot lower them: the whole
+    model was refused there. Rewritten exactly (Cast/Sub/Mul, Gather), it builds; the label output
+    equals the original file's as ONNX Runtime runs it."""
+    import onnxruntime as ort
+
+    import enginekit as ek
+    from enginekit.core.loaders import load_onnx
+
+    _tabular_classifier(tmp_path / "pipeline.onnx")
+    manifest = ek.export(str(tmp_path / "pipeline.onnx"), tmp_path / "out")
+    exported = load_onnx(tmp_path / "out" / "model.onnx")
+    assert not [n.op_type for n in exported.graph.node if n.domain == "ai.onnx.ml"]
+    assert any("ArrayFeatureExtractor, Scaler rewritten" in note for note in manifest["notes"])
+    features = np.random.default_rng(1).normal(0, 3, (64, 6)).astype(np.float32)
+    original = ort.InferenceSession(str(tmp_path / "pipeline.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": features})
+    rewritten = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": features})
+    np.testing.assert_array_equal(original[0], rewritten[0])
+    np.testing.assert_allclose(original[1], rewritten[1], rtol=1e-6, atol=1e-7)
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("the openvino extra is not installed: the rewrite is checked on ONNX Runtime only")
+    np.savez(tmp_path / "d.npz", X=features)
+    result = run_cli("build", "-m", tmp_path / "pipeline.onnx", "--targets", "openvino", "--calib-data", tmp_path / "d.npz",
+                     "--eval-data", tmp_path / "d.npz", "-o", tmp_path / "ov")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "ov" / "manifest.json").read_text())["accuracy"]["metrics"]["outputs"]["label"]["label_agreement"] == 1.0
+
+
+def test_a_zipmap_output_is_refused_naming_the_converter_option(run_cli, tmp_path):
+    _tabular_classifier(tmp_path / "zipped.onnx", zipmap=True)
+    result = run_cli("build", "-m", tmp_path / "zipped.onnx", "--targets", "onnxruntime", "-o", tmp_path / "out")
+    assert result.code == 2 and "zipped.onnx" in result.error_line and "ZipMap" in result.error_line
+    assert "'zipmap': False" in result.error_line and "Traceback" not in result.err
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_a_factory_whose_checkpoint_changed_is_exported_again_not_served_from_the_cache(tmp_path, monkeypatch):

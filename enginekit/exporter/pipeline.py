@@ -123,6 +123,7 @@ def _normalize_onnx(source: Source, options: ExportOptions, notes: list[str]) ->
     proto.CopyFrom(source.onnx_model)
     onnx_graph.check(proto, origin)
     proto = _dequantize_source(proto, source, notes)
+    _standard_ml_ops(proto, notes)
     own = onnx_graph.opset_of(proto)
     if options.opset:
         proto = onnx_graph.convert_opset(proto, options.opset, origin)
@@ -168,6 +169,15 @@ def _outputs_as_run(proto: onnx.ModelProto, source: Source, notes: list[str]) ->
     onnx_graph.set_symbolic_dims(proto, fixed)
     notes.append("the file declares " + ", ".join(f"output '{spec.name}' of rank {len(spec.shape)}" for spec in wrong)
                  + ", but computes " + ", ".join(f"rank {computed[spec.name].ndim}" for spec in wrong) + ": the computed ranks are kept")
+
+
+def _standard_ml_ops(proto: onnx.ModelProto, notes: list[str]) -> None:
+    from enginekit.onnx.ml_ops import standard_ml_ops
+
+    rewritten = standard_ml_ops(proto)
+    if rewritten:
+        notes.append(f"ai.onnx.ml {', '.join(rewritten)} rewritten as standard ONNX ops (exact: Cast/Sub/Mul, Gather), "
+                     "which every target reads; parity checked against the original file")
 
 
 def _dequantize_source(proto: onnx.ModelProto, source: Source, notes: list[str]) -> onnx.ModelProto:

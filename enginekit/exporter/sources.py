@@ -365,9 +365,14 @@ def name_the_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ..
 
 def _onnx_source(path: Path, overrides) -> Source:
     from enginekit.onnx.graph import graph_inputs, tensor_specs
+    from enginekit.onnx.ml_ops import zipmap_outputs
     from enginekit.core.loaders import load_onnx
 
     model = load_onnx(path)
+    maps = zipmap_outputs(model)
+    if maps:
+        raise InputError(f"output(s) {maps} are lists of maps written by an ai.onnx.ml ZipMap (a scikit-learn classifier's probabilities), "
+                         "which no inference engine returns; convert the model without it (skl2onnx: options={'zipmap': False})", path)
     inputs = tuple(tensor_specs(graph_inputs(model), str(path)))
     outputs = tuple(tensor_specs(model.graph.output, str(path)))
     if not inputs:
