@@ -145,6 +145,37 @@ def test_factory_with_safetensors_weights(run_cli, user_package):
     np.testing.assert_allclose(next(iter(OrtRunner(out / "model.onnx").infer(feeds).values())), expected, atol=1e-5)
 
 
+def test_a_factory_given_as_a_python_file_path(run_cli, tmp_path, monkeypatch):
+    """`path/to/file.py:function`, as a new user first writes it (it failed: "No module named
+    'models.py'"): the file's folder goes on the path, so its own helper imports resolve."""
+    import sys
+
+    folder = tmp_path / "my models"
+    folder.mkdir()
+    (folder / "ek_file_helpers.py").write_text("import torch\n\ndef layer():\n    return torch.nn.Conv2d(3, 4, 3)\n")
+    (folder / "ek_file_net.py").write_text(textwrap.dedent("""
+        import torch
+        from ek_file_helpers import layer
+
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(layer(), torch.nn.ReLU())
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        result = run_cli("export", "--model", "my models/ek_file_net.py:build", "--input-shape", "x=batchx3x8x8", "-o", tmp_path / "out")
+        assert result.code == 0, result.err
+        manifest = read_manifest(tmp_path / "out")
+        assert manifest["source"]["kind"] == "factory" and manifest["parity"]["passed"] and manifest["model"] == "ek_file_net_build"
+        missing = run_cli("export", "--model", "nowhere/absent.py:build", "--input-shape", "x=batchx3x8x8", "-o", tmp_path / "out2")
+        assert missing.code == 2 and "no such Python file 'nowhere/absent.py'" in missing.error_line
+        assert not (tmp_path / "out2").exists()
+    finally:
+        for name in ("ek_file_net", "ek_file_helpers"):
+            sys.modules.pop(name, None)
+
+
 def test_factory_with_state_dict_pt(run_cli, user_package):
     torch.save(_trained_state(user_package), user_package / "w.pt")
     result = run_cli("export", "--model", "userpkg.nets:build", "--weights", "w.pt", "--input-shape", "1x3x16x16", "-o", user_package / "out")

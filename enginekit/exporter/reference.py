@@ -190,7 +190,7 @@ def _source_identity(model: str) -> tuple[str, str]:
 
     from enginekit.core.loaders import require_file
     from enginekit.exporter.keras_export import is_keras_path
-    from enginekit.exporter.sources import factory_fingerprint, looks_like_factory
+    from enginekit.exporter.sources import factory_fingerprint, factory_parts, looks_like_factory
 
     path = Path(model)
     digest = hashlib.sha256()
@@ -200,7 +200,7 @@ def _source_identity(model: str) -> tuple[str, str]:
             digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode() + sha256_file(item).encode())
         return "keras", digest.hexdigest()
     if looks_like_factory(model):
-        module_name = model.partition(":")[0]
+        module_name = factory_parts(model)[0]
         try:
             spec = importlib.util.find_spec(module_name)
         except (ImportError, ValueError):

@@ -23,7 +23,7 @@ from enginekit.core.optional import require_torch
 from enginekit.core.quiet import quiet_stderr
 from enginekit.core.tensors import Dim, Feeds, TensorSpec, random_feeds
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_FACTORY = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$")  # module:function or path/to/file.py:function
 DEFAULT_PARITY_DIMS: tuple[Mapping[str, int], ...] = ({"batch": 1}, {"batch": 4})
 
 
@@ -201,12 +201,29 @@ def _zoo_source(spec, weights: str | None, overrides) -> Source:
 # ----------------------------------------------------------------------------------- factory
 
 
-def instantiate_factory(target: str):
-    """Import `module:function` (the working folder on the path) and call it: the model it builds
-    now (a torch.nn.Module or a keras.Model, unchecked); failures of the user's code are a bad --model."""
+def factory_parts(target: str) -> tuple[str, str]:
+    """The module to import and the function of `module:function` or `path/to/file.py:function`;
+    for a file, its folder goes first on the path (its own helper imports resolve as they would
+    when run there). The working folder is on the path too."""
     module_name, _, attr = target.partition(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise InputError(f"no such Python file '{module_name}'", target)
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        module_name = path.stem
+    return module_name, attr
+
+
+def instantiate_factory(target: str):
+    """Import `module:function` (or `file.py:function`, the working folder on the path) and call
+    it: the model it builds now (a torch.nn.Module or a keras.Model, unchecked); failures of the
+    user's code are a bad --model."""
+    module_name, attr = factory_parts(target)
     try:
         py_module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a bad --model
@@ -266,7 +283,7 @@ def _without_names(config: Any) -> Any:
 def _factory_source(target: str, weights: str | None, overrides) -> Source:
     torch = require_torch("PyTorch factories")
     net = instantiate_factory(target)
-    module_name, _, attr = target.partition(":")
+    module_name, attr = factory_parts(target)
     if not isinstance(net, torch.nn.Module):
         if type(net).__module__.split(".")[0] == "keras":
             return _keras_factory_source(net, target, weights, overrides)
@@ -339,7 +356,7 @@ def _keras_factory_source(net, target: str, weights: str | None, overrides) -> S
 
     if weights:
         raise InputError("weights apply to PyTorch factories; build the Keras model with its weights", target, option="weights")
-    module_name, _, attr = target.partition(":")
+    module_name, attr = factory_parts(target)
     # the fingerprint lets TFLite convert the Keras model itself later, from the factory, only while it builds this model
     return _keras_source(from_keras_model(net), module_name.rsplit(".", 1)[-1] + "_" + attr, overrides,
                          {"factory": target, "framework": "keras", "fingerprint": model_fingerprint(net)}, target)
