@@ -959,11 +959,11 @@ def test_an_op_after_a_loop_reading_the_data_is_refused_up_front_too():
                                       (("i", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, []), ("state", TensorProto.FLOAT, [2, 4]))],
                              [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("next", TensorProto.FLOAT, [2, 4])])
     nodes = [helper.make_node("Loop", ["trips", "", "zeros"], ["looped"], name="while_loop", body=body),
-             helper.make_node("Einsum", ["looped"], ["y"], name="transpose_by_einsum", equation="ij->ji")]
+             helper.make_node("Hardmax", ["looped"], ["y"], name="hard_max")]
     graph = helper.make_graph(nodes, "looped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
                               [_const("trips", np.array(3, np.int64)), _const("zeros", np.zeros((2, 4), np.float32))])
-    with pytest.raises(InputError, match=r"cannot lower ops Einsum, Loop \(nodes while_loop, transpose_by_einsum\)"):
+    with pytest.raises(InputError, match=r"cannot lower ops Hardmax, Loop \(nodes while_loop, hard_max\)"):
         check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "looped.onnx")
 
 
@@ -976,3 +976,39 @@ def test_an_unnamed_node_the_lowering_lacks_is_named_by_the_tensor_it_writes():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])])
     with pytest.raises(InputError, match=r"cannot lower op Einsum \(node \(unnamed, writing y\)\)"):
         check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "unnamed.onnx")
+
+
+def test_einsum_attention_lowers_and_runs_as_batch_matmuls_with_int8_between_two_activations():
+    """Attention written with torch.einsum (exported as Einsum): lowered through tf.einsum it
+    equals ONNX Runtime in float, and in int8 both products run on int8 tensors."""
+    nodes = [helper.make_node("Einsum", ["m", "m"], ["scores"], name="qk", equation="bnc,bmc->bnm"),
+             helper.make_node("Softmax", ["scores"], ["weights"], axis=-1),
+             helper.make_node("Einsum", ["weights", "m"], ["y"], name="av", equation="bnm,bmc->bnc")]
+    model = _token_model(nodes, [], [1, 8, 16])
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])["y"]
+    float_model = convert_function(to_tf_function(model, "einsum.onnx"), "einsum.onnx")
+    np.testing.assert_allclose(TfliteRunner(float_model).infer(feeds[0])["y"], expected, rtol=1e-4, atol=1e-4)
+    int8 = quantize_int8(float_model, map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    products = [op for op in op_types(int8) if op["op"] == "BATCH_MATMUL"]
+    assert len(products) == 2 and all(op["inputs"] == ["int8", "int8"] for op in products)
+    assert _cosine(TfliteRunner(int8).infer(feeds[0])["y"], expected) > 0.99
+
+
+@pytest.mark.parametrize("axis,largest", [(-1, 1), (1, 1), (2, 0)])
+def test_top_k_lowers_on_any_axis_smallest_or_largest_with_int64_indices(axis, largest):
+    """TopK (a detector's score selection): values and int64 indices equal to ONNX Runtime's, on
+    the last axis or another one of the NCHW tensor (held NHWC inside), largest or smallest."""
+    node = helper.make_node("TopK", ["c", "k"], ["y", "indices"], name="top", axis=axis, largest=largest)
+    weight = _const("w", RNG.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32))
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node], "topk",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+                              [weight, _const("k", np.array([3], np.int64))])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = _feeds(model)
+    expected = Session(model).run(feeds[0])
+    got = TfliteRunner(convert_function(to_tf_function(model, "topk.onnx"), "topk.onnx")).infer(feeds[0])
+    np.testing.assert_allclose(got["y"], expected["y"], rtol=1e-5, atol=1e-5)
+    assert got["indices"].dtype == np.int64
+    np.testing.assert_array_equal(got["indices"], expected["indices"])

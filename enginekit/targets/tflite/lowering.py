@@ -371,6 +371,35 @@ def _matmul(node, args, attrs):
     return [Value(_tf().matmul(nchw(args[0]), nchw(args[1])))]
 
 
+def _einsum(node, args, attrs):
+    """tf.einsum on the operands in ONNX's layout: the converter writes BATCH_MATMUL/FULLY_CONNECTED
+    with the transposes and reshapes the equation needs (attention written as einsum)."""
+    equation = attrs["equation"]
+    equation = equation.decode() if isinstance(equation, bytes) else equation
+    if all(a.const for a in args):
+        return [Value(np.einsum(equation, *(a.data for a in args)))]
+    return [Value(_tf().einsum(equation, *(a.data if a.const else nchw(a) for a in args)))]
+
+
+def _top_k(node, args, attrs):
+    """TOPK_V2 along the last axis (another axis is moved there and back); the smallest k as the
+    largest of the negated values; indices int64 as in ONNX. Unsorted output may be sorted."""
+    tf = _tf()
+    x = nchw(args[0])
+    k = int(_constant(args[1], node, "k").reshape(-1)[0])
+    rank = len(x.shape)
+    axis = attrs.get("axis", -1) % rank
+    order = [a for a in range(rank) if a != axis] + [axis]
+    moved = x if axis == rank - 1 else tf.transpose(x, order)
+    largest = attrs.get("largest", 1)
+    values, indices = tf.math.top_k(moved if largest else -moved, k=k, sorted=True)
+    values = values if largest else -values
+    if axis != rank - 1:
+        back = np.argsort(order).tolist()
+        values, indices = tf.transpose(values, back), tf.transpose(indices, back)
+    return [Value(values), Value(tf.cast(indices, tf.int64))]
+
+
 def _reshape(node, args, attrs):
     tf = _tf()
     x = args[0]
@@ -943,6 +972,7 @@ LOWERINGS: dict[str, Callable] = {
     "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum, "GatherElements": _gather_elements,
     "InstanceNormalization": _instance_norm, "SpaceToDepth": _space_to_depth, "DepthToSpace": _depth_to_space,
     "LSTM": lstm, "GRU": gru, "RNN": rnn, "ArgMax": _arg_extreme, "ArgMin": _arg_extreme, "ReverseSequence": _reverse_sequence,
+    "Einsum": _einsum, "TopK": _top_k,
 }
 
 
