@@ -147,3 +147,24 @@ def test_an_average_pool_whose_window_covers_its_whole_input_becomes_global(pool
     exported = finalize(onnx.ModelProto.FromString(model.SerializeToString()), "pool.onnx")
     assert ("GlobalAveragePool" in [n.op_type for n in exported.graph.node]) == becomes_global
     np.testing.assert_allclose(Session(exported).run({"x": x})["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_products_become_matmuls_and_other_einsums_stay():
+    """torch.einsum attention: the two products (one with its output axes swapped) become
+    Transpose + MatMul, which every quantizer here places as an activation x activation product
+    (as Einsum ORT ran them in float between integer ops); an equation that would need a reshape
+    stays an Einsum. Same outputs as the original graph."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Einsum", ["k", "q"], ["scores_t"], equation="bhkd,bhqd->bhqk"),
+             helper.make_node("Softmax", ["scores_t"], ["weights"], axis=-1),
+             helper.make_node("Einsum", ["weights", "k"], ["mixed"], equation="bhqk,bhkd->bhqd"),
+             helper.make_node("Einsum", ["mixed", "w"], ["y"], equation="bhqd,de->bhqe")]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 2, 8, 16]) for n in ("q", "k")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 8, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prepared = finalize(model, "attention.onnx")
+    ops = [n.op_type for n in prepared.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Einsum") == 1
+    feeds = {n: rng.standard_normal((3, 2, 8, 16)).astype(np.float32) for n in ("q", "k")}
+    np.testing.assert_allclose(Session(prepared).run(feeds)["y"], Session(model).run(feeds)["y"], rtol=1e-5, atol=1e-5)

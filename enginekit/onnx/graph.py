@@ -11,6 +11,7 @@ import onnx
 from enginekit.core.errors import InputError, one_line
 from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
+from enginekit.onnx.einsum import einsum_as_matmul
 from enginekit.onnx.folding import fold_affine_into_convolutions
 from enginekit.onnx.nodes import attribute, graph_reads
 
@@ -228,7 +229,9 @@ def _prepared(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     hold another whose condition reads a shape only inference after it knows (silero-vad 5:
     `if x.shape[-1] == 1: squeeze` inside the branch on the input's rank), so `finalize` runs
     this twice where branches are left: TFLite and quantization then see plain ops."""
-    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(simplify(model)))))
+    model = simplify(model)
+    einsum_as_matmul(model)
+    model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(model))))
     return _whole_input_average_pools_as_global(_spatial_means_as_global_pools(infer_shapes(model, origin)))
 
 
