@@ -59,5 +59,5 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
 
 def unexpected_line(exc: BaseException) -> str:
     """The one line for a bug or an unforeseen library failure (no traceback: see `debugging`)."""
-    text = " ".join(str(exc).split())[:300] or "(no message)"
+    text = one_line(exc, 300) if str(exc).strip() else "(no message)"  # the type is named already
     return f"unexpected {type(exc).__name__}: {text} (rerun with --debug for the traceback)"
