@@ -971,10 +971,10 @@ def test_an_unnamed_node_the_lowering_lacks_is_named_by_the_tensor_it_writes():
     from enginekit.core.errors import InputError
     from enginekit.targets.tflite.lowering import check_lowerable
 
-    graph = helper.make_graph([helper.make_node("Einsum", ["x"], ["y"], equation="ij->ji")], "unnamed",
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"])], "unnamed",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])])
-    with pytest.raises(InputError, match=r"cannot lower op Einsum \(node \(unnamed, writing y\)\)"):
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    with pytest.raises(InputError, match=r"cannot lower op Hardmax \(node \(unnamed, writing y\)\)"):
         check_lowerable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "unnamed.onnx")
 
 
@@ -1012,3 +1012,25 @@ def test_top_k_lowers_on_any_axis_smallest_or_largest_with_int64_indices(axis, l
     np.testing.assert_allclose(got["y"], expected["y"], rtol=1e-5, atol=1e-5)
     assert got["indices"].dtype == np.int64
     np.testing.assert_array_equal(got["indices"], expected["indices"])
+
+
+def test_an_output_another_op_also_reads_is_read_back_from_the_graph_output_in_int8():
+    """A classifier returning its probabilities and the ArgMax label taken from them:
+    ai-edge-quantizer dequantizes the probabilities into a new graph output but left the
+    signature on the int8 tensor, whose memory the later ops reuse, so the runner (and any
+    `get_signature_runner()`) read garbage. The signature now names the graph output."""
+    weight = _const("wm", RNG.normal(0, 0.5, (16, 6)).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "wm"], ["logits"], name="head"), helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+             helper.make_node("ArgMax", ["probs"], ["label"], axis=-1, keepdims=0)]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 6]), helper.make_tensor_value_info("label", TensorProto.INT64, [1])],
+                              [weight])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = _feeds(model)
+    float_model = convert_function(to_tf_function(model, "classifier.onnx"), "classifier.onnx")
+    int8 = quantize_int8(float_model, map_ranges(float_model, model, _table(model, feeds), feeds[0], feeds[1:]).ranges)
+    runner = TfliteRunner(int8)
+    for sample in feeds[:4]:
+        expected, got = Session(model).run(sample), runner.infer(sample)
+        assert _cosine(got["probs"], expected["probs"]) > 0.99
+        np.testing.assert_array_equal(got["label"], got["probs"].argmax(-1))  # the label read from the same int8 values

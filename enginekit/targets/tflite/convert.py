@@ -101,6 +101,38 @@ def slices_to_the_end(model: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
+def signatures_on_graph_outputs(model: bytes) -> bytes:
+    """Point each signature output at the subgraph output that carries it. Where an output tensor
+    is also read by another op (a classifier's probabilities and the ArgMax label taken from
+    them), ai-edge-quantizer dequantizes it into a new graph output but leaves the signature on
+    the int8 tensor, whose arena memory later ops reuse: read through the signature (our runner,
+    anyone's `get_signature_runner()`) the probabilities were garbage (all near 0.5 for a
+    scikit-learn MLP). The op writing the graph output from that tensor names the right one.
+    Other models are returned unchanged (checked in place: unpacking copies every weight)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    root = schema.Model.GetRootAsModel(model, 0)
+    stale = []
+    for index in range(root.SignatureDefsLength()):
+        signature = root.SignatureDefs(index)
+        graph = root.Subgraphs(signature.SubgraphIndex())
+        outputs = set(graph.OutputsAsNumpy().tolist()) if graph.OutputsLength() else set()
+        stale += [(index, o) for o in range(signature.OutputsLength()) if signature.Outputs(o).TensorIndex() not in outputs]
+    if not stale:
+        return model
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    for index, position in stale:
+        signature = tree.signatureDefs[index]
+        graph = tree.subgraphs[signature.subgraphIndex]
+        entry = signature.outputs[position]
+        carriers = [op.outputs[0] for op in graph.operators
+                    if len(op.inputs) == 1 and op.inputs[0] == entry.tensorIndex and len(op.outputs) == 1 and op.outputs[0] in list(graph.outputs)]
+        if len(carriers) == 1:
+            entry.tensorIndex = carriers[0]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
+
+
 def _huge_slice_sizes(model: bytes) -> list[tuple[int, int, np.ndarray]]:
     """(subgraph, operator, size values) of every SLICE whose constant size holds a value of at least _TO_THE_END."""
     from tensorflow.lite.python import schema_py_generated as schema
@@ -192,7 +224,7 @@ def quantize_int8(float_model: bytes, ranges: dict[str, tuple[float, float]], io
                 result = engine.quantize(qsv, enable_progress_report=False)
     except ValueError as exc:
         raise InputError(f"ai-edge-quantizer refused the ranges: {one_line(exc, 300)}") from None
-    model = bytes(result.quantized_model)
+    model = signatures_on_graph_outputs(bytes(result.quantized_model))
     if io_type == "uint8":
         model = _uint8_io(model)
     return model
