@@ -396,16 +396,16 @@ def test_a_gemm_bias_of_shape_1xn_is_integerized_as_a_vector_and_one_of_mxn_stay
 def test_a_model_openvino_cannot_convert_is_named_as_the_user_gave_it_not_by_its_cached_export(tmp_path):
     from enginekit.core.errors import InputError
 
-    node = helper.make_node("Scaler", ["x"], ["y"], domain="ai.onnx.ml", offset=[0.5] * 4, scale=[2.0] * 4)
-    graph = helper.make_graph([node], "scaler", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+    node = helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)  # one enginekit does not rewrite
+    graph = helper.make_graph([node], "binarizer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
-    onnx.save(model, str(tmp_path / "scaler.onnx"))
+    onnx.save(model, str(tmp_path / "binarizer.onnx"))
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((8, 4), dtype=np.float32))
     with pytest.raises(InputError) as refused:
-        build(str(tmp_path / "scaler.onnx"), "openvino", "fp32", tmp_path / "out", BuildOptions(eval_data=str(tmp_path / "d.npz")))
-    assert refused.value.path == str(tmp_path / "scaler.onnx")
-    assert "OpenVINO cannot convert the model: no conversion rule for op ai.onnx.ml.Scaler" in str(refused.value)
+        build(str(tmp_path / "binarizer.onnx"), "openvino", "fp32", tmp_path / "out", BuildOptions(eval_data=str(tmp_path / "d.npz")))
+    assert refused.value.path == str(tmp_path / "binarizer.onnx")
+    assert "OpenVINO cannot convert the model: no conversion rule for op ai.onnx.ml.Binarizer" in str(refused.value)
 
 
 def test_an_if_whose_condition_is_a_1x1_tensor_converts(tmp_path):
