@@ -14,6 +14,7 @@ from enginekit.core.artifacts import staged_artifact, write_manifest
 from enginekit.core.errors import EnginekitError, GateError, InputError, naming
 from enginekit.onnx import graph as onnx_graph
 from enginekit.onnx.session import Session
+from enginekit.onnx.nodes import subgraphs
 from enginekit.exporter.parity import DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE, DEFAULT_RTOL, ParityResult, check_parity
 from enginekit.exporter.sources import Source, resolve_source
 from enginekit.core.machine import machine_info, toolchain
@@ -230,9 +231,8 @@ def _replace_reads(graph: onnx.GraphProto, name: str, replacement: str) -> None:
     """Every read of `name` in `graph` and its subgraphs (If/Loop bodies) reads `replacement`."""
     for node in graph.node:
         node.input[:] = [replacement if value == name else value for value in node.input]
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-                _replace_reads(subgraph, name, replacement)
+        for subgraph in subgraphs(node):
+            _replace_reads(subgraph, name, replacement)
 
 
 def _apply_input_specs(proto: onnx.ModelProto, source: Source) -> None:

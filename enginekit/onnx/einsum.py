@@ -12,6 +12,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from enginekit.onnx.nodes import attribute
+
 
 def einsum_as_matmul(model: onnx.ModelProto) -> int:
     """Rewrite the matching Einsum nodes of the main graph in place; how many."""
@@ -34,7 +36,7 @@ def _plan(node: onnx.NodeProto) -> tuple[list[int], list[int], list[int]] | None
     """The permutations putting A as [batch..., row, contracted], B as [batch..., contracted,
     column], and the MatMul's [batch..., row, column] in the output's order; None if the
     equation is not such a product."""
-    equation = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "equation"), b"")
+    equation = attribute(node, "equation", b"")
     equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
     if "->" not in equation or "." in equation:
         return None

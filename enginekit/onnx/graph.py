@@ -13,7 +13,7 @@ from enginekit.core.quiet import quiet_loggers
 from enginekit.core.tensors import TensorSpec
 from enginekit.onnx.einsum import einsum_as_matmul
 from enginekit.onnx.folding import fold_affine_into_convolutions
-from enginekit.onnx.nodes import attribute, graph_reads
+from enginekit.onnx.nodes import attribute, graph_reads, subgraphs
 
 DEFAULT_OPSET = 20  # newest opset that TensorRT 10.0's parser, OpenVINO and ONNX Runtime all read
 
@@ -61,14 +61,9 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def count_branches(graph: onnx.GraphProto) -> int:
-    """If/Loop/Scan nodes in `graph` and, recursively, in their bodies."""
-    total = 0
-    for node in graph.node:
-        total += node.op_type in ("If", "Loop", "Scan")
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                total += count_branches(body)
-    return total
+    """If nodes in `graph` and, recursively, in the bodies of its If/Loop/Scan nodes (only an If
+    folds when its condition becomes known)."""
+    return sum((node.op_type == "If") + sum(count_branches(body) for body in subgraphs(node)) for node in graph.node)
 
 
 def _fuse_hard_swish(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -228,7 +223,7 @@ def _prepared(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Simplified, folded into compute ops, shapes inferred. An If inlined by the optimizer can
     hold another whose condition reads a shape only inference after it knows (silero-vad 5:
     `if x.shape[-1] == 1: squeeze` inside the branch on the input's rank), so `finalize` runs
-    this twice where branches are left: TFLite and quantization then see plain ops."""
+    this twice where If nodes are left: TFLite and quantization then see plain ops."""
     model = simplify(model)
     einsum_as_matmul(model)
     model = _fuse_hard_swish_products(_fuse_hard_swish(fold_affine_into_convolutions(fold_into_compute(model))))

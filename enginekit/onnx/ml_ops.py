@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from enginekit.onnx.graph import value_dims
+from enginekit.onnx.nodes import attribute, drop_unused_domain
+
 ML_DOMAIN = "ai.onnx.ml"
 
 
@@ -46,10 +49,7 @@ def standard_ml_ops(model: onnx.ModelProto) -> list[str]:
     if rewritten:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        if not any(node.domain == ML_DOMAIN for node in model.graph.node):
-            kept = [o for o in model.opset_import if o.domain != ML_DOMAIN]
-            del model.opset_import[:]
-            model.opset_import.extend(kept)
+        drop_unused_domain(model, ML_DOMAIN)
     return sorted(set(rewritten))
 
 
@@ -58,9 +58,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - then only what the file declares
         inferred = model
-    values = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values
-             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    ranks = {name: len(dims) for name, dims in value_dims(inferred).items()}
     ranks.update({t.name: len(t.dims) for t in inferred.graph.initializer})
     return ranks
 
@@ -73,10 +71,9 @@ def _constant(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
 def _scaler(node: onnx.NodeProto, index: int, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Y = (float(X) - offset) * scale, broadcast along the last axis: ONNX Runtime's kernel, op
     for op."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     prefix = f"{node.name or 'scaler'}_{index}"
-    offset = _constant(graph, f"{prefix}_offset", np.array(attrs.get("offset", [0.0]), np.float32))
-    scale = _constant(graph, f"{prefix}_scale", np.array(attrs.get("scale", [1.0]), np.float32))
+    offset = _constant(graph, f"{prefix}_offset", np.array(attribute(node, "offset", [0.0]), np.float32))
+    scale = _constant(graph, f"{prefix}_scale", np.array(attribute(node, "scale", [1.0]), np.float32))
     return [helper.make_node("Cast", [node.input[0]], [f"{prefix}_float"], to=onnx.TensorProto.FLOAT, name=f"{prefix}_cast"),
             helper.make_node("Sub", [f"{prefix}_float", offset], [f"{prefix}_centred"], name=f"{prefix}_sub"),
             helper.make_node("Mul", [f"{prefix}_centred", scale], list(node.output), name=f"{prefix}_mul")]

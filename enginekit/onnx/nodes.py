@@ -17,13 +17,27 @@ def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds in its attributes: an If's branches, a Loop's or Scan's body."""
+    return [graph for value in node.attribute
+            for graph in ([value.g] if value.type == onnx.AttributeProto.GRAPH else list(value.graphs))]
+
+
+def drop_unused_domain(model: onnx.ModelProto, domain: str) -> None:
+    """Remove `domain`'s opset import where no node of the main graph uses it any more (after a
+    rewrite replaced its ops), in place."""
+    if not any(node.domain == domain for node in model.graph.node):
+        kept = [o for o in model.opset_import if o.domain != domain]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads: its inputs and the outer-scope names its subgraphs use."""
     names = [name for name in node.input if name]
-    for value in node.attribute:
-        for graph in [value.g] if value.type == onnx.AttributeProto.GRAPH else list(value.graphs):
-            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-            names += [name for n in graph.node for name in node_inputs(n) if name not in defined]
+    for graph in subgraphs(node):
+        defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        names += [name for n in graph.node for name in node_inputs(n) if name not in defined]
     return list(dict.fromkeys(names))
 
 

@@ -21,7 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from enginekit.core.errors import InputError
 from enginekit.onnx.graph import drop_unused_initializers
-from enginekit.onnx.nodes import attribute, tensor_producers, tensor_readers
+from enginekit.onnx.nodes import attribute, drop_unused_domain, tensor_producers, tensor_readers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulInteger", "QGemm",
@@ -168,10 +168,7 @@ def restore_channels_first_pools(model: onnx.ModelProto) -> None:
                 graph.node.remove(node)
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
-    if not any(n.domain == MICROSOFT_DOMAIN for n in graph.node):
-        kept = [o for o in model.opset_import if o.domain != MICROSOFT_DOMAIN]
-        del model.opset_import[:]
-        model.opset_import.extend(kept)
+    drop_unused_domain(model, MICROSOFT_DOMAIN)
 
 
 def _restorable_pool(graph: onnx.GraphProto) -> tuple[onnx.NodeProto, ...] | None:
