@@ -302,7 +302,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
                    "a device whose CPU differs from this one).")
 @_data_options
 @click.option("--min-accuracy", default=None, help="Gate, e.g. 'top1_agreement>=0.90' or 'OUTPUT:cosine>=0.99'; default: a task-aware gate for every output; 'none' for no gate.")
-@click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, labels, generic) where inferring it is not right.")
+@click.option("--output-kind", "output_kinds", multiple=True, metavar="NAME=KIND", help="The kind of an output (classification, embedding, dense, sequence, detection, labels, generic) where inferring it is not right.")
 @click.option("--metric", default=None, metavar="MODULE:FUNCTION", help="Your own accuracy metric: f(reference, candidate, labels) -> {name: number}; gates can name its figures.")
 @click.option("--auto-fallback", is_flag=True, help="INT8 below the gate: keep in float the fewest layers that make it pass (one set for every target, searched on the Q/DQ graph).")
 @click.option("--max-float-layers", type=click.IntRange(0), default=None, help="At most this many float layers for --auto-fallback (default 16).")

@@ -182,3 +182,45 @@ def test_a_user_metric_is_reported_and_gated(tmp_path, monkeypatch):
         gate(metrics, parse_conditions("max_abs<=0.1"), "m")
     with pytest.raises(InputError, match="cannot load the metric"):
         load_user_metric("nosuchmodule:f")
+
+
+def _yolo_rows(batch: int = 4, anchors: int = 300, classes: int = 6) -> np.ndarray:
+    """[batch, 4 + classes, anchors] as a YOLOv8 head writes it: boxes in pixels, sigmoid scores."""
+    boxes = RNG.uniform(0, 320, (batch, 4, anchors))
+    scores = 1 / (1 + np.exp(-RNG.normal(-4, 2.5, (batch, classes, anchors))))
+    return np.concatenate([boxes, scores], axis=1)
+
+
+def test_a_yolo_style_output_is_a_detection_in_either_layout_whatever_its_name():
+    rows = _yolo_rows()
+    assert infer_kind("output0", rows) == "detection"
+    assert infer_kind("output0", rows.transpose(0, 2, 1)) == "detection"  # YOLOv5's [batch, anchors, 5 + classes]
+    assert infer_kind("pred", rows) == "detection"  # a "pred" name does not make 300 anchors class scores
+    assert infer_kind("out", RNG.random((2, 30, 10))) == "generic"  # per-frame sigmoids: no box leaves [0, 1]
+    assert infer_kind("out", RNG.standard_normal((2, 30, 10)) * 10) == "generic"  # unbounded features after the first 4
+    assert infer_kind("pred_boxes", RNG.uniform(0, 300, (2, 10, 4))) == "generic"  # boxes alone
+
+
+def test_detection_scores_are_gated_apart_from_the_boxes_that_dwarf_them():
+    """Scores moved by up to 0.3 leave the whole tensor's cosine above 0.999 (pixels dominate it);
+    the default gate must fail on the scores and name them."""
+    ref = _yolo_rows()
+    got = ref.copy()
+    got[:, 4:] = np.clip(got[:, 4:] + RNG.uniform(-0.3, 0.3, got[:, 4:].shape) * (got[:, 4:] > 0.1), 0, 1)
+    metrics = compare_outputs({"output0": ref}, {"output0": got})
+    output = metrics["outputs"]["output0"]
+    assert output["kind"] == "detection" and output["cosine"] > 0.999
+    assert output["box_cosine"] == pytest.approx(1.0) and output["score_cosine"] < 0.95
+    assert 0 < output["detection_agreement"] < 1 and output["detections"] == float((ref[:, 4:].max(1) >= 0.25).sum())
+    assert headline(metrics).startswith("score_cosine")
+    with pytest.raises(GateError, match="output0.*score_cosine"):
+        gate(metrics, None, "int8")
+    exact = compare_outputs({"output0": ref}, {"output0": ref.copy()})
+    assert exact["outputs"]["output0"]["detection_agreement"] == 1.0
+    assert gate(exact, None, "int8")["conditions"] == ["output0:box_cosine>=0.98", "output0:score_cosine>=0.98"]
+
+
+def test_a_detection_kind_set_on_an_output_without_box_and_scores_is_refused():
+    boxes = RNG.uniform(0, 300, (2, 10, 4))
+    with pytest.raises(InputError, match="detection output.*shape \\[2, 10, 4\\]"):
+        compare_outputs({"b": boxes}, {"b": boxes}, kinds={"b": "detection"})

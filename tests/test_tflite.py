@@ -401,6 +401,20 @@ def test_the_hub_float_judge_counts_top_1_disagreements_of_probability_rows_only
     assert cosine_errors([[np.log(flat)]], [[np.round(np.log(flat) * 4) / 4]]) == [1.0]
 
 
+def test_the_hub_float_judge_weighs_a_detections_scores_apart_from_its_boxes():
+    """A YOLO-style output: scores on a 1/4 grid barely move the whole tensor's cosine (boxes in
+    pixels dominate it); the judge's error is the scores' own."""
+    from enginekit.targets.tflite.hub_float import cosine_errors
+
+    rng = np.random.default_rng(1)
+    rows = np.concatenate([rng.uniform(0, 320, (2, 4, 200)), rng.uniform(0, 1, (2, 3, 200))], axis=1)
+    coarse = rows.copy()
+    coarse[:, 4:] = np.round(coarse[:, 4:] * 4) / 4
+    whole = 1 - np.dot(rows.ravel(), coarse.ravel()) / np.linalg.norm(rows) / np.linalg.norm(coarse)
+    error = cosine_errors([[rows]], [[coarse]])[0]
+    assert whole < 1e-6 and error > 0.005  # the scores' 1 - cosine, not the whole tensor's
+
+
 @pytest.mark.parametrize("name", ["onnx::Flatten_0", "_features", "input.1"])
 def test_an_input_name_tensorflow_refuses_keeps_its_name_on_the_tflite_artifact(tmp_path, name):
     """Older torch exports name inputs 'onnx::Flatten_0': TensorFlow refused it as a placeholder

@@ -3,7 +3,7 @@
 A condition is `metric OP value` (it applies to every output that reports the metric) or
 `OUTPUT:metric OP value` (one output). When the user gives none, a task-aware default applies:
 every output must keep top-1 agreement >= 0.90 (classification) or cosine >= 0.98 (any other
-kind) for INT8, FP16 and BF16, and cosine >= 0.999 for FP32 (a float conversion that changes the
+kind; a detection's boxes and scores each) for INT8, FP16 and BF16, and cosine >= 0.999 for FP32 (a float conversion that changes the
 numbers is a broken conversion). `none` opts out. A failure names the output that failed.
 """
 
@@ -83,6 +83,8 @@ def default_conditions(metrics: Mapping[str, Any], precision: str) -> list[Condi
             conditions.append(Condition("top1_agreement", ">=", DEFAULT_TOP1, name or None))
         elif output.get("kind") == "labels":
             conditions.append(Condition("label_agreement", ">=", DEFAULT_TOP1, name or None))
+        elif output.get("kind") == "detection":  # its boxes and its scores, each on their own scale
+            conditions += [Condition("box_cosine", ">=", DEFAULT_COSINE, name or None), Condition("score_cosine", ">=", DEFAULT_COSINE, name or None)]
         else:
             conditions.append(Condition("cosine", ">=", DEFAULT_COSINE, name or None))
     return conditions

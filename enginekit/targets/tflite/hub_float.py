@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.core.errors import one_line
-from enginekit.accuracy.metrics import infer_kind
+from enginekit.accuracy.metrics import detection_metrics, infer_kind, looks_like_detections
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.parity import cosine_similarity
 from enginekit.targets.tflite.convert import COMPUTE_OPS, DATA_MOVEMENT_OPS
@@ -94,8 +94,12 @@ def cosine_errors(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence
 
 
 def output_error(expected: np.ndarray, got: np.ndarray) -> float:
-    """1 - cosine, or the share of top-1 disagreements of a classifier's probabilities where larger (see cosine_errors)."""
+    """1 - cosine, or the share of top-1 disagreements of a classifier's probabilities where larger
+    (see cosine_errors); a detection output's boxes and scores each count (its gate's cosines)."""
     error = 1.0 - cosine_similarity(expected, got)
+    if looks_like_detections(expected):
+        parts = detection_metrics(expected, got)
+        return max(error, 1.0 - parts["box_cosine"], 1.0 - parts["score_cosine"])
     if infer_kind("", expected) == "classification":  # rows of probabilities or log-probabilities (no name: raw logits are not judged by argmax here; a sequence's gate is its cosine)
         rows, got_rows = expected.reshape(-1, expected.shape[-1]), got.reshape(-1, expected.shape[-1])
         error = max(error, float(np.mean(rows.argmax(1) != got_rows.argmax(1))))
