@@ -496,3 +496,41 @@ def test_an_int8_hard_swish_is_one_float_op_inside_xnnpack_between_int8_convolut
     assert [op["inputs"][0] for op in ops if op["op"] == "CONV_2D"] == ["int8", "int8"]
     assert outside_xnnpack(flatbuffer) == {}
     assert result.manifest["accuracy"]["metrics"]["cosine"] > 0.99
+
+
+def test_a_returned_concat_of_boxes_and_scores_stays_float_so_the_scores_keep_their_grid(tmp_path):
+    """A YOLO-style head concatenates boxes in pixels with sigmoid scores and returns them: on the
+    concat's one int8 grid over [0, 300] every score is 0 or ~1.2. Kept float (its inputs on
+    their own grids), the scores keep their values."""
+    rng = np.random.default_rng(5)
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 1, (6, 3, 1, 1)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.array([0, 6, 64], np.int64), "flat"),
+             onnx.numpy_helper.from_array(np.array([4, 2], np.int64), "parts"),
+             onnx.numpy_helper.from_array(np.array(300.0, np.float32), "pixels")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Reshape", ["c", "flat"], ["rows"]),
+             helper.make_node("Split", ["rows", "parts"], ["raw_boxes", "logits"], axis=1),
+             helper.make_node("Sigmoid", ["raw_boxes"], ["unit_boxes"]), helper.make_node("Mul", ["unit_boxes", "pixels"], ["boxes"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"]), helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 6, 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "head.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    options = BuildOptions(calib_data=str(tmp_path / "d.npz"), eval_data=str(tmp_path / "d.npz"), num_samples=32, min_accuracy="none",
+                           target_options={"tflite": {"speed_check": False}})
+    result = build(str(tmp_path / "head.onnx"), "tflite", "int8", tmp_path / "int8", options)
+    output = result.manifest["accuracy"]["metrics"]["outputs"]["output0"]
+    assert output["kind"] == "detection" and output["score_cosine"] > 0.99, output
+    assert result.manifest["tflite"]["mixed_concat_float_ops"] >= 1
+
+
+def test_only_a_returned_concat_of_unlike_ranges_is_kept_float():
+    from enginekit.targets.tflite.float_layers import mixed_concat_outputs
+    from enginekit.targets.tflite.ranges import RangeMap
+
+    ranges = RangeMap(ranges={"boxes": (0.0, 320.0), "scores": (0.0, 1.0), "joined": (0.0, 320.0), "moved": (0.0, 320.0),
+                              "a": (0.0, 4.0), "b": (-1.0, 2.0), "near": (-1.0, 4.0), "inner": (0.0, 320.0), "conv": (-5.0, 5.0)},
+                      producers={"joined": "CONCATENATION", "moved": "RESHAPE", "near": "CONCATENATION", "inner": "CONCATENATION",
+                                 "conv": "CONV_2D"},
+                      inputs_of={"joined": ["boxes", "scores"], "moved": ["joined", "shape"], "near": ["a", "b"],
+                                 "inner": ["scores", "boxes"], "conv": ["inner", "w"]})
+    assert mixed_concat_outputs(ranges) == ["joined", "moved"]  # "near": alike ranges; "inner": a convolution reads it

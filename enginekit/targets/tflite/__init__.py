@@ -43,7 +43,7 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     (smoke.py)."""
     from enginekit.targets.tflite.convert import convert_function, quantize_int8, type_summary
     from enginekit.targets.tflite.delegate_float import keep_delegated
-    from enginekit.targets.tflite.float_layers import float_op_outputs, mask_outputs, moved_after, recurrence_outputs
+    from enginekit.targets.tflite.float_layers import float_op_outputs, mask_outputs, mixed_concat_outputs, moved_after, recurrence_outputs
     from enginekit.targets.tflite.hub_float import choose, hub_float_tensors
     from enginekit.targets.tflite.ranges import map_ranges
     from enginekit.targets.tflite.speed_float import keep_faster
@@ -56,7 +56,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
     recurrence = [t for t in recurrence_outputs(ranges) if t not in float_ops]
     masks = [t for t in mask_outputs(ranges) if t not in float_ops and t not in recurrence]
-    float_ops, layer_ops = [*float_ops, *recurrence, *masks], float_ops
+    mixed = [t for t in mixed_concat_outputs(ranges) if t not in {*float_ops, *recurrence, *masks}]
+    float_ops, layer_ops = [*float_ops, *recurrence, *masks, *mixed], float_ops
     model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
     if smoke is not None:
         smoke(model, precision)
@@ -89,6 +90,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
         info["recurrence_float_ops"] = len(recurrence)
     if masks:
         info["mask_float_ops"] = len(masks)
+    if mixed:
+        info["mixed_concat_float_ops"] = len(mixed)
     if float_layers:
         info["float_layers"] = {"kept_float": [n for n in float_layers if n not in not_found], "ops": layer_ops,
                                 "not_found_in_tflite": not_found}

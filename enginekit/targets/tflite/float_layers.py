@@ -89,6 +89,38 @@ def mask_outputs(ranges: RangeMap) -> list[str]:
     return inside + moved_after(inside, ranges)
 
 
+# A CONCATENATION puts its inputs on its output's one int8 grid: an input spanning less than this
+# share of the output's range keeps fewer than 255 / MIXED_SPAN_RATIO = 16 steps (4 bits) there
+MIXED_SPAN_RATIO = 16
+
+
+def mixed_concat_outputs(ranges: RangeMap) -> list[str]:
+    """The outputs of the CONCATENATIONs that the model returns (through data movement only)
+    joining tensors of ranges too unlike to share one grid, and that movement: they stay float,
+    their inputs dequantized, as the Q/DQ hub leaves graph outputs. A YOLO head joins boxes in
+    pixels with scores in [0, 1]: on the grid of [0, 320] every score became 0 or 1.27
+    (nudenet's YOLOv8n, score cosine 0.875). A Concat some op reads is left alone: its reader
+    would put the values back on one grid."""
+    def span(tensor: str) -> float:
+        low, high = ranges.ranges[tensor]
+        return high - low
+
+    readers: dict[str, list[str]] = {}
+    for tensor, inputs in ranges.inputs_of.items():
+        for name in inputs:
+            readers.setdefault(name, []).append(tensor)
+    kept = []
+    for tensor, inputs in ranges.inputs_of.items():
+        joined = [t for t in inputs if t in ranges.ranges]
+        if ranges.producers.get(tensor) != "CONCATENATION" or tensor not in ranges.ranges or len(joined) < 2 or \
+                min(span(t) for t in joined) * MIXED_SPAN_RATIO >= span(tensor):
+            continue
+        tail = [tensor, *moved_after([tensor], ranges)]
+        if all(reader in tail for name in tail for reader in readers.get(name, [])):
+            kept += tail
+    return kept
+
+
 PASS_THROUGH_OPS = FLOAT_FOLLOWING_OPS | {"CONCATENATION", "MAX_POOL_2D"}  # ops that only move or select values
 
 
