@@ -4,8 +4,8 @@ quantized model's outputs.
 One calibration pass yields all four tables (min-max, percentile, entropy, MSE come from the same
 histograms); each table's Q/DQ graph, for every (encoding, placement) the build's INT8 targets
 use, runs in the reference executor on calibration samples against the FP32 model, and min-max is
-replaced only by a table that agrees better with FP32 on every part of those samples (see
-`choose_table`). Chosen on
+replaced only by a table that agrees better with FP32 both on average and on its worst part of
+those samples (see `choose_table`). Chosen on
 calibration data, never on the evaluation data the gate then judges. Why per model: no method wins
 everywhere (measured here: percentile lifts PP-OCRv4 det on ONNX Runtime from cosine 0.950 to
 0.981 and rec from 0.959 to 0.986, where entropy is far worse; MSE costs minilm_l6 0.994 -> 0.983
@@ -32,7 +32,7 @@ from enginekit.quantization.pipeline import build_qdq
 
 AUTO = "auto"
 CHOICE_SAMPLES = 64  # calibration samples each candidate table is judged on
-FOLDS = 4  # equal parts of them; a method must win on each to replace min-max
+FOLDS = 4  # equal parts of them; a method must beat min-max's mean and its worst part to replace it
 
 
 def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable], pairs: Sequence[tuple[str, str]]) -> CalibrationTable:
@@ -42,8 +42,11 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
 
     Scored by the lowest output cosine against FP32 (every output kind reports it, and unlike a
     top-1 agreement on a few dozen samples it moves smoothly), worst encoding first, on FOLDS
-    equal parts of the samples: a method replaces min-max only if it scores higher on every part
-    (differences smaller than the spread between parts are noise, and min-max then stays)."""
+    equal parts of the samples: a method replaces min-max only if it scores higher on average and
+    on its worst part than min-max on its own (a gain on average bought with a worse tail is not
+    one; equal scores keep min-max). It had to win on every part: a real YOLOv8n's detection
+    scores then kept min-max (parts 0.953 / 0.991 / 0.982 / 0.917) over MSE (0.984 / 0.983 /
+    0.987 / 0.963), one part 0.008 behind, and failed the gate that MSE passes (0.980 -> 0.990)."""
     fp32, threads = graph, session.options.threads
     batches = list(session.calibration_samples(CHOICE_SAMPLES, 32))
     reference = session.outputs_of(fp32.proto, batches)
@@ -64,12 +67,12 @@ def choose_table(session: Any, graph: Any, tables: Mapping[str, CalibrationTable
                 worst[index] = min(worst[index], lowest_cosine(metrics))
         scores[method] = worst
     baseline = METHODS[0]
-    better = [m for m in scores if m == baseline or all(a > b for a, b in zip(scores[m], scores[baseline]))]
+    better = [m for m in scores if m == baseline or (np.mean(scores[m]) > np.mean(scores[baseline]) and min(scores[m]) > min(scores[baseline]))]
     chosen = max(better, key=lambda m: (float(np.mean(scores[m])), -candidates.index(m)))
     table = tables[chosen]
     table.parameters = {**table.parameters, AUTO: {
         "chosen": chosen, "scores": {m: [round(v, 5) for v in folds_scores] for m, folds_scores in scores.items()},
         "judged_on": f"{samples} calibration samples in {len(folds)} parts: lowest output cosine vs FP32, worst encoding; "
-                     f"a method replaces {baseline} only if it scores higher on every part"}}
+                     f"a method replaces {baseline} only if it scores higher on average and on its worst part"}}
     return table
 
