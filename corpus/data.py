@@ -69,6 +69,16 @@ def mtcnn(size: int) -> Callable[[str, int], dict[str, np.ndarray]]:
     return make
 
 
+def yolo(size: int) -> Callable[[str, int], dict[str, np.ndarray]]:
+    """An Ultralytics-exported detector's input: RGB scaled to [0, 1], NCHW (nudenet's
+    blobFromImage(1 / 255, swapRB=True) of a square image)."""
+    def make(split: str, count: int) -> dict[str, np.ndarray]:
+        rgb = photos(split, count, size, size).astype(np.float32)
+        return {"images": (rgb / 255.0).transpose(0, 3, 1, 2).copy()}
+
+    return make
+
+
 def vit(size: int) -> Callable[[str, int], dict[str, np.ndarray]]:
     """ViT's image processor: RGB, scaled to [0, 1], mean = std = 0.5, NCHW."""
     def make(split: str, count: int) -> dict[str, np.ndarray]:

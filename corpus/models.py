@@ -1,4 +1,4 @@
-"""The corpus: eleven real third-party models, how to get each, the shapes and dtypes a user
+"""The corpus: twelve real third-party models, how to get each, the shapes and dtypes a user
 would declare, the data that fits its task, and the kind of outputs that are not plain to infer."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from corpus import data
-from corpus.fetch import FACENET, RAPIDOCR, SILERO, member
+from corpus.fetch import FACENET, NUDENET, RAPIDOCR, SILERO, member
 
 
 @dataclass(frozen=True)
@@ -59,5 +59,8 @@ ENTRIES = (
           _file(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx"),
           data.speech(model=_file(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx")),
           input_shapes=("input=batchx576", "sr=scalar:int64:16000..16000")),
+    Entry("nudenet_yolov8n", "nudenet 3.4.2's YOLOv8n detector (Ultralytics export, opset 17, dynamic H/W, 18 classes): one "
+          "[1, 22, anchors] output of boxes in pixels and sigmoid scores, 320 x 320",
+          _file(NUDENET, "nudenet/320n.onnx"), data.yolo(320), input_shapes=("images=batchx3x320x320",)),
 )
 BY_NAME = {entry.name: entry for entry in ENTRIES}
