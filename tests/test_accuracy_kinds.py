@@ -224,3 +224,18 @@ def test_a_detection_kind_set_on_an_output_without_box_and_scores_is_refused():
     boxes = RNG.uniform(0, 300, (2, 10, 4))
     with pytest.raises(InputError, match="detection output.*shape \\[2, 10, 4\\]"):
         compare_outputs({"b": boxes}, {"b": boxes}, kinds={"b": "detection"})
+
+
+def test_a_segmenting_or_pose_head_keeps_its_extras_apart_from_its_scores():
+    """YOLOv8-seg/-pose append mask coefficients or keypoints after the scores: the scores are the
+    run of features that stays in [0, 1]; the extras are scored and gated on their own."""
+    rows = _yolo_rows()
+    extras = RNG.normal(0, 3, (4, 5, rows.shape[2]))
+    ref = np.concatenate([rows, extras], axis=1)
+    assert infer_kind("output0", ref) == "detection"
+    got = ref.copy()
+    got[:, -5:] += RNG.normal(0, 1.5, extras.shape)  # the extras broken, boxes and scores exact
+    output = compare_outputs({"output0": ref}, {"output0": got})["outputs"]["output0"]
+    assert output["score_cosine"] == pytest.approx(1.0) and output["box_cosine"] == pytest.approx(1.0) and output["extra_cosine"] < 0.95
+    with pytest.raises(GateError, match="extra_cosine"):
+        gate(compare_outputs({"output0": ref}, {"output0": got}), None, "int8")

@@ -84,7 +84,8 @@ def default_conditions(metrics: Mapping[str, Any], precision: str) -> list[Condi
         elif output.get("kind") == "labels":
             conditions.append(Condition("label_agreement", ">=", DEFAULT_TOP1, name or None))
         elif output.get("kind") == "detection":  # its boxes and its scores, each on their own scale
-            conditions += [Condition("box_cosine", ">=", DEFAULT_COSINE, name or None), Condition("score_cosine", ">=", DEFAULT_COSINE, name or None)]
+            conditions += [Condition(part, ">=", DEFAULT_COSINE, name or None) for part in ("box_cosine", "score_cosine", "extra_cosine")
+                           if part in output]
         else:
             conditions.append(Condition("cosine", ">=", DEFAULT_COSINE, name or None))
     return conditions

@@ -15,8 +15,9 @@ with `output_kinds`):
   Log-probabilities (a LogSoftmax output) are read as classification or sequence scores and
   compared as the probabilities they stand for.
 - detection ([batch, features, anchors] or [batch, anchors, features]: 4 box coordinates, then
-  scores in [0, 1], as a YOLO-style head concatenates them): box_cosine and score_cosine, each
-  over its own features, and detection_agreement (anchors whose best score reaches
+  scores in [0, 1], then maybe extras such as mask coefficients or keypoints, as a YOLO-style
+  head concatenates them): box_cosine, score_cosine and extra_cosine, each over its own
+  features, and detection_agreement (anchors whose best score reaches
   DETECTION_CONFIDENCE on either side that both keep with the same class). Over the whole
   tensor, cosine is the box coordinates' (hundreds of pixels against scores below 1): a real
   YOLOv8n whose INT8 scores moved by 0.10 at the anchors it detects scored 0.9997.
@@ -44,7 +45,7 @@ _REGRESSION_NAMES = re.compile(r"box|coord|depth|offset|regress|landmark|keypoin
 NEAR_EMPTY = 1e-3  # a sample whose energy is below this share of the mean sample's is "near empty"
 BOX_COORDINATES = 4  # a detection row starts with its box: (cx, cy, w, h) or (x1, y1, x2, y2)
 DETECTION_CONFIDENCE = 0.25  # the score a YOLO-style predictor keeps by default (Ultralytics' conf)
-COSINES = ("cosine", "box_cosine", "score_cosine")  # the cosines an output is held to (a detection's parts too)
+COSINES = ("cosine", "box_cosine", "score_cosine", "extra_cosine")  # the cosines an output is held to (a detection's parts too)
 
 
 def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds], max_batch: int | None = None,
@@ -103,16 +104,24 @@ def detection_rows(values: np.ndarray) -> np.ndarray:
     return np.swapaxes(values, 1, 2) if values.shape[1] < values.shape[2] else values
 
 
+def score_features(rows: np.ndarray) -> int:
+    """How many features after the box are scores: the run of them that never leaves [0, 1] in
+    the reference. What follows are extras (YOLOv8-seg's mask coefficients, -pose's keypoints)."""
+    after = rows[..., BOX_COORDINATES:].reshape(-1, rows.shape[-1] - BOX_COORDINATES)
+    inside = (after.min(axis=0) >= 0.0) & (after.max(axis=0) <= 1.0)
+    return int(np.argmin(inside)) if not inside.all() else len(inside)
+
+
 def looks_like_detections(reference: np.ndarray) -> bool:
-    """Rows of box coordinates that leave [0, 1] (pixels) followed by scores that never do: the
-    layout a YOLO-style detector's single output concatenates. A tensor all in [0, 1] (per-frame
-    sigmoids) or with unbounded later features (hidden states, mask coefficients) is not one."""
+    """Rows of box coordinates that leave [0, 1] (pixels) followed by scores that never do (and
+    maybe extras): the layout a YOLO-style detector's single output concatenates. A tensor all
+    in [0, 1] (per-frame sigmoids) or with unbounded features after the first 4 (hidden states)
+    is not one."""
     values = np.asarray(reference, np.float64)
     if values.ndim != 3 or min(values.shape[1:]) <= BOX_COORDINATES or not np.isfinite(values).all():
         return False
     rows = detection_rows(values)
-    boxes, scores = rows[..., :BOX_COORDINATES], rows[..., BOX_COORDINATES:]
-    return bool(np.abs(boxes).max() > 1.0 and scores.min() >= 0.0 and scores.max() <= 1.0)
+    return bool(np.abs(rows[..., :BOX_COORDINATES]).max() > 1.0 and score_features(rows) > 0)
 
 
 def log_probabilities(values: np.ndarray) -> bool:
@@ -201,17 +210,20 @@ def kind_metrics(kind: str, ref: np.ndarray, got: np.ndarray, labels: np.ndarray
 
 
 def detection_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Boxes and scores of a detection output compared apart, and which anchors stay detections
-    (best score >= DETECTION_CONFIDENCE) of the same class."""
+    """Boxes, scores and extras (if any) of a detection output compared apart, and which anchors
+    stay detections (best score >= DETECTION_CONFIDENCE) of the same class. Where no feature
+    after the box stays in [0, 1] (the kind set by hand), all of them are scores."""
     ref, got = detection_rows(ref), detection_rows(got)
-    ref_scores, got_scores = ref[..., BOX_COORDINATES:], got[..., BOX_COORDINATES:]
+    end = BOX_COORDINATES + (score_features(ref) or ref.shape[-1] - BOX_COORDINATES)
+    ref_scores, got_scores = ref[..., BOX_COORDINATES:end], got[..., BOX_COORDINATES:end]
+    extras = {"extra_cosine": _global_cosine(ref[..., end:], got[..., end:])} if end < ref.shape[-1] else {}
     ref_kept, got_kept = ref_scores.max(-1) >= DETECTION_CONFIDENCE, got_scores.max(-1) >= DETECTION_CONFIDENCE
     either = np.logical_or(ref_kept, got_kept)
     same = ref_kept & got_kept & (ref_scores.argmax(-1) == got_scores.argmax(-1))
     return {"box_cosine": _global_cosine(ref[..., :BOX_COORDINATES], got[..., :BOX_COORDINATES]),
             "score_cosine": _global_cosine(ref_scores, got_scores),
             "detection_agreement": float(same.sum() / either.sum()) if either.any() else 1.0,
-            "detections": float(ref_kept.sum())}
+            "detections": float(ref_kept.sum()), **extras}
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
