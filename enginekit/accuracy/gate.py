@@ -3,8 +3,8 @@
 A condition is `metric OP value` (it applies to every output that reports the metric) or
 `OUTPUT:metric OP value` (one output). When the user gives none, a task-aware default applies:
 every output must keep top-1 agreement >= 0.90 (classification) or cosine >= 0.98 (any other
-kind; a detection's boxes and scores each) for INT8, FP16 and BF16, and cosine >= 0.999 for FP32 (a float conversion that changes the
-numbers is a broken conversion). `none` opts out. A failure names the output that failed.
+kind; a detection's boxes, scores and extras each) for INT8, FP16 and BF16, and cosine >= 0.999
+for FP32 (a float conversion that changes the numbers is a broken conversion). `none` opts out. A failure names the output that failed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from enginekit.accuracy.metrics import DETECTION_COSINES
 from enginekit.core.errors import GateError, InputError
 
 _COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
@@ -84,8 +85,7 @@ def default_conditions(metrics: Mapping[str, Any], precision: str) -> list[Condi
         elif output.get("kind") == "labels":
             conditions.append(Condition("label_agreement", ">=", DEFAULT_TOP1, name or None))
         elif output.get("kind") == "detection":  # its boxes and its scores, each on their own scale
-            conditions += [Condition(part, ">=", DEFAULT_COSINE, name or None) for part in ("box_cosine", "score_cosine", "extra_cosine")
-                           if part in output]
+            conditions += [Condition(part, ">=", DEFAULT_COSINE, name or None) for part in DETECTION_COSINES if part in output]
         else:
             conditions.append(Condition("cosine", ">=", DEFAULT_COSINE, name or None))
     return conditions

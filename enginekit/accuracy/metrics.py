@@ -45,7 +45,7 @@ _REGRESSION_NAMES = re.compile(r"box|coord|depth|offset|regress|landmark|keypoin
 NEAR_EMPTY = 1e-3  # a sample whose energy is below this share of the mean sample's is "near empty"
 BOX_COORDINATES = 4  # a detection row starts with its box: (cx, cy, w, h) or (x1, y1, x2, y2)
 DETECTION_CONFIDENCE = 0.25  # the score a YOLO-style predictor keeps by default (Ultralytics' conf)
-COSINES = ("cosine", "box_cosine", "score_cosine", "extra_cosine")  # the cosines an output is held to (a detection's parts too)
+DETECTION_COSINES = ("box_cosine", "score_cosine", "extra_cosine")  # a detection's parts, each gated on its own
 
 
 def collect_outputs(run: Callable[[Feeds], Mapping[str, np.ndarray]], batches: Iterable[Feeds], max_batch: int | None = None,
@@ -277,10 +277,11 @@ def infer_kind_from_metrics(metrics: Mapping[str, object]) -> str:
 
 
 def lowest_cosine(metrics: Mapping[str, Any]) -> float:
-    """The lowest cosine to FP32 over the outputs: a score every output kind reports, and that
-    moves smoothly where agreement counts on a few samples do not."""
+    """The lowest cosine to FP32 over the outputs (a detection's parts included): a score every
+    output kind reports, and that moves smoothly where agreement counts on a few samples do not."""
     outputs = metrics.get("outputs") or {"": metrics}
-    return min(min(float(m.get(name, 1.0)) for name in COSINES) if "cosine" in m else 0.0 for m in outputs.values())
+    return min(min(float(m[name]) for name in ("cosine", *DETECTION_COSINES) if name in m) if "cosine" in m else 0.0
+               for m in outputs.values())
 
 
 def headline(metrics: Mapping[str, object]) -> str:

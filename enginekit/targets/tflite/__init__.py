@@ -56,7 +56,8 @@ def build_flatbuffer(precision: str, function, origin: str, *, table=None, refer
     float_ops, not_found = float_op_outputs(reference, float_layers, ranges)
     recurrence = [t for t in recurrence_outputs(ranges) if t not in float_ops]
     masks = [t for t in mask_outputs(ranges) if t not in float_ops and t not in recurrence]
-    mixed = [t for t in mixed_concat_outputs(ranges) if t not in {*float_ops, *recurrence, *masks}]
+    taken = {*float_ops, *recurrence, *masks}
+    mixed = [t for t in mixed_concat_outputs(ranges) if t not in taken]
     float_ops, layer_ops = [*float_ops, *recurrence, *masks, *mixed], float_ops
     model = quantize_int8(float_model, ranges.ranges, io_type, float_ops, output_bits)
     if smoke is not None:
