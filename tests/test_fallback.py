@@ -266,6 +266,16 @@ def test_calib_method_auto_picks_the_table_whose_int8_agrees_best_on_calibration
     assert manifest["accuracy"]["metrics"]["cosine"] > plain["accuracy"]["metrics"]["cosine"]
 
 
+@pytest.fixture(scope="module")
+def scripted_case(tmp_path_factory):
+    """One model and data set for the scripted cases: drawn once, so the tests after them draw
+    the same numbers from RNG whatever the number of cases (a later test's data depends on it)."""
+    folder = tmp_path_factory.mktemp("scripted")
+    _model(folder / "model.onnx", hard_tensor=False)
+    np.savez(folder / "data.npz", x=RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32))
+    return folder
+
+
 @pytest.mark.parametrize("scores, chosen", [
     # percentile ahead on average but its worst part below min-max's worst; MSE ahead everywhere
     ([[0.95, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.94], [0.90] * 4, [0.96, 0.96, 0.96, 0.96]], "mse"),
@@ -274,13 +284,11 @@ def test_calib_method_auto_picks_the_table_whose_int8_agrees_best_on_calibration
     # nothing ahead on both: min-max stays
     ([[0.95, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.94], [0.90] * 4, [0.95, 0.95, 0.95, 0.95]], "minmax"),
 ])
-def test_calib_method_auto_replaces_min_max_only_by_a_method_ahead_on_average_and_on_its_worst_part(tmp_path, monkeypatch, scores, chosen):
+def test_calib_method_auto_replaces_min_max_only_by_a_method_ahead_on_average_and_on_its_worst_part(scripted_case, tmp_path, monkeypatch,
+                                                                                                   scores, chosen):
     """Scores are scripted, in METHODS order (minmax, percentile, entropy, mse)."""
     from enginekit.builder import method_choice
 
-    _model(tmp_path / "model.onnx", hard_tensor=False)
-    data = RNG.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
-    np.savez(tmp_path / "data.npz", x=data)
     scripted = iter(scores)
     real = method_choice.lowest_cosine
     calls = {"n": 0}
@@ -299,8 +307,8 @@ def test_calib_method_auto_replaces_min_max_only_by_a_method_ahead_on_average_an
     original_build = method_choice.build_qdq
     monkeypatch.setattr(method_choice, "build_qdq", next_method)
     monkeypatch.setattr(method_choice, "lowest_cosine", scripted_cosine)
-    manifest = ek.build(str(tmp_path / "model.onnx"), "onnxruntime", "int8", tmp_path / "out",
-                        _options(str(tmp_path / "data.npz"), str(tmp_path / "data.npz"), calib_method="auto", num_samples=64,
+    manifest = ek.build(str(scripted_case / "model.onnx"), "onnxruntime", "int8", tmp_path / "out",
+                        _options(str(scripted_case / "data.npz"), str(scripted_case / "data.npz"), calib_method="auto", num_samples=64,
                                  min_accuracy="none")).manifest
     choice = manifest["calibration"]["parameters"]["auto"]
     assert choice["scores"]["percentile"] == scores[1]
