@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from enginekit.core.errors import one_line
-from enginekit.accuracy.metrics import DETECTION_COSINES, detection_metrics, infer_kind, looks_like_detections
+from enginekit.accuracy.metrics import DETECTION_COSINES, detection_metrics, infer_kind
 from enginekit.core.tensors import Feeds
 from enginekit.exporter.parity import cosine_similarity
 from enginekit.targets.tflite.convert import COMPUTE_OPS, DATA_MOVEMENT_OPS
@@ -97,10 +97,11 @@ def output_error(expected: np.ndarray, got: np.ndarray) -> float:
     """1 - cosine, or the share of top-1 disagreements of a classifier's probabilities where larger
     (see cosine_errors); a detection output's boxes and scores each count (its gate's cosines)."""
     error = 1.0 - cosine_similarity(expected, got)
-    if looks_like_detections(expected):
+    kind = infer_kind("", expected)
+    if kind == "detection":
         parts = detection_metrics(expected, got)
         return max(error, *(1.0 - parts[name] for name in DETECTION_COSINES if name in parts))
-    if infer_kind("", expected) == "classification":  # rows of probabilities or log-probabilities (no name: raw logits are not judged by argmax here; a sequence's gate is its cosine)
+    if kind == "classification":  # rows of probabilities or log-probabilities (no name: raw logits are not judged by argmax here; a sequence's gate is its cosine)
         rows, got_rows = expected.reshape(-1, expected.shape[-1]), got.reshape(-1, expected.shape[-1])
         error = max(error, float(np.mean(rows.argmax(1) != got_rows.argmax(1))))
     return error
