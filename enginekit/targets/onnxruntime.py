@@ -16,6 +16,7 @@ from enginekit.core.tensors import Feeds
 from enginekit.onnx.session import Session
 from enginekit.quantization.encoding import TARGET_ENCODING
 from enginekit.quantization.placement import COMPUTE_OPS, RECURRENT_OPS
+from enginekit.targets.onnxruntime_channels import align_output_channels
 from enginekit.targets.onnxruntime_graph import align_input_channels, channels_last_max_pools, integer_gates
 from enginekit.targets.base import Built, BuildInputs, Runner, Serving, Target
 
@@ -77,19 +78,22 @@ def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
 
 def artifact_graph(qdq: "onnx.ModelProto", encoding: str = "uint8") -> "tuple[onnx.ModelProto, dict[str, Any]]":
     """The INT8 artifact's graph: a copy of the Q/DQ hub's with the first convolutions' input
-    channels aligned, the gates of hard-swish, swish and squeeze-excitation blocks made integer
-    and 8-bit max pools channels-last (onnxruntime_graph.py), and what it rewrote:
-    {"integer_gates": {kind: count}, "channels_last_max_pools": count}. Not the pools in
-    TensorRT's symmetric "int8" encoding: that graph is the one a TensorRT engine is built from
-    (deploy --plan-tensorrt), and TensorRT's parser reads no ONNX Runtime op."""
+    channels aligned, narrow convolutions widened to 16 output channels (onnxruntime_channels.py),
+    the gates of hard-swish, swish and squeeze-excitation blocks made integer and 8-bit max pools
+    channels-last (onnxruntime_graph.py), and what it rewrote: {"integer_gates": {kind: count},
+    "widened_convolutions": count, "channels_last_max_pools": count}. Neither the widening nor
+    the pools in TensorRT's symmetric "int8" encoding: that graph is the one a TensorRT engine is
+    built from (deploy --plan-tensorrt), and TensorRT's parser reads no ONNX Runtime op."""
     import onnx
 
     graph = onnx.ModelProto()
     graph.CopyFrom(qdq)
     align_input_channels(graph)
+    ort_only = encoding != TENSORRT_ENCODING
+    widened = align_output_channels(graph) if ort_only else 0
     gates = integer_gates(graph)
-    pools = channels_last_max_pools(graph) if encoding != TENSORRT_ENCODING else 0
-    return graph, {"integer_gates": gates, "channels_last_max_pools": pools}
+    pools = channels_last_max_pools(graph) if ort_only else 0
+    return graph, {"integer_gates": gates, "widened_convolutions": widened, "channels_last_max_pools": pools}
 
 
 class OnnxRuntimeTarget(Target):
