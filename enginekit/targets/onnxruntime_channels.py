@@ -48,11 +48,12 @@ def align_output_channels(model: onnx.ModelProto) -> int:
     """Widen, in place, every ungrouped Q/DQ Conv writing fewer than ALIGNED_CHANNELS channels
     to ALIGNED_CHANNELS, where its output reaches only ops that can carry the new zero channels
     (see the module's docstring). Returns how many Convs were widened."""
+    graph = _Graph(model.graph)  # widening edits constants and attributes, never which node reads what
     widened, stale = 0, set()
     for conv in [n for n in model.graph.node if n.op_type == "Conv" and attribute(n, "group", 1) == 1]:
-        plan = _plan(model.graph, conv)
+        plan = graph.plan(conv)
         if plan is not None:
-            stale |= plan.tensors | _apply(model.graph, plan)
+            stale |= plan.tensors | _apply(graph, plan)
             widened += 1
     if stale:  # the shapes recorded for widened tensors and constants no longer hold
         kept = [v for v in model.graph.value_info if v.name not in stale]
@@ -61,84 +62,87 @@ def align_output_channels(model: onnx.ModelProto) -> int:
     return widened
 
 
-def _plan(graph: onnx.GraphProto, conv: onnx.NodeProto) -> _Widening | None:
-    weights = _quantized_weight(graph, conv)
-    if weights is None or weights.ndim < 3 or not 0 < weights.shape[0] < ALIGNED_CHANNELS:
-        return None
-    plan = _Widening(weights.shape[0], ALIGNED_CHANNELS, widen_outputs=[conv])
-    readers, outputs = tensor_readers(graph), {o.name for o in graph.output}
-    initializers = {t.name: t for t in graph.initializer}
-    pending = [conv.output[0]]
-    while pending:
-        tensor = pending.pop()
-        if tensor in plan.tensors:
-            continue
-        if tensor in outputs or not readers.get(tensor):
+class _Graph:
+    """Who writes and reads each tensor of a graph, and its constants, looked up once."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producers, self.readers = tensor_producers(graph), tensor_readers(graph)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+    def plan(self, conv: onnx.NodeProto) -> _Widening | None:
+        """The edits that widen `conv`'s output channels, or None where they cannot be made."""
+        dims = self.weight_dims(conv)
+        if dims is None or len(dims) < 3 or not 0 < dims[0] < ALIGNED_CHANNELS:
             return None
-        plan.tensors.add(tensor)
-        for reader in readers[tensor]:
-            role = _role(graph, reader, tensor, plan.channels, initializers)
-            if role is None:
-                return None
-            if role == "reads_all":
-                plan.widen_inputs.append(reader)
+        plan = _Widening(dims[0], ALIGNED_CHANNELS, widen_outputs=[conv])
+        pending = [conv.output[0]]
+        while pending:
+            tensor = pending.pop()
+            if tensor in plan.tensors:
                 continue
-            if role == "depthwise":
-                plan.widen_outputs.append(reader)
-            elif role == "slope":
-                plan.slopes.append(reader)
-            pending.append(reader.output[0])
-    return plan
+            if tensor in self.outputs or not self.readers.get(tensor):
+                return None
+            plan.tensors.add(tensor)
+            for reader in self.readers[tensor]:
+                role = self.role(reader, tensor, plan.channels)
+                if role is None:
+                    return None
+                if role == "reads_all":
+                    plan.widen_inputs.append(reader)
+                    continue
+                if role == "depthwise":
+                    plan.widen_outputs.append(reader)
+                elif role == "slope":
+                    plan.slopes.append(reader)
+                pending.append(reader.output[0])
+        return plan
 
-
-def _role(graph: onnx.GraphProto, node: onnx.NodeProto, tensor: str, channels: int,
-          initializers: dict[str, onnx.TensorProto]) -> str | None:
-    """How `node` treats the widened `tensor`: passes its channels on ("channel_wise"), needs
-    its per-channel slope widened ("slope"), is a depthwise Conv widened like the producer
-    ("depthwise"), reads every channel ("reads_all": a Conv's input weights widened), or None
-    (it cannot take the new channels)."""
-    if len(node.output) != 1 or node.input[0] != tensor or tensor in node.input[1:]:
-        return None
-    if node.op_type in CHANNEL_WISE_OPS:
-        return "channel_wise"
-    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-        scale = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        return "channel_wise" if scale is not None and not list(scale.dims) else None
-    if node.op_type == "PRelu":
-        slope = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        return "slope" if slope is not None and _channel_axis_of_slope(list(slope.dims), channels) is not None else None
-    if node.op_type != "Conv" or _quantized_weight(graph, node) is None:
-        return None
-    group = attribute(node, "group", 1)
-    if group == 1:
-        return "reads_all"
-    weights = _quantized_weight(graph, node)
-    return "depthwise" if group == channels and weights.shape[0] == channels and weights.shape[1] == 1 else None
-
-
-def _quantized_weight(graph: onnx.GraphProto, conv: onnx.NodeProto) -> np.ndarray | None:
-    """A Conv's integer weights where they (behind a DequantizeLinear), their per-channel steps
-    and zero points, and its bias (a constant, or integers behind a DequantizeLinear) are read
-    by nothing else, so that they can be widened; None otherwise."""
-    producers, readers = tensor_producers(graph), tensor_readers(graph)
-    initializers = {t.name: t for t in graph.initializer}
-
-    def private(name: str) -> bool:
-        return name in initializers and len(readers.get(name, [])) == 1
-
-    def dequantized_constant(name: str) -> onnx.NodeProto | None:
-        dequantize = producers.get(name)
-        if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(readers.get(name, [])) != 1 \
-                or not private(dequantize.input[0]):
+    def role(self, node: onnx.NodeProto, tensor: str, channels: int) -> str | None:
+        """How `node` treats the widened `tensor`: passes its channels on ("channel_wise"), needs
+        its per-channel slope widened ("slope"), is a depthwise Conv widened like the producer
+        ("depthwise"), reads every channel ("reads_all": a Conv's input weights widened), or
+        None (it cannot take the new channels)."""
+        if len(node.output) != 1 or node.input[0] != tensor or tensor in node.input[1:]:
             return None
-        shared = [i for i in dequantize.input[1:] if i and not private(i)]
-        return dequantize if all(i in initializers and numpy_helper.to_array(initializers[i]).size == 1 for i in shared) else None
+        if node.op_type in CHANNEL_WISE_OPS:
+            return "channel_wise"
+        constant = self.initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            return "channel_wise" if constant is not None and not list(constant.dims) else None
+        if node.op_type == "PRelu":
+            return "slope" if constant is not None and _channel_axis_of_slope(list(constant.dims), channels) is not None else None
+        dims = self.weight_dims(node) if node.op_type == "Conv" else None
+        if dims is None:
+            return None
+        group = attribute(node, "group", 1)
+        if group == 1:
+            return "reads_all"
+        return "depthwise" if group == channels and dims[0] == channels and dims[1] == 1 else None
 
-    weight = dequantized_constant(conv.input[1]) if len(conv.input) > 1 else None
-    bias = conv.input[2] if len(conv.input) > 2 else ""
-    if weight is None or (bias and not private(bias) and dequantized_constant(bias) is None):
-        return None
-    return numpy_helper.to_array(initializers[weight.input[0]])
+    def weight_dims(self, conv: onnx.NodeProto) -> list[int] | None:
+        """A Conv's weight shape where its integer weights (behind a DequantizeLinear), their
+        per-channel steps and zero points, and its bias (a constant, or integers behind a
+        DequantizeLinear) are read by nothing else, so that they can be widened; else None."""
+        weight = self._dequantized_constant(conv.input[1]) if len(conv.input) > 1 else None
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        if weight is None or (bias and not self._private(bias) and self._dequantized_constant(bias) is None):
+            return None
+        return list(self.initializers[weight.input[0]].dims)
+
+    def _private(self, name: str) -> bool:
+        return name in self.initializers and len(self.readers.get(name, [])) == 1
+
+    def _dequantized_constant(self, name: str) -> onnx.NodeProto | None:
+        """The DequantizeLinear writing `name` from constant integers only it reads, with steps
+        and zero points that only it reads or that are single values (not widened)."""
+        dequantize = self.producers.get(name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(self.readers.get(name, [])) != 1 \
+                or not self._private(dequantize.input[0]):
+            return None
+        shared = [i for i in dequantize.input[1:] if i and not self._private(i)]
+        single = all(i in self.initializers and int(np.prod(self.initializers[i].dims)) == 1 for i in shared)
+        return dequantize if single else None
 
 
 def _channel_axis_of_slope(dims: list[int], channels: int) -> int | None:
@@ -150,10 +154,9 @@ def _channel_axis_of_slope(dims: list[int], channels: int) -> int | None:
     return None
 
 
-def _apply(graph: onnx.GraphProto, plan: _Widening) -> set[str]:
+def _apply(graph: _Graph, plan: _Widening) -> set[str]:
     """Make the plan's edits; returns the names of the constants widened."""
-    producers = tensor_producers(graph)
-    initializers = {t.name: t for t in graph.initializer}
+    producers, initializers = graph.producers, graph.initializers
     widened: set[str] = set()
 
     def pad(name: str, axis: int, value: float | None) -> None:
