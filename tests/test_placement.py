@@ -187,6 +187,8 @@ def test_an_int8_artifact_not_faster_than_fp32_names_its_float_islands():
     assert flags(entry, 1.4) == []
     tflite = {"precision": "int8", "integer_share": 1.0, "outside_delegate": {"HARD_SWISH": 18, "SOFTMAX": 1}}
     assert flags(tflite, 0.5) == ["not faster than FP32 (0.50x); ops LiteRT runs outside XNNPACK: HARD_SWISH x18, SOFTMAX x1"]
+    all_integer = {"precision": "int8", "integer_share": 1.0, "float_islands": {}, "requantizing_ops": {"QLinearAdd": 34, "QLinearMul": 27}}
+    assert flags(all_integer, 0.7) == ["not faster than FP32 (0.70x); requantizing ops: QLinearAdd x34, QLinearMul x27"]
 
 
 def conv_batchnorm_model() -> onnx.ModelProto:
@@ -407,6 +409,9 @@ def test_onnx_runtime_runs_hard_sigmoids_and_hard_swishes_as_integer_adds_and_mu
     assert artifact["float_islands"] == {"Conv": 1} and artifact["integer_compute_ops"] == hub["integer_compute_ops"] == 3
     ops = artifact["optimized_op_types"]
     assert ops.get("QLinearMul", 0) == 3 and ops.get("QLinearAdd", 0) == 3 and not {"HardSigmoid", "HardSwish", "Clip", "Mul"} & ops.keys()
+    # each of them requantizes a tensor that FP32 computes inside its convolutions: named for the "not faster" flag
+    assert {op: artifact["requantizing_ops"].get(op) for op in ("QLinearAdd", "QLinearMul")} == {"QLinearAdd": 3, "QLinearMul": 3}
+    assert not {"QLinearConv", "QGemm"} & artifact["requantizing_ops"].keys()
     assert float(np.abs(found["reference"][:, :, 2:6, 2:6]).max()) > 3  # values beyond the clip: a missing saturation would show
     assert error[1] < max(1.5 * error[0], 0.02), error
 

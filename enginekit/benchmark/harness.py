@@ -203,6 +203,7 @@ class ArtifactBench:
             "integer_share": manifest.get("integer_share"),
             "weight_type": (manifest.get("quantization") or {}).get("weight_type"),
             "float_islands": (manifest.get("integer_ops") or {}).get("float_islands") or {},
+            "requantizing_ops": (manifest.get("integer_ops") or {}).get("requantizing_ops") or {},
             "outside_delegate": ((manifest.get("tflite") or {}).get("types") or {}).get("outside_xnnpack") or {},
             "constant_outputs": manifest.get("constant_outputs", []),
             "vanishing_outputs": manifest.get("vanishing_outputs", {}),

@@ -135,12 +135,13 @@ def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
 
 def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
     """What a reader must not miss about an artifact: an INT8 that is not faster than its FP32
-    twin, one that runs few compute ops in integer or carries uint8 weights, a model whose FP32
-    outputs never change."""
+    twin (with where it runs float and where it requantizes), one that runs few compute ops in
+    integer or carries uint8 weights, a model whose FP32 outputs never change."""
     found = []
     if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
         text = f"not faster than FP32 ({speedup:.2f}x)"
-        for label, ops in (("float ops between integer ones", entry.get("float_islands")), ("ops LiteRT runs outside XNNPACK", entry.get("outside_delegate"))):
+        for label, ops in (("float ops between integer ones", entry.get("float_islands")), ("ops LiteRT runs outside XNNPACK", entry.get("outside_delegate")),
+                           ("requantizing ops", entry.get("requantizing_ops"))):
             if ops:
                 text += f"; {label}: " + ", ".join(f"{op} x{count}" for op, count in list(ops.items())[:4])
         found.append(text)

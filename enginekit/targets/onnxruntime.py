@@ -62,7 +62,18 @@ def integer_op_report(path: str | Path, fp32: "onnx.ModelProto") -> dict:
     integer = min(sum(count for op, count in ops.items() if op in INTEGER_OPS), max(compute - floating, 0))
     return {"compute_ops": compute, "integer_compute_ops": integer, "float_compute_ops": floating,
             "integer_share": integer / compute if compute else 0.0, "optimized_op_types": dict(sorted(ops.items())),
-            "float_islands": float_islands(nodes)}
+            "float_islands": float_islands(nodes), "requantizing_ops": requantizing_ops(ops)}
+
+
+def requantizing_ops(ops: Mapping[str, int]) -> dict[str, int]:
+    """The optimized graph's integer ops that are not compute ops (QLinearAdd, QLinearMul,
+    QLinearSigmoid, pools...) and its QuantizeLinear/DequantizeLinear: each reads 8-bit values
+    and requantizes them onto another grid, a pass over the tensor that FP32 fuses into its
+    convolutions or skips (PP-OCR cls's hard swishes and SE products: QLinearAdd x34, QLinearMul
+    x27, the reason its all-integer INT8 is slower than FP32 in ONNX Runtime)."""
+    found = {op: count for op, count in ops.items()
+             if (op.startswith("QLinear") and op not in INTEGER_OPS) or op in ("QuantizeLinear", "DequantizeLinear")}
+    return dict(sorted(found.items(), key=lambda item: (-item[1], item[0])))
 
 
 def float_islands(nodes: "list[onnx.NodeProto]") -> dict[str, int]:
