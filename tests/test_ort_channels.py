@@ -38,10 +38,10 @@ def _narrow_model(rng: np.random.Generator, also_returned: bool = False) -> onnx
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _qdq(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+def _qdq(model: onnx.ModelProto, rng: np.random.Generator, weight_type: str = "int8") -> onnx.ModelProto:
     feeds = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
     table = minmax_table(model, [o for n in model.graph.node for o in n.output] + ["x"], feeds)
-    return insert_qdq(model, plan_quantization(model, placement="outputs"), table, "uint8").model
+    return insert_qdq(model, plan_quantization(model, placement="outputs"), table, "uint8", weight_type=weight_type).model
 
 
 def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -81,8 +81,10 @@ def test_a_narrow_convolution_is_widened_through_channel_wise_ops_bit_for_bit(tm
     assert integer[1] == integer[0] == 2  # both widened Convs still fuse into QLinearConvs (the last one writes the float output)
 
 
-@pytest.mark.parametrize("why", ["returned", "wide enough"])
+@pytest.mark.parametrize("why", ["returned", "wide enough", "uint8 weights"])
 def test_a_convolution_is_left_alone_where_extra_channels_could_not_flow(why):
+    """A returned tensor cannot grow; a 16-channel Conv needs nothing; uint8 weights (zero point
+    128, for CPUs without VNNI) would not dequantize an added integer 0 to 0."""
     rng = np.random.default_rng(8)
     model = _narrow_model(rng, also_returned=why == "returned")
     if why == "wide enough":
@@ -93,7 +95,7 @@ def test_a_convolution_is_left_alone_where_extra_channels_could_not_flow(why):
             if tensor.name == "wide_w":
                 tensor.CopyFrom(numpy_helper.from_array(rng.normal(0, 0.3, (16, 16, 1, 1)).astype(np.float32), tensor.name))
         next(a for n in model.graph.node if n.name == "dw" for a in n.attribute if a.name == "group").i = 16
-    qdq = _qdq(model, rng)
+    qdq = _qdq(model, rng, "uint8" if why == "uint8 weights" else "int8")
     before = _weight_shapes(qdq)
     assert align_output_channels(qdq) == 0
     assert _weight_shapes(qdq) == before

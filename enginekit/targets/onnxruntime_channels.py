@@ -8,8 +8,9 @@ VNNI EPYC, Q/DQ included: 4 -> 10 channels 3x3 at 64x64 137 us, 4 -> 16 79 us, f
 network's first layers are that narrow (MTCNN's P-Net writes 10 channels at 62x62; its
 integer first convolution took 3x its float twin's time).
 
-How: the convolution gets zero weights, zero bias and step 1 for the new channels, which hold
-exact zeros (0 is on every activation grid). The widened tensor flows through ops that treat
+How: the convolution gets zero weights, zero bias and the last channel's steps for the new
+channels (weights with zero point 0 only: int8, not the uint8 weights of CPUs without VNNI),
+which hold exact zeros (0 is on every activation grid). The widened tensor flows through ops that treat
 channels alone (activations, pooling, per-tensor Q/DQ, a PRelu with one slope per channel, a
 depthwise convolution, which is widened the same way) to convolutions that read every channel,
 which get zero weights for the new ones. The outputs are bit-identical. A widened tensor must
@@ -134,11 +135,16 @@ class _Graph:
         return name in self.initializers and len(self.readers.get(name, [])) == 1
 
     def _dequantized_constant(self, name: str) -> onnx.NodeProto | None:
-        """The DequantizeLinear writing `name` from constant integers only it reads, with steps
-        and zero points that only it reads or that are single values (not widened)."""
+        """The DequantizeLinear writing `name` from constant integers only it reads, with zero
+        points 0 (so that a 0 added to the integers is a 0 added to the values: not uint8
+        weights, zero point 128) and steps and zero points that only it reads or that are
+        single values (not widened)."""
         dequantize = self.producers.get(name)
         if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(self.readers.get(name, [])) != 1 \
                 or not self._private(dequantize.input[0]):
+            return None
+        zero_point = self.initializers.get(dequantize.input[2]) if len(dequantize.input) > 2 and dequantize.input[2] else None
+        if len(dequantize.input) > 2 and dequantize.input[2] and (zero_point is None or np.any(numpy_helper.to_array(zero_point) != 0)):
             return None
         shared = [i for i in dequantize.input[1:] if i and not self._private(i)]
         single = all(i in self.initializers and int(np.prod(self.initializers[i].dims)) == 1 for i in shared)
