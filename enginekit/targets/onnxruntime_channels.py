@@ -10,10 +10,10 @@ integer first convolution took 3x its float twin's time).
 
 How: the convolution gets zero weights, zero bias and the last channel's steps for the new
 channels (weights with zero point 0 only: int8, not the uint8 weights of CPUs without VNNI),
-which hold exact zeros (0 is on every activation grid). The widened tensor flows through ops that treat
-channels alone (activations, pooling, per-tensor Q/DQ, a PRelu with one slope per channel, a
-depthwise convolution, which is widened the same way) to convolutions that read every channel,
-which get zero weights for the new ones. The outputs are bit-identical. A widened tensor must
+which hold exact zeros (0 is on every activation grid). The widened tensor flows through ops
+that treat channels alone (activations, pooling, per-tensor Q/DQ, a PRelu with one slope per
+channel, a depthwise convolution, which is widened the same way) to convolutions that read every
+channel, which get zero weights for the new ones. The outputs are bit-identical. A widened tensor must
 reach nothing else (a graph output, a Concat, a Reshape, a product with another tensor): then
 the convolution is left as it is.
 """
@@ -38,7 +38,6 @@ class _Widening:
     """The edits that widen one convolution's output channels, collected before any is made."""
 
     channels: int
-    padded: int
     tensors: set[str] = field(default_factory=set)  # tensors that carry the new channels
     widen_outputs: list[onnx.NodeProto] = field(default_factory=list)  # convolutions whose output channels grow (axis 0)
     widen_inputs: list[onnx.NodeProto] = field(default_factory=list)  # convolutions reading every channel (axis 1)
@@ -76,7 +75,7 @@ class _Graph:
         dims = self.weight_dims(conv)
         if dims is None or len(dims) < 3 or not 0 < dims[0] < ALIGNED_CHANNELS:
             return None
-        plan = _Widening(dims[0], ALIGNED_CHANNELS, widen_outputs=[conv])
+        plan = _Widening(dims[0], widen_outputs=[conv])
         pending = [conv.output[0]]
         while pending:
             tensor = pending.pop()
@@ -143,8 +142,8 @@ class _Graph:
         if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(self.readers.get(name, [])) != 1 \
                 or not self._private(dequantize.input[0]):
             return None
-        zero_point = self.initializers.get(dequantize.input[2]) if len(dequantize.input) > 2 and dequantize.input[2] else None
-        if len(dequantize.input) > 2 and dequantize.input[2] and (zero_point is None or np.any(numpy_helper.to_array(zero_point) != 0)):
+        zero_point = dequantize.input[2] if len(dequantize.input) > 2 else ""
+        if zero_point and (zero_point not in self.initializers or np.any(numpy_helper.to_array(self.initializers[zero_point]) != 0)):
             return None
         shared = [i for i in dequantize.input[1:] if i and not self._private(i)]
         single = all(i in self.initializers and int(np.prod(self.initializers[i].dims)) == 1 for i in shared)
@@ -169,7 +168,7 @@ def _apply(graph: _Graph, plan: _Widening) -> set[str]:
         """Add the new channels along `axis`, all `value`, or the last channel's (None)."""
         tensor = initializers[name]
         array = numpy_helper.to_array(tensor)
-        widths = [(0, plan.padded - plan.channels if i == axis else 0) for i in range(array.ndim)]
+        widths = [(0, ALIGNED_CHANNELS - plan.channels if i == axis else 0) for i in range(array.ndim)]
         padded = np.pad(array, widths, mode="edge") if value is None else np.pad(array, widths, constant_values=value)
         tensor.CopyFrom(numpy_helper.from_array(padded, name))
         widened.add(name)
@@ -191,7 +190,7 @@ def _apply(graph: _Graph, plan: _Widening) -> set[str]:
         elif bias:
             pad_dequantized(producers[bias])
         if attribute(conv, "group", 1) != 1:
-            next(a for a in conv.attribute if a.name == "group").i = plan.padded
+            next(a for a in conv.attribute if a.name == "group").i = ALIGNED_CHANNELS
     for conv in plan.widen_inputs:
         pad(producers[conv.input[1]].input[0], 1, 0)
     for prelu in plan.slopes:
