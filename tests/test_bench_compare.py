@@ -69,6 +69,35 @@ def test_bench_isolates_each_artifact_and_interleaves_their_latency_slices(tmp_p
     assert first["peak_rss_mb"] > first["rss_mb"] > 0
 
 
+def _timed(slice_p50s: list[float], starts: list[float], pooled_p50: float) -> dict:
+    return {"latency_slice_p50_ms": slice_p50s, "latency_slices": [[start, start + 1.0] for start in starts],
+            "latency_ms": {"p50_ms": pooled_p50}}
+
+
+def test_a_speed_up_is_the_median_of_the_ratios_of_interleaved_rounds():
+    """One round that a neighbour slowed (FP32 twice as slow, INT8 on one thread not) does not
+    decide the speed-up: the rounds' ratios are 0.7, 0.7 and 1.4, their median 0.7; the pooled p50s
+    (what the rounds' samples read together) would say 1.2."""
+    from enginekit.benchmark.report import speedup
+
+    fp32 = _timed([0.5, 0.5, 1.0], [0.0, 2.0, 4.0], pooled_p50=0.84)
+    int8 = _timed([0.714, 0.714, 0.714], [1.0, 3.0, 5.0], pooled_p50=0.7)
+    assert speedup(fp32, int8) == pytest.approx(0.7, abs=0.001)
+    assert speedup(int8, fp32) == pytest.approx(1 / 0.7, abs=0.001)
+
+
+def test_rounds_that_did_not_interleave_fall_back_to_the_pooled_p50s():
+    """Slices measured one artifact after the other (or in different counts) were not under the
+    same load, so their ratios are not paired."""
+    from enginekit.benchmark.report import speedup
+
+    fp32 = _timed([0.5, 0.5, 1.0], [0.0, 1.0, 2.0], pooled_p50=0.84)
+    after = _timed([0.714, 0.714, 0.714], [3.0, 4.0, 5.0], pooled_p50=0.7)
+    assert speedup(fp32, after) == pytest.approx(1.2)
+    fewer = _timed([0.714, 0.714], [1.0, 3.0], pooled_p50=0.7)
+    assert speedup(fp32, fewer) == pytest.approx(1.2)
+
+
 def test_bench_cli_on_a_folder_that_is_no_artifact_says_so_in_one_line(run_cli, tmp_path):
     """The per-artifact benchmark process passes its one-line error on; no report is written."""
     (tmp_path / "empty").mkdir()
@@ -182,7 +211,9 @@ def test_a_pytorch_source_is_the_first_rows_of_its_report_with_speed_ups_over_it
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| digits_cnn")]
     header = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| model")).split("|")[1:-1]]
     ort_row = next(row for row in cells if row[1:3] == ["onnxruntime", "fp32"])
-    expected = eager["latency_ms"]["p50_ms"] / report["artifacts"][-2]["latency_ms"]["p50_ms"]
+    ort = report["artifacts"][-2]
+    assert len(eager["latency_slice_p50_ms"]) == len(ort["latency_slice_p50_ms"]) == SOURCE_SETTINGS["rounds"]
+    expected = float(np.median(np.array(eager["latency_slice_p50_ms"]) / np.array(ort["latency_slice_p50_ms"])))
     assert ort_row[header.index("speed-up vs source")] == f"{expected:.2f}x"
     compare = compare_reports(report, report, 0.1, 0.01, 0.02)
     assert "digits_cnn/pytorch/fp32" in compare.render() and not compare.failures

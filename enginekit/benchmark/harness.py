@@ -139,6 +139,7 @@ class ArtifactBench:
         self.samples: list[int] = []
         self.gpu_ms: list[float] = []
         self.slices: list[list[float]] = []  # wall-clock [start, end] of each latency slice
+        self.slice_p50_ms: list[float] = []  # each slice's median: speed-ups pair the slices measured side by side
 
     def measure_slice(self) -> None:
         """One of `rounds` latency slices: together they meet min_iterations AND min_seconds."""
@@ -151,9 +152,10 @@ class ArtifactBench:
             if timed:
                 self.gpu_ms.append(self.runner.last_gpu_ms)
 
-        measure_latency(run, SLICE_WARMUP, math.ceil(self.settings.min_iterations / rounds),
-                        self.settings.min_seconds / rounds, record=self.samples)
+        stats = measure_latency(run, SLICE_WARMUP, math.ceil(self.settings.min_iterations / rounds),
+                                self.settings.min_seconds / rounds, record=self.samples)
         self.slices.append([start, time.time()])
+        self.slice_p50_ms.append(stats.p50_ms)
 
     def finish(self) -> dict[str, Any]:
         """The batch sweep and the result entry (after all latency slices)."""
@@ -189,6 +191,7 @@ class ArtifactBench:
             "latency_ms": LatencyStats.from_samples(samples).to_json(),
             "latency_samples_ms": [round(float(v), 5) for v in thinned],
             "latency_slices": self.slices,
+            "latency_slice_p50_ms": self.slice_p50_ms,
             "throughput": sweep,
             "stream_throughput": streams,
             "best_throughput_per_s": max(s["throughput_per_s"] for s in sweep + streams),

@@ -4,8 +4,8 @@ Schema `enginekit.report/1`:
   {"schema", "created", "machine", "toolchain", "settings", "artifacts": [entry, ...]}
 where each entry is what `harness.bench_artifact` returns (model, target, precision, size_mb,
 load_s, first_inference_ms, latency_ms {mean, std, min, p50, p90, p95, p99, max, iterations,
-seconds}, latency_samples_ms, latency_slices [[start, end] wall clock], throughput [{batch,
-mean_ms, throughput_per_s}], stream_throughput [{streams, requests, throughput_per_s}] (OpenVINO;
+seconds}, latency_samples_ms, latency_slices [[start, end] wall clock], latency_slice_p50_ms
+(each round's p50), throughput [{batch, mean_ms, throughput_per_s}], stream_throughput [{streams, requests, throughput_per_s}] (OpenVINO;
 empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, peak_rss_mb, threads, cpus (cores it ran on), accuracy).
 """
 
@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from enginekit.core.console import cell_text, markdown_table
 from enginekit.core.errors import InputError
@@ -100,14 +102,39 @@ def accuracy_summary(entry: dict[str, Any]) -> str:
 LOW_INTEGER_SHARE = 0.5  # an INT8 artifact that runs less than half its compute ops in integer is flagged
 
 
+def speedup(base: dict[str, Any], entry: dict[str, Any]) -> float:
+    """How many times faster `entry` runs than `base`: the median over the latency rounds of the
+    ratio of their p50s in that round, where the two were measured in the same interleaved rounds;
+    else the ratio of their p50s over all rounds.
+
+    Why per round: on a shared machine a neighbour can take a core for seconds, and a model that
+    runs on both cores then takes up to twice as long while a one-thread one does not (this 2-core
+    EPYC: PP-OCR cls's ONNX Runtime FP32 0.50 -> 1.2 ms in some rounds, its INT8 0.70 -> 1.07 ms).
+    The two p50s of one round were measured seconds apart, under the same load. Pooled over three
+    rounds, one disturbed round moved that speed-up from 0.71x to 0.55x; the median of the
+    rounds' ratios read 0.72x. A disturbance through most of the rounds still moves it."""
+    before, after = base.get("latency_slice_p50_ms") or [], entry.get("latency_slice_p50_ms") or []
+    if before and len(before) == len(after) and all(value > 0 for value in after) and _interleaved(base, entry):
+        return float(np.median([b / a for b, a in zip(before, after)]))
+    return base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"]
+
+
+def _interleaved(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether each latency slice of one ran between the other's slices of the rounds before and after."""
+    a, b = first.get("latency_slices") or [], second.get("latency_slices") or []
+    if len(a) != len(b) or not a:
+        return False
+    return all((i == 0 or (a[i - 1][1] <= b[i][0] and b[i - 1][1] <= a[i][0])) for i in range(len(a)))
+
+
 def _speedups_over(entries: list[dict[str, Any]], base_of: Any) -> dict[int, float | None]:
-    """Each entry's (by index) p50 speed-up over `base_of(entry)`, where that base was measured at
-    the same input shapes; None where there is no such base."""
+    """Each entry's (by index) speed-up over `base_of(entry)`, where that base was measured at the
+    same input shapes; None where there is no such base."""
     result: dict[int, float | None] = {}
     for index, entry in enumerate(entries):
         base = base_of(entry)
         same_shape = base is not None and base.get("latency_shapes") == entry.get("latency_shapes")
-        result[index] = base["latency_ms"]["p50_ms"] / entry["latency_ms"]["p50_ms"] if same_shape else None
+        result[index] = speedup(base, entry) if same_shape else None
     return result
 
 
