@@ -64,7 +64,7 @@ def run_model(entry, out: Path, targets, precisions, samples: int, bench: bool, 
                     outputs={name: {k: v for k, v in m.items()} for name, m in manifest["accuracy"]["metrics"].get("outputs", {}).items()})
         folders.append((cell, outcome.folder))
     if bench and folders:
-        settings = BenchSettings(batch_sizes=(1,), min_iterations=20, min_seconds=1.5, rounds=5)
+        settings = BenchSettings(batch_sizes=(1,), min_iterations=20, min_seconds=1.5, rounds=10)
         try:
             report = ek.bench([f for _, f in folders], settings=settings)
         except EnginekitError as exc:
