@@ -5,8 +5,9 @@ Schema `enginekit.report/1`:
 where each entry is what `harness.bench_artifact` returns (model, target, precision, size_mb,
 load_s, first_inference_ms, latency_ms {mean, std, min, p50, p90, p95, p99, max, iterations,
 seconds}, latency_samples_ms, latency_slices [[start, end] wall clock], latency_slice_p50_ms
-(each round's p50), throughput [{batch, mean_ms, throughput_per_s}], stream_throughput [{streams, requests, throughput_per_s}] (OpenVINO;
-empty elsewhere), best_throughput_per_s (over both sweeps), rss_mb, peak_rss_mb, threads, cpus (cores it ran on), accuracy).
+(each round's p50), throughput [{batch, mean_ms, throughput_per_s}], stream_throughput
+[{streams, requests, throughput_per_s}] (OpenVINO; empty elsewhere), best_throughput_per_s (over
+both sweeps), rss_mb, peak_rss_mb, threads, cpus (cores it ran on), accuracy).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def speedup(base: dict[str, Any], entry: dict[str, Any]) -> float:
     Why per round: on a shared machine a neighbour can take a core for seconds, and a model that
     runs on both cores then takes up to twice as long while a one-thread one does not (this 2-core
     EPYC: PP-OCR cls's ONNX Runtime FP32 0.50 -> 1.2 ms in some rounds, its INT8 0.70 -> 1.07 ms).
-    The two p50s of one round were measured seconds apart, under the same load. Pooled over three
+    The two p50s of one round were measured within a second or two, under the same load. Pooled over three
     rounds, one disturbed round moved that speed-up from 0.71x to 0.55x; the median of the
     rounds' ratios read 0.72x. A disturbance through most of the rounds still moves it."""
     before, after = base.get("latency_slice_p50_ms") or [], entry.get("latency_slice_p50_ms") or []
