@@ -111,9 +111,9 @@ def speedup(base: dict[str, Any], entry: dict[str, Any]) -> float:
     Why per round: on a shared machine a neighbour can take a core for seconds, and a model that
     runs on both cores then takes up to twice as long while a one-thread one does not (this 2-core
     EPYC: PP-OCR cls's ONNX Runtime FP32 0.50 -> 1.2 ms in some rounds, its INT8 0.70 -> 1.07 ms).
-    The two p50s of one round were measured within a second or two, under the same load. Pooled over three
-    rounds, one disturbed round moved that speed-up from 0.71x to 0.55x; the median of the
-    rounds' ratios read 0.72x. A disturbance through most of the rounds still moves it."""
+    The two p50s of one round were measured within a second or two, under the same load. Pooled
+    over three rounds, one disturbed round moved that speed-up from 0.71x to 0.55x; the median of
+    the rounds' ratios read 0.72x. A disturbance through most of the rounds still moves it."""
     before, after = base.get("latency_slice_p50_ms") or [], entry.get("latency_slice_p50_ms") or []
     if before and len(before) == len(after) and all(value > 0 for value in after) and _interleaved(base, entry):
         return float(np.median([b / a for b, a in zip(before, after)]))
@@ -125,7 +125,7 @@ def _interleaved(first: dict[str, Any], second: dict[str, Any]) -> bool:
     a, b = first.get("latency_slices") or [], second.get("latency_slices") or []
     if len(a) != len(b) or not a:
         return False
-    return all((i == 0 or (a[i - 1][1] <= b[i][0] and b[i - 1][1] <= a[i][0])) for i in range(len(a)))
+    return all(a[i - 1][1] <= b[i][0] and b[i - 1][1] <= a[i][0] for i in range(1, len(a)))
 
 
 def _speedups_over(entries: list[dict[str, Any]], base_of: Any) -> dict[int, float | None]:
@@ -161,13 +161,13 @@ def speedups(entries: list[dict[str, Any]]) -> dict[int, float | None]:
                           reference.get((entry["model"], entry["target"])) or reference.get((entry["model"], "onnxruntime")))
 
 
-def flags(entry: dict[str, Any], speedup: float | None) -> list[str]:
+def flags(entry: dict[str, Any], ratio: float | None) -> list[str]:
     """What a reader must not miss about an artifact: an INT8 that is not faster than its FP32
     twin (with where it runs float and where it requantizes), one that runs few compute ops in
     integer or carries uint8 weights, a model whose FP32 outputs never change."""
     found = []
-    if entry["precision"] != "fp32" and speedup is not None and speedup <= 1.0:
-        text = f"not faster than FP32 ({speedup:.2f}x)"
+    if entry["precision"] != "fp32" and ratio is not None and ratio <= 1.0:
+        text = f"not faster than FP32 ({ratio:.2f}x)"
         for label, ops in (("float ops between integer ones", entry.get("float_islands")), ("ops LiteRT runs outside XNNPACK", entry.get("outside_delegate")),
                            ("requantizing ops", entry.get("requantizing_ops"))):
             if ops:
